@@ -1,0 +1,68 @@
+# txmail: `make demo` shows it working, `make test` proves it. Both set up what they need.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# Debian packages the tests and the demo use: Postfix's smtp-sink/smtp-source, swaks, dnsmasq.
+DEBS   := postfix swaks dnsmasq-base
+DEB_BINS := /usr/sbin/smtp-sink /usr/bin/swaks /usr/sbin/dnsmasq
+
+.PHONY: help setup debs control-plane crds lint test test-unit test-k8s demo clean
+
+help:
+	@echo "make demo           run txmail end to end on this machine (control plane, operator, relay)"
+	@echo "make test           set everything up, then lint and run the whole test suite"
+	@echo "make lint           ruff, mypy --strict, import-linter"
+	@echo "make crds           regenerate crds/ from the API models"
+	@echo "make control-plane  build kube-apiserver, kube-controller-manager and etcd (cached)"
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "txmail needs Python >= 3.11 (found $$($(PYTHON) --version))"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed debs
+
+debs:
+	@missing=0; for b in $(DEB_BINS); do [ -x $$b ] || missing=1; done; \
+	if [ $$missing = 1 ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian packages: $(DEBS)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEBS) >/dev/null; \
+	    systemctl disable --now postfix >/dev/null 2>&1 || service postfix stop >/dev/null 2>&1 || true; \
+	  else \
+	    echo "Please install the Debian packages $(DEBS) (as root: apt-get install $(DEBS))"; exit 1; \
+	  fi; \
+	fi
+
+control-plane:
+	@tests/cluster/build.sh >/dev/null
+
+crds: $(VENV)/.installed
+	$(PY) -m txmail_operator.api.crd crds
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check operator relay tests
+	$(VENV)/bin/ruff format --check operator relay tests
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+test: setup control-plane lint
+	$(VENV)/bin/pytest
+
+test-unit: $(VENV)/.installed
+	$(VENV)/bin/pytest -m 'not k8s'
+
+test-k8s: setup control-plane
+	$(VENV)/bin/pytest -m k8s
+
+demo: setup control-plane
+	$(PY) tests/demo.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""txmail's Kubernetes operator: reconciles DedicatedIP, SmtpToken and TransactionalEmail."""

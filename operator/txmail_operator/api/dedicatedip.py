@@ -1,0 +1,302 @@
+"""DedicatedIP: one sending IP, its EHLO hostname and sending domains (cluster-scoped)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar
+
+from pydantic import ConfigDict, Field
+
+from .common import (
+    DOMAIN,
+    Condition,
+    LabelSelector,
+    LocalObjectReference,
+    Model,
+    cel,
+    conditions_field,
+    immutable,
+    observed_generation_field,
+)
+
+Domain = Annotated[str, Field(min_length=3, max_length=253, pattern=DOMAIN)]
+Quantity = Annotated[
+    str, Field(max_length=64, pattern=r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$")
+]
+
+
+class DeliveryMode(StrEnum):
+    DIRECT = "Direct"
+    SMARTHOST = "Smarthost"
+
+
+class SmarthostTLS(StrEnum):
+    STARTTLS = "StartTLS"
+    IMPLICIT = "Implicit"
+    NONE = "None"
+
+
+class Smarthost(Model):
+    host: str = Field(
+        min_length=1,
+        max_length=253,
+        description="Host name or IP address of the upstream relay (for example a provider's "
+        "SMTP endpoint).",
+    )
+    port: int = Field(default=587, ge=1, le=65535, description="TCP port of the upstream relay.")
+    tls: SmarthostTLS = Field(
+        default=SmarthostTLS.STARTTLS,
+        description="StartTLS upgrades a plain connection (port 587), Implicit speaks TLS from "
+        "the first byte (port 465), None sends in the clear (only for a trusted local network).",
+    )
+    credentials_secret_ref: LocalObjectReference | None = Field(
+        default=None,
+        alias="credentialsSecretRef",
+        description="A Secret in the operator's namespace with keys 'username' and 'password' "
+        "for AUTH at the upstream. Omit when the upstream needs no authentication.",
+    )
+
+
+class Delivery(Model):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.mode != 'Smarthost' || has(self.smarthost)",
+                    "delivery.smarthost is required when delivery.mode is Smarthost",
+                ),
+                cel(
+                    "self.mode != 'Direct' || !has(self.smarthost)",
+                    "delivery.smarthost must be omitted when delivery.mode is Direct",
+                ),
+            ]
+        }
+    )
+
+    mode: DeliveryMode = Field(
+        default=DeliveryMode.DIRECT,
+        description="Direct looks up each recipient domain's MX records and delivers from this "
+        "IP; Smarthost hands every message to one upstream relay.",
+    )
+    smarthost: Smarthost | None = Field(
+        default=None, description="The upstream relay; required when mode is Smarthost."
+    )
+
+
+class EgressMode(StrEnum):
+    HOST_NETWORK = "HostNetwork"
+    EGRESS_GATEWAY = "EgressGateway"
+    NONE = "None"
+
+
+class Egress(Model):
+    mode: EgressMode = Field(
+        default=EgressMode.NONE,
+        description="How outbound mail leaves from the dedicated address. HostNetwork runs the "
+        "relay on the node's network and binds every outbound connection to spec.address (the "
+        "pod is then not Pod Security 'restricted'). EgressGateway leaves source NAT to the "
+        "cluster's egress gateway (Cilium, Calico, a cloud NAT). None does nothing special.",
+    )
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(
+        default=None,
+        max_length=16,
+        description="Nodes the relay may run on, for example the node that holds the address.",
+    )
+
+
+class SpoolStorage(Model):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!(has(self.emptyDir) && has(self.persistentVolumeClaim))",
+                    "choose one of spool.emptyDir and spool.persistentVolumeClaim",
+                )
+            ]
+        }
+    )
+
+    empty_dir: EmptyDirSpool | None = Field(
+        default=None,
+        alias="emptyDir",
+        description="Keep the spool in an emptyDir: survives container restarts, not pod "
+        "rescheduling. The default when nothing is chosen.",
+    )
+    persistent_volume_claim: PvcSpool | None = Field(
+        default=None,
+        alias="persistentVolumeClaim",
+        description="Keep the spool on a PersistentVolumeClaim the operator creates: accepted "
+        "mail survives the pod moving to another node.",
+    )
+
+
+class EmptyDirSpool(Model):
+    size_limit: Quantity = Field(
+        default="1Gi", alias="sizeLimit", description="Largest size of the spool folder."
+    )
+
+
+class PvcSpool(Model):
+    size: Quantity = Field(default="10Gi", description="Requested size of the volume.")
+    storage_class_name: str | None = Field(
+        default=None,
+        alias="storageClassName",
+        max_length=253,
+        description="StorageClass of the volume; the cluster default when omitted.",
+    )
+
+
+class Resources(Model):
+    requests: dict[str, Quantity] | None = Field(
+        default=None,
+        max_length=8,
+        description="Minimum cpu and memory for the relay container, e.g. {cpu: 100m}.",
+    )
+    limits: dict[str, Quantity] | None = Field(
+        default=None,
+        max_length=8,
+        description="Maximum cpu and memory for the relay container, e.g. {memory: 512Mi}.",
+    )
+
+
+class RelayPorts(Model):
+    submission: int = Field(
+        default=587, ge=1, le=65535, description="Service port for SMTP with STARTTLS."
+    )
+    submissions: int = Field(
+        default=465, ge=1, le=65535, description="Service port for SMTP over implicit TLS."
+    )
+    http: int = Field(
+        default=80,
+        ge=1,
+        le=65535,
+        description="Service port of the HTTP API, tracking links and metrics.",
+    )
+
+
+class Relay(Model):
+    resources: Resources | None = Field(
+        default=None, description="Compute resources of the relay container."
+    )
+    spool: SpoolStorage | None = Field(
+        default=None, description="Where accepted mail waits for delivery."
+    )
+    ports: RelayPorts | None = Field(default=None, description="Ports of the relay's Service.")
+
+
+class TLS(Model):
+    certificate_secret_ref: LocalObjectReference | None = Field(
+        default=None,
+        alias="certificateSecretRef",
+        description="A kubernetes.io/tls Secret in the operator's namespace (for example one "
+        "cert-manager issues) with the relay's serving certificate. When omitted, the operator "
+        "creates a private CA and a certificate for the relay's Service names, and adds the CA "
+        "as 'ca.crt' to every app Secret of this IP.",
+    )
+
+
+class Tracking(Model):
+    base_url: str | None = Field(
+        default=None,
+        alias="baseURL",
+        max_length=2048,
+        pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+        description="Public URL that reaches the relay's HTTP port (through an Ingress), used "
+        "in open pixels and rewritten links. Tracking is off for this IP when omitted.",
+    )
+
+
+class DedicatedIPSpec(Model):
+    address: str = Field(
+        max_length=45,
+        description="The sending IP address (IPv4 or IPv6). Immutable: a new address is a new "
+        "DedicatedIP with its own reputation.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel("isIP(self)", "address must be an IPv4 or IPv6 address"),
+                *immutable("address")["x-kubernetes-validations"],
+            ]
+        },
+    )
+    hostname: Domain = Field(
+        description="Fully qualified name the relay greets with (EHLO). It should be the "
+        "address's PTR record, and resolve back to the address."
+    )
+    domains: list[Domain] = Field(
+        min_length=1,
+        max_length=100,
+        description="Sending domains allowed through this IP: the domain of every envelope and "
+        "header From address must be one of them.",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    allowed_namespaces: LabelSelector | None = Field(
+        default=None,
+        description="Namespaces whose SmtpTokens and TransactionalEmails may use this IP. "
+        "Omitted or empty ({}) allows every namespace.",
+    )
+    delivery: Delivery = Field(
+        default_factory=Delivery, description="How the relay hands mail onward."
+    )
+    egress: Egress = Field(
+        default_factory=Egress, description="How outbound connections leave from the address."
+    )
+    relay: Relay = Field(default_factory=Relay, description="The relay's pod and Service.")
+    tls: TLS = Field(default_factory=TLS, description="The relay's serving certificate.")
+    tracking: Tracking = Field(default_factory=Tracking, description="Open and click tracking.")
+
+
+class RelayStatus(Model):
+    deployment_name: str | None = Field(default=None, description="The relay's Deployment.")
+    service_name: str | None = Field(default=None, description="The relay's Service.")
+    smtp_endpoint: str | None = Field(
+        default=None,
+        alias="smtpEndpoint",
+        description="In-cluster host:port apps submit to (STARTTLS).",
+    )
+    pod_security: str | None = Field(
+        default=None,
+        description="Pod Security Standard the relay pod meets: 'restricted', or 'privileged' "
+        "with the reason when egress mode HostNetwork needs the node's network.",
+    )
+
+
+class DedicatedIPStatus(Model):
+    conditions: list[Condition] | None = conditions_field()
+    relay: RelayStatus | None = Field(default=None, description="What the operator runs.")
+    tokens: int | None = Field(default=None, ge=0, description="SmtpTokens attached to this IP.")
+    emails: int | None = Field(
+        default=None, ge=0, description="TransactionalEmails attached to this IP."
+    )
+    observed_generation: int | None = observed_generation_field()
+
+
+class DedicatedIP(Model):
+    """One dedicated sending IP. Becomes a relay Deployment with exactly one pod."""
+
+    KIND: ClassVar[str] = "DedicatedIP"
+    PLURAL: ClassVar[str] = "dedicatedips"
+    SCOPE: ClassVar[str] = "Cluster"
+    SHORT_NAMES: ClassVar[list[str]] = ["dip"]
+    PRINTER_COLUMNS: ClassVar[list[dict[str, Any]]] = [
+        {"name": "Address", "type": "string", "jsonPath": ".spec.address"},
+        {"name": "Hostname", "type": "string", "jsonPath": ".spec.hostname"},
+        {
+            "name": "Ready",
+            "type": "string",
+            "jsonPath": ".status.conditions[?(@.type=='Ready')].status",
+        },
+        {"name": "Tokens", "type": "integer", "jsonPath": ".status.tokens"},
+        {
+            "name": "Endpoint",
+            "type": "string",
+            "jsonPath": ".status.relay.smtpEndpoint",
+            "priority": 1,
+        },
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]
+    NAME_MAX: ClassVar[int] = 50  # txmail-relay-<name> must stay a 63-character DNS label
+
+    spec: DedicatedIPSpec = Field(description="The IP, its names and how its relay runs.")
+    status: DedicatedIPStatus | None = Field(
+        default=None, description="What the operator observed and runs."
+    )

@@ -1,0 +1,215 @@
+"""The documents the operator writes and the relay reads: the only thing the two share.
+
+One DedicatedIP ``<ip>`` becomes, in the operator's namespace:
+
+* ConfigMap ``txmail-relay-<ip>``, key ``relay.json``: a :class:`RelayConfig`.
+* Secrets ``txmail-relay-<ip>-credentials-<k>`` for ``k`` in ``0..CREDENTIAL_SHARDS-1``: each
+  data key is a token username, each value a JSON :class:`CredentialEntry`. A token lives in
+  shard :func:`shard_of` ``(username)``. Sharding keeps every object well under the 1 MiB
+  limit at 5,000+ tokens (an entry is ~300 bytes, so 8 shards hold ~25,000 tokens), and the
+  fixed names let the relay's Role grant ``get``/``watch`` by ``resourceNames`` only.
+* ConfigMaps ``txmail-relay-<ip>-templates-<k>``: each data key is an ``emailId`` and each
+  value a JSON :class:`TemplateEntry`.
+
+The operator adds or removes single keys with merge patches, so concurrent reconciles of
+different tokens never overwrite each other. The relay watches each object by name, so a
+change reaches it within seconds. The relay never sees a password: only the SHA-256 digest
+of a 256-bit random password, compared in constant time (see :func:`password_digest`).
+The same documents can be read from files (``txmail-relay --config``) for standalone runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+API_GROUP = "txmail.dev"
+API_VERSION = "v1alpha1"
+CREDENTIAL_SHARDS = 8
+TEMPLATE_SHARDS = 8
+RELAY_CONFIG_KEY = "relay.json"
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+RELAY_APP_NAME = "txmail-relay"
+MANAGED_BY = "txmail"
+
+# Container ports of the relay; the Service maps 587 and 465 onto the first two so the pod
+# needs no privilege to bind.
+SUBMISSION_PORT = 2587
+SUBMISSIONS_PORT = 2465
+HTTP_PORT = 8080
+SERVICE_SUBMISSION_PORT = 587
+SERVICE_SUBMISSIONS_PORT = 465
+SERVICE_HTTP_PORT = 80
+
+
+def relay_name(ip: str) -> str:
+    """Name of the relay's Deployment, Service, ServiceAccount, Role and ConfigMap."""
+    return f"txmail-relay-{ip}"
+
+
+def credentials_secret_name(ip: str, shard: int) -> str:
+    return f"{relay_name(ip)}-credentials-{shard}"
+
+
+def templates_config_map_name(ip: str, shard: int) -> str:
+    return f"{relay_name(ip)}-templates-{shard}"
+
+
+def tls_secret_name(ip: str) -> str:
+    """The Secret the operator generates when the DedicatedIP names no certificate."""
+    return f"{relay_name(ip)}-tls"
+
+
+def shard_of(key: str, shards: int) -> int:
+    """Stable shard of a username or emailId: the same on every run and every platform."""
+    return hashlib.sha256(key.encode()).digest()[0] % shards
+
+
+def password_digest(password: str) -> str:
+    """Digest stored for a password: hex SHA-256.
+
+    Passwords are 256-bit random values (``secrets.token_urlsafe(32)``), so a fast hash is
+    safe (no dictionary to try) and keeps AUTH cheap, as for API keys.
+    """
+    return hashlib.sha256(password.encode()).hexdigest()
+
+
+def digest_matches(password: str, digest: str) -> bool:
+    return hmac.compare_digest(password_digest(password), digest)
+
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
+
+
+class PasswordDigest(_Doc):
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    generation: int = Field(description="The SmtpToken passwordGeneration that issued it.")
+    not_after: datetime | None = Field(
+        default=None,
+        alias="notAfter",
+        description="End of a rotation grace period; None while the password is current.",
+    )
+
+    def valid_at(self, now: datetime) -> bool:
+        return self.not_after is None or now < self.not_after
+
+
+class CredentialEntry(_Doc):
+    """One SmtpToken as its relay sees it (never the password itself)."""
+
+    username: str
+    namespace: str
+    token: str = Field(description="Name of the SmtpToken.")
+    digests: list[PasswordDigest]
+    allowed_from_domains: list[str] = Field(alias="allowedFromDomains")
+    create_contacts: bool = Field(default=False, alias="createContacts")
+    email_campaign_id: int = Field(alias="emailCampaignId")
+    expires_at: datetime | None = Field(default=None, alias="expiresAt")
+
+    def accepts(self, password: str, now: datetime) -> bool:
+        """Constant-time check of a password against every digest valid at ``now``."""
+        if self.expires_at is not None and now >= self.expires_at:
+            return False
+        candidate = password_digest(password)
+        ok = False
+        for d in self.digests:
+            # Compare against all digests so timing does not reveal which one matched.
+            ok |= hmac.compare_digest(candidate, d.sha256) and d.valid_at(now)
+        return ok
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True, exclude_none=True)
+
+
+class DeliveryMode(StrEnum):
+    DIRECT = "Direct"
+    SMARTHOST = "Smarthost"
+
+
+class SmarthostTLS(StrEnum):
+    STARTTLS = "StartTLS"
+    IMPLICIT = "Implicit"
+    NONE = "None"
+
+
+class SmarthostConfig(_Doc):
+    host: str
+    port: int = 587
+    tls: SmarthostTLS = SmarthostTLS.STARTTLS
+    verify_tls: bool = Field(default=True, alias="verifyTLS")
+    credentials_dir: str | None = Field(
+        default=None,
+        alias="credentialsDir",
+        description="Folder holding 'username' and 'password' files (a mounted Secret).",
+    )
+
+
+class DeliveryConfig(_Doc):
+    mode: DeliveryMode = DeliveryMode.DIRECT
+    smarthost: SmarthostConfig | None = None
+    resolver: list[str] = Field(
+        default_factory=list,
+        description="DNS servers for MX lookups (ip or ip:port); empty uses the system's.",
+    )
+    bind_address: str | None = Field(
+        default=None,
+        alias="bindAddress",
+        description="Source address of every outbound connection (egress mode HostNetwork).",
+    )
+    mx_port: int = Field(default=25, alias="mxPort")
+
+
+class TrackingConfig(_Doc):
+    base_url: str | None = Field(default=None, alias="baseURL")
+
+
+class RelayConfig(_Doc):
+    """What the relay of one DedicatedIP needs to know: written to ``relay.json``."""
+
+    kind: Literal["RelayConfig"] = "RelayConfig"
+    dedicated_ip: str = Field(alias="dedicatedIP")
+    address: str
+    hostname: str
+    domains: list[str]
+    delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    credential_shards: int = Field(default=CREDENTIAL_SHARDS, alias="credentialShards")
+    template_shards: int = Field(default=TEMPLATE_SHARDS, alias="templateShards")
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json", by_alias=True), indent=2, sort_keys=True)
+
+
+class Sender(_Doc):
+    name: str | None = None
+    address: str
+
+
+class TemplateEntry(_Doc):
+    """One valid TransactionalEmail, published to its DedicatedIP's relay."""
+
+    email_id: int = Field(alias="emailId")
+    namespace: str
+    name: str
+    generation: int
+    sender: Sender = Field(alias="from")
+    reply_to: list[str] = Field(default_factory=list, alias="replyTo")
+    subject: str
+    html: str | None = None
+    text: str | None = None
+    subscription_type: str = Field(default="Transactional", alias="subscriptionType")
+    track_opens: bool = Field(default=False, alias="trackOpens")
+    track_clicks: bool = Field(default=False, alias="trackClicks")
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True, exclude_none=True)
