@@ -13,6 +13,7 @@ import yaml
 from kubernetes import client, config
 
 from cluster.controlplane import control_plane
+from k8s.operator_process import OperatorProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 CRDS = ROOT / "crds"
@@ -78,3 +79,54 @@ def namespace(api: client.ApiClient) -> Iterator[str]:
     core.create_namespace({"metadata": {"name": name, "labels": {"txmail-test": "true"}}})
     yield name
     core.delete_namespace(name)
+
+
+@pytest.fixture(scope="session")
+def operator_namespace(api: client.ApiClient) -> str:
+    name = "txmail-system"
+    core = client.CoreV1Api(api)
+    if not [n for n in core.list_namespace().items if n.metadata.name == name]:
+        core.create_namespace({"metadata": {"name": name}})
+    return name
+
+
+@pytest.fixture(scope="session")
+def operator(
+    kubeconfig: Path,
+    crds: list[str],
+    operator_namespace: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[OperatorProcess]:
+    """`txmail-operator` as a real process for the whole session (tests may restart it)."""
+    proc = OperatorProcess(kubeconfig, operator_namespace, tmp_path_factory.mktemp("op") / "operator.log")
+    proc.start()
+    _await_operator(api_client_for(kubeconfig), proc)
+    yield proc
+    proc.stop()
+
+
+def api_client_for(kubeconfig: Path) -> client.ApiClient:
+    return config.new_client_from_config(config_file=str(kubeconfig))
+
+
+def _await_operator(api_client: client.ApiClient, proc: OperatorProcess) -> None:
+    """The operator is up once it has reconciled a throwaway DedicatedIP."""
+    objs = client.CustomObjectsApi(api_client)
+    name = f"ready-{uuid.uuid4().hex[:6]}"
+    body = {
+        "apiVersion": "txmail.dev/v1alpha1",
+        "kind": "DedicatedIP",
+        "metadata": {"name": name},
+        "spec": {"address": "127.0.0.9", "hostname": "probe.example.com", "domains": ["example.com"]},
+    }
+    objs.create_cluster_custom_object("txmail.dev", "v1alpha1", "dedicatedips", body)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        got = objs.get_cluster_custom_object("txmail.dev", "v1alpha1", "dedicatedips", name)
+        if (got.get("status") or {}).get("conditions"):
+            objs.delete_cluster_custom_object("txmail.dev", "v1alpha1", "dedicatedips", name)
+            return
+        if proc.proc is not None and proc.proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise AssertionError(f"the operator did not start:\n{proc.output()[-5000:]}")

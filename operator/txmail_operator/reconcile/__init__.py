@@ -1,0 +1,51 @@
+"""Reconcile functions: read what is, write what should be, record status. Called by handlers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+
+from .context import Context, Locks
+from .dedicatedip import reconcile_ip, refresh_status
+from .email import IdTaken, reconcile_email, withdraw_email
+from .smtptoken import reconcile_token, revoke_token
+
+Ref = tuple[str, str]
+log = logging.getLogger(__name__)
+
+
+def fan_out(ctx: Context, tokens: Iterable[Ref], emails: Iterable[Ref], taken: IdTaken) -> None:
+    """Reconcile the tokens and emails that depend on something that just changed.
+
+    A failure of one dependent is logged and left to its own handler and timer, so one bad
+    object never holds up the others.
+    """
+    for namespace, name in sorted(set(tokens)):
+        try:
+            reconcile_token(ctx, namespace, name)
+        except (ApiException, kopf.TemporaryError) as exc:
+            log.warning("SmtpToken %s/%s will be retried: %s", namespace, name, type(exc).__name__)
+    for namespace, name in sorted(set(emails)):
+        try:
+            reconcile_email(ctx, namespace, name, taken)
+        except (ApiException, kopf.TemporaryError) as exc:
+            log.warning(
+                "TransactionalEmail %s/%s will be retried: %s", namespace, name, type(exc).__name__
+            )
+
+
+__all__ = [
+    "Context",
+    "IdTaken",
+    "Locks",
+    "fan_out",
+    "reconcile_email",
+    "reconcile_ip",
+    "reconcile_token",
+    "refresh_status",
+    "revoke_token",
+    "withdraw_email",
+]

@@ -1,0 +1,44 @@
+"""Whether an object in a namespace may use a DedicatedIP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..api import DedicatedIPSpec
+from .context import Context
+
+Obj = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Attachment:
+    ip: Obj | None
+    spec: DedicatedIPSpec | None
+    reason: str
+    message: str
+
+    @property
+    def ok(self) -> bool:
+        return self.spec is not None and self.reason == "Attached"
+
+
+def attach(ctx: Context, ip_name: str, namespace: str) -> Attachment:
+    ip = ctx.kube.get("txmail.dev/v1alpha1", "DedicatedIP", None, ip_name)
+    if ip is None or ip["metadata"].get("deletionTimestamp"):
+        return Attachment(
+            None, None, "DedicatedIPNotFound", f"DedicatedIP {ip_name} does not exist"
+        )
+    spec = DedicatedIPSpec.model_validate(ip["spec"])
+    if spec.allowed_namespaces is not None:
+        ns = ctx.kube.get("v1", "Namespace", None, namespace)
+        labels = (ns or {}).get("metadata", {}).get("labels") or {}
+        if not spec.allowed_namespaces.matches(labels):
+            return Attachment(
+                ip,
+                spec,
+                "NamespaceNotAllowed",
+                f"DedicatedIP {ip_name} does not allow namespace {namespace} "
+                "(see its spec.allowedNamespaces)",
+            )
+    return Attachment(ip, spec, "Attached", f"attached to DedicatedIP {ip_name}")

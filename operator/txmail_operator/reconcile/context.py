@@ -1,0 +1,65 @@
+"""What every reconcile needs, built once at startup and kept in kopf's memo."""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from ..kube import Kube
+from ..settings import Settings
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+def new_password() -> str:
+    return secrets.token_urlsafe(32)
+
+
+@dataclass
+class Locks:
+    """One lock per object, so two triggers never reconcile the same object at once."""
+
+    _guard: threading.Lock = field(default_factory=threading.Lock)
+    _locks: dict[str, threading.Lock] = field(default_factory=dict)
+
+    @contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        with self._guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            yield
+
+
+@dataclass
+class LabelMemory:
+    """The labels last seen on each namespace, so only real changes fan out."""
+
+    _guard: threading.Lock = field(default_factory=threading.Lock)
+    _labels: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def changed(self, namespace: str, labels: dict[str, str] | None) -> bool:
+        """Record the labels; True when they differ from a previous sighting."""
+        with self._guard:
+            before = self._labels.get(namespace)
+            now = dict(labels or {})
+            if labels is None:
+                self._labels.pop(namespace, None)
+            else:
+                self._labels[namespace] = now
+            return before is not None and before != now
+
+
+@dataclass
+class Context:
+    kube: Kube
+    settings: Settings
+    now: Callable[[], dt.datetime] = utcnow
+    password: Callable[[], str] = new_password
+    locks: Locks = field(default_factory=Locks)
+    namespaces: LabelMemory = field(default_factory=LabelMemory)

@@ -1,0 +1,170 @@
+"""DedicatedIP -> a relay: Deployment, Service, ServiceAccount, Role, configuration, TLS."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from txmail_relay import contract as c
+
+from .. import builders
+from ..api import DedicatedIPSpec
+from . import pki
+from .conditions import condition
+from .context import Context
+
+Obj = dict[str, Any]
+IP_API = ("txmail.dev/v1alpha1", "DedicatedIP")
+
+
+def _ensure_tls(
+    ctx: Context, name: str, uid: str, spec: DedicatedIPSpec
+) -> tuple[str, bytes | None, str | None]:
+    """The serving certificate's Secret, the CA apps should trust, and a problem if any."""
+    ns = ctx.settings.namespace
+    ref = spec.tls.certificate_secret_ref
+    if ref is not None:
+        secret = ctx.kube.get("v1", "Secret", ns, ref.name)
+        if secret is None:
+            return ref.name, None, f"certificate Secret {ns}/{ref.name} does not exist"
+        ca = (secret.get("data") or {}).get("ca.crt")
+        return ref.name, base64.b64decode(ca) if ca else None, None
+    secret_name = c.tls_secret_name(name)
+    secret = ctx.kube.get("v1", "Secret", ns, secret_name)
+    if secret is not None and (secret.get("data") or {}).get("ca.crt"):
+        return secret_name, base64.b64decode(secret["data"]["ca.crt"]), None
+    dns = builders.service_dns_names(name, ns, ctx.settings.cluster_domain)
+    material = pki.issue(name, dns, ctx.now())
+    ctx.kube.apply(
+        builders.relay_tls_secret(
+            name, uid, ns, material.ca_pem, material.cert_pem, material.key_pem
+        )
+    )
+    return secret_name, material.ca_pem, None
+
+
+def relay_ca(ctx: Context, ip: str, spec: DedicatedIPSpec) -> bytes | None:
+    """The CA an app should trust for this IP's relay (None when unknown)."""
+    ns = ctx.settings.namespace
+    secret_name = (
+        spec.tls.certificate_secret_ref.name
+        if spec.tls.certificate_secret_ref
+        else c.tls_secret_name(ip)
+    )
+    secret = ctx.kube.get("v1", "Secret", ns, secret_name)
+    ca = ((secret or {}).get("data") or {}).get("ca.crt")
+    return base64.b64decode(ca) if ca else None
+
+
+def availability(deployment: Obj | None) -> tuple[bool, str, str]:
+    """RelayAvailable from the Deployment status the controller-manager writes."""
+    if deployment is None:
+        return False, "DeploymentMissing", "the relay Deployment does not exist yet"
+    status = deployment.get("status") or {}
+    available = next(
+        (x for x in status.get("conditions") or [] if x.get("type") == "Available"), None
+    )
+    if available is None:
+        return False, "RelayPending", "the relay Deployment has not reported its status yet"
+    if available.get("status") == "True" and (status.get("availableReplicas") or 0) >= 1:
+        return True, "RelayAvailable", "the relay pod is running and ready"
+    return (
+        False,
+        available.get("reason") or "RelayUnavailable",
+        available.get("message") or "the relay pod is not ready",
+    )
+
+
+def reconcile_ip(ctx: Context, body: Obj, tokens: int, emails: int) -> None:
+    """Apply every child of the DedicatedIP, then record its status."""
+    meta = body["metadata"]
+    name, uid = meta["name"], meta["uid"]
+    spec = DedicatedIPSpec.model_validate(body["spec"])
+    ns = ctx.settings.namespace
+    with ctx.locks.hold(f"dedicatedip/{name}"):
+        tls_secret, _ca, tls_problem = _ensure_tls(ctx, name, uid, spec)
+        children: list[Obj | None] = [
+            builders.relay_service_account(name, uid, ns),
+            builders.relay_role(name, uid, ns),
+            builders.relay_role_binding(name, uid, ns),
+            builders.relay_config_map(name, uid, ns, builders.relay_config(name, spec)),
+            *(builders.credential_shard(name, uid, ns, k) for k in range(c.CREDENTIAL_SHARDS)),
+            *(builders.template_shard(name, uid, ns, k) for k in range(c.TEMPLATE_SHARDS)),
+            builders.relay_spool_claim(name, uid, ns, spec),
+            builders.relay_service(name, uid, ns, spec),
+        ]
+        for child in children:
+            if child is not None:
+                ctx.kube.apply(child)
+        deployment = ctx.kube.apply(
+            builders.relay_deployment(name, uid, ns, spec, ctx.settings.relay_image, tls_secret)
+        )
+        write_status(ctx, body, spec, deployment, tokens, emails, tls_problem)
+
+
+def refresh_status(ctx: Context, name: str, tokens: int, emails: int) -> None:
+    """Re-read the relay Deployment and update the DedicatedIP's status (no writes to children)."""
+    body = ctx.kube.get(*IP_API, None, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return
+    spec = DedicatedIPSpec.model_validate(body["spec"])
+    ns = ctx.settings.namespace
+    deployment = ctx.kube.get("apps/v1", "Deployment", ns, c.relay_name(name))
+    write_status(ctx, body, spec, deployment, tokens, emails, _config_problem(ctx, spec))
+
+
+def _config_problem(ctx: Context, spec: DedicatedIPSpec) -> str | None:
+    ns = ctx.settings.namespace
+    ref = spec.tls.certificate_secret_ref
+    if ref is not None and ctx.kube.get("v1", "Secret", ns, ref.name) is None:
+        return f"certificate Secret {ns}/{ref.name} does not exist"
+    sh = spec.delivery.smarthost
+    creds = sh.credentials_secret_ref if sh is not None else None
+    if creds is not None and ctx.kube.get("v1", "Secret", ns, creds.name) is None:
+        return f"smarthost credentials Secret {ns}/{creds.name} does not exist"
+    return None
+
+
+def write_status(
+    ctx: Context,
+    body: Obj,
+    spec: DedicatedIPSpec,
+    deployment: Obj | None,
+    tokens: int,
+    emails: int,
+    problem: str | None,
+) -> None:
+    meta = body["metadata"]
+    name, generation = meta["name"], meta.get("generation", 0)
+    previous = (body.get("status") or {}).get("conditions")
+    now = ctx.now()
+    problem = problem or _config_problem(ctx, spec)
+    up, up_reason, up_message = availability(deployment)
+    if problem:
+        ready = condition(
+            previous, "Ready", False, "ConfigurationInvalid", problem, generation, now
+        )
+    elif not up:
+        ready = condition(previous, "Ready", False, up_reason, up_message, generation, now)
+    else:
+        ready = condition(
+            previous, "Ready", True, "Ready", "the relay accepts and delivers mail", generation, now
+        )
+    ns = ctx.settings.namespace
+    host = builders.smtp_host(name, ns, ctx.settings.cluster_domain)
+    status = {
+        "conditions": [
+            ready,
+            condition(previous, "RelayAvailable", up, up_reason, up_message, generation, now),
+        ],
+        "relay": {
+            "deploymentName": c.relay_name(name),
+            "serviceName": c.relay_name(name),
+            "smtpEndpoint": f"{host}:{builders.submission_port(spec)}",
+            "podSecurity": builders.pod_security(spec),
+        },
+        "tokens": tokens,
+        "emails": emails,
+        "observedGeneration": generation,
+    }
+    ctx.kube.patch_status(*IP_API, None, name, status)

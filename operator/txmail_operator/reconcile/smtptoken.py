@@ -1,0 +1,241 @@
+"""SmtpToken -> app Secret (holds the password) + credential entry in the relay (holds a digest).
+
+The app Secret is the only place the password lives. A reconcile keeps it when the Secret
+is ours for the current passwordGeneration and no digest contradicts it; otherwise it issues
+a new one. The Secret is written before the digest, so an operator killed between the two
+converges on restart to exactly one Secret, one password and one digest.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+
+from txmail_relay import contract as c
+
+from .. import builders
+from ..api import SmtpTokenSpec
+from .access import attach
+from .conditions import condition, stamp
+from .context import Context
+from .dedicatedip import relay_ca
+
+Obj = dict[str, Any]
+TOKEN_API = ("txmail.dev/v1alpha1", "SmtpToken")
+
+
+@dataclass(frozen=True)
+class _Issue:
+    """Why a new password was issued: the Event a user sees (None: nothing to tell)."""
+
+    reason: str
+    message: str
+    warning: bool
+    revoke_previous: bool
+
+
+def _decode(secret: Obj | None, key: str) -> str | None:
+    value = ((secret or {}).get("data") or {}).get(key)
+    return base64.b64decode(value).decode() if value else None
+
+
+def _current_entry(ctx: Context, ip: str, username: str) -> tuple[bool, c.CredentialEntry | None]:
+    shard = ctx.kube.get("v1", "Secret", ctx.settings.namespace, _shard_name(ip, username))
+    if shard is None:
+        return False, None
+    raw = _decode(shard, username)
+    return True, c.CredentialEntry.model_validate_json(raw) if raw else None
+
+
+def _shard_name(ip: str, username: str) -> str:
+    return c.credentials_secret_name(ip, c.shard_of(username, c.CREDENTIAL_SHARDS))
+
+
+def _choose_password(
+    ctx: Context,
+    spec: SmtpTokenSpec,
+    secret: Obj | None,
+    entry: c.CredentialEntry | None,
+    issued_before: bool,
+) -> tuple[str, _Issue | None]:
+    gen = spec.password_generation
+    existing = _decode(secret, "password")
+    annotations = ((secret or {}).get("metadata") or {}).get("annotations") or {}
+    secret_gen = int(annotations.get(builders.PASSWORD_GENERATION_ANNOTATION, "0") or 0)
+    published = [d for d in (entry.digests if entry else []) if d.generation == gen]
+    if existing and secret_gen == gen:
+        if not published or c.digest_matches(existing, published[0].sha256):
+            return existing, None
+        return ctx.password(), _Issue(
+            "PasswordReplaced",
+            "the app Secret held a password this token did not issue; issued a new password",
+            warning=True,
+            revoke_previous=True,
+        )
+    if secret is None and issued_before:
+        return ctx.password(), _Issue(
+            "SecretRecreated",
+            "the app Secret was deleted, and only it held the password: issued a new password "
+            "(the old one no longer works)",
+            warning=True,
+            revoke_previous=True,
+        )
+    if existing and secret_gen < gen:
+        return ctx.password(), _Issue(
+            "PasswordReset",
+            f"issued a new password for passwordGeneration {gen}",
+            warning=False,
+            revoke_previous=False,
+        )
+    return ctx.password(), None
+
+
+def reconcile_token(ctx: Context, namespace: str, name: str) -> None:
+    with ctx.locks.hold(f"smtptoken/{namespace}/{name}"):
+        body = ctx.kube.get(*TOKEN_API, namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return
+        _reconcile(ctx, body)
+
+
+def _reconcile(ctx: Context, body: Obj) -> None:
+    meta, status = body["metadata"], body.get("status") or {}
+    name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
+    spec = SmtpTokenSpec.model_validate(body["spec"])
+    now = ctx.now()
+    ip_name = spec.dedicated_ip_ref.name
+    username = builders.username_for(uid)
+    secret_name = builders.app_secret_name(name, spec)
+    base = {
+        "username": username,
+        "secretName": secret_name,
+        "emailCampaignId": status.get("emailCampaignId") or builders.stable_id(uid),
+        "createdAt": status.get("createdAt") or stamp(now),
+        "observedGeneration": meta.get("generation", 0),
+    }
+    attachment = attach(ctx, ip_name, namespace)
+    expired = spec.expires_at is not None and now >= spec.expires_at
+    ip_spec = attachment.spec
+    if not attachment.ok or expired or ip_spec is None:
+        if attachment.ip is not None:
+            _remove_entry(ctx, ip_name, username)
+        reason, message = (
+            ("Expired", f"the token expired at {stamp(spec.expires_at)}")
+            if expired and spec.expires_at is not None
+            else (attachment.reason, attachment.message)
+        )
+        _write_status(ctx, body, base, False, reason, message)
+        return
+
+    exists, entry = _current_entry(ctx, ip_name, username)
+    if not exists:
+        raise kopf.TemporaryError(f"the relay of DedicatedIP {ip_name} is being set up", delay=2)
+    secret = ctx.kube.get("v1", "Secret", namespace, secret_name)
+    password, issue = _choose_password(
+        ctx, spec, secret, entry, issued_before=status.get("passwordGeneration") is not None
+    )
+    fresh = c.PasswordDigest(
+        sha256=c.password_digest(password), generation=spec.password_generation
+    )
+    previous = (
+        [] if issue is not None and issue.revoke_previous else list(entry.digests if entry else [])
+    )
+    grace = builders.parse_duration(spec.rotation_grace_period)
+    digests = builders.rotated_digests(previous, fresh, now, grace)
+
+    host = builders.smtp_host(ip_name, ctx.settings.namespace, ctx.settings.cluster_domain)
+    desired = builders.app_secret(
+        name,
+        uid,
+        namespace,
+        spec,
+        username,
+        password,
+        host,
+        builders.submission_port(ip_spec),
+        relay_ca(ctx, ip_name, ip_spec),
+    )
+    if secret is None or _drifted(secret, desired):
+        ctx.kube.apply(desired)  # first the Secret: it is the only copy of the password
+    wanted = builders.credential_entry(
+        name,
+        namespace,
+        spec,
+        list(ip_spec.domains),
+        username,
+        digests,
+        base["emailCampaignId"],
+    )
+    if entry != wanted:
+        _put_entry(ctx, ip_name, username, wanted)
+    if issue is not None:
+        ctx.kube.event(body, issue.reason, issue.message, warning=issue.warning, now=now)
+    elif secret is not None and _drifted(secret, desired):
+        ctx.kube.event(
+            body, "SecretRestored", f"put back the edited app Secret {secret_name}", now=now
+        )
+    base["passwordGeneration"] = spec.password_generation
+    _write_status(
+        ctx,
+        body,
+        base,
+        True,
+        "Ready",
+        f"credentials for DedicatedIP {ip_name} are in Secret {secret_name}",
+    )
+
+
+def _drifted(actual: Obj, desired: Obj) -> bool:
+    """Whether the live Secret lost anything we wrote (extra keys or labels are the user's)."""
+    if actual.get("type") != desired["type"]:
+        return True
+    data = actual.get("data") or {}
+    if any(data.get(k) != v for k, v in desired["data"].items()):
+        return True
+    meta, want = actual.get("metadata") or {}, desired["metadata"]
+    for field in ("labels", "annotations"):
+        have = meta.get(field) or {}
+        if any(have.get(k) != v for k, v in want[field].items()):
+            return True
+    owners = {o.get("uid") for o in meta.get("ownerReferences") or []}
+    return want["ownerReferences"][0]["uid"] not in owners
+
+
+def _put_entry(ctx: Context, ip: str, username: str, entry: c.CredentialEntry) -> None:
+    patch = builders.shard_patch(username, entry.to_json(), secret=True)
+    ctx.kube.merge_patch("v1", "Secret", ctx.settings.namespace, _shard_name(ip, username), patch)
+
+
+def _remove_entry(ctx: Context, ip: str, username: str) -> None:
+    patch = builders.shard_patch(username, None, secret=True)
+    try:
+        ctx.kube.merge_patch(
+            "v1", "Secret", ctx.settings.namespace, _shard_name(ip, username), patch
+        )
+    except ApiException as exc:
+        if exc.status != 404:  # no shard: the relay (and every entry) is gone already
+            raise
+
+
+def _write_status(ctx: Context, body: Obj, base: Obj, ok: bool, reason: str, message: str) -> None:
+    meta = body["metadata"]
+    previous = (body.get("status") or {}).get("conditions")
+    ready = condition(previous, "Ready", ok, reason, message, meta.get("generation", 0), ctx.now())
+    status = {**base, "conditions": [ready]}
+    if json.dumps(
+        {k: (body.get("status") or {}).get(k) for k in status}, sort_keys=True
+    ) != json.dumps(status, sort_keys=True):
+        ctx.kube.patch_status(*TOKEN_API, meta["namespace"], meta["name"], status)
+
+
+def revoke_token(ctx: Context, body: Obj) -> None:
+    """Before the token goes: remove its credential from the relay (the Secret goes by GC)."""
+    meta = body["metadata"]
+    with ctx.locks.hold(f"smtptoken/{meta['namespace']}/{meta['name']}"):
+        spec = SmtpTokenSpec.model_validate(body["spec"])
+        _remove_entry(ctx, spec.dedicated_ip_ref.name, builders.username_for(meta["uid"]))

@@ -1,0 +1,147 @@
+"""Small helpers for the k8s tier: create txmail objects, read what the operator wrote."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from txmail_relay import contract as c
+
+GROUP, VERSION = "txmail.dev", "v1alpha1"
+Obj = dict[str, Any]
+
+
+def short(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class Kit:
+    api: client.ApiClient
+    operator_namespace: str
+
+    @property
+    def objs(self) -> client.CustomObjectsApi:
+        return client.CustomObjectsApi(self.api)
+
+    @property
+    def core(self) -> client.CoreV1Api:
+        return client.CoreV1Api(self.api)
+
+    # --- create ---------------------------------------------------------------------------
+
+    def dedicated_ip(self, name: str | None = None, **spec: Any) -> str:
+        name = name or short("ip")
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "DedicatedIP",
+            "metadata": {"name": name},
+            "spec": {
+                "address": "127.0.0.2",
+                "hostname": "mta1.example.com",
+                "domains": ["example.com", "example.org"],
+                **spec,
+            },
+        }
+        self.objs.create_cluster_custom_object(GROUP, VERSION, "dedicatedips", body)
+        return name
+
+    def token(self, namespace: str, ip: str, name: str = "app", **spec: Any) -> str:
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "SmtpToken",
+            "metadata": {"name": name},
+            "spec": {"dedicatedIPRef": {"name": ip}, **spec},
+        }
+        self.objs.create_namespaced_custom_object(GROUP, VERSION, namespace, "smtptokens", body)
+        return name
+
+    def email(self, namespace: str, ip: str, name: str = "welcome", **spec: Any) -> str:
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "TransactionalEmail",
+            "metadata": {"name": name},
+            "spec": {
+                "dedicatedIPRef": {"name": ip},
+                "from": {"name": "Shop", "address": "orders@example.com"},
+                "subject": "Hello {{ contact.firstname }}",
+                "html": "<p>Hello {{ contact.firstname }}</p>",
+                "text": "Hello {{ contact.firstname }}",
+                **spec,
+            },
+        }
+        self.objs.create_namespaced_custom_object(GROUP, VERSION, namespace, "transactionalemails", body)
+        return name
+
+    # --- read -----------------------------------------------------------------------------
+
+    def get(self, plural: str, namespace: str | None, name: str) -> Obj | None:
+        try:
+            if namespace is None:
+                out = self.objs.get_cluster_custom_object(GROUP, VERSION, plural, name)
+            else:
+                out = self.objs.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        assert isinstance(out, dict)
+        return out
+
+    def condition(self, plural: str, namespace: str | None, name: str, type_: str = "Ready") -> Obj | None:
+        body = self.get(plural, namespace, name) or {}
+        conds = (body.get("status") or {}).get("conditions") or []
+        return next((x for x in conds if x["type"] == type_), None)
+
+    def is_ready(self, plural: str, namespace: str | None, name: str) -> bool:
+        cond = self.condition(plural, namespace, name)
+        return bool(cond and cond["status"] == "True")
+
+    def reason(self, plural: str, namespace: str | None, name: str, type_: str = "Ready") -> str | None:
+        cond = self.condition(plural, namespace, name, type_)
+        return cond["reason"] if cond else None
+
+    def secret(self, namespace: str, name: str) -> dict[str, str] | None:
+        raw = self.raw_secret(namespace, name)
+        if raw is None:
+            return None
+        return {k: base64.b64decode(v).decode() for k, v in (raw.data or {}).items()}
+
+    def raw_secret(self, namespace: str, name: str) -> Any:
+        try:
+            return self.core.read_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def entry(self, ip: str, username: str) -> c.CredentialEntry | None:
+        shard = c.credentials_secret_name(ip, c.shard_of(username, c.CREDENTIAL_SHARDS))
+        data = self.secret(self.operator_namespace, shard) or {}
+        return c.CredentialEntry.model_validate_json(data[username]) if username in data else None
+
+    def template(self, ip: str, email_id: int) -> c.TemplateEntry | None:
+        key = str(email_id)
+        name = c.templates_config_map_name(ip, c.shard_of(key, c.TEMPLATE_SHARDS))
+        try:
+            cm = self.core.read_namespaced_config_map(name, self.operator_namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        raw = (cm.data or {}).get(key)
+        return c.TemplateEntry.model_validate_json(raw) if raw else None
+
+    def accepts(self, ip: str, username: str, password: str) -> bool:
+        """What the relay would answer to AUTH with these credentials right now."""
+        entry = self.entry(ip, username)
+        return entry is not None and entry.accepts(password, dt.datetime.now(dt.UTC))
+
+    def events(self, namespace: str, name: str) -> list[Any]:
+        evs = self.core.list_namespaced_event(namespace).items
+        return [e for e in evs if e.involved_object.name == name]
