@@ -1,1 +1,1 @@
-"""txmail's relay: authenticated SMTP submission, a durable spool and delivery from a dedicated IP."""
+"""txmail's relay: authenticated submission, a durable spool, delivery from a dedicated IP."""

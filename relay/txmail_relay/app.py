@@ -1,0 +1,178 @@
+"""The relay process: its parts composed by constructor injection, started and stopped.
+
+Tests replace the seams: the config source, the spool's system calls, the delivery
+transport and the TLS context; everything else is the production wiring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Sequence
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from txmail_relay.auth import Authenticator, FailureLimiter
+from txmail_relay.config import ConfigSource, ConfigStore
+from txmail_relay.delivery import SmtpTransport, Transport
+from txmail_relay.events import OutcomeListener
+from txmail_relay.http import make_app
+from txmail_relay.metrics import RelayMetrics
+from txmail_relay.queue import DeliveryQueue
+from txmail_relay.settings import Settings
+from txmail_relay.smtp import SubmissionHandler, SubmissionProtocol
+from txmail_relay.spool import Spool, SpoolIO
+from txmail_relay.tlsutil import server_context, watch_certificate
+
+log = logging.getLogger(__name__)
+
+
+class Relay:
+    def __init__(
+        self,
+        settings: Settings,
+        source: ConfigSource,
+        *,
+        registry: CollectorRegistry | None = None,
+        spool_io: SpoolIO | None = None,
+        transport: Transport | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        listeners: Sequence[OutcomeListener] = (),
+    ) -> None:
+        self.settings = settings
+        self.registry = registry or CollectorRegistry()
+        self.metrics = RelayMetrics(self.registry)
+        self.store = ConfigStore()
+        self._source = source
+        self.spool = Spool(
+            settings.spool.directory,
+            io=spool_io,
+            segment_bytes=settings.spool.segment_bytes,
+            min_free_bytes=settings.limits.spool_min_free_bytes,
+            metrics=self.metrics,
+        )
+        self.transport = transport or SmtpTransport(self.store, settings.retry, settings.outbound)
+        self.queue = DeliveryQueue(
+            self.spool,
+            self.transport,
+            settings.retry,
+            concurrency=settings.outbound.concurrency,
+            listeners=[self.metrics, *listeners],
+        )
+        self.spool.subscribe(self.queue.enqueue)
+        self.metrics.track_queue(self.queue.depth, self.queue.oldest_age)
+        self.handler = SubmissionHandler(self.store, self.spool, settings.limits, self.metrics)
+        self._checker = Authenticator(self.store)
+        self._limiter = FailureLimiter(
+            settings.limits.ip_auth_failures, settings.limits.ip_auth_window
+        )
+        self._tls_context = tls_context
+        self._servers: list[asyncio.base_events.Server] = []
+        self._sessions: set[SubmissionProtocol] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._http: web.AppRunner | None = None
+        self.ports: dict[str, int] = {}
+        self._serving = False
+
+    def ready(self) -> bool:
+        return self._serving and self.store.ready and self.spool.healthy
+
+    async def start(self) -> None:
+        """Recover the spool, wait for the first configuration, then listen."""
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        for msg in await asyncio.to_thread(self.spool.recover):
+            self.queue.enqueue(msg)
+        self.spool.start()
+        if settings.listen.http is not None:
+            await self._start_http(settings.listen.host, settings.listen.http)
+        self._tasks.append(loop.create_task(self._source.run(self.store), name="config"))
+        tls = self._tls_context
+        if tls is None:
+            tls = server_context(settings.tls.cert_file, settings.tls.key_file)
+            self._tasks.append(
+                loop.create_task(
+                    watch_certificate(tls, settings.tls.cert_file, settings.tls.key_file),
+                    name="tls-reload",
+                )
+            )
+        await self.store.wait_ready()
+        self.queue.start()
+        for name, port, implicit in (
+            ("submission", settings.listen.submission, False),
+            ("submissions", settings.listen.submissions, True),
+        ):
+            if port is None:
+                continue
+            server = await loop.create_server(
+                lambda implicit=implicit: self._protocol(tls, implicit=implicit),
+                settings.listen.host,
+                port,
+                ssl=tls if implicit else None,
+            )
+            self._servers.append(server)
+            self.ports[name] = server.sockets[0].getsockname()[1]
+        self._serving = True
+        log.info("relay serving", extra={"ports": self.ports})
+
+    async def _start_http(self, host: str, port: int) -> None:
+        self._http = web.AppRunner(make_app(self.registry, self.ready), access_log=None)
+        await self._http.setup()
+        site = web.TCPSite(self._http, host, port)
+        await site.start()
+        server = site._server  # aiohttp exposes no public accessor for the bound port
+        if isinstance(server, asyncio.base_events.Server):
+            self.ports["http"] = server.sockets[0].getsockname()[1]
+
+    def _protocol(self, tls: ssl.SSLContext, *, implicit: bool) -> SubmissionProtocol:
+        config = self.store.current
+        return SubmissionProtocol(
+            self.handler,
+            checker=self._checker,
+            limiter=self._limiter,
+            metrics=self.metrics,
+            limits=self.settings.limits,
+            hostname=config.relay.hostname if config is not None else "localhost",
+            tls_context=tls,
+            implicit_tls=implicit,
+            on_open=self._opened,
+            on_close=self._closed,
+        )
+
+    def _opened(self, session: SubmissionProtocol) -> None:
+        self._sessions.add(session)
+        self.metrics.sessions.inc()
+
+    def _closed(self, session: SubmissionProtocol) -> None:
+        if session in self._sessions:
+            self._sessions.discard(session)
+            self.metrics.sessions.dec()
+
+    async def stop(self) -> None:
+        """Stop accepting; let spooling and deliveries finish within the grace period.
+
+        Whatever is still running afterwards is cancelled: a message that got its 250 is in
+        the spool and is delivered after the restart.
+        """
+        grace = self.settings.shutdown_grace
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        self._serving = False
+        for server in self._servers:
+            server.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.handler.idle.wait(), grace / 2)
+        for session in list(self._sessions):
+            session.close()
+        await self.queue.stop(max(0.0, deadline - loop.time()))
+        await self.transport.close()
+        await self.spool.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._http is not None:
+            await self._http.cleanup()
+        log.info("relay stopped")

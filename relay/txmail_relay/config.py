@@ -1,0 +1,158 @@
+"""The relay's dynamic configuration and where it comes from.
+
+A :class:`ConfigSource` publishes complete :class:`DynamicConfig` snapshots into a
+:class:`ConfigStore`; readers (AUTH, sender policy, delivery) take ``store.current`` at the
+moment they need it, so a new snapshot applies to the next AUTH without touching open
+connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from pydantic import ValidationError
+
+from txmail_relay.contract import CredentialEntry, RelayConfig, TemplateEntry
+from txmail_relay.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+_Entry = TypeVar("_Entry", CredentialEntry, TemplateEntry)
+
+
+@dataclass(frozen=True)
+class DynamicConfig:
+    relay: RelayConfig
+    credentials: Mapping[str, CredentialEntry] = field(default_factory=dict)
+    templates: Mapping[int, TemplateEntry] = field(default_factory=dict)
+
+
+class ConfigStore:
+    """Holds the latest snapshot; ``ready`` once the first one arrived."""
+
+    def __init__(self) -> None:
+        self._current: DynamicConfig | None = None
+        self._ready = asyncio.Event()
+
+    @property
+    def current(self) -> DynamicConfig | None:
+        return self._current
+
+    @property
+    def ready(self) -> bool:
+        return self._current is not None
+
+    def publish(self, config: DynamicConfig) -> None:
+        self._current = config
+        self._ready.set()
+
+    async def wait_ready(self) -> DynamicConfig:
+        while self._current is None:
+            await self._ready.wait()
+        return self._current
+
+
+class ConfigSource(Protocol):
+    async def run(self, store: ConfigStore) -> None:
+        """Publish snapshots into ``store`` until cancelled."""
+
+
+def credentials_from_json(text: str) -> dict[str, CredentialEntry]:
+    """A credentials file: a list of entries, or an object username -> entry (or its JSON)."""
+    return {e.username: e for e in _entries(json.loads(text), CredentialEntry)}
+
+
+def templates_from_json(text: str) -> dict[int, TemplateEntry]:
+    """A templates file: a list of entries, or an object emailId -> entry (or its JSON)."""
+    return {e.email_id: e for e in _entries(json.loads(text), TemplateEntry)}
+
+
+def _entries(doc: Any, model: type[_Entry]) -> list[_Entry]:
+    values: Iterable[Any]
+    if isinstance(doc, list):
+        values = doc
+    elif isinstance(doc, dict):
+        values = doc.values()
+    else:
+        raise TypeError("expected a JSON list or object")
+    return [
+        model.model_validate_json(v) if isinstance(v, str) else model.model_validate(v)
+        for v in values
+    ]
+
+
+def load_dynamic(settings: Settings) -> DynamicConfig:
+    """Assemble the snapshot a settings file describes (inline documents and JSON files)."""
+    if settings.relay_file is not None:
+        relay = RelayConfig.model_validate_json(settings.relay_file.read_text(encoding="utf-8"))
+    elif settings.relay is not None:
+        relay = settings.relay
+    else:
+        raise ValueError("settings name no relay configuration")
+    credentials = {e.username: e for e in settings.credentials}
+    for path in settings.credential_files:
+        credentials.update(credentials_from_json(path.read_text(encoding="utf-8")))
+    templates = {t.email_id: t for t in settings.templates}
+    for path in settings.template_files:
+        templates.update(templates_from_json(path.read_text(encoding="utf-8")))
+    return DynamicConfig(relay=relay, credentials=credentials, templates=templates)
+
+
+def _fingerprint(paths: Iterable[Path]) -> tuple[tuple[str, int, int, int], ...]:
+    result = []
+    for p in paths:
+        try:
+            st = p.stat()
+        except OSError:
+            result.append((str(p), -1, -1, -1))
+        else:
+            result.append((str(p), st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(result)
+
+
+class FileConfigSource:
+    """Standalone mode: the settings file and the JSON files it names, polled for changes.
+
+    A file that fails to parse is logged and the previous snapshot stays in force.
+    """
+
+    def __init__(self, path: Path, poll_interval: float = 1.0) -> None:
+        self._path = path
+        self._poll_interval = poll_interval
+
+    def _watched(self, settings: Settings | None) -> list[Path]:
+        paths = [self._path]
+        if settings is not None:
+            if settings.relay_file is not None:
+                paths.append(settings.relay_file)
+            paths += settings.credential_files + settings.template_files
+        return paths
+
+    async def run(self, store: ConfigStore) -> None:
+        settings: Settings | None = None
+        seen: tuple[tuple[str, int, int, int], ...] = ()
+        while True:
+            current = _fingerprint(self._watched(settings))
+            if current != seen:
+                try:
+                    settings = load_settings(self._path)
+                    config = load_dynamic(settings)
+                except (OSError, ValueError, TypeError, ValidationError) as exc:
+                    log.error(  # noqa: TRY400 - the reason is enough, no traceback
+                        "configuration not loaded, keeping the previous one: %s", exc
+                    )
+                else:
+                    store.publish(config)
+                    log.info(
+                        "configuration loaded",
+                        extra={"credentials": len(config.credentials)},
+                    )
+                # Taken before loading: a change made while loading is seen next time.
+                seen = current
+            await asyncio.sleep(self._poll_interval)

@@ -1,0 +1,445 @@
+"""Outbound delivery: to a smarthost or to the recipients' MX hosts, over pooled connections.
+
+:class:`SmtpTransport` maps each recipient to an outcome: 2xx after the final dot is
+``delivered``, 5xx ``bounced``, and 4xx, timeouts and connection errors ``deferred`` (the
+queue decides about retries and expiry). Connect-time failures move on to the next MX host;
+a failure in the middle of a transaction does not, since the message may have arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import random
+import ssl
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+import aiosmtplib
+import dns.asyncresolver
+import dns.exception
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+
+from txmail_relay.config import ConfigStore
+from txmail_relay.contract import DeliveryMode, RelayConfig, SmarthostConfig, SmarthostTLS
+from txmail_relay.events import Outcome
+from txmail_relay.settings import OutboundSettings, RetrySettings
+
+log = logging.getLogger(__name__)
+
+MAX_MX_ADDRESSES = 5  # Postfix smtp_mx_address_limit
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    outcome: Outcome
+    reply: str
+
+
+class Transport(Protocol):
+    async def deliver(
+        self, mail_from: str, recipients: Sequence[str], body: bytes
+    ) -> list[RecipientResult]:
+        """One attempt for ``recipients``; one result each, in order."""
+
+    async def close(self) -> None: ...
+
+
+class TLSMode(StrEnum):
+    IMPLICIT = "implicit"
+    STARTTLS = "starttls"
+    OPPORTUNISTIC = "opportunistic"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class Route:
+    """One way to reach a server; also the key of pooled connections."""
+
+    host: str
+    port: int
+    tls: TLSMode
+    verify: bool
+    source: str | None
+    helo: str
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+def _result(code: int, message: str) -> RecipientResult:
+    outcome = Outcome.BOUNCED if 500 <= code < 600 else Outcome.DEFERRED
+    return RecipientResult(outcome, f"{code} {message}")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return f"{exc.code} {exc.message}"
+    return f"451 4.4.1 {type(exc).__name__}: {exc}"
+
+
+# -- connection pool -------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Connection:
+    route: Route
+    client: aiosmtplib.SMTP
+    reused: bool = False
+    uses: int = 0
+    idle_since: float = 0.0
+
+
+class ConnectionPool:
+    """Idle connections per route, reused for up to ``max_uses`` transactions."""
+
+    def __init__(
+        self,
+        connect: Callable[[Route], Awaitable[aiosmtplib.SMTP]],
+        *,
+        idle_timeout: float,
+        max_uses: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._connect = connect
+        self._idle_timeout = idle_timeout
+        self._max_uses = max_uses
+        self._clock = clock
+        self._idle: dict[Route, list[Connection]] = defaultdict(list)
+
+    async def acquire(self, route: Route, *, fresh: bool = False) -> Connection:
+        self._prune()
+        idle = self._idle.get(route)
+        while idle and not fresh:
+            conn = idle.pop()
+            if conn.client.is_connected:
+                conn.reused = True
+                return conn
+            conn.client.close()
+        return Connection(route, await self._connect(route))
+
+    def release(self, conn: Connection, *, reusable: bool) -> None:
+        conn.uses += 1
+        if reusable and conn.uses < self._max_uses and conn.client.is_connected:
+            conn.idle_since = self._clock()
+            self._idle[conn.route].append(conn)
+        else:
+            conn.client.close()
+
+    def discard(self, conn: Connection) -> None:
+        conn.client.close()
+
+    def _prune(self) -> None:
+        horizon = self._clock() - self._idle_timeout
+        for route in list(self._idle):
+            keep = []
+            for conn in self._idle[route]:
+                if conn.idle_since > horizon:
+                    keep.append(conn)
+                else:
+                    conn.client.close()
+            if keep:
+                self._idle[route] = keep
+            else:
+                del self._idle[route]
+
+    def close(self) -> None:
+        for conns in self._idle.values():
+            for conn in conns:
+                conn.client.close()
+        self._idle.clear()
+
+
+# -- MX resolution ---------------------------------------------------------------------------
+
+
+class LookupFailedError(Exception):
+    def __init__(self, reply: str, *, permanent: bool) -> None:
+        super().__init__(reply)
+        self.reply = reply
+        self.permanent = permanent
+
+
+def _nameserver(spec: str) -> dns.nameserver.Nameserver:
+    """``ip``, ``ip:port``, ``[v6]:port`` or a bare IPv6 address."""
+    host, port = spec, 53
+    if spec.startswith("["):
+        host, _, rest = spec[1:].partition("]")
+        port = int(rest.lstrip(":") or 53)
+    elif spec.count(":") == 1:
+        host, _, port_text = spec.partition(":")
+        port = int(port_text)
+    return dns.nameserver.Do53Nameserver(host, port)
+
+
+class MxResolver:
+    """MX lookup (RFC 5321 5.1): preference order, implicit MX, null MX; A/AAAA of each."""
+
+    def __init__(self, nameservers: Sequence[str], lifetime: float = 10.0) -> None:
+        if nameservers:
+            resolver = dns.asyncresolver.Resolver(configure=False)
+            resolver.nameservers = [_nameserver(s) for s in nameservers]
+        else:
+            resolver = dns.asyncresolver.Resolver()
+        resolver.lifetime = lifetime
+        self._resolver = resolver
+
+    async def addresses(self, domain: str) -> list[str]:
+        hosts = await self._mx_hosts(domain)
+        found: list[str] = []
+        temporary = False
+        for host in hosts:
+            for rdtype in ("A", "AAAA"):
+                try:
+                    answer = await self._resolver.resolve(host, rdtype)
+                except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+                    continue
+                except dns.exception.DNSException:
+                    temporary = True
+                    continue
+                found += [r.address for r in answer if r.address not in found]
+        if not found:
+            reason = "lookup failed" if temporary else "has no address"
+            raise LookupFailedError(
+                f"451 4.4.3 mail exchanger of {domain} {reason}", permanent=False
+            )
+        return found
+
+    async def _mx_hosts(self, domain: str) -> list[str]:
+        try:
+            answer = await self._resolver.resolve(domain, "MX")
+        except dns.resolver.NXDOMAIN as exc:
+            raise LookupFailedError(
+                f"550 5.1.2 domain {domain} does not exist", permanent=True
+            ) from exc
+        except dns.resolver.NoAnswer:
+            return [domain]  # implicit MX
+        except dns.exception.DNSException as exc:
+            raise LookupFailedError(
+                f"451 4.4.3 MX lookup for {domain} failed", permanent=False
+            ) from exc
+        records = list(answer)
+        if len(records) == 1 and records[0].exchange.to_text() == ".":
+            raise LookupFailedError(
+                f"556 5.1.10 domain {domain} does not accept mail (null MX)", permanent=True
+            )
+        random.shuffle(records)  # RFC 5321 5.1: randomise equal preferences
+        records.sort(key=lambda r: r.preference)
+        return [r.exchange.to_text(omit_final_dot=True) for r in records]
+
+
+# -- transport -------------------------------------------------------------------------------
+
+
+class _StaleConnectionError(Exception):
+    """The server closed a connection before MAIL: nothing was sent."""
+
+
+def _same_family(address: str, source: str | None) -> bool:
+    if source is None:
+        return True
+    return ipaddress.ip_address(address).version == ipaddress.ip_address(source).version
+
+
+def _read_secret(directory: str | None, name: str) -> str | None:
+    if directory is None:
+        return None
+    return (Path(directory) / name).read_text(encoding="utf-8").strip()
+
+
+class SmtpTransport:
+    """Delivers with aiosmtplib according to the current RelayConfig's ``delivery``."""
+
+    def __init__(
+        self,
+        store: ConfigStore,
+        retry: RetrySettings,
+        outbound: OutboundSettings,
+        *,
+        resolver_factory: Callable[[Sequence[str]], MxResolver] = MxResolver,
+    ) -> None:
+        self._store = store
+        self._retry = retry
+        self._ca_file = outbound.ca_file
+        self._resolver_factory = resolver_factory
+        self._resolvers: dict[tuple[str, ...], MxResolver] = {}
+        self._pool = ConnectionPool(
+            self._connect,
+            idle_timeout=outbound.pool_idle_timeout,
+            max_uses=outbound.messages_per_connection,
+        )
+
+    async def close(self) -> None:
+        self._pool.close()
+
+    async def deliver(
+        self, mail_from: str, recipients: Sequence[str], body: bytes
+    ) -> list[RecipientResult]:
+        config = self._store.current
+        if config is None:
+            return [RecipientResult(Outcome.DEFERRED, "451 4.3.0 no configuration")] * len(
+                recipients
+            )
+        relay = config.relay
+        if relay.delivery.mode is DeliveryMode.SMARTHOST and relay.delivery.smarthost:
+            groups = {"": list(recipients)}
+        else:
+            groups = defaultdict(list)
+            for rcpt in recipients:
+                groups[rcpt.rpartition("@")[2].lower()].append(rcpt)
+        merged: dict[str, RecipientResult] = {}
+        outcomes = await asyncio.gather(
+            *(
+                self._deliver_group(relay, domain, rcpts, mail_from, body)
+                for domain, rcpts in groups.items()
+            )
+        )
+        for partial in outcomes:
+            merged.update(partial)
+        return [merged[r] for r in recipients]
+
+    async def _deliver_group(
+        self, relay: RelayConfig, domain: str, rcpts: list[str], mail_from: str, body: bytes
+    ) -> dict[str, RecipientResult]:
+        try:
+            routes = await self._routes(relay, domain)
+        except LookupFailedError as exc:
+            outcome = Outcome.BOUNCED if exc.permanent else Outcome.DEFERRED
+            return dict.fromkeys(rcpts, RecipientResult(outcome, exc.reply))
+        except OSError as exc:  # unreadable smarthost credentials
+            return dict.fromkeys(rcpts, RecipientResult(Outcome.DEFERRED, _describe(exc)))
+        return await self._via(routes, rcpts, mail_from, body)
+
+    async def _routes(self, relay: RelayConfig, domain: str) -> list[Route]:
+        delivery = relay.delivery
+        source = delivery.bind_address
+        if delivery.mode is DeliveryMode.SMARTHOST and delivery.smarthost is not None:
+            return [self._smarthost_route(delivery.smarthost, source, relay.hostname)]
+        key = tuple(delivery.resolver)
+        resolver = self._resolvers.get(key)
+        if resolver is None:
+            resolver = self._resolvers[key] = self._resolver_factory(delivery.resolver)
+        addresses = [a for a in await resolver.addresses(domain) if _same_family(a, source)]
+        return [
+            Route(a, delivery.mx_port, TLSMode.OPPORTUNISTIC, False, source, relay.hostname)
+            for a in addresses[:MAX_MX_ADDRESSES]
+        ]
+
+    @staticmethod
+    def _smarthost_route(smarthost: SmarthostConfig, source: str | None, helo: str) -> Route:
+        tls = {
+            SmarthostTLS.IMPLICIT: TLSMode.IMPLICIT,
+            SmarthostTLS.STARTTLS: TLSMode.STARTTLS,
+            SmarthostTLS.NONE: TLSMode.NONE,
+        }[smarthost.tls]
+        return Route(
+            smarthost.host,
+            smarthost.port,
+            tls,
+            smarthost.verify_tls,
+            source,
+            helo,
+            _read_secret(smarthost.credentials_dir, "username"),
+            _read_secret(smarthost.credentials_dir, "password"),
+        )
+
+    async def _connect(self, route: Route) -> aiosmtplib.SMTP:
+        tls_context = None
+        if route.tls in (TLSMode.IMPLICIT, TLSMode.STARTTLS) and route.verify:
+            tls_context = ssl.create_default_context(
+                cafile=str(self._ca_file) if self._ca_file else None
+            )
+        client = aiosmtplib.SMTP(
+            hostname=route.host,
+            port=route.port,
+            local_hostname=route.helo,
+            source_address=(route.source, 0) if route.source else None,
+            timeout=self._retry.connect_timeout,
+            use_tls=route.tls is TLSMode.IMPLICIT,
+            start_tls={TLSMode.STARTTLS: True, TLSMode.NONE: False}.get(route.tls),
+            validate_certs=route.verify,
+            tls_context=tls_context,
+            username=route.username,
+            password=route.password,
+        )
+        await client.connect()
+        if client.is_ehlo_or_helo_needed:
+            await client.ehlo(timeout=self._retry.command_timeout)
+        client.timeout = self._retry.command_timeout
+        return client
+
+    async def _via(
+        self, routes: list[Route], rcpts: list[str], mail_from: str, body: bytes
+    ) -> dict[str, RecipientResult]:
+        last = "451 4.4.1 no mail exchanger reachable"
+        for route in routes:
+            fresh = False
+            while True:
+                try:
+                    conn = await self._pool.acquire(route, fresh=fresh)
+                except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                    last = _describe(exc)
+                    log.info("connection failed", extra={"host": route.host, "reply": last})
+                    break
+                try:
+                    results, reusable = await self._transaction(conn.client, rcpts, mail_from, body)
+                except _StaleConnectionError:
+                    self._pool.discard(conn)
+                    if conn.reused and not fresh:
+                        fresh = True
+                        continue
+                    last = "451 4.4.2 connection closed before MAIL"
+                    break
+                except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                    self._pool.discard(conn)
+                    reply = _describe(exc)
+                    return dict.fromkeys(rcpts, RecipientResult(Outcome.DEFERRED, reply))
+                self._pool.release(conn, reusable=reusable)
+                return results
+        return dict.fromkeys(rcpts, RecipientResult(Outcome.DEFERRED, last))
+
+    async def _transaction(
+        self, client: aiosmtplib.SMTP, rcpts: list[str], mail_from: str, body: bytes
+    ) -> tuple[dict[str, RecipientResult], bool]:
+        """Returns the results and whether the connection can carry another message."""
+        try:
+            await client.mail(mail_from)
+        except aiosmtplib.SMTPServerDisconnected as exc:
+            raise _StaleConnectionError from exc
+        except aiosmtplib.SMTPSenderRefused as exc:
+            return dict.fromkeys(rcpts, _result(exc.code, exc.message)), await _reset(client)
+        results: dict[str, RecipientResult] = {}
+        accepted = []
+        for rcpt in rcpts:
+            try:
+                await client.rcpt(rcpt)
+            except aiosmtplib.SMTPRecipientRefused as exc:
+                results[rcpt] = _result(exc.code, exc.message)
+            else:
+                accepted.append(rcpt)
+        if not accepted:
+            return results, await _reset(client)
+        try:
+            response = await client.data(body, timeout=self._retry.final_dot_timeout)
+        except aiosmtplib.SMTPDataError as exc:
+            results.update(dict.fromkeys(accepted, _result(exc.code, exc.message)))
+            return results, await _reset(client)
+        reply = f"{response.code} {response.message}"
+        results.update(dict.fromkeys(accepted, RecipientResult(Outcome.DELIVERED, reply)))
+        return results, True
+
+
+async def _reset(client: aiosmtplib.SMTP) -> bool:
+    """RSET after a refused transaction; whether the connection is still usable."""
+    try:
+        await client.rset()
+    except (aiosmtplib.SMTPException, OSError, TimeoutError):
+        return False
+    return True

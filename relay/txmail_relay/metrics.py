@@ -1,0 +1,86 @@
+"""Prometheus metrics of one relay, registered in the registry passed in."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from txmail_relay.events import Outcome, OutcomeEvent
+
+PREFIX = "txmail_relay_"
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400)
+_SYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
+
+
+class RelayMetrics:
+    """Every metric of the relay. Token labels are usernames of configured tokens only."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.accepted = Counter(
+            f"{PREFIX}messages_accepted",
+            "Messages accepted (250 after DATA), by token",
+            ["token"],
+            registry=registry,
+        )
+        self.recipients = Counter(
+            f"{PREFIX}recipient_outcomes",
+            "Per-recipient delivery outcomes (delivered, deferred, bounced, expired), by token",
+            ["token", "outcome"],
+            registry=registry,
+        )
+        self.auth_failures = Counter(
+            f"{PREFIX}auth_failures", "Failed AUTH attempts", registry=registry
+        )
+        self.rejections = Counter(
+            f"{PREFIX}smtp_rejections",
+            "Commands rejected by policy or limits, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.sessions = Gauge(
+            f"{PREFIX}smtp_sessions", "Open SMTP submission connections", registry=registry
+        )
+        self.queue_depth = Gauge(
+            f"{PREFIX}queue_depth", "Messages with undelivered recipients", registry=registry
+        )
+        self.queue_oldest_age = Gauge(
+            f"{PREFIX}queue_oldest_age_seconds",
+            "Age of the oldest message in the queue",
+            registry=registry,
+        )
+        self.delivery_latency = Histogram(
+            f"{PREFIX}delivery_latency_seconds",
+            "Time from acceptance to delivery of a recipient",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.spool_sync = Histogram(
+            f"{PREFIX}spool_sync_seconds",
+            "Duration of one group commit (write + fdatasync of a batch)",
+            buckets=_SYNC_BUCKETS,
+            registry=registry,
+        )
+        self.spool_batch = Histogram(
+            f"{PREFIX}spool_batch_records",
+            "Records made durable by one group commit",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=registry,
+        )
+        self.spool_errors = Counter(
+            f"{PREFIX}spool_errors", "Failed group commits", registry=registry
+        )
+        self.spool_quarantined = Counter(
+            f"{PREFIX}spool_quarantined",
+            "Torn or corrupt spool entries moved to quarantine",
+            registry=registry,
+        )
+
+    def track_queue(self, depth: Callable[[], float], oldest_age: Callable[[], float]) -> None:
+        self.queue_depth.set_function(depth)
+        self.queue_oldest_age.set_function(oldest_age)
+
+    def on_outcome(self, event: OutcomeEvent) -> None:
+        self.recipients.labels(event.username, event.outcome.value).inc()
+        if event.outcome is Outcome.DELIVERED:
+            self.delivery_latency.observe(max(0.0, event.at - event.received_at))

@@ -1,0 +1,333 @@
+"""SMTP submission: aiosmtpd's protocol with AUTH limits, sender policy and safe errors.
+
+Port 587 style (STARTTLS): before TLS, EHLO lists no AUTH, AUTH gets 538 5.7.11 and MAIL
+530 5.7.0 (AUTH is required and only possible over TLS). Port 465 style: TLS from the
+first byte. aiosmtpd >= 1.4.6 ends DATA only on CRLF.CRLF and discards what a client
+pipelines behind STARTTLS; the body is spooled as received and aiosmtplib normalises bare
+CR/LF and dot-stuffs it on the way out, so one DATA is one message upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.policy
+import logging
+import re
+import ssl
+from collections.abc import Callable
+from email.parser import BytesHeaderParser
+from email.utils import formatdate
+from typing import Any, Protocol
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from txmail_relay.auth import CredentialChecker, FailureLimiter
+from txmail_relay.config import ConfigStore
+from txmail_relay.contract import CredentialEntry
+from txmail_relay.logs import install_redaction
+from txmail_relay.metrics import RelayMetrics
+from txmail_relay.settings import LimitSettings
+from txmail_relay.spool import SpooledMessage, SpoolError, SpoolFullError
+
+log = logging.getLogger(__name__)
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+_UNSAFE_HELO = re.compile(r"[^\x21-\x7e]")
+
+REPLY_INTERNAL_ERROR = "451 4.3.0 Internal error, please try again later"
+REPLY_TOO_MANY_FAILURES = "421 4.7.0 Too many authentication failures, closing connection"
+
+
+class Acceptor(Protocol):
+    """Where accepted messages go: the spool."""
+
+    def has_room(self, size: int = 0) -> bool: ...
+
+    async def store(
+        self, mail_from: str, recipients: list[str], username: str, body: bytes
+    ) -> SpooledMessage: ...
+
+
+class RelaySession(Session):
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.entry: CredentialEntry | None = None
+        self.auth_failures = 0
+
+    # aiosmtpd still sets this deprecated attribute and logs a warning each time.
+    @property
+    def login_data(self) -> Any:
+        return self._login_data
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:
+        self._login_data = value
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+def header_from_domains(content: bytes) -> list[str] | None:
+    """Domains of the single From header's addresses, or None if there is no usable one."""
+    match = _HEADER_END.search(content)
+    head = content[: match.start()] if match else content
+    message = BytesHeaderParser(policy=email.policy.default).parsebytes(head)
+    values = message.get_all("From") or []
+    if len(values) != 1:
+        return None
+    try:
+        addresses = values[0].addresses
+    except (AttributeError, ValueError, IndexError):
+        return None
+    domains = [str(a.domain).lower() for a in addresses]
+    return domains if domains and all(domains) else None
+
+
+class SubmissionHandler:
+    """aiosmtpd handler hooks: sender policy, recipient limit and spooling."""
+
+    def __init__(
+        self,
+        store: ConfigStore,
+        spool: Acceptor,
+        limits: LimitSettings,
+        metrics: RelayMetrics,
+    ) -> None:
+        self._store = store
+        self._spool = spool
+        self._limits = limits
+        self._metrics = metrics
+        install_redaction()  # aiosmtpd logs DATA lines and bad AUTH responses at DEBUG
+        self._in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def _reject(self, reason: str, reply: str) -> str:
+        self._metrics.rejections.labels(reason).inc()
+        return reply
+
+    def _allowed(self, entry: CredentialEntry | None, domain: str) -> bool:
+        config = self._store.current
+        if entry is None or config is None:
+            return False
+        relay_domains = {d.lower() for d in config.relay.domains}
+        token_domains = {d.lower() for d in entry.allowed_from_domains}
+        return domain in relay_domains and domain in token_domains
+
+    async def handle_MAIL(  # noqa: N802 - aiosmtpd's hook name
+        self,
+        server: SMTP,
+        session: RelaySession,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        domain = _domain(address)
+        if not self._allowed(session.entry, domain):
+            return self._reject("sender", f"553 5.7.1 Sender domain {domain} not allowed")
+        size = next((o[5:] for o in mail_options if o.startswith("SIZE=")), "0")
+        if not self._spool.has_room(int(size)):
+            return self._reject("storage", "452 4.3.1 Insufficient system storage")
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(  # noqa: N802 - aiosmtpd's hook name
+        self,
+        server: SMTP,
+        session: RelaySession,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if len(envelope.rcpt_tos) >= self._limits.max_recipients:
+            return self._reject("recipients", "452 4.5.3 Too many recipients")
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: RelaySession, envelope: Envelope) -> str:  # noqa: N802 - aiosmtpd's hook name
+        entry = session.entry
+        content = envelope.original_content
+        if entry is None or not isinstance(content, bytes) or not envelope.mail_from:
+            return REPLY_INTERNAL_ERROR
+        domains = header_from_domains(content)
+        if domains is None:
+            return self._reject("from-header", "550 5.7.1 Exactly one valid From header needed")
+        for domain in domains:
+            if not self._allowed(entry, domain):
+                return self._reject(
+                    "from-header", f"553 5.7.1 From header domain {domain} not allowed"
+                )
+        body = self._received(server, session) + content
+        self._in_flight += 1
+        self.idle.clear()
+        try:
+            msg = await asyncio.wait_for(
+                self._spool.store(envelope.mail_from, envelope.rcpt_tos, entry.username, body),
+                self._limits.data_timeout,
+            )
+        except SpoolFullError:
+            return self._reject("storage", "452 4.3.1 Insufficient system storage")
+        except SpoolError:
+            return self._reject("spool", "451 4.3.0 Could not queue the message, try again")
+        except TimeoutError:
+            return self._reject("spool", "451 4.3.0 Queueing timed out, try again")
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self.idle.set()
+        self._metrics.accepted.labels(entry.username).inc()
+        log.info(
+            "message accepted",
+            extra={
+                "msg_id": msg.id,
+                "token": entry.username,
+                "recipients": len(msg.recipients),
+                "size": msg.body_length,
+            },
+        )
+        return f"250 2.0.0 OK queued as {msg.id}"
+
+    @staticmethod
+    def _received(server: SMTP, session: RelaySession) -> bytes:
+        helo = _UNSAFE_HELO.sub("", session.host_name or "unknown")[:255]
+        peer = session.peer[0] if isinstance(session.peer, tuple) else "unknown"
+        return (
+            f"Received: from {helo} ([{peer}])\r\n\tby {server.hostname} (txmail) "
+            f"with ESMTPSA;\r\n\t{formatdate(usegmt=True)}\r\n"
+        ).encode("ascii", "replace")
+
+
+class SubmissionProtocol(SMTP):
+    """One client connection."""
+
+    def __init__(
+        self,
+        handler: SubmissionHandler,
+        *,
+        checker: CredentialChecker,
+        limiter: FailureLimiter,
+        metrics: RelayMetrics,
+        limits: LimitSettings,
+        hostname: str,
+        tls_context: ssl.SSLContext,
+        implicit_tls: bool,
+        on_open: Callable[[SubmissionProtocol], None],
+        on_close: Callable[[SubmissionProtocol], None],
+    ) -> None:
+        self._checker = checker
+        self._limiter = limiter
+        self._metrics = metrics
+        self._max_auth_failures = limits.max_auth_failures
+        self._on_open = on_open
+        self._on_close = on_close
+        super().__init__(
+            handler,
+            data_size_limit=limits.max_message_size,
+            hostname=hostname,
+            ident="ESMTP txmail",
+            tls_context=None if implicit_tls else tls_context,
+            timeout=limits.idle_timeout,
+            # With implicit TLS the whole connection is encrypted already.
+            auth_require_tls=not implicit_tls,
+            authenticator=self._check_credentials,
+            command_call_limit={"AUTH": limits.max_auth_failures, "*": 1_000_000},
+            loop=asyncio.get_running_loop(),
+        )
+        # Set afterwards: aiosmtpd warns when AUTH is required without auth_require_tls, which
+        # does not know that a port 465 connection is TLS from the start.
+        self._auth_required = True
+
+    def _create_session(self) -> Session:
+        return RelaySession(self.loop)
+
+    def _peer_ip(self) -> str:
+        peer = self.session.peer if self.session is not None else None
+        return str(peer[0]) if isinstance(peer, tuple) else "unknown"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        if first:
+            self._on_open(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._on_close(self)
+        super().connection_lost(error)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error(
+            "internal error in an SMTP session: %s",
+            type(error).__name__,
+            exc_info=(type(error), error, error.__traceback__),
+        )
+        return REPLY_INTERNAL_ERROR
+
+    async def _refuse_control_chars(self, arg: str | None) -> bool:
+        if arg is not None and _CONTROL.search(arg):
+            self._metrics.rejections.labels("syntax").inc()
+            await self.push("501 5.5.2 Control characters are not allowed in addresses")
+            return True
+        return False
+
+    async def smtp_MAIL(self, arg: str | None) -> None:  # noqa: N802 - aiosmtpd's hook name
+        if not await self._refuse_control_chars(arg):
+            await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:  # noqa: N802 - aiosmtpd's hook name
+        if not await self._refuse_control_chars(arg):
+            await super().smtp_RCPT(arg)
+
+    async def smtp_AUTH(self, arg: str) -> None:  # noqa: N802 - aiosmtpd's hook name
+        session = self.session
+        if not isinstance(session, RelaySession):
+            raise TypeError("unexpected session type")
+        if not session.authenticated and self._limiter.blocked(self._peer_ip()):
+            self._metrics.rejections.labels("auth-rate").inc()
+            await self.push("421 4.7.0 Too many failed authentications, try later")
+            self.close()
+            return
+        await super().smtp_AUTH(arg)
+        if session.auth_failures >= self._max_auth_failures:
+            self.close()
+
+    def _check_credentials(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        mechanism: str,
+        auth_data: Any,
+    ) -> AuthResult:
+        if not isinstance(session, RelaySession):
+            raise TypeError("unexpected session type")
+        entry = None
+        if isinstance(auth_data, LoginPassword):
+            try:
+                username = auth_data.login.decode()
+                password = auth_data.password.decode()
+            except UnicodeDecodeError:
+                pass
+            else:
+                entry = self._checker.check(username, password)
+        if entry is not None:
+            session.entry = entry
+            log.info("authenticated", extra={"token": entry.username, "peer": self._peer_ip()})
+            return AuthResult(success=True, auth_data=entry.username)
+        session.auth_failures += 1
+        self._limiter.record_failure(self._peer_ip())
+        self._metrics.auth_failures.inc()
+        log.info(
+            "authentication failed",
+            extra={"peer": self._peer_ip(), "failures": session.auth_failures},
+        )
+        if session.auth_failures >= self._max_auth_failures:
+            return AuthResult(success=False, handled=False, message=REPLY_TOO_MANY_FAILURES)
+        return AuthResult(success=False, handled=False)

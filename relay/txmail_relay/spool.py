@@ -1,0 +1,520 @@
+"""The durable spool: an append-only log of segment files with group commit.
+
+Every record is ``MAGIC | kind | length | crc32 | payload``. A MESSAGE record holds the
+envelope (JSON) and the body; a DONE record holds final outcomes of some recipients of a
+message and is appended to the segment holding that message. A single writer task takes
+every record queued since its last commit, writes them (``pwrite``) and calls
+``fdatasync`` once per touched file, so concurrent sessions share one sync. Only then do
+the waiters learn that their records are durable, and only then does SMTP say 250.
+
+A segment is deleted when none of its messages has an undelivered recipient. On start,
+segments are scanned: a record whose header, length or checksum is wrong is copied to
+``quarantine/`` and reported (metric + log), never delivered; scanning resumes at the next
+valid record. Messages with undelivered recipients are handed back for delivery, with the
+recipients already crossed off by DONE records left out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import os
+import secrets
+import struct
+import time
+import zlib
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from txmail_relay.events import Outcome
+from txmail_relay.metrics import RelayMetrics
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"TXR1"
+HEADER = struct.Struct(">4sBII")  # magic, kind, payload length, crc32(kind byte + payload)
+META_LEN = struct.Struct(">I")
+KIND_MESSAGE = 1
+KIND_DONE = 2
+_KINDS = (KIND_MESSAGE, KIND_DONE)
+_SEGMENT_GLOB = "seg-*.log"
+
+
+class SpoolError(Exception):
+    """The spool could not make a record durable (reply 451)."""
+
+
+class SpoolFullError(SpoolError):
+    """No space left for the spool (reply 452)."""
+
+
+class SpoolIO(Protocol):
+    """The system calls behind a commit: the seam where tests inject failures."""
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> None: ...
+
+    def sync(self, fd: int) -> None: ...
+
+    def sync_dir(self, fd: int) -> None: ...
+
+    def disk_free(self, path: Path) -> int: ...
+
+
+class OsSpoolIO:
+    def pwrite(self, fd: int, data: bytes, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(fd, view, offset)
+            view = view[written:]
+            offset += written
+
+    def sync(self, fd: int) -> None:
+        os.fdatasync(fd)
+
+    def sync_dir(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def disk_free(self, path: Path) -> int:
+        st = os.statvfs(path)
+        return st.f_bavail * st.f_frsize
+
+
+@dataclass(eq=False)
+class SpooledMessage:
+    id: str
+    mail_from: str
+    recipients: tuple[str, ...]
+    username: str
+    received_at: float
+    body_length: int
+    segment: int = 0
+    body_offset: int = 0
+    final: dict[int, Outcome] = field(default_factory=dict)
+    attempts: int = 0
+
+    def pending(self) -> list[int]:
+        return [i for i in range(len(self.recipients)) if i not in self.final]
+
+
+@dataclass(eq=False)
+class _Segment:
+    id: int
+    path: Path
+    fd: int | None = None
+    size: int = 0
+    live: int = 0
+
+    def open_fd(self) -> int:
+        if self.fd is None:
+            raise OSError(errno.EBADF, f"segment {self.id} is not open")
+        return self.fd
+
+
+@dataclass(eq=False)
+class _Write:
+    record: bytes
+    future: asyncio.Future[None]
+    segment: int | None = None  # None: the current segment (new messages)
+    message: SpooledMessage | None = None  # set for MESSAGE records
+    body_start: int = 0  # offset of the body inside the record
+
+
+@dataclass
+class _Plan:
+    create: _Segment | None
+    appends: dict[int, list[bytes]]
+    offsets: list[tuple[int, int]]
+    sizes_before: dict[int, int]
+    retire: list[_Segment]
+
+
+def _record(kind: int, payload: bytes) -> bytes:
+    crc = zlib.crc32(payload, zlib.crc32(bytes([kind])))
+    return HEADER.pack(MAGIC, kind, len(payload), crc) + payload
+
+
+def _message_record(msg: SpooledMessage, body: bytes) -> tuple[bytes, int]:
+    meta = json.dumps(
+        {
+            "id": msg.id,
+            "from": msg.mail_from,
+            "rcpt": msg.recipients,
+            "user": msg.username,
+            "at": msg.received_at,
+            "final": {str(i): o.value for i, o in msg.final.items()},
+        },
+        separators=(",", ":"),
+    ).encode()
+    payload = META_LEN.pack(len(meta)) + meta + body
+    return _record(KIND_MESSAGE, payload), HEADER.size + META_LEN.size + len(meta)
+
+
+def _done_record(msg: SpooledMessage, outcomes: Mapping[int, Outcome]) -> bytes:
+    doc = {"id": msg.id, "final": {str(i): o.value for i, o in outcomes.items()}}
+    return _record(KIND_DONE, json.dumps(doc, separators=(",", ":")).encode())
+
+
+def _parse(data: bytes, pos: int) -> tuple[int, dict[str, Any], int, int] | None:
+    """(kind, metadata, body offset, end) of a valid record at ``pos``, else None."""
+    if len(data) - pos < HEADER.size:
+        return None
+    magic, kind, length, crc = HEADER.unpack_from(data, pos)
+    end = pos + HEADER.size + length
+    if magic != MAGIC or kind not in _KINDS or end > len(data):
+        return None
+    payload = memoryview(data)[pos + HEADER.size : end]
+    if zlib.crc32(payload, zlib.crc32(bytes([kind]))) != crc:
+        return None
+    try:
+        if kind == KIND_DONE:
+            return kind, json.loads(bytes(payload)), end, end
+        (meta_len,) = META_LEN.unpack_from(payload)
+        meta = json.loads(bytes(payload[META_LEN.size : META_LEN.size + meta_len]))
+    except (ValueError, struct.error):
+        return None
+    return kind, meta, pos + HEADER.size + META_LEN.size + meta_len, end
+
+
+def _resync(data: bytes, start: int) -> int:
+    """Offset of the next valid record at or after ``start`` (or the end of data)."""
+    pos = data.find(MAGIC, start)
+    while pos != -1:
+        if _parse(data, pos) is not None:
+            return pos
+        pos = data.find(MAGIC, pos + 1)
+    return len(data)
+
+
+def _outcomes(doc: Mapping[str, str]) -> dict[int, Outcome]:
+    return {int(i): Outcome(o) for i, o in doc.items()}
+
+
+class Spool:
+    """Group-committed spool in ``directory``; call :meth:`recover`, then :meth:`start`."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        io: SpoolIO | None = None,
+        segment_bytes: int = 64 * 1024 * 1024,
+        min_free_bytes: int = 0,
+        metrics: RelayMetrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._dir = directory
+        self._io: SpoolIO = io or OsSpoolIO()
+        self._segment_bytes = segment_bytes
+        self._min_free_bytes = min_free_bytes
+        self._metrics = metrics
+        self._clock = clock
+        self._segments: dict[int, _Segment] = {}
+        self._current = 0
+        self._rotate = True
+        self._retire: list[_Segment] = []
+        self._queue: list[_Write] = []
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._dir_fd: int | None = None
+        self._subscribers: list[Callable[[SpooledMessage], None]] = []
+        self._free: tuple[float, int] = (0.0, 0)
+        self.healthy = True
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def subscribe(self, callback: Callable[[SpooledMessage], None]) -> None:
+        """Call ``callback`` with every message once it is durable."""
+        self._subscribers.append(callback)
+
+    def recover(self) -> list[SpooledMessage]:
+        """Scan the segments left by a previous run; return messages still to deliver."""
+        self._dir.mkdir(parents=True, exist_ok=True)
+        (self._dir / "quarantine").mkdir(exist_ok=True)
+        self._dir_fd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY)
+        messages: dict[str, SpooledMessage] = {}
+        done: dict[str, dict[int, Outcome]] = defaultdict(dict)
+        for path in sorted(self._dir.glob(_SEGMENT_GLOB)):
+            sid = int(path.name[4:-4])
+            size = self._scan(sid, path, messages, done)
+            self._segments[sid] = _Segment(sid, path, os.open(path, os.O_RDWR), size)
+            self._current = max(self._current, sid)
+        live = []
+        for msg in messages.values():
+            msg.final.update(done.get(msg.id, {}))
+            if msg.pending():
+                live.append(msg)
+                self._segments[msg.segment].live += 1
+        for seg in list(self._segments.values()):
+            if seg.live == 0:
+                self._close_segment(seg)
+        self._rotate = True  # new messages never go after a possibly torn tail
+        live.sort(key=lambda m: m.received_at)
+        log.info(
+            "spool recovered",
+            extra={"messages": len(live), "segments": len(self._segments)},
+        )
+        return live
+
+    def _scan(
+        self,
+        sid: int,
+        path: Path,
+        messages: dict[str, SpooledMessage],
+        done: dict[str, dict[int, Outcome]],
+    ) -> int:
+        data = path.read_bytes()
+        pos = good_end = 0
+        while pos < len(data):
+            parsed = _parse(data, pos)
+            if parsed is None:
+                nxt = _resync(data, pos + 1)
+                self._quarantine(sid, pos, data[pos:nxt])
+                pos = nxt
+                continue
+            kind, meta, body_offset, end = parsed
+            if kind == KIND_DONE:
+                done[meta["id"]].update(_outcomes(meta["final"]))
+            else:
+                msg = SpooledMessage(
+                    id=meta["id"],
+                    mail_from=meta["from"],
+                    recipients=tuple(meta["rcpt"]),
+                    username=meta["user"],
+                    received_at=meta["at"],
+                    body_length=end - body_offset,
+                    segment=sid,
+                    body_offset=body_offset,
+                    final=_outcomes(meta["final"]),
+                )
+                previous = messages.get(msg.id)
+                if previous is not None:  # a copy: crossed-off recipients accumulate
+                    msg.final.update(previous.final)
+                messages[msg.id] = msg
+            pos = good_end = end
+        if good_end < len(data):
+            with path.open("r+b") as f:
+                f.truncate(good_end)
+                os.fsync(f.fileno())
+        return good_end
+
+    def _quarantine(self, sid: int, offset: int, data: bytes) -> None:
+        target = self._dir / "quarantine" / f"seg-{sid:012d}-{offset}.bad"
+        with target.open("wb") as f:
+            f.write(data)
+            os.fsync(f.fileno())
+        quarantine_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(quarantine_fd)
+        finally:
+            os.close(quarantine_fd)
+        if self._metrics is not None:
+            self._metrics.spool_quarantined.inc()
+        log.error(
+            "torn or corrupt spool entry quarantined",
+            extra={"segment": sid, "offset": offset, "bytes": len(data), "file": str(target)},
+        )
+
+    def start(self) -> None:
+        if self._dir_fd is None:
+            raise RuntimeError("call recover() before start()")
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="spool-writer")
+
+    async def close(self) -> None:
+        """Commit what is queued, stop the writer and close the files."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+        for seg in self._segments.values():
+            if seg.fd is not None:
+                os.close(seg.fd)
+                seg.fd = None
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
+
+    # -- API -------------------------------------------------------------------------------
+
+    def has_room(self, size: int = 0) -> bool:
+        """Whether ``size`` more bytes leave the configured free space (cached for 1 s)."""
+        now = time.monotonic()
+        checked, free = self._free
+        if now - checked > 1.0:
+            free = self._io.disk_free(self._dir)
+            self._free = (now, free)
+        return free - size >= self._min_free_bytes
+
+    async def store(
+        self, mail_from: str, recipients: list[str], username: str, body: bytes
+    ) -> SpooledMessage:
+        """Make a message durable; raises SpoolFullError or SpoolError."""
+        if self._closing:
+            raise SpoolError("spool is closing")
+        if not self.has_room(len(body)):
+            raise SpoolFullError("spool below its free-space reserve")
+        msg = SpooledMessage(
+            id=secrets.token_hex(8),
+            mail_from=mail_from,
+            recipients=tuple(recipients),
+            username=username,
+            received_at=self._clock(),
+            body_length=len(body),
+        )
+        record, body_start = _message_record(msg, body)
+        await self._submit(_Write(record, self._future(), message=msg, body_start=body_start))
+        return msg
+
+    async def record(self, msg: SpooledMessage, outcomes: Mapping[int, Outcome]) -> None:
+        """Cross recipients off durably (final outcomes only)."""
+        was_live = bool(msg.pending())
+        msg.final.update(outcomes)
+        await self._submit(_Write(_done_record(msg, outcomes), self._future(), msg.segment))
+        if was_live and not msg.pending():
+            seg = self._segments[msg.segment]
+            seg.live -= 1
+            if seg.live == 0 and seg.id != self._current:
+                self._retire.append(seg)
+                self._wakeup.set()
+
+    async def read_body(self, msg: SpooledMessage) -> bytes:
+        return await asyncio.to_thread(self._read, msg)
+
+    def _read(self, msg: SpooledMessage) -> bytes:
+        fd = os.open(self._segments[msg.segment].path, os.O_RDONLY)
+        try:
+            data = os.pread(fd, msg.body_length, msg.body_offset)
+        finally:
+            os.close(fd)
+        if len(data) != msg.body_length:
+            raise SpoolError(f"short read of message {msg.id}")
+        return data
+
+    # -- group commit ----------------------------------------------------------------------
+
+    @staticmethod
+    def _future() -> asyncio.Future[None]:
+        return asyncio.get_running_loop().create_future()
+
+    async def _submit(self, write: _Write) -> None:
+        self._queue.append(write)
+        self._wakeup.set()
+        await write.future
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue and not self._retire:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch = [w for w in self._queue if not w.future.cancelled()]
+            self._queue = []
+            plan = self._plan(batch)
+            started = time.perf_counter()
+            try:
+                await asyncio.to_thread(self._execute, plan)
+            except OSError as exc:
+                self._fail(batch, plan, exc)
+                continue
+            self.healthy = True
+            if self._metrics is not None and batch:
+                self._metrics.spool_sync.observe(time.perf_counter() - started)
+                self._metrics.spool_batch.observe(len(batch))
+            self._complete(batch, plan)
+
+    def _plan(self, batch: list[_Write]) -> _Plan:
+        create = None
+        current = self._segments.get(self._current)
+        if self._rotate or current is None or current.size >= self._segment_bytes:
+            self._rotate = False
+            if current is not None and current.live == 0:
+                self._retire.append(current)
+            self._current += 1
+            path = self._dir / f"seg-{self._current:012d}.log"
+            create = self._segments[self._current] = _Segment(self._current, path)
+        appends: dict[int, list[bytes]] = defaultdict(list)
+        offsets = []
+        sizes_before: dict[int, int] = {}
+        for w in batch:
+            sid = self._current if w.segment is None else w.segment
+            seg = self._segments[sid]
+            sizes_before.setdefault(sid, seg.size)
+            offsets.append((sid, seg.size))
+            seg.size += len(w.record)
+            appends[sid].append(w.record)
+        retire, self._retire = self._retire, []
+        return _Plan(create, dict(appends), offsets, sizes_before, retire)
+
+    def _execute(self, plan: _Plan) -> None:
+        """Runs in a worker thread; the event loop plans no other batch meanwhile."""
+        try:
+            if plan.create is not None:
+                flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                plan.create.fd = os.open(plan.create.path, flags, 0o600)
+                self._io.sync_dir(self._open_dir_fd())
+            for sid, chunks in plan.appends.items():
+                fd = self._segments[sid].open_fd()
+                self._io.pwrite(fd, b"".join(chunks), plan.sizes_before[sid])
+            for sid in plan.appends:
+                self._io.sync(self._segments[sid].open_fd())
+        except OSError:
+            self._truncate(plan)
+            raise
+        for seg in plan.retire:
+            self._close_segment(seg)
+
+    def _open_dir_fd(self) -> int:
+        if self._dir_fd is None:
+            raise OSError(errno.EBADF, "spool directory is not open")
+        return self._dir_fd
+
+    def _truncate(self, plan: _Plan) -> None:
+        for sid, size in plan.sizes_before.items():
+            fd = self._segments[sid].fd
+            if fd is not None:
+                try:
+                    os.ftruncate(fd, size)
+                except OSError:
+                    log.warning("could not truncate a failed commit", extra={"segment": sid})
+
+    def _close_segment(self, seg: _Segment) -> None:
+        if seg.fd is not None:
+            os.close(seg.fd)
+            seg.fd = None
+        seg.path.unlink(missing_ok=True)
+        self._segments.pop(seg.id, None)
+
+    def _fail(self, batch: list[_Write], plan: _Plan, exc: OSError) -> None:
+        self.healthy = False
+        self._rotate = True  # new messages never go after bytes whose fate is unknown
+        for sid, size in plan.sizes_before.items():
+            seg = self._segments.get(sid)
+            if seg is not None:
+                seg.size = size
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        log.error("spool commit failed: %s", exc, extra={"records": len(batch)})
+        if self._metrics is not None:
+            self._metrics.spool_errors.inc()
+        error = SpoolFullError(str(exc)) if full else SpoolError(str(exc))
+        for w in batch:
+            if not w.future.done():
+                w.future.set_exception(error)
+
+    def _complete(self, batch: list[_Write], plan: _Plan) -> None:
+        for w, (sid, offset) in zip(batch, plan.offsets, strict=True):
+            msg = w.message
+            if msg is not None:
+                msg.segment = sid
+                msg.body_offset = offset + w.body_start
+                self._segments[sid].live += 1
+                for callback in self._subscribers:
+                    callback(msg)
+            if not w.future.done():
+                w.future.set_result(None)

@@ -1,0 +1,537 @@
+"""Relay fixtures: a CA and certificate, Postfix's smtp-sink as upstream, a relay in a thread.
+
+Tests talk to the relay with real clients (smtplib, swaks) over real TLS; the relay runs
+its own event loop in a thread, like aiosmtpd's Controller. Everything binds 127.0.0.0/8.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import ipaddress
+import json
+import os
+import re
+import secrets
+import shutil
+import smtplib
+import socket
+import ssl
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from txmail_relay.app import Relay
+from txmail_relay.config import FileConfigSource
+from txmail_relay.contract import CredentialEntry, PasswordDigest, password_digest
+from txmail_relay.settings import load_settings
+
+T = TypeVar("T")
+SMTP_SINK = "/usr/sbin/smtp-sink"
+HOSTNAME = "relay.test"
+DOMAINS = ["example.com", "tenant-b.com"]
+
+
+def wait_for(probe: Callable[[], T | None], timeout: float = 10.0, what: str = "") -> T:
+    """Poll ``probe`` until it returns something truthy, or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or probe}")
+        time.sleep(0.02)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+# -- TLS ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca_file))
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    directory = tmp_path_factory.mktemp("tls")
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("txmail test CA"))
+        .issuer_name(_name("txmail test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(HOSTNAME))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName(HOSTNAME), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    files = TLSFiles(directory / "ca.crt", directory / "tls.crt", directory / "tls.key")
+    files.ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    files.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files.key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return files
+
+
+# -- smtp-sink ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Captured:
+    client_addr: str
+    mail_from: str
+    rcpts: list[str]
+    content: str
+
+
+_COMPLETE = re.compile(r"\nEND-OF-MESSAGE[^\n]*\n\n")
+
+
+class Sink:
+    """Postfix's smtp-sink capturing each transaction to a file (``-d``)."""
+
+    def __init__(self, *options: str, host: str = "127.0.0.1") -> None:
+        # Outside pytest's private tmp tree: as root, smtp-sink must run as another user.
+        self.directory = Path(tempfile.mkdtemp(prefix="txmail-sink-"))
+        self.directory.chmod(0o777)
+        self.host = host
+        self.port = free_port(host)
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        self._log = (self.directory / "stderr.log").open("wb")
+        self._process = subprocess.Popen(
+            [
+                SMTP_SINK,
+                *user,
+                *options,
+                "-d",
+                f"{self.directory}/dump/%Y%m%d%H%M%S.",
+                f"{host}:{self.port}",
+                "64",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+        )
+        wait_for(self._listening, 10, "smtp-sink to listen")
+
+    def _listening(self) -> bool:
+        if self._process.poll() is not None:
+            raise AssertionError("smtp-sink exited")
+        with socket.socket() as s:
+            return s.connect_ex((self.host, self.port)) == 0
+
+    def messages(self) -> list[Captured]:
+        """Completed transactions only (their body ends with an END-OF-MESSAGE line)."""
+        found = []
+        dump = self.directory / "dump"
+        for path in sorted(dump.iterdir()) if dump.exists() else ():
+            text = path.read_text(errors="replace")
+            if not _COMPLETE.search(text):
+                continue
+            head, _, content = text.partition("\nReceived: from ")
+            fields: dict[str, list[str]] = {}
+            for line in head.splitlines():
+                key, _, value = line.partition(": ")
+                fields.setdefault(key, []).append(value)
+            found.append(
+                Captured(
+                    client_addr=fields["X-Client-Addr"][0],
+                    mail_from=fields["X-Mail-Args"][0],
+                    rcpts=fields.get("X-Rcpt-Args", []),
+                    content=content,
+                )
+            )
+        return found
+
+    def wait(self, count: int, timeout: float = 15.0) -> list[Captured]:
+        return wait_for(
+            lambda: m if len(m := self.messages()) >= count else None,
+            timeout,
+            f"{count} messages at smtp-sink",
+        )
+
+    def stop(self) -> None:
+        self._process.terminate()
+        self._process.wait(10)
+        self._log.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@pytest.fixture
+def sink_factory() -> Iterator[Callable[..., Sink]]:
+    sinks: list[Sink] = []
+
+    def make(*options: str, host: str = "127.0.0.1") -> Sink:
+        sink = Sink(*options, host=host)
+        sinks.append(sink)
+        return sink
+
+    yield make
+    for sink in sinks:
+        sink.stop()
+
+
+@pytest.fixture
+def sink(sink_factory: Callable[..., Sink]) -> Sink:
+    return sink_factory()
+
+
+# -- credentials and settings ------------------------------------------------------------------
+
+
+def credential(
+    username: str,
+    password: str,
+    *,
+    domains: list[str] | None = None,
+    expires_at: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
+) -> CredentialEntry:
+    return CredentialEntry(
+        username=username,
+        namespace="apps",
+        token=username,
+        digests=[
+            PasswordDigest(sha256=password_digest(password), generation=1, not_after=not_after)
+        ],
+        allowed_from_domains=domains if domains is not None else ["example.com"],
+        email_campaign_id=1,
+        expires_at=expires_at,
+    )
+
+
+def write_json(path: Path, doc: Any) -> None:
+    """Atomic replace, as a mounted ConfigMap/Secret update would look."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc))
+    tmp.replace(path)
+
+
+def write_credentials(path: Path, entries: list[CredentialEntry]) -> None:
+    write_json(path, [json.loads(e.to_json()) for e in entries])
+
+
+def relay_settings(
+    directory: Path,
+    tls: TLSFiles,
+    upstream_port: int,
+    *,
+    credentials: list[CredentialEntry],
+    overrides: dict[str, Any] | None = None,
+) -> Path:
+    """Write a settings file (+ credentials file) for a relay delivering to a smarthost."""
+    directory.mkdir(parents=True, exist_ok=True)
+    write_credentials(directory / "credentials.json", credentials)
+    doc: dict[str, Any] = {
+        "relay": {
+            "dedicatedIP": "127.0.0.1",
+            "address": "127.0.0.1",
+            "hostname": HOSTNAME,
+            "domains": DOMAINS,
+            "delivery": {
+                "mode": "Smarthost",
+                "smarthost": {"host": "127.0.0.1", "port": upstream_port, "tls": "None"},
+            },
+        },
+        "credentialFiles": ["credentials.json"],
+        "listen": {"host": "127.0.0.1", "submission": 0, "submissions": 0, "http": 0},
+        "tls": {"certFile": str(tls.cert_file), "keyFile": str(tls.key_file)},
+        "spool": {"directory": "spool"},
+        "limits": {"spoolMinFreeBytes": 0},
+        "retry": {"minBackoff": 0.2, "maxBackoff": 1.0, "maxLifetime": 60.0},
+        "outbound": {"concurrency": 8},
+        "configPollInterval": 0.1,
+        "shutdownGrace": 5.0,
+        "logging": {"level": "DEBUG"},
+    }
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(doc.get(key), dict):
+            doc[key] = _merge(doc[key], value)
+        else:
+            doc[key] = value
+    path = directory / "relay.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+# -- the relay in a thread ---------------------------------------------------------------------
+
+
+@dataclass
+class RelayThread:
+    """Runs a :class:`Relay` on its own event loop in a thread."""
+
+    settings_path: Path
+    relay_kwargs: dict[str, Any] = field(default_factory=dict)
+    relay: Relay | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
+    _stop: asyncio.Event | None = None
+    _thread: threading.Thread | None = None
+    _error: BaseException | None = None
+
+    def start(self, timeout: float = 15.0) -> RelayThread:
+        started = threading.Event()
+
+        async def main() -> None:
+            settings = load_settings(self.settings_path)
+            self.relay = Relay(
+                settings,
+                FileConfigSource(self.settings_path, settings.config_poll_interval),
+                **self.relay_kwargs,
+            )
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            try:
+                await self.relay.start()
+            finally:
+                started.set()
+            await self._stop.wait()
+            await self.relay.stop()
+
+        def run() -> None:
+            try:
+                asyncio.run(main())
+            except BaseException as exc:  # reported by start()/stop()
+                self._error = exc
+                started.set()
+
+        self._thread = threading.Thread(target=run, name="relay", daemon=True)
+        self._thread.start()
+        if not started.wait(timeout):
+            raise AssertionError("relay did not start")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self._loop is not None and self._stop is not None and self._thread is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise AssertionError("relay did not stop")
+        if self._error is not None:
+            raise self._error
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the relay's loop and return its result."""
+        assert self._loop is not None
+        future: Any = asyncio.run_coroutine_threadsafe(_as_coroutine(fn), self._loop)
+        return future.result(10)
+
+    @property
+    def port(self) -> int:
+        assert self.relay is not None
+        return self.relay.ports["submission"]
+
+    @property
+    def tls_port(self) -> int:
+        assert self.relay is not None
+        return self.relay.ports["submissions"]
+
+    @property
+    def http_port(self) -> int:
+        assert self.relay is not None
+        return self.relay.ports["http"]
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        assert self.relay is not None
+        value = self.relay.registry.get_sample_value(name, labels or {})
+        return value or 0.0
+
+
+async def _as_coroutine(fn: Callable[[], Any]) -> Any:
+    return fn()
+
+
+@dataclass
+class RelayEnv:
+    directory: Path
+    tls: TLSFiles
+    sink: Sink
+    password: str
+    username: str = "app1"
+    threads: list[RelayThread] = field(default_factory=list)
+
+    def settings(self, **kwargs: Any) -> Path:
+        kwargs.setdefault("credentials", [credential(self.username, self.password)])
+        return relay_settings(self.directory, self.tls, self.sink.port, **kwargs)
+
+    def start(self, settings: Path | None = None, **relay_kwargs: Any) -> RelayThread:
+        thread = RelayThread(settings or self.settings(), relay_kwargs).start()
+        self.threads.append(thread)
+        return thread
+
+    def client(self, relay: RelayThread, *, login: bool = True) -> smtplib.SMTP:
+        smtp = smtplib.SMTP("127.0.0.1", relay.port, timeout=10)
+        smtp.ehlo("client.test")
+        smtp.starttls(context=self.tls.client_context())
+        smtp.ehlo("client.test")
+        if login:
+            smtp.login(self.username, self.password)
+        return smtp
+
+
+@pytest.fixture
+def env(tmp_path: Path, tls_files: TLSFiles, sink: Sink) -> Iterator[RelayEnv]:
+    environment = RelayEnv(tmp_path / "relay", tls_files, sink, secrets.token_urlsafe(32))
+    yield environment
+    for thread in environment.threads:
+        thread.stop()
+
+
+def message(seq: int | str, *, sender: str = "app@example.com", body: str = "hello") -> bytes:
+    return (
+        f"From: App <{sender}>\r\nTo: user@dest.test\r\nSubject: seq {seq}\r\n"
+        f"Message-ID: <{seq}.{secrets.token_hex(4)}@example.com>\r\n\r\n"
+        f"{body}\r\nEND-OF-MESSAGE {seq}\r\n"
+    ).encode()
+
+
+def swaks_available() -> str:
+    path = shutil.which("swaks")
+    if path is None:
+        raise AssertionError("swaks is required (apt-get install swaks)")
+    return path
+
+
+# -- a DNS server ------------------------------------------------------------------------------
+
+
+class DnsServer:
+    """Answers A/AAAA/MX over UDP from a dict; unknown names get NXDOMAIN."""
+
+    def __init__(self, records: dict[str, dict[str, list[str]]]) -> None:
+        import dns.message  # noqa: PLC0415
+        import dns.rcode  # noqa: PLC0415
+        import dns.rrset  # noqa: PLC0415
+
+        self._message, self._rcode, self._rrset = dns.message, dns.rcode, dns.rrset
+        self.records = {k.rstrip(".").lower(): v for k, v in records.items()}
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.settimeout(0.2)
+        self.address = f"127.0.0.1:{self._sock.getsockname()[1]}"
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                data, peer = self._sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            query = self._message.from_wire(data)
+            response = self._message.make_response(query)
+            question = query.question[0]
+            name = question.name.to_text(omit_final_dot=True).lower()
+            kind = {1: "A", 28: "AAAA", 15: "MX"}.get(int(question.rdtype))
+            if name not in self.records:
+                response.set_rcode(self._rcode.NXDOMAIN)
+            elif kind and self.records[name].get(kind):
+                response.answer.append(
+                    self._rrset.from_text(question.name, 60, "IN", kind, *self.records[name][kind])
+                )
+            self._sock.sendto(response.to_wire(), peer)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(5)
+        self._sock.close()
+
+
+@dataclass
+class Recorder:
+    """An OutcomeListener that keeps every event."""
+
+    events: list[Any] = field(default_factory=list)
+
+    def on_outcome(self, event: Any) -> None:
+        self.events.append(event)
+
+    def outcomes(self, recipient: str) -> list[str]:
+        return [e.outcome.value for e in list(self.events) if e.recipient == recipient]

@@ -1,0 +1,211 @@
+"""The spool: durability before 250, group commit, recovery, quarantine, injected failures."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from txmail_relay.events import Outcome
+from txmail_relay.metrics import RelayMetrics
+from txmail_relay.spool import (
+    HEADER,
+    OsSpoolIO,
+    Spool,
+    SpooledMessage,
+    SpoolError,
+    SpoolFullError,
+)
+
+
+class FaultyIO(OsSpoolIO):
+    """Counts syncs; fails pwrite or sync with a chosen errno while ``fail`` is set."""
+
+    def __init__(self) -> None:
+        self.syncs = 0
+        self.fail_write: int | None = None
+        self.fail_sync: int | None = None
+        self.free = 1 << 40
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> None:
+        if self.fail_write is not None:
+            super().pwrite(fd, data[: len(data) // 2], offset)  # a torn write, then the error
+            raise OSError(self.fail_write, "injected write failure")
+        super().pwrite(fd, data, offset)
+
+    def sync(self, fd: int) -> None:
+        self.syncs += 1
+        if self.fail_sync is not None:
+            raise OSError(self.fail_sync, "injected fsync failure")
+        super().sync(fd)
+
+    def disk_free(self, path: Path) -> int:
+        return self.free
+
+
+@pytest.fixture
+def io() -> FaultyIO:
+    return FaultyIO()
+
+
+SpoolFactory = Callable[..., Spool]
+
+
+@pytest.fixture
+async def open_spool(tmp_path: Path, io: FaultyIO) -> AsyncIterator[SpoolFactory]:
+    opened: list[Spool] = []
+
+    def make(**kwargs: object) -> Spool:
+        registry = CollectorRegistry()
+        spool = Spool(tmp_path / "spool", io=io, metrics=RelayMetrics(registry), **kwargs)  # type: ignore[arg-type]
+        spool.registry = registry  # type: ignore[attr-defined]
+        opened.append(spool)
+        return spool
+
+    yield make
+    for spool in opened:
+        if spool._task is not None and not spool._task.done():
+            await spool.close()
+
+
+async def started(spool: Spool) -> list[SpooledMessage]:
+    recovered = spool.recover()
+    spool.start()
+    return recovered
+
+
+async def test_stored_message_survives_a_restart(open_spool: SpoolFactory) -> None:
+    first = open_spool()
+    await started(first)
+    stored = await first.store("a@example.com", ["x@d.test", "y@d.test"], "app1", b"body\r\n")
+    assert await first.read_body(stored) == b"body\r\n"
+    # No close(): as after a crash.
+    second = open_spool()
+    [recovered] = await started(second)
+    assert (recovered.id, recovered.mail_from, recovered.recipients) == (
+        stored.id,
+        "a@example.com",
+        ("x@d.test", "y@d.test"),
+    )
+    assert await second.read_body(recovered) == b"body\r\n"
+
+
+async def test_only_undelivered_recipients_are_recovered(open_spool: SpoolFactory) -> None:
+    first = open_spool()
+    await started(first)
+    msg = await first.store("a@example.com", ["x@d.test", "y@d.test", "z@d.test"], "app1", b"b")
+    await first.record(msg, {0: Outcome.DELIVERED, 2: Outcome.BOUNCED})
+    second = open_spool()
+    [recovered] = await started(second)
+    assert recovered.pending() == [1]
+
+
+async def test_finished_segments_are_deleted(open_spool: SpoolFactory, tmp_path: Path) -> None:
+    spool = open_spool(segment_bytes=1)  # every commit starts a new segment
+    await started(spool)
+    messages = [await spool.store("a@example.com", ["x@d.test"], "app1", b"b") for _ in range(3)]
+    for msg in messages:
+        await spool.record(msg, {0: Outcome.DELIVERED})
+    await spool.store("a@example.com", ["x@d.test"], "app1", b"last")  # forces a commit
+    await spool.close()
+    segments = list((tmp_path / "spool").glob("seg-*.log"))
+    assert len(segments) == 1
+    again = open_spool()
+    [left] = await started(again)
+    assert await again.read_body(left) == b"last"
+
+
+async def test_torn_tail_is_quarantined_not_delivered(
+    open_spool: SpoolFactory, tmp_path: Path
+) -> None:
+    first = open_spool()
+    await started(first)
+    kept = await first.store("a@example.com", ["x@d.test"], "app1", b"complete")
+    [segment] = (tmp_path / "spool").glob("seg-*.log")
+    whole = segment.read_bytes()
+    with segment.open("ab") as f:  # a second record cut short by a crash
+        f.write(whole[: len(whole) - 3])
+    second = open_spool()
+    recovered = await started(second)
+    assert [m.id for m in recovered] == [kept.id]
+    [quarantined] = (tmp_path / "spool" / "quarantine").iterdir()
+    assert quarantined.stat().st_size == len(whole) - 3
+    assert second.registry.get_sample_value("txmail_relay_spool_quarantined_total") == 1  # type: ignore[attr-defined]
+    assert segment.stat().st_size == len(whole)  # truncated back to the valid records
+
+
+async def test_corrupt_record_is_quarantined_and_scanning_resumes(
+    open_spool: SpoolFactory, tmp_path: Path
+) -> None:
+    first = open_spool()
+    await started(first)
+    bad = await first.store("a@example.com", ["x@d.test"], "app1", b"A" * 100)
+    good = await first.store("a@example.com", ["x@d.test"], "app1", b"B" * 100)
+    [segment] = (tmp_path / "spool").glob("seg-*.log")
+    data = bytearray(segment.read_bytes())
+    data[bad.body_offset + 10] ^= 0xFF  # a flipped bit in the first body
+    segment.write_bytes(bytes(data))
+    second = open_spool()
+    recovered = await started(second)
+    assert [m.id for m in recovered] == [good.id]
+    assert await second.read_body(recovered[0]) == b"B" * 100
+    assert len(list((tmp_path / "spool" / "quarantine").iterdir())) == 1
+
+
+@pytest.mark.parametrize(
+    ("where", "code", "error"),
+    [
+        ("sync", errno.EIO, SpoolError),
+        ("write", errno.EIO, SpoolError),
+        ("write", errno.ENOSPC, SpoolFullError),
+        ("sync", errno.ENOSPC, SpoolFullError),
+    ],
+)
+async def test_injected_failures_never_acknowledge(
+    open_spool: SpoolFactory, io: FaultyIO, where: str, code: int, error: type[Exception]
+) -> None:
+    spool = open_spool()
+    await started(spool)
+    delivered: list[SpooledMessage] = []
+    spool.subscribe(delivered.append)
+    setattr(io, f"fail_{where}", code)
+    with pytest.raises(error):
+        await spool.store("a@example.com", ["x@d.test"], "app1", b"lost")
+    assert not delivered
+    assert not spool.healthy
+    setattr(io, f"fail_{where}", None)
+    ok = await spool.store("a@example.com", ["x@d.test"], "app1", b"kept")
+    assert spool.healthy
+    assert [m.id for m in delivered] == [ok.id]
+    again = open_spool()
+    assert [m.id for m in await started(again)] == [ok.id]
+
+
+async def test_free_space_reserve(open_spool: SpoolFactory, io: FaultyIO) -> None:
+    spool = open_spool(min_free_bytes=1000)
+    await started(spool)
+    io.free = 500
+    assert not spool.has_room()
+    with pytest.raises(SpoolFullError):
+        await spool.store("a@example.com", ["x@d.test"], "app1", b"b")
+
+
+async def test_concurrent_stores_share_syncs(open_spool: SpoolFactory, io: FaultyIO) -> None:
+    spool = open_spool()
+    await started(spool)
+    io.syncs = 0
+    stored = await asyncio.gather(
+        *(spool.store("a@example.com", ["x@d.test"], "app1", b"%d" % i) for i in range(200))
+    )
+    assert len({m.id for m in stored}) == 200
+    assert io.syncs < 50, f"{io.syncs} syncs for 200 messages"
+    bodies = await asyncio.gather(*(spool.read_body(m) for m in stored))
+    assert bodies == [b"%d" % i for i in range(200)]
+
+
+def test_header_size_is_stable() -> None:
+    assert HEADER.size == 13  # the on-disk format documented in docs/relay.md
