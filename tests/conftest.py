@@ -14,9 +14,7 @@ from kubernetes import client, config
 
 from cluster.controlplane import control_plane
 from k8s.operator_process import OperatorProcess
-
-ROOT = Path(__file__).resolve().parent.parent
-CRDS = ROOT / "crds"
+from project import CRDS
 
 
 @pytest.fixture(scope="session")
@@ -98,7 +96,9 @@ def operator(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[OperatorProcess]:
     """`txmail-operator` as a real process for the whole session (tests may restart it)."""
-    proc = OperatorProcess(kubeconfig, operator_namespace, tmp_path_factory.mktemp("op") / "operator.log")
+    proc = OperatorProcess(
+        kubeconfig, operator_namespace, tmp_path_factory.mktemp("op") / "operator.log"
+    )
     proc.start()
     _await_operator(api_client_for(kubeconfig), proc)
     yield proc
@@ -117,7 +117,11 @@ def _await_operator(api_client: client.ApiClient, proc: OperatorProcess) -> None
         "apiVersion": "txmail.dev/v1alpha1",
         "kind": "DedicatedIP",
         "metadata": {"name": name},
-        "spec": {"address": "127.0.0.9", "hostname": "probe.example.com", "domains": ["example.com"]},
+        "spec": {
+            "address": "127.0.0.9",
+            "hostname": "probe.example.com",
+            "domains": ["example.com"],
+        },
     }
     objs.create_cluster_custom_object("txmail.dev", "v1alpha1", "dedicatedips", body)
     deadline = time.monotonic() + 60

@@ -101,12 +101,34 @@ def relay_config(ip: str, spec: DedicatedIPSpec) -> c.RelayConfig:
     )
 
 
+SETTINGS_KEY = "settings.yaml"
+SETTINGS_PATH = "/etc/txmail/settings"
+
+
+def relay_settings(ip: str, namespace: str) -> str:
+    """The relay's static settings file: where it listens and reads its configuration from."""
+    return "\n".join(
+        [
+            "# txmail-relay --config: static settings. The RelayConfig, credentials and",
+            "# templates are watched live from the objects named below.",
+            f"kubernetes: {{namespace: {namespace}, dedicatedIP: {ip}}}",
+            f"tls: {{certFile: {TLS_PATH}/tls.crt, keyFile: {TLS_PATH}/tls.key}}",
+            f"spool: {{directory: {SPOOL_PATH}}}",
+            "logging: {json: true}",
+            "",
+        ]
+    )
+
+
 def relay_config_map(ip: str, ip_uid: str, namespace: str, config: c.RelayConfig) -> Obj:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _meta(c.relay_name(ip), namespace, ip, ip_uid, "config"),
-        "data": {c.RELAY_CONFIG_KEY: config.to_json()},
+        "data": {
+            c.RELAY_CONFIG_KEY: config.to_json(),
+            SETTINGS_KEY: relay_settings(ip, namespace),
+        },
     }
 
 
@@ -237,11 +259,19 @@ def relay_deployment(
         spool_volume,
         {"name": "tls", "secret": {"secretName": tls_secret, "defaultMode": 0o440}},
         {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
+        {
+            "name": "settings",
+            "configMap": {
+                "name": c.relay_name(ip),
+                "items": [{"key": SETTINGS_KEY, "path": SETTINGS_KEY}],
+            },
+        },
     ]
     mounts: list[Obj] = [
         {"name": "spool", "mountPath": SPOOL_PATH},
         {"name": "tls", "mountPath": TLS_PATH, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - a private emptyDir
+        {"name": "settings", "mountPath": SETTINGS_PATH, "readOnly": True},
     ]
     smarthost = spec.delivery.smarthost
     if smarthost is not None and smarthost.credentials_secret_ref is not None:
@@ -263,14 +293,7 @@ def relay_deployment(
     container: Obj = {
         "name": "relay",
         "image": image,
-        "args": [
-            "--kubernetes",
-            f"--namespace={namespace}",
-            f"--dedicated-ip={ip}",
-            f"--spool={SPOOL_PATH}",
-            f"--tls-cert={TLS_PATH}/tls.crt",
-            f"--tls-key={TLS_PATH}/tls.key",
-        ],
+        "args": ["--config", f"{SETTINGS_PATH}/{SETTINGS_KEY}"],
         "ports": ports,
         "volumeMounts": mounts,
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},

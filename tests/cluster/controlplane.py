@@ -12,7 +12,6 @@ import datetime as dt
 import ipaddress
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -27,6 +26,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
+
+from peers import free_port
 
 HERE = Path(__file__).resolve().parent
 START_TIMEOUT = 60.0
@@ -51,12 +52,6 @@ def binaries() -> Path:
         [str(HERE / "build.sh")], check=True, capture_output=True, text=True, timeout=3600
     )
     return Path(out.stdout.strip().splitlines()[-1])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

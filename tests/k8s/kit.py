@@ -10,6 +10,7 @@ from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+
 from txmail_relay import contract as c
 
 GROUP, VERSION = "txmail.dev", "v1alpha1"
@@ -75,7 +76,9 @@ class Kit:
                 **spec,
             },
         }
-        self.objs.create_namespaced_custom_object(GROUP, VERSION, namespace, "transactionalemails", body)
+        self.objs.create_namespaced_custom_object(
+            GROUP, VERSION, namespace, "transactionalemails", body
+        )
         return name
 
     # --- read -----------------------------------------------------------------------------
@@ -85,7 +88,9 @@ class Kit:
             if namespace is None:
                 out = self.objs.get_cluster_custom_object(GROUP, VERSION, plural, name)
             else:
-                out = self.objs.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+                out = self.objs.get_namespaced_custom_object(
+                    GROUP, VERSION, namespace, plural, name
+                )
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -93,7 +98,9 @@ class Kit:
         assert isinstance(out, dict)
         return out
 
-    def condition(self, plural: str, namespace: str | None, name: str, type_: str = "Ready") -> Obj | None:
+    def condition(
+        self, plural: str, namespace: str | None, name: str, type_: str = "Ready"
+    ) -> Obj | None:
         body = self.get(plural, namespace, name) or {}
         conds = (body.get("status") or {}).get("conditions") or []
         return next((x for x in conds if x["type"] == type_), None)
@@ -102,7 +109,9 @@ class Kit:
         cond = self.condition(plural, namespace, name)
         return bool(cond and cond["status"] == "True")
 
-    def reason(self, plural: str, namespace: str | None, name: str, type_: str = "Ready") -> str | None:
+    def reason(
+        self, plural: str, namespace: str | None, name: str, type_: str = "Ready"
+    ) -> str | None:
         cond = self.condition(plural, namespace, name, type_)
         return cond["reason"] if cond else None
 

@@ -13,7 +13,7 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from conftest import CRDS
+from project import CRDS
 
 pytestmark = pytest.mark.k8s
 GROUP, VERSION = "txmail.dev", "v1alpha1"

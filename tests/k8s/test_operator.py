@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 from kubernetes import client
-from txmail_relay import contract as c
 
 from k8s.kit import GROUP, VERSION, Kit
 from k8s.operator_process import OperatorProcess, wait_for
+from txmail_relay import contract as c
 
 pytestmark = pytest.mark.k8s
 TOKENS, EMAILS, IPS = "smtptokens", "transactionalemails", "dedicatedips"
@@ -39,7 +39,9 @@ def ready_secret(kit: Kit, namespace: str, token: str, timeout: float = 10) -> d
     return wait_for(probe, timeout, f"SmtpToken {namespace}/{token} Ready with its Secret")
 
 
-def test_token_secret_has_everything_an_app_needs_within_2s(kit: Kit, ip: str, namespace: str) -> None:
+def test_token_secret_has_everything_an_app_needs_within_2s(
+    kit: Kit, ip: str, namespace: str
+) -> None:
     start = time.monotonic()
     kit.token(namespace, ip, "shop")
     secret = wait_for(lambda: kit.secret(namespace, "shop-smtp"), 2.0, "the app Secret")
@@ -51,7 +53,11 @@ def test_token_secret_has_everything_an_app_needs_within_2s(kit: Kit, ip: str, n
     assert secret["url"] == f"smtp://{secret['username']}:{secret['password']}@{secret['host']}:587"
     assert len(secret["password"]) >= 43  # token_urlsafe(32)
     assert secret["ca.crt"].startswith("-----BEGIN CERTIFICATE-----")
-    wait_for(lambda: kit.accepts(ip, secret["username"], secret["password"]), 5, "the digest in the relay")
+    wait_for(
+        lambda: kit.accepts(ip, secret["username"], secret["password"]),
+        5,
+        "the digest in the relay",
+    )
     status = ready_secret(kit, namespace, "shop")
     token = kit.get(TOKENS, namespace, "shop")
     assert token is not None
@@ -67,7 +73,9 @@ def test_token_secret_has_everything_an_app_needs_within_2s(kit: Kit, ip: str, n
     assert entry.allowed_from_domains == ["example.com", "example.org"]
 
 
-def test_restart_keeps_password_and_repairs_edits(kit: Kit, ip: str, namespace: str, operator: OperatorProcess) -> None:
+def test_restart_keeps_password_and_repairs_edits(
+    kit: Kit, ip: str, namespace: str, operator: OperatorProcess
+) -> None:
     kit.token(namespace, ip, "shop", secretTemplate={"labels": {"team": "checkout"}})
     first = ready_secret(kit, namespace, "shop")
     operator.restart()
@@ -83,7 +91,11 @@ def test_restart_keeps_password_and_repairs_edits(kit: Kit, ip: str, namespace: 
     def repaired() -> dict[str, str] | None:
         raw = kit.raw_secret(namespace, "shop-smtp")
         data = kit.secret(namespace, "shop-smtp")
-        return data if data and "url" in data and (raw.metadata.labels or {}).get("team") == "checkout" else None
+        return (
+            data
+            if data and "url" in data and (raw.metadata.labels or {}).get("team") == "checkout"
+            else None
+        )
 
     again = wait_for(repaired, 10, "the edited Secret put back")
     assert again["password"] == first["password"]
@@ -95,7 +107,9 @@ def test_deleted_secret_is_reissued_with_a_new_password(kit: Kit, ip: str, names
     first = ready_secret(kit, namespace, "shop")
     kit.core.delete_namespaced_secret("shop-smtp", namespace)
     second = wait_for(
-        lambda: (s := kit.secret(namespace, "shop-smtp")) and s["password"] != first["password"] and s,
+        lambda: (
+            (s := kit.secret(namespace, "shop-smtp")) and s["password"] != first["password"] and s
+        ),
         10,
         "a new Secret",
     )
@@ -111,9 +125,13 @@ def test_deleted_secret_is_reissued_with_a_new_password(kit: Kit, ip: str, names
 def test_raising_password_generation_resets_the_password(kit: Kit, ip: str, namespace: str) -> None:
     kit.token(namespace, ip, "shop")
     first = ready_secret(kit, namespace, "shop")
-    kit.objs.patch_namespaced_custom_object(GROUP, VERSION, namespace, TOKENS, "shop", {"spec": {"passwordGeneration": 2}})
+    kit.objs.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, TOKENS, "shop", {"spec": {"passwordGeneration": 2}}
+    )
     second = wait_for(
-        lambda: (s := kit.secret(namespace, "shop-smtp")) and s["password"] != first["password"] and s,
+        lambda: (
+            (s := kit.secret(namespace, "shop-smtp")) and s["password"] != first["password"] and s
+        ),
         10,
         "the reset password",
     )
@@ -122,26 +140,49 @@ def test_raising_password_generation_resets_the_password(kit: Kit, ip: str, name
     entry = kit.entry(ip, first["username"])
     assert entry is not None
     assert [d.generation for d in entry.digests] == [2]
-    wait_for(lambda: ((kit.get(TOKENS, namespace, "shop") or {}).get("status") or {}).get("passwordGeneration") == 2, 5, "status")
+    wait_for(
+        lambda: (
+            ((kit.get(TOKENS, namespace, "shop") or {}).get("status") or {}).get(
+                "passwordGeneration"
+            )
+            == 2
+        ),
+        5,
+        "status",
+    )
 
 
 def test_grace_period_keeps_both_passwords_until_it_ends(kit: Kit, ip: str, namespace: str) -> None:
     kit.token(namespace, ip, "shop", rotationGracePeriod="4s")
     first = ready_secret(kit, namespace, "shop")
-    kit.objs.patch_namespaced_custom_object(GROUP, VERSION, namespace, TOKENS, "shop", {"spec": {"passwordGeneration": 2}})
+    kit.objs.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, TOKENS, "shop", {"spec": {"passwordGeneration": 2}}
+    )
     second = wait_for(
-        lambda: (s := kit.secret(namespace, "shop-smtp")) and s["password"] != first["password"] and s,
+        lambda: (
+            (s := kit.secret(namespace, "shop-smtp")) and s["password"] != first["password"] and s
+        ),
         10,
         "the reset password",
     )
     wait_for(lambda: kit.accepts(ip, second["username"], second["password"]), 5, "the new digest")
-    assert kit.accepts(ip, first["username"], first["password"]), "old password must work during the grace period"
+    assert kit.accepts(ip, first["username"], first["password"]), (
+        "old password must work during the grace period"
+    )
     entry = kit.entry(ip, first["username"])
     assert entry is not None
     old = [d for d in entry.digests if d.generation == 1]
     assert old and old[0].not_after is not None
-    wait_for(lambda: not kit.accepts(ip, first["username"], first["password"]), 8, "the grace period to end")
-    wait_for(lambda: [d.generation for d in (kit.entry(ip, first["username"]) or entry).digests] == [2], 5, "the old digest removed")
+    wait_for(
+        lambda: not kit.accepts(ip, first["username"], first["password"]),
+        8,
+        "the grace period to end",
+    )
+    wait_for(
+        lambda: [d.generation for d in (kit.entry(ip, first["username"]) or entry).digests] == [2],
+        5,
+        "the old digest removed",
+    )
 
 
 def test_deleting_a_token_revokes_it(kit: Kit, ip: str, namespace: str) -> None:
@@ -150,13 +191,21 @@ def test_deleting_a_token_revokes_it(kit: Kit, ip: str, namespace: str) -> None:
     kit.objs.delete_namespaced_custom_object(GROUP, VERSION, namespace, TOKENS, "shop")
     wait_for(lambda: kit.get(TOKENS, namespace, "shop") is None, 10, "the finalizer released")
     assert kit.entry(ip, secret["username"]) is None
-    wait_for(lambda: kit.secret(namespace, "shop-smtp") is None, 20, "the garbage collector to delete the Secret")
+    wait_for(
+        lambda: kit.secret(namespace, "shop-smtp") is None,
+        20,
+        "the garbage collector to delete the Secret",
+    )
 
 
 def test_token_waits_for_its_dedicated_ip(kit: Kit, namespace: str) -> None:
     name = f"late-{namespace}"
     kit.token(namespace, name, "shop")
-    wait_for(lambda: kit.reason(TOKENS, namespace, "shop") == "DedicatedIPNotFound", 5, "DedicatedIPNotFound")
+    wait_for(
+        lambda: kit.reason(TOKENS, namespace, "shop") == "DedicatedIPNotFound",
+        5,
+        "DedicatedIPNotFound",
+    )
     assert kit.secret(namespace, "shop-smtp") is None
     kit.dedicated_ip(name)
     try:
@@ -171,7 +220,11 @@ def test_namespace_must_be_allowed(kit: Kit, namespace: str) -> None:
     ip = kit.dedicated_ip(allowedNamespaces={"matchLabels": {"mail": namespace}})
     try:
         kit.token(namespace, ip, "shop")
-        wait_for(lambda: kit.reason(TOKENS, namespace, "shop") == "NamespaceNotAllowed", 5, "NamespaceNotAllowed")
+        wait_for(
+            lambda: kit.reason(TOKENS, namespace, "shop") == "NamespaceNotAllowed",
+            5,
+            "NamespaceNotAllowed",
+        )
         cond = kit.condition(TOKENS, namespace, "shop")
         assert cond is not None
         assert "allowedNamespaces" in cond["message"]
@@ -180,7 +233,11 @@ def test_namespace_must_be_allowed(kit: Kit, namespace: str) -> None:
         kit.core.patch_namespace(namespace, {"metadata": {"labels": {"mail": None}}})
         secret = kit.secret(namespace, "shop-smtp")
         assert secret is not None
-        wait_for(lambda: kit.reason(TOKENS, namespace, "shop") == "NamespaceNotAllowed", 5, "revoked again")
+        wait_for(
+            lambda: kit.reason(TOKENS, namespace, "shop") == "NamespaceNotAllowed",
+            5,
+            "revoked again",
+        )
         assert kit.entry(ip, secret["username"]) is None
     finally:
         kit.objs.delete_cluster_custom_object(GROUP, VERSION, IPS, ip)
@@ -196,13 +253,22 @@ def test_expired_token_is_removed_from_the_relay(kit: Kit, ip: str, namespace: s
 
 def test_invalid_template_then_fixed(kit: Kit, ip: str, namespace: str) -> None:
     kit.email(namespace, ip, "welcome", html="<p>\n{% for x in custom.items %}\n{{ x }\n</p>")
-    wait_for(lambda: kit.reason(EMAILS, namespace, "welcome", "TemplateValid") == "TemplateInvalid", 5, "TemplateValid=False")
+    wait_for(
+        lambda: kit.reason(EMAILS, namespace, "welcome", "TemplateValid") == "TemplateInvalid",
+        5,
+        "TemplateValid=False",
+    )
     cond = kit.condition(EMAILS, namespace, "welcome", "TemplateValid")
     assert cond is not None
     assert cond["message"].startswith("html line 3"), cond["message"]
     assert not kit.is_ready(EMAILS, namespace, "welcome")
     kit.objs.patch_namespaced_custom_object(
-        GROUP, VERSION, namespace, EMAILS, "welcome", {"spec": {"html": "<p>Hi {{ contact.firstname }}</p>"}}
+        GROUP,
+        VERSION,
+        namespace,
+        EMAILS,
+        "welcome",
+        {"spec": {"html": "<p>Hi {{ contact.firstname }}</p>"}},
     )
     wait_for(lambda: kit.is_ready(EMAILS, namespace, "welcome"), 5, "Ready")
     body = kit.get(EMAILS, namespace, "welcome")
@@ -216,7 +282,11 @@ def test_invalid_template_then_fixed(kit: Kit, ip: str, namespace: str) -> None:
 
 def test_from_domain_must_belong_to_the_ip(kit: Kit, ip: str, namespace: str) -> None:
     kit.email(namespace, ip, "welcome", **{"from": {"address": "news@elsewhere.net"}})
-    wait_for(lambda: kit.reason(EMAILS, namespace, "welcome") == "FromDomainNotAllowed", 5, "FromDomainNotAllowed")
+    wait_for(
+        lambda: kit.reason(EMAILS, namespace, "welcome") == "FromDomainNotAllowed",
+        5,
+        "FromDomainNotAllowed",
+    )
     cond = kit.condition(EMAILS, namespace, "welcome")
     assert cond is not None
     assert "elsewhere.net" in cond["message"]
@@ -226,7 +296,9 @@ def test_dedicated_ip_becomes_a_restricted_relay(kit: Kit, ip: str, api: client.
     ns = kit.operator_namespace
     name = c.relay_name(ip)
     apps = client.AppsV1Api(api)
-    dep = wait_for(lambda: _read(lambda: apps.read_namespaced_deployment(name, ns)), 10, "the relay Deployment")
+    dep = wait_for(
+        lambda: _read(lambda: apps.read_namespaced_deployment(name, ns)), 10, "the relay Deployment"
+    )
     assert dep.spec.replicas == 1
     assert dep.spec.strategy.type == "Recreate"
     assert dep.metadata.labels[c.LABEL_NAME] == "txmail-relay"
@@ -241,14 +313,22 @@ def test_dedicated_ip_becomes_a_restricted_relay(kit: Kit, ip: str, api: client.
     assert sc.capabilities.drop == ["ALL"]
     assert sc.read_only_root_filesystem
     svc = client.CoreV1Api(api).read_namespaced_service(name, ns)
-    assert {(p.port, p.target_port) for p in svc.spec.ports} == {(587, "submission"), (465, "submissions"), (80, "http")}
+    assert {(p.port, p.target_port) for p in svc.spec.ports} == {
+        (587, "submission"),
+        (465, "submissions"),
+        (80, "http"),
+    }
     client.CoreV1Api(api).read_namespaced_service_account(name, ns)
     role = client.RbacAuthorizationV1Api(api).read_namespaced_role(name, ns)
     for rule in role.rules:
         assert rule.resource_names, "the relay may read only its own objects, by name"
         assert set(rule.verbs) <= {"get", "list", "watch"}
     # No kubelet runs here: the relay is not available until its Deployment says so.
-    wait_for(lambda: kit.reason(IPS, None, ip, "RelayAvailable") not in (None, "RelayAvailable"), 10, "RelayAvailable=False")
+    wait_for(
+        lambda: kit.reason(IPS, None, ip, "RelayAvailable") not in (None, "RelayAvailable"),
+        10,
+        "RelayAvailable=False",
+    )
     assert not kit.is_ready(IPS, None, ip)
     body = kit.get(IPS, None, ip)
     assert body is not None
@@ -257,7 +337,11 @@ def test_dedicated_ip_becomes_a_restricted_relay(kit: Kit, ip: str, api: client.
     # then report the Deployment Available, and the operator follows.
     core = client.CoreV1Api(api)
     selector = f"{c.LABEL_INSTANCE}={ip},{c.LABEL_NAME}=txmail-relay"
-    pod = wait_for(lambda: (core.list_namespaced_pod(ns, label_selector=selector).items or [None])[0], 10, "the relay pod")
+    pod = wait_for(
+        lambda: (core.list_namespaced_pod(ns, label_selector=selector).items or [None])[0],
+        10,
+        "the relay pod",
+    )
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     core.patch_namespaced_pod_status(
         pod.metadata.name,
@@ -279,37 +363,58 @@ def test_dedicated_ip_becomes_a_restricted_relay(kit: Kit, ip: str, api: client.
 def test_host_network_egress_is_stated_plainly(kit: Kit) -> None:
     ip = kit.dedicated_ip(egress={"mode": "HostNetwork"})
     try:
-        wait_for(lambda: ((kit.get(IPS, None, ip) or {}).get("status") or {}).get("relay"), 10, "status")
+        wait_for(
+            lambda: ((kit.get(IPS, None, ip) or {}).get("status") or {}).get("relay"), 10, "status"
+        )
         body = kit.get(IPS, None, ip)
         assert body is not None
-        assert body["status"]["relay"]["podSecurity"].startswith("privileged: egress mode HostNetwork")
+        assert body["status"]["relay"]["podSecurity"].startswith(
+            "privileged: egress mode HostNetwork"
+        )
     finally:
         kit.objs.delete_cluster_custom_object(GROUP, VERSION, IPS, ip)
 
 
 def test_changing_the_ip_updates_the_relay_config_in_place(kit: Kit, ip: str) -> None:
-    kit.objs.patch_cluster_custom_object(GROUP, VERSION, IPS, ip, {"spec": {"hostname": "mta9.example.com"}})
+    kit.objs.patch_cluster_custom_object(
+        GROUP, VERSION, IPS, ip, {"spec": {"hostname": "mta9.example.com"}}
+    )
 
     def config() -> c.RelayConfig | None:
-        cm = _read(lambda: kit.core.read_namespaced_config_map(c.relay_name(ip), kit.operator_namespace))
+        cm = _read(
+            lambda: kit.core.read_namespaced_config_map(c.relay_name(ip), kit.operator_namespace)
+        )
         cfg = c.RelayConfig.model_validate_json(cm.data[c.RELAY_CONFIG_KEY]) if cm else None
         return cfg if cfg and cfg.hostname == "mta9.example.com" else None
 
     wait_for(config, 10, "the new hostname in the relay configuration")
 
 
-def test_deleting_the_ip_removes_the_relay_and_unreadies_dependents(kit: Kit, namespace: str, api: client.ApiClient) -> None:
+def test_deleting_the_ip_removes_the_relay_and_unreadies_dependents(
+    kit: Kit, namespace: str, api: client.ApiClient
+) -> None:
     ip = kit.dedicated_ip()
     kit.token(namespace, ip, "shop")
     kit.email(namespace, ip, "welcome")
     ready_secret(kit, namespace, "shop")
     wait_for(lambda: kit.is_ready(EMAILS, namespace, "welcome"), 5, "email Ready")
     kit.objs.delete_cluster_custom_object(GROUP, VERSION, IPS, ip)
-    wait_for(lambda: kit.reason(TOKENS, namespace, "shop") == "DedicatedIPNotFound", 10, "token not Ready")
-    wait_for(lambda: kit.reason(EMAILS, namespace, "welcome") == "DedicatedIPNotFound", 10, "email not Ready")
+    wait_for(
+        lambda: kit.reason(TOKENS, namespace, "shop") == "DedicatedIPNotFound",
+        10,
+        "token not Ready",
+    )
+    wait_for(
+        lambda: kit.reason(EMAILS, namespace, "welcome") == "DedicatedIPNotFound",
+        10,
+        "email not Ready",
+    )
     apps = client.AppsV1Api(api)
     wait_for(
-        lambda: _read(lambda: apps.read_namespaced_deployment(c.relay_name(ip), kit.operator_namespace)) is None,
+        lambda: (
+            _read(lambda: apps.read_namespaced_deployment(c.relay_name(ip), kit.operator_namespace))
+            is None
+        ),
         30,
         "the garbage collector to remove the relay",
     )
@@ -328,10 +433,17 @@ def test_sigkill_between_secret_and_status_converges(
                 "failurePolicy": "Fail",
                 "matchConstraints": {
                     "resourceRules": [
-                        {"apiGroups": [GROUP], "apiVersions": [VERSION], "operations": ["UPDATE"], "resources": ["smtptokens/status"]}
+                        {
+                            "apiGroups": [GROUP],
+                            "apiVersions": [VERSION],
+                            "operations": ["UPDATE"],
+                            "resources": ["smtptokens/status"],
+                        }
                     ]
                 },
-                "validations": [{"expression": "false", "message": "status writes are held by the test"}],
+                "validations": [
+                    {"expression": "false", "message": "status writes are held by the test"}
+                ],
             },
         }
     )
@@ -341,7 +453,9 @@ def test_sigkill_between_secret_and_status_converges(
             "spec": {
                 "policyName": policy,
                 "validationActions": ["Deny"],
-                "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}},
+                "matchResources": {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
+                },
             },
         }
     )
@@ -364,7 +478,9 @@ def test_sigkill_between_secret_and_status_converges(
     assert entry is not None
     assert len(entry.digests) == 1
     assert kit.accepts(ip, secret["username"], secret["password"])
-    secrets = kit.core.list_namespaced_secret(namespace, label_selector="txmail.dev/smtptoken=shop").items
+    secrets = kit.core.list_namespaced_secret(
+        namespace, label_selector="txmail.dev/smtptoken=shop"
+    ).items
     assert len(secrets) == 1
 
 
@@ -374,7 +490,9 @@ def test_no_password_leaks(kit: Kit, ip: str, namespace: str, operator: Operator
     first = ready_secret(kit, namespace, "shop")
     kit.core.delete_namespaced_secret("shop-smtp", namespace)  # forces a re-issue and an Event
     second = wait_for(
-        lambda: (s := kit.secret(namespace, "shop-smtp")) and s["password"] != first["password"] and s,
+        lambda: (
+            (s := kit.secret(namespace, "shop-smtp")) and s["password"] != first["password"] and s
+        ),
         10,
         "a new Secret",
     )

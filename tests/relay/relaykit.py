@@ -11,17 +11,12 @@ import contextlib
 import datetime as dt
 import ipaddress
 import json
-import os
-import re
 import secrets
 import shutil
 import smtplib
 import socket
 import ssl
-import subprocess
-import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,33 +29,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from peers import Captured, Sink, free_port, wait_for
 from txmail_relay.app import Relay
 from txmail_relay.config import FileConfigSource
 from txmail_relay.contract import CredentialEntry, PasswordDigest, password_digest
 from txmail_relay.settings import load_settings
 
+# Shared peers and helpers, re-exported for the relay tests.
+__all__ = ["Captured", "Sink", "free_port", "wait_for"]
+
 T = TypeVar("T")
-SMTP_SINK = "/usr/sbin/smtp-sink"
 HOSTNAME = "relay.test"
 DOMAINS = ["example.com", "tenant-b.com"]
-
-
-def wait_for(probe: Callable[[], T | None], timeout: float = 10.0, what: str = "") -> T:
-    """Poll ``probe`` until it returns something truthy, or fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or probe}")
-        time.sleep(0.02)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 # -- TLS ---------------------------------------------------------------------------------------
@@ -145,89 +125,6 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
         )
     )
     return files
-
-
-# -- smtp-sink ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Captured:
-    client_addr: str
-    mail_from: str
-    rcpts: list[str]
-    content: str
-
-
-_COMPLETE = re.compile(r"\nEND-OF-MESSAGE[^\n]*\n\n")
-
-
-class Sink:
-    """Postfix's smtp-sink capturing each transaction to a file (``-d``)."""
-
-    def __init__(self, *options: str, host: str = "127.0.0.1") -> None:
-        # Outside pytest's private tmp tree: as root, smtp-sink must run as another user.
-        self.directory = Path(tempfile.mkdtemp(prefix="txmail-sink-"))
-        self.directory.chmod(0o777)
-        self.host = host
-        self.port = free_port(host)
-        user = ["-u", "nobody"] if os.geteuid() == 0 else []
-        self._log = (self.directory / "stderr.log").open("wb")
-        self._process = subprocess.Popen(
-            [
-                SMTP_SINK,
-                *user,
-                *options,
-                "-d",
-                f"{self.directory}/dump/%Y%m%d%H%M%S.",
-                f"{host}:{self.port}",
-                "64",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=self._log,
-        )
-        wait_for(self._listening, 10, "smtp-sink to listen")
-
-    def _listening(self) -> bool:
-        if self._process.poll() is not None:
-            raise AssertionError("smtp-sink exited")
-        with socket.socket() as s:
-            return s.connect_ex((self.host, self.port)) == 0
-
-    def messages(self) -> list[Captured]:
-        """Completed transactions only (their body ends with an END-OF-MESSAGE line)."""
-        found = []
-        dump = self.directory / "dump"
-        for path in sorted(dump.iterdir()) if dump.exists() else ():
-            text = path.read_text(errors="replace")
-            if not _COMPLETE.search(text):
-                continue
-            head, _, content = text.partition("\nReceived: from ")
-            fields: dict[str, list[str]] = {}
-            for line in head.splitlines():
-                key, _, value = line.partition(": ")
-                fields.setdefault(key, []).append(value)
-            found.append(
-                Captured(
-                    client_addr=fields["X-Client-Addr"][0],
-                    mail_from=fields["X-Mail-Args"][0],
-                    rcpts=fields.get("X-Rcpt-Args", []),
-                    content=content,
-                )
-            )
-        return found
-
-    def wait(self, count: int, timeout: float = 15.0) -> list[Captured]:
-        return wait_for(
-            lambda: m if len(m := self.messages()) >= count else None,
-            timeout,
-            f"{count} messages at smtp-sink",
-        )
-
-    def stop(self) -> None:
-        self._process.terminate()
-        self._process.wait(10)
-        self._log.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 @pytest.fixture

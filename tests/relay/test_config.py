@@ -11,8 +11,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from relaykit import RelayEnv, credential, write_credentials
 
-from conftest import RelayEnv, credential, write_credentials
 from txmail_relay.auth import FailureLimiter
 from txmail_relay.config import ConfigStore, FileConfigSource
 from txmail_relay.contract import RELAY_CONFIG_KEY, RelayConfig

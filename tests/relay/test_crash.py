@@ -21,8 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
-from conftest import (
+from relaykit import (
     RelayEnv,
     credential,
     free_port,

@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
-
-from conftest import DnsServer, Recorder, RelayEnv, Sink, message, wait_for
+from relaykit import DnsServer, Recorder, RelayEnv, Sink, message, wait_for
 
 
 def _send(env: RelayEnv, recipients: list[str]) -> None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import socket
 
 import pytest
-
-from conftest import HOSTNAME, RelayEnv, wait_for
+from relaykit import HOSTNAME, RelayEnv, wait_for
 
 ENDINGS = [
     b"\n.\n",

@@ -12,8 +12,7 @@ import subprocess
 import tracemalloc
 
 import pytest
-
-from conftest import (
+from relaykit import (
     DOMAINS,
     RelayEnv,
     credential,
@@ -22,6 +21,7 @@ from conftest import (
     wait_for,
     write_credentials,
 )
+
 from txmail_relay.spool import SpooledMessage
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import CRDS
+from project import CRDS
 from txmail_operator.api import KINDS
 from txmail_operator.api.crd import file_name, render
 

@@ -1,0 +1,126 @@
+"""Real peers and polling helpers shared by the tests and `make demo`.
+
+Everything binds 127.0.0.0/8.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+SMTP_SINK = "/usr/sbin/smtp-sink"
+
+
+def wait_for(
+    probe: Callable[[], T | None], timeout: float = 10.0, what: str = "", every: float = 0.02
+) -> T:
+    """Poll ``probe`` until it returns something truthy, or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"timed out after {timeout} s waiting for {what or probe} (last: {value!r})"
+            )
+        time.sleep(every)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+# -- smtp-sink ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Captured:
+    client_addr: str
+    mail_from: str
+    rcpts: list[str]
+    content: str
+
+
+_COMPLETE = re.compile(r"\nEND-OF-MESSAGE[^\n]*\n\n")
+
+
+class Sink:
+    """Postfix's smtp-sink capturing each transaction to a file (``-d``)."""
+
+    def __init__(self, *options: str, host: str = "127.0.0.1") -> None:
+        # Outside pytest's private tmp tree: as root, smtp-sink must run as another user.
+        self.directory = Path(tempfile.mkdtemp(prefix="txmail-sink-"))
+        self.directory.chmod(0o777)
+        self.host = host
+        self.port = free_port(host)
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        self._log = (self.directory / "stderr.log").open("wb")
+        self._process = subprocess.Popen(
+            [
+                SMTP_SINK,
+                *user,
+                *options,
+                "-d",
+                f"{self.directory}/dump/%Y%m%d%H%M%S.",
+                f"{host}:{self.port}",
+                "64",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+        )
+        wait_for(self._listening, 10, "smtp-sink to listen")
+
+    def _listening(self) -> bool:
+        if self._process.poll() is not None:
+            raise AssertionError("smtp-sink exited")
+        with socket.socket() as s:
+            return s.connect_ex((self.host, self.port)) == 0
+
+    def messages(self) -> list[Captured]:
+        """Completed transactions only (their body ends with an END-OF-MESSAGE line)."""
+        found = []
+        dump = self.directory / "dump"
+        for path in sorted(dump.iterdir()) if dump.exists() else ():
+            text = path.read_text(errors="replace")
+            if not _COMPLETE.search(text):
+                continue
+            head, _, content = text.partition("\nReceived: from ")
+            fields: dict[str, list[str]] = {}
+            for line in head.splitlines():
+                key, _, value = line.partition(": ")
+                fields.setdefault(key, []).append(value)
+            found.append(
+                Captured(
+                    client_addr=fields["X-Client-Addr"][0],
+                    mail_from=fields["X-Mail-Args"][0],
+                    rcpts=fields.get("X-Rcpt-Args", []),
+                    content=content,
+                )
+            )
+        return found
+
+    def wait(self, count: int, timeout: float = 15.0) -> list[Captured]:
+        return wait_for(
+            lambda: m if len(m := self.messages()) >= count else None,
+            timeout,
+            f"{count} messages at smtp-sink",
+        )
+
+    def stop(self) -> None:
+        self._process.terminate()
+        self._process.wait(10)
+        self._log.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
