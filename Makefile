@@ -5,9 +5,9 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
-# Debian packages the tests and the demo use: Postfix's smtp-sink/smtp-source, swaks, dnsmasq.
-DEBS   := postfix swaks dnsmasq-base
-DEB_BINS := /usr/sbin/smtp-sink /usr/bin/swaks /usr/sbin/dnsmasq
+# Debian packages the tests and the demo use: Postfix's smtp-sink/smtp-source, swaks.
+DEBS   := postfix swaks
+DEB_BINS := /usr/sbin/smtp-sink /usr/bin/swaks
 
 .PHONY: help setup debs control-plane crds lint test test-unit test-k8s demo clean
 
@@ -33,8 +33,9 @@ debs:
 	if [ $$missing = 1 ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing Debian packages: $(DEBS)"; \
+	    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEBS) >/dev/null; \
-	    systemctl disable --now postfix >/dev/null 2>&1 || service postfix stop >/dev/null 2>&1 || true; \
+	    service postfix stop >/dev/null 2>&1 || true; \
 	  else \
 	    echo "Please install the Debian packages $(DEBS) (as root: apt-get install $(DEBS))"; exit 1; \
 	  fi; \

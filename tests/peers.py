@@ -8,14 +8,19 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import smtplib
 import socket
+import ssl
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
+
+import yaml
 
 T = TypeVar("T")
 SMTP_SINK = "/usr/sbin/smtp-sink"
@@ -58,7 +63,11 @@ _COMPLETE = re.compile(r"\nEND-OF-MESSAGE[^\n]*\n\n")
 
 
 class Sink:
-    """Postfix's smtp-sink capturing each transaction to a file (``-d``)."""
+    """Postfix's smtp-sink capturing each transaction to a file (``-d``).
+
+    smtp-sink writes a dump as the data arrives, so a test message ends with a line
+    ``END-OF-MESSAGE <n>``: a dump that has it is complete.
+    """
 
     def __init__(self, *options: str, host: str = "127.0.0.1") -> None:
         # Outside pytest's private tmp tree: as root, smtp-sink must run as another user.
@@ -124,3 +133,78 @@ class Sink:
         self._process.wait(10)
         self._log.close()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class RelayProcess:
+    """``txmail-relay --config`` as a real process (standalone, or against a Kubernetes API)."""
+
+    def __init__(self, settings: dict[str, object], workdir: Path) -> None:
+        self.workdir = workdir
+        self.config = workdir / "relay.yaml"
+        self.config.write_text(yaml.safe_dump(settings))
+        self.log = workdir / "relay.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait_port: tuple[str, int] | None = None, timeout: float = 20.0) -> None:
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "txmail_relay", "--config", str(self.config)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        if wait_port is not None:
+
+            def listening() -> bool:
+                if self.process is not None and self.process.poll() is not None:
+                    raise AssertionError(f"the relay exited:\n{self.output()[-3000:]}")
+                with socket.socket() as s:
+                    return s.connect_ex(wait_port) == 0
+
+            wait_for(listening, timeout, "the relay to listen")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def submit(
+    address: tuple[str, int],
+    app_secret: dict[str, str],
+    message: bytes,
+    sender: str,
+    recipients: list[str],
+    password: str | None = None,
+) -> None:
+    """Send like an app would: STARTTLS verifying the relay with the Secret's ca.crt, then AUTH.
+
+    The relay's certificate names its Service (the Secret's ``host``); we connect to the
+    loopback address it listens on and check the certificate against that name.
+    """
+    context = ssl.create_default_context(cadata=app_secret["ca.crt"])
+    with smtplib.SMTP(address[0], address[1], timeout=15) as smtp:
+        smtp._host = app_secret["host"]
+        smtp.starttls(context=context)
+        smtp.login(app_secret["username"], password or app_secret["password"])
+        smtp.sendmail(sender, recipients, message)
+
+
+def auth_accepted(
+    address: tuple[str, int], app_secret: dict[str, str], password: str | None = None
+) -> bool:
+    """Whether the relay accepts AUTH with these credentials now (nothing is sent)."""
+    try:
+        submit(address, app_secret, b"", "probe@example.com", [], password)
+    except smtplib.SMTPAuthenticationError:
+        return False
+    except smtplib.SMTPRecipientsRefused:  # authenticated; no recipients given on purpose
+        return True
+    return True

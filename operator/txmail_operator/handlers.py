@@ -47,7 +47,11 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
         return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
     @kopf.index(GROUP, VERSION, "smtptokens", id="tokens", **r)
-    def tokens(namespace: str, name: str, spec: kopf.Spec, **_: Any) -> dict[Any, Ref]:
+    def tokens(
+        namespace: str, name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any
+    ) -> dict[Any, Ref]:
+        if meta.get("deletionTimestamp"):  # on its way out: no longer counted or fanned out to
+            return {}
         return {
             ("ip", spec["dedicatedIPRef"]["name"]): (namespace, name),
             ("ns", namespace): (namespace, name),
@@ -55,8 +59,10 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
 
     @kopf.index(GROUP, VERSION, "transactionalemails", id="emails", **r)
     def emails(
-        namespace: str, name: str, spec: kopf.Spec, status: kopf.Status, **_: Any
+        namespace: str, name: str, spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, **_: Any
     ) -> dict[Any, Ref]:
+        if meta.get("deletionTimestamp"):
+            return {}
         ref = (namespace, name)
         keys: dict[Any, Ref] = {("ip", spec["dedicatedIPRef"]["name"]): ref, ("ns", namespace): ref}
         if status.get("emailId"):
@@ -147,6 +153,20 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     @kopf.on.delete(GROUP, VERSION, "smtptokens", id="smtp_token_gone", **r)
     def smtp_token_gone(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         reconcile.revoke_token(memo.ctx, dict(body))
+
+    @kopf.on.create(GROUP, VERSION, "smtptokens", id="count_token", **r)
+    @kopf.on.create(GROUP, VERSION, "transactionalemails", id="count_email", **r)
+    @kopf.on.delete(GROUP, VERSION, "smtptokens", id="uncount_token", optional=True, **r)
+    @kopf.on.delete(GROUP, VERSION, "transactionalemails", id="uncount_email", optional=True, **r)
+    def recount(
+        spec: kopf.Spec,
+        memo: kopf.Memo,
+        tokens: kopf.Index[Any, Ref],
+        emails: kopf.Index[Any, Ref],
+        **_: Any,
+    ) -> None:
+        key = ("ip", spec["dedicatedIPRef"]["name"])
+        reconcile.refresh_status(memo.ctx, key[1], len(_refs(tokens, key)), len(_refs(emails, key)))
 
     @kopf.on.resume(GROUP, VERSION, "transactionalemails", id="transactional_email", **r)
     @kopf.on.create(GROUP, VERSION, "transactionalemails", id="transactional_email", **r)

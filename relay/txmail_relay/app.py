@@ -89,7 +89,8 @@ class Relay:
         self.spool.start()
         if settings.listen.http is not None:
             await self._start_http(settings.listen.host, settings.listen.http)
-        self._tasks.append(loop.create_task(self._source.run(self.store), name="config"))
+        source = loop.create_task(self._source.run(self.store), name="config")
+        self._tasks.append(source)
         tls = self._tls_context
         if tls is None:
             tls = server_context(settings.tls.cert_file, settings.tls.key_file)
@@ -99,7 +100,12 @@ class Relay:
                     name="tls-reload",
                 )
             )
-        await self.store.wait_ready()
+        ready = loop.create_task(self.store.wait_ready(), name="config-ready")
+        await asyncio.wait({ready, source}, return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():  # the config source died before the first configuration
+            ready.cancel()
+            source.result()
+            raise RuntimeError("the configuration source stopped before it was ready")
         self.queue.start()
         for name, port, implicit in (
             ("submission", settings.listen.submission, False),

@@ -187,7 +187,7 @@ class KubernetesConfigSource:
         api = await asyncio.to_thread(self._api_client)
         self._core = client.CoreV1Api(api)
         ip, ns = self._settings.dedicated_ip, self._settings.namespace
-        log.info("watching relay configuration", extra={"namespace": ns, "name": relay_name(ip)})
+        log.info("watching relay configuration", extra={"namespace": ns, "object": relay_name(ip)})
         self._spawn(
             self._core.read_namespaced_config_map,
             self._core.list_namespaced_config_map,

@@ -6,7 +6,11 @@ import os
 import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
+
+from kubernetes import client
 
 from peers import wait_for
 
@@ -57,3 +61,29 @@ class OperatorProcess:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def wait_ready(self, api: client.ApiClient, timeout: float = 60.0) -> None:
+        """The operator is up once it has reconciled a throwaway DedicatedIP."""
+        objs = client.CustomObjectsApi(api)
+        name = f"ready-{uuid.uuid4().hex[:6]}"
+        body = {
+            "apiVersion": "txmail.dev/v1alpha1",
+            "kind": "DedicatedIP",
+            "metadata": {"name": name},
+            "spec": {
+                "address": "127.0.0.9",
+                "hostname": "probe.example.com",
+                "domains": ["example.com"],
+            },
+        }
+        objs.create_cluster_custom_object("txmail.dev", "v1alpha1", "dedicatedips", body)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = objs.get_cluster_custom_object("txmail.dev", "v1alpha1", "dedicatedips", name)
+            if (got.get("status") or {}).get("conditions"):
+                objs.delete_cluster_custom_object("txmail.dev", "v1alpha1", "dedicatedips", name)
+                return
+            if self.proc is not None and self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"the operator did not start:\n{self.output()[-5000:]}")

@@ -71,6 +71,10 @@ def test_token_secret_has_everything_an_app_needs_within_2s(
     assert entry is not None
     assert entry.namespace == namespace
     assert entry.allowed_from_domains == ["example.com", "example.org"]
+    tokens = lambda: ((kit.get(IPS, None, ip) or {}).get("status") or {}).get("tokens")  # noqa: E731
+    wait_for(lambda: tokens() == 1, 5, "the DedicatedIP to count its token")
+    kit.objs.delete_namespaced_custom_object(GROUP, VERSION, namespace, TOKENS, "shop")
+    wait_for(lambda: tokens() == 0, 10, "the DedicatedIP to stop counting it")
 
 
 def test_restart_keeps_password_and_repairs_edits(

@@ -432,3 +432,103 @@ class Recorder:
 
     def outcomes(self, recipient: str) -> list[str]:
         return [e.outcome.value for e in list(self.events) if e.recipient == recipient]
+
+
+# -- templates and the HTTP API ----------------------------------------------------------------
+
+
+def template_doc(
+    email_id: int,
+    *,
+    namespace: str = "apps",
+    subject: str = "Order {{ custom.order_id }}",
+    html: str | None = "<p>Hi {{ contact.firstname }}</p>"
+    '<p><a href="https://shop.example.com/o/{{ custom.order_id }}">order</a></p>',
+    text: str | None = "Hi {{ contact.firstname }}, order {{ custom.order_id }}\n"
+    "END-OF-MESSAGE {{ custom.order_id }}\n",
+    sender: str = "shop@example.com",
+    track: bool = False,
+) -> dict[str, Any]:
+    """A TemplateEntry document (JSON form) for the settings file."""
+    doc: dict[str, Any] = {
+        "emailId": email_id,
+        "namespace": namespace,
+        "name": f"email-{email_id}",
+        "generation": 1,
+        "from": {"name": "Shop", "address": sender},
+        "subject": subject,
+        "trackOpens": track,
+        "trackClicks": track,
+    }
+    if html is not None:
+        doc["html"] = html
+    if text is not None:
+        doc["text"] = text
+    return doc
+
+
+@dataclass(frozen=True)
+class HttpReply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def http(
+    port: int,
+    method: str,
+    path: str,
+    *,
+    body: Any = None,
+    raw: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> HttpReply:
+    """One request to the relay's HTTP port (no redirects followed)."""
+    import http.client  # noqa: PLC0415
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        sent = dict(headers or {})
+        if data is not None:
+            sent.setdefault("Content-Type", "application/json")
+        conn.request(method, path, body=data, headers=sent)
+        response = conn.getresponse()
+        return HttpReply(
+            response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+        )
+    finally:
+        conn.close()
+
+
+def bearer(password: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {password}"}
+
+
+def basic(username: str, password: str) -> dict[str, str]:
+    import base64  # noqa: PLC0415
+
+    token = base64.b64encode(f"{username}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+def tracking_keys_file(directory: Path, *kids: int) -> Path:
+    """A ``kid:hexkey`` file (the last key signs)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "tracking.keys"
+    path.write_text("".join(f"{kid}:{secrets.token_hex(32)}\n" for kid in kids or (1,)))
+    return path
+
+
+def parsed(captured: Captured) -> Any:
+    """The captured message as an ``email.message.EmailMessage`` (smtp-sink's dump is split
+    at our Received header)."""
+    import email  # noqa: PLC0415
+    import email.policy  # noqa: PLC0415
+
+    return email.message_from_string(
+        "Received: from " + captured.content, policy=email.policy.default
+    )
