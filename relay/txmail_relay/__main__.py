@@ -17,6 +17,7 @@ from txmail_relay import logs
 from txmail_relay.app import Relay
 from txmail_relay.config import ConfigSource, FileConfigSource
 from txmail_relay.settings import Settings, load_settings
+from txmail_relay.stats import StatsPublisher
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -31,6 +32,15 @@ def _source(settings: Settings, path: Path) -> ConfigSource:
     from txmail_relay.kube import KubernetesConfigSource  # noqa: PLC0415 - slow import
 
     return KubernetesConfigSource(settings.kubernetes)
+
+
+def _stats(settings: Settings) -> StatsPublisher | None:
+    """Kubernetes mode publishes to the stats ConfigMap unless a stats file is set."""
+    if settings.kubernetes is None or settings.stats_file is not None:
+        return None  # Relay writes settings.statsFile, if any
+    from txmail_relay.kube import KubernetesStatsPublisher  # noqa: PLC0415 - slow import
+
+    return KubernetesStatsPublisher(settings.kubernetes)
 
 
 async def serve(relay: Relay) -> None:
@@ -69,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"txmail-relay: {args.config}: {exc}", file=sys.stderr)
         return 2
     logs.configure(json_format=settings.logging.json_format, level=settings.logging.level)
-    _run(serve(Relay(settings, _source(settings, args.config))))
+    _run(serve(Relay(settings, _source(settings, args.config), stats_publisher=_stats(settings))))
     return 0
 
 

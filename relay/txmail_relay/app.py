@@ -15,16 +15,23 @@ from collections.abc import Sequence
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from txmail_relay.api import SendApi, TokenAuth
 from txmail_relay.auth import Authenticator, FailureLimiter
+from txmail_relay.complaints import ComplaintHandler
 from txmail_relay.config import ConfigSource, ConfigStore
 from txmail_relay.delivery import SmtpTransport, Transport
+from txmail_relay.engagement import TrackingEndpoints, load_keys
 from txmail_relay.events import OutcomeListener
 from txmail_relay.http import make_app
 from txmail_relay.metrics import RelayMetrics
 from txmail_relay.queue import DeliveryQueue
+from txmail_relay.sending import Composer, SendService
 from txmail_relay.settings import Settings
 from txmail_relay.smtp import SubmissionHandler, SubmissionProtocol
 from txmail_relay.spool import Spool, SpoolIO
+from txmail_relay.stats import FileStatsPublisher, OutcomeRecorder, StatsLoop, StatsPublisher
+from txmail_relay.store import Store
+from txmail_relay.templating import Templates
 from txmail_relay.tlsutil import server_context, watch_certificate
 
 log = logging.getLogger(__name__)
@@ -41,11 +48,15 @@ class Relay:
         transport: Transport | None = None,
         tls_context: ssl.SSLContext | None = None,
         listeners: Sequence[OutcomeListener] = (),
+        stats_publisher: StatsPublisher | None = None,
+        templates: Templates | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry or CollectorRegistry()
         self.metrics = RelayMetrics(self.registry)
         self.store = ConfigStore()
+        self.db = Store(settings.spool.directory)
+        keys = load_keys(settings.tracking_keys_file) if settings.tracking_keys_file else None
         self._source = source
         self.spool = Spool(
             settings.spool.directory,
@@ -60,15 +71,41 @@ class Relay:
             self.transport,
             settings.retry,
             concurrency=settings.outbound.concurrency,
-            listeners=[self.metrics, *listeners],
+            listeners=[self.metrics, OutcomeRecorder(self.db), *listeners],
         )
         self.spool.subscribe(self.queue.enqueue)
         self.metrics.track_queue(self.queue.depth, self.queue.oldest_age)
-        self.handler = SubmissionHandler(self.store, self.spool, settings.limits, self.metrics)
+        composer = Composer(templates or Templates(), keys, self.metrics)
+        self.sends = SendService(self.store, composer, self.spool, self.db, self.metrics)
+        self.complaints = ComplaintHandler(self.db, self.metrics)
+        self.handler = SubmissionHandler(
+            self.store,
+            self.spool,
+            settings.limits,
+            self.metrics,
+            sends=self.sends,
+            db=self.db,
+            complaints=self.complaints,
+            complaints_address=settings.complaints_address,
+        )
         self._checker = Authenticator(self.store)
         self._limiter = FailureLimiter(
             settings.limits.ip_auth_failures, settings.limits.ip_auth_window
         )
+        if stats_publisher is None and settings.stats_file is not None:
+            stats_publisher = FileStatsPublisher(settings.stats_file)
+        self.stats = StatsLoop(self.db, self.store, stats_publisher, settings.stats_interval)
+        self.stats.register(self.registry)
+        self._installers = [
+            SendApi(
+                TokenAuth(self._checker, self._limiter, self.metrics),
+                self.sends,
+                self.db,
+                self.metrics,
+                max_recipients=settings.limits.max_recipients,
+            ).install,
+            TrackingEndpoints(keys, self.db, self.metrics).install,
+        ]
         self._tls_context = tls_context
         self._servers: list[asyncio.base_events.Server] = []
         self._sessions: set[SubmissionProtocol] = set()
@@ -84,6 +121,7 @@ class Relay:
         """Recover the spool, wait for the first configuration, then listen."""
         settings = self.settings
         loop = asyncio.get_running_loop()
+        await self.db.open()
         for msg in await asyncio.to_thread(self.spool.recover):
             self.queue.enqueue(msg)
         self.spool.start()
@@ -107,6 +145,7 @@ class Relay:
             source.result()
             raise RuntimeError("the configuration source stopped before it was ready")
         self.queue.start()
+        self._tasks.append(loop.create_task(self.stats.run(), name="stats"))
         for name, port, implicit in (
             ("submission", settings.listen.submission, False),
             ("submissions", settings.listen.submissions, True),
@@ -125,7 +164,13 @@ class Relay:
         log.info("relay serving", extra={"ports": self.ports})
 
     async def _start_http(self, host: str, port: int) -> None:
-        self._http = web.AppRunner(make_app(self.registry, self.ready), access_log=None)
+        app = make_app(
+            self.registry,
+            self.ready,
+            self._installers,
+            client_max_size=self.settings.limits.max_message_size,
+        )
+        self._http = web.AppRunner(app, access_log=None)
         await self._http.setup()
         site = web.TCPSite(self._http, host, port)
         await site.start()
@@ -181,4 +226,8 @@ class Relay:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._http is not None:
             await self._http.cleanup()
+        if self.store.ready:
+            with contextlib.suppress(Exception):
+                await self.stats.refresh()  # last figures out before exiting
+        await self.db.close()
         log.info("relay stopped")

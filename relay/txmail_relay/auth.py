@@ -36,9 +36,27 @@ class Authenticator:
             email_campaign_id=0,
         )
 
+        self._index: tuple[object, dict[str, CredentialEntry]] | None = None
+
     def check(self, username: str, password: str) -> CredentialEntry | None:
         config = self._store.current
         entry = config.credentials.get(username) if config is not None else None
+        ok = (entry or self._decoy).accepts(password, self._clock())
+        return entry if ok and entry is not None else None
+
+    def check_password(self, password: str) -> CredentialEntry | None:
+        """The entry a password alone opens (``Authorization: Bearer``).
+
+        Passwords are 256-bit random values, so the digest identifies the token: it is
+        looked up in an index of the current snapshot's digests, then checked with the
+        same constant-time :meth:`CredentialEntry.accepts` (expiry, grace periods)."""
+        config = self._store.current
+        if config is None:
+            return None
+        if self._index is None or self._index[0] is not config:
+            index = {d.sha256: e for e in config.credentials.values() for d in e.digests}
+            self._index = (config, index)
+        entry = self._index[1].get(password_digest(password))
         ok = (entry or self._decoy).accepts(password, self._clock())
         return entry if ok and entry is not None else None
 

@@ -213,3 +213,43 @@ class TemplateEntry(_Doc):
 
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True, exclude_none=True)
+
+
+# -- stats published by the relay, copied into SmtpToken.status.stats by the operator -------
+
+STATS_KEY = "stats.json"
+
+
+def stats_config_map_name(ip: str) -> str:
+    """ConfigMap the relay patches with its :class:`RelayStats` (key :data:`STATS_KEY`).
+
+    The operator creates it and grants the relay ``get``/``patch`` on exactly this name.
+    """
+    return f"{relay_name(ip)}-stats"
+
+
+class TokenStats(_Doc):
+    """What one token's mail did, as ``SmtpToken.status.stats`` shows it."""
+
+    sent: int = 0
+    delivered: int = 0
+    bounced: int = 0
+    opens: int = 0
+    clicks: int = 0
+    unique_opens: int = Field(default=0, alias="uniqueOpens")
+    unique_clicks: int = Field(default=0, alias="uniqueClicks")
+    complaints: int = 0
+    open_rate: float = Field(default=0.0, alias="openRate", description="uniqueOpens/delivered")
+    click_rate: float = Field(default=0.0, alias="clickRate", description="uniqueClicks/delivered")
+    last_sent_at: datetime | None = Field(default=None, alias="lastSentAt")
+    contacts: int = 0
+
+
+class RelayStats(_Doc):
+    """The whole document under :data:`STATS_KEY`: stats per token username."""
+
+    tokens: dict[str, TokenStats] = Field(default_factory=dict)
+    updated_at: datetime = Field(alias="updatedAt")
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True)

@@ -26,11 +26,14 @@ from pydantic import ValidationError
 from txmail_relay.config import ConfigStore, DynamicConfig
 from txmail_relay.contract import (
     RELAY_CONFIG_KEY,
+    STATS_KEY,
     CredentialEntry,
     RelayConfig,
+    RelayStats,
     TemplateEntry,
     credentials_secret_name,
     relay_name,
+    stats_config_map_name,
     templates_config_map_name,
 )
 from txmail_relay.settings import KubernetesSettings
@@ -292,3 +295,33 @@ class KubernetesConfigSource:
         snapshot = self._state.snapshot()
         if snapshot is not None and self._store is not None:
             self._store.publish(snapshot)
+
+
+class KubernetesStatsPublisher:
+    """Patches ``stats.json`` of the ConfigMap ``txmail-relay-<ip>-stats`` (created by the
+    operator; the relay's Role grants ``get``/``patch`` on exactly that name). A merge patch
+    of one key, so nothing else in the object is touched."""
+
+    def __init__(self, settings: KubernetesSettings) -> None:
+        self._settings = settings
+        self._core: client.CoreV1Api | None = None
+
+    async def publish(self, stats: RelayStats) -> None:
+        await asyncio.to_thread(self._patch, stats.to_json())
+
+    def _patch(self, text: str) -> None:
+        if self._core is None:
+            configuration = client.Configuration()
+            if self._settings.kubeconfig is not None:
+                config.load_kube_config(  # type: ignore[no-untyped-call]
+                    config_file=str(self._settings.kubeconfig),
+                    client_configuration=configuration,
+                )
+            else:
+                config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+            self._core = client.CoreV1Api(client.ApiClient(configuration))
+        self._core.patch_namespaced_config_map(
+            stats_config_map_name(self._settings.dedicated_ip),
+            self._settings.namespace,
+            {"data": {STATS_KEY: text}},
+        )

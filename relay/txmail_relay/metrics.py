@@ -76,6 +76,36 @@ class RelayMetrics:
             registry=registry,
         )
 
+        self.api_sends = Counter(
+            f"{PREFIX}api_sends",
+            "Single-send API requests of authenticated tokens, by sendResult",
+            ["token", "result"],
+            registry=registry,
+        )
+        self.template_sends = Counter(
+            f"{PREFIX}smtp_template_sends",
+            "SMTP template sends (X-Txmail-Email-Id), by result",
+            ["token", "result"],
+            registry=registry,
+        )
+        self.tracking_failures = Counter(
+            f"{PREFIX}tracking_failures",
+            "Messages sent untracked because link rewriting failed",
+            registry=registry,
+        )
+        self.tracking_requests = Counter(
+            f"{PREFIX}tracking_requests",
+            "Requests to the tracking endpoints, by kind (open, click) and result",
+            ["kind", "result"],
+            registry=registry,
+        )
+        self.complaint_reports = Counter(
+            f"{PREFIX}complaint_reports",
+            "ARF feedback reports received, by result (recorded, unknown, invalid)",
+            ["result"],
+            registry=registry,
+        )
+
     def track_queue(self, depth: Callable[[], float], oldest_age: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)
         self.queue_oldest_age.set_function(oldest_age)

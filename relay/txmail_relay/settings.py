@@ -108,6 +108,16 @@ class Settings(_Settings):
     logging: LogSettings = Field(default_factory=LogSettings)
     shutdown_grace: float = 20.0
     config_poll_interval: float = 1.0
+    stats_interval: float = Field(default=30.0, gt=0, description="Stats publishing period")
+    stats_file: Path | None = Field(
+        default=None, description="Write stats JSON here (standalone) instead of a ConfigMap"
+    )
+    tracking_keys_file: Path | None = Field(
+        default=None, description="'kid:hexkey' lines (e.g. a mounted Secret); last signs"
+    )
+    complaints_address: str | None = Field(
+        default=None, description="Recipient address that takes ARF feedback reports"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> Settings:
@@ -127,7 +137,14 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     def rel(value: Any) -> Any:
         return str(base / value) if isinstance(value, str) else value
 
-    for key in ("relayFile", "relay_file"):
+    for key in (
+        "relayFile",
+        "relay_file",
+        "statsFile",
+        "stats_file",
+        "trackingKeysFile",
+        "tracking_keys_file",
+    ):
         if key in raw:
             raw[key] = rel(raw[key])
     for key in ("credentialFiles", "credential_files", "templateFiles", "template_files"):

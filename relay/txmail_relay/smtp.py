@@ -15,6 +15,7 @@ import logging
 import re
 import ssl
 from collections.abc import Callable
+from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from email.utils import formatdate
 from typing import Any, Protocol
@@ -22,12 +23,16 @@ from typing import Any, Protocol
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from txmail_relay.auth import CredentialChecker, FailureLimiter
+from txmail_relay.complaints import ComplaintHandler
 from txmail_relay.config import ConfigStore
 from txmail_relay.contract import CredentialEntry
 from txmail_relay.logs import install_redaction
 from txmail_relay.metrics import RelayMetrics
+from txmail_relay.sending import SendError, SendService
 from txmail_relay.settings import LimitSettings
+from txmail_relay.smtp_templates import TEMPLATE_HEADER, parse_headers, template_request
 from txmail_relay.spool import SpooledMessage, SpoolError, SpoolFullError
+from txmail_relay.store import SentCopy, Store
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +99,20 @@ class SubmissionHandler:
         spool: Acceptor,
         limits: LimitSettings,
         metrics: RelayMetrics,
+        *,
+        sends: SendService | None = None,
+        db: Store | None = None,
+        complaints: ComplaintHandler | None = None,
+        complaints_address: str | None = None,
     ) -> None:
         self._store = store
         self._spool = spool
         self._limits = limits
         self._metrics = metrics
+        self._sends = sends
+        self._db = db
+        self._complaints = complaints
+        self._complaints_address = (complaints_address or "").lower() or None
         install_redaction()  # aiosmtpd logs DATA lines and bad AUTH responses at DEBUG
         self._in_flight = 0
         self.idle = asyncio.Event()
@@ -153,6 +167,9 @@ class SubmissionHandler:
         content = envelope.original_content
         if entry is None or not isinstance(content, bytes) or not envelope.mail_from:
             return REPLY_INTERNAL_ERROR
+        rcpts = [r.lower() for r in envelope.rcpt_tos]
+        if self._complaints_address is not None and self._complaints_address in rcpts:
+            return await self._complaint(rcpts, content)
         domains = header_from_domains(content)
         if domains is None:
             return self._reject("from-header", "550 5.7.1 Exactly one valid From header needed")
@@ -161,6 +178,9 @@ class SubmissionHandler:
                 return self._reject(
                     "from-header", f"553 5.7.1 From header domain {domain} not allowed"
                 )
+        headers = parse_headers(content)
+        if TEMPLATE_HEADER in headers:
+            return await self._template_send(entry, session, envelope, content)
         body = self._received(server, session) + content
         self._in_flight += 1
         self.idle.clear()
@@ -180,6 +200,7 @@ class SubmissionHandler:
             if not self._in_flight:
                 self.idle.set()
         self._metrics.accepted.labels(entry.username).inc()
+        self._record_plain(entry, msg, headers)
         log.info(
             "message accepted",
             extra={
@@ -190,6 +211,63 @@ class SubmissionHandler:
             },
         )
         return f"250 2.0.0 OK queued as {msg.id}"
+
+    def _record_plain(
+        self, entry: CredentialEntry, msg: SpooledMessage, headers: EmailMessage
+    ) -> None:
+        db = self._db
+        if db is None:
+            return
+        message_id = str(headers.get("Message-ID") or "").strip() or None
+        copies = [SentCopy(msg.id, r, message_id) for r in msg.recipients]
+        contacts: dict[str, Any] | None = {} if entry.create_contacts else None
+        db.submit(lambda: db.record_sent(entry.username, 0, copies, contacts=contacts))
+
+    async def _complaint(self, rcpts: list[str], content: bytes) -> str:
+        if self._complaints is None or any(r != self._complaints_address for r in rcpts):
+            return self._reject(
+                "recipients", "550 5.5.1 The complaints address must be the only recipient"
+            )
+        found = await self._complaints.handle(content)
+        if found is None:
+            return "250 2.6.0 Report received (no matching message)"
+        return "250 2.6.0 Complaint recorded"
+
+    async def _template_send(
+        self, entry: CredentialEntry, session: RelaySession, envelope: Envelope, content: bytes
+    ) -> str:
+        if self._sends is None:
+            return self._reject("template", "550 5.6.0 Template sends are not enabled")
+        try:
+            request = template_request(content, list(envelope.rcpt_tos))
+        except SendError as e:
+            self._metrics.template_sends.labels(entry.username, e.send_result).inc()
+            return self._reject("template", f"550 5.6.0 {e.send_result} {e.field}: {e.message}")
+        peer = session.peer[0] if isinstance(session.peer, tuple) else "unknown"
+        self._in_flight += 1
+        self.idle.clear()
+        try:
+            _, copies = await self._sends.compose(entry, request)
+            spooled = await asyncio.wait_for(
+                self._sends.send_copies(entry, request, copies, peer=str(peer)),
+                self._limits.data_timeout,
+            )
+        except SendError as e:
+            self._metrics.template_sends.labels(entry.username, e.send_result).inc()
+            code = "550 5.1.1" if e.send_result == "INVALID_TO_ADDRESS" else "550 5.6.0"
+            return self._reject("template", f"{code} {e.send_result} {e.field}: {e.message}")
+        except SpoolFullError:
+            return self._reject("storage", "452 4.3.1 Insufficient system storage")
+        except SpoolError:
+            return self._reject("spool", "451 4.3.0 Could not queue the message, try again")
+        except TimeoutError:
+            return self._reject("spool", "451 4.3.0 Queueing timed out, try again")
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self.idle.set()
+        self._metrics.template_sends.labels(entry.username, "QUEUED").inc()
+        return f"250 2.0.0 OK queued as {' '.join(m.id for m in spooled)}"
 
     @staticmethod
     def _received(server: SMTP, session: RelaySession) -> bytes:

@@ -1,0 +1,105 @@
+"""Complaints: ARF feedback reports (RFC 5965) tied back to the token and recipient.
+
+A report is a ``multipart/report; report-type=feedback-report`` with a
+``message/feedback-report`` part (``Feedback-Type``, ``Original-Rcpt-To``, ...) and the
+original message (``message/rfc822``) or its headers (``text/rfc822-headers``). The
+original ``Message-ID`` leads to the send in the store; ``Original-Rcpt-To`` (or the
+original ``To``) picks the recipient when the message had several. A complaint is recorded
+as a complaint and an unsubscribe, once per message and recipient. Transactional mail is
+still delivered to that recipient.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import logging
+from dataclasses import dataclass
+from email.message import Message
+from email.parser import BytesParser, HeaderParser
+from email.utils import getaddresses
+
+from txmail_relay.metrics import RelayMetrics
+from txmail_relay.store import Recipient, Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FeedbackReport:
+    feedback_type: str
+    original_message_id: str
+    recipients: tuple[str, ...]
+
+
+class InvalidReportError(ValueError):
+    """Not an ARF report, or one without the original Message-ID."""
+
+
+def _headers_of(part: Message) -> Message | None:
+    payload = part.get_payload()
+    if isinstance(payload, list) and payload and isinstance(payload[0], Message):
+        return payload[0]
+    if isinstance(payload, str):
+        return HeaderParser(policy=email.policy.default).parsestr(payload)
+    return None
+
+
+def parse_report(data: bytes) -> FeedbackReport:
+    msg = BytesParser(policy=email.policy.compat32).parsebytes(data)
+    report_type = msg.get_param("report-type")
+    if msg.get_content_type() != "multipart/report" or (
+        not isinstance(report_type, str) or report_type.lower() != "feedback-report"
+    ):
+        raise InvalidReportError("not a multipart/report; report-type=feedback-report")
+    fields = original = None
+    for part in msg.walk():
+        kind = part.get_content_type()
+        if kind == "message/feedback-report" and fields is None:
+            fields = _headers_of(part)
+        elif kind in {"message/rfc822", "text/rfc822-headers"} and original is None:
+            original = _headers_of(part)
+    if fields is None or original is None:
+        raise InvalidReportError("the report lacks its feedback fields or original message")
+    message_id = str(original.get("Message-ID") or "").strip()
+    if not message_id:
+        raise InvalidReportError("the original message has no Message-ID")
+    rcpts = [str(v) for v in fields.get_all("Original-Rcpt-To") or []]
+    rcpts += [str(v) for v in original.get_all("To") or []]
+    return FeedbackReport(
+        feedback_type=str(fields.get("Feedback-Type") or "abuse").strip().lower(),
+        original_message_id=message_id,
+        recipients=tuple(a for _, a in getaddresses(rcpts) if a),
+    )
+
+
+class ComplaintHandler:
+    def __init__(self, store: Store, metrics: RelayMetrics) -> None:
+        self._store = store
+        self._metrics = metrics
+
+    async def handle(self, data: bytes) -> Recipient | None:
+        """Record the complaint a report carries; None if it is not ours or not valid."""
+        try:
+            report = parse_report(data)
+        except (InvalidReportError, ValueError, LookupError) as e:
+            self._metrics.complaint_reports.labels("invalid").inc()
+            log.warning("feedback report refused: %s", e)
+            return None
+        found = await self._store.call(
+            self._store.find_message, report.original_message_id, report.recipients
+        )
+        if found is None:
+            self._metrics.complaint_reports.labels("unknown").inc()
+            log.warning("feedback report about an unknown message")
+            return None
+        await self._store.call(self._store.record_complaint, found)
+        self._metrics.complaint_reports.labels("recorded").inc()
+        log.info(
+            "complaint recorded",
+            extra={
+                "token": found.username,
+                "msg_id": found.spool_id,
+                "feedback_type": report.feedback_type,
+            },
+        )
+        return found

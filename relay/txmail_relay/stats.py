@@ -1,0 +1,218 @@
+"""Stats: outcomes into the store, the per-token figures, Prometheus, and publishing.
+
+:class:`OutcomeRecorder` is an :class:`~txmail_relay.events.OutcomeListener` that writes
+every outcome to the store (off the loop). :class:`StatsLoop` computes a
+:class:`~txmail_relay.contract.RelayStats` every ``statsInterval`` seconds, keeps it for the
+Prometheus collector and hands it to a :class:`StatsPublisher`: the ConfigMap the operator
+copies into ``SmtpToken.status.stats`` (:class:`~txmail_relay.kube.KubernetesStatsPublisher`)
+or a file (:class:`FileStatsPublisher`). Only configured tokens are published and become
+metric labels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from txmail_relay.config import ConfigStore
+from txmail_relay.contract import RelayStats, TokenStats
+from txmail_relay.events import OutcomeEvent
+from txmail_relay.metrics import PREFIX
+from txmail_relay.store import Kind, Store
+
+log = logging.getLogger(__name__)
+
+
+class OutcomeRecorder:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def on_outcome(self, event: OutcomeEvent) -> None:
+        self._store.submit(
+            self._store.record_outcome,
+            event.message_id,
+            event.username,
+            event.recipient,
+            event.outcome,
+            event.at,
+        )
+
+
+def _rate(part: int, whole: int) -> float:
+    return round(part / whole, 4) if whole else 0.0
+
+
+def token_stats(counts: Mapping[Kind, int], last_sent: float | None, contacts: int) -> TokenStats:
+    delivered = counts.get(Kind.DELIVERED, 0)
+    unique_opens = counts.get(Kind.UNIQUE_OPENED, 0)
+    unique_clicks = counts.get(Kind.UNIQUE_CLICKED, 0)
+    return TokenStats(
+        sent=counts.get(Kind.SENT, 0),
+        delivered=delivered,
+        bounced=counts.get(Kind.BOUNCED, 0) + counts.get(Kind.EXPIRED, 0),
+        opens=counts.get(Kind.OPENED, 0),
+        clicks=counts.get(Kind.CLICKED, 0),
+        unique_opens=unique_opens,
+        unique_clicks=unique_clicks,
+        complaints=counts.get(Kind.COMPLAINED, 0),
+        open_rate=_rate(unique_opens, delivered),
+        click_rate=_rate(unique_clicks, delivered),
+        last_sent_at=None if last_sent is None else datetime.fromtimestamp(last_sent, UTC),
+        contacts=contacts,
+    )
+
+
+def read_stats(store: Store, usernames: frozenset[str], now: datetime) -> RelayStats:
+    """Runs on the store's thread."""
+    counters = store.counters()
+    last_sent = store.last_sent()
+    contacts = store.contact_counts()
+    return RelayStats(
+        tokens={
+            name: token_stats(counters.get(name, {}), last_sent.get(name), contacts.get(name, 0))
+            for name in sorted(usernames)
+        },
+        updated_at=now,
+    )
+
+
+class StatsPublisher(Protocol):
+    async def publish(self, stats: RelayStats) -> None: ...
+
+
+class FileStatsPublisher:
+    """Writes the stats JSON to a file, atomically (write, fsync, rename)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    async def publish(self, stats: RelayStats) -> None:
+        await asyncio.to_thread(self._write, stats.to_json())
+
+    def _write(self, text: str) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._path.with_name(self._path.name + ".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self._path)
+
+
+_METRIC_KINDS = (
+    ("sent", Kind.SENT),
+    ("delivered", Kind.DELIVERED),
+    ("deferred", Kind.DEFERRED),
+    ("bounced", Kind.BOUNCED),
+    ("expired", Kind.EXPIRED),
+    ("opened", Kind.OPENED),
+    ("clicked", Kind.CLICKED),
+    ("unique_opened", Kind.UNIQUE_OPENED),
+    ("unique_clicked", Kind.UNIQUE_CLICKED),
+    ("complained", Kind.COMPLAINED),
+    ("unsubscribed", Kind.UNSUBSCRIBED),
+)
+
+
+class StatsLoop:
+    """Refreshes the figures every ``interval`` seconds and publishes them."""
+
+    def __init__(
+        self,
+        store: Store,
+        config: ConfigStore,
+        publisher: StatsPublisher | None,
+        interval: float,
+        *,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._store = store
+        self._config = config
+        self._publisher = publisher
+        self._interval = interval
+        self._clock = clock
+        self._counts: dict[str, dict[Kind, int]] = {}
+        self._contacts: dict[str, int] = {}
+        self.latest: RelayStats | None = None
+        self._wakeup = asyncio.Event()
+
+    def register(self, registry: CollectorRegistry) -> None:
+        registry.register(_Collector(self))
+
+    def refresh_soon(self) -> None:
+        """Publish now instead of at the next interval (tests, shutdown)."""
+        self._wakeup.set()
+
+    async def refresh(self) -> RelayStats:
+        config = self._config.current
+        names = frozenset(config.credentials) if config is not None else frozenset()
+
+        def read() -> tuple[RelayStats, dict[str, dict[Kind, int]], dict[str, int]]:
+            counters = self._store.counters()
+            return (
+                read_stats(self._store, names, self._clock()),
+                {n: counters.get(n, {}) for n in names},
+                self._store.contact_counts(),
+            )
+
+        stats, counts, contacts = await self._store.call(read)
+        self.latest, self._counts = stats, counts
+        self._contacts = {n: contacts.get(n, 0) for n in names}
+        if self._publisher is not None:
+            try:
+                await self._publisher.publish(stats)
+            except Exception as e:  # publishing again at the next interval
+                log.warning("stats not published: %s", type(e).__name__)
+        return stats
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("stats refresh failed")
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), self._interval)
+
+    def samples(self) -> Iterator[tuple[str, str, int]]:
+        for token, counts in sorted(self._counts.items()):
+            for label, kind in _METRIC_KINDS:
+                yield token, label, counts.get(kind, 0)
+
+    def contacts(self) -> Mapping[str, int]:
+        return self._contacts
+
+
+class _Collector(Collector):
+    """``txmail_relay_token_events_total{token, event}`` and ``token_contacts{token}`` from the
+    store (persistent across restarts), as of the last refresh."""
+
+    def __init__(self, loop: StatsLoop) -> None:
+        self._loop = loop
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        events = CounterMetricFamily(
+            f"{PREFIX}token_events",
+            "Recorded events per token (persistent; as of the last stats refresh)",
+            labels=["token", "event"],
+        )
+        for token, label, value in self._loop.samples():
+            events.add_metric([token, label], value)
+        yield events
+        contacts = GaugeMetricFamily(
+            f"{PREFIX}token_contacts", "Contacts per token (createContacts)", labels=["token"]
+        )
+        for token, value in sorted(self._loop.contacts().items()):
+            contacts.add_metric([token], value)
+        yield contacts

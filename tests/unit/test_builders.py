@@ -1,0 +1,176 @@
+"""Builders are pure: fixed inputs give the objects pinned in tests/unit/golden/.
+
+Regenerate after an intended change with ``TXMAIL_UPDATE_GOLDEN=1 pytest tests/unit`` and
+review the diff like code.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import pytest
+import yaml
+
+from project import CRDS
+from txmail_operator import builders
+from txmail_operator.api import DedicatedIPSpec, SmtpTokenSpec, TransactionalEmailSpec
+from txmail_relay import contract as c
+from txmail_relay.settings import Settings
+
+GOLDEN = Path(__file__).parent / "golden"
+IP_UID = "00000000-0000-4000-8000-000000000001"
+TOKEN_UID = "00000000-0000-4000-8000-000000000002"
+NS = "txmail-system"
+NOW = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+
+
+def sample_spec(kind: str) -> dict[str, Any]:
+    spec: dict[str, Any] = yaml.safe_load((CRDS / "samples" / f"{kind}.yaml").read_text())["spec"]
+    return spec
+
+
+def ip_spec(**overrides: Any) -> DedicatedIPSpec:
+    return DedicatedIPSpec.model_validate({**sample_spec("dedicatedip"), **overrides})
+
+
+def relay_objects(spec: DedicatedIPSpec) -> list[dict[str, Any]]:
+    config = builders.relay_config("demo", spec)
+    objects = [
+        builders.relay_service_account("demo", IP_UID, NS),
+        builders.relay_role("demo", IP_UID, NS),
+        builders.relay_role_binding("demo", IP_UID, NS),
+        builders.relay_config_map("demo", IP_UID, NS, config),
+        builders.credential_shard("demo", IP_UID, NS, 0),
+        builders.template_shard("demo", IP_UID, NS, 0),
+        builders.relay_service("demo", IP_UID, NS, spec),
+        builders.relay_deployment(
+            "demo", IP_UID, NS, spec, "txmail-relay:1.0", c.tls_secret_name("demo")
+        ),
+    ]
+    claim = builders.relay_spool_claim("demo", IP_UID, NS, spec)
+    return [*objects, *([claim] if claim else [])]
+
+
+def token_objects() -> list[dict[str, Any]]:
+    spec = SmtpTokenSpec.model_validate(sample_spec("smtptoken"))
+    username = builders.username_for(TOKEN_UID)
+    secret = builders.app_secret(
+        "shop", TOKEN_UID, "shop", spec, username, "p@ss/word+1", "relay.example", 587, b"CA\n"
+    )
+    digest = c.PasswordDigest(sha256=c.password_digest("p@ss/word+1"), generation=1)
+    entry = builders.credential_entry(
+        "shop", "shop", spec, ["example.com", "mail.example.com"], username, [digest], 42
+    )
+    return [secret, {"credentialEntry": entry.model_dump(mode="json", by_alias=True)}]
+
+
+def email_objects() -> list[dict[str, Any]]:
+    spec = TransactionalEmailSpec.model_validate(sample_spec("transactionalemail"))
+    entry = builders.template_entry("order-confirmation", "shop", 3, spec, 123456789)
+    return [{"templateEntry": entry.model_dump(mode="json", by_alias=True)}]
+
+
+CASES = {
+    "relay-smarthost": lambda: relay_objects(ip_spec()),
+    "relay-hostnetwork-pvc": lambda: relay_objects(
+        ip_spec(
+            delivery={"mode": "Direct"},
+            egress={"mode": "HostNetwork", "nodeSelector": {"txmail.dev/ip": "127.0.0.2"}},
+            relay={
+                "spool": {"persistentVolumeClaim": {"size": "20Gi", "storageClassName": "fast"}},
+                "resources": {"requests": {"cpu": "100m"}, "limits": {"memory": "512Mi"}},
+            },
+        )
+    ),
+    "smtptoken": token_objects,
+    "transactionalemail": email_objects,
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_builders_match_golden_files(case: str) -> None:
+    built = yaml.safe_dump_all(CASES[case](), sort_keys=True)
+    path = GOLDEN / f"{case}.yaml"
+    if os.environ.get("TXMAIL_UPDATE_GOLDEN"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(built)
+    assert built == path.read_text(), f"{path} differs: TXMAIL_UPDATE_GOLDEN=1 to regenerate"
+    assert yaml.safe_dump_all(CASES[case](), sort_keys=True) == built, "builders must be pure"
+
+
+def test_relay_settings_parse_with_the_relays_own_model() -> None:
+    """The settings file the operator mounts is one the relay accepts."""
+    settings = Settings.model_validate(yaml.safe_load(builders.relay_settings("demo", NS)))
+    assert settings.kubernetes is not None
+    assert settings.kubernetes.dedicated_ip == "demo"
+    assert settings.kubernetes.namespace == NS
+    assert str(settings.spool.directory) == builders.SPOOL_PATH
+    assert str(settings.tls.cert_file) == f"{builders.TLS_PATH}/tls.crt"
+
+
+def test_relay_config_round_trips_through_the_contract() -> None:
+    config = builders.relay_config("demo", ip_spec())
+    assert c.RelayConfig.model_validate_json(config.to_json()) == config
+    assert config.delivery.smarthost is not None
+    assert config.delivery.smarthost.port == 2525
+    assert config.delivery.bind_address is None
+    host_net = builders.relay_config("demo", ip_spec(egress={"mode": "HostNetwork"}))
+    assert host_net.delivery.bind_address == "127.0.0.2"
+
+
+def test_url_escapes_credentials() -> None:
+    spec = SmtpTokenSpec.model_validate(sample_spec("smtptoken"))
+    secret = builders.app_secret(
+        "shop", TOKEN_UID, "shop", spec, "u:1", "p@ss/w:rd", "h", 587, None
+    )
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    parts = urlsplit(data["url"])
+    assert (unquote(parts.username or ""), unquote(parts.password or "")) == ("u:1", "p@ss/w:rd")
+    assert (parts.hostname, parts.port) == ("h", 587)
+    assert "ca.crt" not in data
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("0", 0),
+        ("0s", 0),
+        ("90s", 90),
+        ("10m", 600),
+        ("1h30m", 5400),
+        ("1.5h", 5400),
+        ("250ms", 0.25),
+    ],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert builders.parse_duration(text) == dt.timedelta(seconds=seconds)
+
+
+def test_rotation_keeps_old_digests_only_for_the_grace_period() -> None:
+    old = c.PasswordDigest(sha256="a" * 64, generation=1)
+    new = c.PasswordDigest(sha256="b" * 64, generation=2)
+    assert builders.rotated_digests([old], new, NOW, dt.timedelta(0)) == [new]
+    kept = builders.rotated_digests([old], new, NOW, dt.timedelta(minutes=10))
+    assert [d.generation for d in kept] == [2, 1]
+    assert kept[1].not_after == NOW + dt.timedelta(minutes=10)
+    # A later reconcile (same generation) neither extends nor drops the grace period early.
+    again = builders.rotated_digests(
+        kept, new, NOW + dt.timedelta(minutes=5), dt.timedelta(minutes=10)
+    )
+    assert again[1].not_after == NOW + dt.timedelta(minutes=10)
+    after = builders.rotated_digests(
+        kept, new, NOW + dt.timedelta(minutes=11), dt.timedelta(minutes=10)
+    )
+    assert after == [new]
+
+
+def test_stable_ids_are_positive_below_2_53_and_stable() -> None:
+    ids = {builders.stable_id(f"uid-{i}") for i in range(2000)}
+    assert len(ids) == 2000
+    assert all(1 <= i < 2**53 for i in ids)
+    assert builders.stable_id("x") == builders.stable_id("x") != builders.stable_id("x", 1)
