@@ -154,6 +154,15 @@ def template_shard(ip: str, ip_uid: str, namespace: str, shard: int) -> Obj:
     }
 
 
+def stats_config_map(ip: str, ip_uid: str, namespace: str) -> Obj:
+    """Where the relay reports per-token stats (it patches only ``stats.json``)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(c.stats_config_map_name(ip), namespace, ip, ip_uid, "stats"),
+    }
+
+
 def relay_service_account(ip: str, ip_uid: str, namespace: str) -> Obj:
     return {
         "apiVersion": "v1",
@@ -181,6 +190,12 @@ def relay_role(ip: str, ip_uid: str, namespace: str) -> Obj:
                 "verbs": verbs,
             },
             {"apiGroups": [""], "resources": ["secrets"], "resourceNames": secrets, "verbs": verbs},
+            {
+                "apiGroups": [""],
+                "resources": ["configmaps"],
+                "resourceNames": [c.stats_config_map_name(ip)],
+                "verbs": ["get", "patch"],
+            },
         ],
     }
 

@@ -48,11 +48,12 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
 
     @kopf.index(GROUP, VERSION, "smtptokens", id="tokens", **r)
     def tokens(
-        namespace: str, name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any
+        namespace: str, name: str, uid: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any
     ) -> dict[Any, Ref]:
         if meta.get("deletionTimestamp"):  # on its way out: no longer counted or fanned out to
             return {}
         return {
+            ("user", reconcile.username_for(uid)): (namespace, name),
             ("ip", spec["dedicatedIPRef"]["name"]): (namespace, name),
             ("ns", namespace): (namespace, name),
         }
@@ -85,6 +86,12 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
             memo.ctx, dict(body), len(_refs(tokens, key)), len(_refs(emails, key))
         )
         reconcile.fan_out(memo.ctx, _refs(tokens, key), _refs(emails, key), _taken(emails))
+
+    @kopf.timer(GROUP, VERSION, "dedicatedips", interval=settings.stats_interval, id="stats", **r)
+    def stats(name: str, memo: kopf.Memo, tokens: kopf.Index[Any, Ref], **_: Any) -> None:
+        reconcile.publish_stats(
+            memo.ctx, name, lambda user: next(iter(tokens.get(("user", user), [])), None)
+        )
 
     @kopf.on.delete(GROUP, VERSION, "dedicatedips", optional=True, id="dedicated_ip_gone", **r)
     def dedicated_ip_gone(

@@ -35,6 +35,12 @@ class Settings(BaseModel):
         description="Seconds between checks that each app Secret is still as written.",
     )
 
+    stats_interval: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds between copies of each relay's stats into SmtpToken status.",
+    )
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
@@ -45,6 +51,7 @@ class Settings(BaseModel):
             "TXMAIL_LOG_FORMAT": "log_format",
             "TXMAIL_CLUSTER_DOMAIN": "cluster_domain",
             "TXMAIL_DRIFT_CHECK_INTERVAL": "drift_check_interval",
+            "TXMAIL_STATS_INTERVAL": "stats_interval",
         }
         for var, field in simple.items():
             if env.get(var):

@@ -29,6 +29,7 @@ class OperatorProcess:
             "KUBECONFIG": str(self.kubeconfig),
             "TXMAIL_NAMESPACE": self.namespace,
             "TXMAIL_DRIFT_CHECK_INTERVAL": "1",
+            "TXMAIL_STATS_INTERVAL": "1",
             "TXMAIL_RELAY_IMAGE": "txmail-relay:test",
             **self.env,
         }

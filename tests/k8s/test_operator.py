@@ -424,6 +424,40 @@ def test_deleting_the_ip_removes_the_relay_and_unreadies_dependents(
     )
 
 
+def test_relay_stats_reach_the_token_status(kit: Kit, ip: str, namespace: str) -> None:
+    kit.token(namespace, ip, "shop")
+    secret = ready_secret(kit, namespace, "shop")
+    report = c.RelayStats(
+        tokens={
+            secret["username"]: c.TokenStats(
+                sent=10,
+                delivered=8,
+                bounced=2,
+                opens=9,
+                uniqueOpens=4,
+                clicks=3,
+                uniqueClicks=2,
+                openRate=0.5,
+                clickRate=0.25,
+            )
+        },
+        updatedAt=dt.datetime.now(dt.UTC),
+    )
+    kit.core.patch_namespaced_config_map(  # what the relay does, through its narrow Role
+        c.stats_config_map_name(ip),
+        kit.operator_namespace,
+        {"data": {c.STATS_KEY: report.to_json()}},
+    )
+
+    def stats() -> dict[str, Any] | None:
+        return ((kit.get(TOKENS, namespace, "shop") or {}).get("status") or {}).get("stats")
+
+    got = wait_for(stats, 10, "stats in the token status")
+    assert (got["sent"], got["delivered"], got["bounced"]) == (10, 8, 2)
+    assert (got["uniqueOpens"], got["openRate"], got["clickRate"]) == (4, 0.5, 0.25)
+    assert got["updatedAt"]
+
+
 def test_sigkill_between_secret_and_status_converges(
     kit: Kit, ip: str, namespace: str, operator: OperatorProcess, api: client.ApiClient
 ) -> None:

@@ -67,6 +67,7 @@ def live(
             "tls": {"certFile": str(tmp_path / "tls.crt"), "keyFile": str(tmp_path / "tls.key")},
             "spool": {"directory": str(tmp_path / "spool")},
             "retry": {"minBackoff": 1, "maxBackoff": 2, "maxLifetime": 60},
+            "statsInterval": 1,
             "logging": {"level": "DEBUG"},
         },
         tmp_path,
@@ -111,6 +112,14 @@ def test_relay_follows_tokens_live(
     got = sink.wait(1)
     assert got[0].client_addr == "127.0.0.1"
     assert "order 1" in got[0].content
+
+    def stats() -> dict[str, int] | None:
+        token = kit.get("smtptokens", namespace, "shop") or {}
+        figures = (token.get("status") or {}).get("stats")
+        return figures if figures and figures.get("delivered", 0) >= 1 else None
+
+    figures = wait_for(stats, 15, "the relay's stats in the token status", every=0.2)
+    assert figures["sent"] >= 1
 
     # An app connected before the reset keeps its session while the password changes.
     context = ssl.create_default_context(cadata=secret["ca.crt"])

@@ -47,6 +47,7 @@ def relay_objects(spec: DedicatedIPSpec) -> list[dict[str, Any]]:
         builders.relay_config_map("demo", IP_UID, NS, config),
         builders.credential_shard("demo", IP_UID, NS, 0),
         builders.template_shard("demo", IP_UID, NS, 0),
+        builders.stats_config_map("demo", IP_UID, NS),
         builders.relay_service("demo", IP_UID, NS, spec),
         builders.relay_deployment(
             "demo", IP_UID, NS, spec, "txmail-relay:1.0", c.tls_secret_name("demo")

@@ -101,6 +101,28 @@ class SmtpTokenSpec(Model):
     )
 
 
+class TokenStats(Model):
+    """What this token's mail did, as its relay counts it (refreshed every statsInterval)."""
+
+    sent: int = Field(default=0, ge=0, description="Messages accepted for delivery.")
+    delivered: int = Field(default=0, ge=0, description="Recipients the next hop accepted.")
+    bounced: int = Field(default=0, ge=0, description="Recipients refused permanently.")
+    opens: int = Field(default=0, ge=0, description="Open-pixel loads, repeats included.")
+    clicks: int = Field(default=0, ge=0, description="Tracked link clicks, repeats included.")
+    unique_opens: int = Field(default=0, ge=0, description="Messages opened at least once.")
+    unique_clicks: int = Field(default=0, ge=0, description="Messages clicked at least once.")
+    complaints: int = Field(default=0, ge=0, description="Spam complaints (ARF reports).")
+    open_rate: float = Field(default=0.0, ge=0, description="uniqueOpens / delivered.")
+    click_rate: float = Field(default=0.0, ge=0, description="uniqueClicks / delivered.")
+    last_sent_at: datetime | None = Field(default=None, description="When mail was last sent.")
+    contacts: int = Field(
+        default=0, ge=0, description="Contacts recorded for this token (createContacts)."
+    )
+    updated_at: datetime | None = Field(
+        default=None, description="When the relay last reported these figures."
+    )
+
+
 class SmtpTokenStatus(Model):
     conditions: list[Condition] | None = conditions_field()
     username: str | None = Field(
@@ -118,6 +140,9 @@ class SmtpTokenStatus(Model):
         description="Stable numeric id of the token, as HubSpot reports emailCampaignId.",
     )
     created_at: datetime | None = Field(default=None, description="When the token was issued.")
+    stats: TokenStats | None = Field(
+        default=None, description="Sent, delivered, bounced, opens, clicks and rates."
+    )
     observed_generation: int | None = observed_generation_field()
 
 

@@ -8,10 +8,12 @@ from collections.abc import Iterable
 import kopf
 from kubernetes.client.exceptions import ApiException
 
+from ..builders import username_for
 from .context import Context, Locks
 from .dedicatedip import reconcile_ip, refresh_status
 from .email import IdTaken, reconcile_email, withdraw_email
 from .smtptoken import reconcile_token, revoke_token
+from .stats import publish_stats
 
 Ref = tuple[str, str]
 log = logging.getLogger(__name__)
@@ -42,10 +44,12 @@ __all__ = [
     "IdTaken",
     "Locks",
     "fan_out",
+    "publish_stats",
     "reconcile_email",
     "reconcile_ip",
     "reconcile_token",
     "refresh_status",
     "revoke_token",
+    "username_for",
     "withdraw_email",
 ]

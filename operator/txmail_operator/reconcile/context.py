@@ -56,6 +56,21 @@ class LabelMemory:
 
 
 @dataclass
+class StatsMemory:
+    """The stats last written to each token's status, so unchanged figures are not re-sent."""
+
+    _guard: threading.Lock = field(default_factory=threading.Lock)
+    _seen: dict[str, object] = field(default_factory=dict)
+
+    def changed(self, key: str, value: object) -> bool:
+        with self._guard:
+            if self._seen.get(key) == value:
+                return False
+            self._seen[key] = value
+            return True
+
+
+@dataclass
 class Context:
     kube: Kube
     settings: Settings
@@ -63,3 +78,4 @@ class Context:
     password: Callable[[], str] = new_password
     locks: Locks = field(default_factory=Locks)
     namespaces: LabelMemory = field(default_factory=LabelMemory)
+    stats: StatsMemory = field(default_factory=StatsMemory)

@@ -90,6 +90,7 @@ def reconcile_ip(ctx: Context, body: Obj, tokens: int, emails: int) -> None:
             builders.relay_config_map(name, uid, ns, builders.relay_config(name, spec)),
             *(builders.credential_shard(name, uid, ns, k) for k in range(c.CREDENTIAL_SHARDS)),
             *(builders.template_shard(name, uid, ns, k) for k in range(c.TEMPLATE_SHARDS)),
+            builders.stats_config_map(name, uid, ns),
             builders.relay_spool_claim(name, uid, ns, spec),
             builders.relay_service(name, uid, ns, spec),
         ]

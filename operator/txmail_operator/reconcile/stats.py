@@ -1,0 +1,40 @@
+"""Relay stats -> SmtpToken.status.stats.
+
+Each relay patches its own ConfigMap ``txmail-relay-<ip>-stats`` (its Role allows exactly
+that); the operator reads it by name on a timer and copies each token's figures into the
+token's status, writing only what changed since the last copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from txmail_relay import contract as c
+
+from .context import Context
+
+Ref = tuple[str, str]
+TOKEN_API = ("txmail.dev/v1alpha1", "SmtpToken")
+
+
+def publish_stats(ctx: Context, ip: str, token_of: Callable[[str], Ref | None]) -> int:
+    """Copy the relay's figures into token statuses; returns how many tokens were updated."""
+    config_map = ctx.kube.get(
+        "v1", "ConfigMap", ctx.settings.namespace, c.stats_config_map_name(ip)
+    )
+    raw = ((config_map or {}).get("data") or {}).get(c.STATS_KEY)
+    if not raw:
+        return 0
+    report = c.RelayStats.model_validate_json(raw)
+    updated = 0
+    for username, figures in sorted(report.tokens.items()):
+        ref = token_of(username)
+        if ref is None:
+            continue
+        stats = figures.model_dump(mode="json", by_alias=True)
+        if not ctx.stats.changed(username, stats):
+            continue
+        stats["updatedAt"] = report.model_dump(mode="json", by_alias=True)["updatedAt"]
+        if ctx.kube.patch_status(*TOKEN_API, ref[0], ref[1], {"stats": stats}) is not None:
+            updated += 1
+    return updated
