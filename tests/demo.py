@@ -269,15 +269,7 @@ def run(workdir: Path) -> None:
                 "shop",
                 {"spec": {"passwordGeneration": 2, "rotationGracePeriod": "0s"}},
             )
-            new = wait_for(
-                lambda: (
-                    (s := kit.secret(APP_NAMESPACE, "shop-smtp"))
-                    and s["password"] != secret["password"]
-                    and s
-                ),
-                20,
-                "the new password",
-            )
+            new = kit.new_password(APP_NAMESPACE, "shop-smtp", secret["password"], 20)
             wait_for(
                 lambda: auth_accepted((ADDRESS, port), new),
                 10,

@@ -24,6 +24,7 @@ DEDICATED_IP_LABEL = f"{GROUP}/dedicatedip"
 SPOOL_PATH = "/var/spool/txmail"
 TLS_PATH = "/etc/txmail/tls"
 SMARTHOST_PATH = "/etc/txmail/smarthost"
+TRACKING_PATH = "/etc/txmail/tracking"
 RELAY_UID = 65532
 SECRET_TYPE = f"{GROUP}/smtp-credentials"
 
@@ -98,6 +99,10 @@ def relay_config(ip: str, spec: DedicatedIPSpec) -> c.RelayConfig:
             bind_address=spec.address if spec.egress.mode is EgressMode.HOST_NETWORK else None,
         ),
         tracking=c.TrackingConfig(base_url=spec.tracking.base_url),
+        feedback=c.FeedbackConfig(complaints_address=spec.feedback.complaints_address),
+        suppression=c.SuppressionConfig(
+            complaints=spec.suppression.complaints, bounces=spec.suppression.bounces
+        ),
     )
 
 
@@ -105,30 +110,57 @@ SETTINGS_KEY = "settings.yaml"
 SETTINGS_PATH = "/etc/txmail/settings"
 
 
-def relay_settings(ip: str, namespace: str) -> str:
-    """The relay's static settings file: where it listens and reads its configuration from."""
-    return "\n".join(
-        [
-            "# txmail-relay --config: static settings. The RelayConfig, credentials and",
-            "# templates are watched live from the objects named below.",
-            f"kubernetes: {{namespace: {namespace}, dedicatedIP: {ip}}}",
-            f"tls: {{certFile: {TLS_PATH}/tls.crt, keyFile: {TLS_PATH}/tls.key}}",
-            f"spool: {{directory: {SPOOL_PATH}}}",
-            "logging: {json: true}",
-            "",
-        ]
-    )
+def relay_settings(ip: str, namespace: str, *, tracking_keys: bool = False) -> str:
+    """The relay's static settings file: where it listens and reads its configuration from.
+
+    With ``tracking_keys``, the tracking Secret is mounted and the relay signs and verifies
+    with the keys in it (re-read when the kubelet updates the mounted file).
+    """
+    lines = [
+        "# txmail-relay --config: static settings. The RelayConfig, credentials and",
+        "# templates are watched live from the objects named below.",
+        f"kubernetes: {{namespace: {namespace}, dedicatedIP: {ip}}}",
+        f"tls: {{certFile: {TLS_PATH}/tls.crt, keyFile: {TLS_PATH}/tls.key}}",
+        f"spool: {{directory: {SPOOL_PATH}}}",
+        "logging: {json: true}",
+    ]
+    if tracking_keys:
+        lines.append(f"trackingKeysFile: {TRACKING_PATH}/{c.TRACKING_KEYS_KEY}")
+    return "\n".join([*lines, ""])
 
 
-def relay_config_map(ip: str, ip_uid: str, namespace: str, config: c.RelayConfig) -> Obj:
+def relay_config_map(
+    ip: str, ip_uid: str, namespace: str, config: c.RelayConfig, *, tracking_keys: bool = False
+) -> Obj:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _meta(c.relay_name(ip), namespace, ip, ip_uid, "config"),
         "data": {
             c.RELAY_CONFIG_KEY: config.to_json(),
-            SETTINGS_KEY: relay_settings(ip, namespace),
+            SETTINGS_KEY: relay_settings(ip, namespace, tracking_keys=tracking_keys),
         },
+    }
+
+
+def tracking_keys_line(kid: int, key: bytes) -> str:
+    """One line of the tracking keys file (see ``txmail_relay.engagement.load_keys``)."""
+    return f"{kid}:{key.hex()}\n"
+
+
+def relay_tracking_secret(ip: str, ip_uid: str, namespace: str, key: bytes, kid: int = 1) -> Obj:
+    """The tracking keys Secret with its first key (``key`` is drawn by the caller)."""
+    text = (
+        "# kid:hexkey, one key per line: the last line signs, every line verifies.\n"
+        "# Rotate by adding a line with a higher kid; keep old lines while their mail is read.\n"
+        + tracking_keys_line(kid, key)
+    )
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": _meta(c.tracking_secret_name(ip), namespace, ip, ip_uid, "tracking"),
+        "data": {c.TRACKING_KEYS_KEY: _b64(text.encode())},
     }
 
 
@@ -256,8 +288,13 @@ def relay_deployment(
     spec: DedicatedIPSpec,
     image: str,
     tls_secret: str,
+    tracking_secret: str | None = None,
 ) -> Obj:
-    """One relay pod per DedicatedIP: one replica, Recreate, Pod Security 'restricted'."""
+    """One relay pod per DedicatedIP: one replica, Recreate, Pod Security 'restricted'.
+
+    ``tracking_secret`` (the tracking keys Secret, when there is one) is mounted as a folder,
+    not with ``subPath``, so the kubelet updates the file in place after a rotation.
+    """
     name = c.relay_name(ip)
     labels = relay_labels(ip)
     spool = spec.relay.spool
@@ -300,6 +337,18 @@ def relay_deployment(
             }
         )
         mounts.append({"name": "smarthost", "mountPath": SMARTHOST_PATH, "readOnly": True})
+    if tracking_secret is not None:
+        volumes.append(
+            {
+                "name": "tracking",
+                "secret": {
+                    "secretName": tracking_secret,
+                    "defaultMode": 0o440,
+                    "items": [{"key": c.TRACKING_KEYS_KEY, "path": c.TRACKING_KEYS_KEY}],
+                },
+            }
+        )
+        mounts.append({"name": "tracking", "mountPath": TRACKING_PATH, "readOnly": True})
     ports = [
         {"name": "submission", "containerPort": c.SUBMISSION_PORT, "protocol": "TCP"},
         {"name": "submissions", "containerPort": c.SUBMISSIONS_PORT, "protocol": "TCP"},
@@ -567,3 +616,26 @@ def shard_patch(key: str, value: str | None, *, secret: bool) -> Obj:
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+def scheduler_secret(ip: str, ip_uid: str, namespace: str, password: str) -> Obj:
+    """The operator's own credential for a relay (TransactionalEmail spec.send)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": _meta(c.scheduler_secret_name(ip), namespace, ip, ip_uid, "scheduler"),
+        "data": {"password": _b64(password.encode())},
+    }
+
+
+def relay_api_url(ip: str, namespace: str, cluster_domain: str, spec: DedicatedIPSpec) -> str:
+    if spec.relay.api_url:
+        return spec.relay.api_url
+    port = spec.relay.ports.http if spec.relay.ports else c.SERVICE_HTTP_PORT
+    return f"http://{smtp_host(ip, namespace, cluster_domain)}:{port}"
+
+
+def send_id(email_uid: str, generation: int, address: str) -> str:
+    """Idempotency key of one recipient of one send: the same after any operator restart."""
+    return hashlib.sha256(f"{email_uid}/{generation}/{address.lower()}".encode()).hexdigest()[:40]

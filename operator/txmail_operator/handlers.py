@@ -28,6 +28,10 @@ def _taken(emails: kopf.Index[Any, Ref], me: Ref | None = None) -> reconcile.IdT
     return lambda email_id: any(ref != me for ref in emails.get(("id", email_id), []))
 
 
+def _has_send(spec: kopf.Spec, **_: Any) -> bool:
+    return "send" in spec
+
+
 def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     r: dict[str, Any] = {"registry": registry}
 
@@ -148,6 +152,12 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
                 memo.ctx, _refs(tokens, ("ns", name)), _refs(emails, ("ns", name)), _taken(emails)
             )
 
+    _register_mail(r, settings)
+
+
+def _register_mail(r: dict[str, Any], settings: Settings) -> None:
+    """SmtpToken and TransactionalEmail handlers."""
+
     @kopf.on.resume(GROUP, VERSION, "smtptokens", id="smtp_token", **r)
     @kopf.on.create(GROUP, VERSION, "smtptokens", id="smtp_token", **r)
     @kopf.on.update(GROUP, VERSION, "smtptokens", id="smtp_token", **r)
@@ -182,6 +192,18 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
         namespace: str, name: str, memo: kopf.Memo, emails: kopf.Index[Any, Ref], **_: Any
     ) -> None:
         reconcile.reconcile_email(memo.ctx, namespace, name, _taken(emails, (namespace, name)))
+
+    @kopf.timer(
+        GROUP,
+        VERSION,
+        "transactionalemails",
+        interval=settings.send_check_interval,
+        id="send",
+        when=_has_send,
+        **r,
+    )
+    def one_off_send(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+        reconcile.reconcile_send(memo.ctx, namespace, name)
 
     @kopf.on.delete(GROUP, VERSION, "transactionalemails", id="transactional_email_gone", **r)
     def transactional_email_gone(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:

@@ -41,6 +41,12 @@ class Settings(BaseModel):
         description="Seconds between copies of each relay's stats into SmtpToken status.",
     )
 
+    send_check_interval: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds between checks of TransactionalEmail spec.send (due, suspended).",
+    )
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
@@ -52,6 +58,7 @@ class Settings(BaseModel):
             "TXMAIL_CLUSTER_DOMAIN": "cluster_domain",
             "TXMAIL_DRIFT_CHECK_INTERVAL": "drift_check_interval",
             "TXMAIL_STATS_INTERVAL": "stats_interval",
+            "TXMAIL_SEND_CHECK_INTERVAL": "send_check_interval",
         }
         for var, field in simple.items():
             if env.get(var):

@@ -20,7 +20,7 @@ from txmail_relay.auth import Authenticator, FailureLimiter
 from txmail_relay.complaints import ComplaintHandler
 from txmail_relay.config import ConfigSource, ConfigStore
 from txmail_relay.delivery import SmtpTransport, Transport
-from txmail_relay.engagement import TrackingEndpoints, load_keys
+from txmail_relay.engagement import KeyFile, TrackingEndpoints
 from txmail_relay.events import OutcomeListener
 from txmail_relay.http import make_app
 from txmail_relay.metrics import RelayMetrics
@@ -56,7 +56,7 @@ class Relay:
         self.metrics = RelayMetrics(self.registry)
         self.store = ConfigStore()
         self.db = Store(settings.spool.directory)
-        keys = load_keys(settings.tracking_keys_file) if settings.tracking_keys_file else None
+        self.tracking_keys = keys = KeyFile(settings.tracking_keys_file)
         self._source = source
         self.spool = Spool(
             settings.spool.directory,
@@ -129,6 +129,12 @@ class Relay:
             await self._start_http(settings.listen.host, settings.listen.http)
         source = loop.create_task(self._source.run(self.store), name="config")
         self._tasks.append(source)
+        if self.tracking_keys.path is not None:
+            self._tasks.append(
+                loop.create_task(
+                    self.tracking_keys.watch(settings.config_poll_interval), name="tracking-keys"
+                )
+            )
         tls = self._tls_context
         if tls is None:
             tls = server_context(settings.tls.cert_file, settings.tls.key_file)

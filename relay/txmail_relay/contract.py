@@ -64,9 +64,30 @@ def templates_config_map_name(ip: str, shard: int) -> str:
     return f"{relay_name(ip)}-templates-{shard}"
 
 
+def scheduler_secret_name(ip: str) -> str:
+    """The Secret holding the operator's scheduler credential for this relay."""
+    return f"{relay_name(ip)}-scheduler"
+
+
+SCHEDULER_USERNAME_PREFIX = "txmail-scheduler-"
+
+
 def tls_secret_name(ip: str) -> str:
     """The Secret the operator generates when the DedicatedIP names no certificate."""
     return f"{relay_name(ip)}-tls"
+
+
+TRACKING_KEYS_KEY = "keys"
+
+
+def tracking_secret_name(ip: str) -> str:
+    """The Secret with the relay's tracking keys (key :data:`TRACKING_KEYS_KEY`).
+
+    ``kid:hexkey`` lines (``#`` comments allowed): the last line signs, every line verifies.
+    The operator creates it with one random key when the DedicatedIP has a tracking base URL
+    and never changes it afterwards; a person rotates by adding a line with a higher kid.
+    """
+    return f"{relay_name(ip)}-tracking"
 
 
 def shard_of(key: str, shards: int) -> int:
@@ -115,6 +136,11 @@ class CredentialEntry(_Doc):
     create_contacts: bool = Field(default=False, alias="createContacts")
     email_campaign_id: int = Field(alias="emailCampaignId")
     expires_at: datetime | None = Field(default=None, alias="expiresAt")
+    scheduler: bool = Field(
+        default=False,
+        description="The operator's own credential for TransactionalEmail spec.send: may send "
+        "every template published to this relay, whatever its namespace.",
+    )
 
     def accepts(self, password: str, now: datetime) -> bool:
         """Constant-time check of a password against every digest valid at ``now``."""
@@ -173,6 +199,21 @@ class TrackingConfig(_Doc):
     base_url: str | None = Field(default=None, alias="baseURL")
 
 
+class FeedbackConfig(_Doc):
+    complaints_address: str | None = Field(
+        default=None,
+        alias="complaintsAddress",
+        description="Recipient that takes ARF feedback reports over authenticated submission.",
+    )
+
+
+class SuppressionConfig(_Doc):
+    """Which recipients the relay refuses new mail to (both off: transactional mail goes out)."""
+
+    complaints: bool = Field(default=False, description="Recipients who complained.")
+    bounces: bool = Field(default=False, description="Recipients whose mail hard-bounced.")
+
+
 class RelayConfig(_Doc):
     """What the relay of one DedicatedIP needs to know: written to ``relay.json``."""
 
@@ -183,6 +224,8 @@ class RelayConfig(_Doc):
     domains: list[str]
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    suppression: SuppressionConfig = Field(default_factory=SuppressionConfig)
     credential_shards: int = Field(default=CREDENTIAL_SHARDS, alias="credentialShards")
     template_shards: int = Field(default=TEMPLATE_SHARDS, alias="templateShards")
 

@@ -3,10 +3,14 @@
 A GET only records an event (link scanners prefetch). The pixel is served whatever the
 token, so probing learns nothing; a click with a bad, tampered or unknown-key token gets a
 fixed 400 page, never a redirect. Events are written to the store off the event loop.
+
+The key file (``trackingKeysFile``, in Kubernetes the mounted tracking Secret) is read at
+start and again whenever it changes (:class:`KeyFile`), so a rotation needs no restart.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -42,20 +46,74 @@ def load_keys(path: Path) -> TrackingKeys:
         if not line or line.startswith("#"):
             continue
         kid, sep, hexkey = line.partition(":")
+        # Errors name the line, never its text: a malformed line may hold a key.
+        if not sep:
+            raise ValueError(f"{path}, line {number}: expected kid:hexkey")
         try:
             current = int(kid)
             keys[current] = bytes.fromhex(hexkey.strip())
-        except ValueError as e:
-            raise ValueError(f"{path}, line {number}: expected kid:hexkey ({e})") from None
-        if not sep:
-            raise ValueError(f"{path}, line {number}: expected kid:hexkey")
+        except ValueError:
+            raise ValueError(f"{path}, line {number}: expected kid:hexkey") from None
     if current is None:
         raise ValueError(f"{path}: no tracking key")
     return TrackingKeys(keys, current)
 
 
+def _fingerprint(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()  # follows the symlinks of a mounted Secret to the current file
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+class KeyFile:
+    """The tracking keys of a ``kid:hexkey`` file, re-read when the file changes.
+
+    The first read happens at construction and its errors propagate (a relay with a broken
+    key file does not start). Later, a file that cannot be read or parsed is logged and the
+    keys in force stay: a half-edited rotation never takes tracking down. Readers take
+    :attr:`current` each time, so new mail is signed with the new last key at once.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._seen = _fingerprint(path) if path is not None else None
+        self._keys = load_keys(path) if path is not None else None
+
+    @property
+    def current(self) -> TrackingKeys | None:
+        return self._keys
+
+    def refresh(self) -> bool:
+        """Re-read the file if it changed; whether new keys are in force."""
+        if self.path is None:
+            return False
+        seen = _fingerprint(self.path)
+        if seen == self._seen:
+            return False
+        self._seen = seen  # taken before reading: a change made meanwhile is seen next time
+        try:
+            keys = load_keys(self.path)
+        except (OSError, ValueError) as e:
+            log.error(  # noqa: TRY400 - the reason is enough, and holds no key material
+                "tracking keys not reloaded, keeping the previous ones: %s",
+                type(e).__name__ if isinstance(e, OSError) else e,
+            )
+            return False
+        self._keys = keys
+        log.info("tracking keys reloaded", extra={"signing_key": keys.current})
+        return True
+
+    async def watch(self, interval: float) -> None:
+        """Poll the file every ``interval`` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            await asyncio.to_thread(self.refresh)
+
+
 class TrackingEndpoints:
-    def __init__(self, keys: TrackingKeys | None, store: Store, metrics: RelayMetrics) -> None:
+    def __init__(self, keys: KeyFile, store: Store, metrics: RelayMetrics) -> None:
         self._keys = keys
         self._store = store
         self._metrics = metrics
@@ -67,8 +125,9 @@ class TrackingEndpoints:
     async def pixel(self, request: web.Request) -> web.Response:
         token = request.match_info["token"]
         event_id = None
-        if self._keys is not None and token.endswith(".gif"):
-            event_id = self._keys.verify_open(token)
+        keys = self._keys.current
+        if keys is not None and token.endswith(".gif"):
+            event_id = keys.verify_open(token)
         if event_id is None:
             self._metrics.tracking_requests.labels("open", "invalid").inc()
         else:
@@ -77,7 +136,8 @@ class TrackingEndpoints:
         return web.Response(body=TRANSPARENT_GIF, headers=dict(PIXEL_HEADERS))
 
     async def click(self, request: web.Request) -> web.Response:
-        found = self._keys.click(request.match_info["token"]) if self._keys else None
+        keys = self._keys.current
+        found = keys.click(request.match_info["token"]) if keys is not None else None
         if found is None:
             self._metrics.tracking_requests.labels("click", "invalid").inc()
             return web.Response(

@@ -13,6 +13,7 @@ configured): every ``to`` recipient gets its own copy with its own event id; ``c
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from txmail_relay.contract import CredentialEntry, TemplateEntry
 from txmail_relay.metrics import RelayMetrics
 from txmail_relay.mime import MimeError, Outgoing, build_message, to_bytes
 from txmail_relay.spool import SpooledMessage, SpoolError
-from txmail_relay.store import SendStatus, SentCopy, Store
+from txmail_relay.store import SendStatus, SentCopy, Store, Suppression
 from txmail_relay.templating import RenderError, Templates
 from txmail_relay.tracking import TrackingKeys, new_event_id, rewrite_message
 
@@ -40,10 +41,43 @@ ROLE_LOCAL_PARTS = frozenset(
 )
 
 
+#: HubSpot ``sendResult`` of a send refused because its recipient is suppressed.
+SUPPRESSED_RESULTS = {
+    Suppression.BOUNCED: "PREVIOUSLY_BOUNCED",
+    Suppression.COMPLAINED: "PREVIOUS_SPAM",
+}
+SUPPRESSED_REASONS = {
+    Suppression.BOUNCED: "earlier mail to it bounced",
+    Suppression.COMPLAINED: "it reported earlier mail as spam",
+}
+
+
+def suppression_reasons(config: DynamicConfig | None) -> list[Suppression]:
+    """What the DedicatedIP opted into suppressing (nothing by default)."""
+    if config is None:
+        return []
+    opted = config.relay.suppression
+    return [
+        reason
+        for reason, on in (
+            (Suppression.BOUNCED, opted.bounces),
+            (Suppression.COMPLAINED, opted.complaints),
+        )
+        if on
+    ]
+
+
 class Spooler(Protocol):
     async def store(
         self, mail_from: str, recipients: list[str], username: str, body: bytes
     ) -> SpooledMessage: ...
+
+
+class KeySource(Protocol):
+    """Where the tracking keys in force come from (:class:`txmail_relay.engagement.KeyFile`)."""
+
+    @property
+    def current(self) -> TrackingKeys | None: ...
 
 
 class SendError(Exception):
@@ -100,9 +134,12 @@ def sender_allowed(config: DynamicConfig, entry: CredentialEntry, address: str) 
 
 
 def find_template(config: DynamicConfig, entry: CredentialEntry, email_id: int) -> TemplateEntry:
-    """The template if it is in the token's namespace (others look exactly like missing)."""
+    """The template if it is in the token's namespace (others look exactly like missing).
+
+    The operator's scheduler credential may send any template published to this relay.
+    """
     template = config.templates.get(email_id)
-    if template is None or template.namespace != entry.namespace:
+    if template is None or (template.namespace != entry.namespace and not entry.scheduler):
         raise SendError("MISSING_CONTENT", "emailId", f"no email with id {email_id}")
     return template
 
@@ -113,7 +150,7 @@ class Composer:
     def __init__(
         self,
         templates: Templates,
-        keys: TrackingKeys | None,
+        keys: KeySource,
         metrics: RelayMetrics,
         *,
         make_event_id: Callable[[], bytes] = new_event_id,
@@ -154,8 +191,9 @@ class Composer:
             raise SendError("MISSING_CONTENT", "emailId", "the email renders no content")
         reply_to = list(request.reply_to) or template.reply_to
         base = config.relay.tracking.base_url
+        keys = self._keys.current  # one key ring for the whole send, even during a reload
         track = (
-            self._keys is not None
+            keys is not None
             and base is not None
             and (template.track_opens or template.track_clicks)
         )
@@ -181,11 +219,11 @@ class Composer:
         for rcpt in request.to:
             out = build([rcpt], request.cc, ())
             event_id = self._make_event_id()
-            assert self._keys is not None and base is not None  # noqa: S101 - narrowed above
+            assert keys is not None and base is not None  # noqa: S101 - narrowed above
             result = rewrite_message(
                 out.message,
                 base,
-                self._keys,
+                keys,
                 event_id,
                 clicks=template.track_clicks,
                 opens=template.track_opens,
@@ -265,6 +303,7 @@ class SendService:
         if not created:
             return SendOutcome(status, duplicate=True)
         try:
+            request = await self._without_suppressed(entry, config, request)
             copies = await asyncio.to_thread(
                 self._composer.compose, config, entry, template, request
             )
@@ -274,6 +313,35 @@ class SendService:
             raise
         latest = await self._store.call(self._store.status, entry.username, status.status_id)
         return SendOutcome(latest or status, duplicate=False)
+
+    async def _without_suppressed(
+        self, entry: CredentialEntry, config: DynamicConfig, request: SendRequest
+    ) -> SendRequest:
+        """Refuse a suppressed ``to`` (:class:`SendError`); drop suppressed cc and bcc."""
+        reasons = suppression_reasons(config)
+        if not reasons:
+            return request
+        everyone = (*request.to, *request.cc, *request.bcc)
+        found = await self._store.call(self._store.suppressed, everyone, reasons)
+        if not found:
+            return request
+        for rcpt in request.to:
+            if rcpt in found:
+                reason = found[rcpt]
+                raise SendError(
+                    SUPPRESSED_RESULTS[reason],
+                    "message.to",
+                    f"{rcpt} is suppressed on this relay: {SUPPRESSED_REASONS[reason]}",
+                )
+        log.info(
+            "suppressed recipients left out",
+            extra={"token": entry.username, "recipients": len(found)},
+        )
+        return dataclasses.replace(
+            request,
+            cc=tuple(r for r in request.cc if r not in found),
+            bcc=tuple(r for r in request.bcc if r not in found),
+        )
 
     async def send_copies(
         self,

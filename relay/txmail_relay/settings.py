@@ -113,10 +113,13 @@ class Settings(_Settings):
         default=None, description="Write stats JSON here (standalone) instead of a ConfigMap"
     )
     tracking_keys_file: Path | None = Field(
-        default=None, description="'kid:hexkey' lines (e.g. a mounted Secret); last signs"
+        default=None,
+        description="'kid:hexkey' lines (e.g. a mounted Secret); last signs; re-read on change",
     )
     complaints_address: str | None = Field(
-        default=None, description="Recipient address that takes ARF feedback reports"
+        default=None,
+        description="Recipient that takes ARF reports; RelayConfig feedback.complaintsAddress "
+        "wins when set",
     )
 
     @model_validator(mode="after")

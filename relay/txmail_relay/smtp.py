@@ -28,7 +28,13 @@ from txmail_relay.config import ConfigStore
 from txmail_relay.contract import CredentialEntry
 from txmail_relay.logs import install_redaction
 from txmail_relay.metrics import RelayMetrics
-from txmail_relay.sending import SendError, SendService
+from txmail_relay.sending import (
+    SUPPRESSED_REASONS,
+    SUPPRESSED_RESULTS,
+    SendError,
+    SendService,
+    suppression_reasons,
+)
 from txmail_relay.settings import LimitSettings
 from txmail_relay.smtp_templates import TEMPLATE_HEADER, parse_headers, template_request
 from txmail_relay.spool import SpooledMessage, SpoolError, SpoolFullError
@@ -112,7 +118,7 @@ class SubmissionHandler:
         self._sends = sends
         self._db = db
         self._complaints = complaints
-        self._complaints_address = (complaints_address or "").lower() or None
+        self._static_complaints_address = (complaints_address or "").lower() or None
         install_redaction()  # aiosmtpd logs DATA lines and bad AUTH responses at DEBUG
         self._in_flight = 0
         self.idle = asyncio.Event()
@@ -121,6 +127,26 @@ class SubmissionHandler:
     def _reject(self, reason: str, reply: str) -> str:
         self._metrics.rejections.labels(reason).inc()
         return reply
+
+    def _complaints_address(self) -> str | None:
+        """The DedicatedIP's feedback.complaintsAddress (live), else the settings file's."""
+        config = self._store.current
+        live = config.relay.feedback.complaints_address if config is not None else None
+        return (live or "").lower() or self._static_complaints_address
+
+    async def _suppressed(self, address: str) -> str | None:
+        """The 550 for a recipient the DedicatedIP suppresses, or None."""
+        reasons = suppression_reasons(self._store.current)
+        if not reasons or self._db is None or address.lower() == self._complaints_address():
+            return None
+        found = await self._db.call(self._db.suppressed, [address], reasons)
+        reason = found.get(address)
+        if reason is None:
+            return None
+        return (
+            f"550 5.7.1 <{address}> suppressed on this relay: {SUPPRESSED_REASONS[reason]} "
+            f"({SUPPRESSED_RESULTS[reason]})"
+        )
 
     def _allowed(self, entry: CredentialEntry | None, domain: str) -> bool:
         config = self._store.current
@@ -158,6 +184,9 @@ class SubmissionHandler:
     ) -> str:
         if len(envelope.rcpt_tos) >= self._limits.max_recipients:
             return self._reject("recipients", "452 4.5.3 Too many recipients")
+        refused = await self._suppressed(address)
+        if refused is not None:
+            return self._reject("suppressed", refused)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
@@ -168,8 +197,9 @@ class SubmissionHandler:
         if entry is None or not isinstance(content, bytes) or not envelope.mail_from:
             return REPLY_INTERNAL_ERROR
         rcpts = [r.lower() for r in envelope.rcpt_tos]
-        if self._complaints_address is not None and self._complaints_address in rcpts:
-            return await self._complaint(rcpts, content)
+        complaints_address = self._complaints_address()
+        if complaints_address is not None and complaints_address in rcpts:
+            return await self._complaint(rcpts, content, complaints_address)
         domains = header_from_domains(content)
         if domains is None:
             return self._reject("from-header", "550 5.7.1 Exactly one valid From header needed")
@@ -223,8 +253,8 @@ class SubmissionHandler:
         contacts: dict[str, Any] | None = {} if entry.create_contacts else None
         db.submit(lambda: db.record_sent(entry.username, 0, copies, contacts=contacts))
 
-    async def _complaint(self, rcpts: list[str], content: bytes) -> str:
-        if self._complaints is None or any(r != self._complaints_address for r in rcpts):
+    async def _complaint(self, rcpts: list[str], content: bytes, complaints_address: str) -> str:
+        if self._complaints is None or any(r != complaints_address for r in rcpts):
             return self._reject(
                 "recipients", "550 5.5.1 The complaints address must be the only recipient"
             )

@@ -17,6 +17,8 @@ Tables:
 * ``counters``: per (token, emailId, kind) counts (emailId 0 = plain SMTP mail).
 * ``uniques``: (spool id, recipient, kind) for unique opens and clicks.
 * ``contacts``: per (token, address) for tokens with ``createContacts``.
+* ``suppressions``: (address, reason) for every recipient that complained or hard-bounced
+  (a 5xx outcome), across tokens; consulted only when the DedicatedIP opts into suppression.
 """
 
 from __future__ import annotations
@@ -97,6 +99,18 @@ CREATE TABLE IF NOT EXISTS contacts (
     unsubscribed INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (username, address)
 );
+CREATE TABLE IF NOT EXISTS suppressions (
+    address TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (address, reason)
+);
+"""
+
+# Complaints recorded before the suppressions table existed (once, when it is created).
+_BACKFILL = """
+INSERT OR IGNORE INTO suppressions
+    SELECT lower(recipient), 'complained', 0 FROM uniques WHERE kind = 'complained';
 """
 
 
@@ -114,6 +128,13 @@ class Kind(StrEnum):
     UNIQUE_CLICKED = "unique_clicked"
     COMPLAINED = "complained"
     UNSUBSCRIBED = "unsubscribed"
+
+
+class Suppression(StrEnum):
+    """Why a recipient may be suppressed; the values are also the store's reasons."""
+
+    BOUNCED = "bounced"
+    COMPLAINED = "complained"
 
 
 class SendState(StrEnum):
@@ -211,7 +232,12 @@ class Store:
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
+        new_table = not db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'suppressions'"
+        ).fetchone()
         db.executescript(_SCHEMA)
+        if new_table:
+            db.executescript(_BACKFILL)
         # Reservations that never reached the spool: the client got no answer and retries.
         db.execute("DELETE FROM statuses WHERE status = ?", (SendState.PENDING.value,))
         self._db = db
@@ -400,6 +426,8 @@ class Store:
             ).fetchone()
             email_id = row["email_id"] if row else 0
             self._bump(username, email_id, _OUTCOME_KIND[outcome])
+            if outcome is Outcome.BOUNCED:
+                self._suppress(recipient, Suppression.BOUNCED, at)
             if row is None or row["status_id"] is None or not outcome.final:
                 return
             result = "SENT" if outcome is Outcome.DELIVERED else "UNDELIVERABLE"
@@ -470,11 +498,43 @@ class Store:
                 return False
             self._bump(found.username, found.email_id, Kind.COMPLAINED)
             self._bump(found.username, found.email_id, Kind.UNSUBSCRIBED)
+            self._suppress(found.recipient, Suppression.COMPLAINED, self._clock())
             db.execute(
                 "UPDATE contacts SET unsubscribed = 1 WHERE username = ? AND address = ?",
                 (found.username, found.recipient.lower()),
             )
         return True
+
+    # -- suppression --------------------------------------------------------------------------
+
+    def _suppress(self, address: str, reason: Suppression, at: float) -> None:
+        self.db.execute(
+            "INSERT OR IGNORE INTO suppressions VALUES (?, ?, ?)",
+            (address.lower(), reason.value, at),
+        )
+
+    def suppressed(
+        self, addresses: Iterable[str], reasons: Iterable[Suppression]
+    ) -> dict[str, Suppression]:
+        """The addresses (as given) recorded for one of ``reasons``, each with its reason.
+
+        Case-insensitive; a bounce is reported before a complaint.
+        """
+        wanted = sorted(set(reasons))  # "bounced" < "complained"
+        given = {a.lower(): a for a in addresses}
+        if not wanted or not given:
+            return {}
+        result: dict[str, Suppression] = {}
+        marks = ",".join("?" * len(wanted))
+        for lowered, original in given.items():
+            row = self.db.execute(
+                f"SELECT reason FROM suppressions WHERE address = ? AND reason IN ({marks})"  # noqa: S608 - only placeholders
+                " ORDER BY reason LIMIT 1",
+                (lowered, *(r.value for r in wanted)),
+            ).fetchone()
+            if row is not None:
+                result[original] = Suppression(row[0])
+        return result
 
     # -- reading ------------------------------------------------------------------------------
 

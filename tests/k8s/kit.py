@@ -11,6 +11,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from peers import wait_for
 from txmail_relay import contract as c
 
 GROUP, VERSION = "txmail.dev", "v1alpha1"
@@ -120,6 +121,17 @@ class Kit:
         if raw is None:
             return None
         return {k: base64.b64decode(v).decode() for k, v in (raw.data or {}).items()}
+
+    def new_password(
+        self, namespace: str, name: str, old: str, timeout: float = 10.0
+    ) -> dict[str, str]:
+        """Wait until the app Secret holds a password other than ``old``; return its data."""
+
+        def changed() -> dict[str, str] | None:
+            data = self.secret(namespace, name)
+            return data if data and data.get("password") != old else None
+
+        return wait_for(changed, timeout, f"a new password in Secret {namespace}/{name}")
 
     def raw_secret(self, namespace: str, name: str) -> Any:
         try:

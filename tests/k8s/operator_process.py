@@ -30,6 +30,7 @@ class OperatorProcess:
             "TXMAIL_NAMESPACE": self.namespace,
             "TXMAIL_DRIFT_CHECK_INTERVAL": "1",
             "TXMAIL_STATS_INTERVAL": "1",
+            "TXMAIL_SEND_CHECK_INTERVAL": "1",
             "TXMAIL_RELAY_IMAGE": "txmail-relay:test",
             **self.env,
         }

@@ -6,78 +6,25 @@ so it sees exactly what the operator writes, through watches by name.
 
 from __future__ import annotations
 
+import email as email_parser
+import email.policy as email_policy
+import http.client
+import json
+import re
 import smtplib
 import ssl
 import time
-from collections.abc import Iterator
-from pathlib import Path
+import urllib.error
+import urllib.request
+from typing import Any
 
 import pytest
-from kubernetes import client
 
+from k8s.conftest import ADDRESS, Live
 from k8s.kit import GROUP, VERSION, Kit
-from k8s.operator_process import OperatorProcess
-from peers import RelayProcess, Sink, auth_accepted, free_port, submit, wait_for
-from txmail_relay import contract as c
+from peers import Sink, auth_accepted, submit, wait_for
 
 pytestmark = pytest.mark.k8s
-ADDRESS = "127.0.0.2"
-
-
-@pytest.fixture
-def kit(api: client.ApiClient, operator: OperatorProcess, operator_namespace: str) -> Kit:
-    return Kit(api, operator_namespace)
-
-
-@pytest.fixture
-def sink() -> Iterator[Sink]:
-    s = Sink()
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def live(
-    kit: Kit, sink: Sink, kubeconfig: Path, tmp_path: Path
-) -> Iterator[tuple[str, int, RelayProcess]]:
-    """A DedicatedIP relaying to smtp-sink, and its relay process."""
-    ip = kit.dedicated_ip(
-        address=ADDRESS,
-        delivery={
-            "mode": "Smarthost",
-            "smarthost": {"host": "127.0.0.1", "port": sink.port, "tls": "None"},
-        },
-    )
-    tls = wait_for(
-        lambda: kit.secret(kit.operator_namespace, c.tls_secret_name(ip)),
-        10,
-        "the relay's TLS Secret",
-    )
-    (tmp_path / "tls.crt").write_text(tls["tls.crt"])
-    (tmp_path / "tls.key").write_text(tls["tls.key"])
-    port = free_port(ADDRESS)
-    relay = RelayProcess(
-        {
-            "kubernetes": {
-                "namespace": kit.operator_namespace,
-                "dedicatedIP": ip,
-                "kubeconfig": str(kubeconfig),
-            },
-            "listen": {"host": ADDRESS, "submission": port, "submissions": None, "http": None},
-            "tls": {"certFile": str(tmp_path / "tls.crt"), "keyFile": str(tmp_path / "tls.key")},
-            "spool": {"directory": str(tmp_path / "spool")},
-            "retry": {"minBackoff": 1, "maxBackoff": 2, "maxLifetime": 60},
-            "statsInterval": 1,
-            "logging": {"level": "DEBUG"},
-        },
-        tmp_path,
-    )
-    relay.start(wait_port=(ADDRESS, port))
-    try:
-        yield ip, port, relay
-    finally:
-        relay.stop()
-        kit.objs.delete_cluster_custom_object(GROUP, VERSION, "dedicatedips", ip)
 
 
 def message(n: int) -> bytes:
@@ -88,17 +35,10 @@ def message(n: int) -> bytes:
     ).encode()
 
 
-def secret_of(kit: Kit, namespace: str, old: str | None = None) -> dict[str, str] | None:
-    s = kit.secret(namespace, "shop-smtp")
-    return s if s and s.get("password") != old else None
-
-
-def test_relay_follows_tokens_live(
-    kit: Kit, namespace: str, sink: Sink, live: tuple[str, int, RelayProcess]
-) -> None:
-    ip, port, relay = live
+def test_relay_follows_tokens_live(kit: Kit, namespace: str, sink: Sink, live: Live) -> None:
+    ip, port, relay = live.ip, live.port, live.relay
     kit.token(namespace, ip, "shop")
-    secret = wait_for(lambda: secret_of(kit, namespace), 10, "the app Secret")
+    secret = wait_for(lambda: kit.secret(namespace, "shop-smtp"), 10, "the app Secret")
 
     start = time.monotonic()
     wait_for(
@@ -131,9 +71,7 @@ def test_relay_follows_tokens_live(
     kit.objs.patch_namespaced_custom_object(
         GROUP, VERSION, namespace, "smtptokens", "shop", {"spec": {"passwordGeneration": 2}}
     )
-    rotated = wait_for(
-        lambda: secret_of(kit, namespace, secret["password"]), 10, "the reset password"
-    )
+    rotated = kit.new_password(namespace, "shop-smtp", secret["password"])
     wait_for(
         lambda: auth_accepted((ADDRESS, port), rotated), 5, "the new password to work", every=0.2
     )
@@ -158,3 +96,101 @@ def test_relay_follows_tokens_live(
     assert created_to_auth < 5
     for password in (secret["password"], rotated["password"]):
         assert password not in relay.output()
+
+
+def api_send(live: Live, password: str, doc: dict[str, Any]) -> dict[str, Any]:
+    request = urllib.request.Request(
+        f"http://{ADDRESS}:{live.http_port}/marketing/v3/transactional/single-email/send",
+        data=json.dumps(doc).encode(),
+        headers={"Authorization": f"Bearer {password}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=15) as reply:
+        body: dict[str, Any] = json.loads(reply.read())
+        return body
+
+
+def get(live: Live, path: str) -> tuple[int, str | None]:
+    """GET without following redirects: (status, Location)."""
+    conn = http.client.HTTPConnection(ADDRESS, live.http_port, timeout=15)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        return response.status, response.getheader("Location")
+    finally:
+        conn.close()
+
+
+def test_api_send_opens_and_clicks_reach_the_token_status(
+    kit: Kit, namespace: str, sink: Sink, live: Live
+) -> None:
+    """An app sends with HubSpot's request shape; a reader opens and clicks; stats follow."""
+    kit.token(namespace, live.ip, "shop")
+    kit.email(
+        namespace,
+        live.ip,
+        "receipt",
+        html="<p>Hi {{ contact.firstname }}</p>"
+        '<a href="https://shop.example.com/o/{{ custom.id }}">order</a>',
+        text="Hi {{ contact.firstname }}\nEND-OF-MESSAGE\n",
+        tracking={"opens": True, "clicks": True},
+    )
+    secret = wait_for(lambda: kit.secret(namespace, "shop-smtp"), 10, "the app Secret")
+    email = wait_for(
+        lambda: (
+            kit.is_ready("transactionalemails", namespace, "receipt")
+            and kit.get("transactionalemails", namespace, "receipt")
+        ),
+        10,
+        "the email Ready",
+    )
+    wait_for(
+        lambda: auth_accepted((ADDRESS, live.port), secret), 5, "the token at the relay", every=0.2
+    )
+    doc = {
+        "emailId": email["status"]["emailId"],
+        "message": {"to": "ann@example.net", "sendId": "receipt-1"},
+        "contactProperties": {"firstname": "Ann"},
+        "customProperties": {"id": "42"},
+    }
+    wait_for(lambda: kit.template(live.ip, doc["emailId"]), 5, "the template at the relay")
+    reply = wait_for(
+        lambda: _try_send(live, secret["password"], doc),
+        10,
+        "the relay to accept the send",
+        every=0.3,
+    )
+    assert reply["sendResult"] == "QUEUED"
+
+    got = sink.wait(1)[0]
+    message = email_parser.message_from_string(
+        "Received: from " + got.content, policy=email_policy.default
+    )
+    html_part = message.get_body(preferencelist=("html",))
+    assert html_part is not None
+    html = html_part.get_content()
+    pixel = re.search(r'src="http://[^/]+(/o/[^"]+)"', html)
+    click = re.search(r'href="http://[^/]+(/c/[^"]+)"', html)
+    assert pixel and click, html
+    assert get(live, pixel[1])[0] == 200
+    assert get(live, click[1]) == (302, "https://shop.example.com/o/42")
+
+    def stats() -> dict[str, Any] | None:
+        figures = ((kit.get("smtptokens", namespace, "shop") or {}).get("status") or {}).get(
+            "stats"
+        )
+        return figures if figures and figures["clicks"] >= 1 and figures["opens"] >= 1 else None
+
+    figures = wait_for(stats, 20, "opens and clicks in the token status", every=0.3)
+    assert (figures["uniqueOpens"], figures["uniqueClicks"]) == (1, 1)
+    assert figures["delivered"] == 1 and figures["openRate"] == 1.0 and figures["clickRate"] == 1.0
+
+
+def _try_send(live: Live, password: str, doc: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        return api_send(live, password, doc)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        if exc.code in (400, 401):  # credential or template not at the relay yet
+            return None
+        raise

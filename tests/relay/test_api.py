@@ -381,3 +381,25 @@ async def test_unspooled_reservations_are_dropped_on_restart(tmp_path: Path) -> 
     kept, fresh = await store.call(store.reserve, "u", "s2", 1, "a@x.test")
     assert not fresh and kept.status is SendState.PROCESSING
     await store.close()
+
+
+def test_the_operators_scheduler_credential_sends_every_namespaces_template(
+    env: RelayEnv, b_password: str
+) -> None:
+    """spec.send goes through this API with the operator's per-relay credential."""
+    scheduler = secrets.token_urlsafe(32)
+    creds = [
+        credential(env.username, env.password),
+        credential(
+            "txmail-scheduler-relay", scheduler, domains=["example.com", "tenant-b.com"]
+        ).model_copy(update={"namespace": "", "scheduler": True}),
+    ]
+    relay = env.start(env.settings(credentials=creds, overrides={"templates": _templates()}))
+    for email_id, sender in ((ORDER, "s@example.com"), (OTHER, "s@tenant-b.com")):
+        doc = {**_request(sendId=f"s-{email_id}", **{"from": sender}), "emailId": email_id}
+        reply = _send(relay, doc, bearer(scheduler))
+        assert reply.status == 200, reply.body
+    # An ordinary token still sees only its own namespace's emails.
+    refused = _send(relay, {**_request(), "emailId": OTHER}, bearer(env.password))
+    assert refused.json()["sendResult"] == "MISSING_CONTENT"
+    assert len(env.sink.wait(2)) == 2

@@ -38,22 +38,28 @@ def ip_spec(**overrides: Any) -> DedicatedIPSpec:
     return DedicatedIPSpec.model_validate({**sample_spec("dedicatedip"), **overrides})
 
 
+TRACKING_KEY = bytes(range(32))  # fixed: builders take key material as an argument
+
+
 def relay_objects(spec: DedicatedIPSpec) -> list[dict[str, Any]]:
     config = builders.relay_config("demo", spec)
+    tracking = c.tracking_secret_name("demo") if spec.tracking.base_url else None
     objects = [
         builders.relay_service_account("demo", IP_UID, NS),
         builders.relay_role("demo", IP_UID, NS),
         builders.relay_role_binding("demo", IP_UID, NS),
-        builders.relay_config_map("demo", IP_UID, NS, config),
+        builders.relay_config_map("demo", IP_UID, NS, config, tracking_keys=tracking is not None),
         builders.credential_shard("demo", IP_UID, NS, 0),
         builders.template_shard("demo", IP_UID, NS, 0),
         builders.stats_config_map("demo", IP_UID, NS),
         builders.relay_service("demo", IP_UID, NS, spec),
         builders.relay_deployment(
-            "demo", IP_UID, NS, spec, "txmail-relay:1.0", c.tls_secret_name("demo")
+            "demo", IP_UID, NS, spec, "txmail-relay:1.0", c.tls_secret_name("demo"), tracking
         ),
     ]
     claim = builders.relay_spool_claim("demo", IP_UID, NS, spec)
+    if tracking is not None:
+        objects.append(builders.relay_tracking_secret("demo", IP_UID, NS, TRACKING_KEY))
     return [*objects, *([claim] if claim else [])]
 
 
@@ -88,6 +94,13 @@ CASES = {
             },
         )
     ),
+    "relay-tracking-suppression": lambda: relay_objects(
+        ip_spec(
+            tracking={"baseURL": "https://t.example.com"},
+            feedback={"complaintsAddress": "fbl@mail.example.com"},
+            suppression={"complaints": True, "bounces": True},
+        )
+    ),
     "smtptoken": token_objects,
     "transactionalemail": email_objects,
 }
@@ -112,6 +125,55 @@ def test_relay_settings_parse_with_the_relays_own_model() -> None:
     assert settings.kubernetes.namespace == NS
     assert str(settings.spool.directory) == builders.SPOOL_PATH
     assert str(settings.tls.cert_file) == f"{builders.TLS_PATH}/tls.crt"
+
+
+def test_tracking_keys_reach_the_relay_as_a_mounted_file_it_can_load(tmp_path: Path) -> None:
+    """Secret key -> mounted file -> settings.yaml path: the relay loads the key it was given."""
+    from txmail_relay.engagement import load_keys  # noqa: PLC0415
+
+    secret = builders.relay_tracking_secret("demo", IP_UID, NS, TRACKING_KEY)
+    assert secret["metadata"]["name"] == c.tracking_secret_name("demo")
+    assert list(secret["data"]) == [c.TRACKING_KEYS_KEY]
+    keys_file = tmp_path / c.TRACKING_KEYS_KEY
+    keys_file.write_bytes(base64.b64decode(secret["data"][c.TRACKING_KEYS_KEY]))
+    keys = load_keys(keys_file)
+    assert keys.current == 1
+    token = keys.sign_open(b"e" * 16)
+    # A rotation as docs/relay.md describes it: append a line with a higher kid.
+    keys_file.write_text(keys_file.read_text() + builders.tracking_keys_line(2, b"\x02" * 32))
+    rotated = load_keys(keys_file)
+    assert rotated.current == 2 and rotated.verify_open(token) == b"e" * 16
+
+    settings = Settings.model_validate(
+        yaml.safe_load(builders.relay_settings("demo", NS, tracking_keys=True))
+    )
+    assert str(settings.tracking_keys_file) == f"{builders.TRACKING_PATH}/{c.TRACKING_KEYS_KEY}"
+    untracked_settings = yaml.safe_load(builders.relay_settings("demo", NS))
+    assert Settings.model_validate(untracked_settings).tracking_keys_file is None
+
+    spec = ip_spec(tracking={"baseURL": "https://t.example.com"})
+    pod = builders.relay_deployment(
+        "demo", IP_UID, NS, spec, "img", "tls", c.tracking_secret_name("demo")
+    )["spec"]["template"]["spec"]
+    [volume] = [v for v in pod["volumes"] if v["name"] == "tracking"]
+    assert volume["secret"]["secretName"] == c.tracking_secret_name("demo")
+    [mount] = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "tracking"]
+    assert mount["mountPath"] == builders.TRACKING_PATH and "subPath" not in mount
+    untracked = builders.relay_deployment("demo", IP_UID, NS, spec, "img", "tls")
+    assert "tracking" not in str(untracked["spec"]["template"]["spec"]["volumes"])
+
+
+def test_feedback_and_suppression_reach_the_relay_config() -> None:
+    config = builders.relay_config("demo", ip_spec())
+    assert config.feedback.complaints_address is None
+    assert not config.suppression.complaints and not config.suppression.bounces
+    config = builders.relay_config(
+        "demo",
+        ip_spec(feedback={"complaintsAddress": "fbl@example.com"}, suppression={"bounces": True}),
+    )
+    assert config.feedback.complaints_address == "fbl@example.com"
+    assert config.suppression.bounces and not config.suppression.complaints
+    assert c.RelayConfig.model_validate_json(config.to_json()) == config
 
 
 def test_relay_config_round_trips_through_the_contract() -> None:

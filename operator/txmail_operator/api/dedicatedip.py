@@ -9,6 +9,7 @@ from pydantic import ConfigDict, Field
 
 from .common import (
     DOMAIN,
+    EMAIL,
     Condition,
     LabelSelector,
     LocalObjectReference,
@@ -182,6 +183,15 @@ class Relay(Model):
         default=None, description="Where accepted mail waits for delivery."
     )
     ports: RelayPorts | None = Field(default=None, description="Ports of the relay's Service.")
+    api_url: str | None = Field(
+        default=None,
+        alias="apiURL",
+        max_length=2048,
+        pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+        description="Where the operator reaches the relay's HTTP API (for spec.send of "
+        "TransactionalEmails); the relay's Service when omitted. Set it for a relay that runs "
+        "outside the cluster.",
+    )
 
 
 class TLS(Model):
@@ -202,7 +212,39 @@ class Tracking(Model):
         max_length=2048,
         pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
         description="Public URL that reaches the relay's HTTP port (through an Ingress), used "
-        "in open pixels and rewritten links. Tracking is off for this IP when omitted.",
+        "in open pixels and rewritten links. Tracking is off for this IP when omitted. The "
+        "signing keys are in the Secret txmail-relay-<name>-tracking (key 'keys', one "
+        "'kid:hexkey' line per key) in the operator's namespace: created with one random key "
+        "the first time this is set, never changed by the operator. Rotate by adding a line "
+        "with a higher kid; the last line signs, every line verifies.",
+    )
+
+
+class Feedback(Model):
+    complaints_address: str | None = Field(
+        default=None,
+        alias="complaintsAddress",
+        max_length=320,
+        pattern=EMAIL,
+        description="Where mailbox providers' ARF feedback reports (RFC 5965) are forwarded "
+        "to, accepted over authenticated submission: a report about a message this relay sent "
+        "is recorded as a complaint and an unsubscribe of its token and recipient, never "
+        "relayed. Reports are not accepted when omitted.",
+    )
+
+
+class Suppression(Model):
+    complaints: bool = Field(
+        default=False,
+        description="Refuse new mail to recipients who complained about mail from this relay "
+        "(SMTP: 550 5.7.1 at RCPT; API: sendResult PREVIOUS_SPAM). Off by default: "
+        "transactional mail bypasses subscription status.",
+    )
+    bounces: bool = Field(
+        default=False,
+        description="Refuse new mail to recipients whose mail from this relay bounced "
+        "(a permanent 5xx failure; SMTP: 550 5.7.1 at RCPT; API: sendResult "
+        "PREVIOUSLY_BOUNCED).",
     )
 
 
@@ -243,6 +285,14 @@ class DedicatedIPSpec(Model):
     relay: Relay = Field(default_factory=Relay, description="The relay's pod and Service.")
     tls: TLS = Field(default_factory=TLS, description="The relay's serving certificate.")
     tracking: Tracking = Field(default_factory=Tracking, description="Open and click tracking.")
+    feedback: Feedback = Field(
+        default_factory=Feedback, description="Feedback loops: where complaints arrive."
+    )
+    suppression: Suppression = Field(
+        default_factory=Suppression,
+        description="Recipients the relay refuses new mail to, from what it recorded itself. "
+        "Changes apply to the next message without a restart.",
+    )
 
 
 class RelayStatus(Model):

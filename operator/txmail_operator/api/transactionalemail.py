@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar
 
@@ -48,6 +49,73 @@ class EmailTracking(Model):
     )
 
 
+class Recipient(Model):
+    address: EmailAddress = Field(description="Recipient address.")
+    contact_properties: dict[str, Annotated[str, Field(max_length=4096)]] | None = Field(
+        default=None,
+        max_length=64,
+        description="Values for {{ contact.* }} in the template, for this recipient.",
+    )
+
+
+class ConfigMapKeyReference(Model):
+    name: str = Field(max_length=253, description="ConfigMap in this namespace.")
+    key: str = Field(
+        max_length=253,
+        description="Key holding CSV: a header row with 'email' and contact property names, "
+        "then one recipient per row.",
+    )
+
+
+class SendPhase(StrEnum):
+    SCHEDULED = "Scheduled"
+    SENDING = "Sending"
+    COMPLETE = "Complete"
+    CANCELED = "Canceled"
+    FAILED = "Failed"
+
+
+class OneOffSend(Model):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "has(self.recipients) != has(self.recipientsFrom)",
+                    "set exactly one of send.recipients and send.recipientsFrom",
+                ),
+                cel(
+                    "!has(oldSelf.sendGeneration) || !has(self.sendGeneration) || "
+                    "self.sendGeneration >= oldSelf.sendGeneration",
+                    "send.sendGeneration can only be raised: raising it sends again",
+                ),
+            ]
+        }
+    )
+
+    recipients: list[Recipient] | None = Field(
+        default=None, max_length=1000, description="Who receives the one-off send."
+    )
+    recipients_from: ConfigMapKeyReference | None = Field(
+        default=None, description="A CSV list of recipients in a ConfigMap, for large sends."
+    )
+    custom_properties: dict[str, Annotated[str, Field(max_length=4096)]] | None = Field(
+        default=None, max_length=64, description="Values for {{ custom.* }}, for every recipient."
+    )
+    at: datetime | None = Field(
+        default=None, description="When to send (RFC 3339). Omitted: as soon as the email is Ready."
+    )
+    suspend: bool = Field(
+        default=False, description="Hold the send; setting it before or while sending cancels."
+    )
+    send_generation: int = Field(
+        default=1,
+        ge=1,
+        le=2**31 - 1,
+        description="Raise it to send again after the send completed or was canceled; "
+        "changing recipients or content alone never resends.",
+    )
+
+
 class TransactionalEmailSpec(Model):
     model_config = ConfigDict(
         json_schema_extra={
@@ -90,6 +158,24 @@ class TransactionalEmailSpec(Model):
     tracking: EmailTracking = Field(
         default_factory=EmailTracking, description="Open and click tracking for this email."
     )
+    send: OneOffSend | None = Field(
+        default=None,
+        description="A one-off or scheduled send of this email to a list of recipients, made "
+        "by the operator through the relay (idempotent per recipient).",
+    )
+
+
+class SendStatus(Model):
+    phase: SendPhase = Field(description="Scheduled, Sending, Complete, Canceled or Failed.")
+    generation: int = Field(ge=1, description="The send.sendGeneration this status is about.")
+    total: int = Field(default=0, ge=0, description="Recipients in the send.")
+    accepted: int = Field(default=0, ge=0, description="Recipients the relay accepted.")
+    failed: int = Field(default=0, ge=0, description="Recipients the relay refused.")
+    message: str | None = Field(
+        default=None, max_length=4096, description="Why recipients failed, or what is awaited."
+    )
+    started_at: datetime | None = Field(default=None, description="When sending began.")
+    completed_at: datetime | None = Field(default=None, description="When sending ended.")
 
 
 class TransactionalEmailStatus(Model):
@@ -101,6 +187,7 @@ class TransactionalEmailStatus(Model):
         description="The id to pass as emailId to the single-send API: stable and unique in "
         "the cluster.",
     )
+    send: SendStatus | None = Field(default=None, description="Progress of spec.send.")
     observed_generation: int | None = observed_generation_field()
 
 

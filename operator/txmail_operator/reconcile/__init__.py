@@ -12,6 +12,7 @@ from ..builders import username_for
 from .context import Context, Locks
 from .dedicatedip import reconcile_ip, refresh_status
 from .email import IdTaken, reconcile_email, withdraw_email
+from .sends import reconcile_send
 from .smtptoken import reconcile_token, revoke_token
 from .stats import publish_stats
 
@@ -47,6 +48,7 @@ __all__ = [
     "publish_stats",
     "reconcile_email",
     "reconcile_ip",
+    "reconcile_send",
     "reconcile_token",
     "refresh_status",
     "revoke_token",

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ..kube import Kube
+from ..relayclient import RelayClient
 from ..settings import Settings
 
 
@@ -79,3 +80,4 @@ class Context:
     locks: Locks = field(default_factory=Locks)
     namespaces: LabelMemory = field(default_factory=LabelMemory)
     stats: StatsMemory = field(default_factory=StatsMemory)
+    relay: RelayClient = field(default_factory=RelayClient)

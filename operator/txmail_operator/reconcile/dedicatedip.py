@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import secrets
 from typing import Any
 
 from txmail_relay import contract as c
@@ -41,6 +42,24 @@ def _ensure_tls(
         )
     )
     return secret_name, material.ca_pem, None
+
+
+def _ensure_tracking_keys(ctx: Context, name: str, uid: str, spec: DedicatedIPSpec) -> str | None:
+    """The tracking keys Secret to mount, created with one random key when tracking is on.
+
+    Created only when missing and never rewritten: a rotation is a person adding a line. A
+    Secret left from when tracking was on stays mounted, so links in mail already delivered
+    keep verifying.
+    """
+    ns = ctx.settings.namespace
+    secret_name = c.tracking_secret_name(name)
+    secret = ctx.kube.get("v1", "Secret", ns, secret_name)
+    if secret is not None and (secret.get("data") or {}).get(c.TRACKING_KEYS_KEY):
+        return secret_name
+    if spec.tracking.base_url is None:
+        return None
+    ctx.kube.apply(builders.relay_tracking_secret(name, uid, ns, secrets.token_bytes(32)))
+    return secret_name
 
 
 def relay_ca(ctx: Context, ip: str, spec: DedicatedIPSpec) -> bytes | None:
@@ -83,11 +102,15 @@ def reconcile_ip(ctx: Context, body: Obj, tokens: int, emails: int) -> None:
     ns = ctx.settings.namespace
     with ctx.locks.hold(f"dedicatedip/{name}"):
         tls_secret, _ca, tls_problem = _ensure_tls(ctx, name, uid, spec)
+        tracking_secret = _ensure_tracking_keys(ctx, name, uid, spec)
+        config = builders.relay_config(name, spec)
         children: list[Obj | None] = [
             builders.relay_service_account(name, uid, ns),
             builders.relay_role(name, uid, ns),
             builders.relay_role_binding(name, uid, ns),
-            builders.relay_config_map(name, uid, ns, builders.relay_config(name, spec)),
+            builders.relay_config_map(
+                name, uid, ns, config, tracking_keys=tracking_secret is not None
+            ),
             *(builders.credential_shard(name, uid, ns, k) for k in range(c.CREDENTIAL_SHARDS)),
             *(builders.template_shard(name, uid, ns, k) for k in range(c.TEMPLATE_SHARDS)),
             builders.stats_config_map(name, uid, ns),
@@ -98,7 +121,9 @@ def reconcile_ip(ctx: Context, body: Obj, tokens: int, emails: int) -> None:
             if child is not None:
                 ctx.kube.apply(child)
         deployment = ctx.kube.apply(
-            builders.relay_deployment(name, uid, ns, spec, ctx.settings.relay_image, tls_secret)
+            builders.relay_deployment(
+                name, uid, ns, spec, ctx.settings.relay_image, tls_secret, tracking_secret
+            )
         )
         write_status(ctx, body, spec, deployment, tokens, emails, tls_problem)
 

@@ -44,7 +44,7 @@ def _decode(secret: Obj | None, key: str) -> str | None:
     return base64.b64decode(value).decode() if value else None
 
 
-def _current_entry(ctx: Context, ip: str, username: str) -> tuple[bool, c.CredentialEntry | None]:
+def current_entry(ctx: Context, ip: str, username: str) -> tuple[bool, c.CredentialEntry | None]:
     shard = ctx.kube.get("v1", "Secret", ctx.settings.namespace, _shard_name(ip, username))
     if shard is None:
         return False, None
@@ -132,7 +132,7 @@ def _reconcile(ctx: Context, body: Obj) -> None:
         _write_status(ctx, body, base, False, reason, message)
         return
 
-    exists, entry = _current_entry(ctx, ip_name, username)
+    exists, entry = current_entry(ctx, ip_name, username)
     if not exists:
         raise kopf.TemporaryError(f"the relay of DedicatedIP {ip_name} is being set up", delay=2)
     secret = ctx.kube.get("v1", "Secret", namespace, secret_name)
@@ -172,7 +172,7 @@ def _reconcile(ctx: Context, body: Obj) -> None:
         base["emailCampaignId"],
     )
     if entry != wanted:
-        _put_entry(ctx, ip_name, username, wanted)
+        put_entry(ctx, ip_name, username, wanted)
     if issue is not None:
         ctx.kube.event(body, issue.reason, issue.message, warning=issue.warning, now=now)
     elif secret is not None and _drifted(secret, desired):
@@ -206,7 +206,7 @@ def _drifted(actual: Obj, desired: Obj) -> bool:
     return want["ownerReferences"][0]["uid"] not in owners
 
 
-def _put_entry(ctx: Context, ip: str, username: str, entry: c.CredentialEntry) -> None:
+def put_entry(ctx: Context, ip: str, username: str, entry: c.CredentialEntry) -> None:
     patch = builders.shard_patch(username, entry.to_json(), secret=True)
     ctx.kube.merge_patch("v1", "Secret", ctx.settings.namespace, _shard_name(ip, username), patch)
 

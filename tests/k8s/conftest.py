@@ -1,0 +1,90 @@
+"""Fixtures of the k8s tier: the operator's view (kit) and a live relay on the same API."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+
+from k8s.kit import GROUP, VERSION, Kit
+from k8s.operator_process import OperatorProcess
+from peers import RelayProcess, Sink, free_port, wait_for
+from txmail_relay import contract as c
+
+ADDRESS = "127.0.0.2"
+
+
+@dataclass(frozen=True)
+class Live:
+    """A DedicatedIP relaying to smtp-sink and its relay process (SMTP and HTTP ports)."""
+
+    ip: str
+    port: int
+    http_port: int
+    relay: RelayProcess
+
+
+@pytest.fixture
+def kit(api: client.ApiClient, operator: OperatorProcess, operator_namespace: str) -> Kit:
+    return Kit(api, operator_namespace)
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    s = Sink()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def live(
+    kit: Kit, sink: Sink, kubeconfig: Path, tmp_path: Path
+) -> Iterator[tuple[str, int, RelayProcess]]:
+    """A DedicatedIP relaying to smtp-sink, and its relay process."""
+    http_port = free_port(ADDRESS)
+    ip = kit.dedicated_ip(
+        address=ADDRESS,
+        relay={"apiURL": f"http://{ADDRESS}:{http_port}"},
+        tracking={"baseURL": f"http://{ADDRESS}:{http_port}"},
+        delivery={
+            "mode": "Smarthost",
+            "smarthost": {"host": "127.0.0.1", "port": sink.port, "tls": "None"},
+        },
+    )
+    tls = wait_for(
+        lambda: kit.secret(kit.operator_namespace, c.tls_secret_name(ip)),
+        10,
+        "the relay's TLS Secret",
+    )
+    (tmp_path / "tls.crt").write_text(tls["tls.crt"])
+    (tmp_path / "tls.key").write_text(tls["tls.key"])
+    keys = tmp_path / "tracking-keys"
+    keys.write_text(f"1:{secrets.token_hex(32)}\n")
+    port = free_port(ADDRESS)
+    relay = RelayProcess(
+        {
+            "kubernetes": {
+                "namespace": kit.operator_namespace,
+                "dedicatedIP": ip,
+                "kubeconfig": str(kubeconfig),
+            },
+            "listen": {"host": ADDRESS, "submission": port, "submissions": None, "http": http_port},
+            "tls": {"certFile": str(tmp_path / "tls.crt"), "keyFile": str(tmp_path / "tls.key")},
+            "spool": {"directory": str(tmp_path / "spool")},
+            "retry": {"minBackoff": 1, "maxBackoff": 2, "maxLifetime": 60},
+            "statsInterval": 1,
+            "trackingKeysFile": str(keys),
+            "logging": {"level": "DEBUG"},
+        },
+        tmp_path,
+    )
+    relay.start(wait_port=(ADDRESS, port))
+    try:
+        yield Live(ip, port, http_port, relay)
+    finally:
+        relay.stop()
+        kit.objs.delete_cluster_custom_object(GROUP, VERSION, "dedicatedips", ip)
