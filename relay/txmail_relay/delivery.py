@@ -239,7 +239,8 @@ class MxResolver:
 
 
 class _StaleConnectionError(Exception):
-    """The server closed a connection before MAIL: nothing was sent."""
+    """The server closed a connection before MAIL, or answered MAIL with 421: nothing was
+    sent. The argument, if any, is the server's reply."""
 
 
 def _same_family(address: str, source: str | None) -> bool:
@@ -353,9 +354,11 @@ class SmtpTransport:
     async def _connect(self, route: Route) -> aiosmtplib.SMTP:
         tls_context = None
         if route.tls in (TLSMode.IMPLICIT, TLSMode.STARTTLS) and route.verify:
-            tls_context = ssl.create_default_context(
-                cafile=str(self._ca_file) if self._ca_file else None
-            )
+            # The default trust store plus caFile: create_default_context(cafile=...) would
+            # load caFile *instead of* the system CAs.
+            tls_context = ssl.create_default_context()
+            if self._ca_file:
+                tls_context.load_verify_locations(cafile=str(self._ca_file))
         client = aiosmtplib.SMTP(
             hostname=route.host,
             port=route.port,
@@ -390,12 +393,12 @@ class SmtpTransport:
                     break
                 try:
                     results, reusable = await self._transaction(conn.client, rcpts, mail_from, body)
-                except _StaleConnectionError:
+                except _StaleConnectionError as exc:
                     self._pool.discard(conn)
                     if conn.reused and not fresh:
                         fresh = True
                         continue
-                    last = "451 4.4.2 connection closed before MAIL"
+                    last = str(exc) or "451 4.4.2 connection closed before MAIL"
                     break
                 except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                     self._pool.discard(conn)
@@ -414,6 +417,8 @@ class SmtpTransport:
         except aiosmtplib.SMTPServerDisconnected as exc:
             raise _StaleConnectionError from exc
         except aiosmtplib.SMTPSenderRefused as exc:
+            if exc.code == 421:  # the server is closing this connection (aiosmtplib closed it)
+                raise _StaleConnectionError(f"{exc.code} {exc.message}") from exc
             return dict.fromkeys(rcpts, _result(exc.code, exc.message)), await _reset(client)
         results: dict[str, RecipientResult] = {}
         accepted = []
