@@ -17,14 +17,16 @@ import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from email import message_from_bytes
 from email.headerregistry import Address
+from email.message import EmailMessage
 from email.utils import formatdate, getaddresses, parseaddr
 from typing import Any, Protocol
 
 from txmail_relay.config import ConfigStore, DynamicConfig
 from txmail_relay.contract import CredentialEntry, TemplateEntry
 from txmail_relay.metrics import RelayMetrics
-from txmail_relay.mime import MimeError, Outgoing, build_message, to_bytes
+from txmail_relay.mime import POLICY, MimeError, Outgoing, build_message, to_bytes
 from txmail_relay.spool import SpooledMessage, SpoolError
 from txmail_relay.store import SendStatus, SentCopy, Store, Suppression
 from txmail_relay.templating import RenderError, Templates
@@ -101,6 +103,9 @@ class SendRequest:
     bcc: tuple[str, ...] = ()
     contact_properties: Mapping[str, Any] = field(default_factory=dict)
     custom_properties: Mapping[str, Any] = field(default_factory=dict)
+
+
+TRACK_HEADER = "X-Txmail-Track"  # "off": a plain SMTP message opts out of tracking
 
 
 @dataclass(frozen=True)
@@ -243,6 +248,54 @@ class Composer:
             )
         return copies
 
+    def track_plain(
+        self, config: DynamicConfig, content: bytes, mail_from: str, rcpts: Sequence[str]
+    ) -> list[Copy] | None:
+        """Plain SMTP mail on a relay with tracking on: a tracked copy per To recipient.
+
+        Cc and Bcc recipients share one untracked copy. Mail without an HTML part, mail the
+        app signed itself (DKIM: rewriting would break the signature) and mail with
+        ``X-Txmail-Track: off`` are left alone (None). Tracking never fails delivery: on any
+        error the mail goes out as it came, and a metric counts it.
+        """
+        base = config.relay.tracking.base_url
+        keys = self._keys.current
+        if base is None or keys is None:
+            return None
+        try:
+            return self._plain_copies(base, keys, content, mail_from, rcpts)
+        except Exception as exc:
+            self._metrics.tracking_failures.inc()
+            log.warning("tracking failed, sending untracked", extra={"reason": type(exc).__name__})
+            return None
+
+    def _plain_copies(
+        self, base: str, keys: TrackingKeys, content: bytes, mail_from: str, rcpts: Sequence[str]
+    ) -> list[Copy] | None:
+        message = message_from_bytes(content, policy=POLICY)
+        if not isinstance(message, EmailMessage):
+            return None
+        opted_out = str(message.get(TRACK_HEADER, "")).strip().lower() == "off"
+        if opted_out or "DKIM-Signature" in message or message.get_body(("html",)) is None:
+            return None
+        to = {a.lower() for _, a in getaddresses([str(v) for v in message.get_all("To", [])])}
+        tracked = [r for r in rcpts if r.lower() in to]
+        if not tracked:
+            return None
+        message_id = str(message.get("Message-ID") or "").strip()
+        copies = []
+        for rcpt in tracked:
+            event_id = self._make_event_id()
+            result = rewrite_message(message, base, keys, event_id)
+            if result.failed:
+                raise ValueError(result.error)
+            body = to_bytes(result.message)
+            copies.append(Copy(body, mail_from, (rcpt,), message_id, event_id))
+        others = tuple(r for r in rcpts if r not in tracked)
+        if others:
+            copies.append(Copy(content, mail_from, others, message_id, None))
+        return copies
+
     @staticmethod
     def _copy(
         out: Outgoing,
@@ -356,6 +409,44 @@ class SendService:
         if config is None:
             raise SpoolError("relay is not configured yet")
         return await self._spool_copies(entry, request, copies, None, config, peer)
+
+    async def track_plain(
+        self,
+        entry: CredentialEntry,
+        mail_from: str,
+        rcpts: Sequence[str],
+        content: bytes,
+        received: bytes,
+    ) -> list[SpooledMessage] | None:
+        """Spool and record tracked copies of plain SMTP mail; None when it is not tracked."""
+        config = self._config.current
+        if config is None:
+            return None
+        copies = await asyncio.to_thread(
+            self._composer.track_plain, config, content, mail_from, rcpts
+        )
+        if copies is None:
+            return None
+        spooled = await asyncio.gather(
+            *(
+                self._spool.store(
+                    c.mail_from, list(c.recipients), entry.username, received + c.body
+                )
+                for c in copies
+            )
+        )
+        for _ in spooled:
+            self._metrics.accepted.labels(entry.username).inc()
+        sent = [
+            SentCopy(msg.id, rcpt, copy.message_id or None, copy.event_id)
+            for msg, copy in zip(spooled, copies, strict=True)
+            for rcpt in copy.recipients
+        ]
+        contacts: dict[str, Any] | None = {} if entry.create_contacts else None
+        await self._store.call(
+            lambda: self._store.record_sent(entry.username, 0, sent, contacts=contacts)
+        )
+        return list(spooled)
 
     async def compose(
         self, entry: CredentialEntry, request: SendRequest

@@ -211,12 +211,23 @@ class SubmissionHandler:
         headers = parse_headers(content)
         if TEMPLATE_HEADER in headers:
             return await self._template_send(entry, session, envelope, content)
-        body = self._received(server, session) + content
+        received = self._received(server, session)
         self._in_flight += 1
         self.idle.clear()
         try:
+            if self._sends is not None:
+                tracked = await asyncio.wait_for(
+                    self._sends.track_plain(
+                        entry, envelope.mail_from, envelope.rcpt_tos, content, received
+                    ),
+                    self._limits.data_timeout,
+                )
+                if tracked is not None:
+                    return f"250 2.0.0 OK queued as {' '.join(m.id for m in tracked)}"
             msg = await asyncio.wait_for(
-                self._spool.store(envelope.mail_from, envelope.rcpt_tos, entry.username, body),
+                self._spool.store(
+                    envelope.mail_from, envelope.rcpt_tos, entry.username, received + content
+                ),
                 self._limits.data_timeout,
             )
         except SpoolFullError:
