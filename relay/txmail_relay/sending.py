@@ -427,6 +427,22 @@ class SendService:
         )
         if copies is None:
             return None
+        spooled = await self._store_copies(entry, copies, received)
+        sent = [
+            SentCopy(msg.id, rcpt, copy.message_id or None, copy.event_id)
+            for msg, copy in zip(spooled, copies, strict=True)
+            for rcpt in copy.recipients
+        ]
+        contacts: dict[str, Any] | None = {} if entry.create_contacts else None
+        await self._store.call(
+            lambda: self._store.record_sent(entry.username, 0, sent, contacts=contacts)
+        )
+        return spooled
+
+    async def _store_copies(
+        self, entry: CredentialEntry, copies: Sequence[Copy], received: bytes
+    ) -> list[SpooledMessage]:
+        """Spool every copy durably (one group commit covers them all), then count them."""
         spooled = await asyncio.gather(
             *(
                 self._spool.store(
@@ -437,15 +453,6 @@ class SendService:
         )
         for _ in spooled:
             self._metrics.accepted.labels(entry.username).inc()
-        sent = [
-            SentCopy(msg.id, rcpt, copy.message_id or None, copy.event_id)
-            for msg, copy in zip(spooled, copies, strict=True)
-            for rcpt in copy.recipients
-        ]
-        contacts: dict[str, Any] | None = {} if entry.create_contacts else None
-        await self._store.call(
-            lambda: self._store.record_sent(entry.username, 0, sent, contacts=contacts)
-        )
         return list(spooled)
 
     async def compose(
@@ -470,16 +477,7 @@ class SendService:
             f"Received: from [{peer}]\r\n\tby {config.relay.hostname} (txmail) "
             f"with HTTP;\r\n\t{formatdate(usegmt=True)}\r\n"
         ).encode("ascii", "replace")
-        spooled = await asyncio.gather(
-            *(
-                self._spool.store(
-                    c.mail_from, list(c.recipients), entry.username, received + c.body
-                )
-                for c in copies
-            )
-        )
-        for _ in spooled:
-            self._metrics.accepted.labels(entry.username).inc()
+        spooled = await self._store_copies(entry, copies, received)
         sent = [
             SentCopy(
                 spool_id=msg.id,

@@ -10,11 +10,12 @@ CR/LF and dot-stuffs it on the way out, so one DATA is one message upstream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.policy
 import logging
 import re
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from email.utils import formatdate
@@ -212,34 +213,25 @@ class SubmissionHandler:
         if TEMPLATE_HEADER in headers:
             return await self._template_send(entry, session, envelope, content)
         received = self._received(server, session)
-        self._in_flight += 1
-        self.idle.clear()
-        try:
-            if self._sends is not None:
-                tracked = await asyncio.wait_for(
-                    self._sends.track_plain(
-                        entry, envelope.mail_from, envelope.rcpt_tos, content, received
+        with self._working():
+            try:
+                if self._sends is not None:
+                    tracked = await asyncio.wait_for(
+                        self._sends.track_plain(
+                            entry, envelope.mail_from, envelope.rcpt_tos, content, received
+                        ),
+                        self._limits.data_timeout,
+                    )
+                    if tracked is not None:
+                        return f"250 2.0.0 OK queued as {' '.join(m.id for m in tracked)}"
+                msg = await asyncio.wait_for(
+                    self._spool.store(
+                        envelope.mail_from, envelope.rcpt_tos, entry.username, received + content
                     ),
                     self._limits.data_timeout,
                 )
-                if tracked is not None:
-                    return f"250 2.0.0 OK queued as {' '.join(m.id for m in tracked)}"
-            msg = await asyncio.wait_for(
-                self._spool.store(
-                    envelope.mail_from, envelope.rcpt_tos, entry.username, received + content
-                ),
-                self._limits.data_timeout,
-            )
-        except SpoolFullError:
-            return self._reject("storage", "452 4.3.1 Insufficient system storage")
-        except SpoolError:
-            return self._reject("spool", "451 4.3.0 Could not queue the message, try again")
-        except TimeoutError:
-            return self._reject("spool", "451 4.3.0 Queueing timed out, try again")
-        finally:
-            self._in_flight -= 1
-            if not self._in_flight:
-                self.idle.set()
+            except (SpoolError, TimeoutError) as exc:
+                return self._spool_failure(exc)
         self._metrics.accepted.labels(entry.username).inc()
         self._record_plain(entry, msg, headers)
         log.info(
@@ -285,30 +277,41 @@ class SubmissionHandler:
             self._metrics.template_sends.labels(entry.username, e.send_result).inc()
             return self._reject("template", f"550 5.6.0 {e.send_result} {e.field}: {e.message}")
         peer = session.peer[0] if isinstance(session.peer, tuple) else "unknown"
+        with self._working():
+            try:
+                _, copies = await self._sends.compose(entry, request)
+                spooled = await asyncio.wait_for(
+                    self._sends.send_copies(entry, request, copies, peer=str(peer)),
+                    self._limits.data_timeout,
+                )
+            except SendError as e:
+                self._metrics.template_sends.labels(entry.username, e.send_result).inc()
+                code = "550 5.1.1" if e.send_result == "INVALID_TO_ADDRESS" else "550 5.6.0"
+                return self._reject("template", f"{code} {e.send_result} {e.field}: {e.message}")
+            except (SpoolError, TimeoutError) as exc:
+                return self._spool_failure(exc)
+        self._metrics.template_sends.labels(entry.username, "QUEUED").inc()
+        return f"250 2.0.0 OK queued as {' '.join(m.id for m in spooled)}"
+
+    @contextlib.contextmanager
+    def _working(self) -> Iterator[None]:
+        """Count a message being spooled, so a graceful stop can wait for it."""
         self._in_flight += 1
         self.idle.clear()
         try:
-            _, copies = await self._sends.compose(entry, request)
-            spooled = await asyncio.wait_for(
-                self._sends.send_copies(entry, request, copies, peer=str(peer)),
-                self._limits.data_timeout,
-            )
-        except SendError as e:
-            self._metrics.template_sends.labels(entry.username, e.send_result).inc()
-            code = "550 5.1.1" if e.send_result == "INVALID_TO_ADDRESS" else "550 5.6.0"
-            return self._reject("template", f"{code} {e.send_result} {e.field}: {e.message}")
-        except SpoolFullError:
-            return self._reject("storage", "452 4.3.1 Insufficient system storage")
-        except SpoolError:
-            return self._reject("spool", "451 4.3.0 Could not queue the message, try again")
-        except TimeoutError:
-            return self._reject("spool", "451 4.3.0 Queueing timed out, try again")
+            yield
         finally:
             self._in_flight -= 1
             if not self._in_flight:
                 self.idle.set()
-        self._metrics.template_sends.labels(entry.username, "QUEUED").inc()
-        return f"250 2.0.0 OK queued as {' '.join(m.id for m in spooled)}"
+
+    def _spool_failure(self, exc: Exception) -> str:
+        """The reply when spooling failed: never 250, always a temporary error."""
+        if isinstance(exc, SpoolFullError):
+            return self._reject("storage", "452 4.3.1 Insufficient system storage")
+        if isinstance(exc, TimeoutError):
+            return self._reject("spool", "451 4.3.0 Queueing timed out, try again")
+        return self._reject("spool", "451 4.3.0 Could not queue the message, try again")
 
     @staticmethod
     def _received(server: SMTP, session: RelaySession) -> bytes:

@@ -15,7 +15,9 @@ from typing import Any
 
 import pytest
 from relaykit import Recorder, RelayEnv, RelayThread, TLSFiles, message, wait_for
-from upstream import Authority, Upstream, make_authority
+from upstream import Upstream
+
+from peers import make_authority
 
 USERNAME = "relay-user"
 PASSWORD = "S3cret-relay-password-1f6c"
@@ -25,7 +27,7 @@ PASSWORD = "S3cret-relay-password-1f6c"
 def upstreams(tls_files: TLSFiles) -> Iterator[Callable[..., Upstream]]:
     started: list[Upstream] = []
 
-    def start(mode: str, authority: TLSFiles | Authority | None = None) -> Upstream:
+    def start(mode: str, authority: TLSFiles | None = None) -> Upstream:
         files = authority or tls_files
         upstream = Upstream(
             mode,
@@ -43,7 +45,7 @@ def upstreams(tls_files: TLSFiles) -> Iterator[Callable[..., Upstream]]:
 
 
 @pytest.fixture
-def other_ca(tmp_path_factory: pytest.TempPathFactory) -> Authority:
+def other_ca(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
     return make_authority(tmp_path_factory.mktemp("other-ca"), "unrelated")
 
 
@@ -161,7 +163,7 @@ def test_unknown_ca_defers_and_sends_nothing_until_the_ca_is_supplied(
     env: RelayEnv,
     upstreams: Callable[..., Upstream],
     tls_files: TLSFiles,
-    other_ca: Authority,
+    other_ca: TLSFiles,
     tmp_path: Path,
     tls: str,
 ) -> None:
@@ -209,7 +211,7 @@ def test_outbound_ca_file_adds_to_the_system_trust_store(
     env: RelayEnv,
     upstreams: Callable[..., Upstream],
     tls_files: TLSFiles,
-    other_ca: Authority,
+    other_ca: TLSFiles,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
