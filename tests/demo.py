@@ -163,6 +163,8 @@ def run(workdir: Path) -> None:
             )
             ip = sample("dedicatedip")
             ip["spec"]["delivery"]["smarthost"]["port"] = sink.port
+            # HostNetwork: the relay binds every outbound connection to the dedicated address.
+            ip["spec"]["egress"] = {"mode": "HostNetwork"}
             client.CustomObjectsApi(api).create_cluster_custom_object(
                 GROUP, VERSION, "dedicatedips", ip
             )
@@ -203,7 +205,10 @@ def run(workdir: Path) -> None:
                 workdir,
             )
             relay.start(wait_port=(ADDRESS, port))
-            info(f"relay listening on {ADDRESS}:{port} (STARTTLS), sending from {ADDRESS}")
+            info(
+                f"relay listening on {ADDRESS}:{port} (STARTTLS); egress HostNetwork: "
+                f"outbound mail leaves from {ADDRESS}"
+            )
             mark_relay_pod_ready(api, ip_name)
 
             step(f"Applying the SmtpToken and TransactionalEmail samples in {APP_NAMESPACE}")
@@ -244,6 +249,10 @@ def run(workdir: Path) -> None:
                 f"smtp-sink received it from {got.client_addr}: MAIL FROM {got.mail_from}, "
                 f"RCPT {', '.join(got.rcpts)}"
             )
+            if got.client_addr != ADDRESS:
+                raise SystemExit(
+                    f"expected the mail to leave from {ADDRESS}, not {got.client_addr}"
+                )
             for line in got.content.splitlines()[:12]:
                 if line.split(":")[0] in (
                     "From",
