@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from kubernetes import client
 
 from k8s.kit import GROUP, VERSION, Kit
@@ -26,6 +27,46 @@ class Live:
     port: int
     http_port: int
     relay: RelayProcess
+    kubeconfig: Path  # the relay's own identity: its ServiceAccount's token, nothing more
+
+
+def relay_kubeconfig(kit: Kit, admin: Path, ip: str, path: Path) -> Path:
+    """A kubeconfig with only a token of the relay's ServiceAccount (TokenRequest API).
+
+    The relay then runs with exactly the Role the operator wrote for it, as in its pod.
+    """
+    ns, name = kit.operator_namespace, c.relay_name(ip)
+    wait_for(
+        lambda: (
+            name in {sa.metadata.name for sa in kit.core.list_namespaced_service_account(ns).items}
+        ),
+        10,
+        "the relay's ServiceAccount",
+    )
+    request = {"spec": {"expirationSeconds": 3600}}
+    token = kit.core.create_namespaced_service_account_token(name, ns, request).status.token
+    admin_config = yaml.safe_load(admin.read_text())
+    context = next(
+        x["context"]
+        for x in admin_config["contexts"]
+        if x["name"] == admin_config["current-context"]
+    )
+    cluster = next(
+        x["cluster"] for x in admin_config["clusters"] if x["name"] == context["cluster"]
+    )
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "cluster", "cluster": cluster}],
+        "users": [{"name": name, "user": {"token": token}}],
+        "contexts": [
+            {"name": name, "context": {"cluster": "cluster", "user": name, "namespace": ns}}
+        ],
+        "current-context": name,
+    }
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return path
 
 
 @pytest.fixture
@@ -41,9 +82,7 @@ def sink() -> Iterator[Sink]:
 
 
 @pytest.fixture
-def live(
-    kit: Kit, sink: Sink, kubeconfig: Path, tmp_path: Path
-) -> Iterator[tuple[str, int, RelayProcess]]:
+def live(kit: Kit, sink: Sink, kubeconfig: Path, tmp_path: Path) -> Iterator[Live]:
     """A DedicatedIP relaying to smtp-sink, and its relay process."""
     http_port = free_port(ADDRESS)
     ip = kit.dedicated_ip(
@@ -64,13 +103,14 @@ def live(
     (tmp_path / "tls.key").write_text(tls["tls.key"])
     keys = tmp_path / "tracking-keys"
     keys.write_text(f"1:{secrets.token_hex(32)}\n")
+    identity = relay_kubeconfig(kit, kubeconfig, ip, tmp_path / "relay.kubeconfig")
     port = free_port(ADDRESS)
     relay = RelayProcess(
         {
             "kubernetes": {
                 "namespace": kit.operator_namespace,
                 "dedicatedIP": ip,
-                "kubeconfig": str(kubeconfig),
+                "kubeconfig": str(identity),
             },
             "listen": {"host": ADDRESS, "submission": port, "submissions": None, "http": http_port},
             "tls": {"certFile": str(tmp_path / "tls.crt"), "keyFile": str(tmp_path / "tls.key")},
@@ -84,7 +124,7 @@ def live(
     )
     relay.start(wait_port=(ADDRESS, port))
     try:
-        yield Live(ip, port, http_port, relay)
+        yield Live(ip, port, http_port, relay, identity)
     finally:
         relay.stop()
         kit.objs.delete_cluster_custom_object(GROUP, VERSION, "dedicatedips", ip)

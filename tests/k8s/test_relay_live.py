@@ -19,10 +19,13 @@ import urllib.request
 from typing import Any
 
 import pytest
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
 
 from k8s.conftest import ADDRESS, Live
 from k8s.kit import GROUP, VERSION, Kit
 from peers import Sink, auth_accepted, submit, wait_for
+from txmail_relay import contract as c
 
 pytestmark = pytest.mark.k8s
 
@@ -194,3 +197,40 @@ def _try_send(live: Live, password: str, doc: dict[str, Any]) -> dict[str, Any] 
         if exc.code in (400, 401):  # credential or template not at the relay yet
             return None
         raise
+
+
+def test_the_relay_identity_reaches_only_its_own_objects(kit: Kit, live: Live) -> None:
+    """The Role the operator writes is enough for the relay above, and no more."""
+    relay_api = client.CoreV1Api(config.new_client_from_config(config_file=str(live.kubeconfig)))
+    ns = kit.operator_namespace
+
+    def status_of(call: Any) -> int:
+        try:
+            call()
+        except ApiException as exc:
+            return int(exc.status)
+        return 200
+
+    shard = c.credentials_secret_name(live.ip, 0)
+    assert status_of(lambda: relay_api.read_namespaced_secret(shard, ns)) == 200
+    assert status_of(lambda: relay_api.read_namespaced_config_map(c.relay_name(live.ip), ns)) == 200
+    denied = {
+        "list Secrets": lambda: relay_api.list_namespaced_secret(ns),
+        "read its TLS key": lambda: relay_api.read_namespaced_secret(
+            c.tls_secret_name(live.ip), ns
+        ),
+        "read the scheduler Secret": lambda: relay_api.read_namespaced_secret(
+            c.scheduler_secret_name(live.ip), ns
+        ),
+        "list ConfigMaps": lambda: relay_api.list_namespaced_config_map(ns),
+        "change its own configuration": lambda: relay_api.patch_namespaced_config_map(
+            c.relay_name(live.ip), ns, {"data": {"x": "y"}}
+        ),
+        "write a credentials shard": lambda: relay_api.patch_namespaced_secret(
+            shard, ns, {"data": {"x": "eQ=="}}
+        ),
+        "read another namespace": lambda: relay_api.list_namespaced_secret("default"),
+    }
+    assert {what: status_of(call) for what, call in denied.items()} == dict.fromkeys(denied, 403)
+    stats = c.stats_config_map_name(live.ip)
+    assert status_of(lambda: relay_api.patch_namespaced_config_map(stats, ns, {"data": {}})) == 200
