@@ -2,20 +2,22 @@
 
 Token format (stateless; checklist T1, T2, T4). A token is unpadded base64url of::
 
-    version (1 byte, = 1) | kind (1 byte, 'c' click / 'o' open) | key id (1 byte)
+    version (1 byte, = 2) | kind (1 byte, 'c' click / 'o' open) | key id (1 byte)
     | event id (16 random bytes) | link index (2 bytes, big-endian; 0 for opens)
-    | target URL (UTF-8, clicks only, the rest up to the tag)
-    | tag = HMAC-SHA256(key, b"txmail-tracking\\x00" + everything before the tag)[:16]
+    | iv (16 random bytes) | AES-256-CTR(enc key, iv, target URL) (clicks only)
+    | tag = HMAC-SHA256(mac key, b"txmail-tracking\x00" + everything before the tag)[:16]
 
-The MAC covers an unambiguous encoding: every field but the URL has a fixed length, and
-the URL runs to the fixed-length tag, so no two (event, index, url) triples share an
-encoding. Click links are ``<base>/c/<token>`` and the pixel is ``<base>/o/<token>.gif``.
-The event id is random per message and recipient: the relay maps it to its own record of
-the send, so a token holds no address or other PII, only the target URL that is already
-in the mail. Verification takes a key ring (key id -> key) so mail signed with a retired
-key keeps working while the key stays in the ring; a bad, tampered, unknown-key or
-wrong-kind token yields ``None``, never a redirect target, and tags are compared with
-:func:`hmac.compare_digest`. Even a valid tag only ever yields an absolute http(s) URL.
+Tokens are opaque: the target URL is encrypted (a template's link may carry personal data
+in its path or query), then the whole token is authenticated (encrypt-then-MAC). The enc
+and mac keys are derived from the ring key with HKDF-SHA256. Every field but the
+ciphertext has a fixed length, so the MAC input is unambiguous. Click links are
+``<base>/c/<token>`` and the pixel is ``<base>/o/<token>.gif``. The event id is random per
+message and recipient: the relay maps it to its own record of the send, so a token holds no
+address or other personal data. Verification takes a key ring (key id -> key) so mail
+signed with a retired key keeps working while the key stays in the ring; a bad, tampered,
+unknown-key or wrong-kind token yields ``None``, never a redirect target, and tags are
+compared with :func:`hmac.compare_digest` before anything is decrypted. Even a valid token
+only ever yields an absolute http(s) URL.
 
 Rewriting (T3, T7, T8): only absolute http(s) ``href``\\ s of ``<a>``/``<area>`` are
 rewritten; ``mailto:``, ``tel:``, relative, ``#anchor``, ``javascript:`` and unsubscribe
@@ -50,20 +52,26 @@ from types import MappingProxyType
 from typing import Final, TypeGuard
 from urllib.parse import quote, urlsplit
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 from txmail_relay.mime import POLICY, to_bytes
 
-VERSION: Final = 1
+VERSION: Final = 2
 KIND_CLICK: Final = ord("c")
 KIND_OPEN: Final = ord("o")
 EVENT_ID_BYTES: Final = 16
 TAG_BYTES: Final = 16
+IV_BYTES: Final = 16
 MIN_KEY_BYTES: Final = 32
 MAX_URL_BYTES: Final = 4096
 OPT_OUT_ATTRIBUTE: Final = "data-txmail-track"  # ="false" leaves the link alone
 
 _HEADER = struct.Struct(">BBB16sH")
 _MAC_CONTEXT = b"txmail-tracking\x00"
-_MAX_TOKEN_CHARS = (_HEADER.size + MAX_URL_BYTES + TAG_BYTES) * 4 // 3 + 4
+_MAX_TOKEN_CHARS = (_HEADER.size + IV_BYTES + MAX_URL_BYTES + TAG_BYTES) * 4 // 3 + 4
+_HKDF_INFO = b"txmail-tracking-v2 "
 _B64URL = re.compile(r"[A-Za-z0-9_-]+")
 _URL_CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
 _NEEDS_QUOTING = re.compile(r"[^\x21-\x7e]+")
@@ -87,6 +95,20 @@ PIXEL_HEADERS: Final[Mapping[str, str]] = MappingProxyType(
         "Referrer-Policy": "no-referrer",
     }
 )
+
+
+def _derive(key: bytes, purpose: bytes) -> bytes:
+    """A 256-bit key for one purpose ("enc" or "mac") from a ring key (HKDF-SHA256)."""
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_HKDF_INFO + purpose)
+    return hkdf.derive(key)
+
+
+def _ctr(key: bytes, iv: bytes, data: bytes) -> bytes:
+    """AES-256-CTR: the same call encrypts and decrypts."""
+    if not data:
+        return b""
+    transform = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
+    return transform.update(data) + transform.finalize()
 
 
 def new_event_id() -> bytes:
@@ -143,17 +165,24 @@ class TrackingKeys:
                 raise ValueError(f"key {kid} is shorter than {MIN_KEY_BYTES} bytes")
         if current not in keys:
             raise ValueError(f"current key {current} is not in the ring")
-        self._keys: Mapping[int, bytes] = MappingProxyType(dict(keys))
+        # kid -> (enc key, mac key), derived once from the ring key
+        self._keys: Mapping[int, tuple[bytes, bytes]] = MappingProxyType(
+            {kid: (_derive(key, b"enc"), _derive(key, b"mac")) for kid, key in keys.items()}
+        )
         self.current = current
 
-    def _tag(self, key: bytes, body: bytes) -> bytes:
-        return hmac.new(key, _MAC_CONTEXT + body, hashlib.sha256).digest()[:TAG_BYTES]
+    @staticmethod
+    def _tag(mac_key: bytes, body: bytes) -> bytes:
+        return hmac.new(mac_key, _MAC_CONTEXT + body, hashlib.sha256).digest()[:TAG_BYTES]
 
     def _sign(self, kind: int, event_id: bytes, index: int, payload: bytes) -> str:
         if len(event_id) != EVENT_ID_BYTES:
             raise ValueError(f"event id must be {EVENT_ID_BYTES} bytes")
-        body = _HEADER.pack(VERSION, kind, self.current, event_id, index) + payload
-        return _b64(body + self._tag(self._keys[self.current], body))
+        enc_key, mac_key = self._keys[self.current]
+        iv = secrets.token_bytes(IV_BYTES)
+        sealed = _ctr(enc_key, iv, payload)
+        body = _HEADER.pack(VERSION, kind, self.current, event_id, index) + iv + sealed
+        return _b64(body + self._tag(mac_key, body))
 
     def sign_click(self, event_id: bytes, link_index: int, url: str) -> str:
         target = trackable_url(url)
@@ -173,16 +202,18 @@ class TrackingKeys:
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         except (binascii.Error, ValueError):
             return None
-        if _b64(raw) != token or len(raw) < _HEADER.size + TAG_BYTES:
+        if _b64(raw) != token or len(raw) < _HEADER.size + IV_BYTES + TAG_BYTES:
             return None  # non-canonical encodings are refused too
         body, tag = raw[:-TAG_BYTES], raw[-TAG_BYTES:]
         version, got_kind, kid, event_id, index = _HEADER.unpack_from(body)
-        key = self._keys.get(kid)
-        if version != VERSION or got_kind != kind or key is None:
+        keys = self._keys.get(kid)
+        if version != VERSION or got_kind != kind or keys is None:
             return None
-        if not hmac.compare_digest(self._tag(key, body), tag):
+        enc_key, mac_key = keys
+        if not hmac.compare_digest(self._tag(mac_key, body), tag):
             return None
-        return kid, event_id, index, body[_HEADER.size :]
+        iv = body[_HEADER.size : _HEADER.size + IV_BYTES]
+        return kid, event_id, index, _ctr(enc_key, iv, body[_HEADER.size + IV_BYTES :])
 
     def click(self, token: str) -> Click | None:
         """The verified click behind ``token``, or ``None``."""
