@@ -30,7 +30,7 @@ class Settings(BaseModel):
     log_format: LogFormat = LogFormat.PLAIN
     cluster_domain: str = "cluster.local"
     drift_check_interval: float = Field(
-        default=30.0,
+        default=120.0,
         gt=0,
         description="Seconds between checks that each app Secret is still as written.",
     )
