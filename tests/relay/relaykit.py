@@ -17,6 +17,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -450,3 +451,34 @@ def parsed(captured: Captured) -> Any:
     return email.message_from_string(
         "Received: from " + captured.content, policy=email.policy.default
     )
+
+
+def arf_report(to: str, original_message_id: str, rcpt: str) -> bytes:
+    """An RFC 5965 feedback report (abuse) about ``original_message_id`` sent to ``rcpt``."""
+    report = EmailMessage()
+    report["From"] = "feedback@isp.test"
+    report["To"] = to
+    report["Subject"] = "FW: complaint"
+    report["Message-ID"] = f"<{secrets.token_hex(8)}@isp.test>"
+    report.set_content("This is an email abuse report.\n")
+    report.make_mixed()
+    # RFC 5965 layout: multipart/report; report-type=feedback-report.
+    report.replace_header("Content-Type", 'multipart/report; report-type="feedback-report"')
+    report.set_boundary("arf-boundary")
+    fields = EmailMessage()
+    fields.set_payload(
+        "Feedback-Type: abuse\r\nUser-Agent: isp-fbl/1.0\r\nVersion: 1\r\n"
+        f"Original-Rcpt-To: {rcpt}\r\n"
+    )
+    fields["Content-Type"] = "message/feedback-report"
+    report.attach(fields)
+    original = EmailMessage()
+    original["From"] = "shop@example.com"
+    original["To"] = rcpt
+    original["Subject"] = "Order 42"
+    original["Message-ID"] = original_message_id
+    original.set_content("order\n")
+    wrapper = EmailMessage()
+    wrapper.set_content(original)
+    report.attach(wrapper)
+    return report.as_bytes()

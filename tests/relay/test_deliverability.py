@@ -12,7 +12,6 @@ import secrets
 import smtplib
 import sqlite3
 from collections.abc import Callable
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from relaykit import (
     RelayEnv,
     RelayThread,
     Sink,
+    arf_report,
     bearer,
     http,
     message,
@@ -178,31 +178,6 @@ def _reasons(db_path: Path, address: str) -> list[str]:
 # -- suppression: complaints, and the complaints address from the RelayConfig ------------------
 
 
-def _arf(original_message_id: str, rcpt: str) -> bytes:
-    """An RFC 5965 report about ``original_message_id`` sent to ``rcpt``."""
-    report = EmailMessage()
-    report["From"] = "feedback@isp.test"
-    report["To"] = FBL
-    report["Subject"] = "complaint"
-    report["Message-ID"] = f"<{secrets.token_hex(8)}@isp.test>"
-    report.set_content("This is an email abuse report.\n")
-    report.make_mixed()
-    report.replace_header("Content-Type", 'multipart/report; report-type="feedback-report"')
-    fields = EmailMessage()
-    fields.set_payload(f"Feedback-Type: abuse\r\nVersion: 1\r\nOriginal-Rcpt-To: {rcpt}\r\n")
-    fields["Content-Type"] = "message/feedback-report"
-    report.attach(fields)
-    original = EmailMessage()
-    original["From"] = "shop@example.com"
-    original["To"] = rcpt
-    original["Message-ID"] = original_message_id
-    original.set_content("order\n")
-    wrapper = EmailMessage()
-    wrapper.set_content(original)
-    report.attach(wrapper)
-    return report.as_bytes()
-
-
 def test_complainers_are_refused_when_the_ip_opts_in(env: RelayEnv) -> None:
     # The complaints address comes from the RelayConfig (DedicatedIP spec.feedback), live.
     relay = env.start(
@@ -210,7 +185,7 @@ def test_complainers_are_refused_when_the_ip_opts_in(env: RelayEnv) -> None:
     )
     assert _send(relay, env.password, _request("ada@dest.test")).status == 200
     [captured] = env.sink.wait(1)
-    report = _arf(parsed(captured)["Message-ID"], "ada@dest.test")
+    report = arf_report(FBL, parsed(captured)["Message-ID"], "ada@dest.test")
     with env.client(relay) as smtp:
         smtp.sendmail("reports@example.com", [FBL.upper()], report)
     wait_for(
@@ -256,7 +231,7 @@ def test_complainers_are_refused_when_the_ip_opts_in(env: RelayEnv) -> None:
 
 def test_complaints_address_changes_apply_live(env: RelayEnv) -> None:
     relay = env.start(env.settings(overrides=_relay_doc()))
-    report = _arf("<unknown@example.com>", "x@dest.test")
+    report = arf_report(FBL, "<unknown@example.com>", "x@dest.test")
     env.settings(overrides=_relay_doc(relay={"feedback": {"complaintsAddress": FBL}}))
     assert relay.relay is not None
     store = relay.relay.store

@@ -6,7 +6,6 @@ import json
 import re
 import secrets
 import smtplib
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import pytest
 from relaykit import (
     RelayEnv,
     RelayThread,
+    arf_report,
     bearer,
     credential,
     http,
@@ -186,36 +186,6 @@ def test_tracking_failure_sends_untracked(env: RelayEnv, relay: RelayThread) -> 
     assert relay.metric("txmail_relay_tracking_failures_total") == 1
 
 
-def _arf(original_message_id: str, rcpt: str) -> bytes:
-    report = EmailMessage()
-    report["From"] = "feedback@isp.test"
-    report["To"] = COMPLAINTS
-    report["Subject"] = "FW: complaint"
-    report["Message-ID"] = f"<{secrets.token_hex(8)}@isp.test>"
-    report.set_content("This is an email abuse report.\n")
-    report.make_mixed()
-    # RFC 5965 layout: multipart/report; report-type=feedback-report.
-    report.replace_header("Content-Type", 'multipart/report; report-type="feedback-report"')
-    report.set_boundary("arf-boundary")
-    fields = EmailMessage()
-    fields.set_payload(
-        "Feedback-Type: abuse\r\nUser-Agent: isp-fbl/1.0\r\nVersion: 1\r\n"
-        f"Original-Rcpt-To: {rcpt}\r\n"
-    )
-    fields["Content-Type"] = "message/feedback-report"
-    report.attach(fields)
-    original = EmailMessage()
-    original["From"] = "shop@example.com"
-    original["To"] = rcpt
-    original["Subject"] = "Order 42"
-    original["Message-ID"] = original_message_id
-    original.set_content("order\n")
-    wrapper = EmailMessage()
-    wrapper.set_content(original)
-    report.attach(wrapper)
-    return report.as_bytes()
-
-
 def _submit(env: RelayEnv, relay: RelayThread, rcpts: list[str], body: bytes) -> None:
     with env.client(relay) as smtp:
         smtp.sendmail("reports@example.com", rcpts, body)
@@ -225,7 +195,7 @@ def test_arf_report_records_a_complaint_once(env: RelayEnv, relay: RelayThread) 
     _send(relay, env.password)
     [captured] = env.sink.wait(1)
     message_id = parsed(captured)["Message-ID"]
-    report = _arf(message_id, "ada@dest.test")
+    report = arf_report(COMPLAINTS, message_id, "ada@dest.test")
     _submit(env, relay, [COMPLAINTS], report)
     _submit(env, relay, [COMPLAINTS], report)  # the same report again counts once
     stats = _wait_stats(env, complaints=1)
@@ -246,7 +216,9 @@ def test_arf_report_records_a_complaint_once(env: RelayEnv, relay: RelayThread) 
     assert len(env.sink.wait(2)) == 2
     assert stats["sent"] == 1
     # Unknown message, not a report, mixed recipients.
-    _submit(env, relay, [COMPLAINTS], _arf("<unknown@example.com>", "x@dest.test"))
+    _submit(
+        env, relay, [COMPLAINTS], arf_report(COMPLAINTS, "<unknown@example.com>", "x@dest.test")
+    )
     assert relay.metric("txmail_relay_complaint_reports_total", {"result": "unknown"}) == 1
     _submit(env, relay, [COMPLAINTS], b"From: a@example.com\r\nSubject: hi\r\n\r\nhello\r\n")
     assert relay.metric("txmail_relay_complaint_reports_total", {"result": "invalid"}) == 1
