@@ -97,6 +97,20 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
             memo.ctx, name, lambda user: next(iter(tokens.get(("user", user), [])), None)
         )
 
+    @kopf.timer(
+        GROUP, VERSION, "dedicatedips", interval=settings.drift_check_interval, id="recheck", **r
+    )
+    def recheck(
+        name: str,
+        memo: kopf.Memo,
+        tokens: kopf.Index[Any, Ref],
+        emails: kopf.Index[Any, Ref],
+        **_: Any,
+    ) -> None:
+        """Referenced Secrets (certificate, smarthost credentials) may appear later."""
+        key = ("ip", name)
+        reconcile.refresh_status(memo.ctx, name, len(_refs(tokens, key)), len(_refs(emails, key)))
+
     @kopf.on.delete(GROUP, VERSION, "dedicatedips", optional=True, id="dedicated_ip_gone", **r)
     def dedicated_ip_gone(
         name: str,

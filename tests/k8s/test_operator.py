@@ -343,6 +343,42 @@ def test_dedicated_ip_becomes_a_restricted_relay(kit: Kit, ip: str, api: client.
     assert kit.reason(IPS, None, ip, "RelayAvailable") == "RelayAvailable"
 
 
+def test_a_named_certificate_secret_is_used_once_it_exists(
+    kit: Kit, namespace: str, api: client.ApiClient
+) -> None:
+    """cert-manager friendly: the relay serves the named Secret, apps trust its ca.crt."""
+    ns, cert = kit.operator_namespace, f"cert-{namespace}"
+    ip = kit.dedicated_ip(tls={"certificateSecretRef": {"name": cert}})
+    try:
+        wait_for(
+            lambda: kit.reason(IPS, None, ip) == "ConfigurationInvalid", 10, "ConfigurationInvalid"
+        )
+        cond = kit.condition(IPS, None, ip)
+        assert cond is not None
+        assert f"certificate Secret {ns}/{cert} does not exist" in cond["message"]
+        ca = "-----BEGIN CERTIFICATE-----\nissued-by-cert-manager\n-----END CERTIFICATE-----\n"
+        kit.core.create_namespaced_secret(  # what cert-manager writes
+            ns,
+            {
+                "metadata": {"name": cert},
+                "type": "kubernetes.io/tls",
+                "stringData": {"tls.crt": "crt", "tls.key": "key", "ca.crt": ca},
+            },
+        )
+        wait_for(
+            lambda: kit.reason(IPS, None, ip) != "ConfigurationInvalid", 10, "the problem to clear"
+        )
+        kit.token(namespace, ip, "shop")
+        assert ready_secret(kit, namespace, "shop")["ca.crt"] == ca
+        dep = client.AppsV1Api(api).read_namespaced_deployment(c.relay_name(ip), ns)
+        tls = next(v for v in dep.spec.template.spec.volumes if v.name == "tls")
+        assert tls.secret.secret_name == cert
+        assert kit.secret(ns, c.tls_secret_name(ip)) is None, "no CA is generated when one is named"
+    finally:
+        kit.objs.delete_cluster_custom_object(GROUP, VERSION, IPS, ip)
+        kit.core.delete_namespaced_secret(cert, ns)
+
+
 def test_host_network_egress_is_stated_plainly(kit: Kit) -> None:
     ip = kit.dedicated_ip(egress={"mode": "HostNetwork"})
     try:
