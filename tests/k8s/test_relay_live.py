@@ -163,7 +163,7 @@ def test_api_send_opens_and_clicks_reach_the_token_status(
         "the relay to accept the send",
         every=0.3,
     )
-    assert reply["sendResult"] == "QUEUED"
+    assert reply["sendResult"] in ("QUEUED", "SENT")  # already delivered on a fast run
 
     got = sink.wait(1)[0]
     message = email_parser.message_from_string(

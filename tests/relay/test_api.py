@@ -105,8 +105,8 @@ def test_hubspot_request_shape_is_rendered_spooled_and_delivered(
     reply = _send(relay, doc, bearer(env.password))
     assert reply.status == 200, reply.body
     view = reply.json()
-    assert view["status"] == "PROCESSING"
-    assert view["sendResult"] == "QUEUED"
+    # The answer reflects the send at that moment: queued, or already delivered on a fast run.
+    assert (view["status"], view["sendResult"]) in {("PROCESSING", "QUEUED"), ("COMPLETE", "SENT")}
     assert view["requestedAt"].endswith("Z") and "startedAt" in view
     [captured] = env.sink.wait(1)
     assert captured.mail_from == "<s@example.com>"
