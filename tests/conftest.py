@@ -70,6 +70,8 @@ def operator(
         kubeconfig, operator_namespace, tmp_path_factory.mktemp("op") / "operator.log"
     )
     proc.start()
-    proc.wait_ready(api)
-    yield proc
-    proc.stop()
+    try:
+        proc.wait_ready(api)
+        yield proc
+    finally:
+        proc.stop()

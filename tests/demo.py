@@ -150,9 +150,9 @@ def run(workdir: Path) -> None:
             workdir / "operator.log",
             TXMAIL_DRIFT_CHECK_INTERVAL="5",
         )
-        operator.start()
         sink = Sink()
         relay: RelayProcess | None = None
+        operator.start()
         try:
             operator.wait_ready(api)
             info("operator running")

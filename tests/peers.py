@@ -167,7 +167,11 @@ class RelayProcess:
                 with socket.socket() as s:
                     return s.connect_ex(wait_port) == 0
 
-            wait_for(listening, timeout, "the relay to listen")
+            try:
+                wait_for(listening, timeout, "the relay to listen")
+            except BaseException:
+                self.stop()  # never leave a half-started relay behind
+                raise
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
