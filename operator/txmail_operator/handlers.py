@@ -24,6 +24,11 @@ def _refs(index: kopf.Index[Any, Ref], key: tuple[str, str]) -> list[Ref]:
     return list(index.get(key, []))
 
 
+def _counts(tokens: kopf.Index[Any, Ref], emails: kopf.Index[Any, Ref], ip: str) -> tuple[int, int]:
+    """How many SmtpTokens and TransactionalEmails use the DedicatedIP ``ip``."""
+    return len(_refs(tokens, ("ip", ip))), len(_refs(emails, ("ip", ip)))
+
+
 def _taken(emails: kopf.Index[Any, Ref], me: Ref | None = None) -> reconcile.IdTaken:
     return lambda email_id: any(ref != me for ref in emails.get(("id", email_id), []))
 
@@ -86,9 +91,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
         **_: Any,
     ) -> None:
         key = ("ip", name)
-        reconcile.reconcile_ip(
-            memo.ctx, dict(body), len(_refs(tokens, key)), len(_refs(emails, key))
-        )
+        reconcile.reconcile_ip(memo.ctx, dict(body), *_counts(tokens, emails, name))
         reconcile.fan_out(memo.ctx, _refs(tokens, key), _refs(emails, key), _taken(emails))
 
     @kopf.timer(GROUP, VERSION, "dedicatedips", interval=settings.stats_interval, id="stats", **r)
@@ -108,8 +111,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
         **_: Any,
     ) -> None:
         """Referenced Secrets (certificate, smarthost credentials) may appear later."""
-        key = ("ip", name)
-        reconcile.refresh_status(memo.ctx, name, len(_refs(tokens, key)), len(_refs(emails, key)))
+        reconcile.refresh_status(memo.ctx, name, *_counts(tokens, emails, name))
 
     @kopf.on.delete(GROUP, VERSION, "dedicatedips", optional=True, id="dedicated_ip_gone", **r)
     def dedicated_ip_gone(
@@ -142,7 +144,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
         if namespace != settings.namespace or c.LABEL_INSTANCE not in labels:
             return
         ip = labels[c.LABEL_INSTANCE]
-        counts = len(_refs(tokens, ("ip", ip))), len(_refs(emails, ("ip", ip)))
+        counts = _counts(tokens, emails, ip)
         if event["type"] == "DELETED":  # deleted by hand: put the relay back
             body = memo.ctx.kube.get(f"{GROUP}/{VERSION}", "DedicatedIP", None, ip)
             if body is not None and not body["metadata"].get("deletionTimestamp"):
@@ -196,8 +198,8 @@ def _register_mail(r: dict[str, Any], settings: Settings) -> None:
         emails: kopf.Index[Any, Ref],
         **_: Any,
     ) -> None:
-        key = ("ip", spec["dedicatedIPRef"]["name"])
-        reconcile.refresh_status(memo.ctx, key[1], len(_refs(tokens, key)), len(_refs(emails, key)))
+        ip = spec["dedicatedIPRef"]["name"]
+        reconcile.refresh_status(memo.ctx, ip, *_counts(tokens, emails, ip))
 
     @kopf.on.resume(GROUP, VERSION, "transactionalemails", id="transactional_email", **r)
     @kopf.on.create(GROUP, VERSION, "transactionalemails", id="transactional_email", **r)

@@ -125,25 +125,33 @@ def reconcile_ip(ctx: Context, body: Obj, tokens: int, emails: int) -> None:
                 name, uid, ns, spec, ctx.settings.relay_image, tls_secret, tracking_secret
             )
         )
-        write_status(ctx, body, spec, deployment, tokens, emails, tls_problem)
+        problem = tls_problem or _smarthost_problem(ctx, spec)  # TLS was just checked
+        _write_status(ctx, body, spec, deployment, tokens, emails, problem)
 
 
 def refresh_status(ctx: Context, name: str, tokens: int, emails: int) -> None:
     """Re-read the relay Deployment and update the DedicatedIP's status (no writes to children)."""
-    body = ctx.kube.get(*IP_API, None, name)
-    if body is None or body["metadata"].get("deletionTimestamp"):
-        return
-    spec = DedicatedIPSpec.model_validate(body["spec"])
-    ns = ctx.settings.namespace
-    deployment = ctx.kube.get("apps/v1", "Deployment", ns, c.relay_name(name))
-    write_status(ctx, body, spec, deployment, tokens, emails, _config_problem(ctx, spec))
+    with ctx.locks.hold(f"dedicatedip/{name}"):
+        body = ctx.kube.get(*IP_API, None, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return
+        spec = DedicatedIPSpec.model_validate(body["spec"])
+        ns = ctx.settings.namespace
+        deployment = ctx.kube.get("apps/v1", "Deployment", ns, c.relay_name(name))
+        _write_status(ctx, body, spec, deployment, tokens, emails, _config_problem(ctx, spec))
 
 
 def _config_problem(ctx: Context, spec: DedicatedIPSpec) -> str | None:
+    """A Secret the DedicatedIP names that does not exist (yet), or None."""
     ns = ctx.settings.namespace
     ref = spec.tls.certificate_secret_ref
     if ref is not None and ctx.kube.get("v1", "Secret", ns, ref.name) is None:
         return f"certificate Secret {ns}/{ref.name} does not exist"
+    return _smarthost_problem(ctx, spec)
+
+
+def _smarthost_problem(ctx: Context, spec: DedicatedIPSpec) -> str | None:
+    ns = ctx.settings.namespace
     sh = spec.delivery.smarthost
     creds = sh.credentials_secret_ref if sh is not None else None
     if creds is not None and ctx.kube.get("v1", "Secret", ns, creds.name) is None:
@@ -151,7 +159,7 @@ def _config_problem(ctx: Context, spec: DedicatedIPSpec) -> str | None:
     return None
 
 
-def write_status(
+def _write_status(
     ctx: Context,
     body: Obj,
     spec: DedicatedIPSpec,
@@ -164,7 +172,6 @@ def write_status(
     name, generation = meta["name"], meta.get("generation", 0)
     previous = (body.get("status") or {}).get("conditions")
     now = ctx.now()
-    problem = problem or _config_problem(ctx, spec)
     up, up_reason, up_message = availability(deployment)
     if problem:
         ready = condition(
@@ -193,4 +200,6 @@ def write_status(
         "emails": emails,
         "observedGeneration": generation,
     }
-    ctx.kube.patch_status(*IP_API, None, name, status)
+    current = body.get("status") or {}
+    if any(current.get(key) != value for key, value in status.items()):  # timers tick often
+        ctx.kube.patch_status(*IP_API, None, name, status)
