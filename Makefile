@@ -5,9 +5,12 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
-# Debian packages the tests and the demo use: Postfix's smtp-sink/smtp-source, swaks.
-DEBS   := postfix swaks
-DEB_BINS := /usr/sbin/smtp-sink /usr/bin/swaks
+# Debian packages the tests and the demo use: Postfix's smtp-sink/smtp-source, swaks (with
+# libnet-ssleay-perl for its TLS); for the node tier and the image: containerd, runc, the CNI
+# plugins, iptables and conntrack (kube-proxy), mmdebstrap and umoci (make image), gcc and
+# libc6-dev (the static pause binary), iproute2 and util-linux (network and mount namespaces).
+DEBS   := postfix swaks libnet-ssleay-perl containerd runc containernetworking-plugins iptables \
+          conntrack mmdebstrap umoci gcc libc6-dev iproute2 util-linux
 
 .PHONY: help setup debs control-plane crds lint test test-unit test-k8s demo clean
 
@@ -29,13 +32,14 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed debs
 
 debs:
-	@missing=0; for b in $(DEB_BINS); do [ -x $$b ] || missing=1; done; \
+	@missing=0; for p in $(DEBS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing=1; done; \
 	if [ $$missing = 1 ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing Debian packages: $(DEBS)"; \
 	    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEBS) >/dev/null; \
-	    service postfix stop >/dev/null 2>&1 || true; \
+	    service postfix stop >/dev/null 2>&1 || true; service containerd stop >/dev/null 2>&1 || true; \
 	  else \
 	    echo "Please install the Debian packages $(DEBS) (as root: apt-get install $(DEBS))"; exit 1; \
 	  fi; \
