@@ -100,7 +100,7 @@ def main() -> None:
     (work / "creds.json").write_text(
         json.dumps([json.loads(credential("bench", password).to_json())])
     )
-    sink_port, port, http_port = _port(), _port(), _port()
+    sink_port, port, metrics_port = _port(), _port(), _port()
     settings = {
         "relay": {
             "dedicatedIP": "127.0.0.1",
@@ -113,7 +113,14 @@ def main() -> None:
             },
         },
         "credentialFiles": ["creds.json"],
-        "listen": {"host": "127.0.0.1", "submission": port, "submissions": None, "http": http_port},
+        "listen": {
+            "host": "127.0.0.1",
+            "submission": port,
+            "submissions": None,
+            "tracking": None,
+            "api": None,
+            "metrics": metrics_port,
+        },
         "tls": {"certFile": str(tls.cert_file), "keyFile": str(tls.key_file)},
         "spool": {"directory": str(args.spool or work / "spool")},
         "limits": {"spoolMinFreeBytes": 0},
@@ -138,7 +145,7 @@ def main() -> None:
         context.check_hostname = False
         elapsed = asyncio.run(_run(port, context, password, args))
         total = args.clients * args.messages
-        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics") as response:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as response:
             metrics = response.read().decode()
         figures = {
             line.split()[0]: float(line.split()[1])

@@ -194,7 +194,9 @@ def run(workdir: Path) -> None:
                         "host": ADDRESS,
                         "submission": port,
                         "submissions": None,
-                        "http": None,
+                        "tracking": None,
+                        "api": None,
+                        "metrics": None,
                     },
                     "tls": {
                         "certFile": str(workdir / "tls.crt"),

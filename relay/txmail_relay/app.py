@@ -10,7 +10,8 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -22,7 +23,7 @@ from txmail_relay.config import ConfigSource, ConfigStore
 from txmail_relay.delivery import SmtpTransport, Transport
 from txmail_relay.engagement import KeyFile, TrackingEndpoints
 from txmail_relay.events import OutcomeListener
-from txmail_relay.http import make_app
+from txmail_relay.http import make_api_app, make_metrics_app, make_tracking_app
 from txmail_relay.metrics import RelayMetrics
 from txmail_relay.queue import DeliveryQueue
 from txmail_relay.sending import Composer, SendService
@@ -96,21 +97,19 @@ class Relay:
             stats_publisher = FileStatsPublisher(settings.stats_file)
         self.stats = StatsLoop(self.db, self.store, stats_publisher, settings.stats_interval)
         self.stats.register(self.registry)
-        self._installers = [
-            SendApi(
-                TokenAuth(self._checker, self._limiter, self.metrics),
-                self.sends,
-                self.db,
-                self.metrics,
-                max_recipients=settings.limits.max_recipients,
-            ).install,
-            TrackingEndpoints(keys, self.db, self.metrics).install,
-        ]
+        self._api = SendApi(
+            TokenAuth(self._checker, self._limiter, self.metrics),
+            self.sends,
+            self.db,
+            self.metrics,
+            max_recipients=settings.limits.max_recipients,
+        )
+        self._tracking = TrackingEndpoints(keys, self.db, self.metrics)
         self._tls_context = tls_context
         self._servers: list[asyncio.base_events.Server] = []
         self._sessions: set[SubmissionProtocol] = set()
         self._tasks: list[asyncio.Task[None]] = []
-        self._http: web.AppRunner | None = None
+        self.http: dict[str, web.AppRunner] = {}  # listener name -> its aiohttp runner
         self.ports: dict[str, int] = {}
         self._serving = False
 
@@ -125,8 +124,7 @@ class Relay:
         for msg in await asyncio.to_thread(self.spool.recover):
             self.queue.enqueue(msg)
         self.spool.start()
-        if settings.listen.http is not None:
-            await self._start_http(settings.listen.host, settings.listen.http)
+        await self._start_http()
         source = loop.create_task(self._source.run(self.store), name="config")
         self._tasks.append(source)
         if self.tracking_keys.path is not None:
@@ -169,20 +167,32 @@ class Relay:
         self._serving = True
         log.info("relay serving", extra={"ports": self.ports})
 
-    async def _start_http(self, host: str, port: int) -> None:
-        app = make_app(
-            self.registry,
-            self.ready,
-            self._installers,
-            client_max_size=self.settings.limits.max_message_size,
-        )
-        self._http = web.AppRunner(app, access_log=None)
-        await self._http.setup()
-        site = web.TCPSite(self._http, host, port)
-        await site.start()
-        server = site._server  # aiohttp exposes no public accessor for the bound port
-        if isinstance(server, asyncio.base_events.Server):
-            self.ports["http"] = server.sockets[0].getsockname()[1]
+    async def _start_http(self) -> None:
+        """The three HTTP listeners (each may be disabled with ``null``)."""
+        listen = self.settings.listen
+        apps: dict[str, tuple[int | None, Callable[[], web.Application]]] = {
+            "metrics": (listen.metrics, partial(make_metrics_app, self.registry, self.ready)),
+            "tracking": (listen.tracking, partial(make_tracking_app, [self._tracking.install])),
+            "api": (
+                listen.api,
+                partial(
+                    make_api_app,
+                    [self._api.install],
+                    client_max_size=self.settings.limits.max_message_size,
+                ),
+            ),
+        }
+        for name, (port, make) in apps.items():
+            if port is None:
+                continue
+            runner = web.AppRunner(make(), access_log=None)
+            await runner.setup()
+            self.http[name] = runner
+            site = web.TCPSite(runner, listen.host, port)
+            await site.start()
+            server = site._server  # aiohttp exposes no public accessor for the bound port
+            if isinstance(server, asyncio.base_events.Server):
+                self.ports[name] = server.sockets[0].getsockname()[1]
 
     def _protocol(self, tls: ssl.SSLContext, *, implicit: bool) -> SubmissionProtocol:
         config = self.store.current
@@ -230,8 +240,8 @@ class Relay:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._http is not None:
-            await self._http.cleanup()
+        for runner in self.http.values():
+            await runner.cleanup()
         if self.store.ready:
             with contextlib.suppress(Exception):
                 await self.stats.refresh()  # last figures out before exiting

@@ -41,14 +41,20 @@ LABEL_COMPONENT = "app.kubernetes.io/component"
 RELAY_APP_NAME = "txmail-relay"
 MANAGED_BY = "txmail"
 
-# Container ports of the relay; the Service maps 587 and 465 onto the first two so the pod
-# needs no privilege to bind.
+# Container ports of the relay; the Service maps 587, 465 and 80 onto the first three so the
+# pod needs no privilege to bind. Three HTTP listeners keep what is public apart: tracking
+# (open pixels and click redirects, meant to sit behind an Ingress) serves nothing else, the
+# single-send API (authenticated) and metrics/health have ports of their own.
 SUBMISSION_PORT = 2587
 SUBMISSIONS_PORT = 2465
-HTTP_PORT = 8080
+TRACKING_PORT = 8080
+API_PORT = 8081
+METRICS_PORT = 9090
 SERVICE_SUBMISSION_PORT = 587
 SERVICE_SUBMISSIONS_PORT = 465
-SERVICE_HTTP_PORT = 80
+SERVICE_TRACKING_PORT = 80
+SERVICE_API_PORT = 8081
+SERVICE_METRICS_PORT = 9090
 
 
 def relay_name(ip: str) -> str:

@@ -4,21 +4,28 @@ Static settings (listen ports, spool, TLS files, limits, retry parameters) take 
 start. The dynamic documents of :mod:`txmail_relay.contract` (the RelayConfig, credentials
 and templates) come either from this same file (inline or as paths to JSON files, reloaded
 when they change) or, when ``kubernetes`` is set, from the objects the operator writes.
+
+A file that cannot be used raises :class:`SettingsError`: one line naming the file and the
+problem, never the file's content (a credential entry's digest stays out of logs).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from txmail_relay.contract import (
-    HTTP_PORT,
+    API_PORT,
+    METRICS_PORT,
     SUBMISSION_PORT,
     SUBMISSIONS_PORT,
+    TRACKING_PORT,
     CredentialEntry,
     RelayConfig,
     TemplateEntry,
@@ -37,7 +44,13 @@ class ListenSettings(_Settings):
     host: str = "0.0.0.0"  # noqa: S104 - the container listens on its pod address
     submission: int | None = Field(default=SUBMISSION_PORT, description="STARTTLS port")
     submissions: int | None = Field(default=SUBMISSIONS_PORT, description="Implicit TLS port")
-    http: int | None = HTTP_PORT
+    tracking: int | None = Field(
+        default=TRACKING_PORT, description="Public: open pixels and click redirects only"
+    )
+    api: int | None = Field(
+        default=API_PORT, description="The single-send API, send statuses, contacts (auth)"
+    )
+    metrics: int | None = Field(default=METRICS_PORT, description="/metrics, /healthz, /readyz")
 
 
 class TLSSettings(_Settings):
@@ -82,6 +95,14 @@ class SpoolSettings(_Settings):
 class LogSettings(_Settings):
     json_format: bool = Field(default=False, alias="json")
     level: str = "INFO"
+
+    @field_validator("level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in logging.getLevelNamesMapping():
+            raise ValueError(f"unknown log level {value!r} (DEBUG, INFO, WARNING, ERROR)")
+        return level
 
 
 class KubernetesSettings(_Settings):
@@ -167,9 +188,74 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     return raw
 
 
+class SettingsError(ValueError):
+    """A settings or configuration file that cannot be used: ``<file>: <problem>``."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+_MAX_ERRORS = 3
+
+
+def describe_validation(exc: ValidationError) -> str:
+    """A pydantic error as one line: ``where: what`` per problem, never the input values."""
+    parts = []
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    for error in errors[:_MAX_ERRORS]:
+        where = ".".join(str(part) for part in error["loc"])
+        what = str(error["msg"]).removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            what = "unknown key"
+        elif error["type"] == "missing":
+            what = "required key missing"
+        parts.append(f"{where}: {what}" if where else what)
+    if len(errors) > _MAX_ERRORS:
+        parts.append(f"and {len(errors) - _MAX_ERRORS} more")
+    return "; ".join(parts)
+
+
+def describe_yaml(exc: yaml.YAMLError) -> str:
+    """A YAML error as ``line N: problem``, without the snippet of the file PyYAML quotes."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        problem = exc.problem or exc.context or "not valid YAML"
+        return f"line {mark.line + 1}: {problem}" if mark is not None else problem
+    return str(exc).splitlines()[0] if str(exc) else "not valid YAML"
+
+
+def describe_json(exc: json.JSONDecodeError) -> str:
+    return f"line {exc.lineno}: {exc.msg}"
+
+
+def describe_os(exc: OSError) -> str:
+    return f"cannot read: {exc.strerror or exc}"
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SettingsError(path, "not UTF-8 text") from None
+    except OSError as exc:
+        raise SettingsError(path, describe_os(exc)) from None
+
+
 def load_settings(path: Path) -> Settings:
-    """Parse a settings file; relative paths in it are relative to its folder."""
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    """Parse a settings file; relative paths in it are relative to its folder.
+
+    Raises :class:`SettingsError` for a file that is missing, not YAML or not valid settings.
+    """
+    text = read_text(path)
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise SettingsError(path, describe_yaml(exc)) from None
     if not isinstance(raw, dict):
-        raise TypeError(f"{path}: expected a mapping at the top level")
-    return Settings.model_validate(_resolve_paths(raw, path.parent.resolve()))
+        raise SettingsError(path, "expected a mapping of settings at the top level")
+    try:
+        return Settings.model_validate(_resolve_paths(raw, path.parent.resolve()))
+    except ValidationError as exc:
+        raise SettingsError(path, describe_validation(exc)) from None

@@ -21,11 +21,12 @@ ADDRESS = "127.0.0.2"
 
 @dataclass(frozen=True)
 class Live:
-    """A DedicatedIP relaying to smtp-sink and its relay process (SMTP and HTTP ports)."""
+    """A DedicatedIP relaying to smtp-sink and its relay process (SMTP, tracking, API ports)."""
 
     ip: str
     port: int
-    http_port: int
+    tracking_port: int
+    api_port: int
     relay: RelayProcess
     kubeconfig: Path  # the relay's own identity: its ServiceAccount's token, nothing more
 
@@ -84,11 +85,11 @@ def sink() -> Iterator[Sink]:
 @pytest.fixture
 def live(kit: Kit, sink: Sink, kubeconfig: Path, tmp_path: Path) -> Iterator[Live]:
     """A DedicatedIP relaying to smtp-sink, and its relay process."""
-    http_port = free_port(ADDRESS)
+    tracking_port, api_port = free_port(ADDRESS), free_port(ADDRESS)
     ip = kit.dedicated_ip(
         address=ADDRESS,
-        relay={"apiURL": f"http://{ADDRESS}:{http_port}"},
-        tracking={"baseURL": f"http://{ADDRESS}:{http_port}"},
+        relay={"apiURL": f"http://{ADDRESS}:{api_port}"},
+        tracking={"baseURL": f"http://{ADDRESS}:{tracking_port}"},
         delivery={
             "mode": "Smarthost",
             "smarthost": {"host": "127.0.0.1", "port": sink.port, "tls": "None"},
@@ -112,7 +113,14 @@ def live(kit: Kit, sink: Sink, kubeconfig: Path, tmp_path: Path) -> Iterator[Liv
                 "dedicatedIP": ip,
                 "kubeconfig": str(identity),
             },
-            "listen": {"host": ADDRESS, "submission": port, "submissions": None, "http": http_port},
+            "listen": {
+                "host": ADDRESS,
+                "submission": port,
+                "submissions": None,
+                "tracking": tracking_port,
+                "api": api_port,
+                "metrics": None,
+            },
             "tls": {"certFile": str(tmp_path / "tls.crt"), "keyFile": str(tmp_path / "tls.key")},
             "spool": {"directory": str(tmp_path / "spool")},
             "retry": {"minBackoff": 1, "maxBackoff": 2, "maxLifetime": 60},
@@ -124,7 +132,7 @@ def live(kit: Kit, sink: Sink, kubeconfig: Path, tmp_path: Path) -> Iterator[Liv
     )
     relay.start(wait_port=(ADDRESS, port))
     try:
-        yield Live(ip, port, http_port, relay, identity)
+        yield Live(ip, port, tracking_port, api_port, relay, identity)
     finally:
         relay.stop()
         kit.objs.delete_cluster_custom_object(GROUP, VERSION, "dedicatedips", ip)

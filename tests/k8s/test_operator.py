@@ -297,7 +297,9 @@ def test_dedicated_ip_becomes_a_restricted_relay(kit: Kit, ip: str, api: client.
     assert {(p.port, p.target_port) for p in svc.spec.ports} == {
         (587, "submission"),
         (465, "submissions"),
-        (80, "http"),
+        (80, "tracking"),
+        (8081, "api"),
+        (9090, "metrics"),
     }
     client.CoreV1Api(api).read_namespaced_service_account(name, ns)
     role = client.RbacAuthorizationV1Api(api).read_namespaced_role(name, ns)

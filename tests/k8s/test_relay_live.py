@@ -103,7 +103,7 @@ def test_relay_follows_tokens_live(kit: Kit, namespace: str, sink: Sink, live: L
 
 def api_send(live: Live, password: str, doc: dict[str, Any]) -> dict[str, Any]:
     request = urllib.request.Request(
-        f"http://{ADDRESS}:{live.http_port}/marketing/v3/transactional/single-email/send",
+        f"http://{ADDRESS}:{live.api_port}/marketing/v3/transactional/single-email/send",
         data=json.dumps(doc).encode(),
         headers={"Authorization": f"Bearer {password}", "Content-Type": "application/json"},
     )
@@ -113,8 +113,8 @@ def api_send(live: Live, password: str, doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def get(live: Live, path: str) -> tuple[int, str | None]:
-    """GET without following redirects: (status, Location)."""
-    conn = http.client.HTTPConnection(ADDRESS, live.http_port, timeout=15)
+    """GET on the tracking port without following redirects: (status, Location)."""
+    conn = http.client.HTTPConnection(ADDRESS, live.tracking_port, timeout=15)
     try:
         conn.request("GET", path)
         response = conn.getresponse()

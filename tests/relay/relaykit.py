@@ -123,7 +123,14 @@ def relay_settings(
             },
         },
         "credentialFiles": ["credentials.json"],
-        "listen": {"host": "127.0.0.1", "submission": 0, "submissions": 0, "http": 0},
+        "listen": {
+            "host": "127.0.0.1",
+            "submission": 0,
+            "submissions": 0,
+            "tracking": 0,
+            "api": 0,
+            "metrics": 0,
+        },
         "tls": {"certFile": str(tls.cert_file), "keyFile": str(tls.key_file)},
         "spool": {"directory": "spool"},
         "limits": {"spoolMinFreeBytes": 0},
@@ -229,9 +236,22 @@ class RelayThread:
         return self.relay.ports["submissions"]
 
     @property
-    def http_port(self) -> int:
+    def tracking_port(self) -> int:
+        """The public listener: open pixels and click redirects."""
         assert self.relay is not None
-        return self.relay.ports["http"]
+        return self.relay.ports["tracking"]
+
+    @property
+    def api_port(self) -> int:
+        """The single-send API, send statuses and contacts."""
+        assert self.relay is not None
+        return self.relay.ports["api"]
+
+    @property
+    def metrics_port(self) -> int:
+        """/metrics, /healthz, /readyz."""
+        assert self.relay is not None
+        return self.relay.ports["metrics"]
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
         assert self.relay is not None
@@ -273,7 +293,8 @@ class RelayEnv:
 
 @pytest.fixture
 def env(tmp_path: Path, tls_files: TLSFiles, sink: Sink) -> Iterator[RelayEnv]:
-    environment = RelayEnv(tmp_path / "relay", tls_files, sink, secrets.token_urlsafe(32))
+    # Never a leading "-": swaks would read such a password as an option.
+    environment = RelayEnv(tmp_path / "relay", tls_files, sink, "p" + secrets.token_urlsafe(32))
     yield environment
     for thread in environment.threads:
         thread.stop()

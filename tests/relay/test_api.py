@@ -63,7 +63,7 @@ def _start(env: RelayEnv, b_password: str, **overrides: Any) -> RelayThread:
 
 
 def _send(relay: RelayThread, doc: Any, headers: dict[str, str]) -> HttpReply:
-    return http(relay.http_port, "POST", SEND_PATH, body=doc, headers=headers)
+    return http(relay.api_port, "POST", SEND_PATH, body=doc, headers=headers)
 
 
 def _request(to: str = "buyer@dest.test", **message: Any) -> dict[str, Any]:
@@ -77,7 +77,7 @@ def _request(to: str = "buyer@dest.test", **message: Any) -> dict[str, Any]:
 
 def _status(relay: RelayThread, status_id: str, headers: dict[str, str]) -> dict[str, Any]:
     reply = http(
-        relay.http_port, "GET", f"/marketing/v3/email/send-statuses/{status_id}", headers=headers
+        relay.api_port, "GET", f"/marketing/v3/email/send-statuses/{status_id}", headers=headers
     )
     assert reply.status == 200, reply.body
     doc: dict[str, Any] = reply.json()
@@ -183,7 +183,7 @@ def test_tokens_are_isolated_by_namespace(env: RelayEnv, b_password: str) -> Non
     # ... nor A's From domain, nor read A's statuses.
     a_status = _send(relay, _request(), bearer(env.password)).json()["statusId"]
     other = http(
-        relay.http_port,
+        relay.api_port,
         "GET",
         f"/marketing/v3/email/send-statuses/{a_status}",
         headers=bearer(b_password),
@@ -292,7 +292,7 @@ def test_every_validation_error_is_a_400_naming_the_field(env: RelayEnv, b_passw
         assert body["errors"][0]["in"] == field, (name, body)
         assert body["sendResult"] == result, (name, body)
         assert body["correlationId"]
-    raw = http(relay.http_port, "POST", SEND_PATH, raw=b"{nope", headers=bearer(env.password))
+    raw = http(relay.api_port, "POST", SEND_PATH, raw=b"{nope", headers=bearer(env.password))
     assert raw.status == 400 and raw.json()["errors"][0]["in"] == "body"
     missing = _send(
         relay, {**_mutate(emailId=STRICT), "contactProperties": {}}, bearer(env.password)
@@ -322,7 +322,7 @@ def test_authentication_failures_and_throttling(env: RelayEnv, b_password: str) 
 def test_unknown_status_is_404(env: RelayEnv, b_password: str) -> None:
     relay = _start(env, b_password)
     reply = http(
-        relay.http_port,
+        relay.api_port,
         "GET",
         "/marketing/v3/email/send-statuses/nope",
         headers=bearer(env.password),

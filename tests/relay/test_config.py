@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from relaykit import RelayEnv, credential, write_credentials
 
+from txmail_relay import contract as c
 from txmail_relay.auth import FailureLimiter
 from txmail_relay.config import ConfigStore, FileConfigSource
 from txmail_relay.contract import RELAY_CONFIG_KEY, RelayConfig
@@ -179,7 +180,7 @@ def test_backoff_doubles_up_to_the_maximum() -> None:
 
 def test_http_endpoints(env: RelayEnv) -> None:
     relay = env.start()
-    base = f"http://127.0.0.1:{relay.http_port}"
+    base = f"http://127.0.0.1:{relay.metrics_port}"
     with urllib.request.urlopen(f"{base}/healthz", timeout=5) as response:
         assert response.status == 200
     with urllib.request.urlopen(f"{base}/readyz", timeout=5) as response:
@@ -201,7 +202,14 @@ def test_settings_defaults_match_the_contract_ports() -> None:
     settings = Settings.model_validate(
         {"kubernetes": {"namespace": "ns", "dedicatedIP": "203.0.113.7"}}
     )
-    assert (settings.listen.submission, settings.listen.submissions) == (2587, 2465)
+    listen = settings.listen
+    assert (listen.submission, listen.submissions) == (c.SUBMISSION_PORT, c.SUBMISSIONS_PORT)
+    assert (listen.tracking, listen.api, listen.metrics) == (
+        c.TRACKING_PORT,
+        c.API_PORT,
+        c.METRICS_PORT,
+    )
+    assert (c.TRACKING_PORT, c.API_PORT, c.METRICS_PORT) == (8080, 8081, 9090)
 
 
 def test_json_log_lines_carry_structured_fields() -> None:

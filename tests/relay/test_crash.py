@@ -105,7 +105,13 @@ def test_sigkill_loses_no_acknowledged_message(env: RelayEnv) -> None:
         credentials=[credential(env.username, env.password)],
         overrides={
             "logging": {"level": "INFO", "json": True},
-            "listen": {"submission": port, "submissions": None, "http": None},
+            "listen": {
+                "submission": port,
+                "submissions": None,
+                "tracking": None,
+                "api": None,
+                "metrics": None,
+            },
         },
     )
     log = env.directory / "relay.log"

@@ -51,7 +51,7 @@ def _request(to: str, **message_fields: Any) -> dict[str, Any]:
 
 
 def _send(relay: RelayThread, password: str, doc: dict[str, Any]) -> HttpReply:
-    return http(relay.http_port, "POST", SEND_PATH, body=doc, headers=bearer(password))
+    return http(relay.api_port, "POST", SEND_PATH, body=doc, headers=bearer(password))
 
 
 def _relay_doc(**extra: Any) -> dict[str, Any]:
@@ -109,7 +109,7 @@ def test_tracking_keys_are_reloaded_when_the_file_changes(
     new_link = _click_link(env, relay, 2)
     assert _kid(new_link) == 2
     for link in (old_link, new_link):  # mail already delivered keeps working
-        reply = http(relay.http_port, "GET", link)
+        reply = http(relay.tracking_port, "GET", link)
         assert reply.status == 302, link
         assert reply.headers["location"].startswith("https://shop.example.com/")
 
@@ -119,7 +119,7 @@ def test_tracking_keys_are_reloaded_when_the_file_changes(
     wait_for(lambda: "tracking keys not reloaded" in caplog.text, what="the reload error")
     assert secret_hex not in caplog.text
     assert key_file.current is not None and key_file.current.current == 2
-    assert http(relay.http_port, "GET", old_link).status == 302
+    assert http(relay.tracking_port, "GET", old_link).status == 302
 
 
 # -- suppression: bounces ----------------------------------------------------------------------

@@ -65,7 +65,7 @@ def _send(relay: RelayThread, password: str, email_id: int = TRACKED, **message:
         "contactProperties": {"firstname": "Ada"},
         "customProperties": {"order_id": "42"},
     }
-    reply = http(relay.http_port, "POST", SEND_PATH, body=doc, headers=bearer(password))
+    reply = http(relay.api_port, "POST", SEND_PATH, body=doc, headers=bearer(password))
     assert reply.status == 200, reply.body
     return reply.json()
 
@@ -104,23 +104,23 @@ def test_tracked_send_opens_clicks_stats_metrics_and_contacts(
     pixel = next(p for p in paths if p.endswith(".gif"))
     click = next(p for p in paths if p.startswith("/c/"))
     for _ in range(2):
-        reply = http(relay.http_port, "GET", pixel)
+        reply = http(relay.tracking_port, "GET", pixel)
         assert reply.status == 200 and reply.body == TRANSPARENT_GIF and len(reply.body) == 43
         assert reply.headers["cache-control"] == "no-store"
         assert reply.headers["referrer-policy"] == "no-referrer"
-        reply = http(relay.http_port, "GET", click)
+        reply = http(relay.tracking_port, "GET", click)
         assert reply.status == 302
         assert reply.headers["location"] == "https://shop.example.com/o/42"
         assert reply.headers["referrer-policy"] == "no-referrer"
     # A tampered token never redirects.
     token = click.removeprefix("/c/")
     tampered = token[:-2] + ("AA" if token[-2:] != "AA" else "BB")
-    bad = http(relay.http_port, "GET", f"/c/{tampered}")
+    bad = http(relay.tracking_port, "GET", f"/c/{tampered}")
     assert bad.status == 400 and "location" not in bad.headers
     assert bad.headers["referrer-policy"] == "no-referrer"
-    assert http(relay.http_port, "GET", "/c/https%3A%2F%2Fevil.test").status == 400
+    assert http(relay.tracking_port, "GET", "/c/https%3A%2F%2Fevil.test").status == 400
     # Unknown pixels still get the GIF and record nothing.
-    assert http(relay.http_port, "GET", "/o/nothing.gif").body == TRANSPARENT_GIF
+    assert http(relay.tracking_port, "GET", "/o/nothing.gif").body == TRANSPARENT_GIF
 
     stats = _wait_stats(
         env, sent=2, delivered=2, opens=2, uniqueOpens=1, clicks=2, uniqueClicks=1, contacts=2
@@ -138,21 +138,21 @@ def test_tracked_send_opens_clicks_stats_metrics_and_contacts(
     )
     assert relay.metric("txmail_relay_token_contacts", {"token": "app1"}) == 2
 
-    contacts = http(relay.http_port, "GET", "/txmail/v1/contacts", headers=bearer(env.password))
+    contacts = http(relay.api_port, "GET", "/txmail/v1/contacts", headers=bearer(env.password))
     assert contacts.status == 200
     results = contacts.json()["results"]
     assert [c["email"] for c in results] == ["ada@dest.test", "carl@dest.test"]
     assert results[0]["properties"] == {"firstname": "Ada"}
-    assert http(relay.http_port, "GET", "/txmail/v1/contacts").status == 401
+    assert http(relay.api_port, "GET", "/txmail/v1/contacts").status == 401
     page = http(
-        relay.http_port, "GET", "/txmail/v1/contacts?limit=1", headers=bearer(env.password)
+        relay.api_port, "GET", "/txmail/v1/contacts?limit=1", headers=bearer(env.password)
     ).json()
     assert page["paging"]["next"]["after"] == "ada@dest.test"
     final = wait_for(
         lambda: (
             (
                 s := http(
-                    relay.http_port,
+                    relay.api_port,
                     "GET",
                     f"/marketing/v3/email/send-statuses/{view['statusId']}",
                     headers=bearer(env.password),
@@ -209,7 +209,7 @@ def test_arf_report_records_a_complaint_once(env: RelayEnv, relay: RelayThread) 
         ),
         what="unsubscribe metric",
     )
-    contacts = http(relay.http_port, "GET", "/txmail/v1/contacts", headers=bearer(env.password))
+    contacts = http(relay.api_port, "GET", "/txmail/v1/contacts", headers=bearer(env.password))
     assert contacts.json()["results"][0]["unsubscribed"] is True
     # Reports are consumed, never relayed; transactional mail still reaches the recipient.
     _send(relay, env.password)

@@ -72,7 +72,7 @@ def test_to_recipients_get_tracked_copies_and_cc_does_not(
     assert LINK.findall(untracked) == [] and "https://shop.example.com/o/1" in untracked
 
     pixel = next(p for p in paths if p.startswith("/o/"))
-    assert http(relay.http_port, "GET", pixel).status == 200
+    assert http(relay.tracking_port, "GET", pixel).status == 200
 
     def opens() -> int:
         path = env.directory / "stats.json"
