@@ -15,7 +15,7 @@ from urllib.parse import quote
 from txmail_relay import contract as c
 
 from .api import GROUP, VERSION, DedicatedIPSpec, SmtpTokenSpec, TransactionalEmailSpec
-from .api.dedicatedip import DeliveryMode, EgressMode
+from .api.dedicatedip import DeliveryMode, EgressMode, RelayPorts
 
 API_VERSION = f"{GROUP}/{VERSION}"
 PASSWORD_GENERATION_ANNOTATION = f"{GROUP}/password-generation"
@@ -26,6 +26,7 @@ TLS_PATH = "/etc/txmail/tls"
 SMARTHOST_PATH = "/etc/txmail/smarthost"
 TRACKING_PATH = "/etc/txmail/tracking"
 RELAY_UID = 65532
+RELAY_COMMAND = "txmail-relay"
 SECRET_TYPE = f"{GROUP}/smtp-credentials"
 
 Obj = dict[str, Any]
@@ -120,6 +121,9 @@ def relay_settings(ip: str, namespace: str, *, tracking_keys: bool = False) -> s
         "# txmail-relay --config: static settings. The RelayConfig, credentials and",
         "# templates are watched live from the objects named below.",
         f"kubernetes: {{namespace: {namespace}, dedicatedIP: {ip}}}",
+        # The container ports relay_deployment declares, by the same constants.
+        f"listen: {{submission: {c.SUBMISSION_PORT}, submissions: {c.SUBMISSIONS_PORT}, "
+        f"tracking: {c.TRACKING_PORT}, api: {c.API_PORT}, metrics: {c.METRICS_PORT}}}",
         f"tls: {{certFile: {TLS_PATH}/tls.crt, keyFile: {TLS_PATH}/tls.key}}",
         f"spool: {{directory: {SPOOL_PATH}}}",
         "logging: {json: true}",
@@ -352,17 +356,24 @@ def relay_deployment(
     ports = [
         {"name": "submission", "containerPort": c.SUBMISSION_PORT, "protocol": "TCP"},
         {"name": "submissions", "containerPort": c.SUBMISSIONS_PORT, "protocol": "TCP"},
-        {"name": "http", "containerPort": c.HTTP_PORT, "protocol": "TCP"},
+        {"name": "tracking", "containerPort": c.TRACKING_PORT, "protocol": "TCP"},
+        {"name": "api", "containerPort": c.API_PORT, "protocol": "TCP"},
+        {"name": "metrics", "containerPort": c.METRICS_PORT, "protocol": "TCP"},
     ]
     container: Obj = {
         "name": "relay",
         "image": image,
+        # One image holds both programs and names no entrypoint: say which one runs here.
+        "command": [RELAY_COMMAND],
         "args": ["--config", f"{SETTINGS_PATH}/{SETTINGS_KEY}"],
         "ports": ports,
         "volumeMounts": mounts,
-        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},
+        "readinessProbe": {
+            "httpGet": {"path": "/readyz", "port": "metrics"},
+            "periodSeconds": 5,
+        },
         "livenessProbe": {
-            "httpGet": {"path": "/healthz", "port": "http"},
+            "httpGet": {"path": "/healthz", "port": "metrics"},
             "periodSeconds": 10,
             "failureThreshold": 6,
         },
@@ -414,10 +425,16 @@ def relay_deployment(
 
 
 def relay_service(ip: str, ip_uid: str, namespace: str, spec: DedicatedIPSpec) -> Obj:
-    ports = spec.relay.ports
-    submission = ports.submission if ports else c.SERVICE_SUBMISSION_PORT
-    submissions = ports.submissions if ports else c.SERVICE_SUBMISSIONS_PORT
-    http = ports.http if ports else c.SERVICE_HTTP_PORT
+    """Each Service port has the name of the container port it reaches: ``tracking`` is the
+    public one (an Ingress targets it by name), ``api`` and ``metrics`` stay in the cluster."""
+    ports = spec.relay.ports or RelayPorts()
+    named = [
+        ("submission", ports.submission),
+        ("submissions", ports.submissions),
+        ("tracking", ports.tracking),
+        ("api", ports.api),
+        ("metrics", ports.metrics),
+    ]
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -426,19 +443,8 @@ def relay_service(ip: str, ip_uid: str, namespace: str, spec: DedicatedIPSpec) -
             "type": "ClusterIP",
             "selector": {c.LABEL_NAME: c.RELAY_APP_NAME, c.LABEL_INSTANCE: ip},
             "ports": [
-                {
-                    "name": "submission",
-                    "port": submission,
-                    "targetPort": "submission",
-                    "protocol": "TCP",
-                },
-                {
-                    "name": "submissions",
-                    "port": submissions,
-                    "targetPort": "submissions",
-                    "protocol": "TCP",
-                },
-                {"name": "http", "port": http, "targetPort": "http", "protocol": "TCP"},
+                {"name": name, "port": port, "targetPort": name, "protocol": "TCP"}
+                for name, port in named
             ],
         },
     }
@@ -632,7 +638,7 @@ def scheduler_secret(ip: str, ip_uid: str, namespace: str, password: str) -> Obj
 def relay_api_url(ip: str, namespace: str, cluster_domain: str, spec: DedicatedIPSpec) -> str:
     if spec.relay.api_url:
         return spec.relay.api_url
-    port = spec.relay.ports.http if spec.relay.ports else c.SERVICE_HTTP_PORT
+    port = spec.relay.ports.api if spec.relay.ports else c.SERVICE_API_PORT
     return f"http://{smtp_host(ip, namespace, cluster_domain)}:{port}"
 
 

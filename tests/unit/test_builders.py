@@ -127,6 +127,48 @@ def test_relay_settings_parse_with_the_relays_own_model() -> None:
     assert str(settings.tls.cert_file) == f"{builders.TLS_PATH}/tls.crt"
 
 
+def test_relay_listeners_ports_probes_and_service_agree() -> None:
+    """What the relay listens on (its mounted settings), what the pod declares and probes, and
+    what the Service exposes are the same five named ports; only 'tracking' is public."""
+    listen = Settings.model_validate(yaml.safe_load(builders.relay_settings("demo", NS))).listen
+    listening = {
+        "submission": listen.submission,
+        "submissions": listen.submissions,
+        "tracking": listen.tracking,
+        "api": listen.api,
+        "metrics": listen.metrics,
+    }
+    spec = ip_spec()
+    [container] = builders.relay_deployment("demo", IP_UID, NS, spec, "img", "tls")["spec"][
+        "template"
+    ]["spec"]["containers"]
+    assert container["command"] == ["txmail-relay"]  # one image, two programs, no entrypoint
+    assert container["args"][0] == "--config"
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == listening
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    service = builders.relay_service("demo", IP_UID, NS, spec)["spec"]["ports"]
+    assert {p["name"]: (p["port"], p["targetPort"]) for p in service} == {
+        "submission": (c.SERVICE_SUBMISSION_PORT, "submission"),
+        "submissions": (c.SERVICE_SUBMISSIONS_PORT, "submissions"),
+        "tracking": (c.SERVICE_TRACKING_PORT, "tracking"),
+        "api": (c.SERVICE_API_PORT, "api"),
+        "metrics": (c.SERVICE_METRICS_PORT, "metrics"),
+    }
+    assert (c.SERVICE_TRACKING_PORT, c.SERVICE_API_PORT, c.SERVICE_METRICS_PORT) == (80, 8081, 9090)
+    host = builders.smtp_host("demo", NS, "cluster.local")
+    assert builders.relay_api_url("demo", NS, "cluster.local", spec) == f"http://{host}:8081"
+    custom = ip_spec(relay={"ports": {"tracking": 8000, "api": 9443, "metrics": 9100}})
+    ports = {
+        p["name"]: p["port"]
+        for p in builders.relay_service("demo", IP_UID, NS, custom)["spec"]["ports"]
+    }
+    assert ports == {
+        "submission": 587, "submissions": 465, "tracking": 8000, "api": 9443, "metrics": 9100
+    }  # fmt: skip
+    assert builders.relay_api_url("demo", NS, "cluster.local", custom) == f"http://{host}:9443"
+
+
 def test_tracking_keys_reach_the_relay_as_a_mounted_file_it_can_load(tmp_path: Path) -> None:
     """Secret key -> mounted file -> settings.yaml path: the relay loads the key it was given."""
     from txmail_relay.engagement import load_keys  # noqa: PLC0415

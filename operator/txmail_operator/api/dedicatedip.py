@@ -167,11 +167,27 @@ class RelayPorts(Model):
     submissions: int = Field(
         default=465, ge=1, le=65535, description="Service port for SMTP over implicit TLS."
     )
-    http: int = Field(
+    tracking: int = Field(
         default=80,
         ge=1,
         le=65535,
-        description="Service port of the HTTP API, tracking links and metrics.",
+        description="Service port of the tracking listener: open pixels and click redirects "
+        "only, every other path is 404. The one HTTP port meant to be public (an Ingress for "
+        "spec.tracking.baseURL points here).",
+    )
+    api: int = Field(
+        default=8081,
+        ge=1,
+        le=65535,
+        description="Service port of the single-send API, send statuses and contacts "
+        "(authenticated with an SmtpToken). Keep it inside the cluster.",
+    )
+    metrics: int = Field(
+        default=9090,
+        ge=1,
+        le=65535,
+        description="Service port of /metrics, /healthz and /readyz (Prometheus and the "
+        "probes). Keep it inside the cluster.",
     )
 
 
@@ -188,9 +204,9 @@ class Relay(Model):
         alias="apiURL",
         max_length=2048,
         pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
-        description="Where the operator reaches the relay's HTTP API (for spec.send of "
-        "TransactionalEmails); the relay's Service when omitted. Set it for a relay that runs "
-        "outside the cluster.",
+        description="Where the operator reaches the relay's single-send API (for spec.send "
+        "of TransactionalEmails); the relay's Service, port ports.api, when omitted. Set it for "
+        "a relay that runs outside the cluster.",
     )
 
 
@@ -211,8 +227,9 @@ class Tracking(Model):
         alias="baseURL",
         max_length=2048,
         pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
-        description="Public URL that reaches the relay's HTTP port (through an Ingress), used "
-        "in open pixels and rewritten links. Tracking is off for this IP when omitted. The "
+        description="Public URL that reaches the relay's tracking port (through an Ingress to "
+        "the Service's 'tracking' port), used in open pixels and rewritten links. Tracking is "
+        "off for this IP when omitted. The "
         "signing keys are in the Secret txmail-relay-<name>-tracking (key 'keys', one "
         "'kid:hexkey' line per key) in the operator's namespace: created with one random key "
         "the first time this is set, never changed by the operator. Rotate by adding a line "
