@@ -141,6 +141,14 @@ class Sink:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
+def relay_command() -> list[str]:
+    """The installed ``txmail-relay`` entry point of this venv (what the image runs)."""
+    script = Path(sys.executable).with_name("txmail-relay")
+    if not script.exists():
+        raise AssertionError(f"{script} is missing: install the package (make .venv/.installed)")
+    return [str(script)]
+
+
 class RelayProcess:
     """``txmail-relay --config`` as a real process (standalone, or against a Kubernetes API)."""
 
@@ -154,7 +162,7 @@ class RelayProcess:
     def start(self, wait_port: tuple[str, int] | None = None, timeout: float = 20.0) -> None:
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "txmail_relay", "--config", str(self.config)],
+                [*relay_command(), "--config", str(self.config)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

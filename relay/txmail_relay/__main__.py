@@ -1,28 +1,58 @@
-"""``txmail-relay``: run the relay of one DedicatedIP until SIGTERM."""
+"""``txmail-relay``: run the relay of one DedicatedIP until SIGTERM.
+
+Exit status 2, with one line on stderr naming the file and the problem, for bad arguments or
+a settings file that cannot be used (missing, not YAML, an unknown key, a wrong type).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import importlib.metadata
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any
-
-from pydantic import ValidationError
+from typing import Any, NoReturn
 
 from txmail_relay import logs
 from txmail_relay.app import Relay
-from txmail_relay.config import ConfigSource, FileConfigSource
-from txmail_relay.settings import Settings, load_settings
+from txmail_relay.config import ConfigSource, FileConfigSource, load_dynamic
+from txmail_relay.settings import Settings, SettingsError, load_settings
 from txmail_relay.stats import StatsPublisher
+
+PROG = "txmail-relay"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line, not the usage block: ``txmail-relay: <problem> (see --help)``."""
+        self.exit(2, f"{PROG}: {message} (see --help)\n")
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("txmail")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="txmail-relay", description=__doc__)
-    parser.add_argument("--config", type=Path, required=True, help="settings file (YAML)")
+    parser = _Parser(
+        prog=PROG,
+        description="Run the SMTP relay of one txmail DedicatedIP until SIGTERM: submission "
+        "(STARTTLS and implicit TLS), a durable spool, delivery, and three HTTP listeners "
+        "(tracking, api, metrics). Settings reference: docs/relay.md.",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="settings file (YAML); in file mode its configuration is reloaded when it changes",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {version()}")
     return parser.parse_args(argv)
 
 
@@ -43,6 +73,10 @@ def _stats(settings: Settings) -> StatsPublisher | None:
     return KubernetesStatsPublisher(settings.kubernetes)
 
 
+class StartupError(Exception):
+    """The relay could not start (a port in use, a TLS file missing): reported in one line."""
+
+
 async def serve(relay: Relay) -> None:
     """Run until SIGTERM or SIGINT, then stop within the grace period."""
     loop = asyncio.get_running_loop()
@@ -53,7 +87,10 @@ async def serve(relay: Relay) -> None:
     stopping = loop.create_task(stop.wait())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if starting.done():
-        starting.result()
+        try:
+            starting.result()
+        except OSError as exc:  # bind failures, unreadable certificate files
+            raise StartupError(str(exc)) from exc
         await stopping
     else:
         starting.cancel()
@@ -75,11 +112,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     try:
         settings = load_settings(args.config)
-    except (OSError, ValueError, TypeError, ValidationError) as exc:
-        print(f"txmail-relay: {args.config}: {exc}", file=sys.stderr)
+        if settings.kubernetes is None:
+            load_dynamic(settings)  # file mode: the documents it names must load at start
+    except SettingsError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     logs.configure(json_format=settings.logging.json_format, level=settings.logging.level)
-    _run(serve(Relay(settings, _source(settings, args.config), stats_publisher=_stats(settings))))
+    relay = Relay(settings, _source(settings, args.config), stats_publisher=_stats(settings))
+    try:
+        _run(serve(relay))
+    except StartupError as exc:
+        print(f"{PROG}: cannot start: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -19,11 +19,19 @@ from typing import Any, Protocol, TypeVar
 from pydantic import ValidationError
 
 from txmail_relay.contract import CredentialEntry, RelayConfig, TemplateEntry
-from txmail_relay.settings import Settings, load_settings
+from txmail_relay.settings import (
+    Settings,
+    SettingsError,
+    describe_json,
+    describe_validation,
+    load_settings,
+    read_text,
+)
 
 log = logging.getLogger(__name__)
 
 _Entry = TypeVar("_Entry", CredentialEntry, TemplateEntry)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -87,20 +95,40 @@ def _entries(doc: Any, model: type[_Entry]) -> list[_Entry]:
     ]
 
 
+def _relay_from_json(text: str) -> RelayConfig:
+    return RelayConfig.model_validate(json.loads(text))
+
+
+def _parse_file(path: Path, parse: Callable[[str], T]) -> T:
+    """Read and parse one JSON file; any problem is a :class:`SettingsError` naming it."""
+    text = read_text(path)
+    try:
+        return parse(text)
+    except json.JSONDecodeError as exc:
+        raise SettingsError(path, describe_json(exc)) from None
+    except ValidationError as exc:
+        raise SettingsError(path, describe_validation(exc)) from None
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(path, str(exc)) from None
+
+
 def load_dynamic(settings: Settings) -> DynamicConfig:
-    """Assemble the snapshot a settings file describes (inline documents and JSON files)."""
+    """Assemble the snapshot a settings file describes (inline documents and JSON files).
+
+    Raises :class:`SettingsError` naming the first file that cannot be used.
+    """
     if settings.relay_file is not None:
-        relay = RelayConfig.model_validate_json(settings.relay_file.read_text(encoding="utf-8"))
+        relay = _parse_file(settings.relay_file, _relay_from_json)
     elif settings.relay is not None:
         relay = settings.relay
     else:
         raise ValueError("settings name no relay configuration")
     credentials = {e.username: e for e in settings.credentials}
     for path in settings.credential_files:
-        credentials.update(credentials_from_json(path.read_text(encoding="utf-8")))
+        credentials.update(_parse_file(path, credentials_from_json))
     templates = {t.email_id: t for t in settings.templates}
     for path in settings.template_files:
-        templates.update(templates_from_json(path.read_text(encoding="utf-8")))
+        templates.update(_parse_file(path, templates_from_json))
     return DynamicConfig(relay=relay, credentials=credentials, templates=templates)
 
 
@@ -119,7 +147,10 @@ def _fingerprint(paths: Iterable[Path]) -> tuple[tuple[str, int, int, int], ...]
 class FileConfigSource:
     """Standalone mode: the settings file and the JSON files it names, polled for changes.
 
-    A file that fails to parse is logged and the previous snapshot stays in force.
+    A file that cannot be used (a YAML or JSON syntax error, an invalid document, a file
+    missing for a moment) is logged in one line, once per change, and the previous snapshot
+    stays in force; the next change is tried again, so fixing the file is enough. Only the
+    dynamic documents are reloaded: listen ports, TLS files, spool and limits apply at start.
     """
 
     def __init__(self, path: Path, poll_interval: float = 1.0) -> None:
@@ -141,11 +172,16 @@ class FileConfigSource:
             current = _fingerprint(self._watched(settings))
             if current != seen:
                 try:
-                    settings = load_settings(self._path)
+                    settings = load_settings(self._path)  # names the files to watch next
                     config = load_dynamic(settings)
-                except (OSError, ValueError, TypeError, ValidationError) as exc:
+                except SettingsError as exc:
                     log.error(  # noqa: TRY400 - the reason is enough, no traceback
                         "configuration not loaded, keeping the previous one: %s", exc
+                    )
+                except Exception as exc:  # a bug must not end reloading for good
+                    log.exception(
+                        "configuration not loaded, keeping the previous one: %s",
+                        type(exc).__name__,
                     )
                 else:
                     store.publish(config)
