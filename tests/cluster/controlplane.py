@@ -73,7 +73,9 @@ def _pem_key(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
     )
 
 
-def _make_pki() -> _Pki:
+def make_pki(dns: list[str] | None = None, ips: list[str] | None = None) -> _Pki:
+    """A CA, the API server's serving certificate (for ``dns`` and ``ips``), an admin client
+    certificate and the service-account key pair."""
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "txmail-test-ca")])
@@ -111,11 +113,8 @@ def _make_pki() -> _Pki:
     serving = leaf(
         x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]),
         x509.SubjectAlternativeName(
-            [
-                x509.DNSName("localhost"),
-                x509.DNSName("kubernetes.default.svc"),
-                x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-            ]
+            [x509.DNSName(d) for d in dns or ["localhost", "kubernetes.default.svc"]]
+            + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips or ["127.0.0.1"]]
         ),
         x509.oid.ExtendedKeyUsageOID.SERVER_AUTH,
     )
@@ -173,7 +172,7 @@ class ControlPlane:
                 proc.wait()
 
 
-def _write_kubeconfig(path: Path, server: str, pki: _Pki) -> None:
+def write_kubeconfig(path: Path, server: str, pki: _Pki) -> None:
     import base64  # noqa: PLC0415
 
     def b64(data: bytes) -> str:
@@ -245,7 +244,7 @@ def _start_once(bins: Path, workdir: Path, pki: _Pki) -> ControlPlane:
     }
     for fname, data in files.items():
         (workdir / fname).write_bytes(data)
-    _write_kubeconfig(cp.kubeconfig, server, pki)
+    write_kubeconfig(cp.kubeconfig, server, pki)
     deadline = time.monotonic() + START_TIMEOUT
     try:
         _spawn(
@@ -343,7 +342,7 @@ def _client_files(workdir: Path, pki: _Pki) -> tuple[str, str]:
 def control_plane(attempts: int = 3) -> Iterator[ControlPlane]:
     """Start a control plane (retrying on port clashes); stop it and delete its files after."""
     bins = binaries()
-    pki = _make_pki()
+    pki = make_pki()
     last: Exception | None = None
     base = Path(os.environ.get("TXMAIL_TEST_TMP", tempfile.gettempdir()))
     for attempt in range(attempts):
