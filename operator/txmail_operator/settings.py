@@ -3,15 +3,39 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from enum import StrEnum
+from importlib.metadata import version
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+VERSION = version("txmail")
+IMAGE_REPOSITORY = "ghcr.io/txmail/txmail"
+DEFAULT_IMAGE = f"{IMAGE_REPOSITORY}:{VERSION}"  # one image runs the operator and the relays
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 class LogFormat(StrEnum):
     PLAIN = "plain"
     JSON = "json"
+
+
+class SettingsError(ValueError):
+    """A ``TXMAIL_*`` variable with a value the operator cannot use."""
+
+    def __init__(self, variable: str, value: str | None, problem: str) -> None:
+        self.variable, self.value, self.problem = variable, value, problem
+        shown = variable if value is None else f"{variable}={value!r}"
+        super().__init__(f"{shown}: {problem}")
 
 
 class Settings(BaseModel):
@@ -23,48 +47,101 @@ class Settings(BaseModel):
     )
     watch_namespaces: tuple[str, ...] = Field(
         default=(),
-        description="Namespaces whose SmtpTokens and TransactionalEmails are served; empty "
-        "means every namespace.",
+        description="Namespaces whose SmtpTokens and TransactionalEmails are served (comma "
+        "list); empty means every namespace.",
     )
-    relay_image: str = Field(default="ghcr.io/txmail/txmail-relay:0.1.0")
-    log_format: LogFormat = LogFormat.PLAIN
-    cluster_domain: str = "cluster.local"
+    relay_image: str = Field(
+        default=DEFAULT_IMAGE, min_length=1, description="The image each relay Deployment runs."
+    )
+    log_format: LogFormat = Field(default=LogFormat.PLAIN, description="plain or json.")
+    cluster_domain: str = Field(
+        default="cluster.local", description="The cluster's DNS domain, for relay host names."
+    )
     drift_check_interval: float = Field(
         default=120.0,
         gt=0,
+        allow_inf_nan=False,
         description="Seconds between checks that each app Secret is still as written.",
     )
-
     stats_interval: float = Field(
         default=30.0,
         gt=0,
+        allow_inf_nan=False,
         description="Seconds between copies of each relay's stats into SmtpToken status.",
     )
-
     send_check_interval: float = Field(
         default=5.0,
         gt=0,
+        allow_inf_nan=False,
         description="Seconds between checks of TransactionalEmail spec.send (due, suspended).",
     )
+    health_port: int = Field(
+        default=8080,
+        ge=0,
+        le=65535,
+        description="Port of the liveness endpoint /healthz (0: none).",
+    )
+    metrics_port: int = Field(
+        default=9090,
+        ge=0,
+        le=65535,
+        description="Port of the Prometheus endpoint /metrics (0: none).",
+    )
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str) -> str:
+        if not _DNS_LABEL.match(value):
+            raise ValueError(f"{value!r} is not a namespace name (a DNS label)")
+        return value
+
+    @field_validator("watch_namespaces")
+    @classmethod
+    def _watch_namespaces(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for ns in value:
+            if not _DNS_LABEL.match(ns):
+                raise ValueError(f"{ns!r} is not a namespace name (a DNS label)")
+        return value
+
+    @field_validator("metrics_port")
+    @classmethod
+    def _distinct_ports(cls, value: int, info: ValidationInfo) -> int:
+        if value and value == info.data.get("health_port"):
+            raise ValueError(f"port {value} is TXMAIL_HEALTH_PORT's already")
+        return value
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """The settings from ``TXMAIL_*`` variables; :class:`SettingsError` names a bad one."""
         env = os.environ if env is None else env
         values: dict[str, object] = {}
-        simple = {
-            "TXMAIL_NAMESPACE": "namespace",
-            "TXMAIL_RELAY_IMAGE": "relay_image",
-            "TXMAIL_LOG_FORMAT": "log_format",
-            "TXMAIL_CLUSTER_DOMAIN": "cluster_domain",
-            "TXMAIL_DRIFT_CHECK_INTERVAL": "drift_check_interval",
-            "TXMAIL_STATS_INTERVAL": "stats_interval",
-            "TXMAIL_SEND_CHECK_INTERVAL": "send_check_interval",
-        }
-        for var, field in simple.items():
-            if env.get(var):
+        for var, field in ENV.items():
+            if not env.get(var):
+                continue
+            if field == "watch_namespaces":
+                values[field] = tuple(ns.strip() for ns in env[var].split(",") if ns.strip())
+            else:
                 values[field] = env[var]
-        if env.get("TXMAIL_WATCH_NAMESPACES"):
-            values["watch_namespaces"] = tuple(
-                ns.strip() for ns in env["TXMAIL_WATCH_NAMESPACES"].split(",") if ns.strip()
-            )
-        return cls.model_validate(values)
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            field = str(error["loc"][0]) if error["loc"] else ""
+            var = next((v for v, f in ENV.items() if f == field), "TXMAIL_*")
+            problem = str(error["msg"]).removeprefix("Value error, ")
+            raise SettingsError(var, env.get(var), problem) from None
+
+
+# Each setting's variable, in the order `txmail-operator --help` lists them.
+ENV: dict[str, str] = {
+    "TXMAIL_NAMESPACE": "namespace",
+    "TXMAIL_WATCH_NAMESPACES": "watch_namespaces",
+    "TXMAIL_RELAY_IMAGE": "relay_image",
+    "TXMAIL_LOG_FORMAT": "log_format",
+    "TXMAIL_CLUSTER_DOMAIN": "cluster_domain",
+    "TXMAIL_DRIFT_CHECK_INTERVAL": "drift_check_interval",
+    "TXMAIL_STATS_INTERVAL": "stats_interval",
+    "TXMAIL_SEND_CHECK_INTERVAL": "send_check_interval",
+    "TXMAIL_HEALTH_PORT": "health_port",
+    "TXMAIL_METRICS_PORT": "metrics_port",
+}
