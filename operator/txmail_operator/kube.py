@@ -10,15 +10,21 @@ other and an apply of the shard's metadata never prunes them.
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from kubernetes import client, config
+from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
 
 FIELD_MANAGER = "txmail-operator"
 ENTRY_FIELD_MANAGER = "txmail-operator-entries"
 
 Obj = dict[str, Any]
+log = logging.getLogger(__name__)
 
 # (apiVersion, kind) -> (url prefix, plural, namespaced)
 _RESOURCES: dict[tuple[str, str], tuple[str, str, bool]] = {
@@ -52,19 +58,29 @@ def _path(api_version: str, kind: str, namespace: str | None, name: str | None =
     return f"{path}/{name}" if name else path
 
 
-class Kube:
-    """Typed access to the few API calls the operator makes."""
+def _ignore(verb: str) -> None:
+    pass
 
-    def __init__(self, api: client.ApiClient) -> None:
+
+class Kube:
+    """Typed access to the few API calls the operator makes.
+
+    ``on_error`` hears the verb of every request that failed unexpectedly (a 404 on a read
+    or delete is an answer, not a failure); the operator counts them in its metrics.
+    """
+
+    def __init__(self, api: client.ApiClient, on_error: Callable[[str], None] = _ignore) -> None:
         self.api = api
+        self.on_error = on_error
 
     @classmethod
-    def from_environment(cls) -> Kube:
+    def from_environment(cls, on_error: Callable[[str], None] = _ignore) -> Kube:
+        """In-cluster credentials, else the kubeconfig; ``ConfigException`` when neither."""
         try:
             config.load_incluster_config()  # type: ignore[no-untyped-call]
         except config.ConfigException:
             config.load_kube_config()  # type: ignore[no-untyped-call]
-        return cls(client.ApiClient())
+        return cls(client.ApiClient(), on_error)
 
     def _call(
         self,
@@ -73,6 +89,9 @@ class Kube:
         body: Any = None,
         query: list[tuple[str, str]] | None = None,
         content_type: str = "application/json",
+        *,
+        verb: str,
+        missing_ok: bool = False,
     ) -> Obj:
         request = self.api.param_serialize(
             method=method,
@@ -82,11 +101,19 @@ class Kube:
             body=body,
             auth_settings=["BearerToken"],
         )
-        response = self.api.call_api(*request, _request_timeout=30)
-        response.read()  # type: ignore[no-untyped-call]
-        out = self.api.response_deserialize(
-            response_data=response, response_types_map={"2XX": "object"}
-        ).data
+        try:
+            response = self.api.call_api(*request, _request_timeout=30)
+            response.read()  # type: ignore[no-untyped-call]
+            out = self.api.response_deserialize(
+                response_data=response, response_types_map={"2XX": "object"}
+            ).data
+        except ApiException as exc:
+            if not (missing_ok and exc.status == 404):
+                self.on_error(verb)
+            raise
+        except HTTPError:  # no answer at all (connection refused, timeout)
+            self.on_error(verb)
+            raise
         return out if isinstance(out, dict) else {}
 
     def apply(self, obj: Obj) -> Obj:
@@ -99,11 +126,14 @@ class Kube:
             obj,
             [("fieldManager", FIELD_MANAGER), ("force", "true")],
             "application/apply-patch+yaml",
+            verb="apply",
         )
 
     def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> Obj | None:
         try:
-            return self._call("GET", _path(api_version, kind, namespace, name))
+            return self._call(
+                "GET", _path(api_version, kind, namespace, name), verb="get", missing_ok=True
+            )
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -118,6 +148,7 @@ class Kube:
             patch,
             [("fieldManager", ENTRY_FIELD_MANAGER)],
             "application/merge-patch+json",
+            verb="patch",
         )
 
     def patch_status(
@@ -131,6 +162,8 @@ class Kube:
                 {"status": status},
                 [("fieldManager", FIELD_MANAGER)],
                 "application/merge-patch+json",
+                verb="patch",
+                missing_ok=True,
             )
         except ApiException as exc:
             if exc.status == 404:
@@ -139,7 +172,9 @@ class Kube:
 
     def delete(self, api_version: str, kind: str, namespace: str | None, name: str) -> None:
         try:
-            self._call("DELETE", _path(api_version, kind, namespace, name))
+            self._call(
+                "DELETE", _path(api_version, kind, namespace, name), verb="delete", missing_ok=True
+            )
         except ApiException as exc:
             if exc.status != 404:
                 raise
@@ -170,4 +205,143 @@ class Kube:
             "lastTimestamp": stamp,
             "count": 1,
         }
-        self._call("POST", _path("v1", "Event", namespace), body)
+        self._call("POST", _path("v1", "Event", namespace), body, verb="create")
+
+
+# --- watching what the operator owns ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change to an object the operator owns, as a watch reports it.
+
+    ``type`` is ADDED, MODIFIED or DELETED, or SYNC for an object seen again by a re-list
+    (after the watch expired with 410 Gone: changes in between may have been missed).
+    """
+
+    type: str
+    kind: str
+    name: str
+    labels: dict[str, str]
+    resource_version: str
+    generation: int | None
+
+
+# The kinds a relay is made of that the operator watches, with their typed list call.
+OWNED_KINDS: dict[str, tuple[type[Any], str]] = {
+    "Deployment": (client.AppsV1Api, "list_namespaced_deployment"),
+    "Service": (client.CoreV1Api, "list_namespaced_service"),
+    "ConfigMap": (client.CoreV1Api, "list_namespaced_config_map"),
+    "ServiceAccount": (client.CoreV1Api, "list_namespaced_service_account"),
+    "Role": (client.RbacAuthorizationV1Api, "list_namespaced_role"),
+    "RoleBinding": (client.RbacAuthorizationV1Api, "list_namespaced_role_binding"),
+}
+
+
+def _change(type_: str, kind: str, obj: Any) -> Change:
+    meta = obj.metadata
+    return Change(
+        type_, kind, meta.name, dict(meta.labels or {}), meta.resource_version, meta.generation
+    )
+
+
+class OwnedWatch:
+    """Watches the operator's own objects in one namespace, by label selector.
+
+    One thread per kind: list once, then watch from that resourceVersion, resuming from the
+    last one seen (bookmarks included) when the server ends a watch, re-listing after 410
+    Gone, and backing off on errors. ``on_change`` runs on the watch threads.
+    """
+
+    def __init__(
+        self,
+        api: client.ApiClient,
+        namespace: str,
+        selector: str,
+        on_change: Callable[[Change], None],
+        on_error: Callable[[str], None] = _ignore,
+        server_timeout: int = 300,
+    ) -> None:
+        # A client of its own: long-lived watches must not hold the connections that
+        # reconciles use.
+        self.api = client.ApiClient(configuration=api.configuration)
+        self.namespace, self.selector = namespace, selector
+        self.on_change, self.on_error = on_change, on_error
+        self.server_timeout = server_timeout
+        self._stopping = threading.Event()
+        self._guard = threading.Lock()
+        self._watches: dict[str, watch.Watch] = {}
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for kind in OWNED_KINDS:
+            thread = threading.Thread(
+                target=self._run, args=(kind,), name=f"watch-{kind}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
+        with self._guard:
+            for w in self._watches.values():
+                w.stop()  # type: ignore[no-untyped-call]  # shuts the socket down: a blocked read returns at once
+        for thread in self._threads:
+            thread.join(timeout)
+        self.api.close()  # type: ignore[no-untyped-call]
+
+    def _run(self, kind: str) -> None:
+        api_class, method = OWNED_KINDS[kind]
+        list_fn = getattr(api_class(self.api), method)
+        version: str | None = None
+        listed = False
+        backoff = 0.5
+        while not self._stopping.is_set():
+            try:
+                if version is None:
+                    listing = list_fn(
+                        self.namespace, label_selector=self.selector, _request_timeout=30
+                    )
+                    version = listing.metadata.resource_version
+                    if listed:
+                        for item in listing.items:
+                            self.on_change(_change("SYNC", kind, item))
+                    listed = True
+                w = watch.Watch()  # type: ignore[no-untyped-call]
+                with self._guard:
+                    if self._stopping.is_set():
+                        break
+                    self._watches[kind] = w
+                for event in w.stream(  # type: ignore[no-untyped-call]
+                    list_fn,
+                    self.namespace,
+                    label_selector=self.selector,
+                    resource_version=version,
+                    allow_watch_bookmarks=True,
+                    timeout_seconds=self.server_timeout,
+                    _request_timeout=(10, self.server_timeout + 30),
+                ):
+                    if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
+                        self.on_change(_change(event["type"], kind, event["object"]))
+                version = w.resource_version or version
+                backoff = 0.5
+            except ApiException as exc:
+                if exc.status == 410:  # too old to resume: list again
+                    version = None
+                    continue
+                if self._stopping.is_set():
+                    break
+                self.on_error("watch")
+                log.warning("watching %ss failed (HTTP %s), retrying", kind, exc.status)
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+            except Exception as exc:  # a connection reset, or the socket shut by stop()
+                if self._stopping.is_set():
+                    break
+                self.on_error("watch")
+                log.warning("watching %ss failed (%s), retrying", kind, type(exc).__name__)
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+            finally:
+                with self._guard:
+                    self._watches.pop(kind, None)
