@@ -11,9 +11,17 @@ log = logging.getLogger(__name__)
 
 
 def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    """Raises OSError naming both files when they cannot be read or do not match."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert_file, key_file)
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as exc:  # OpenSSL names neither file
+        if isinstance(exc, ssl.SSLError):
+            reason = f"not a matching PEM certificate and key ({exc.reason or exc})"
+        else:
+            reason = exc.strerror or str(exc)
+        raise OSError(f"TLS certificate {cert_file} / key {key_file}: {reason}") from exc
     return context
 
 

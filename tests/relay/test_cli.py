@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import secrets
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -220,3 +221,29 @@ def test_a_broken_live_edit_keeps_the_last_good_config_until_fixed(
             assert secret not in output
     finally:
         relay.stop()
+
+
+def test_a_port_in_use_is_one_line(tmp_path: Path, tls_files: TLSFiles, sink: Sink) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        path = tmp_path / "relay.yaml"
+        path.write_text(_settings(port, sink, tls_files, [_entry("app1", "pw")]))
+        result = run("--config", str(path))
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("txmail-relay: cannot start: ") and str(port) in last, last
+    assert "Traceback" not in result.stderr
+
+
+def test_a_missing_certificate_is_one_line(tmp_path: Path, tls_files: TLSFiles, sink: Sink) -> None:
+    absent = TLSFiles(tls_files.ca_file, tmp_path / "absent.crt", tls_files.key_file)
+    path = tmp_path / "relay.yaml"
+    path.write_text(_settings(free_port(), sink, absent, [_entry("app1", "pw")]))
+    result = run("--config", str(path))
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith(f"txmail-relay: cannot start: TLS certificate {absent.cert_file}"), last
+    assert last.endswith("No such file or directory"), last
+    assert "Traceback" not in result.stderr
