@@ -18,7 +18,8 @@ help:
 	@echo "make demo           run txmail end to end on this machine (control plane, operator, relay)"
 	@echo "make test           set everything up, then lint and run the whole test suite"
 	@echo "make lint           ruff, mypy --strict, import-linter"
-	@echo "make crds           regenerate crds/ from the API models"
+	@echo "make crds           regenerate crds/ and the chart's CRD templates from the API models"
+	@echo "make chart-lint     helm lint --strict charts/txmail with each values file of tests/chart"
 	@echo "make control-plane  build kube-apiserver, kube-controller-manager and etcd (cached)"
 
 $(VENV)/.installed: pyproject.toml
@@ -49,7 +50,13 @@ control-plane:
 	@tests/cluster/build.sh >/dev/null
 
 crds: $(VENV)/.installed
-	$(PY) -m txmail_operator.api.crd crds
+	$(PY) -m txmail_operator.api.crd crds --chart charts/txmail
+
+# The real Helm (built by tests/cluster/build.sh) lints the chart with every valid values file.
+.PHONY: chart-lint
+chart-lint:
+	@helm=$$(tests/cluster/build.sh)/helm && for v in defaults everything watch-namespaces; do \
+	  $$helm lint --strict charts/txmail --namespace txmail-system --values tests/chart/values/$$v.yaml || exit 1; done
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check operator relay tests

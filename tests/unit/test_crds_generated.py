@@ -1,4 +1,5 @@
-"""crds/ is generated from the models: committed files must match, and stay structural."""
+"""crds/ and the chart's CRD templates are generated from the models (`make crds`): committed
+files must match, and stay structural."""
 
 from __future__ import annotations
 
@@ -7,15 +8,30 @@ from typing import Any
 import pytest
 import yaml
 
-from project import CRDS
+from project import CRDS, ROOT
 from txmail_operator.api import KINDS
-from txmail_operator.api.crd import file_name, render
+from txmail_operator.api.crd import chart_file_name, file_name, render, render_chart
+
+CHART_TEMPLATES = ROOT / "charts" / "txmail" / "templates"
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.KIND)
 def test_committed_crd_matches_the_models(kind: Any) -> None:
     committed = (CRDS / file_name(kind)).read_text()
     assert committed == render(kind), "crds/ is stale: run `make crds` and commit the result"
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.KIND)
+def test_committed_chart_crd_matches_the_models(kind: Any) -> None:
+    committed = (CHART_TEMPLATES / chart_file_name(kind)).read_text()
+    assert committed == render_chart(kind), (
+        "charts/txmail/templates/crd-*.yaml is stale: run `make crds` and commit the result"
+    )
+
+
+def test_the_chart_has_no_other_crd_templates() -> None:
+    expected = {chart_file_name(kind) for kind in KINDS}
+    assert {p.name for p in CHART_TEMPLATES.glob("crd-*.yaml")} == expected
 
 
 def _walk(node: Any, path: str = "") -> list[str]:

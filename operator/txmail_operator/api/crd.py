@@ -5,6 +5,10 @@ conversion inlines ``$defs``, turns ``anyOf: [X, null]`` into ``X`` with ``nulla
 drops ``title``, null defaults and ``additionalProperties: false`` (which the API server
 refuses beside ``properties``; pruning already drops unknown fields), and keeps the
 description written where a field is used over the one on the referenced model.
+
+One run writes both copies: ``crds/*.yaml`` (plain manifests for ``kubectl apply``) and, with
+``--chart``, the Helm chart's ``templates/crd-*.yaml``: the same objects wrapped in the chart's
+``crds.enabled`` / ``crds.keep`` conditionals and labels, with ``{{`` escaped for Go templates.
 """
 
 from __future__ import annotations
@@ -132,9 +136,43 @@ def file_name(kind: type[Model]) -> str:
     return f"{GROUP}_{getattr(kind, 'PLURAL')}.yaml"  # noqa: B009
 
 
+HEADER = "# Generated from operator/txmail_operator/api by `make crds`. Do not edit.\n"
+
+
+def _dump(node: dict[str, Any]) -> str:
+    return yaml.safe_dump(node, sort_keys=False, width=100, allow_unicode=True)
+
+
 def render(kind: type[Model]) -> str:
-    header = "# Generated from operator/txmail_operator/api by `make crds`. Do not edit.\n"
-    return header + yaml.safe_dump(crd(kind), sort_keys=False, width=100, allow_unicode=True)
+    return HEADER + _dump(crd(kind))
+
+
+def chart_file_name(kind: type[Model]) -> str:
+    return f"crd-{file_name(kind)}"
+
+
+def _escape_template(text: str) -> str:
+    """Literal ``{{`` (Jinja2 examples in descriptions) as a Go template action printing it."""
+    return text.replace("{{", '{{ "{{" }}')
+
+
+def render_chart(kind: type[Model]) -> str:
+    """The CRD as a Helm template: installed unless ``crds.enabled`` is false, and kept on
+    ``helm uninstall`` (``helm.sh/resource-policy: keep``) unless ``crds.keep`` is false."""
+    obj = crd(kind)
+    head = _dump({"apiVersion": obj["apiVersion"], "kind": obj["kind"]})
+    meta = (
+        "metadata:\n"
+        f"  name: {obj['metadata']['name']}\n"
+        "  {{- if .Values.crds.keep }}\n"
+        "  annotations:\n"
+        "    helm.sh/resource-policy: keep\n"
+        "  {{- end }}\n"
+        "  labels:\n"
+        '    {{- include "txmail.crdLabels" . | nindent 4 }}\n'
+    )
+    spec = _escape_template(_dump({"spec": obj["spec"]}))
+    return "{{- if .Values.crds.enabled }}\n" + HEADER + head + meta + spec + "{{- end }}\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,12 +180,24 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("out", type=Path, help="folder to write the CRD files into")
+    parser.add_argument(
+        "--chart", type=Path, help="a Helm chart folder: also write templates/crd-*.yaml into it"
+    )
     args = parser.parse_args(argv)
+    if args.chart is not None and not (args.chart / "Chart.yaml").is_file():
+        parser.error(f"{args.chart} is not a Helm chart (no Chart.yaml)")
     args.out.mkdir(parents=True, exist_ok=True)
     for kind in KINDS:
-        (args.out / file_name(kind)).write_text(render(kind))
-        sys.stdout.write(f"wrote {args.out / file_name(kind)}\n")
+        _write(args.out / file_name(kind), render(kind))
+        if args.chart is not None:
+            _write(args.chart / "templates" / chart_file_name(kind), render_chart(kind))
     return 0
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    sys.stdout.write(f"wrote {path}\n")
 
 
 if __name__ == "__main__":
