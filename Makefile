@@ -12,7 +12,7 @@ PY     := $(VENV)/bin/python
 DEBS   := postfix swaks libnet-ssleay-perl containerd runc containernetworking-plugins iptables \
           conntrack mmdebstrap umoci gcc libc6-dev iproute2 util-linux
 
-.PHONY: help setup debs control-plane crds lint test test-unit test-k8s demo clean
+.PHONY: help setup debs control-plane crds lint test test-unit test-k8s demo clean image lock
 
 help:
 	@echo "make demo           run txmail end to end on this machine (control plane, operator, relay)"
@@ -21,6 +21,8 @@ help:
 	@echo "make crds           regenerate crds/ and the chart's CRD templates from the API models"
 	@echo "make chart-lint     helm lint --strict charts/txmail with each values file of tests/chart"
 	@echo "make control-plane  build kube-apiserver, kube-controller-manager and etcd (cached)"
+	@echo "make image          build the container image as an OCI archive, no registry or Docker (cached)"
+	@echo "make lock           re-pin requirements.lock and image/build-requirements.lock (with hashes)"
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -48,6 +50,22 @@ debs:
 
 control-plane:
 	@tests/cluster/build.sh >/dev/null
+
+# The image's pins: runtime dependencies of pyproject.toml (requirements.lock) and the build backend
+# of txmail's own wheel (image/build-requirements.lock), for bookworm's CPython 3.11 on x86_64.
+# Existing pins stay unless pyproject.toml rules them out; `make lock LOCK_ARGS=--upgrade` moves
+# every pin to the newest release.
+UV_VERSION := 0.13.9
+LOCK := --python-version 3.11 --python-platform x86_64-manylinux_2_36 --generate-hashes \
+        --custom-compile-command 'make lock' --quiet $(LOCK_ARGS)
+lock: $(VENV)/.installed
+	@$(VENV)/bin/uv --version 2>/dev/null | grep -qx 'uv $(UV_VERSION).*' || \
+	  $(PY) -m pip install --quiet 'uv==$(UV_VERSION)'
+	$(VENV)/bin/uv pip compile $(LOCK) pyproject.toml -o requirements.lock
+	$(VENV)/bin/uv pip compile $(LOCK) image/build-requirements.in -o image/build-requirements.lock
+
+image: setup
+	@image/build.sh
 
 crds: $(VENV)/.installed
 	$(PY) -m txmail_operator.api.crd crds --chart charts/txmail
