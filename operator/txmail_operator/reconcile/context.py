@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from ..kube import Kube
 from ..relayclient import RelayClient
 from ..settings import Settings
+from .metrics import Metrics
 
 
 def utcnow() -> dt.datetime:
@@ -72,6 +73,22 @@ class StatsMemory:
 
 
 @dataclass
+class Written:
+    """The resourceVersion and generation of each object as the operator last applied it."""
+
+    _guard: threading.Lock = field(default_factory=threading.Lock)
+    _seen: dict[tuple[str, str], tuple[str, int | None]] = field(default_factory=dict)
+
+    def record(self, kind: str, name: str, version: str, generation: int | None) -> None:
+        with self._guard:
+            self._seen[(kind, name)] = (version, generation)
+
+    def get(self, kind: str, name: str) -> tuple[str, int | None] | None:
+        with self._guard:
+            return self._seen.get((kind, name))
+
+
+@dataclass
 class Context:
     kube: Kube
     settings: Settings
@@ -81,3 +98,5 @@ class Context:
     namespaces: LabelMemory = field(default_factory=LabelMemory)
     stats: StatsMemory = field(default_factory=StatsMemory)
     relay: RelayClient = field(default_factory=RelayClient)
+    metrics: Metrics = field(default_factory=Metrics)
+    written: Written = field(default_factory=Written)
