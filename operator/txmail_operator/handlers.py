@@ -1,23 +1,50 @@
 """kopf registration only: each handler parses what kopf hands it and calls a reconcile function.
 
 Handlers are registered into an explicit registry by :func:`register`, with the settings the
-operator was started with (the drift-check interval, the operator's namespace).
+operator was started with (the drift-check interval, the operator's namespace). Every handler
+that reconciles is wrapped by :func:`_measured`, which counts and times it in the metrics.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import kopf
-
-from txmail_relay import contract as c
 
 from . import reconcile
 from .api import GROUP, VERSION
 from .settings import Settings
 
 Ref = tuple[str, str]
+F = TypeVar("F", bound=Callable[..., Any])
+IP, TOKEN, EMAIL = "DedicatedIP", "SmtpToken", "TransactionalEmail"
+
+
+def _measured(kind: str) -> Callable[[F], F]:
+    """Count and time the handler as one reconcile of ``kind`` (by result)."""
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with kwargs["memo"].ctx.metrics.reconcile(kind):
+                return fn(*args, **kwargs)
+
+        return run  # type: ignore[return-value]
+
+    return wrap
+
+
+def _size(index: kopf.Index[Any, Ref], kind: str) -> int:
+    """How many objects an index holds under keys (kind, ...), read from any thread."""
+    for _ in range(3):
+        try:
+            return sum(len(index[key]) for key in list(index) if key[0] == kind)
+        except (RuntimeError, KeyError):  # kopf changed the index while we counted
+            continue
+    return 0
 
 
 def _refs(index: kopf.Index[Any, Ref], key: tuple[str, str]) -> list[Ref]:
@@ -55,6 +82,10 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
+    @kopf.index(GROUP, VERSION, "dedicatedips", id="ips", **r)
+    def ips(name: str, meta: kopf.Meta, **_: Any) -> dict[Any, str]:
+        return {} if meta.get("deletionTimestamp") else {("ip",): name}
+
     @kopf.index(GROUP, VERSION, "smtptokens", id="tokens", **r)
     def tokens(
         namespace: str, name: str, uid: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any
@@ -82,6 +113,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     @kopf.on.resume(GROUP, VERSION, "dedicatedips", id="dedicated_ip", **r)
     @kopf.on.create(GROUP, VERSION, "dedicatedips", id="dedicated_ip", **r)
     @kopf.on.update(GROUP, VERSION, "dedicatedips", id="dedicated_ip", **r)
+    @_measured(IP)
     def dedicated_ip(
         body: kopf.Body,
         name: str,
@@ -103,6 +135,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     @kopf.timer(
         GROUP, VERSION, "dedicatedips", interval=settings.drift_check_interval, id="recheck", **r
     )
+    @_measured(IP)
     def recheck(
         name: str,
         memo: kopf.Memo,
@@ -114,6 +147,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
         reconcile.refresh_status(memo.ctx, name, *_counts(tokens, emails, name))
 
     @kopf.on.delete(GROUP, VERSION, "dedicatedips", optional=True, id="dedicated_ip_gone", **r)
+    @_measured(IP)
     def dedicated_ip_gone(
         name: str,
         memo: kopf.Memo,
@@ -123,34 +157,6 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     ) -> None:
         key = ("ip", name)
         reconcile.fan_out(memo.ctx, _refs(tokens, key), _refs(emails, key), _taken(emails))
-
-    @kopf.on.event(
-        "apps",
-        "v1",
-        "deployments",
-        labels={c.LABEL_NAME: c.RELAY_APP_NAME, c.LABEL_MANAGED_BY: c.MANAGED_BY},
-        id="relay_deployment",
-        **r,
-    )
-    def relay_deployment(
-        event: kopf.RawEvent,
-        namespace: str,
-        labels: kopf.Labels,
-        memo: kopf.Memo,
-        tokens: kopf.Index[Any, Ref],
-        emails: kopf.Index[Any, Ref],
-        **_: Any,
-    ) -> None:
-        if namespace != settings.namespace or c.LABEL_INSTANCE not in labels:
-            return
-        ip = labels[c.LABEL_INSTANCE]
-        counts = _counts(tokens, emails, ip)
-        if event["type"] == "DELETED":  # deleted by hand: put the relay back
-            body = memo.ctx.kube.get(f"{GROUP}/{VERSION}", "DedicatedIP", None, ip)
-            if body is not None and not body["metadata"].get("deletionTimestamp"):
-                reconcile.reconcile_ip(memo.ctx, body, *counts)
-            return
-        reconcile.refresh_status(memo.ctx, ip, *counts)
 
     @kopf.on.event("", "v1", "namespaces", id="namespace", **r)
     def namespace(
@@ -169,6 +175,41 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
             )
 
     _register_mail(r, settings)
+    _register_watch(r)
+
+
+def _register_watch(r: dict[str, Any]) -> None:
+    """At startup: metrics from the indexes, and the watch that repairs the relays' drift."""
+
+    @kopf.on.startup(id="watch_owned", **r)
+    def watch_owned(
+        memo: kopf.Memo,
+        ips: kopf.Index[Any, str],
+        tokens: kopf.Index[Any, Ref],
+        emails: kopf.Index[Any, Ref],
+        **_: Any,
+    ) -> None:
+        """Metrics from the indexes; the watch that repairs drift of the relays' objects."""
+        ctx: reconcile.Context = memo.ctx
+        ctx.metrics.count_managed(IP, lambda: _size(ips, "ip"))
+        ctx.metrics.count_managed(TOKEN, lambda: _size(tokens, "user"))
+        ctx.metrics.count_managed(EMAIL, lambda: _size(emails, "ns"))
+
+        @_measured(IP)
+        def run(ip: str, action: reconcile.Action, memo: kopf.Memo) -> None:
+            counts = _counts(tokens, emails, ip)
+            if action is reconcile.Action.REPAIR:
+                reconcile.repair_ip(memo.ctx, ip, *counts)
+            else:
+                reconcile.refresh_status(memo.ctx, ip, *counts)
+
+        memo.drift = reconcile.DriftRepair(ctx, lambda ip, action: run(ip, action, memo=memo))
+        memo.drift.start()
+
+    @kopf.on.cleanup(id="stop_watching", **r)
+    def stop_watching(memo: kopf.Memo, **_: Any) -> None:
+        if memo.get("drift") is not None:
+            memo.drift.stop()
 
 
 def _register_mail(r: dict[str, Any], settings: Settings) -> None:
@@ -180,10 +221,12 @@ def _register_mail(r: dict[str, Any], settings: Settings) -> None:
     @kopf.timer(
         GROUP, VERSION, "smtptokens", interval=settings.drift_check_interval, id="smtp_token", **r
     )
+    @_measured(TOKEN)
     def smtp_token(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
         reconcile.reconcile_token(memo.ctx, namespace, name)
 
     @kopf.on.delete(GROUP, VERSION, "smtptokens", id="smtp_token_gone", **r)
+    @_measured(TOKEN)
     def smtp_token_gone(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         reconcile.revoke_token(memo.ctx, dict(body))
 
@@ -204,6 +247,7 @@ def _register_mail(r: dict[str, Any], settings: Settings) -> None:
     @kopf.on.resume(GROUP, VERSION, "transactionalemails", id="transactional_email", **r)
     @kopf.on.create(GROUP, VERSION, "transactionalemails", id="transactional_email", **r)
     @kopf.on.update(GROUP, VERSION, "transactionalemails", id="transactional_email", **r)
+    @_measured(EMAIL)
     def transactional_email(
         namespace: str, name: str, memo: kopf.Memo, emails: kopf.Index[Any, Ref], **_: Any
     ) -> None:
@@ -218,9 +262,11 @@ def _register_mail(r: dict[str, Any], settings: Settings) -> None:
         when=_has_send,
         **r,
     )
+    @_measured(EMAIL)
     def one_off_send(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
         reconcile.reconcile_send(memo.ctx, namespace, name)
 
     @kopf.on.delete(GROUP, VERSION, "transactionalemails", id="transactional_email_gone", **r)
+    @_measured(EMAIL)
     def transactional_email_gone(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         reconcile.withdraw_email(memo.ctx, dict(body))

@@ -10,8 +10,10 @@ from kubernetes.client.exceptions import ApiException
 
 from ..builders import username_for
 from .context import Context, Locks
-from .dedicatedip import reconcile_ip, refresh_status
+from .dedicatedip import reconcile_ip, refresh_status, repair_ip
+from .drift import Action, DriftRepair
 from .email import IdTaken, reconcile_email, withdraw_email
+from .metrics import Metrics
 from .sends import reconcile_send
 from .smtptoken import reconcile_token, revoke_token
 from .stats import publish_stats
@@ -41,9 +43,12 @@ def fan_out(ctx: Context, tokens: Iterable[Ref], emails: Iterable[Ref], taken: I
 
 
 __all__ = [
+    "Action",
     "Context",
+    "DriftRepair",
     "IdTaken",
     "Locks",
+    "Metrics",
     "fan_out",
     "publish_stats",
     "reconcile_email",
@@ -51,6 +56,7 @@ __all__ = [
     "reconcile_send",
     "reconcile_token",
     "refresh_status",
+    "repair_ip",
     "revoke_token",
     "username_for",
     "withdraw_email",

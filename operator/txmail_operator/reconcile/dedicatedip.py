@@ -6,6 +6,8 @@ import base64
 import secrets
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
+
 from txmail_relay import contract as c
 
 from .. import builders
@@ -119,14 +121,62 @@ def reconcile_ip(ctx: Context, body: Obj, tokens: int, emails: int) -> None:
         ]
         for child in children:
             if child is not None:
-                ctx.kube.apply(child)
-        deployment = ctx.kube.apply(
+                _apply(ctx, child)
+        deployment = _apply(
+            ctx,
             builders.relay_deployment(
                 name, uid, ns, spec, ctx.settings.relay_image, tls_secret, tracking_secret
-            )
+            ),
         )
         problem = tls_problem or _smarthost_problem(ctx, spec)  # TLS was just checked
         _write_status(ctx, body, spec, deployment, tokens, emails, problem)
+
+
+def _apply(ctx: Context, obj: Obj) -> Obj:
+    """Server-side apply, remembering the version written so the drift watch skips it.
+
+    A Service's ports are a list keyed by port: a port someone changed is a new entry that an
+    apply leaves in place (or, sharing a name with the built one, makes the apply invalid), so
+    then the ports are set back to exactly the built ones first.
+    """
+    meta = obj["metadata"]
+    try:
+        out = ctx.kube.apply(obj)
+    except ApiException as exc:
+        if obj["kind"] != "Service" or exc.status != 422:
+            raise
+        out = _reset_ports(ctx, obj)
+    if obj["kind"] == "Service" and _ports(out) != _ports(obj):
+        out = _reset_ports(ctx, obj)
+    live = out.get("metadata") or {}
+    if live.get("resourceVersion"):
+        ctx.written.record(
+            obj["kind"], meta["name"], live["resourceVersion"], live.get("generation")
+        )
+    return out
+
+
+def _reset_ports(ctx: Context, service: Obj) -> Obj:
+    meta = service["metadata"]
+    ports = {"spec": {"ports": service["spec"]["ports"]}}
+    ctx.kube.merge_patch("v1", "Service", meta["namespace"], meta["name"], ports)
+    return ctx.kube.apply(service)
+
+
+def _ports(service: Obj) -> list[tuple[object, ...]]:
+    ports = (service.get("spec") or {}).get("ports") or []
+    return sorted(
+        (p.get("name"), p.get("port"), str(p.get("targetPort")), p.get("protocol", "TCP"))
+        for p in ports
+    )
+
+
+def repair_ip(ctx: Context, name: str, tokens: int, emails: int) -> None:
+    """Re-apply the children of DedicatedIP ``name`` (drift repair); nothing when it is gone."""
+    body = ctx.kube.get(*IP_API, None, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return
+    reconcile_ip(ctx, body, tokens, emails)
 
 
 def refresh_status(ctx: Context, name: str, tokens: int, emails: int) -> None:

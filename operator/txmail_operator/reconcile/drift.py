@@ -1,0 +1,162 @@
+"""Drift repair of a relay's own objects: a watch in the operator's namespace, then re-apply.
+
+A relay Deployment scaled to 0, a deleted Role, an edited Service or ConfigMap is put back
+without waiting for the DedicatedIP to change. The watch sees the operator's own writes too;
+those are recognised by the resourceVersion the apply returned and skipped, and each
+DedicatedIP is repaired at most once per ``spacing`` seconds, so repairs never feed each other.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from enum import Enum
+
+from txmail_relay import contract as c
+
+from ..kube import Change, OwnedWatch
+from .context import Context, Written
+
+log = logging.getLogger(__name__)
+
+SELECTOR = f"{c.LABEL_MANAGED_BY}={c.MANAGED_BY},{c.LABEL_NAME}={c.RELAY_APP_NAME}"
+# Components whose content is the operator's alone: any edit by someone else is drift. The
+# others (credential and template shards, the stats report) are written entry by entry, or
+# by the relay; only their deletion is drift.
+WHOLE_COMPONENTS = frozenset({"relay", "config"})
+
+
+class Action(Enum):
+    STATUS = "status"  # the relay Deployment's status moved: refresh the DedicatedIP status
+    REPAIR = "repair"  # re-apply every child of the DedicatedIP
+
+
+def classify(change: Change, written: Written) -> tuple[str, Action] | None:
+    """What a change to an owned object calls for, for which DedicatedIP (None: nothing)."""
+    ip = change.labels.get(c.LABEL_INSTANCE)
+    if not ip:
+        return None
+    if change.type == "DELETED":
+        return ip, Action.REPAIR
+    ours = written.get(change.kind, change.name)
+    if ours is not None and ours[0] == change.resource_version:
+        return None  # our own write coming back
+    if change.kind == "Deployment":
+        # The controllers write status (same generation); a person changes the spec.
+        if ours is not None and ours[1] == change.generation:
+            return ip, Action.STATUS
+        return ip, Action.REPAIR if change.type != "ADDED" else Action.STATUS
+    if change.type == "ADDED":
+        return None  # created by the operator (an apply in flight)
+    if change.labels.get(c.LABEL_COMPONENT) in WHOLE_COMPONENTS:
+        return ip, Action.REPAIR
+    return None
+
+
+class Repairs:
+    """Debounced work per DedicatedIP, on one worker thread.
+
+    A request runs after ``delay`` (so a burst of events is one run), never sooner than
+    ``spacing`` after the previous run for the same DedicatedIP; a repair wins over a status
+    refresh. A run that fails is requested again after ``retry`` seconds.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[str, Action], None],
+        *,
+        delay: float = 0.2,
+        spacing: float = 1.0,
+        retry: float = 5.0,
+    ) -> None:
+        self.run, self.delay, self.spacing, self.retry = run, delay, spacing, retry
+        self._cond = threading.Condition()
+        self._due: dict[str, tuple[float, Action]] = {}
+        self._last: dict[str, float] = {}
+        self._stopping = False
+        self._thread = threading.Thread(target=self._work, name="drift-repairs", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def request(self, ip: str, action: Action, after: float | None = None) -> None:
+        with self._cond:
+            now = time.monotonic()
+            due = max(
+                now + (self.delay if after is None else after),
+                self._last.get(ip, -math.inf) + self.spacing,
+            )
+            if ip in self._due:
+                old_due, old_action = self._due[ip]
+                due = min(old_due, due)
+                if old_action is Action.REPAIR:
+                    action = Action.REPAIR
+            self._due[ip] = (due, action)
+            self._cond.notify_all()
+
+    def _next(self) -> tuple[str, Action] | None:
+        with self._cond:
+            while not self._stopping:
+                if not self._due:
+                    self._cond.wait()
+                    continue
+                ip, (due, action) = min(self._due.items(), key=lambda item: item[1][0])
+                now = time.monotonic()
+                if due > now:
+                    self._cond.wait(due - now)
+                    continue
+                del self._due[ip]
+                self._last = {k: t for k, t in self._last.items() if t > now - self.spacing}
+                self._last[ip] = now
+                return ip, action
+            return None
+
+    def _work(self) -> None:
+        while (job := self._next()) is not None:
+            ip, action = job
+            try:
+                self.run(ip, action)
+            except Exception as exc:  # the API may be briefly away: try again later
+                log.warning(
+                    "DedicatedIP %s: %s failed (%s), retrying", ip, action.value, type(exc).__name__
+                )
+                self.request(ip, action, after=self.retry)
+
+
+class DriftRepair:
+    """The watch on the operator's own objects, wired to the repairs it calls for."""
+
+    def __init__(self, ctx: Context, run: Callable[[str, Action], None]) -> None:
+        self.ctx = ctx
+        self.repairs = Repairs(run)
+        self.watch = OwnedWatch(
+            ctx.kube.api,
+            ctx.settings.namespace,
+            SELECTOR,
+            self.on_change,
+            on_error=ctx.kube.on_error,
+        )
+
+    def on_change(self, change: Change) -> None:
+        what = classify(change, self.ctx.written)
+        if what is not None:
+            log.debug("%s %s/%s: %s", change.type, change.kind, change.name, what[1].value)
+            self.repairs.request(*what)
+
+    def start(self) -> None:
+        self.repairs.start()
+        self.watch.start()
+
+    def stop(self) -> None:
+        self.watch.stop()
+        self.repairs.stop()
