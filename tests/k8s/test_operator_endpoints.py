@@ -1,0 +1,180 @@
+"""The operator's own endpoints, scraped over HTTP: kopf's /healthz and Prometheus /metrics.
+
+The session's operator is paused for these tests, so exactly one operator reconciles; a
+second one runs with free ports, as a Deployment would with TXMAIL_HEALTH_PORT and
+TXMAIL_METRICS_PORT.
+"""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from prometheus_client.parser import text_string_to_metric_families
+
+from k8s.kit import GROUP, VERSION, Kit
+from k8s.operator_process import OperatorProcess, wait_for
+from peers import free_port
+
+pytestmark = pytest.mark.k8s
+
+
+@dataclass
+class Endpoints:
+    proc: OperatorProcess
+    health: int
+    metrics: int
+
+    def get(self, port: int, path: str) -> tuple[int, str]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+            return resp.status, resp.read().decode()
+
+    def samples(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        _, text = self.get(self.metrics, "/metrics")
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    def value(self, name: str, **labels: str) -> float:
+        return self.samples().get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.fixture
+def endpoints(
+    api: client.ApiClient, operator: OperatorProcess, tmp_path: Path
+) -> Iterator[Endpoints]:
+    health, metrics = free_port(), free_port()
+    env = {**operator.env, "TXMAIL_HEALTH_PORT": str(health), "TXMAIL_METRICS_PORT": str(metrics)}
+    mine = OperatorProcess(operator.kubeconfig, operator.namespace, tmp_path / "op.log", **env)
+    operator.stop()
+    try:
+        mine.start()
+        try:
+            mine.wait_ready(api)  # one DedicatedIP reconciled
+            yield Endpoints(mine, health, metrics)
+        finally:
+            mine.stop()
+    finally:
+        operator.start()
+        operator.wait_ready(api)
+
+
+def test_healthz_answers_once_the_operator_runs(endpoints: Endpoints) -> None:
+    status, _body = endpoints.get(endpoints.health, "/healthz")
+    assert status == 200
+
+
+def test_metrics_count_reconciles_and_managed_objects(
+    endpoints: Endpoints, kit: Kit, namespace: str
+) -> None:
+    ip = kit.dedicated_ip()
+    try:
+        kit.token(namespace, ip, "shop")
+        kit.email(namespace, ip, "welcome")
+        wait_for(lambda: kit.is_ready("smtptokens", namespace, "shop"), 10, "the token Ready")
+        wait_for(lambda: kit.is_ready("transactionalemails", namespace, "welcome"), 10, "Ready")
+        ok = "txmail_operator_reconciles_total"
+        for kind in ("DedicatedIP", "SmtpToken", "TransactionalEmail"):
+            wait_for(
+                lambda kind=kind: endpoints.value(ok, kind=kind, result="ok") >= 1,  # type: ignore[misc]
+                10,
+                f"a successful {kind} reconcile counted",
+            )
+            count = "txmail_operator_reconcile_duration_seconds_count"
+            assert endpoints.value(count, kind=kind) >= 1
+        managed = "txmail_operator_managed_objects"
+        assert endpoints.value(managed, kind="DedicatedIP") >= 1
+        assert endpoints.value(managed, kind="SmtpToken") >= 1
+        assert endpoints.value(managed, kind="TransactionalEmail") >= 1
+        samples = endpoints.samples()
+        for result in ("temporary_error", "permanent_error", "error"):  # series exist from start
+            assert (ok, (("kind", "SmtpToken"), ("result", result))) in samples
+    finally:
+        kit.objs.delete_cluster_custom_object(GROUP, VERSION, "dedicatedips", ip)
+
+
+def test_a_refused_api_request_is_counted_by_verb(
+    endpoints: Endpoints, kit: Kit, namespace: str, api: client.ApiClient
+) -> None:
+    """An admission policy refuses the operator's status writes in one namespace."""
+    admission = client.AdmissionregistrationV1Api(api)
+    name = f"refuse-status-{namespace}"
+    admission.create_validating_admission_policy(
+        {  # type: ignore[arg-type]
+            "metadata": {"name": name},
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": {
+                    "resourceRules": [
+                        {
+                            "apiGroups": [GROUP],
+                            "apiVersions": [VERSION],
+                            "operations": ["UPDATE"],
+                            "resources": ["smtptokens/status"],
+                        }
+                    ]
+                },
+                "validations": [{"expression": "false", "message": "refused by the test"}],
+            },
+        }
+    )
+    admission.create_validating_admission_policy_binding(
+        {  # type: ignore[arg-type]
+            "metadata": {"name": name},
+            "spec": {
+                "policyName": name,
+                "validationActions": ["Deny"],
+                "matchResources": {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
+                },
+            },
+        }
+    )
+    errors = "txmail_operator_api_errors_total"
+    try:
+        _await_policy(kit, namespace)
+        before = endpoints.value(errors, verb="patch")
+        failed = endpoints.value(
+            "txmail_operator_reconciles_total", kind="SmtpToken", result="error"
+        )
+        kit.token(namespace, "no-such-ip", "shop")  # its status write is refused
+        wait_for(
+            lambda: endpoints.value(errors, verb="patch") > before, 20, "a patch error counted"
+        )
+        wait_for(
+            lambda: (
+                endpoints.value(
+                    "txmail_operator_reconciles_total", kind="SmtpToken", result="error"
+                )
+                > failed
+            ),
+            10,
+            "the failed reconcile counted",
+        )
+    finally:
+        admission.delete_validating_admission_policy_binding(name)
+        admission.delete_validating_admission_policy(name)
+
+
+def _await_policy(kit: Kit, namespace: str) -> None:
+    """Admission policies take effect asynchronously: probe with a throwaway token."""
+    probe = kit.token(namespace, "no-such-ip", "policy-probe")
+
+    def denied() -> bool:
+        try:
+            kit.objs.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, "smtptokens", probe, {"status": {"username": "x"}}
+            )
+        except ApiException as exc:
+            return exc.status in (403, 422) and "refused by the test" in str(exc.body)
+        return False
+
+    wait_for(denied, 10, "the admission policy to take effect", every=0.2)
+    kit.objs.delete_namespaced_custom_object(GROUP, VERSION, namespace, "smtptokens", probe)
