@@ -1,0 +1,55 @@
+"""Which changes to a relay's objects the drift watch acts on (the loop guard is here)."""
+
+from __future__ import annotations
+
+import pytest
+
+from txmail_operator.kube import Change
+from txmail_operator.reconcile.context import Written
+from txmail_operator.reconcile.drift import Action, classify
+from txmail_relay import contract as c
+
+
+def change(
+    type_: str, kind: str, component: str = "relay", rv: str = "7", gen: int | None = None
+) -> Change:
+    labels = {c.LABEL_INSTANCE: "ip1", c.LABEL_COMPONENT: component}
+    return Change(type_, kind, "txmail-relay-ip1", labels, rv, gen)
+
+
+def written(kind: str, rv: str = "5", gen: int | None = None) -> Written:
+    w = Written()
+    w.record(kind, "txmail-relay-ip1", rv, gen)
+    return w
+
+
+def test_our_own_write_coming_back_is_skipped() -> None:
+    assert classify(change("MODIFIED", "Role", rv="5"), written("Role", "5")) is None
+    assert (
+        classify(change("MODIFIED", "Deployment", rv="5", gen=2), written("Deployment", "5", 2))
+        is None
+    )
+
+
+@pytest.mark.parametrize("kind", ["Role", "RoleBinding", "ServiceAccount", "Service", "Deployment"])
+def test_someone_elses_edit_or_a_delete_is_repaired(kind: str) -> None:
+    assert classify(change("MODIFIED", kind, gen=3), written(kind, gen=2)) == ("ip1", Action.REPAIR)
+    assert classify(change("DELETED", kind), written(kind)) == ("ip1", Action.REPAIR)
+
+
+def test_deployment_status_only_refreshes_the_dedicated_ip_status() -> None:
+    got = classify(change("MODIFIED", "Deployment", rv="9", gen=2), written("Deployment", "5", 2))
+    assert got == ("ip1", Action.STATUS)
+
+
+def test_the_relay_config_map_is_whole_but_shards_and_stats_are_written_by_entry() -> None:
+    cm = "ConfigMap"
+    assert classify(change("MODIFIED", cm, "config"), written(cm)) == ("ip1", Action.REPAIR)
+    assert classify(change("MODIFIED", cm, "stats"), written(cm)) is None
+    assert classify(change("MODIFIED", cm, "templates"), written(cm)) is None
+    assert classify(change("DELETED", cm, "stats"), written(cm)) == ("ip1", Action.REPAIR)
+
+
+def test_objects_of_no_dedicated_ip_are_ignored() -> None:
+    orphan = Change("DELETED", "Role", "x", {}, "1", None)
+    assert classify(orphan, Written()) is None
