@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from chart.helm import CHART, NAMESPACE, VALUES, Obj, kinds, objects, render, run, template_args
 from project import CRDS
+from txmail_operator.reconcile.metrics import RESULTS, Metrics
 from txmail_relay import contract as c
 from txmail_relay.metrics import RelayMetrics
 
@@ -355,3 +356,28 @@ def test_alerts_use_the_relays_real_metric_names() -> None:
         "TxmailOperatorReconcileErrors",
         "TxmailOperatorDown",
     }
+
+
+def test_alerts_use_the_operators_real_metric_names() -> None:
+    """txmail_operator_* series and result values are the ones the operator exports."""
+    metrics = Metrics()
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
+    exported = {m.name + s for m in metrics.registry.collect() for s in suffixes[m.type]}
+    objs = objects([values("everything")])
+    (rule,) = kinds(objs, "PrometheusRule")
+    (dashboard,) = kinds(objs, "ConfigMap")
+    text = json.dumps(rule) + dashboard["data"]["txmail.json"]
+    used = set(re.findall(r"txmail_operator_[a-z_]+", text))
+    assert used == exported - {
+        "txmail_operator_reconcile_duration_seconds_sum",
+        "txmail_operator_reconcile_duration_seconds_count",
+    }
+    (expr,) = [
+        r["expr"]
+        for g in rule["spec"]["groups"]
+        for r in g["rules"]
+        if r["alert"] == "TxmailOperatorReconcileErrors"
+    ]
+    counted = re.search(r'result=~"([^"]+)"', expr)
+    assert counted is not None
+    assert set(counted.group(1).split("|")) == set(RESULTS) - {"ok", "temporary_error"}
