@@ -168,3 +168,9 @@ def test_the_relay_entry_point_takes_the_deployments_args(containerd: Path, impo
     assert "--config" in done.stdout
     missing = _run(containerd, "txmail-relay", "--config", "/etc/txmail/missing.yaml")
     assert missing.returncode == 2, missing.stderr
+
+
+def test_the_operator_entry_point_is_the_default_command(containerd: Path, imported: str) -> None:
+    done = _run(containerd, "txmail-operator", "--version")
+    assert done.returncode == 0, done.stderr
+    assert VERSION in done.stdout
