@@ -21,7 +21,9 @@ SAMPLES = CRDS / "samples"
 
 
 def sample(kind: str) -> dict[str, Any]:
+    """A shipped sample, moved to the test's namespace (the samples name namespace `shop`)."""
     body: dict[str, Any] = yaml.safe_load((SAMPLES / f"{kind}.yaml").read_text())
+    body["metadata"].pop("namespace", None)
     return body
 
 
