@@ -80,7 +80,10 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
 
     @kopf.on.login(id="login", **r)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+        # The client library's in-cluster login reaches the API at KUBERNETES_SERVICE_HOST (an
+        # IP), like client-go; kopf's own login_with_service_account names
+        # kubernetes.default.svc, which needs cluster DNS. Outside a pod: the kubeconfig.
+        return kopf.login_via_client(**kwargs)
 
     @kopf.index(GROUP, VERSION, "dedicatedips", id="ips", **r)
     def ips(name: str, meta: kopf.Meta, **_: Any) -> dict[Any, str]:
