@@ -12,7 +12,7 @@ from kubernetes import client, config
 
 from cluster.controlplane import control_plane
 from cluster.crds import install_crds
-from k8s.operator_process import OperatorProcess
+from k8s.operator_process import OperatorProcess, install_operator_identity
 
 
 @pytest.fixture(scope="session")
@@ -65,10 +65,14 @@ def operator(
     operator_namespace: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[OperatorProcess]:
-    """`txmail-operator` as a real process for the whole session (tests may restart it)."""
-    proc = OperatorProcess(
-        kubeconfig, operator_namespace, tmp_path_factory.mktemp("op") / "operator.log"
-    )
+    """`txmail-operator` as a real process for the whole session (tests may restart it).
+
+    It runs with a token of the chart's own ServiceAccount and exactly the chart's RBAC
+    (release txmail in txmail-system, default values: every namespace), never as admin.
+    """
+    folder = tmp_path_factory.mktemp("op")
+    identity = install_operator_identity(api, kubeconfig, folder / "operator.kubeconfig")
+    proc = OperatorProcess(identity, operator_namespace, folder / "operator.log")
     proc.start()
     try:
         proc.wait_ready(api)

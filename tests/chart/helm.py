@@ -49,9 +49,13 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def template_args(
-    values: Sequence[Path | str] = (), sets: Sequence[str] = (), show_only: Sequence[str] = ()
+    values: Sequence[Path | str] = (),
+    sets: Sequence[str] = (),
+    show_only: Sequence[str] = (),
+    release: str = RELEASE,
+    namespace: str = NAMESPACE,
 ) -> list[str]:
-    args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE]
+    args = ["template", release, str(CHART), "--namespace", namespace]
     args += [f"--values={VALUES / v if isinstance(v, str) else v}" for v in values]
     args += [f"--set={s}" for s in sets]
     args += [f"--show-only={s}" for s in show_only]
@@ -59,19 +63,28 @@ def template_args(
 
 
 def render(
-    values: Sequence[Path | str] = (), sets: Sequence[str] = (), show_only: Sequence[str] = ()
+    values: Sequence[Path | str] = (),
+    sets: Sequence[str] = (),
+    show_only: Sequence[str] = (),
+    release: str = RELEASE,
+    namespace: str = NAMESPACE,
 ) -> str:
     """`helm template` output; AssertionError with Helm's message when it fails."""
-    out = run(*template_args(values, sets, show_only))
+    out = run(*template_args(values, sets, show_only, release, namespace))
     if out.returncode != 0:
         raise AssertionError(f"helm template failed: {out.stderr.strip()}")
     return out.stdout
 
 
 def objects(
-    values: Sequence[Path | str] = (), sets: Sequence[str] = (), show_only: Sequence[str] = ()
+    values: Sequence[Path | str] = (),
+    sets: Sequence[str] = (),
+    show_only: Sequence[str] = (),
+    release: str = RELEASE,
+    namespace: str = NAMESPACE,
 ) -> list[Obj]:
-    return [d for d in yaml.safe_load_all(render(values, sets, show_only)) if d]
+    docs = yaml.safe_load_all(render(values, sets, show_only, release, namespace))
+    return [d for d in docs if d]
 
 
 def kinds(objs: list[Obj], kind: str) -> list[Obj]:

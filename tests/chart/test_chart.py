@@ -145,6 +145,21 @@ def test_secrets_are_never_listed_outside_the_operator_namespace(name: str) -> N
         assert set(rule["verbs"]) == {"create", "get", "patch", "update", "delete"}, rule
 
 
+@pytest.mark.parametrize("name", RENDERED)
+def test_app_namespaces_grant_reads_by_name_only(name: str) -> None:
+    """Outside its namespace the operator lists and watches only txmail's kinds and namespaces
+    (kopf), and CRDs: everything else it reads or writes by name."""
+    listed = {"smtptokens", "transactionalemails", "dedicatedips", "namespaces"}
+    listed.add("customresourcedefinitions")
+    for role, rule in _rules(objects([values(name)])):
+        if role["kind"] == "Role" and role["metadata"]["namespace"] == NAMESPACE:
+            continue
+        if {"list", "watch"} & set(rule["verbs"]):
+            assert set(rule["resources"]) <= listed, rule
+        if "configmaps" in rule["resources"]:
+            assert rule["verbs"] == ["get"], rule
+
+
 def test_watch_namespaces_moves_namespaced_rights_into_roles() -> None:
     objs = objects([values("watch-namespaces")])
     (cluster_role,) = kinds(objs, "ClusterRole")

@@ -8,11 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
 from kubernetes import client
 
 from k8s.kit import GROUP, VERSION, Kit
-from k8s.operator_process import OperatorProcess
+from k8s.operator_process import OperatorProcess, service_account_token, token_kubeconfig
 from peers import RelayProcess, Sink, free_port, wait_for
 from txmail_relay import contract as c
 
@@ -44,30 +43,8 @@ def relay_kubeconfig(kit: Kit, admin: Path, ip: str, path: Path) -> Path:
         10,
         "the relay's ServiceAccount",
     )
-    request = {"spec": {"expirationSeconds": 3600}}
-    token = kit.core.create_namespaced_service_account_token(name, ns, request).status.token
-    admin_config = yaml.safe_load(admin.read_text())
-    context = next(
-        x["context"]
-        for x in admin_config["contexts"]
-        if x["name"] == admin_config["current-context"]
-    )
-    cluster = next(
-        x["cluster"] for x in admin_config["clusters"] if x["name"] == context["cluster"]
-    )
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "cluster", "cluster": cluster}],
-        "users": [{"name": name, "user": {"token": token}}],
-        "contexts": [
-            {"name": name, "context": {"cluster": "cluster", "user": name, "namespace": ns}}
-        ],
-        "current-context": name,
-    }
-    path.write_text(yaml.safe_dump(config))
-    path.chmod(0o600)
-    return path
+    token = service_account_token(kit.api, name, ns)
+    return token_kubeconfig(admin, token, name, ns, path)
 
 
 @pytest.fixture

@@ -1,4 +1,9 @@
-"""The operator as a real process (`txmail-operator`) against the test control plane."""
+"""The operator as a real process (`txmail-operator`) against the test control plane.
+
+It runs as the chart's own ServiceAccount: :func:`install_operator_identity` renders the chart's
+ServiceAccount and RBAC with the real Helm, applies them, and writes a kubeconfig holding only
+a TokenRequest token of that ServiceAccount. The admin credential never reaches the operator.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +13,151 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import yaml
 from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 
+from chart.helm import NAMESPACE, RELEASE, objects
 from peers import wait_for
 
-__all__ = ["OperatorProcess", "wait_for"]
+__all__ = [
+    "OperatorProcess",
+    "install_operator_identity",
+    "operator_service_account",
+    "remove_operator_identity",
+    "token_kubeconfig",
+    "wait_for",
+]
+
+Obj = dict[str, Any]
+FIELD_MANAGER = "txmail-tests"
+# Long enough for a whole session; the API server caps nothing in the test control plane.
+TOKEN_SECONDS = 12 * 3600
+
+
+def token_kubeconfig(admin: Path, token: str, user: str, namespace: str, path: Path) -> Path:
+    """A kubeconfig for the admin's cluster with only ``token`` as credential.
+
+    ``namespace`` is the context's namespace, as a pod's own namespace is in the cluster.
+    """
+    admin_config = yaml.safe_load(admin.read_text())
+    context = next(
+        x["context"]
+        for x in admin_config["contexts"]
+        if x["name"] == admin_config["current-context"]
+    )
+    cluster = next(
+        x["cluster"] for x in admin_config["clusters"] if x["name"] == context["cluster"]
+    )
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "cluster", "cluster": cluster}],
+        "users": [{"name": user, "user": {"token": token}}],
+        "contexts": [
+            {"name": user, "context": {"cluster": "cluster", "user": user, "namespace": namespace}}
+        ],
+        "current-context": user,
+    }
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return path
+
+
+def service_account_token(api: client.ApiClient, name: str, namespace: str) -> str:
+    """A token of the ServiceAccount from the TokenRequest API (as the kubelet gets one)."""
+    request = {"spec": {"expirationSeconds": TOKEN_SECONDS}}
+    core = client.CoreV1Api(api)
+    token: str = core.create_namespaced_service_account_token(name, namespace, request).status.token
+    return token
+
+
+def _apply(api: client.ApiClient, obj: Obj) -> None:
+    """Server-side apply of one of the chart's objects with the admin client."""
+    kind, meta = obj["kind"], obj["metadata"]
+    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+    opts: dict[str, Any] = {
+        "field_manager": FIELD_MANAGER,
+        "force": True,
+        "_content_type": "application/apply-patch+yaml",
+    }
+    if kind == "ServiceAccount":
+        core.patch_namespaced_service_account(meta["name"], meta["namespace"], obj, **opts)
+    elif kind == "ClusterRole":
+        rbac.patch_cluster_role(meta["name"], obj, **opts)
+    elif kind == "ClusterRoleBinding":
+        rbac.patch_cluster_role_binding(meta["name"], obj, **opts)
+    elif kind == "Role":
+        rbac.patch_namespaced_role(meta["name"], meta["namespace"], obj, **opts)
+    elif kind == "RoleBinding":
+        rbac.patch_namespaced_role_binding(meta["name"], meta["namespace"], obj, **opts)
+    else:
+        raise AssertionError(f"not an identity object of the chart: {kind}")
+
+
+def operator_service_account(
+    sets: Sequence[str] = (), release: str = RELEASE, namespace: str = NAMESPACE
+) -> list[Obj]:
+    """The chart's ServiceAccount and RBAC, rendered by `helm template --show-only`."""
+    return objects(
+        sets=sets,
+        show_only=["templates/serviceaccount.yaml", "templates/rbac.yaml"],
+        release=release,
+        namespace=namespace,
+    )
+
+
+def install_operator_identity(
+    api: client.ApiClient,
+    admin: Path,
+    path: Path,
+    sets: Sequence[str] = (),
+    release: str = RELEASE,
+    namespace: str = NAMESPACE,
+) -> Path:
+    """Apply the chart's ServiceAccount and RBAC (by default: release txmail in txmail-system,
+    the values the tests run with) and return a kubeconfig with a token of that ServiceAccount."""
+    rendered = operator_service_account(sets, release, namespace)
+    for obj in rendered:
+        _apply(api, obj)
+    (account,) = [o for o in rendered if o["kind"] == "ServiceAccount"]
+    name = account["metadata"]["name"]
+    assert account["metadata"]["namespace"] == namespace
+    token = service_account_token(api, name, namespace)
+    return token_kubeconfig(admin, token, name, namespace, path)
+
+
+def remove_operator_identity(
+    api: client.ApiClient,
+    sets: Sequence[str] = (),
+    release: str = RELEASE,
+    namespace: str = NAMESPACE,
+) -> None:
+    """Delete what :func:`install_operator_identity` applied (absent objects are fine)."""
+    for obj in operator_service_account(sets, release, namespace):
+        try:
+            _delete(api, obj["kind"], obj["metadata"]["name"], obj["metadata"].get("namespace"))
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+
+def _delete(api: client.ApiClient, kind: str, name: str, namespace: str | None) -> None:
+    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+    if kind == "ServiceAccount":
+        core.delete_namespaced_service_account(name, namespace)
+    elif kind == "ClusterRole":
+        rbac.delete_cluster_role(name)
+    elif kind == "ClusterRoleBinding":
+        rbac.delete_cluster_role_binding(name)
+    elif kind == "Role":
+        rbac.delete_namespaced_role(name, namespace)
+    elif kind == "RoleBinding":
+        rbac.delete_namespaced_role_binding(name, namespace)
 
 
 class OperatorProcess:
