@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from chart.helm import CHART, NAMESPACE, VALUES, Obj, kinds, objects, render, run, template_args
 from project import CRDS
 from txmail_operator.reconcile.metrics import RESULTS, Metrics
+from txmail_operator.settings import Settings
 from txmail_relay import contract as c
 from txmail_relay.metrics import RelayMetrics
 
@@ -396,3 +397,17 @@ def test_alerts_use_the_operators_real_metric_names() -> None:
     counted = re.search(r'result=~"([^"]+)"', expr)
     assert counted is not None
     assert set(counted.group(1).split("|")) == set(RESULTS) - {"ok", "temporary_error"}
+
+
+@pytest.mark.parametrize("name", RENDERED)
+def test_the_operator_accepts_the_rendered_settings(name: str) -> None:
+    """The TXMAIL_* variables the chart sets parse with the operator's own settings model."""
+    objs = objects([values(name)])
+    env = {k: v for k, v in _env(objs).items() if k.startswith("TXMAIL_")}
+    settings = Settings.from_env(env)
+    assert settings.namespace == NAMESPACE
+    assert settings.relay_image == env["TXMAIL_RELAY_IMAGE"]
+    chart_values = yaml.safe_load(values(name).read_text()) or {}
+    assert list(settings.watch_namespaces) == chart_values.get("operator", {}).get(
+        "watchNamespaces", []
+    )
