@@ -1,0 +1,179 @@
+"""`make demo` on a real node: the chart, the operator pod, a relay pod, an app pod's mail.
+
+What a platform team does after reading the README, on one machine: build the image, start a
+one-node cluster (tests/cluster/node.py), ``helm install`` the chart, apply a DedicatedIP, an
+SmtpToken and a TransactionalEmail, and let an app pod send a tracked mail with the generated
+Secret. smtp-sink on the node's network stands in for the upstream relay.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from pathlib import Path
+
+from cluster.controlplane import binaries
+from cluster.node import node_cluster
+from node.kit import NAMESPACE, ROOT, Cluster, NodeSink, html_of
+from peers import wait_for
+from txmail_relay import contract as c
+
+IP, APP_NS, TOKEN = "demo", "shop", "shop"
+TRACK_HOST = "track.example.test"
+
+SEND = r"""
+import os, smtplib, ssl
+from email.message import EmailMessage
+ctx = ssl.create_default_context(cafile="/etc/smtp/ca.crt")
+m = EmailMessage()
+m["From"], m["To"], m["Subject"] = "orders@example.com", "buyer@example.net", "Order 1001"
+m.set_content(
+    '<p>Your order shipped. <a href="https://example.com/orders/1001">Track it</a></p>',
+    subtype="html",
+)
+# The last part ends with the line that tells smtp-sink's dump is complete (tests/peers.py).
+m.add_alternative("Your order shipped.\nEND-OF-MESSAGE 1\n")
+with smtplib.SMTP(os.environ["SMTP_host"], int(os.environ["SMTP_port"]), timeout=60) as s:
+    s.starttls(context=ctx)
+    s.login(os.environ["SMTP_username"], os.environ["SMTP_password"])
+    s.send_message(m)
+print("250: accepted by", os.environ["SMTP_host"])
+"""
+
+
+def step(text: str) -> None:
+    print(f"\n==> {text}", flush=True)
+
+
+def info(text: str) -> None:
+    print(f"    {text}", flush=True)
+
+
+def _image(*args: str) -> Path:
+    out = subprocess.run(
+        [str(ROOT / "image" / "build.sh"), *args],
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+        timeout=1800,
+    )
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def run() -> None:
+    started = time.monotonic()
+    step("Building the image (cached after the first run): image/build.sh")
+    images = [_image("pause"), _image()]
+    info(f"{images[1]} ({images[1].stat().st_size / 1e6:.0f} MB)")
+    step("Starting a one-node cluster in namespaces of its own (tests/cluster/node.py)")
+    with node_cluster(images) as node:
+        cluster = Cluster(node, binaries() / "helm")
+        sink = NodeSink(node)
+        try:
+            _demo(cluster, sink)
+        finally:
+            sink.stop()
+            cluster.api.close()
+            step("Stopping the node")
+    info(f"done in {time.monotonic() - started:.0f} s")
+
+
+def _demo(cluster: Cluster, sink: NodeSink) -> None:
+    info(f"node Ready; kubeconfig for this run: {cluster.node.kubeconfig}")
+    step(f"helm install txmail charts/txmail -n {NAMESPACE} --create-namespace")
+    cluster.namespace(NAMESPACE, {"pod-security.kubernetes.io/enforce": "restricted"})
+    out = cluster.helm(
+        "install",
+        "txmail",
+        str(ROOT / "charts" / "txmail"),
+        "-n",
+        NAMESPACE,
+        "--create-namespace",
+        "--set",
+        "image.pullPolicy=Never",
+        "--set",
+        "operator.statsInterval=2",
+        "--wait",
+        "--timeout",
+        "3m",
+    )
+    info(out.strip().splitlines()[0])
+    step(f"kubectl apply: DedicatedIP {IP} (smarthost: smtp-sink at {sink.host}:{sink.port})")
+    cluster.apply_cluster(
+        "dedicatedips",
+        {
+            "apiVersion": "txmail.dev/v1alpha1",
+            "kind": "DedicatedIP",
+            "metadata": {"name": IP},
+            "spec": {
+                "address": "192.0.2.10",
+                "hostname": "mta1.example.com",
+                "domains": ["example.com"],
+                "allowedNamespaces": {"matchLabels": {"txmail.dev/sending": "allowed"}},
+                "delivery": {
+                    "mode": "Smarthost",
+                    "smarthost": {"host": sink.host, "port": sink.port, "tls": "None"},
+                },
+                "tracking": {"baseURL": f"http://{TRACK_HOST}"},
+            },
+        },
+    )
+    selector = f"{c.LABEL_NAME}={c.RELAY_APP_NAME},{c.LABEL_INSTANCE}={IP}"
+    pod = cluster.wait_ready_pod(NAMESPACE, selector, what="the relay pod")
+    info(f"relay pod {pod.metadata.name} Ready on {pod.status.pod_ip}")
+    step(f"kubectl apply: namespace {APP_NS} (txmail.dev/sending=allowed), SmtpToken {TOKEN}")
+    cluster.namespace(APP_NS, {"txmail.dev/sending": "allowed"})
+    cluster.apply_namespaced(
+        APP_NS,
+        "smtptokens",
+        {
+            "apiVersion": "txmail.dev/v1alpha1",
+            "kind": "SmtpToken",
+            "metadata": {"name": TOKEN},
+            "spec": {"dedicatedIPRef": {"name": IP}},
+        },
+    )
+    secret = wait_for(
+        lambda: (
+            cluster.core.read_namespaced_secret(f"{TOKEN}-smtp", APP_NS)
+            if any(
+                s.metadata.name == f"{TOKEN}-smtp"
+                for s in cluster.core.list_namespaced_secret(APP_NS).items
+            )
+            else None
+        ),
+        60,
+        "the app Secret",
+        every=0.5,
+    )
+    info(f"Secret {APP_NS}/{secret.metadata.name}: {', '.join(sorted(secret.data))}")
+    step("An app pod reads the Secret (envFrom, ca.crt as a volume) and sends over STARTTLS")
+    relay_ip = cluster.service_ip(NAMESPACE, c.relay_name(IP))
+    host = f"{c.relay_name(IP)}.{NAMESPACE}.svc.cluster.local"
+    log = cluster.run_app(
+        APP_NS,
+        "shop-app",
+        f"{TOKEN}-smtp",
+        SEND,
+        host_aliases=[{"ip": relay_ip, "hostnames": [host]}],
+    )
+    info(log.strip())
+    mail = wait_for(sink.messages, 60, "the mail at smtp-sink", every=0.5)[0]
+    info(f"smtp-sink got a mail from {mail.client_addr} for {', '.join(mail.rcpts)}")
+    link = re.search(rf"http://{re.escape(TRACK_HOST)}(/c/[^\"'\s<>]+)", html_of(mail.content))
+    if link:
+        step("A click on the tracked link, through the relay's tracking Service")
+        status, headers = cluster.http_get(relay_ip, 80, link.group(1), TRACK_HOST)
+        info(f"{status} -> {headers.get('location')}")
+
+        def stats() -> dict[str, object] | None:
+            got = cluster.get_namespaced(APP_NS, "smtptokens", TOKEN).get("status") or {}
+            s = got.get("stats") or {}
+            return s if s.get("clicks") else None
+
+        figures = wait_for(stats, 120, "the click in SmtpToken status", every=1)
+        info(
+            f"SmtpToken {APP_NS}/{TOKEN} status.stats: sent={figures.get('sent')} "
+            f"delivered={figures.get('delivered')} clicks={figures.get('clicks')}"
+        )

@@ -1,0 +1,274 @@
+"""What the node tier's tests do, the way a platform team and an app would do it.
+
+``Cluster`` wraps a running node: the real Helm CLI against it, the Kubernetes API through
+the host's portal, an smtp-sink on the node's network, and app pods made from the txmail image.
+"""
+
+from __future__ import annotations
+
+import email
+import email.message
+import email.policy
+import os
+import socket
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from cluster.node import NODE_IP, Node
+from peers import SMTP_SINK, Sink, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "txmail"
+IMAGE = "ghcr.io/txmail/txmail:0.1.0"
+GROUP, VERSION = "txmail.dev", "v1alpha1"
+SINK_PORT = 2525
+RELEASE, NAMESPACE = "txmail", "txmail-system"
+
+
+class NodeSink(Sink):
+    """smtp-sink listening on the node's bridge address, where pods can reach it."""
+
+    def __init__(self, node: Node, port: int = SINK_PORT) -> None:
+        self.node = node
+        self.directory = Path(tempfile.mkdtemp(prefix="txmail-node-sink-"))
+        self.directory.chmod(0o777)
+        self.host, self.port = NODE_IP, port
+        self._log = (self.directory / "stderr.log").open("wb")
+        self._process = subprocess.Popen(
+            node.in_netns(
+                SMTP_SINK,
+                "-u",
+                "nobody",
+                "-d",
+                f"{self.directory}/dump/%Y%m%d%H%M%S.",
+                f"{NODE_IP}:{port}",
+                "64",
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+        )
+        wait_for(self._listening, 10, "smtp-sink on the node to listen")
+
+    def _listening(self) -> bool:
+        if self._process.poll() is not None:
+            raise AssertionError("smtp-sink exited")
+        out = subprocess.run(
+            self.node.in_netns("ss", "-Htln", f"sport = :{self.port}"),
+            check=False,
+            capture_output=True,
+            text=True,
+        ).stdout
+        return bool(out.strip())
+
+
+@dataclass
+class Cluster:
+    node: Node
+    helm_bin: Path
+    api: client.ApiClient = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.api = config.new_client_from_config(config_file=str(self.node.kubeconfig))
+
+    @property
+    def core(self) -> client.CoreV1Api:
+        return client.CoreV1Api(self.api)
+
+    @property
+    def apps(self) -> client.AppsV1Api:
+        return client.AppsV1Api(self.api)
+
+    @property
+    def objs(self) -> client.CustomObjectsApi:
+        return client.CustomObjectsApi(self.api)
+
+    def helm(self, *args: str, timeout: float = 300) -> str:
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.node.kubeconfig),
+            "HELM_CACHE_HOME": str(self.node.workdir / "helm-cache"),
+            "HELM_CONFIG_HOME": str(self.node.workdir / "helm-config"),
+            "HELM_DATA_HOME": str(self.node.workdir / "helm-data"),
+        }
+        out = subprocess.run(
+            [str(self.helm_bin), *args],
+            check=False,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+        )
+        if out.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed:\n{out.stderr}\n{out.stdout}")
+        return out.stdout
+
+    # -- objects ---------------------------------------------------------------------------
+
+    def namespace(self, name: str, labels: dict[str, str]) -> str:
+        body = {"metadata": {"name": name, "labels": labels}}
+        try:
+            self.core.create_namespace(body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            self.core.patch_namespace(name, body)
+        return name
+
+    def apply_cluster(self, plural: str, body: dict[str, Any]) -> None:
+        self.objs.create_cluster_custom_object(GROUP, VERSION, plural, body)
+
+    def apply_namespaced(self, namespace: str, plural: str, body: dict[str, Any]) -> None:
+        self.objs.create_namespaced_custom_object(GROUP, VERSION, namespace, plural, body)
+
+    def get_cluster(self, plural: str, name: str) -> dict[str, Any]:
+        got: dict[str, Any] = self.objs.get_cluster_custom_object(GROUP, VERSION, plural, name)
+        return got
+
+    def get_namespaced(self, namespace: str, plural: str, name: str) -> dict[str, Any]:
+        got: dict[str, Any] = self.objs.get_namespaced_custom_object(
+            GROUP, VERSION, namespace, plural, name
+        )
+        return got
+
+    def condition(self, obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
+        for cond in (obj.get("status") or {}).get("conditions") or []:
+            if cond.get("type") == kind:
+                return dict(cond)
+        return None
+
+    def pods(self, namespace: str, selector: str) -> list[client.V1Pod]:
+        return list(self.core.list_namespaced_pod(namespace, label_selector=selector).items)
+
+    def ready_pod(self, namespace: str, selector: str) -> client.V1Pod | None:
+        for pod in self.pods(namespace, selector):
+            if pod.metadata.deletion_timestamp:
+                continue
+            conds = pod.status.conditions or []
+            if any(c.type == "Ready" and c.status == "True" for c in conds):
+                return pod
+        return None
+
+    def wait_ready_pod(
+        self, namespace: str, selector: str, timeout: float = 120, what: str = ""
+    ) -> client.V1Pod:
+        try:
+            return wait_for(
+                lambda: self.ready_pod(namespace, selector), timeout, what or selector, every=0.5
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.describe(namespace, selector)}") from None
+
+    def describe(self, namespace: str, selector: str) -> str:
+        """What a person would look at: pod phases, container states, recent Events."""
+        out = []
+        for pod in self.pods(namespace, selector):
+            states = [
+                f"{s.name}: {s.state.to_dict() if s.state else None}"
+                for s in pod.status.container_statuses or []
+            ]
+            out.append(f"pod {pod.metadata.name} {pod.status.phase} {states}")
+            with_logs = pod.status.container_statuses or []
+            for s in with_logs:
+                try:
+                    log = self.core.read_namespaced_pod_log(
+                        pod.metadata.name, namespace, container=s.name, tail_lines=30
+                    )
+                except ApiException as exc:
+                    log = f"(no logs: {exc.reason})"
+                out.append(f"--- logs of {pod.metadata.name}/{s.name}:\n{log}")
+        events = self.core.list_namespaced_event(namespace).items[-15:]
+        out += [f"event {e.involved_object.name}: {e.reason} {e.message}" for e in events]
+        return "\n".join(out)
+
+    # -- an app ----------------------------------------------------------------------------
+
+    def run_app(
+        self,
+        namespace: str,
+        name: str,
+        secret: str,
+        script: str,
+        host_aliases: list[dict[str, Any]] | None = None,
+        timeout: float = 120,
+    ) -> str:
+        """Run ``script`` in a pod of the txmail image that reads ``secret`` as an app does
+        (envFrom for the settings, a volume for ca.crt); its log once it succeeded."""
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {
+                "restartPolicy": "Never",
+                "hostAliases": host_aliases or [],
+                "securityContext": {
+                    "runAsNonRoot": True,
+                    "runAsUser": 65532,
+                    "seccompProfile": {"type": "RuntimeDefault"},
+                },
+                "containers": [
+                    {
+                        "name": "app",
+                        "image": IMAGE,
+                        "imagePullPolicy": "Never",
+                        "command": ["python", "-c", script],
+                        "envFrom": [{"prefix": "SMTP_", "secretRef": {"name": secret}}],
+                        "volumeMounts": [
+                            {"name": "smtp", "mountPath": "/etc/smtp", "readOnly": True}
+                        ],
+                        "securityContext": {
+                            "allowPrivilegeEscalation": False,
+                            "readOnlyRootFilesystem": True,
+                            "capabilities": {"drop": ["ALL"]},
+                        },
+                    }
+                ],
+                "volumes": [{"name": "smtp", "secret": {"secretName": secret}}],
+            },
+        }
+        self.core.create_namespaced_pod(namespace, pod)
+
+        def done() -> str | None:
+            got = self.core.read_namespaced_pod(name, namespace)
+            if got.status.phase in ("Succeeded", "Failed"):
+                return str(got.status.phase)
+            return None
+
+        phase = wait_for(done, timeout, f"app pod {name} to finish", every=0.5)
+        log = str(self.core.read_namespaced_pod_log(name, namespace))
+        assert phase == "Succeeded", f"app pod {name} {phase}:\n{log}"
+        return log
+
+    def service_ip(self, namespace: str, name: str) -> str:
+        return str(self.core.read_namespaced_service(name, namespace).spec.cluster_ip)
+
+    def http_get(self, ip: str, port: int, path: str, host: str) -> tuple[int, dict[str, str]]:
+        """One GET through a portal to ``ip:port`` inside the node (no redirect followed)."""
+        local = self.node.portal(ip, port)
+        with socket.create_connection(("127.0.0.1", local), timeout=10) as s:
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+        status = int(head[0].split()[1])
+        headers = {}
+        for line in head[1:]:
+            key, _, value = line.partition(":")
+            headers[key.strip().lower()] = value.strip()
+        return status, headers
+
+
+def html_of(content: str) -> str:
+    """The decoded text/html part of a captured message (links are in it as written)."""
+    # Captured.content starts after smtp-sink's own header and "Received: from ".
+    message = email.message_from_string("Received: from " + content, policy=email.policy.default)
+    assert isinstance(message, email.message.EmailMessage)
+    part = message.get_body(preferencelist=("html",))
+    assert part is not None, "no HTML part"
+    return str(part.get_content())

@@ -1,0 +1,271 @@
+"""A platform team's install, on a real node: Helm, the three objects, an app sending mail.
+
+Every step goes through the product's own surface: ``helm install``, objects applied through
+the API, an app pod that reads the generated Secret, the relay Service, the tracking Service.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from node.kit import NAMESPACE, RELEASE, Cluster, NodeSink, html_of
+from peers import wait_for
+from txmail_relay import contract as c
+
+pytestmark = pytest.mark.node
+
+IP = "shop-ip"
+APP_NS = "shop"
+TOKEN = "shop"
+TRACK_HOST = "track.example.test"
+LINK = "https://example.com/orders/42"
+RELAY_SELECTOR = f"{c.LABEL_NAME}={c.RELAY_APP_NAME},{c.LABEL_INSTANCE}={IP}"
+OPERATOR_SELECTOR = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=operator"
+
+SEND = r"""
+import os, smtplib, ssl, sys
+from email.message import EmailMessage
+ctx = ssl.create_default_context(cafile="/etc/smtp/ca.crt")
+m = EmailMessage()
+m["From"], m["To"], m["Subject"] = "orders@example.com", "buyer@example.net", sys.argv[1]
+m.set_content('<html><body><a href="LINK">Your order</a></body></html>', subtype="html")
+# The last part ends with the line that tells smtp-sink's dump is complete (tests/peers.py).
+m.add_alternative("Your order shipped.\nEND-OF-MESSAGE 1\n")
+with smtplib.SMTP(os.environ["SMTP_host"], int(os.environ["SMTP_port"]), timeout=60) as s:
+    s.starttls(context=ctx)
+    s.login(os.environ["SMTP_username"], os.environ["SMTP_password"])
+    s.send_message(m)
+print("accepted", sys.argv[1])
+""".replace("LINK", LINK)
+
+
+@dataclass
+class Shop:
+    cluster: Cluster
+    sink: NodeSink
+    host: str  # the relay host in the app Secret
+    relay_ip: str  # the relay Service's ClusterIP
+
+    def send(self, subject: str) -> None:
+        """An app pod sends one mail with the Secret's credentials, verifying ca.crt."""
+        name = f"app-{uuid.uuid4().hex[:6]}"
+        script = SEND.replace("sys.argv[1]", repr(subject))
+        log = self.cluster.run_app(
+            APP_NS,
+            name,
+            f"{TOKEN}-smtp",
+            script,
+            host_aliases=[{"ip": self.relay_ip, "hostnames": [self.host]}],
+        )
+        assert f"accepted {subject}" in log
+
+
+def _pv(cluster: Cluster) -> None:
+    """A hostPath PersistentVolume for the relay's spool claim (no provisioner runs here)."""
+    path = cluster.node.workdir / "pv-spool"
+    path.mkdir(mode=0o770)
+    import os  # noqa: PLC0415
+
+    os.chown(path, 65532, 65532)
+    cluster.core.create_persistent_volume(
+        {
+            "metadata": {"name": "txmail-spool"},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": "txmail-local",
+                "persistentVolumeReclaimPolicy": "Retain",
+                "hostPath": {"path": str(path), "type": "Directory"},
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def shop(installed: Cluster) -> Iterator[Shop]:
+    """A DedicatedIP with a spool on a PVC, an app namespace, an SmtpToken, as in the README."""
+    cluster = installed
+    sink = NodeSink(cluster.node)
+    _pv(cluster)
+    cluster.apply_cluster(
+        "dedicatedips",
+        {
+            "apiVersion": "txmail.dev/v1alpha1",
+            "kind": "DedicatedIP",
+            "metadata": {"name": IP},
+            "spec": {
+                "address": "192.0.2.10",
+                "hostname": "mta1.example.com",
+                "domains": ["example.com"],
+                "allowedNamespaces": {"matchLabels": {"txmail.dev/sending": "allowed"}},
+                "delivery": {
+                    "mode": "Smarthost",
+                    "smarthost": {"host": sink.host, "port": sink.port, "tls": "None"},
+                },
+                "tracking": {"baseURL": f"http://{TRACK_HOST}"},
+                "relay": {
+                    "spool": {
+                        "persistentVolumeClaim": {
+                            "size": "1Gi",
+                            "storageClassName": "txmail-local",
+                        }
+                    }
+                },
+            },
+        },
+    )
+    cluster.namespace(APP_NS, {"txmail.dev/sending": "allowed"})
+    cluster.apply_namespaced(
+        APP_NS,
+        "smtptokens",
+        {
+            "apiVersion": "txmail.dev/v1alpha1",
+            "kind": "SmtpToken",
+            "metadata": {"name": TOKEN},
+            "spec": {"dedicatedIPRef": {"name": IP}, "allowedFromDomains": ["example.com"]},
+        },
+    )
+    try:
+        secret = wait_for(
+            lambda: _secret(cluster, APP_NS, f"{TOKEN}-smtp"), 60, "the app Secret", every=0.5
+        )
+    except AssertionError as exc:
+        token = cluster.get_namespaced(APP_NS, "smtptokens", TOKEN).get("status")
+        ip = cluster.get_cluster("dedicatedips", IP).get("status")
+        raise AssertionError(
+            f"{exc}\nSmtpToken status: {token}\nDedicatedIP status: {ip}\n"
+            + cluster.describe(NAMESPACE, OPERATOR_SELECTOR)
+        ) from None
+    shop = Shop(cluster, sink, secret["host"], cluster.service_ip(NAMESPACE, c.relay_name(IP)))
+    try:
+        yield shop
+    finally:
+        shop.sink.stop()  # a test may have replaced the first sink
+
+
+def _secret(cluster: Cluster, namespace: str, name: str) -> dict[str, str] | None:
+    import base64  # noqa: PLC0415
+
+    from kubernetes.client.exceptions import ApiException  # noqa: PLC0415
+
+    try:
+        got = cluster.core.read_namespaced_secret(name, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return {k: base64.b64decode(v).decode() for k, v in (got.data or {}).items()}
+
+
+def test_the_operator_pod_runs_restricted(installed: Cluster) -> None:
+    pod = installed.wait_ready_pod(NAMESPACE, OPERATOR_SELECTOR, what="the operator pod")
+    container = pod.spec.containers[0]
+    assert container.security_context.read_only_root_filesystem is True
+    assert pod.spec.security_context.run_as_non_root is True
+    labels = installed.core.read_namespace(NAMESPACE).metadata.labels
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_a_dedicated_ip_becomes_a_ready_relay_pod(shop: Shop) -> None:
+    cluster = shop.cluster
+    pod = cluster.wait_ready_pod(NAMESPACE, RELAY_SELECTOR, what="the relay pod")
+    assert (
+        pod.spec.containers[0].image
+        == cluster.apps.read_namespaced_deployment(f"{RELEASE}-operator", NAMESPACE)
+        .spec.template.spec.containers[0]
+        .image
+    ), "relays run the image the chart installed"
+
+    def ready() -> dict[str, Any] | None:
+        cond = cluster.condition(cluster.get_cluster("dedicatedips", IP), "Ready")
+        return cond if cond and cond["status"] == "True" else None
+
+    wait_for(ready, 60, "DedicatedIP Ready", every=0.5)
+
+
+def test_an_app_pod_sends_through_the_relay_and_a_click_is_counted(shop: Shop) -> None:
+    cluster = shop.cluster
+    cluster.wait_ready_pod(NAMESPACE, RELAY_SELECTOR, what="the relay pod")
+    shop.send("order 42")
+    try:
+        mail = next(
+            m
+            for m in wait_for(shop.sink.messages, 60, "mail at the sink", every=0.5)
+            if "order 42" in m.content
+        )
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{cluster.describe(NAMESPACE, RELAY_SELECTOR)}") from None
+    assert mail.rcpts == ["buyer@example.net"] or "buyer@example.net" in mail.rcpts[0]
+    links = re.findall(rf"http://{re.escape(TRACK_HOST)}(/c/[^\"'\s<>]+)", html_of(mail.content))
+    assert links, f"no tracked link in:\n{mail.content[:2000]}"
+    tracking = cluster.service_ip(NAMESPACE, c.relay_name(IP))
+    status, headers = cluster.http_get(tracking, 80, links[0], TRACK_HOST)
+    assert status in (302, 303), status
+    assert headers["location"] == LINK
+
+    def clicked() -> dict[str, Any] | None:
+        stats = (cluster.get_namespaced(APP_NS, "smtptokens", TOKEN).get("status") or {}).get(
+            "stats"
+        ) or {}
+        return stats if stats.get("clicks", 0) >= 1 and stats.get("sent", 0) >= 1 else None
+
+    wait_for(clicked, 120, "the click in SmtpToken.status.stats", every=1)
+
+
+def test_mail_accepted_before_the_relay_pod_is_deleted_is_delivered_after(shop: Shop) -> None:
+    cluster = shop.cluster
+    before = cluster.wait_ready_pod(NAMESPACE, RELAY_SELECTOR, what="the relay pod")
+    shop.sink.stop()  # the upstream is down: the relay answers 250 and keeps the mail
+    try:
+        shop.send("survives a pod delete")
+        # The old pod retries only after its minimum backoff (minutes): from here on only
+        # the new pod, recovering the spool from the claim, can deliver the mail.
+        cluster.core.delete_namespaced_pod(before.metadata.name, NAMESPACE)
+    finally:
+        shop.sink = NodeSink(cluster.node)
+    after = wait_for(
+        lambda: (
+            p
+            if (p := cluster.ready_pod(NAMESPACE, RELAY_SELECTOR))
+            and p.metadata.uid != before.metadata.uid
+            else None
+        ),
+        120,
+        "a new relay pod",
+        every=0.5,
+    )
+    assert after.metadata.uid != before.metadata.uid
+    wait_for(
+        lambda: [m for m in shop.sink.messages() if "survives a pod delete" in m.content],
+        90,
+        "the spooled mail delivered by the new pod",
+        every=0.5,
+    )
+
+
+def test_helm_upgrade_rolls_the_operator(installed: Cluster) -> None:
+    before = installed.wait_ready_pod(NAMESPACE, OPERATOR_SELECTOR, what="the operator pod")
+    installed.helm(
+        "upgrade",
+        RELEASE,
+        str(Path(__file__).resolve().parents[2] / "charts" / "txmail"),
+        "-n",
+        NAMESPACE,
+        "--reuse-values",
+        "--set",
+        "operator.logFormat=plain",
+        "--wait",
+        "--timeout",
+        "3m",
+    )
+    after = installed.wait_ready_pod(NAMESPACE, OPERATOR_SELECTOR, what="the new operator pod")
+    assert after.metadata.uid != before.metadata.uid
+    env = {e.name: e.value for e in after.spec.containers[0].env or []}
+    assert env["TXMAIL_LOG_FORMAT"] == "plain"
