@@ -12,15 +12,15 @@ PY     := $(VENV)/bin/python
 DEBS   := postfix swaks libnet-ssleay-perl containerd runc containernetworking-plugins iptables \
           conntrack mmdebstrap umoci gcc libc6-dev iproute2 util-linux
 
-.PHONY: help setup debs control-plane crds lint test test-unit test-k8s demo clean image lock
+.PHONY: help setup debs control-plane crds lint test test-unit test-k8s test-node demo clean image lock
 
 help:
-	@echo "make demo           run txmail end to end on this machine (control plane, operator, relay)"
+	@echo "make demo           helm install on a local node, then a tracked mail end to end"
 	@echo "make test           set everything up, then lint and run the whole test suite"
 	@echo "make lint           ruff, mypy --strict, import-linter"
 	@echo "make crds           regenerate crds/ and the chart's CRD templates from the API models"
 	@echo "make chart-lint     helm lint --strict charts/txmail with each values file of tests/chart"
-	@echo "make control-plane  build kube-apiserver, kube-controller-manager and etcd (cached)"
+	@echo "make control-plane  build the control plane, the node parts and Helm from Go modules (cached)"
 	@echo "make image          build the container image as an OCI archive, no registry or Docker (cached)"
 	@echo "make lock           re-pin requirements.lock and image/build-requirements.lock (with hashes)"
 
@@ -82,16 +82,19 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-test: setup control-plane lint
+test: setup control-plane image lint
 	$(VENV)/bin/pytest
 
 test-unit: $(VENV)/.installed
-	$(VENV)/bin/pytest -m 'not k8s'
+	$(VENV)/bin/pytest -m 'not k8s and not node'
 
 test-k8s: setup control-plane
 	$(VENV)/bin/pytest -m k8s
 
-demo: setup control-plane
+test-node: setup control-plane image
+	$(VENV)/bin/pytest -m node
+
+demo: setup control-plane image
 	$(PY) tests/demo.py
 
 clean:

@@ -275,6 +275,7 @@ def _mounts(node: Node) -> None:
     node.holder = subprocess.Popen(
         node.in_netns("unshare", "--mount", "--propagation", "private", "--fork", "sleep", "inf"),
         stdin=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,  # unshare complains when it is killed at the end
     )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:  # unshare has forked once its namespace exists

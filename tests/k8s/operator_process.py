@@ -175,6 +175,9 @@ class OperatorProcess:
             "TXMAIL_STATS_INTERVAL": "1",
             "TXMAIL_SEND_CHECK_INTERVAL": "1",
             "TXMAIL_RELAY_IMAGE": "txmail-relay:test",
+            # No fixed listeners: several operators (tests, make demo) may run at once.
+            "TXMAIL_HEALTH_PORT": "0",
+            "TXMAIL_METRICS_PORT": "0",
             **self.env,
         }
         with self.log.open("ab") as out:
