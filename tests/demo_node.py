@@ -15,31 +15,20 @@ from pathlib import Path
 
 from cluster.controlplane import binaries
 from cluster.node import node_cluster
-from node.kit import NAMESPACE, ROOT, Cluster, NodeSink, html_of
+from node.kit import (
+    NAMESPACE,
+    ROOT,
+    TRACK_HOST,
+    Cluster,
+    NodeSink,
+    dedicated_ip,
+    html_of,
+    send_script,
+)
 from peers import wait_for
 from txmail_relay import contract as c
 
 IP, APP_NS, TOKEN = "demo", "shop", "shop"
-TRACK_HOST = "track.example.test"
-
-SEND = r"""
-import os, smtplib, ssl
-from email.message import EmailMessage
-ctx = ssl.create_default_context(cafile="/etc/smtp/ca.crt")
-m = EmailMessage()
-m["From"], m["To"], m["Subject"] = "orders@example.com", "buyer@example.net", "Order 1001"
-m.set_content(
-    '<p>Your order shipped. <a href="https://example.com/orders/1001">Track it</a></p>',
-    subtype="html",
-)
-# The last part ends with the line that tells smtp-sink's dump is complete (tests/peers.py).
-m.add_alternative("Your order shipped.\nEND-OF-MESSAGE 1\n")
-with smtplib.SMTP(os.environ["SMTP_host"], int(os.environ["SMTP_port"]), timeout=60) as s:
-    s.starttls(context=ctx)
-    s.login(os.environ["SMTP_username"], os.environ["SMTP_password"])
-    s.send_message(m)
-print("250: accepted by", os.environ["SMTP_host"])
-"""
 
 
 def step(text: str) -> None:
@@ -82,43 +71,12 @@ def run() -> None:
 def _demo(cluster: Cluster, sink: NodeSink) -> None:
     info(f"node Ready; kubeconfig for this run: {cluster.node.kubeconfig}")
     step(f"helm install txmail charts/txmail -n {NAMESPACE} --create-namespace")
-    cluster.namespace(NAMESPACE, {"pod-security.kubernetes.io/enforce": "restricted"})
-    out = cluster.helm(
-        "install",
-        "txmail",
-        str(ROOT / "charts" / "txmail"),
-        "-n",
-        NAMESPACE,
-        "--create-namespace",
-        "--set",
-        "image.pullPolicy=Never",
-        "--set",
-        "operator.statsInterval=2",
-        "--wait",
-        "--timeout",
-        "3m",
+    out = cluster.install_chart(
+        "--set", "image.pullPolicy=Never", "--set", "operator.statsInterval=2"
     )
     info(out.strip().splitlines()[0])
     step(f"kubectl apply: DedicatedIP {IP} (smarthost: smtp-sink at {sink.host}:{sink.port})")
-    cluster.apply_cluster(
-        "dedicatedips",
-        {
-            "apiVersion": "txmail.dev/v1alpha1",
-            "kind": "DedicatedIP",
-            "metadata": {"name": IP},
-            "spec": {
-                "address": "192.0.2.10",
-                "hostname": "mta1.example.com",
-                "domains": ["example.com"],
-                "allowedNamespaces": {"matchLabels": {"txmail.dev/sending": "allowed"}},
-                "delivery": {
-                    "mode": "Smarthost",
-                    "smarthost": {"host": sink.host, "port": sink.port, "tls": "None"},
-                },
-                "tracking": {"baseURL": f"http://{TRACK_HOST}"},
-            },
-        },
-    )
+    cluster.apply_cluster("dedicatedips", dedicated_ip(IP, sink))
     selector = f"{c.LABEL_NAME}={c.RELAY_APP_NAME},{c.LABEL_INSTANCE}={IP}"
     pod = cluster.wait_ready_pod(NAMESPACE, selector, what="the relay pod")
     info(f"relay pod {pod.metadata.name} Ready on {pod.status.pod_ip}")
@@ -155,7 +113,7 @@ def _demo(cluster: Cluster, sink: NodeSink) -> None:
         APP_NS,
         "shop-app",
         f"{TOKEN}-smtp",
-        SEND,
+        send_script("Order 1001", "https://example.com/orders/1001"),
         host_aliases=[{"ip": relay_ip, "hostnames": [host]}],
     )
     info(log.strip())

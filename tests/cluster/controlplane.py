@@ -226,6 +226,21 @@ def _wait(cp: ControlPlane, name: str, probe: object, deadline: float) -> None:
     raise ControlPlaneError(f"{name} was not ready within {START_TIMEOUT:.0f} s")
 
 
+def etcd_argv(bins: Path, data_dir: Path, client: int, peer: int) -> list[str]:
+    """A one-member etcd on loopback, without fsync (test data only: fast on slow disks)."""
+    return [
+        str(bins / "etcd"),
+        f"--data-dir={data_dir}",
+        f"--listen-client-urls=http://127.0.0.1:{client}",
+        f"--advertise-client-urls=http://127.0.0.1:{client}",
+        f"--listen-peer-urls=http://127.0.0.1:{peer}",
+        f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
+        f"--initial-cluster=default=http://127.0.0.1:{peer}",
+        "--unsafe-no-fsync",
+        "--log-level=warn",
+    ]
+
+
 def _https_ok(url: str, ctx: ssl.SSLContext) -> bool:
     with urllib.request.urlopen(url, context=ctx, timeout=2) as resp:
         return bool(resp.status == 200)
@@ -247,21 +262,7 @@ def _start_once(bins: Path, workdir: Path, pki: _Pki) -> ControlPlane:
     write_kubeconfig(cp.kubeconfig, server, pki)
     deadline = time.monotonic() + START_TIMEOUT
     try:
-        _spawn(
-            cp,
-            "etcd",
-            [
-                str(bins / "etcd"),
-                f"--data-dir={workdir / 'etcd'}",
-                f"--listen-client-urls=http://127.0.0.1:{etcd_client}",
-                f"--advertise-client-urls=http://127.0.0.1:{etcd_client}",
-                f"--listen-peer-urls=http://127.0.0.1:{etcd_peer}",
-                f"--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer}",
-                f"--initial-cluster=default=http://127.0.0.1:{etcd_peer}",
-                "--unsafe-no-fsync",  # test data only: keeps the suite fast on slow disks
-                "--log-level=warn",
-            ],
-        )
+        _spawn(cp, "etcd", etcd_argv(bins, workdir / "etcd", etcd_client, etcd_peer))
 
         def etcd_ok() -> bool:
             url = f"http://127.0.0.1:{etcd_client}/health"

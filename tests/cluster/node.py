@@ -37,6 +37,7 @@ from cluster.controlplane import (
     CONTROLLERS,
     ControlPlaneError,
     binaries,
+    etcd_argv,
     make_pki,
     write_kubeconfig,
 )
@@ -489,20 +490,7 @@ def _start(node: Node, bins: Path, images: list[Path]) -> None:
     inner = w / "inner.kubeconfig"  # for the node's own parts, inside the namespace
     write_kubeconfig(inner, f"https://127.0.0.1:{API_PORT}", pki)
     node.spawn("containerd", ["containerd", "--config", str(_containerd_config(node))])
-    node.spawn(
-        "etcd",
-        [
-            str(bins / "etcd"),
-            f"--data-dir={w / 'etcd'}",
-            "--listen-client-urls=http://127.0.0.1:2379",
-            "--advertise-client-urls=http://127.0.0.1:2379",
-            "--listen-peer-urls=http://127.0.0.1:2380",
-            "--initial-advertise-peer-urls=http://127.0.0.1:2380",
-            "--initial-cluster=default=http://127.0.0.1:2380",
-            "--unsafe-no-fsync",
-            "--log-level=warn",
-        ],
-    )
+    node.spawn("etcd", etcd_argv(bins, w / "etcd", 2379, 2380))
     node.spawn(
         "kube-apiserver",
         [

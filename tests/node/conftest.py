@@ -13,7 +13,7 @@ import pytest
 
 from cluster.controlplane import binaries
 from cluster.node import can_run_node, node_cluster
-from node.kit import NAMESPACE, ROOT, Cluster
+from node.kit import ROOT, Cluster
 
 IMAGE_BUILD = ROOT / "image" / "build.sh"
 
@@ -48,18 +48,5 @@ def cluster(node_images: list[Path]) -> Iterator[Cluster]:
 def installed(cluster: Cluster) -> Cluster:
     """``helm install`` of the chart, as the README says, into a Pod Security restricted
     namespace; the operator pod is Ready."""
-    cluster.namespace(NAMESPACE, {"pod-security.kubernetes.io/enforce": "restricted"})
-    cluster.helm(
-        "install",
-        "txmail",
-        str(ROOT / "charts" / "txmail"),
-        "-n",
-        NAMESPACE,
-        "--create-namespace",
-        "-f",
-        str(Path(__file__).parent / "values.yaml"),
-        "--wait",
-        "--timeout",
-        "3m",
-    )
+    cluster.install_chart("-f", str(Path(__file__).parent / "values.yaml"))
     return cluster

@@ -29,6 +29,52 @@ IMAGE = "ghcr.io/txmail/txmail:0.1.0"
 GROUP, VERSION = "txmail.dev", "v1alpha1"
 SINK_PORT = 2525
 RELEASE, NAMESPACE = "txmail", "txmail-system"
+TRACK_HOST = "track.example.test"
+
+# What an app pod runs: read the Secret's settings from the environment, trust its ca.crt, send
+# one mail over STARTTLS+AUTH with a link (SUBJECT and LINK are filled in by send_script).
+_SEND = r"""
+import os, smtplib, ssl
+from email.message import EmailMessage
+ctx = ssl.create_default_context(cafile="/etc/smtp/ca.crt")
+m = EmailMessage()
+m["From"], m["To"], m["Subject"] = "orders@example.com", "buyer@example.net", SUBJECT
+m.set_content('<p>Your order shipped. <a href="LINK">Track it</a></p>', subtype="html")
+# The last part ends with the line that tells smtp-sink's dump is complete (tests/peers.py).
+m.add_alternative("Your order shipped.\nEND-OF-MESSAGE 1\n")
+with smtplib.SMTP(os.environ["SMTP_host"], int(os.environ["SMTP_port"]), timeout=60) as s:
+    s.starttls(context=ctx)
+    s.login(os.environ["SMTP_username"], os.environ["SMTP_password"])
+    s.send_message(m)
+print("250: accepted", SUBJECT, "by", os.environ["SMTP_host"])
+"""
+
+
+def send_script(subject: str, link: str) -> str:
+    return _SEND.replace("SUBJECT", repr(subject)).replace("LINK", link)
+
+
+def dedicated_ip(name: str, sink: Sink, spool: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A DedicatedIP relaying to ``sink``, with tracking on, admitting labelled namespaces."""
+    spec: dict[str, Any] = {
+        "address": "192.0.2.10",
+        "hostname": "mta1.example.com",
+        "domains": ["example.com"],
+        "allowedNamespaces": {"matchLabels": {"txmail.dev/sending": "allowed"}},
+        "delivery": {
+            "mode": "Smarthost",
+            "smarthost": {"host": sink.host, "port": sink.port, "tls": "None"},
+        },
+        "tracking": {"baseURL": f"http://{TRACK_HOST}"},
+    }
+    if spool is not None:
+        spec["relay"] = {"spool": spool}
+    return {
+        "apiVersion": "txmail.dev/v1alpha1",
+        "kind": "DedicatedIP",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
 
 
 class NodeSink(Sink):
@@ -107,6 +153,22 @@ class Cluster:
         if out.returncode != 0:
             raise AssertionError(f"helm {' '.join(args)} failed:\n{out.stderr}\n{out.stdout}")
         return out.stdout
+
+    def install_chart(self, *args: str) -> str:
+        """``helm install`` as the README says, into a Pod Security restricted namespace."""
+        self.namespace(NAMESPACE, {"pod-security.kubernetes.io/enforce": "restricted"})
+        return self.helm(
+            "install",
+            RELEASE,
+            str(CHART),
+            "-n",
+            NAMESPACE,
+            "--create-namespace",
+            *args,
+            "--wait",
+            "--timeout",
+            "3m",
+        )
 
     # -- objects ---------------------------------------------------------------------------
 

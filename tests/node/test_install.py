@@ -6,16 +6,28 @@ the API, an app pod that reads the generated Secret, the relay Service, the trac
 
 from __future__ import annotations
 
+import base64
+import os
 import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 
-from node.kit import NAMESPACE, RELEASE, Cluster, NodeSink, html_of
+from node.kit import (
+    CHART,
+    NAMESPACE,
+    RELEASE,
+    TRACK_HOST,
+    Cluster,
+    NodeSink,
+    dedicated_ip,
+    html_of,
+    send_script,
+)
 from peers import wait_for
 from txmail_relay import contract as c
 
@@ -24,26 +36,9 @@ pytestmark = pytest.mark.node
 IP = "shop-ip"
 APP_NS = "shop"
 TOKEN = "shop"
-TRACK_HOST = "track.example.test"
 LINK = "https://example.com/orders/42"
 RELAY_SELECTOR = f"{c.LABEL_NAME}={c.RELAY_APP_NAME},{c.LABEL_INSTANCE}={IP}"
 OPERATOR_SELECTOR = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=operator"
-
-SEND = r"""
-import os, smtplib, ssl, sys
-from email.message import EmailMessage
-ctx = ssl.create_default_context(cafile="/etc/smtp/ca.crt")
-m = EmailMessage()
-m["From"], m["To"], m["Subject"] = "orders@example.com", "buyer@example.net", sys.argv[1]
-m.set_content('<html><body><a href="LINK">Your order</a></body></html>', subtype="html")
-# The last part ends with the line that tells smtp-sink's dump is complete (tests/peers.py).
-m.add_alternative("Your order shipped.\nEND-OF-MESSAGE 1\n")
-with smtplib.SMTP(os.environ["SMTP_host"], int(os.environ["SMTP_port"]), timeout=60) as s:
-    s.starttls(context=ctx)
-    s.login(os.environ["SMTP_username"], os.environ["SMTP_password"])
-    s.send_message(m)
-print("accepted", sys.argv[1])
-""".replace("LINK", LINK)
 
 
 @dataclass
@@ -56,7 +51,7 @@ class Shop:
     def send(self, subject: str) -> None:
         """An app pod sends one mail with the Secret's credentials, verifying ca.crt."""
         name = f"app-{uuid.uuid4().hex[:6]}"
-        script = SEND.replace("sys.argv[1]", repr(subject))
+        script = send_script(subject, LINK)
         log = self.cluster.run_app(
             APP_NS,
             name,
@@ -64,15 +59,13 @@ class Shop:
             script,
             host_aliases=[{"ip": self.relay_ip, "hostnames": [self.host]}],
         )
-        assert f"accepted {subject}" in log
+        assert f"250: accepted {subject}" in log
 
 
 def _pv(cluster: Cluster) -> None:
     """A hostPath PersistentVolume for the relay's spool claim (no provisioner runs here)."""
     path = cluster.node.workdir / "pv-spool"
     path.mkdir(mode=0o770)
-    import os  # noqa: PLC0415
-
     os.chown(path, 65532, 65532)
     cluster.core.create_persistent_volume(
         {
@@ -94,33 +87,8 @@ def shop(installed: Cluster) -> Iterator[Shop]:
     cluster = installed
     sink = NodeSink(cluster.node)
     _pv(cluster)
-    cluster.apply_cluster(
-        "dedicatedips",
-        {
-            "apiVersion": "txmail.dev/v1alpha1",
-            "kind": "DedicatedIP",
-            "metadata": {"name": IP},
-            "spec": {
-                "address": "192.0.2.10",
-                "hostname": "mta1.example.com",
-                "domains": ["example.com"],
-                "allowedNamespaces": {"matchLabels": {"txmail.dev/sending": "allowed"}},
-                "delivery": {
-                    "mode": "Smarthost",
-                    "smarthost": {"host": sink.host, "port": sink.port, "tls": "None"},
-                },
-                "tracking": {"baseURL": f"http://{TRACK_HOST}"},
-                "relay": {
-                    "spool": {
-                        "persistentVolumeClaim": {
-                            "size": "1Gi",
-                            "storageClassName": "txmail-local",
-                        }
-                    }
-                },
-            },
-        },
-    )
+    spool = {"persistentVolumeClaim": {"size": "1Gi", "storageClassName": "txmail-local"}}
+    cluster.apply_cluster("dedicatedips", dedicated_ip(IP, sink, spool))
     cluster.namespace(APP_NS, {"txmail.dev/sending": "allowed"})
     cluster.apply_namespaced(
         APP_NS,
@@ -151,10 +119,6 @@ def shop(installed: Cluster) -> Iterator[Shop]:
 
 
 def _secret(cluster: Cluster, namespace: str, name: str) -> dict[str, str] | None:
-    import base64  # noqa: PLC0415
-
-    from kubernetes.client.exceptions import ApiException  # noqa: PLC0415
-
     try:
         got = cluster.core.read_namespaced_secret(name, namespace)
     except ApiException as exc:
@@ -255,7 +219,7 @@ def test_helm_upgrade_rolls_the_operator(installed: Cluster) -> None:
     installed.helm(
         "upgrade",
         RELEASE,
-        str(Path(__file__).resolve().parents[2] / "charts" / "txmail"),
+        str(CHART),
         "-n",
         NAMESPACE,
         "--reuse-values",
