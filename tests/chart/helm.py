@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -30,8 +32,11 @@ def helm() -> Path:
 
 @functools.cache
 def _home() -> str:
-    """Helm's cache, config and data folders: private to this process, never ~/.cache/helm."""
-    return tempfile.mkdtemp(prefix="txmail-helm-")
+    """Helm's cache, config and data folders: private to this process, never ~/.cache/helm,
+    and removed when it exits."""
+    home = tempfile.mkdtemp(prefix="txmail-helm-")
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
+    return home
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
