@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -16,6 +18,17 @@ from txmail_relay import contract as c
 
 GROUP, VERSION = "txmail.dev", "v1alpha1"
 Obj = dict[str, Any]
+T = TypeVar("T")
+
+
+def read_or_none(call: Callable[[], T]) -> T | None:
+    """``call()``, or None when the API answers 404."""
+    try:
+        return call()
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
 
 
 def short(prefix: str) -> str:
@@ -166,3 +179,61 @@ class Kit:
     def events(self, namespace: str, name: str) -> list[Any]:
         evs = self.core.list_namespaced_event(namespace).items
         return [e for e in evs if e.involved_object.name == name]
+
+
+@contextmanager
+def refused_token_status(kit: Kit, namespace: str, message: str) -> Iterator[None]:
+    """A ValidatingAdmissionPolicy that refuses SmtpToken status writes in ``namespace``, in
+    effect when the block starts (policies apply asynchronously: probed with a throwaway
+    token), removed when it ends."""
+    admission = client.AdmissionregistrationV1Api(kit.api)
+    name = f"refuse-status-{namespace}"
+    admission.create_validating_admission_policy(
+        {  # type: ignore[arg-type]
+            "metadata": {"name": name},
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": {
+                    "resourceRules": [
+                        {
+                            "apiGroups": [GROUP],
+                            "apiVersions": [VERSION],
+                            "operations": ["UPDATE"],
+                            "resources": ["smtptokens/status"],
+                        }
+                    ]
+                },
+                "validations": [{"expression": "false", "message": message}],
+            },
+        }
+    )
+    admission.create_validating_admission_policy_binding(
+        {  # type: ignore[arg-type]
+            "metadata": {"name": name},
+            "spec": {
+                "policyName": name,
+                "validationActions": ["Deny"],
+                "matchResources": {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
+                },
+            },
+        }
+    )
+    try:
+        probe = kit.token(namespace, "no-such-ip", "policy-probe")
+
+        def denied() -> bool:
+            try:
+                kit.objs.patch_namespaced_custom_object_status(
+                    GROUP, VERSION, namespace, "smtptokens", probe, {"status": {"username": "x"}}
+                )
+            except ApiException as exc:
+                return exc.status in (403, 422) and message in str(exc.body)
+            return False
+
+        wait_for(denied, 10, "the admission policy to take effect", every=0.2)
+        kit.objs.delete_namespaced_custom_object(GROUP, VERSION, namespace, "smtptokens", probe)
+        yield
+    finally:
+        admission.delete_validating_admission_policy_binding(name)
+        admission.delete_validating_admission_policy(name)

@@ -9,13 +9,11 @@ person with kubectl would, and polls until it is back.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
-from k8s.kit import GROUP, VERSION, Kit
+from k8s.kit import GROUP, VERSION, Kit, read_or_none
 from k8s.operator_process import wait_for
 from txmail_relay import contract as c
 
@@ -29,7 +27,7 @@ def ip(kit: Kit, api: client.ApiClient) -> Iterator[str]:
     name = kit.dedicated_ip()
     apps = client.AppsV1Api(api)
     wait_for(
-        lambda: _read(
+        lambda: read_or_none(
             lambda: apps.read_namespaced_deployment(c.relay_name(name), kit.operator_namespace)
         ),
         DEADLINE,
@@ -37,15 +35,6 @@ def ip(kit: Kit, api: client.ApiClient) -> Iterator[str]:
     )
     yield name
     kit.objs.delete_cluster_custom_object(GROUP, VERSION, "dedicatedips", name)
-
-
-def _read(call: Any) -> Any:
-    try:
-        return call()
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
 
 
 def test_a_relay_scaled_to_0_comes_back_to_1(kit: Kit, ip: str, api: client.ApiClient) -> None:
@@ -61,10 +50,10 @@ def test_a_relay_scaled_to_0_comes_back_to_1(kit: Kit, ip: str, api: client.ApiC
 
 def test_a_deleted_relay_deployment_is_recreated(kit: Kit, ip: str, api: client.ApiClient) -> None:
     apps, ns, name = client.AppsV1Api(api), kit.operator_namespace, c.relay_name(ip)
-    before = _read(lambda: apps.read_namespaced_deployment(name, ns)).metadata.uid
+    before = read_or_none(lambda: apps.read_namespaced_deployment(name, ns)).metadata.uid
 
     def recreated() -> bool:
-        dep = _read(lambda: apps.read_namespaced_deployment(name, ns))
+        dep = read_or_none(lambda: apps.read_namespaced_deployment(name, ns))
         return dep is not None and dep.metadata.uid != before
 
     apps.delete_namespaced_deployment(name, ns)
@@ -76,7 +65,9 @@ def test_a_deleted_relay_role_comes_back(kit: Kit, ip: str, api: client.ApiClien
     rules = rbac.read_namespaced_role(name, ns).rules
     rbac.delete_namespaced_role(name, ns)
     again = wait_for(
-        lambda: _read(lambda: rbac.read_namespaced_role(name, ns)), DEADLINE, "the relay Role"
+        lambda: read_or_none(lambda: rbac.read_namespaced_role(name, ns)),
+        DEADLINE,
+        "the relay Role",
     )
     assert again.rules == rules
 
@@ -88,12 +79,12 @@ def test_a_deleted_role_binding_and_service_account_come_back(
     rbac.delete_namespaced_role_binding(name, ns)
     kit.core.delete_namespaced_service_account(name, ns)
     wait_for(
-        lambda: _read(lambda: rbac.read_namespaced_role_binding(name, ns)),
+        lambda: read_or_none(lambda: rbac.read_namespaced_role_binding(name, ns)),
         DEADLINE,
         "the relay RoleBinding",
     )
     wait_for(
-        lambda: _read(lambda: kit.core.read_namespaced_service_account(name, ns)),
+        lambda: read_or_none(lambda: kit.core.read_namespaced_service_account(name, ns)),
         DEADLINE,
         "the relay ServiceAccount",
     )
@@ -103,11 +94,13 @@ def test_an_edited_service_port_is_restored(kit: Kit, ip: str) -> None:
     ns, name = kit.operator_namespace, c.relay_name(ip)
 
     def ports() -> list[tuple[str, int, str]]:
-        svc = _read(lambda: kit.core.read_namespaced_service(name, ns))
+        svc = read_or_none(lambda: kit.core.read_namespaced_service(name, ns))
         return sorted((p.name, p.port, str(p.target_port)) for p in svc.spec.ports)
 
     built = ports()
-    live = [p.name for p in _read(lambda: kit.core.read_namespaced_service(name, ns)).spec.ports]
+    live = [
+        p.name for p in read_or_none(lambda: kit.core.read_namespaced_service(name, ns)).spec.ports
+    ]
     kit.core.patch_namespaced_service(  # kubectl edit: submission port 587 -> 2525
         name,
         ns,
@@ -138,7 +131,7 @@ def test_a_deleted_stats_config_map_is_recreated(kit: Kit, ip: str) -> None:
     ns, name = kit.operator_namespace, c.stats_config_map_name(ip)
     kit.core.delete_namespaced_config_map(name, ns)
     wait_for(
-        lambda: _read(lambda: kit.core.read_namespaced_config_map(name, ns)),
+        lambda: read_or_none(lambda: kit.core.read_namespaced_config_map(name, ns)),
         DEADLINE,
         "the stats ConfigMap the relay reports into",
     )

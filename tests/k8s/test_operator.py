@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from k8s.kit import GROUP, VERSION, Kit
+from k8s.kit import GROUP, VERSION, Kit, read_or_none, refused_token_status
 from k8s.operator_process import OperatorProcess, wait_for
 from txmail_relay import contract as c
 
@@ -278,7 +278,9 @@ def test_dedicated_ip_becomes_a_restricted_relay(kit: Kit, ip: str, api: client.
     name = c.relay_name(ip)
     apps = client.AppsV1Api(api)
     dep = wait_for(
-        lambda: _read(lambda: apps.read_namespaced_deployment(name, ns)), 10, "the relay Deployment"
+        lambda: read_or_none(lambda: apps.read_namespaced_deployment(name, ns)),
+        10,
+        "the relay Deployment",
     )
     assert dep.spec.replicas == 1
     assert dep.spec.strategy.type == "Recreate"
@@ -402,7 +404,7 @@ def test_changing_the_ip_updates_the_relay_config_in_place(kit: Kit, ip: str) ->
     )
 
     def config() -> c.RelayConfig | None:
-        cm = _read(
+        cm = read_or_none(
             lambda: kit.core.read_namespaced_config_map(c.relay_name(ip), kit.operator_namespace)
         )
         cfg = c.RelayConfig.model_validate_json(cm.data[c.RELAY_CONFIG_KEY]) if cm else None
@@ -433,7 +435,9 @@ def test_deleting_the_ip_removes_the_relay_and_unreadies_dependents(
     apps = client.AppsV1Api(api)
     wait_for(
         lambda: (
-            _read(lambda: apps.read_namespaced_deployment(c.relay_name(ip), kit.operator_namespace))
+            read_or_none(
+                lambda: apps.read_namespaced_deployment(c.relay_name(ip), kit.operator_namespace)
+            )
             is None
         ),
         30,
@@ -476,55 +480,18 @@ def test_relay_stats_reach_the_token_status(kit: Kit, ip: str, namespace: str) -
 
 
 def test_sigkill_between_secret_and_status_converges(
-    kit: Kit, ip: str, namespace: str, operator: OperatorProcess, api: client.ApiClient
+    kit: Kit, ip: str, namespace: str, operator: OperatorProcess
 ) -> None:
     """An admission policy holds the operator right after it wrote the Secret; then SIGKILL."""
-    admission = client.AdmissionregistrationV1Api(api)
-    policy = f"hold-status-{namespace}"
-    admission.create_validating_admission_policy(
-        {
-            "metadata": {"name": policy},
-            "spec": {
-                "failurePolicy": "Fail",
-                "matchConstraints": {
-                    "resourceRules": [
-                        {
-                            "apiGroups": [GROUP],
-                            "apiVersions": [VERSION],
-                            "operations": ["UPDATE"],
-                            "resources": ["smtptokens/status"],
-                        }
-                    ]
-                },
-                "validations": [
-                    {"expression": "false", "message": "status writes are held by the test"}
-                ],
-            },
-        }
-    )
-    admission.create_validating_admission_policy_binding(
-        {
-            "metadata": {"name": policy},
-            "spec": {
-                "policyName": policy,
-                "validationActions": ["Deny"],
-                "matchResources": {
-                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
-                },
-            },
-        }
-    )
     try:
-        _await_policy(kit, namespace)
-        kit.token(namespace, ip, "shop")
-        secret = wait_for(lambda: kit.secret(namespace, "shop-smtp"), 10, "the Secret")
-        wait_for(lambda: kit.entry(ip, secret["username"]), 5, "the digest")
-        status = (kit.get(TOKENS, namespace, "shop") or {}).get("status") or {}
-        assert "passwordGeneration" not in status, "the policy must hold the status write"
-        operator.kill()
+        with refused_token_status(kit, namespace, "status writes are held by the test"):
+            kit.token(namespace, ip, "shop")
+            secret = wait_for(lambda: kit.secret(namespace, "shop-smtp"), 10, "the Secret")
+            wait_for(lambda: kit.entry(ip, secret["username"]), 5, "the digest")
+            status = (kit.get(TOKENS, namespace, "shop") or {}).get("status") or {}
+            assert "passwordGeneration" not in status, "the policy must hold the status write"
+            operator.kill()
     finally:
-        admission.delete_validating_admission_policy_binding(policy)
-        admission.delete_validating_admission_policy(policy)
         if operator.proc is None or operator.proc.poll() is not None:
             operator.start()
     after = ready_secret(kit, namespace, "shop")
@@ -557,31 +524,3 @@ def test_no_password_leaks(kit: Kit, ip: str, namespace: str, operator: Operator
     for where, text in haystacks.items():
         for password in passwords:
             assert password not in text, f"a password leaked into {where}"
-
-
-def _read(call: Any) -> Any:
-    from kubernetes.client.exceptions import ApiException  # noqa: PLC0415
-
-    try:
-        return call()
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-
-
-def _await_policy(kit: Kit, namespace: str) -> None:
-    """Admission policies take effect asynchronously: probe with a throwaway token."""
-    probe = kit.token(namespace, "no-such-ip", "policy-probe")
-
-    def denied() -> bool:
-        try:
-            kit.objs.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, TOKENS, probe, {"status": {"username": "probe"}}
-            )
-        except client.exceptions.ApiException as exc:
-            return exc.status in (403, 422) and "held by the test" in str(exc.body)
-        return False
-
-    wait_for(denied, 10, "the admission policy to take effect", every=0.2)
-    kit.objs.delete_namespaced_custom_object(GROUP, VERSION, namespace, TOKENS, probe)

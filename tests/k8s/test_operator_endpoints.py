@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 from prometheus_client.parser import text_string_to_metric_families
 
-from k8s.kit import GROUP, VERSION, Kit
+from k8s.kit import GROUP, VERSION, Kit, refused_token_status
 from k8s.operator_process import OperatorProcess, wait_for
 from peers import free_port
 
@@ -101,45 +100,11 @@ def test_metrics_count_reconciles_and_managed_objects(
 
 
 def test_a_refused_api_request_is_counted_by_verb(
-    endpoints: Endpoints, kit: Kit, namespace: str, api: client.ApiClient
+    endpoints: Endpoints, kit: Kit, namespace: str
 ) -> None:
     """An admission policy refuses the operator's status writes in one namespace."""
-    admission = client.AdmissionregistrationV1Api(api)
-    name = f"refuse-status-{namespace}"
-    admission.create_validating_admission_policy(
-        {  # type: ignore[arg-type]
-            "metadata": {"name": name},
-            "spec": {
-                "failurePolicy": "Fail",
-                "matchConstraints": {
-                    "resourceRules": [
-                        {
-                            "apiGroups": [GROUP],
-                            "apiVersions": [VERSION],
-                            "operations": ["UPDATE"],
-                            "resources": ["smtptokens/status"],
-                        }
-                    ]
-                },
-                "validations": [{"expression": "false", "message": "refused by the test"}],
-            },
-        }
-    )
-    admission.create_validating_admission_policy_binding(
-        {  # type: ignore[arg-type]
-            "metadata": {"name": name},
-            "spec": {
-                "policyName": name,
-                "validationActions": ["Deny"],
-                "matchResources": {
-                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
-                },
-            },
-        }
-    )
     errors = "txmail_operator_api_errors_total"
-    try:
-        _await_policy(kit, namespace)
+    with refused_token_status(kit, namespace, "refused by the test"):
         before = endpoints.value(errors, verb="patch")
         failed = endpoints.value(
             "txmail_operator_reconciles_total", kind="SmtpToken", result="error"
@@ -158,23 +123,3 @@ def test_a_refused_api_request_is_counted_by_verb(
             10,
             "the failed reconcile counted",
         )
-    finally:
-        admission.delete_validating_admission_policy_binding(name)
-        admission.delete_validating_admission_policy(name)
-
-
-def _await_policy(kit: Kit, namespace: str) -> None:
-    """Admission policies take effect asynchronously: probe with a throwaway token."""
-    probe = kit.token(namespace, "no-such-ip", "policy-probe")
-
-    def denied() -> bool:
-        try:
-            kit.objs.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, "smtptokens", probe, {"status": {"username": "x"}}
-            )
-        except ApiException as exc:
-            return exc.status in (403, 422) and "refused by the test" in str(exc.body)
-        return False
-
-    wait_for(denied, 10, "the admission policy to take effect", every=0.2)
-    kit.objs.delete_namespaced_custom_object(GROUP, VERSION, namespace, "smtptokens", probe)
