@@ -82,30 +82,11 @@ def _demo(cluster: Cluster, sink: NodeSink) -> None:
     info(f"relay pod {pod.metadata.name} Ready on {pod.status.pod_ip}")
     step(f"kubectl apply: namespace {APP_NS} (txmail.dev/sending=allowed), SmtpToken {TOKEN}")
     cluster.namespace(APP_NS, {"txmail.dev/sending": "allowed"})
-    cluster.apply_namespaced(
-        APP_NS,
-        "smtptokens",
-        {
-            "apiVersion": "txmail.dev/v1alpha1",
-            "kind": "SmtpToken",
-            "metadata": {"name": TOKEN},
-            "spec": {"dedicatedIPRef": {"name": IP}},
-        },
-    )
+    cluster.smtp_token(APP_NS, TOKEN, IP)
     secret = wait_for(
-        lambda: (
-            cluster.core.read_namespaced_secret(f"{TOKEN}-smtp", APP_NS)
-            if any(
-                s.metadata.name == f"{TOKEN}-smtp"
-                for s in cluster.core.list_namespaced_secret(APP_NS).items
-            )
-            else None
-        ),
-        60,
-        "the app Secret",
-        every=0.5,
+        lambda: cluster.secret(APP_NS, f"{TOKEN}-smtp"), 60, "the app Secret", every=0.5
     )
-    info(f"Secret {APP_NS}/{secret.metadata.name}: {', '.join(sorted(secret.data))}")
+    info(f"Secret {APP_NS}/{TOKEN}-smtp: {', '.join(sorted(secret))}")
     step("An app pod reads the Secret (envFrom, ca.crt as a volume) and sends over STARTTLS")
     relay_ip = cluster.service_ip(NAMESPACE, c.relay_name(IP))
     host = f"{c.relay_name(IP)}.{NAMESPACE}.svc.cluster.local"

@@ -226,6 +226,22 @@ def _wait(cp: ControlPlane, name: str, probe: object, deadline: float) -> None:
     raise ControlPlaneError(f"{name} was not ready within {START_TIMEOUT:.0f} s")
 
 
+def write_pki(workdir: Path, pki: _Pki) -> None:
+    """The CA, the API server's pair, the service-account pair and the admin pair, as files."""
+    files = {
+        "ca.crt": pki.ca_cert,
+        "apiserver.crt": pki.serving_cert,
+        "apiserver.key": pki.serving_key,
+        "sa.pub": pki.sa_public,
+        "sa.key": pki.sa_private,
+        "admin.crt": pki.admin_cert,
+        "admin.key": pki.admin_key,
+    }
+    for fname, data in files.items():
+        (workdir / fname).write_bytes(data)
+        (workdir / fname).chmod(0o600)
+
+
 def etcd_argv(bins: Path, data_dir: Path, client: int, peer: int) -> list[str]:
     """A one-member etcd on loopback, without fsync (test data only: fast on slow disks)."""
     return [
@@ -250,15 +266,7 @@ def _start_once(bins: Path, workdir: Path, pki: _Pki) -> ControlPlane:
     etcd_client, etcd_peer, api_port = free_port(), free_port(), free_port()
     server = f"https://127.0.0.1:{api_port}"
     cp = ControlPlane(workdir=workdir, kubeconfig=workdir / "kubeconfig", server=server)
-    files = {
-        "ca.crt": pki.ca_cert,
-        "apiserver.crt": pki.serving_cert,
-        "apiserver.key": pki.serving_key,
-        "sa.pub": pki.sa_public,
-        "sa.key": pki.sa_private,
-    }
-    for fname, data in files.items():
-        (workdir / fname).write_bytes(data)
+    write_pki(workdir, pki)
     write_kubeconfig(cp.kubeconfig, server, pki)
     deadline = time.monotonic() + START_TIMEOUT
     try:
@@ -294,7 +302,7 @@ def _start_once(bins: Path, workdir: Path, pki: _Pki) -> ControlPlane:
             ],
         )
         ctx = ssl.create_default_context(cadata=pki.ca_cert.decode())
-        ctx.load_cert_chain(*_client_files(workdir, pki))
+        ctx.load_cert_chain(str(workdir / "admin.crt"), str(workdir / "admin.key"))
         _wait(cp, "kube-apiserver", lambda: _https_ok(f"{server}/readyz", ctx), deadline)
         cm_port = free_port()
         _spawn(
@@ -329,14 +337,6 @@ def _start_once(bins: Path, workdir: Path, pki: _Pki) -> ControlPlane:
         cp.stop()
         raise
     return cp
-
-
-def _client_files(workdir: Path, pki: _Pki) -> tuple[str, str]:
-    cert, key = workdir / "admin.crt", workdir / "admin.key"
-    cert.write_bytes(pki.admin_cert)
-    key.write_bytes(pki.admin_key)
-    key.chmod(0o600)
-    return str(cert), str(key)
 
 
 @contextlib.contextmanager

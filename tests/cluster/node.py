@@ -40,6 +40,7 @@ from cluster.controlplane import (
     etcd_argv,
     make_pki,
     write_kubeconfig,
+    write_pki,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -475,18 +476,7 @@ def _start(node: Node, bins: Path, images: list[Path]) -> None:
         ],
         ips=["127.0.0.1", NODE_IP, API_SERVICE_IP],
     )
-    files = {
-        "ca.crt": pki.ca_cert,
-        "apiserver.crt": pki.serving_cert,
-        "apiserver.key": pki.serving_key,
-        "sa.pub": pki.sa_public,
-        "sa.key": pki.sa_private,
-        "admin.crt": pki.admin_cert,
-        "admin.key": pki.admin_key,
-    }
-    for fname, data in files.items():
-        (w / fname).write_bytes(data)
-        (w / fname).chmod(0o600)
+    write_pki(w, pki)
     inner = w / "inner.kubeconfig"  # for the node's own parts, inside the namespace
     write_kubeconfig(inner, f"https://127.0.0.1:{API_PORT}", pki)
     node.spawn("containerd", ["containerd", "--config", str(_containerd_config(node))])

@@ -6,6 +6,7 @@ the host's portal, an smtp-sink on the node's network, and app pods made from th
 
 from __future__ import annotations
 
+import base64
 import email
 import email.message
 import email.policy
@@ -187,6 +188,25 @@ class Cluster:
 
     def apply_namespaced(self, namespace: str, plural: str, body: dict[str, Any]) -> None:
         self.objs.create_namespaced_custom_object(GROUP, VERSION, namespace, plural, body)
+
+    def smtp_token(self, namespace: str, name: str, ip: str, **spec: Any) -> None:
+        body = {
+            "apiVersion": "txmail.dev/v1alpha1",
+            "kind": "SmtpToken",
+            "metadata": {"name": name},
+            "spec": {"dedicatedIPRef": {"name": ip}, **spec},
+        }
+        self.apply_namespaced(namespace, "smtptokens", body)
+
+    def secret(self, namespace: str, name: str) -> dict[str, str] | None:
+        """A Secret's decoded data, or None while it does not exist."""
+        try:
+            got = self.core.read_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return {k: base64.b64decode(v).decode() for k, v in (got.data or {}).items()}
 
     def get_cluster(self, plural: str, name: str) -> dict[str, Any]:
         got: dict[str, Any] = self.objs.get_cluster_custom_object(GROUP, VERSION, plural, name)

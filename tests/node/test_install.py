@@ -6,7 +6,6 @@ the API, an app pod that reads the generated Secret, the relay Service, the trac
 
 from __future__ import annotations
 
-import base64
 import os
 import re
 import uuid
@@ -15,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from kubernetes.client.exceptions import ApiException
 
 from node.kit import (
     CHART,
@@ -90,19 +88,10 @@ def shop(installed: Cluster) -> Iterator[Shop]:
     spool = {"persistentVolumeClaim": {"size": "1Gi", "storageClassName": "txmail-local"}}
     cluster.apply_cluster("dedicatedips", dedicated_ip(IP, sink, spool))
     cluster.namespace(APP_NS, {"txmail.dev/sending": "allowed"})
-    cluster.apply_namespaced(
-        APP_NS,
-        "smtptokens",
-        {
-            "apiVersion": "txmail.dev/v1alpha1",
-            "kind": "SmtpToken",
-            "metadata": {"name": TOKEN},
-            "spec": {"dedicatedIPRef": {"name": IP}, "allowedFromDomains": ["example.com"]},
-        },
-    )
+    cluster.smtp_token(APP_NS, TOKEN, IP, allowedFromDomains=["example.com"])
     try:
         secret = wait_for(
-            lambda: _secret(cluster, APP_NS, f"{TOKEN}-smtp"), 60, "the app Secret", every=0.5
+            lambda: cluster.secret(APP_NS, f"{TOKEN}-smtp"), 60, "the app Secret", every=0.5
         )
     except AssertionError as exc:
         token = cluster.get_namespaced(APP_NS, "smtptokens", TOKEN).get("status")
@@ -116,16 +105,6 @@ def shop(installed: Cluster) -> Iterator[Shop]:
         yield shop
     finally:
         shop.sink.stop()  # a test may have replaced the first sink
-
-
-def _secret(cluster: Cluster, namespace: str, name: str) -> dict[str, str] | None:
-    try:
-        got = cluster.core.read_namespaced_secret(name, namespace)
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-    return {k: base64.b64decode(v).decode() for k, v in (got.data or {}).items()}
 
 
 def test_the_operator_pod_runs_restricted(installed: Cluster) -> None:
