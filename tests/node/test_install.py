@@ -131,6 +131,11 @@ def test_a_dedicated_ip_becomes_a_ready_relay_pod(shop: Shop) -> None:
         return cond if cond and cond["status"] == "True" else None
 
     wait_for(ready, 60, "DedicatedIP Ready", every=0.5)
+    # The relay reads its configuration through the in-cluster API config of its pod (its own
+    # ServiceAccount's projected token, the API at KUBERNETES_SERVICE_HOST).
+    log = cluster.core.read_namespaced_pod_log(pod.metadata.name, NAMESPACE)
+    assert "watching relay configuration" in log
+    assert "Traceback" not in log
 
 
 def test_an_app_pod_sends_through_the_relay_and_a_click_is_counted(shop: Shop) -> None:
