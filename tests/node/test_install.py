@@ -167,6 +167,25 @@ def test_an_app_pod_sends_through_the_relay_and_a_click_is_counted(shop: Shop) -
     wait_for(clicked, 120, "the click in SmtpToken.status.stats", every=1)
 
 
+def test_the_password_is_in_no_pod_log_or_event(shop: Shop) -> None:
+    """After a send: the app's password appears nowhere a person or a log collector reads."""
+    cluster = shop.cluster
+    cluster.wait_ready_pod(NAMESPACE, RELAY_SELECTOR, what="the relay pod")
+    shop.send("no secrets in logs")
+    secret = cluster.secret(APP_NS, f"{TOKEN}-smtp")
+    assert secret is not None
+    password = secret["password"]
+    for selector in (RELAY_SELECTOR, OPERATOR_SELECTOR):
+        for pod in cluster.pods(NAMESPACE, selector):
+            log = cluster.core.read_namespaced_pod_log(pod.metadata.name, NAMESPACE)
+            assert password not in log, f"the password leaked into {pod.metadata.name}'s log"
+    for ns in (NAMESPACE, APP_NS):
+        for event in cluster.core.list_namespaced_event(ns).items:
+            assert password not in (event.message or ""), f"the password leaked into {event}"
+    token = cluster.get_namespaced(APP_NS, "smtptokens", TOKEN)
+    assert password not in str(token), "the password leaked into the SmtpToken"
+
+
 def test_mail_accepted_before_the_relay_pod_is_deleted_is_delivered_after(shop: Shop) -> None:
     cluster = shop.cluster
     before = cluster.wait_ready_pod(NAMESPACE, RELAY_SELECTOR, what="the relay pod")
