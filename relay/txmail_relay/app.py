@@ -29,7 +29,7 @@ from txmail_relay.queue import DeliveryQueue
 from txmail_relay.sending import Composer, SendService
 from txmail_relay.settings import Settings
 from txmail_relay.smtp import SubmissionHandler, SubmissionProtocol
-from txmail_relay.spool import Spool, SpoolIO
+from txmail_relay.spool import Spool, SpoolIO, SpoolLock
 from txmail_relay.stats import FileStatsPublisher, OutcomeRecorder, StatsLoop, StatsPublisher
 from txmail_relay.store import Store
 from txmail_relay.templating import Templates
@@ -56,6 +56,7 @@ class Relay:
         self.registry = registry or CollectorRegistry()
         self.metrics = RelayMetrics(self.registry)
         self.store = ConfigStore()
+        self.spool_lock = SpoolLock(settings.spool.directory)
         self.db = Store(settings.spool.directory)
         self.tracking_keys = keys = KeyFile(settings.tracking_keys_file)
         self._source = source
@@ -120,6 +121,7 @@ class Relay:
         """Recover the spool, wait for the first configuration, then listen."""
         settings = self.settings
         loop = asyncio.get_running_loop()
+        await self.spool_lock.acquire()  # the spool folder holds the SQLite store too
         await self.db.open()
         for msg in await asyncio.to_thread(self.spool.recover):
             self.queue.enqueue(msg)
@@ -246,4 +248,5 @@ class Relay:
             with contextlib.suppress(Exception):
                 await self.stats.refresh()  # last figures out before exiting
         await self.db.close()
+        self.spool_lock.release()
         log.info("relay stopped")

@@ -17,7 +17,9 @@ recipients already crossed off by DONE records left out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -192,6 +194,53 @@ def _resync(data: bytes, start: int) -> int:
 
 def _outcomes(doc: Mapping[str, str]) -> dict[int, Outcome]:
     return {int(i): Outcome(o) for i, o in doc.items()}
+
+
+class SpoolLock:
+    """One relay per spool folder: an exclusive ``flock`` on ``<spool>/lock``, held while the
+    relay runs.
+
+    Two relays on one spool would recover and deliver the same messages and interleave their
+    writes. That happens on Kubernetes: a relay pod deleted by hand is replaced while it still
+    shuts down, and a ReadWriteOnce claim mounts on both pods of one node. The second relay waits
+    (not Ready) until the first has stopped. The kernel drops the lock when its holder dies, even
+    by SIGKILL, so a crash never leaves the spool locked.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self._path = directory / "lock"
+        self._fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    async def acquire(self, poll: float = 0.5) -> None:
+        """Take the lock, waiting (and saying so once) while another relay holds it."""
+        if self.try_acquire():
+            return
+        log.warning(
+            "spool is in use by another relay; waiting for it to stop",
+            extra={"spool": str(self._path.parent)},
+        )
+        # Another process holds it and flock has no asynchronous wake-up: poll.
+        while not self.try_acquire():  # noqa: ASYNC110
+            await asyncio.sleep(poll)
+        log.info("spool lock acquired", extra={"spool": str(self._path.parent)})
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
 
 
 class Spool:

@@ -247,3 +247,42 @@ def test_a_missing_certificate_is_one_line(tmp_path: Path, tls_files: TLSFiles, 
     assert last.startswith(f"txmail-relay: cannot start: TLS certificate {absent.cert_file}"), last
     assert last.endswith("No such file or directory"), last
     assert "Traceback" not in result.stderr
+
+
+def test_a_second_relay_on_the_same_spool_waits_for_the_first(
+    tmp_path: Path, tls_files: TLSFiles, sink: Sink
+) -> None:
+    """As when a relay pod deleted by hand is replaced while it still shuts down, on one
+    ReadWriteOnce spool volume: the new relay neither recovers nor listens until the old one
+    has stopped."""
+    relays: list[RelayProcess] = []
+    ports = []
+    for name in ("old", "new"):
+        port = free_port()
+        doc = yaml.safe_load(_settings(port, sink, tls_files, [_entry("app1", "pw")]))
+        doc["spool"]["directory"] = str(tmp_path / "spool")
+        (tmp_path / name).mkdir()
+        relays.append(RelayProcess(doc, tmp_path / name))
+        ports.append(port)
+    old, new = relays
+    old.start(wait_port=("127.0.0.1", ports[0]))
+    try:
+        new.start()
+        wait(
+            lambda: "spool is in use by another relay" in new.output(),
+            20,
+            "the second relay to say it waits",
+        )
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", ports[1])) != 0, "the second relay must not listen"
+        old.stop()
+        wait(lambda: _listens(ports[1]), 20, "the second relay to take over the spool")
+        assert "spool lock acquired" in new.output()
+    finally:
+        old.stop()
+        new.stop()
+
+
+def _listens(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
