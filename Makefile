@@ -8,9 +8,10 @@ PY     := $(VENV)/bin/python
 # Debian packages the tests and the demo use: Postfix's smtp-sink/smtp-source, swaks (with
 # libnet-ssleay-perl for its TLS); for the node tier and the image: containerd, runc, the CNI
 # plugins, iptables and conntrack (kube-proxy), mmdebstrap and umoci (make image), gcc and
-# libc6-dev (the static pause binary), iproute2 and util-linux (network and mount namespaces).
+# libc6-dev (the static pause binary), iproute2, util-linux and procps (namespaces, ss, sysctl,
+# pgrep).
 DEBS   := postfix swaks libnet-ssleay-perl containerd runc containernetworking-plugins iptables \
-          conntrack mmdebstrap umoci gcc libc6-dev iproute2 util-linux
+          conntrack mmdebstrap umoci gcc libc6-dev iproute2 util-linux procps
 
 .PHONY: help setup debs control-plane crds lint test test-unit test-k8s test-node demo clean image lock
 

@@ -325,21 +325,15 @@ class OwnedWatch:
                         self.on_change(_change(event["type"], kind, event["object"]))
                 version = w.resource_version or version
                 backoff = 0.5
-            except ApiException as exc:
-                if exc.status == 410:  # too old to resume: list again
+            except Exception as exc:  # an API error, a connection reset, or stop()'s shutdown
+                if isinstance(exc, ApiException) and exc.status == 410:  # too old: list again
                     version = None
                     continue
                 if self._stopping.is_set():
                     break
                 self.on_error("watch")
-                log.warning("watching %ss failed (HTTP %s), retrying", kind, exc.status)
-                self._stopping.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
-            except Exception as exc:  # a connection reset, or the socket shut by stop()
-                if self._stopping.is_set():
-                    break
-                self.on_error("watch")
-                log.warning("watching %ss failed (%s), retrying", kind, type(exc).__name__)
+                why = f"HTTP {exc.status}" if isinstance(exc, ApiException) else type(exc).__name__
+                log.warning("watching %ss failed (%s), retrying", kind, why)
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
             finally:
