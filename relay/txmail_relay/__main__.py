@@ -18,9 +18,9 @@ from typing import Any, NoReturn
 
 from txmail_relay import logs
 from txmail_relay.app import Relay
-from txmail_relay.config import ConfigSource, FileConfigSource, load_dynamic
+from txmail_relay.config.live import ConfigSource, FileConfigSource, load_dynamic
+from txmail_relay.records.stats import StatsPublisher
 from txmail_relay.settings import Settings, SettingsError, load_settings
-from txmail_relay.stats import StatsPublisher
 
 PROG = "txmail-relay"
 
@@ -59,7 +59,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def _source(settings: Settings, path: Path) -> ConfigSource:
     if settings.kubernetes is None:
         return FileConfigSource(path, settings.config_poll_interval)
-    from txmail_relay.kube import KubernetesConfigSource  # noqa: PLC0415 - slow import
+    from txmail_relay.config.kube import KubernetesConfigSource  # noqa: PLC0415 - slow import
 
     return KubernetesConfigSource(settings.kubernetes)
 
@@ -68,7 +68,7 @@ def _stats(settings: Settings) -> StatsPublisher | None:
     """Kubernetes mode publishes to the stats ConfigMap unless a stats file is set."""
     if settings.kubernetes is None or settings.stats_file is not None:
         return None  # Relay writes settings.statsFile, if any
-    from txmail_relay.kube import KubernetesStatsPublisher  # noqa: PLC0415 - slow import
+    from txmail_relay.config.kube import KubernetesStatsPublisher  # noqa: PLC0415 - slow import
 
     return KubernetesStatsPublisher(settings.kubernetes)
 

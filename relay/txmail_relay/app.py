@@ -16,24 +16,29 @@ from functools import partial
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from txmail_relay.api import SendApi, TokenAuth
-from txmail_relay.auth import Authenticator, FailureLimiter
-from txmail_relay.complaints import ComplaintHandler
-from txmail_relay.config import ConfigSource, ConfigStore
-from txmail_relay.delivery import SmtpTransport, Transport
-from txmail_relay.engagement import KeyFile, TrackingEndpoints
-from txmail_relay.events import OutcomeListener
-from txmail_relay.http import make_api_app, make_metrics_app, make_tracking_app
+from txmail_relay.config.live import ConfigSource, LiveConfig
+from txmail_relay.delivery.queue import DeliveryQueue
+from txmail_relay.delivery.transport import SmtpTransport, Transport
+from txmail_relay.http.api import SendApi, TokenAuth
+from txmail_relay.http.apps import make_api_app, make_metrics_app, make_tracking_app
+from txmail_relay.ingress.auth import Authenticator, FailureLimiter
+from txmail_relay.ingress.complaints import ComplaintHandler
+from txmail_relay.ingress.smtp import SubmissionHandler, SubmissionProtocol
+from txmail_relay.ingress.tls import server_context, watch_certificate
 from txmail_relay.metrics import RelayMetrics
-from txmail_relay.queue import DeliveryQueue
-from txmail_relay.sending import Composer, SendService
+from txmail_relay.outcomes import OutcomeListener
+from txmail_relay.records.stats import (
+    FileStatsPublisher,
+    OutcomeRecorder,
+    StatsLoop,
+    StatsPublisher,
+)
+from txmail_relay.records.store import Store
+from txmail_relay.sending.service import Composer, SendService
 from txmail_relay.settings import Settings
-from txmail_relay.smtp import SubmissionHandler, SubmissionProtocol
-from txmail_relay.spool import Spool, SpoolIO, SpoolLock
-from txmail_relay.stats import FileStatsPublisher, OutcomeRecorder, StatsLoop, StatsPublisher
-from txmail_relay.store import Store
-from txmail_relay.templating import Templates
-from txmail_relay.tlsutil import server_context, watch_certificate
+from txmail_relay.spool.segments import Spool, SpoolIO, SpoolLock
+from txmail_relay.templates.policy import Templates
+from txmail_relay.tracking.endpoints import KeyFile, TrackingEndpoints
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +60,7 @@ class Relay:
         self.settings = settings
         self.registry = registry or CollectorRegistry()
         self.metrics = RelayMetrics(self.registry)
-        self.store = ConfigStore()
+        self.store = LiveConfig()
         self.spool_lock = SpoolLock(settings.spool.directory)
         self.db = Store(settings.spool.directory)
         self.tracking_keys = keys = KeyFile(settings.tracking_keys_file)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from txmail_relay.events import Outcome, OutcomeEvent
+from txmail_relay.outcomes import Outcome, OutcomeEvent
 
 PREFIX = "txmail_relay_"
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400)

@@ -21,7 +21,7 @@ from relaykit import (
     wait_for,
 )
 
-from txmail_relay.api import SEND_PATH
+from txmail_relay.http.api import SEND_PATH
 
 ORDER = 101  # emailId of the "apps" namespace
 OTHER = 202  # emailId of namespace "other"
@@ -365,7 +365,7 @@ def test_concurrent_repeats_of_a_send_id_send_once(env: RelayEnv, b_password: st
 
 
 async def test_unspooled_reservations_are_dropped_on_restart(tmp_path: Path) -> None:
-    from txmail_relay.store import SendState, Store  # noqa: PLC0415
+    from txmail_relay.records.store import SendState, Store  # noqa: PLC0415
 
     store = Store(tmp_path)
     await store.open()

@@ -14,17 +14,17 @@ import pytest
 from relaykit import RelayEnv, credential, write_credentials
 
 from txmail_relay import contract as c
-from txmail_relay.auth import FailureLimiter
-from txmail_relay.config import ConfigStore, FileConfigSource
-from txmail_relay.contract import RELAY_CONFIG_KEY, RelayConfig
-from txmail_relay.kube import (
+from txmail_relay.config.kube import (
     KubeState,
     ObjectWatch,
     parse_credentials_secret,
     parse_relay_config_map,
     parse_templates_config_map,
 )
-from txmail_relay.queue import backoff
+from txmail_relay.config.live import FileConfigSource, LiveConfig
+from txmail_relay.contract import RELAY_CONFIG_KEY, RelayConfig
+from txmail_relay.delivery.queue import backoff
+from txmail_relay.ingress.auth import FailureLimiter
 from txmail_relay.settings import RetrySettings, Settings, load_settings
 
 RELAY = RelayConfig(
@@ -60,7 +60,7 @@ async def test_file_source_reloads_changed_credentials(tmp_path: Path) -> None:
     write_credentials(tmp_path / "creds.json", [credential("one", "pw")])
     path = tmp_path / "relay.yaml"
     path.write_text("relayFile: relay.json\ncredentialFiles: [creds.json]\n")
-    store = ConfigStore()
+    store = LiveConfig()
     task = asyncio.create_task(FileConfigSource(path, poll_interval=0.02).run(store))
     try:
         first = await asyncio.wait_for(store.wait_ready(), 5)
@@ -218,7 +218,7 @@ def test_json_log_lines_carry_structured_fields() -> None:
     from txmail_relay.logs import JsonFormatter, Redactor  # noqa: PLC0415
 
     record = logging.makeLogRecord(
-        {"name": "txmail_relay.smtp", "msg": "message accepted", "msg_id": "abc123"}
+        {"name": "txmail_relay.ingress.smtp", "msg": "message accepted", "msg_id": "abc123"}
     )
     doc = json.loads(JsonFormatter().format(record))
     assert (doc["message"], doc["msg_id"]) == ("message accepted", "abc123")

@@ -32,8 +32,8 @@ from relaykit import (
     wait_for,
 )
 
-from txmail_relay.api import SEND_PATH
-from txmail_relay.store import Store, Suppression
+from txmail_relay.http.api import SEND_PATH
+from txmail_relay.records.store import Store, Suppression
 
 ORDER = 21
 TRACKED = 22
@@ -254,8 +254,8 @@ def test_complaints_address_changes_apply_live(env: RelayEnv) -> None:
 
 
 async def test_store_records_bounces_and_complaints_for_suppression(tmp_path: Path) -> None:
-    from txmail_relay.events import Outcome  # noqa: PLC0415
-    from txmail_relay.store import Recipient, SentCopy  # noqa: PLC0415
+    from txmail_relay.outcomes import Outcome  # noqa: PLC0415
+    from txmail_relay.records.store import Recipient, SentCopy  # noqa: PLC0415
 
     store = Store(tmp_path)
     await store.open()

@@ -23,8 +23,8 @@ from relaykit import (
     wait_for,
 )
 
-from txmail_relay.api import SEND_PATH
-from txmail_relay.tracking import TRANSPARENT_GIF
+from txmail_relay.http.api import SEND_PATH
+from txmail_relay.tracking.tokens import TRANSPARENT_GIF
 
 TRACKED = 11
 BROKEN_HTML = 12
@@ -228,7 +228,7 @@ def test_arf_report_records_a_complaint_once(env: RelayEnv, relay: RelayThread) 
 
 
 def test_key_rotation_keeps_old_links_working(env: RelayEnv, tmp_path: Path) -> None:
-    from txmail_relay.engagement import load_keys  # noqa: PLC0415
+    from txmail_relay.tracking.endpoints import load_keys  # noqa: PLC0415
 
     path = tracking_keys_file(tmp_path, 1)
     old = load_keys(path)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from relaykit import RelayEnv, bearer, http
 
-from txmail_relay.api import CONTACTS_PATH, SEND_PATH
-from txmail_relay.tracking import TRANSPARENT_GIF
+from txmail_relay.http.api import CONTACTS_PATH, SEND_PATH
+from txmail_relay.tracking.tokens import TRANSPARENT_GIF
 
 STATUS = "/marketing/v3/email/send-statuses/abc"
 SEND_DOC = {"emailId": 1, "message": {"to": "user@dest.test"}}

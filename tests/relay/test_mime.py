@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from txmail_relay.mime import (
+from txmail_relay.mail.compose import (
     MAX_LINE_OCTETS,
     POLICY,
     HeaderInjectionError,
@@ -20,7 +20,7 @@ from txmail_relay.mime import (
     build_message,
     to_bytes,
 )
-from txmail_relay.templating import Rendered, Templates
+from txmail_relay.templates.policy import Rendered, Templates
 
 NOW = datetime(2025, 3, 1, 12, 30, tzinfo=UTC)
 

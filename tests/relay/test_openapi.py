@@ -9,8 +9,8 @@ from typing import Any
 import yaml
 from relaykit import RelayEnv
 
+from txmail_relay.config.kube import KubernetesStatsPublisher
 from txmail_relay.contract import RelayStats, TokenStats, stats_config_map_name
-from txmail_relay.kube import KubernetesStatsPublisher
 from txmail_relay.settings import KubernetesSettings
 
 OPENAPI = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from txmail_relay.events import Outcome
 from txmail_relay.metrics import RelayMetrics
-from txmail_relay.spool import (
+from txmail_relay.outcomes import Outcome
+from txmail_relay.spool.segments import (
     HEADER,
     OsSpoolIO,
     Spool,
@@ -81,7 +81,7 @@ async def started(spool: Spool) -> list[SpooledMessage]:
 async def test_stored_message_survives_a_restart(open_spool: SpoolFactory) -> None:
     first = open_spool()
     await started(first)
-    stored = await first.store("a@example.com", ["x@d.test", "y@d.test"], "app1", b"body\r\n")
+    stored = await first.append("a@example.com", ["x@d.test", "y@d.test"], "app1", b"body\r\n")
     assert await first.read_body(stored) == b"body\r\n"
     # No close(): as after a crash.
     second = open_spool()
@@ -97,7 +97,7 @@ async def test_stored_message_survives_a_restart(open_spool: SpoolFactory) -> No
 async def test_only_undelivered_recipients_are_recovered(open_spool: SpoolFactory) -> None:
     first = open_spool()
     await started(first)
-    msg = await first.store("a@example.com", ["x@d.test", "y@d.test", "z@d.test"], "app1", b"b")
+    msg = await first.append("a@example.com", ["x@d.test", "y@d.test", "z@d.test"], "app1", b"b")
     await first.record(msg, {0: Outcome.DELIVERED, 2: Outcome.BOUNCED})
     second = open_spool()
     [recovered] = await started(second)
@@ -107,10 +107,10 @@ async def test_only_undelivered_recipients_are_recovered(open_spool: SpoolFactor
 async def test_finished_segments_are_deleted(open_spool: SpoolFactory, tmp_path: Path) -> None:
     spool = open_spool(segment_bytes=1)  # every commit starts a new segment
     await started(spool)
-    messages = [await spool.store("a@example.com", ["x@d.test"], "app1", b"b") for _ in range(3)]
+    messages = [await spool.append("a@example.com", ["x@d.test"], "app1", b"b") for _ in range(3)]
     for msg in messages:
         await spool.record(msg, {0: Outcome.DELIVERED})
-    await spool.store("a@example.com", ["x@d.test"], "app1", b"last")  # forces a commit
+    await spool.append("a@example.com", ["x@d.test"], "app1", b"last")  # forces a commit
     await spool.close()
     segments = list((tmp_path / "spool").glob("seg-*.log"))
     assert len(segments) == 1
@@ -124,7 +124,7 @@ async def test_torn_tail_is_quarantined_not_delivered(
 ) -> None:
     first = open_spool()
     await started(first)
-    kept = await first.store("a@example.com", ["x@d.test"], "app1", b"complete")
+    kept = await first.append("a@example.com", ["x@d.test"], "app1", b"complete")
     [segment] = (tmp_path / "spool").glob("seg-*.log")
     whole = segment.read_bytes()
     with segment.open("ab") as f:  # a second record cut short by a crash
@@ -143,8 +143,8 @@ async def test_corrupt_record_is_quarantined_and_scanning_resumes(
 ) -> None:
     first = open_spool()
     await started(first)
-    bad = await first.store("a@example.com", ["x@d.test"], "app1", b"A" * 100)
-    good = await first.store("a@example.com", ["x@d.test"], "app1", b"B" * 100)
+    bad = await first.append("a@example.com", ["x@d.test"], "app1", b"A" * 100)
+    good = await first.append("a@example.com", ["x@d.test"], "app1", b"B" * 100)
     [segment] = (tmp_path / "spool").glob("seg-*.log")
     data = bytearray(segment.read_bytes())
     data[bad.body_offset + 10] ^= 0xFF  # a flipped bit in the first body
@@ -174,11 +174,11 @@ async def test_injected_failures_never_acknowledge(
     spool.subscribe(delivered.append)
     setattr(io, f"fail_{where}", code)
     with pytest.raises(error):
-        await spool.store("a@example.com", ["x@d.test"], "app1", b"lost")
+        await spool.append("a@example.com", ["x@d.test"], "app1", b"lost")
     assert not delivered
     assert not spool.healthy
     setattr(io, f"fail_{where}", None)
-    ok = await spool.store("a@example.com", ["x@d.test"], "app1", b"kept")
+    ok = await spool.append("a@example.com", ["x@d.test"], "app1", b"kept")
     assert spool.healthy
     assert [m.id for m in delivered] == [ok.id]
     again = open_spool()
@@ -191,7 +191,7 @@ async def test_free_space_reserve(open_spool: SpoolFactory, io: FaultyIO) -> Non
     io.free = 500
     assert not spool.has_room()
     with pytest.raises(SpoolFullError):
-        await spool.store("a@example.com", ["x@d.test"], "app1", b"b")
+        await spool.append("a@example.com", ["x@d.test"], "app1", b"b")
 
 
 async def test_concurrent_stores_share_syncs(open_spool: SpoolFactory, io: FaultyIO) -> None:
@@ -199,7 +199,7 @@ async def test_concurrent_stores_share_syncs(open_spool: SpoolFactory, io: Fault
     await started(spool)
     io.syncs = 0
     stored = await asyncio.gather(
-        *(spool.store("a@example.com", ["x@d.test"], "app1", b"%d" % i) for i in range(200))
+        *(spool.append("a@example.com", ["x@d.test"], "app1", b"%d" % i) for i in range(200))
     )
     assert len({m.id for m in stored}) == 200
     assert io.syncs < 50, f"{io.syncs} syncs for 200 messages"

@@ -22,7 +22,7 @@ from relaykit import (
     write_credentials,
 )
 
-from txmail_relay.spool import SpooledMessage
+from txmail_relay.spool.segments import SpooledMessage
 
 
 def _reply(smtp: smtplib.SMTP, command: str) -> tuple[int, bytes]:
@@ -287,7 +287,7 @@ class ExplodingSpool:
     def has_room(self, size: int = 0) -> bool:
         return True
 
-    async def store(
+    async def append(
         self, mail_from: str, recipients: list[str], username: str, body: bytes
     ) -> SpooledMessage:
         raise RuntimeError("boom")

@@ -11,7 +11,7 @@ import pytest
 from jinja2.exceptions import SecurityError
 
 from txmail_relay.contract import TemplateEntry
-from txmail_relay.templating import (
+from txmail_relay.templates.policy import (
     Limits,
     MissingProperties,
     Rendered,

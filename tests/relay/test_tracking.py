@@ -10,9 +10,9 @@ from email.message import EmailMessage
 
 import pytest
 
-from txmail_relay.mime import MAX_LINE_OCTETS, build_message, to_bytes
-from txmail_relay.templating import Rendered
-from txmail_relay.tracking import (
+from txmail_relay.mail.compose import MAX_LINE_OCTETS, build_message, to_bytes
+from txmail_relay.templates.policy import Rendered
+from txmail_relay.tracking.tokens import (
     CLICK_HEADERS,
     MAX_URL_BYTES,
     PIXEL_HEADERS,

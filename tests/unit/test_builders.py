@@ -171,7 +171,7 @@ def test_relay_listeners_ports_probes_and_service_agree() -> None:
 
 def test_tracking_keys_reach_the_relay_as_a_mounted_file_it_can_load(tmp_path: Path) -> None:
     """Secret key -> mounted file -> settings.yaml path: the relay loads the key it was given."""
-    from txmail_relay.engagement import load_keys  # noqa: PLC0415
+    from txmail_relay.tracking.endpoints import load_keys  # noqa: PLC0415
 
     secret = builders.relay_tracking_secret("demo", IP_UID, NS, TRACKING_KEY)
     assert secret["metadata"]["name"] == c.tracking_secret_name("demo")

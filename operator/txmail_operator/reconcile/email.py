@@ -8,7 +8,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from txmail_relay import contract as c
-from txmail_relay.templating import validate
+from txmail_relay.templates.policy import validate
 
 from .. import builders
 from ..api import TransactionalEmailSpec

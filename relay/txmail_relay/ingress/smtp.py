@@ -23,23 +23,23 @@ from typing import Any, Protocol
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from txmail_relay.auth import CredentialChecker, FailureLimiter
-from txmail_relay.complaints import ComplaintHandler
-from txmail_relay.config import ConfigStore
+from txmail_relay.config.live import LiveConfig
 from txmail_relay.contract import CredentialEntry
+from txmail_relay.ingress.auth import CredentialChecker, FailureLimiter
+from txmail_relay.ingress.complaints import ComplaintHandler
 from txmail_relay.logs import install_redaction
 from txmail_relay.metrics import RelayMetrics
-from txmail_relay.sending import (
+from txmail_relay.records.store import SentCopy, Store
+from txmail_relay.sending.service import (
     SUPPRESSED_REASONS,
     SUPPRESSED_RESULTS,
     SendError,
     SendService,
     suppression_reasons,
 )
+from txmail_relay.sending.smtp_templates import TEMPLATE_HEADER, parse_headers, template_request
 from txmail_relay.settings import LimitSettings
-from txmail_relay.smtp_templates import TEMPLATE_HEADER, parse_headers, template_request
-from txmail_relay.spool import SpooledMessage, SpoolError, SpoolFullError
-from txmail_relay.store import SentCopy, Store
+from txmail_relay.spool.segments import SpooledMessage, SpoolError, SpoolFullError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Acceptor(Protocol):
 
     def has_room(self, size: int = 0) -> bool: ...
 
-    async def store(
+    async def append(
         self, mail_from: str, recipients: list[str], username: str, body: bytes
     ) -> SpooledMessage: ...
 
@@ -102,7 +102,7 @@ class SubmissionHandler:
 
     def __init__(
         self,
-        store: ConfigStore,
+        store: LiveConfig,
         spool: Acceptor,
         limits: LimitSettings,
         metrics: RelayMetrics,
@@ -225,7 +225,7 @@ class SubmissionHandler:
                     if tracked is not None:
                         return f"250 2.0.0 OK queued as {' '.join(m.id for m in tracked)}"
                 msg = await asyncio.wait_for(
-                    self._spool.store(
+                    self._spool.append(
                         envelope.mail_from, envelope.rcpt_tos, entry.username, received + content
                     ),
                     self._limits.data_timeout,

@@ -24,11 +24,11 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from txmail_relay.config import ConfigStore
+from txmail_relay.config.live import LiveConfig
 from txmail_relay.contract import RelayStats, TokenStats
-from txmail_relay.events import OutcomeEvent
 from txmail_relay.metrics import PREFIX
-from txmail_relay.store import Kind, Store
+from txmail_relay.outcomes import OutcomeEvent
+from txmail_relay.records.store import Kind, Store
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class StatsLoop:
     def __init__(
         self,
         store: Store,
-        config: ConfigStore,
+        config: LiveConfig,
         publisher: StatsPublisher | None,
         interval: float,
         *,

@@ -37,7 +37,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
-from txmail_relay.events import Outcome
+from txmail_relay.outcomes import Outcome
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -19,7 +19,7 @@ from email.parser import BytesParser, HeaderParser
 from email.utils import getaddresses
 
 from txmail_relay.metrics import RelayMetrics
-from txmail_relay.store import Recipient, Store
+from txmail_relay.records.store import Recipient, Store
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The relay's dynamic configuration and where it comes from.
 
 A :class:`ConfigSource` publishes complete :class:`DynamicConfig` snapshots into a
-:class:`ConfigStore`; readers (AUTH, sender policy, delivery) take ``store.current`` at the
+:class:`LiveConfig`; readers (AUTH, sender policy, delivery) take ``store.current`` at the
 moment they need it, so a new snapshot applies to the next AUTH without touching open
 connections.
 """
@@ -41,7 +41,7 @@ class DynamicConfig:
     templates: Mapping[int, TemplateEntry] = field(default_factory=dict)
 
 
-class ConfigStore:
+class LiveConfig:
     """Holds the latest snapshot; ``ready`` once the first one arrived."""
 
     def __init__(self) -> None:
@@ -67,7 +67,7 @@ class ConfigStore:
 
 
 class ConfigSource(Protocol):
-    async def run(self, store: ConfigStore) -> None:
+    async def run(self, store: LiveConfig) -> None:
         """Publish snapshots into ``store`` until cancelled."""
 
 
@@ -165,7 +165,7 @@ class FileConfigSource:
             paths += settings.credential_files + settings.template_files
         return paths
 
-    async def run(self, store: ConfigStore) -> None:
+    async def run(self, store: LiveConfig) -> None:
         settings: Settings | None = None
         seen: tuple[tuple[str, int, int, int], ...] = ()
         while True:

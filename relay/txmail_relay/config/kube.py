@@ -23,7 +23,7 @@ from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from txmail_relay.config import ConfigStore, DynamicConfig
+from txmail_relay.config.live import DynamicConfig, LiveConfig
 from txmail_relay.contract import (
     RELAY_CONFIG_KEY,
     STATS_KEY,
@@ -181,10 +181,10 @@ class KubernetesConfigSource:
         self._credential_shards = 0
         self._template_shards = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._store: ConfigStore | None = None
+        self._store: LiveConfig | None = None
         self._core: client.CoreV1Api | None = None
 
-    async def run(self, store: ConfigStore) -> None:
+    async def run(self, store: LiveConfig) -> None:
         self._loop = asyncio.get_running_loop()
         self._store = store
         api = await asyncio.to_thread(self._api_client)

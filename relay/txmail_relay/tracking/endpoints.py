@@ -17,8 +17,8 @@ from pathlib import Path
 from aiohttp import web
 
 from txmail_relay.metrics import RelayMetrics
-from txmail_relay.store import Kind, Store
-from txmail_relay.tracking import (
+from txmail_relay.records.store import Kind, Store
+from txmail_relay.tracking.tokens import (
     CLICK_HEADERS,
     PIXEL_HEADERS,
     TRANSPARENT_GIF,

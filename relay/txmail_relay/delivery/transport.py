@@ -28,9 +28,9 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from txmail_relay.config import ConfigStore
+from txmail_relay.config.live import LiveConfig
 from txmail_relay.contract import DeliveryMode, RelayConfig, SmarthostConfig, SmarthostTLS
-from txmail_relay.events import Outcome
+from txmail_relay.outcomes import Outcome
 from txmail_relay.settings import OutboundSettings, RetrySettings
 
 log = logging.getLogger(__name__)
@@ -260,7 +260,7 @@ class SmtpTransport:
 
     def __init__(
         self,
-        store: ConfigStore,
+        store: LiveConfig,
         retry: RetrySettings,
         outbound: OutboundSettings,
         *,

@@ -16,10 +16,10 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from txmail_relay.delivery import RecipientResult, Transport
-from txmail_relay.events import Outcome, OutcomeEvent, OutcomeListener
+from txmail_relay.delivery.transport import RecipientResult, Transport
+from txmail_relay.outcomes import Outcome, OutcomeEvent, OutcomeListener
 from txmail_relay.settings import RetrySettings
-from txmail_relay.spool import Spool, SpooledMessage, SpoolError
+from txmail_relay.spool.segments import Spool, SpooledMessage, SpoolError
 
 log = logging.getLogger(__name__)
 

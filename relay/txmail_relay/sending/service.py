@@ -23,14 +23,14 @@ from email.message import EmailMessage
 from email.utils import formatdate, getaddresses, parseaddr
 from typing import Any, Protocol
 
-from txmail_relay.config import ConfigStore, DynamicConfig
+from txmail_relay.config.live import DynamicConfig, LiveConfig
 from txmail_relay.contract import CredentialEntry, TemplateEntry
+from txmail_relay.mail.compose import POLICY, MimeError, Outgoing, build_message, to_bytes
 from txmail_relay.metrics import RelayMetrics
-from txmail_relay.mime import POLICY, MimeError, Outgoing, build_message, to_bytes
-from txmail_relay.spool import SpooledMessage, SpoolError
-from txmail_relay.store import SendStatus, SentCopy, Store, Suppression
-from txmail_relay.templating import RenderError, Templates
-from txmail_relay.tracking import TrackingKeys, new_event_id, rewrite_message
+from txmail_relay.records.store import SendStatus, SentCopy, Store, Suppression
+from txmail_relay.spool.segments import SpooledMessage, SpoolError
+from txmail_relay.templates.policy import RenderError, Templates
+from txmail_relay.tracking.tokens import TrackingKeys, new_event_id, rewrite_message
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def suppression_reasons(config: DynamicConfig | None) -> list[Suppression]:
 
 
 class Spooler(Protocol):
-    async def store(
+    async def append(
         self, mail_from: str, recipients: list[str], username: str, body: bytes
     ) -> SpooledMessage: ...
 
@@ -318,7 +318,7 @@ class SendService:
 
     def __init__(
         self,
-        config: ConfigStore,
+        config: LiveConfig,
         composer: Composer,
         spool: Spooler,
         store: Store,
@@ -445,7 +445,7 @@ class SendService:
         """Spool every copy durably (one group commit covers them all), then count them."""
         spooled = await asyncio.gather(
             *(
-                self._spool.store(
+                self._spool.append(
                     c.mail_from, list(c.recipients), entry.username, received + c.body
                 )
                 for c in copies

@@ -19,13 +19,13 @@ from typing import Any
 
 from aiohttp import web
 
-from txmail_relay.auth import Authenticator, FailureLimiter
 from txmail_relay.contract import CredentialEntry
+from txmail_relay.ingress.auth import Authenticator, FailureLimiter
+from txmail_relay.mail.compose import MimeError, address
 from txmail_relay.metrics import RelayMetrics
-from txmail_relay.mime import MimeError, address
-from txmail_relay.sending import SendError, SendRequest, SendService
-from txmail_relay.spool import SpoolError, SpoolFullError
-from txmail_relay.store import SendStatus, Store
+from txmail_relay.records.store import SendStatus, Store
+from txmail_relay.sending.service import SendError, SendRequest, SendService
+from txmail_relay.spool.segments import SpoolError, SpoolFullError
 
 log = logging.getLogger(__name__)
 

@@ -56,7 +56,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from txmail_relay.mime import POLICY, to_bytes
+from txmail_relay.mail.compose import POLICY, to_bytes
 
 VERSION: Final = 2
 KIND_CLICK: Final = ord("c")

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from txmail_relay.events import Outcome
 from txmail_relay.metrics import RelayMetrics
+from txmail_relay.outcomes import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -399,7 +399,7 @@ class Spool:
             self._free = (now, free)
         return free - size >= self._min_free_bytes
 
-    async def store(
+    async def append(
         self, mail_from: str, recipients: list[str], username: str, body: bytes
     ) -> SpooledMessage:
         """Make a message durable; raises SpoolFullError or SpoolError."""

@@ -22,7 +22,7 @@ from email.parser import BytesHeaderParser, BytesParser
 from email.utils import getaddresses
 from typing import Any
 
-from txmail_relay.sending import SendError, SendRequest
+from txmail_relay.sending.service import SendError, SendRequest
 
 TEMPLATE_HEADER = "X-Txmail-Email-Id"
 PROPERTIES_HEADER = "X-Txmail-Properties"

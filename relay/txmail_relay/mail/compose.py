@@ -29,7 +29,7 @@ from email.policy import EmailPolicy
 from email.utils import format_datetime
 from typing import Any
 
-from txmail_relay.templating import Rendered, header_safe
+from txmail_relay.templates.policy import Rendered, header_safe
 
 MAX_LINE_OCTETS = 998
 _NEWLINE_WITHOUT_FWSP = re.compile(r"\r\n[^ \t]|\r[^ \n\t]|\n[^ \t]")

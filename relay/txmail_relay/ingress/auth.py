@@ -9,7 +9,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Protocol
 
-from txmail_relay.config import ConfigStore
+from txmail_relay.config.live import LiveConfig
 from txmail_relay.contract import CredentialEntry, PasswordDigest, password_digest
 
 
@@ -22,7 +22,7 @@ class Authenticator:
     """Checks a username/password against the credentials of the current snapshot."""
 
     def __init__(
-        self, store: ConfigStore, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+        self, store: LiveConfig, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
     ) -> None:
         self._store = store
         self._clock = clock

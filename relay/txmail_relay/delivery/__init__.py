@@ -1,0 +1,1 @@
+"""Outbound delivery: the queue with its retries, and the SMTP transport."""

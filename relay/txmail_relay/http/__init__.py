@@ -1,0 +1,1 @@
+"""The relay's HTTP listeners: public tracking, the authenticated API, metrics."""

@@ -1,0 +1,1 @@
+"""SMTP submission: aiosmtpd's protocol and handler, AUTH, TLS, complaints."""

@@ -1,0 +1,1 @@
+"""The relay's SQLite records: sends, events, contacts, suppressions and stats."""

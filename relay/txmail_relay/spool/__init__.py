@@ -1,0 +1,1 @@
+"""The durable spool: a segment log with group commit, and its recovery."""

@@ -1,0 +1,1 @@
+"""The template policy shared by the relay (rendering) and the operator (validation)."""
