@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -262,7 +262,9 @@ def _https_ok(url: str, ctx: ssl.SSLContext) -> bool:
         return bool(resp.status == 200)
 
 
-def _start_once(bins: Path, workdir: Path, pki: _Pki) -> ControlPlane:
+def _start_once(
+    bins: Path, workdir: Path, pki: _Pki, apiserver_args: Sequence[str] = ()
+) -> ControlPlane:
     etcd_client, etcd_peer, api_port = free_port(), free_port(), free_port()
     server = f"https://127.0.0.1:{api_port}"
     cp = ControlPlane(workdir=workdir, kubeconfig=workdir / "kubeconfig", server=server)
@@ -299,6 +301,7 @@ def _start_once(bins: Path, workdir: Path, pki: _Pki) -> ControlPlane:
                 "--allow-privileged=true",
                 f"--cert-dir={workdir / 'certs'}",
                 "--v=0",
+                *apiserver_args,
             ],
         )
         ctx = ssl.create_default_context(cadata=pki.ca_cert.decode())
@@ -340,8 +343,12 @@ def _start_once(bins: Path, workdir: Path, pki: _Pki) -> ControlPlane:
 
 
 @contextlib.contextmanager
-def control_plane(attempts: int = 3) -> Iterator[ControlPlane]:
-    """Start a control plane (retrying on port clashes); stop it and delete its files after."""
+def control_plane(attempts: int = 3, apiserver_args: Sequence[str] = ()) -> Iterator[ControlPlane]:
+    """Start a control plane (retrying on port clashes); stop it and delete its files after.
+
+    ``apiserver_args`` are added to kube-apiserver's command line (bench/operator_scale.py
+    passes an audit policy and log this way).
+    """
     bins = binaries()
     pki = make_pki()
     last: Exception | None = None
@@ -349,7 +356,7 @@ def control_plane(attempts: int = 3) -> Iterator[ControlPlane]:
     for attempt in range(attempts):
         workdir = Path(tempfile.mkdtemp(prefix="txmail-cp-", dir=base))
         try:
-            cp = _start_once(bins, workdir, pki)
+            cp = _start_once(bins, workdir, pki, apiserver_args)
         except ControlPlaneError as exc:
             logs = ControlPlane(workdir, workdir / "kubeconfig", "").logs()
             last = ControlPlaneError(f"attempt {attempt + 1}: {exc}\n{logs}")
