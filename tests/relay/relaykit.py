@@ -293,8 +293,7 @@ class RelayEnv:
 
 @pytest.fixture
 def env(tmp_path: Path, tls_files: TLSFiles, sink: Sink) -> Iterator[RelayEnv]:
-    # Never a leading "-": swaks would read such a password as an option.
-    environment = RelayEnv(tmp_path / "relay", tls_files, sink, "p" + secrets.token_urlsafe(32))
+    environment = RelayEnv(tmp_path / "relay", tls_files, sink, secrets.token_urlsafe(32))
     yield environment
     for thread in environment.threads:
         thread.stop()

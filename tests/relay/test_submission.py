@@ -92,6 +92,10 @@ def test_implicit_tls_port(env: RelayEnv) -> None:
 
 
 def test_swaks_submission(env: RelayEnv) -> None:
+    # A generated password may start with "-" (token_urlsafe's alphabet has it). swaks reads such
+    # an argument as an option (even as --auth-password=VALUE or in SWAKS_OPT_auth_password), so
+    # swaks prompts for it and reads it from standard input; that keeps it off the process list too.
+    env.password = "-" + env.password
     relay = env.start()
     result = subprocess.run(
         [
@@ -99,7 +103,7 @@ def test_swaks_submission(env: RelayEnv) -> None:
             "--server", f"127.0.0.1:{relay.port}",
             "--tls", "--tls-verify", "--tls-ca-path", str(env.tls.ca_file),
             "--tls-sni", "relay.test",
-            "--auth", "LOGIN", "--auth-user", env.username, "--auth-password", env.password,
+            "--auth", "LOGIN", "--auth-user", env.username,
             "--from", "app@example.com", "--to", "user@dest.test",
             "--header", "From: app@example.com",
             "--body", "via swaks\nEND-OF-MESSAGE swaks",
@@ -108,6 +112,7 @@ def test_swaks_submission(env: RelayEnv) -> None:
         text=True,
         timeout=30,
         check=False,
+        input=env.password + "\n",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     [captured] = env.sink.wait(1)
