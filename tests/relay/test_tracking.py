@@ -117,7 +117,7 @@ def test_malformed_tokens_are_rejected(keys: TrackingKeys, mangle: object) -> No
 
 
 def test_non_canonical_base64_is_rejected(keys: TrackingKeys) -> None:
-    token = keys.sign_open(EVENT)  # 53 bytes: the last character carries 2 unused bits
+    token = keys.sign_open(EVENT)  # 49 bytes: the last character carries 4 unused bits
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
     last = alphabet.index(token[-1])
     twin = token[:-1] + alphabet[last | 1 if last % 2 == 0 else last - 1]
@@ -152,6 +152,50 @@ def test_key_rotation(keys: TrackingKeys) -> None:
     assert keys.verify_click(new_token) is None  # key id 2 unknown to the old ring
     wrong_key = TrackingKeys({1: KEY2}, current=1)
     assert wrong_key.verify_click(old_token) is None
+
+
+def test_tokens_stay_short_enough_for_links(keys: TrackingKeys) -> None:
+    """49 bytes plus the URL (format 2 took 53): an open token is 66 characters."""
+    url = "https://shop.example.com/o/42"
+    assert len(keys.sign_open(EVENT)) == 66
+    assert len(keys.sign_click(EVENT, 3, url)) == 104  # ceil((49 + 29) * 4 / 3)
+    assert len(raw(keys.sign_click(EVENT, 3, url))) == 49 + len(url)
+
+
+# Made by the format-2 code (AES-256-CTR + HMAC-SHA256) before format 3, with KEY1 as kid 1:
+# a click on https://shop.example.com/o/42 (link 3) and an open, both for EVENT.
+LEGACY_CLICK = (
+    "AmMBAAECAwQFBgcICQoLDA0ODwADrREGeDWlyneI45SM5as-z5q0HMrf_1W3DrfZxG-f7qNOK8pqWCxgopAsnUJewXz"
+    "aNkW38m8Gm8rq85bQqQ"
+)
+LEGACY_OPEN = "Am8BAAECAwQFBgcICQoLDA0ODwAAPGpOK7HWez9dMl4us2wzFJGZ7-r7figlEqnnaQ8nZXo"
+
+
+def test_format_2_tokens_verify_until_their_key_is_retired(keys: TrackingKeys) -> None:
+    """Mail delivered before the AEAD format keeps its links working while kid 1 stays."""
+    url = "https://shop.example.com/o/42"
+    assert keys.click(LEGACY_CLICK) == Click(EVENT, 3, url, 1)
+    assert keys.verify_open(LEGACY_OPEN + ".gif") == EVENT
+    rotated = TrackingKeys({1: KEY1, 2: KEY2}, current=2)
+    assert rotated.verify_click(LEGACY_CLICK) == url
+    assert rotated.verify_open(LEGACY_OPEN) == EVENT
+    assert raw(rotated.sign_open(EVENT))[0] == 3  # never written again
+    retired = TrackingKeys({2: KEY2}, current=2)
+    assert retired.verify_click(LEGACY_CLICK) is None
+    assert retired.verify_open(LEGACY_OPEN) is None
+    assert TrackingKeys({1: KEY2}, current=1).verify_click(LEGACY_CLICK) is None
+    assert keys.verify_open(LEGACY_CLICK) is None  # kinds do not cross
+    assert keys.verify_click(LEGACY_OPEN) is None
+
+
+def test_tampered_format_2_tokens_are_rejected(keys: TrackingKeys) -> None:
+    data = raw(LEGACY_CLICK)
+    for i in range(len(data)):
+        tampered = bytearray(data)
+        tampered[i] ^= 0x01
+        assert keys.verify_click(b64(bytes(tampered))) is None, i
+    as_format_3 = bytes([3]) + data[1:]  # the same bytes read as an AEAD token
+    assert keys.verify_click(b64(as_format_3)) is None
 
 
 @pytest.mark.parametrize(

@@ -1,23 +1,28 @@
-"""Open and click tracking: signed links, HTML rewriting, and the pure side of ``/c`` and ``/o``.
+"""Open and click tracking: sealed links, HTML rewriting, and the pure side of ``/c`` and ``/o``.
 
-Token format (stateless; checklist T1, T2, T4). A token is unpadded base64url of::
+Token format 3 (stateless; checklist T1, T2, T4). A token is unpadded base64url of::
 
-    version (1 byte, = 2) | kind (1 byte, 'c' click / 'o' open) | key id (1 byte)
-    | event id (16 random bytes) | link index (2 bytes, big-endian; 0 for opens)
-    | iv (16 random bytes) | AES-256-CTR(enc key, iv, target URL) (clicks only)
-    | tag = HMAC-SHA256(mac key, b"txmail-tracking\x00" + everything before the tag)[:16]
+    header = version (1 byte, = 3) | kind (1 byte, 'c' click / 'o' open) | key id (1 byte)
+             | event id (16 random bytes) | link index (2 bytes, big-endian; 0 for opens)
+    | nonce (12 random bytes)
+    | AES-256-GCM(key, nonce, target URL (clicks) or nothing (opens), associated data = header)
+      (the ciphertext, then its 16-byte tag)
 
 Tokens are opaque: the target URL is encrypted (a template's link may carry personal data
-in its path or query), then the whole token is authenticated (encrypt-then-MAC). The enc
-and mac keys are derived from the ring key with HKDF-SHA256. Every field but the
-ciphertext has a fixed length, so the MAC input is unambiguous. Click links are
+in its path or query), and the header, key id included, is authenticated as associated
+data, so no field can be changed or moved to another key. The AEAD key is derived from the
+ring key with HKDF-SHA256. Nonces are random: keep a key for fewer than 2**32 tokens (the
+NIST bound for random 96-bit GCM nonces), far beyond any rotation period. Click links are
 ``<base>/c/<token>`` and the pixel is ``<base>/o/<token>.gif``. The event id is random per
 message and recipient: the relay maps it to its own record of the send, so a token holds no
 address or other personal data. Verification takes a key ring (key id -> key) so mail
 signed with a retired key keeps working while the key stays in the ring; a bad, tampered,
-unknown-key or wrong-kind token yields ``None``, never a redirect target, and tags are
-compared with :func:`hmac.compare_digest` before anything is decrypted. Even a valid token
-only ever yields an absolute http(s) URL.
+unknown-key or wrong-kind token yields ``None``, never a redirect target. Even a valid
+token only ever yields an absolute http(s) URL. Length: 49 bytes plus the URL (an open
+token is 66 characters; format 2 took 53 bytes plus the URL, 71 characters).
+
+Format 2 (AES-256-CTR then HMAC-SHA256, see :class:`_LegacyCtrHmac`) is still verified,
+never written, so mail sent before the upgrade keeps working until its key is retired.
 
 Rewriting (T3, T7, T8): only absolute http(s) ``href``\\ s of ``<a>``/``<area>`` are
 rewritten; ``mailto:``, ``tel:``, relative, ``#anchor``, ``javascript:`` and unsubscribe
@@ -52,26 +57,27 @@ from types import MappingProxyType
 from typing import Final, TypeGuard
 from urllib.parse import quote, urlsplit
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from txmail_relay.mail.compose import POLICY, to_bytes
 
-VERSION: Final = 2
+VERSION: Final = 3
 KIND_CLICK: Final = ord("c")
 KIND_OPEN: Final = ord("o")
 EVENT_ID_BYTES: Final = 16
 TAG_BYTES: Final = 16
-IV_BYTES: Final = 16
+NONCE_BYTES: Final = 12
 MIN_KEY_BYTES: Final = 32
 MAX_URL_BYTES: Final = 4096
 OPT_OUT_ATTRIBUTE: Final = "data-txmail-track"  # ="false" leaves the link alone
 
 _HEADER = struct.Struct(">BBB16sH")
-_MAC_CONTEXT = b"txmail-tracking\x00"
-_MAX_TOKEN_CHARS = (_HEADER.size + IV_BYTES + MAX_URL_BYTES + TAG_BYTES) * 4 // 3 + 4
-_HKDF_INFO = b"txmail-tracking-v2 "
+_MIN_TOKEN_BYTES = _HEADER.size + NONCE_BYTES + TAG_BYTES  # 49: an open token
+_HKDF_INFO = b"txmail-tracking-v3 aead"
 _B64URL = re.compile(r"[A-Za-z0-9_-]+")
 _URL_CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
 _NEEDS_QUOTING = re.compile(r"[^\x21-\x7e]+")
@@ -97,18 +103,53 @@ PIXEL_HEADERS: Final[Mapping[str, str]] = MappingProxyType(
 )
 
 
-def _derive(key: bytes, purpose: bytes) -> bytes:
-    """A 256-bit key for one purpose ("enc" or "mac") from a ring key (HKDF-SHA256)."""
-    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_HKDF_INFO + purpose)
-    return hkdf.derive(key)
+def _hkdf(key: bytes, info: bytes) -> bytes:
+    """A 256-bit key for one purpose from a ring key (HKDF-SHA256)."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(key)
 
 
-def _ctr(key: bytes, iv: bytes, data: bytes) -> bytes:
-    """AES-256-CTR: the same call encrypts and decrypts."""
-    if not data:
-        return b""
-    transform = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
-    return transform.update(data) + transform.finalize()
+class _LegacyCtrHmac:
+    """LEGACY, verify only: token format 2, written by txmail before format 3 (AES-GCM).
+
+    Format 2 is ``header (version 2) | iv (16) | AES-256-CTR(enc key, iv, URL) |
+    HMAC-SHA256(mac key, b"txmail-tracking\\x00" + everything before the tag)[:16]``, with
+    the enc and mac keys derived by HKDF (info ``b"txmail-tracking-v2 enc"`` / ``mac``).
+
+    Remove this class (and its use in :meth:`TrackingKeys._open_token`) once every key id
+    that was in a ring before the upgrade to format 3 has been retired from the tracking
+    keys files: no format-2 token can verify after that, as ring keys never sign format 2
+    again. With the rotation of docs/relay.md#tracking-keys that is when the first key
+    added after the upgrade has been the signing key for as long as mail may be clicked.
+    """
+
+    VERSION: Final = 2
+    IV_BYTES: Final = 16
+    _CONTEXT: Final = b"txmail-tracking\x00"
+    _INFO: Final = b"txmail-tracking-v2 "
+    MIN_BYTES: Final = _HEADER.size + IV_BYTES + TAG_BYTES
+
+    def __init__(self, key: bytes) -> None:
+        self._enc = _hkdf(key, self._INFO + b"enc")
+        self._mac = _hkdf(key, self._INFO + b"mac")
+
+    def open(self, raw: bytes) -> bytes | None:
+        """The plaintext URL (empty for opens) of an authentic format-2 token, else None."""
+        if len(raw) < self.MIN_BYTES:
+            return None
+        body, tag = raw[:-TAG_BYTES], raw[-TAG_BYTES:]
+        mac = hmac.new(self._mac, self._CONTEXT + body, hashlib.sha256).digest()[:TAG_BYTES]
+        if not hmac.compare_digest(mac, tag):
+            return None
+        iv = body[_HEADER.size : _HEADER.size + self.IV_BYTES]
+        sealed = body[_HEADER.size + self.IV_BYTES :]
+        if not sealed:
+            return b""
+        ctr = Cipher(algorithms.AES(self._enc), modes.CTR(iv)).decryptor()
+        return ctr.update(sealed) + ctr.finalize()
+
+
+# The longest token either format can carry, checked before decoding anything.
+_MAX_TOKEN_CHARS = (_LegacyCtrHmac.MIN_BYTES + MAX_URL_BYTES) * 4 // 3 + 4
 
 
 def new_event_id() -> bytes:
@@ -154,6 +195,12 @@ class Click:
     key_id: int
 
 
+@dataclass(frozen=True)
+class _RingKey:
+    aead: AESGCM
+    legacy: _LegacyCtrHmac  # LEGACY: format 2, see _LegacyCtrHmac for when it can go
+
+
 class TrackingKeys:
     """Key ring: signs with ``current``, verifies with any key in ``keys`` (id 0-255)."""
 
@@ -165,24 +212,22 @@ class TrackingKeys:
                 raise ValueError(f"key {kid} is shorter than {MIN_KEY_BYTES} bytes")
         if current not in keys:
             raise ValueError(f"current key {current} is not in the ring")
-        # kid -> (enc key, mac key), derived once from the ring key
-        self._keys: Mapping[int, tuple[bytes, bytes]] = MappingProxyType(
-            {kid: (_derive(key, b"enc"), _derive(key, b"mac")) for kid, key in keys.items()}
+        # derived once from the ring key
+        self._keys: Mapping[int, _RingKey] = MappingProxyType(
+            {
+                kid: _RingKey(AESGCM(_hkdf(key, _HKDF_INFO)), _LegacyCtrHmac(key))
+                for kid, key in keys.items()
+            }
         )
         self.current = current
-
-    @staticmethod
-    def _tag(mac_key: bytes, body: bytes) -> bytes:
-        return hmac.new(mac_key, _MAC_CONTEXT + body, hashlib.sha256).digest()[:TAG_BYTES]
 
     def _sign(self, kind: int, event_id: bytes, index: int, payload: bytes) -> str:
         if len(event_id) != EVENT_ID_BYTES:
             raise ValueError(f"event id must be {EVENT_ID_BYTES} bytes")
-        enc_key, mac_key = self._keys[self.current]
-        iv = secrets.token_bytes(IV_BYTES)
-        sealed = _ctr(enc_key, iv, payload)
-        body = _HEADER.pack(VERSION, kind, self.current, event_id, index) + iv + sealed
-        return _b64(body + self._tag(mac_key, body))
+        header = _HEADER.pack(VERSION, kind, self.current, event_id, index)
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        sealed = self._keys[self.current].aead.encrypt(nonce, payload, header)
+        return _b64(header + nonce + sealed)
 
     def sign_click(self, event_id: bytes, link_index: int, url: str) -> str:
         target = trackable_url(url)
@@ -202,18 +247,27 @@ class TrackingKeys:
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         except (binascii.Error, ValueError):
             return None
-        if _b64(raw) != token or len(raw) < _HEADER.size + IV_BYTES + TAG_BYTES:
+        if _b64(raw) != token or len(raw) < _MIN_TOKEN_BYTES:
             return None  # non-canonical encodings are refused too
-        body, tag = raw[:-TAG_BYTES], raw[-TAG_BYTES:]
-        version, got_kind, kid, event_id, index = _HEADER.unpack_from(body)
-        keys = self._keys.get(kid)
-        if version != VERSION or got_kind != kind or keys is None:
+        version, got_kind, kid, event_id, index = _HEADER.unpack_from(raw)
+        ring_key = self._keys.get(kid)
+        if got_kind != kind or ring_key is None:
             return None
-        enc_key, mac_key = keys
-        if not hmac.compare_digest(self._tag(mac_key, body), tag):
+        if version == VERSION:
+            header = raw[: _HEADER.size]
+            nonce = raw[_HEADER.size : _HEADER.size + NONCE_BYTES]
+            try:
+                payload = ring_key.aead.decrypt(nonce, raw[_HEADER.size + NONCE_BYTES :], header)
+            except InvalidTag:
+                return None
+        elif version == _LegacyCtrHmac.VERSION:  # LEGACY: see _LegacyCtrHmac
+            legacy = ring_key.legacy.open(raw)
+            if legacy is None:
+                return None
+            payload = legacy
+        else:
             return None
-        iv = body[_HEADER.size : _HEADER.size + IV_BYTES]
-        return kid, event_id, index, _ctr(enc_key, iv, body[_HEADER.size + IV_BYTES :])
+        return kid, event_id, index, payload
 
     def click(self, token: str) -> Click | None:
         """The verified click behind ``token``, or ``None``."""
