@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from relaykit import (
+
+from relay.relaykit import (
     HttpReply,
     RelayEnv,
     RelayThread,
@@ -20,7 +21,6 @@ from relaykit import (
     template_doc,
     wait_for,
 )
-
 from txmail_relay.http.api import SEND_PATH
 
 ORDER = 101  # emailId of the "apps" namespace

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from relaykit import RelayEnv, credential, write_credentials
 
+from relay.relaykit import RelayEnv, credential, write_credentials
 from txmail_relay import contract as c
 from txmail_relay.config.kube import (
     KubeState,

@@ -21,7 +21,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from relaykit import (
+
+from relay.relaykit import (
     RelayEnv,
     credential,
     free_port,

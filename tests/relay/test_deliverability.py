@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from relaykit import (
+
+from relay.relaykit import (
     HttpReply,
     Recorder,
     RelayEnv,
@@ -31,7 +32,6 @@ from relaykit import (
     tracking_keys_file,
     wait_for,
 )
-
 from txmail_relay.http.api import SEND_PATH
 from txmail_relay.records.store import Store, Suppression
 

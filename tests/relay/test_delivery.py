@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
-from relaykit import DnsServer, Recorder, RelayEnv, Sink, message, wait_for
+
+from relay.relaykit import DnsServer, Recorder, RelayEnv, Sink, message, wait_for
 
 
 def _send(env: RelayEnv, recipients: list[str]) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from relaykit import (
+
+from relay.relaykit import (
     RelayEnv,
     RelayThread,
     arf_report,
@@ -22,7 +23,6 @@ from relaykit import (
     tracking_keys_file,
     wait_for,
 )
-
 from txmail_relay.http.api import SEND_PATH
 from txmail_relay.tracking.tokens import TRANSPARENT_GIF
 

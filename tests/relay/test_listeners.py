@@ -6,8 +6,7 @@ over real HTTP, for every route of the other two and expect a bare 404 every tim
 
 from __future__ import annotations
 
-from relaykit import RelayEnv, bearer, http
-
+from relay.relaykit import RelayEnv, bearer, http
 from txmail_relay.http.api import CONTACTS_PATH, SEND_PATH
 from txmail_relay.tracking.tokens import TRANSPARENT_GIF
 

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from relaykit import RelayEnv
 
+from relay.relaykit import RelayEnv
 from txmail_relay.config.kube import KubernetesStatsPublisher
 from txmail_relay.contract import RelayStats, TokenStats, stats_config_map_name
 from txmail_relay.settings import KubernetesSettings

@@ -8,7 +8,16 @@ from email.message import EmailMessage
 from typing import Any
 
 import pytest
-from relaykit import RelayEnv, RelayThread, credential, http, parsed, tracking_keys_file, wait_for
+
+from relay.relaykit import (
+    RelayEnv,
+    RelayThread,
+    credential,
+    http,
+    parsed,
+    tracking_keys_file,
+    wait_for,
+)
 
 BASE = "https://t.example.com"
 LINK = re.compile(r"https://t\.example\.com(/[co]/[A-Za-z0-9_-]+(?:\.gif)?)")

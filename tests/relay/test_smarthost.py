@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from relaykit import Recorder, RelayEnv, RelayThread, TLSFiles, message, wait_for
-from upstream import Upstream
 
 from peers import make_authority
+from relay.relaykit import Recorder, RelayEnv, RelayThread, TLSFiles, message, wait_for
+from relay.upstream import Upstream
 
 USERNAME = "relay-user"
 PASSWORD = "S3cret-relay-password-1f6c"

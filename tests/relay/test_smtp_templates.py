@@ -8,7 +8,8 @@ import smtplib
 from typing import Any
 
 import pytest
-from relaykit import RelayEnv, RelayThread, credential, parsed, template_doc
+
+from relay.relaykit import RelayEnv, RelayThread, credential, parsed, template_doc
 
 MINE = 7
 THEIRS = 8

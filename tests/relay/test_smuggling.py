@@ -5,7 +5,8 @@ from __future__ import annotations
 import socket
 
 import pytest
-from relaykit import HOSTNAME, RelayEnv, wait_for
+
+from relay.relaykit import HOSTNAME, RelayEnv, wait_for
 
 ENDINGS = [
     b"\n.\n",

@@ -12,7 +12,8 @@ import subprocess
 import tracemalloc
 
 import pytest
-from relaykit import (
+
+from relay.relaykit import (
     DOMAINS,
     RelayEnv,
     credential,
@@ -21,7 +22,6 @@ from relaykit import (
     wait_for,
     write_credentials,
 )
-
 from txmail_relay.spool.segments import SpooledMessage
 
 
