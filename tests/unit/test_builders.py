@@ -27,6 +27,7 @@ IP_UID = "00000000-0000-4000-8000-000000000001"
 TOKEN_UID = "00000000-0000-4000-8000-000000000002"
 NS = "txmail-system"
 NOW = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+OWNER = builders.RelayOwner("demo", IP_UID, NS)
 
 
 def sample_spec(kind: str) -> dict[str, Any]:
@@ -45,21 +46,21 @@ def relay_objects(spec: DedicatedIPSpec) -> list[dict[str, Any]]:
     config = builders.relay_config("demo", spec)
     tracking = c.tracking_secret_name("demo") if spec.tracking.base_url else None
     objects = [
-        builders.relay_service_account("demo", IP_UID, NS),
-        builders.relay_role("demo", IP_UID, NS),
-        builders.relay_role_binding("demo", IP_UID, NS),
-        builders.relay_config_map("demo", IP_UID, NS, config, tracking_keys=tracking is not None),
-        builders.credential_shard("demo", IP_UID, NS, 0),
-        builders.template_shard("demo", IP_UID, NS, 0),
-        builders.stats_config_map("demo", IP_UID, NS),
-        builders.relay_service("demo", IP_UID, NS, spec),
+        builders.relay_service_account(OWNER),
+        builders.relay_role(OWNER),
+        builders.relay_role_binding(OWNER),
+        builders.relay_config_map(OWNER, config, tracking_keys=tracking is not None),
+        builders.credential_shard(OWNER, 0),
+        builders.template_shard(OWNER, 0),
+        builders.stats_config_map(OWNER),
+        builders.relay_service(OWNER, spec),
         builders.relay_deployment(
-            "demo", IP_UID, NS, spec, "txmail-relay:1.0", c.tls_secret_name("demo"), tracking
+            OWNER, spec, "txmail-relay:1.0", c.tls_secret_name("demo"), tracking
         ),
     ]
-    claim = builders.relay_spool_claim("demo", IP_UID, NS, spec)
+    claim = builders.relay_spool_claim(OWNER, spec)
     if tracking is not None:
-        objects.append(builders.relay_tracking_secret("demo", IP_UID, NS, TRACKING_KEY))
+        objects.append(builders.relay_tracking_secret(OWNER, TRACKING_KEY))
     return [*objects, *([claim] if claim else [])]
 
 
@@ -119,7 +120,7 @@ def test_builders_match_golden_files(case: str) -> None:
 
 def test_relay_settings_parse_with_the_relays_own_model() -> None:
     """The settings file the operator mounts is one the relay accepts."""
-    settings = Settings.model_validate(yaml.safe_load(builders.relay_settings("demo", NS)))
+    settings = Settings.model_validate(yaml.safe_load(builders.relay_settings(OWNER)))
     assert settings.kubernetes is not None
     assert settings.kubernetes.dedicated_ip == "demo"
     assert settings.kubernetes.namespace == NS
@@ -130,7 +131,7 @@ def test_relay_settings_parse_with_the_relays_own_model() -> None:
 def test_relay_listeners_ports_probes_and_service_agree() -> None:
     """What the relay listens on (its mounted settings), what the pod declares and probes, and
     what the Service exposes are the same five named ports; only 'tracking' is public."""
-    listen = Settings.model_validate(yaml.safe_load(builders.relay_settings("demo", NS))).listen
+    listen = Settings.model_validate(yaml.safe_load(builders.relay_settings(OWNER))).listen
     listening = {
         "submission": listen.submission,
         "submissions": listen.submissions,
@@ -139,15 +140,15 @@ def test_relay_listeners_ports_probes_and_service_agree() -> None:
         "metrics": listen.metrics,
     }
     spec = ip_spec()
-    [container] = builders.relay_deployment("demo", IP_UID, NS, spec, "img", "tls")["spec"][
-        "template"
-    ]["spec"]["containers"]
+    [container] = builders.relay_deployment(OWNER, spec, "img", "tls")["spec"]["template"]["spec"][
+        "containers"
+    ]
     assert container["command"] == ["txmail-relay"]  # one image, two programs, no entrypoint
     assert container["args"][0] == "--config"
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == listening
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
-    service = builders.relay_service("demo", IP_UID, NS, spec)["spec"]["ports"]
+    service = builders.relay_service(OWNER, spec)["spec"]["ports"]
     assert {p["name"]: (p["port"], p["targetPort"]) for p in service} == {
         "submission": (c.SERVICE_SUBMISSION_PORT, "submission"),
         "submissions": (c.SERVICE_SUBMISSIONS_PORT, "submissions"),
@@ -159,10 +160,7 @@ def test_relay_listeners_ports_probes_and_service_agree() -> None:
     host = builders.smtp_host("demo", NS, "cluster.local")
     assert builders.relay_api_url("demo", NS, "cluster.local", spec) == f"http://{host}:8081"
     custom = ip_spec(relay={"ports": {"tracking": 8000, "api": 9443, "metrics": 9100}})
-    ports = {
-        p["name"]: p["port"]
-        for p in builders.relay_service("demo", IP_UID, NS, custom)["spec"]["ports"]
-    }
+    ports = {p["name"]: p["port"] for p in builders.relay_service(OWNER, custom)["spec"]["ports"]}
     assert ports == {
         "submission": 587, "submissions": 465, "tracking": 8000, "api": 9443, "metrics": 9100
     }  # fmt: skip
@@ -173,7 +171,7 @@ def test_tracking_keys_reach_the_relay_as_a_mounted_file_it_can_load(tmp_path: P
     """Secret key -> mounted file -> settings.yaml path: the relay loads the key it was given."""
     from txmail_relay.tracking.endpoints import load_keys  # noqa: PLC0415
 
-    secret = builders.relay_tracking_secret("demo", IP_UID, NS, TRACKING_KEY)
+    secret = builders.relay_tracking_secret(OWNER, TRACKING_KEY)
     assert secret["metadata"]["name"] == c.tracking_secret_name("demo")
     assert list(secret["data"]) == [c.TRACKING_KEYS_KEY]
     keys_file = tmp_path / c.TRACKING_KEYS_KEY
@@ -187,21 +185,21 @@ def test_tracking_keys_reach_the_relay_as_a_mounted_file_it_can_load(tmp_path: P
     assert rotated.current == 2 and rotated.verify_open(token) == b"e" * 16
 
     settings = Settings.model_validate(
-        yaml.safe_load(builders.relay_settings("demo", NS, tracking_keys=True))
+        yaml.safe_load(builders.relay_settings(OWNER, tracking_keys=True))
     )
     assert str(settings.tracking_keys_file) == f"{builders.TRACKING_PATH}/{c.TRACKING_KEYS_KEY}"
-    untracked_settings = yaml.safe_load(builders.relay_settings("demo", NS))
+    untracked_settings = yaml.safe_load(builders.relay_settings(OWNER))
     assert Settings.model_validate(untracked_settings).tracking_keys_file is None
 
     spec = ip_spec(tracking={"baseURL": "https://t.example.com"})
-    pod = builders.relay_deployment(
-        "demo", IP_UID, NS, spec, "img", "tls", c.tracking_secret_name("demo")
-    )["spec"]["template"]["spec"]
+    pod = builders.relay_deployment(OWNER, spec, "img", "tls", c.tracking_secret_name("demo"))[
+        "spec"
+    ]["template"]["spec"]
     [volume] = [v for v in pod["volumes"] if v["name"] == "tracking"]
     assert volume["secret"]["secretName"] == c.tracking_secret_name("demo")
     [mount] = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "tracking"]
     assert mount["mountPath"] == builders.TRACKING_PATH and "subPath" not in mount
-    untracked = builders.relay_deployment("demo", IP_UID, NS, spec, "img", "tls")
+    untracked = builders.relay_deployment(OWNER, spec, "img", "tls")
     assert "tracking" not in str(untracked["spec"]["template"]["spec"]["volumes"])
 
 
@@ -279,3 +277,35 @@ def test_stable_ids_are_positive_below_2_53_and_stable() -> None:
     assert len(ids) == 2000
     assert all(1 <= i < 2**53 for i in ids)
     assert builders.stable_id("x") == builders.stable_id("x") != builders.stable_id("x", 1)
+
+
+def test_relay_owner_comes_from_the_dedicated_ip_and_owns_every_relay_object() -> None:
+    body = {"metadata": {"name": "demo", "uid": IP_UID}, "spec": sample_spec("dedicatedip")}
+    assert builders.RelayOwner.of(body, NS) == OWNER
+    for obj in relay_objects(ip_spec(tracking={"baseURL": "https://t.example.com"})):
+        meta = obj["metadata"]
+        assert meta["namespace"] == NS
+        assert [(o["kind"], o["name"], o["uid"]) for o in meta["ownerReferences"]] == [
+            ("DedicatedIP", "demo", IP_UID)
+        ]
+
+
+def test_status_patch_names_only_what_changed_or_nothing() -> None:
+    current = {"tokens": 2, "conditions": [{"type": "Ready"}], "kopf": {"x": 1}}
+    assert builders.status_patch(current, {"tokens": 2, "conditions": [{"type": "Ready"}]}) is None
+    assert builders.status_patch(current, {"tokens": 3, "emails": 0}) == {"tokens": 3, "emails": 0}
+    assert builders.status_patch(None, {"tokens": 0}) == {"tokens": 0}
+
+
+@pytest.mark.parametrize("text", ["", "10", "1x", "h", "1.2.3s", "-5s", "1h 30m"])
+def test_parse_duration_refuses_what_the_crd_pattern_refuses(text: str) -> None:
+    with pytest.raises(ValueError, match="is not like 90s"):
+        builders.parse_duration(text)
+
+
+def test_app_secret_carries_any_ca_file_as_given() -> None:
+    """A user's certificate Secret may hold a CA that is not UTF-8 (DER): built, not raised."""
+    spec = SmtpTokenSpec.model_validate(sample_spec("smtptoken"))
+    der = b"\x30\x82\x01\xff"
+    secret = builders.app_secret("shop", TOKEN_UID, "shop", spec, "u", "p", "h", 587, der)
+    assert base64.b64decode(secret["data"]["ca.crt"]) == der

@@ -21,10 +21,10 @@ IP_API = ("txmail.dev/v1alpha1", "DedicatedIP")
 
 
 def _ensure_tls(
-    ctx: Context, name: str, uid: str, spec: DedicatedIPSpec
+    ctx: Context, owner: builders.RelayOwner, spec: DedicatedIPSpec
 ) -> tuple[str, bytes | None, str | None]:
     """The serving certificate's Secret, the CA apps should trust, and a problem if any."""
-    ns = ctx.settings.namespace
+    name, ns = owner.name, owner.namespace
     ref = spec.tls.certificate_secret_ref
     if ref is not None:
         secret = ctx.kube.get("v1", "Secret", ns, ref.name)
@@ -39,28 +39,28 @@ def _ensure_tls(
     dns = builders.service_dns_names(name, ns, ctx.settings.cluster_domain)
     material = pki.issue(name, dns, ctx.now())
     ctx.kube.apply(
-        builders.relay_tls_secret(
-            name, uid, ns, material.ca_pem, material.cert_pem, material.key_pem
-        )
+        builders.relay_tls_secret(owner, material.ca_pem, material.cert_pem, material.key_pem)
     )
     return secret_name, material.ca_pem, None
 
 
-def _ensure_tracking_keys(ctx: Context, name: str, uid: str, spec: DedicatedIPSpec) -> str | None:
+def _ensure_tracking_keys(
+    ctx: Context, owner: builders.RelayOwner, spec: DedicatedIPSpec
+) -> str | None:
     """The tracking keys Secret to mount, created with one random key when tracking is on.
 
     Created only when missing and never rewritten: a rotation is a person adding a line. A
     Secret left from when tracking was on stays mounted, so links in mail already delivered
     keep verifying.
     """
-    ns = ctx.settings.namespace
-    secret_name = c.tracking_secret_name(name)
+    ns = owner.namespace
+    secret_name = c.tracking_secret_name(owner.name)
     secret = ctx.kube.get("v1", "Secret", ns, secret_name)
     if secret is not None and (secret.get("data") or {}).get(c.TRACKING_KEYS_KEY):
         return secret_name
     if spec.tracking.base_url is None:
         return None
-    ctx.kube.apply(builders.relay_tracking_secret(name, uid, ns, secrets.token_bytes(32)))
+    ctx.kube.apply(builders.relay_tracking_secret(owner, secrets.token_bytes(32)))
     return secret_name
 
 
@@ -99,25 +99,23 @@ def availability(deployment: Obj | None) -> tuple[bool, str, str]:
 def reconcile_ip(ctx: Context, body: Obj, tokens: int, emails: int) -> None:
     """Apply every child of the DedicatedIP, then record its status."""
     meta = body["metadata"]
-    name, uid = meta["name"], meta["uid"]
+    name = meta["name"]
     spec = DedicatedIPSpec.model_validate(body["spec"])
-    ns = ctx.settings.namespace
+    owner = builders.RelayOwner.of(body, ctx.settings.namespace)
     with ctx.locks.hold(f"dedicatedip/{name}"):
-        tls_secret, _ca, tls_problem = _ensure_tls(ctx, name, uid, spec)
-        tracking_secret = _ensure_tracking_keys(ctx, name, uid, spec)
+        tls_secret, _ca, tls_problem = _ensure_tls(ctx, owner, spec)
+        tracking_secret = _ensure_tracking_keys(ctx, owner, spec)
         config = builders.relay_config(name, spec)
         children: list[Obj | None] = [
-            builders.relay_service_account(name, uid, ns),
-            builders.relay_role(name, uid, ns),
-            builders.relay_role_binding(name, uid, ns),
-            builders.relay_config_map(
-                name, uid, ns, config, tracking_keys=tracking_secret is not None
-            ),
-            *(builders.credential_shard(name, uid, ns, k) for k in range(c.CREDENTIAL_SHARDS)),
-            *(builders.template_shard(name, uid, ns, k) for k in range(c.TEMPLATE_SHARDS)),
-            builders.stats_config_map(name, uid, ns),
-            builders.relay_spool_claim(name, uid, ns, spec),
-            builders.relay_service(name, uid, ns, spec),
+            builders.relay_service_account(owner),
+            builders.relay_role(owner),
+            builders.relay_role_binding(owner),
+            builders.relay_config_map(owner, config, tracking_keys=tracking_secret is not None),
+            *(builders.credential_shard(owner, k) for k in range(c.CREDENTIAL_SHARDS)),
+            *(builders.template_shard(owner, k) for k in range(c.TEMPLATE_SHARDS)),
+            builders.stats_config_map(owner),
+            builders.relay_spool_claim(owner, spec),
+            builders.relay_service(owner, spec),
         ]
         for child in children:
             if child is not None:
@@ -125,7 +123,7 @@ def reconcile_ip(ctx: Context, body: Obj, tokens: int, emails: int) -> None:
         deployment = _apply(
             ctx,
             builders.relay_deployment(
-                name, uid, ns, spec, ctx.settings.relay_image, tls_secret, tracking_secret
+                owner, spec, ctx.settings.relay_image, tls_secret, tracking_secret
             ),
         )
         problem = tls_problem or _smarthost_problem(ctx, spec)  # TLS was just checked
@@ -250,6 +248,6 @@ def _write_status(
         "emails": emails,
         "observedGeneration": generation,
     }
-    current = body.get("status") or {}
-    if any(current.get(key) != value for key, value in status.items()):  # timers tick often
-        ctx.kube.patch_status(*IP_API, None, name, status)
+    patch = builders.status_patch(body.get("status"), status)
+    if patch is not None:  # timers tick often: write only what changed
+        ctx.kube.patch_status(*IP_API, None, name, patch)

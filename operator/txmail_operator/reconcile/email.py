@@ -103,8 +103,9 @@ def _reconcile(ctx: Context, body: Obj, taken: IdTaken) -> None:
         "observedGeneration": generation,
         "conditions": [condition(previous, "Ready", *ready, generation, now), valid],
     }
-    if any(status.get(k) != v for k, v in new_status.items()):
-        ctx.kube.patch_status(*EMAIL_API, namespace, name, new_status)
+    patch = builders.status_patch(status, new_status)
+    if patch is not None:
+        ctx.kube.patch_status(*EMAIL_API, namespace, name, patch)
 
 
 def _publish(ctx: Context, ip: str, email_id: int, entry: c.TemplateEntry | None) -> None:

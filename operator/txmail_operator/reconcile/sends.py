@@ -150,7 +150,7 @@ def _scheduler_credential(ctx: Context, ip: Obj, domains: list[str]) -> str:
     encoded = ((secret or {}).get("data") or {}).get("password")
     password = base64.b64decode(encoded).decode() if encoded else ctx.password()
     if not encoded:
-        ctx.kube.apply(builders.scheduler_secret(name, uid, ns, password))
+        ctx.kube.apply(builders.scheduler_secret(builders.RelayOwner.of(ip, ns), password))
     username = c.SCHEDULER_USERNAME_PREFIX + name
     wanted = c.CredentialEntry(
         username=username,

@@ -9,7 +9,6 @@ converges on restart to exactly one Secret, one password and one digest.
 from __future__ import annotations
 
 import base64
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -226,11 +225,9 @@ def _write_status(ctx: Context, body: Obj, base: Obj, ok: bool, reason: str, mes
     meta = body["metadata"]
     previous = (body.get("status") or {}).get("conditions")
     ready = condition(previous, "Ready", ok, reason, message, meta.get("generation", 0), ctx.now())
-    status = {**base, "conditions": [ready]}
-    if json.dumps(
-        {k: (body.get("status") or {}).get(k) for k in status}, sort_keys=True
-    ) != json.dumps(status, sort_keys=True):
-        ctx.kube.patch_status(*TOKEN_API, meta["namespace"], meta["name"], status)
+    patch = builders.status_patch(body.get("status"), {**base, "conditions": [ready]})
+    if patch is not None:
+        ctx.kube.patch_status(*TOKEN_API, meta["namespace"], meta["name"], patch)
 
 
 def revoke_token(ctx: Context, body: Obj) -> None:

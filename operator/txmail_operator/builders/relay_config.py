@@ -1,0 +1,138 @@
+"""What a relay reads: its RelayConfig and settings file, the shards, stats and tracking keys."""
+
+from __future__ import annotations
+
+from txmail_relay import contract as c
+
+from ..api import DedicatedIPSpec
+from ..api.dedicatedip import DeliveryMode, EgressMode
+from .naming import (
+    SETTINGS_KEY,
+    SMARTHOST_PATH,
+    SPOOL_PATH,
+    TLS_PATH,
+    TRACKING_PATH,
+    Obj,
+    RelayOwner,
+    b64,
+    owned_meta,
+)
+
+
+def relay_config(ip: str, spec: DedicatedIPSpec) -> c.RelayConfig:
+    smarthost = None
+    if spec.delivery.mode is DeliveryMode.SMARTHOST and spec.delivery.smarthost is not None:
+        sh = spec.delivery.smarthost
+        smarthost = c.SmarthostConfig(
+            host=sh.host,
+            port=sh.port,
+            tls=c.SmarthostTLS(sh.tls.value),
+            credentials_dir=SMARTHOST_PATH if sh.credentials_secret_ref else None,
+        )
+    return c.RelayConfig(
+        dedicated_ip=ip,
+        address=spec.address,
+        hostname=spec.hostname,
+        domains=list(spec.domains),
+        delivery=c.DeliveryConfig(
+            mode=c.DeliveryMode(spec.delivery.mode.value),
+            smarthost=smarthost,
+            bind_address=spec.address if spec.egress.mode is EgressMode.HOST_NETWORK else None,
+        ),
+        tracking=c.TrackingConfig(base_url=spec.tracking.base_url),
+        feedback=c.FeedbackConfig(complaints_address=spec.feedback.complaints_address),
+        suppression=c.SuppressionConfig(
+            complaints=spec.suppression.complaints, bounces=spec.suppression.bounces
+        ),
+    )
+
+
+def relay_settings(owner: RelayOwner, *, tracking_keys: bool = False) -> str:
+    """The relay's static settings file: where it listens and reads its configuration from.
+
+    With ``tracking_keys``, the tracking Secret is mounted and the relay signs and verifies
+    with the keys in it (re-read when the kubelet updates the mounted file).
+    """
+    lines = [
+        "# txmail-relay --config: static settings. The RelayConfig, credentials and",
+        "# templates are watched live from the objects named below.",
+        f"kubernetes: {{namespace: {owner.namespace}, dedicatedIP: {owner.name}}}",
+        # The container ports relay_deployment declares, by the same constants.
+        f"listen: {{submission: {c.SUBMISSION_PORT}, submissions: {c.SUBMISSIONS_PORT}, "
+        f"tracking: {c.TRACKING_PORT}, api: {c.API_PORT}, metrics: {c.METRICS_PORT}}}",
+        f"tls: {{certFile: {TLS_PATH}/tls.crt, keyFile: {TLS_PATH}/tls.key}}",
+        f"spool: {{directory: {SPOOL_PATH}}}",
+        "logging: {json: true}",
+    ]
+    if tracking_keys:
+        lines.append(f"trackingKeysFile: {TRACKING_PATH}/{c.TRACKING_KEYS_KEY}")
+    return "\n".join([*lines, ""])
+
+
+def relay_config_map(
+    owner: RelayOwner, config: c.RelayConfig, *, tracking_keys: bool = False
+) -> Obj:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": owned_meta(owner, c.relay_name(owner.name), "config"),
+        "data": {
+            c.RELAY_CONFIG_KEY: config.to_json(),
+            SETTINGS_KEY: relay_settings(owner, tracking_keys=tracking_keys),
+        },
+    }
+
+
+def tracking_keys_line(kid: int, key: bytes) -> str:
+    """One line of the tracking keys file (``kid:hexkey``, see docs/relay.md)."""
+    return f"{kid}:{key.hex()}\n"
+
+
+def relay_tracking_secret(owner: RelayOwner, key: bytes, kid: int = 1) -> Obj:
+    """The tracking keys Secret with its first key (``key`` is drawn by the caller)."""
+    text = (
+        "# kid:hexkey, one key per line: the last line signs, every line verifies.\n"
+        "# Rotate by adding a line with a higher kid; keep old lines while their mail is read.\n"
+        + tracking_keys_line(kid, key)
+    )
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": owned_meta(owner, c.tracking_secret_name(owner.name), "tracking"),
+        "data": {c.TRACKING_KEYS_KEY: b64(text.encode())},
+    }
+
+
+def credential_shard(owner: RelayOwner, shard: int) -> Obj:
+    """A credentials shard as the operator applies it: metadata only, entries are patched in."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": owned_meta(owner, c.credentials_secret_name(owner.name, shard), "credentials"),
+    }
+
+
+def template_shard(owner: RelayOwner, shard: int) -> Obj:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": owned_meta(owner, c.templates_config_map_name(owner.name, shard), "templates"),
+    }
+
+
+def shard_patch(key: str, value: str | None, *, secret: bool) -> Obj:
+    """A merge patch that sets (or, with None, removes) one entry of a shard."""
+    if value is None:
+        return {"data": {key: None}}
+    return {"data": {key: b64(value.encode()) if secret else value}}
+
+
+def stats_config_map(owner: RelayOwner) -> Obj:
+    """Where the relay reports per-token stats (it patches only ``stats.json``)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": owned_meta(owner, c.stats_config_map_name(owner.name), "stats"),
+    }
