@@ -8,10 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kubernetes import client, config
+from kubernetes import client
 
 from cluster.controlplane import control_plane
 from cluster.crds import install_crds
+from cluster.kubeapi import close_api_client, name_of, new_api_client
 from k8s.operator_process import OperatorProcess, install_operator_identity
 
 
@@ -28,9 +29,9 @@ def kubeconfig() -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def api(kubeconfig: Path) -> Iterator[client.ApiClient]:
-    api_client = config.new_client_from_config(config_file=str(kubeconfig))
+    api_client = new_api_client(kubeconfig)
     yield api_client
-    api_client.close()
+    close_api_client(api_client)
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +44,8 @@ def namespace(api: client.ApiClient) -> Iterator[str]:
     """A fresh namespace per test, deleted afterwards."""
     name = f"t-{uuid.uuid4().hex[:10]}"
     core = client.CoreV1Api(api)
-    core.create_namespace({"metadata": {"name": name, "labels": {"txmail-test": "true"}}})
+    meta = client.V1ObjectMeta(name=name, labels={"txmail-test": "true"})
+    core.create_namespace(client.V1Namespace(metadata=meta))
     yield name
     core.delete_namespace(name)
 
@@ -52,8 +54,8 @@ def namespace(api: client.ApiClient) -> Iterator[str]:
 def operator_namespace(api: client.ApiClient) -> str:
     name = "txmail-system"
     core = client.CoreV1Api(api)
-    if not [n for n in core.list_namespace().items if n.metadata.name == name]:
-        core.create_namespace({"metadata": {"name": name}})
+    if not [n for n in core.list_namespace().items if name_of(n) == name]:
+        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
     return name
 
 

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kubernetes import client, config
+from kubernetes import client
 
 import demo_node
 from cluster.controlplane import control_plane
 from cluster.crds import install_crds
+from cluster.kubeapi import custom_object, name_of, new_api_client
 from cluster.node import can_run_node
 from k8s.kit import GROUP, VERSION, Kit
 from k8s.operator_process import OperatorProcess
@@ -61,9 +62,9 @@ def table(api: client.ApiClient) -> None:
             for col in crd["spec"]["versions"][0]["additionalPrinterColumns"]
             if not col.get("priority")
         ]
-        objs = client.CustomObjectsApi(api).list_cluster_custom_object(GROUP, VERSION, plural)[
-            "items"
-        ]
+        objs = custom_object(
+            client.CustomObjectsApi(api).list_cluster_custom_object(GROUP, VERSION, plural)
+        )["items"]
         namespaced = crd["spec"]["scope"] == "Namespaced"
         head = (
             (["NAMESPACE"] if namespaced else [])
@@ -107,9 +108,9 @@ def mark_relay_pod_ready(api: client.ApiClient, ip: str) -> None:
     core = client.CoreV1Api(api)
     selector = f"{c.LABEL_INSTANCE}={ip},{c.LABEL_NAME}={c.RELAY_APP_NAME}"
     pod = wait_for(
-        lambda: (
-            core.list_namespaced_pod(OPERATOR_NAMESPACE, label_selector=selector).items or [None]
-        )[0],
+        lambda: next(
+            iter(core.list_namespaced_pod(OPERATOR_NAMESPACE, label_selector=selector).items), None
+        ),
         20,
         "the relay pod",
     )
@@ -119,7 +120,7 @@ def mark_relay_pod_ready(api: client.ApiClient, ip: str) -> None:
         for t in ("Ready", "ContainersReady")
     ]
     core.patch_namespaced_pod_status(
-        pod.metadata.name, OPERATOR_NAMESPACE, {"status": {"phase": "Running", "conditions": ready}}
+        name_of(pod), OPERATOR_NAMESPACE, {"status": {"phase": "Running", "conditions": ready}}
     )
 
 
@@ -135,7 +136,7 @@ def run(workdir: Path) -> None:
     step("Starting a local Kubernetes control plane (built from Go modules on first use)")
     with control_plane() as cp:
         info(f"API server {cp.server}, kubeconfig {cp.kubeconfig}")
-        api = config.new_client_from_config(config_file=str(cp.kubeconfig))
+        api = new_api_client(cp.kubeconfig)
         kit = Kit(api, OPERATOR_NAMESPACE)
 
         step("Installing the CRDs from crds/")
@@ -143,10 +144,11 @@ def run(workdir: Path) -> None:
             info(f"{name} Established")
 
         core = client.CoreV1Api(api)
-        core.create_namespace({"metadata": {"name": OPERATOR_NAMESPACE}})
         core.create_namespace(
-            {"metadata": {"name": APP_NAMESPACE, "labels": {"txmail.dev/sending": "allowed"}}}
+            client.V1Namespace(metadata=client.V1ObjectMeta(name=OPERATOR_NAMESPACE))
         )
+        app_meta = client.V1ObjectMeta(name=APP_NAMESPACE, labels={"txmail.dev/sending": "allowed"})
+        core.create_namespace(client.V1Namespace(metadata=app_meta))
 
         step("Starting the operator (txmail-operator)")
         operator = OperatorProcess(
@@ -309,7 +311,9 @@ def run(workdir: Path) -> None:
                     secret["password"],
                 )
             except smtplib.SMTPAuthenticationError as exc:
-                info(f"old password: refused ({exc.smtp_code} {exc.smtp_error.decode()})")
+                error = exc.smtp_error
+                text = error.decode() if isinstance(error, bytes) else error
+                info(f"old password: refused ({exc.smtp_code} {text})")
         finally:
             step("Cleaning up")
             if relay is not None:

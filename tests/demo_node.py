@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from cluster.controlplane import binaries
+from cluster.kubeapi import name_of
 from cluster.node import node_cluster
 from node.kit import (
     NAMESPACE,
@@ -24,6 +25,7 @@ from node.kit import (
     dedicated_ip,
     html_of,
     send_script,
+    status_of,
 )
 from peers import wait_for
 from txmail_relay import contract as c
@@ -63,7 +65,7 @@ def run() -> None:
             _demo(cluster, sink)
         finally:
             sink.stop()
-            cluster.api.close()
+            cluster.close()
             step("Stopping the node")
     info(f"done in {time.monotonic() - started:.0f} s")
 
@@ -79,7 +81,7 @@ def _demo(cluster: Cluster, sink: NodeSink) -> None:
     cluster.apply_cluster("dedicatedips", dedicated_ip(IP, sink))
     selector = f"{c.LABEL_NAME}={c.RELAY_APP_NAME},{c.LABEL_INSTANCE}={IP}"
     pod = cluster.wait_ready_pod(NAMESPACE, selector, what="the relay pod")
-    info(f"relay pod {pod.metadata.name} Ready on {pod.status.pod_ip}")
+    info(f"relay pod {name_of(pod)} Ready on {status_of(pod).pod_ip}")
     step(f"kubectl apply: namespace {APP_NS} (txmail.dev/sending=allowed), SmtpToken {TOKEN}")
     cluster.namespace(APP_NS, {"txmail.dev/sending": "allowed"})
     cluster.smtp_token(APP_NS, TOKEN, IP)

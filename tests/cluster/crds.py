@@ -29,7 +29,8 @@ def install_crds(api_client: client.ApiClient, timeout: float = 30.0) -> list[st
     pending = set(names)
     while pending and time.monotonic() < deadline:
         for name in list(pending):
-            conds = ext.read_custom_resource_definition(name).status.conditions or []
+            status = ext.read_custom_resource_definition(name).status
+            conds = (status.conditions if status else None) or []
             if any(c.type == "Established" and c.status == "True" for c in conds):
                 pending.discard(name)
         if pending:

@@ -597,17 +597,21 @@ def _start(node: Node, bins: Path, images: list[Path]) -> None:
 
 
 def _node_ready(kubeconfig: Path) -> bool:
-    from kubernetes import client, config  # noqa: PLC0415
+    from kubernetes import client  # noqa: PLC0415
+
+    from cluster.kubeapi import close_api_client, new_api_client  # noqa: PLC0415
 
     with contextlib.suppress(Exception):
-        api = config.new_client_from_config(config_file=str(kubeconfig))
+        api = new_api_client(kubeconfig)
         try:
             got = client.CoreV1Api(api).read_node(NODE_NAME)
+            if got.status is None or got.spec is None:
+                return False
             return any(
                 c.type == "Ready" and c.status == "True" for c in got.status.conditions or []
             ) and not any(t.key == "node.kubernetes.io/not-ready" for t in got.spec.taints or [])
         finally:
-            api.close()
+            close_api_client(api)
     return False
 
 

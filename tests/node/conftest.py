@@ -41,7 +41,7 @@ def cluster(node_images: list[Path]) -> Iterator[Cluster]:
         try:
             yield c
         finally:
-            c.api.close()
+            c.close()
 
 
 @pytest.fixture(scope="session")

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from cluster.kubeapi import close_api_client, custom_object, meta_of, name_of, new_api_client
 from cluster.node import NODE_IP, Node
 from peers import SMTP_SINK, Sink, wait_for
 
@@ -53,6 +54,18 @@ print("250: accepted", SUBJECT, "by", os.environ["SMTP_host"])
 
 def send_script(subject: str, link: str) -> str:
     return _SEND.replace("SUBJECT", repr(subject)).replace("LINK", link)
+
+
+def spec_of(pod: client.V1Pod) -> client.V1PodSpec:
+    """The spec of a pod the API server returned (it always has one)."""
+    assert pod.spec is not None, f"pod {name_of(pod)} without a spec"
+    return pod.spec
+
+
+def status_of(pod: client.V1Pod) -> client.V1PodStatus:
+    """The status of a pod the API server returned (it always has one)."""
+    assert pod.status is not None, f"pod {name_of(pod)} without a status"
+    return pod.status
 
 
 def dedicated_ip(name: str, sink: Sink, spool: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -121,7 +134,10 @@ class Cluster:
     api: client.ApiClient = field(init=False)
 
     def __post_init__(self) -> None:
-        self.api = config.new_client_from_config(config_file=str(self.node.kubeconfig))
+        self.api = new_api_client(self.node.kubeconfig)
+
+    def close(self) -> None:
+        close_api_client(self.api)
 
     @property
     def core(self) -> client.CoreV1Api:
@@ -176,7 +192,9 @@ class Cluster:
     def namespace(self, name: str, labels: dict[str, str]) -> str:
         body = {"metadata": {"name": name, "labels": labels}}
         try:
-            self.core.create_namespace(body)
+            # The API methods validate a dict body into their model (pydantic validate_call);
+            # model_validate does the same here, so the call is typed and sends the same body.
+            self.core.create_namespace(client.V1Namespace.model_validate(body))
         except ApiException as exc:
             if exc.status != 409:
                 raise
@@ -209,14 +227,12 @@ class Cluster:
         return {k: base64.b64decode(v).decode() for k, v in (got.data or {}).items()}
 
     def get_cluster(self, plural: str, name: str) -> dict[str, Any]:
-        got: dict[str, Any] = self.objs.get_cluster_custom_object(GROUP, VERSION, plural, name)
-        return got
+        return custom_object(self.objs.get_cluster_custom_object(GROUP, VERSION, plural, name))
 
     def get_namespaced(self, namespace: str, plural: str, name: str) -> dict[str, Any]:
-        got: dict[str, Any] = self.objs.get_namespaced_custom_object(
-            GROUP, VERSION, namespace, plural, name
+        return custom_object(
+            self.objs.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
         )
-        return got
 
     def condition(self, obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
         for cond in (obj.get("status") or {}).get("conditions") or []:
@@ -229,9 +245,9 @@ class Cluster:
 
     def ready_pod(self, namespace: str, selector: str) -> client.V1Pod | None:
         for pod in self.pods(namespace, selector):
-            if pod.metadata.deletion_timestamp:
+            if meta_of(pod).deletion_timestamp:
                 continue
-            conds = pod.status.conditions or []
+            conds = status_of(pod).conditions or []
             if any(c.type == "Ready" and c.status == "True" for c in conds):
                 return pod
         return None
@@ -252,18 +268,18 @@ class Cluster:
         for pod in self.pods(namespace, selector):
             states = [
                 f"{s.name}: {s.state.to_dict() if s.state else None}"
-                for s in pod.status.container_statuses or []
+                for s in status_of(pod).container_statuses or []
             ]
-            out.append(f"pod {pod.metadata.name} {pod.status.phase} {states}")
-            with_logs = pod.status.container_statuses or []
+            out.append(f"pod {name_of(pod)} {status_of(pod).phase} {states}")
+            with_logs = status_of(pod).container_statuses or []
             for s in with_logs:
                 try:
                     log = self.core.read_namespaced_pod_log(
-                        pod.metadata.name, namespace, container=s.name, tail_lines=30
+                        name_of(pod), namespace, container=s.name, tail_lines=30
                     )
                 except ApiException as exc:
                     log = f"(no logs: {exc.reason})"
-                out.append(f"--- logs of {pod.metadata.name}/{s.name}:\n{log}")
+                out.append(f"--- logs of {name_of(pod)}/{s.name}:\n{log}")
         events = self.core.list_namespaced_event(namespace).items[-15:]
         out += [f"event {e.involved_object.name}: {e.reason} {e.message}" for e in events]
         return "\n".join(out)
@@ -313,12 +329,13 @@ class Cluster:
                 "volumes": [{"name": "smtp", "secret": {"secretName": secret}}],
             },
         }
-        self.core.create_namespaced_pod(namespace, pod)
+        # A manifest as an app team writes it, validated into the model the API call takes.
+        self.core.create_namespaced_pod(namespace, client.V1Pod.model_validate(pod))
 
         def done() -> str | None:
-            got = self.core.read_namespaced_pod(name, namespace)
-            if got.status.phase in ("Succeeded", "Failed"):
-                return str(got.status.phase)
+            phase = status_of(self.core.read_namespaced_pod(name, namespace)).phase
+            if phase in ("Succeeded", "Failed"):
+                return str(phase)
             return None
 
         phase = wait_for(done, timeout, f"app pod {name} to finish", every=0.5)
@@ -327,7 +344,9 @@ class Cluster:
         return log
 
     def service_ip(self, namespace: str, name: str) -> str:
-        return str(self.core.read_namespaced_service(name, namespace).spec.cluster_ip)
+        spec = self.core.read_namespaced_service(name, namespace).spec
+        assert spec is not None, f"Service {namespace}/{name} without a spec"
+        return str(spec.cluster_ip)
 
     def http_get(self, ip: str, port: int, path: str, host: str) -> tuple[int, dict[str, str]]:
         """One GET through a portal to ``ip:port`` inside the node (no redirect followed)."""

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from kubernetes import client
 
+from cluster.kubeapi import meta_of, name_of, uid_of
 from node.kit import (
     CHART,
     NAMESPACE,
@@ -25,6 +27,7 @@ from node.kit import (
     dedicated_ip,
     html_of,
     send_script,
+    spec_of,
 )
 from peers import wait_for
 from txmail_relay import contract as c
@@ -65,7 +68,8 @@ def _pv(cluster: Cluster) -> None:
     path = cluster.node.workdir / "pv-spool"
     path.mkdir(mode=0o770)
     os.chown(path, 65532, 65532)
-    cluster.core.create_persistent_volume(
+    # The API call validates a dict into this model anyway; model_validate makes it typed.
+    pv = client.V1PersistentVolume.model_validate(
         {
             "metadata": {"name": "txmail-spool"},
             "spec": {
@@ -77,6 +81,7 @@ def _pv(cluster: Cluster) -> None:
             },
         }
     )
+    cluster.core.create_persistent_volume(pv)
 
 
 @pytest.fixture(scope="module")
@@ -109,22 +114,24 @@ def shop(installed: Cluster) -> Iterator[Shop]:
 
 def test_the_operator_pod_runs_restricted(installed: Cluster) -> None:
     pod = installed.wait_ready_pod(NAMESPACE, OPERATOR_SELECTOR, what="the operator pod")
-    container = pod.spec.containers[0]
+    container = spec_of(pod).containers[0]
+    assert container.security_context is not None
     assert container.security_context.read_only_root_filesystem is True
-    assert pod.spec.security_context.run_as_non_root is True
-    labels = installed.core.read_namespace(NAMESPACE).metadata.labels
+    pod_security = spec_of(pod).security_context
+    assert pod_security is not None
+    assert pod_security.run_as_non_root is True
+    labels = meta_of(installed.core.read_namespace(NAMESPACE)).labels or {}
     assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
 
 
 def test_a_dedicated_ip_becomes_a_ready_relay_pod(shop: Shop) -> None:
     cluster = shop.cluster
     pod = cluster.wait_ready_pod(NAMESPACE, RELAY_SELECTOR, what="the relay pod")
-    assert (
-        pod.spec.containers[0].image
-        == cluster.apps.read_namespaced_deployment(f"{RELEASE}-operator", NAMESPACE)
-        .spec.template.spec.containers[0]
-        .image
-    ), "relays run the image the chart installed"
+    operator = cluster.apps.read_namespaced_deployment(f"{RELEASE}-operator", NAMESPACE).spec
+    assert operator is not None and operator.template.spec is not None
+    assert spec_of(pod).containers[0].image == operator.template.spec.containers[0].image, (
+        "relays run the image the chart installed"
+    )
 
     def ready() -> dict[str, Any] | None:
         cond = cluster.condition(cluster.get_cluster("dedicatedips", IP), "Ready")
@@ -133,7 +140,7 @@ def test_a_dedicated_ip_becomes_a_ready_relay_pod(shop: Shop) -> None:
     wait_for(ready, 60, "DedicatedIP Ready", every=0.5)
     # The relay reads its configuration through the in-cluster API config of its pod (its own
     # ServiceAccount's projected token, the API at KUBERNETES_SERVICE_HOST).
-    log = cluster.core.read_namespaced_pod_log(pod.metadata.name, NAMESPACE)
+    log = cluster.core.read_namespaced_pod_log(name_of(pod), NAMESPACE)
     assert "watching relay configuration" in log
     assert "Traceback" not in log
 
@@ -177,8 +184,8 @@ def test_the_password_is_in_no_pod_log_or_event(shop: Shop) -> None:
     password = secret["password"]
     for selector in (RELAY_SELECTOR, OPERATOR_SELECTOR):
         for pod in cluster.pods(NAMESPACE, selector):
-            log = cluster.core.read_namespaced_pod_log(pod.metadata.name, NAMESPACE)
-            assert password not in log, f"the password leaked into {pod.metadata.name}'s log"
+            log = cluster.core.read_namespaced_pod_log(name_of(pod), NAMESPACE)
+            assert password not in log, f"the password leaked into {name_of(pod)}'s log"
     for ns in (NAMESPACE, APP_NS):
         for event in cluster.core.list_namespaced_event(ns).items:
             assert password not in (event.message or ""), f"the password leaked into {event}"
@@ -194,21 +201,20 @@ def test_mail_accepted_before_the_relay_pod_is_deleted_is_delivered_after(shop: 
         shop.send("survives a pod delete")
         # The old pod retries only after its minimum backoff (minutes): from here on only
         # the new pod, recovering the spool from the claim, can deliver the mail.
-        cluster.core.delete_namespaced_pod(before.metadata.name, NAMESPACE)
+        cluster.core.delete_namespaced_pod(name_of(before), NAMESPACE)
     finally:
         shop.sink = NodeSink(cluster.node)
     after = wait_for(
         lambda: (
             p
-            if (p := cluster.ready_pod(NAMESPACE, RELAY_SELECTOR))
-            and p.metadata.uid != before.metadata.uid
+            if (p := cluster.ready_pod(NAMESPACE, RELAY_SELECTOR)) and uid_of(p) != uid_of(before)
             else None
         ),
         120,
         "a new relay pod",
         every=0.5,
     )
-    assert after.metadata.uid != before.metadata.uid
+    assert uid_of(after) != uid_of(before)
     wait_for(
         lambda: [m for m in shop.sink.messages() if "survives a pod delete" in m.content],
         90,
@@ -233,6 +239,6 @@ def test_helm_upgrade_rolls_the_operator(installed: Cluster) -> None:
         "3m",
     )
     after = installed.wait_ready_pod(NAMESPACE, OPERATOR_SELECTOR, what="the new operator pod")
-    assert after.metadata.uid != before.metadata.uid
-    env = {e.name: e.value for e in after.spec.containers[0].env or []}
+    assert uid_of(after) != uid_of(before)
+    env = {e.name: e.value for e in spec_of(after).containers[0].env or []}
     assert env["TXMAIL_LOG_FORMAT"] == "plain"

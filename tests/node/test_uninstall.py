@@ -22,7 +22,7 @@ CRDS = {f"{p}.txmail.dev" for p in ("dedicatedips", "smtptokens", "transactional
 
 def _exists(cluster: Cluster, obj: dict[str, Any]) -> bool:
     """Whether the object a chart manifest names is on the API server."""
-    resource = DynamicClient(cluster.api).resources.get(
+    resource = DynamicClient(cluster.api).resources.get(  # type: ignore[no-untyped-call]
         api_version=obj["apiVersion"], kind=obj["kind"]
     )
     meta = obj["metadata"]
