@@ -13,7 +13,8 @@ PY     := $(VENV)/bin/python
 DEBS   := postfix swaks libnet-ssleay-perl containerd runc containernetworking-plugins iptables \
           conntrack mmdebstrap umoci gcc libc6-dev iproute2 util-linux procps
 
-.PHONY: help setup debs control-plane crds lint test test-unit test-k8s test-node demo clean image lock
+.PHONY: help setup debs control-plane crds lint test test-unit test-k8s test-node demo clean image lock \
+        bench-operator
 
 help:
 	@echo "make demo           helm install on a local node, then a tracked mail end to end"
@@ -24,6 +25,7 @@ help:
 	@echo "make control-plane  build the control plane, the node parts and Helm from Go modules (cached)"
 	@echo "make image          build the container image as an OCI archive, no registry or Docker (cached)"
 	@echo "make lock           re-pin requirements.lock and image/build-requirements.lock (with hashes)"
+	@echo "make bench-operator the operator at N SmtpTokens: BENCH_ARGS='--tokens 1000 5000' (docs/performance.md)"
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -97,6 +99,11 @@ test-node: setup control-plane image
 
 demo: setup control-plane image
 	$(PY) tests/demo.py
+
+# A benchmark, not a test: minutes per token count, figures in docs/performance.md.
+BENCH_ARGS ?=
+bench-operator: $(VENV)/.installed control-plane
+	$(PY) bench/operator_scale.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
