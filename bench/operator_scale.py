@@ -54,9 +54,10 @@ from typing import Any, NoReturn, cast
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.append(str(ROOT))  # bench.apiaudit, last: nothing else is looked up there
 
 import yaml  # noqa: E402
-from apiaudit import AuditLog, Summary, apiserver_args, policy, summarise  # noqa: E402
+from bench.apiaudit import AuditLog, Summary, apiserver_args, policy, summarise  # noqa: E402
 from kubernetes import client, config, watch  # noqa: E402
 from kubernetes.client.exceptions import ApiException  # noqa: E402
 
@@ -1064,12 +1065,33 @@ def _source(rev: str | None, workdir: Path) -> Iterator[str]:
         [str(tree / "operator"), str(tree / "relay"), *([saved] if saved else [])]
     )
     try:
+        _check_source(tree)
         yield f"{commit[:12]} ({_git('log', '-1', '--format=%s', commit)[:70]})"
     finally:
         if saved is None:
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = saved
+
+
+_IMPORTS = """
+import sys, txmail_operator.__main__, txmail_relay.__main__, txmail_relay.app
+from txmail_operator import handlers, reconcile
+print("\\n".join(m.__file__ or "" for n, m in sys.modules.items() if n.startswith("txmail_")))
+"""
+
+
+def _check_source(tree: Path) -> None:
+    """Every txmail module the children import comes from ``tree``: the venv's editable
+    install would otherwise fill a module missing at that revision from the work tree."""
+    out = subprocess.run(
+        [sys.executable, "-c", _IMPORTS], capture_output=True, text=True, check=False
+    )
+    if out.returncode != 0:
+        raise BenchError(f"the revision does not import: {out.stderr.strip().splitlines()[-1]}")
+    outside = [f for f in out.stdout.split() if not f.startswith(str(tree))]
+    if outside:
+        raise BenchError(f"the revision lacks modules it imports, e.g. {outside[0]}")
 
 
 def _terminate(signum: int, frame: FrameType | None) -> NoReturn:
