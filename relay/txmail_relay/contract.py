@@ -16,6 +16,13 @@ different tokens never overwrite each other. The relay watches each object by na
 change reaches it within seconds. The relay never sees a password: only the SHA-256 digest
 of a 256-bit random password, compared in constant time (see :func:`password_digest`).
 The same documents can be read from files (``txmail-relay --config``) for standalone runs.
+
+The relay's settings file (``txmail-relay --config``, :class:`RelaySettings`) is one of these
+documents too: the operator fills the model and writes it, serialised, into the ConfigMap
+``txmail-relay-<ip>`` (key ``settings.yaml``); the relay parses the same model.
+
+The enumerations both sides use are defined here once: the delivery modes of a DedicatedIP,
+a template's subscription type, and the HubSpot ``sendResult`` values of the relay's API.
 """
 
 from __future__ import annotations
@@ -23,11 +30,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 from datetime import datetime
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
 
 API_GROUP = "txmail.dev"
 API_VERSION = "v1alpha1"
@@ -239,6 +249,29 @@ class RelayConfig(_Doc):
         return json.dumps(self.model_dump(mode="json", by_alias=True), indent=2, sort_keys=True)
 
 
+class SubscriptionType(StrEnum):
+    TRANSACTIONAL = "Transactional"
+
+
+class SendResult(StrEnum):
+    """HubSpot's ``sendResult``: the outcome of one send, as the relay's API reports it."""
+
+    SENT = "SENT"
+    QUEUED = "QUEUED"
+    IDEMPOTENT_IGNORE = "IDEMPOTENT_IGNORE"
+    UNDELIVERABLE = "UNDELIVERABLE"
+    THROTTLED = "THROTTLED"
+    INVALID_TO_ADDRESS = "INVALID_TO_ADDRESS"
+    INVALID_FROM_ADDRESS = "INVALID_FROM_ADDRESS"
+    MISSING_TEMPLATE_PROPERTIES = "MISSING_TEMPLATE_PROPERTIES"
+    TEMPLATE_RENDER_EXCEPTION = "TEMPLATE_RENDER_EXCEPTION"
+    MISSING_CONTENT = "MISSING_CONTENT"
+    VALIDATION_FAILED = "VALIDATION_FAILED"
+    TOO_MANY_RECIPIENTS = "TOO_MANY_RECIPIENTS"
+    PREVIOUS_SPAM = "PREVIOUS_SPAM"
+    PREVIOUSLY_BOUNCED = "PREVIOUSLY_BOUNCED"
+
+
 class Sender(_Doc):
     name: str | None = None
     address: str
@@ -256,7 +289,9 @@ class TemplateEntry(_Doc):
     subject: str
     html: str | None = None
     text: str | None = None
-    subscription_type: str = Field(default="Transactional", alias="subscriptionType")
+    subscription_type: SubscriptionType = Field(
+        default=SubscriptionType.TRANSACTIONAL, alias="subscriptionType"
+    )
     track_opens: bool = Field(default=False, alias="trackOpens")
     track_clicks: bool = Field(default=False, alias="trackClicks")
 
@@ -302,3 +337,139 @@ class RelayStats(_Doc):
 
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True)
+
+
+# -- the relay's settings file: written by the operator, read by ``txmail-relay --config`` ----
+
+MIB = 1024 * 1024
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+class ListenSettings(_Settings):
+    host: str = "0.0.0.0"  # noqa: S104 - the container listens on its pod address
+    submission: int | None = Field(default=SUBMISSION_PORT, description="STARTTLS port")
+    submissions: int | None = Field(default=SUBMISSIONS_PORT, description="Implicit TLS port")
+    tracking: int | None = Field(
+        default=TRACKING_PORT, description="Public: open pixels and click redirects only"
+    )
+    api: int | None = Field(
+        default=API_PORT, description="The single-send API, send statuses, contacts (auth)"
+    )
+    metrics: int | None = Field(default=METRICS_PORT, description="/metrics, /healthz, /readyz")
+
+
+class TLSSettings(_Settings):
+    cert_file: Path = Path("/etc/txmail/tls/tls.crt")
+    key_file: Path = Path("/etc/txmail/tls/tls.key")
+
+
+class LimitSettings(_Settings):
+    max_message_size: int = Field(default=10_240_000, description="SIZE; Postfix's default")
+    max_recipients: int = Field(default=100, ge=100, description="RFC 5321 4.5.3.1.8")
+    idle_timeout: float = 300.0
+    max_auth_failures: int = Field(default=5, ge=3, description="Per connection (RFC 4954)")
+    ip_auth_failures: int = Field(default=20, description="Per client IP within the window")
+    ip_auth_window: float = 60.0
+    data_timeout: float = Field(default=120.0, description="Spooling longer than this: 451")
+    spool_min_free_bytes: int = Field(default=64 * MIB, description="452 below this")
+
+
+class RetrySettings(_Settings):
+    """RFC 5321 4.5.4.1 / Postfix defaults; tests shrink them to seconds."""
+
+    min_backoff: float = 300.0
+    max_backoff: float = 4000.0
+    max_lifetime: float = 5 * 86400.0
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+    final_dot_timeout: float = Field(default=600.0, description="RFC 5321 4.5.3.2.6")
+
+
+class OutboundSettings(_Settings):
+    concurrency: int = Field(default=32, ge=1, description="Messages delivered in parallel")
+    pool_idle_timeout: float = 30.0
+    messages_per_connection: int = 100
+    ca_file: Path | None = Field(default=None, description="Extra CA to verify smarthosts")
+
+
+class SpoolSettings(_Settings):
+    directory: Path = Path("/var/spool/txmail")
+    segment_bytes: int = 64 * MIB
+
+
+class LogSettings(_Settings):
+    json_format: bool = Field(default=False, alias="json")
+    level: str = "INFO"
+
+    @field_validator("level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in logging.getLevelNamesMapping():
+            raise ValueError(f"unknown log level {value!r} (DEBUG, INFO, WARNING, ERROR)")
+        return level
+
+
+class KubernetesSettings(_Settings):
+    namespace: str
+    dedicated_ip: str = Field(alias="dedicatedIP")
+    kubeconfig: Path | None = None
+
+
+class RelaySettings(_Settings):
+    """The whole settings file of one relay (``txmail-relay --config``).
+
+    Where the dynamic documents come from: ``kubernetes`` (the objects above, watched by
+    name) or ``relay``/``relayFile`` plus credentials and templates (standalone runs).
+    """
+
+    relay: RelayConfig | None = None
+    relay_file: Path | None = None
+    credentials: list[CredentialEntry] = Field(default_factory=list)
+    credential_files: list[Path] = Field(default_factory=list)
+    templates: list[TemplateEntry] = Field(default_factory=list)
+    template_files: list[Path] = Field(default_factory=list)
+    kubernetes: KubernetesSettings | None = None
+
+    listen: ListenSettings = Field(default_factory=ListenSettings)
+    tls: TLSSettings = Field(default_factory=TLSSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    outbound: OutboundSettings = Field(default_factory=OutboundSettings)
+    spool: SpoolSettings = Field(default_factory=SpoolSettings)
+    logging: LogSettings = Field(default_factory=LogSettings)
+    shutdown_grace: float = 20.0
+    config_poll_interval: float = 1.0
+    stats_interval: float = Field(default=30.0, gt=0, description="Stats publishing period")
+    stats_file: Path | None = Field(
+        default=None, description="Write stats JSON here (standalone) instead of a ConfigMap"
+    )
+    tracking_keys_file: Path | None = Field(
+        default=None,
+        description="'kid:hexkey' lines (e.g. a mounted Secret); last signs; re-read on change",
+    )
+    complaints_address: str | None = Field(
+        default=None,
+        description="Recipient that takes ARF reports; RelayConfig feedback.complaintsAddress "
+        "wins when set",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RelaySettings:
+        inline = self.relay is not None or self.relay_file is not None
+        if self.kubernetes is not None and inline:
+            raise ValueError("set either kubernetes or relay/relayFile, not both")
+        if self.kubernetes is None and not inline:
+            raise ValueError("one of relay, relayFile or kubernetes is required")
+        if self.relay is not None and self.relay_file is not None:
+            raise ValueError("set either relay or relayFile, not both")
+        return self
+
+    def to_document(self) -> dict[str, object]:
+        """The settings as a settings file holds them: what was set, camelCase, JSON types."""
+        return self.model_dump(mode="json", by_alias=True, exclude_unset=True)

@@ -5,154 +5,55 @@ start. The dynamic documents of :mod:`txmail_relay.contract` (the RelayConfig, c
 and templates) come either from this same file (inline or as paths to JSON files, reloaded
 when they change) or, when ``kubernetes`` is set, from the objects the operator writes.
 
-A file that cannot be used raises :class:`SettingsError`: one line naming the file and the
-problem, never the file's content (a credential entry's digest stays out of logs).
+The model (:class:`~txmail_relay.contract.RelaySettings`, here ``Settings``) is defined in
+the contract, because the operator fills the same model to write a relay's settings file;
+this module reads and checks a file. A file that cannot be used raises
+:class:`SettingsError`: one line naming the file and the problem, never the file's content
+(a credential entry's digest stays out of logs).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic.alias_generators import to_camel
+from pydantic import ValidationError
 
+# The model is the contract's (the operator writes the same document); this module loads it.
 from txmail_relay.contract import (
-    API_PORT,
-    METRICS_PORT,
-    SUBMISSION_PORT,
-    SUBMISSIONS_PORT,
-    TRACKING_PORT,
-    CredentialEntry,
-    RelayConfig,
-    TemplateEntry,
+    MIB,
+    KubernetesSettings,
+    LimitSettings,
+    ListenSettings,
+    LogSettings,
+    OutboundSettings,
+    RetrySettings,
+    SpoolSettings,
+    TLSSettings,
 )
+from txmail_relay.contract import RelaySettings as Settings
 
-MIB = 1024 * 1024
-
-
-class _Settings(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
-    )
-
-
-class ListenSettings(_Settings):
-    host: str = "0.0.0.0"  # noqa: S104 - the container listens on its pod address
-    submission: int | None = Field(default=SUBMISSION_PORT, description="STARTTLS port")
-    submissions: int | None = Field(default=SUBMISSIONS_PORT, description="Implicit TLS port")
-    tracking: int | None = Field(
-        default=TRACKING_PORT, description="Public: open pixels and click redirects only"
-    )
-    api: int | None = Field(
-        default=API_PORT, description="The single-send API, send statuses, contacts (auth)"
-    )
-    metrics: int | None = Field(default=METRICS_PORT, description="/metrics, /healthz, /readyz")
-
-
-class TLSSettings(_Settings):
-    cert_file: Path = Path("/etc/txmail/tls/tls.crt")
-    key_file: Path = Path("/etc/txmail/tls/tls.key")
-
-
-class LimitSettings(_Settings):
-    max_message_size: int = Field(default=10_240_000, description="SIZE; Postfix's default")
-    max_recipients: int = Field(default=100, ge=100, description="RFC 5321 4.5.3.1.8")
-    idle_timeout: float = 300.0
-    max_auth_failures: int = Field(default=5, ge=3, description="Per connection (RFC 4954)")
-    ip_auth_failures: int = Field(default=20, description="Per client IP within the window")
-    ip_auth_window: float = 60.0
-    data_timeout: float = Field(default=120.0, description="Spooling longer than this: 451")
-    spool_min_free_bytes: int = Field(default=64 * MIB, description="452 below this")
-
-
-class RetrySettings(_Settings):
-    """RFC 5321 4.5.4.1 / Postfix defaults; tests shrink them to seconds."""
-
-    min_backoff: float = 300.0
-    max_backoff: float = 4000.0
-    max_lifetime: float = 5 * 86400.0
-    connect_timeout: float = 30.0
-    command_timeout: float = 300.0
-    final_dot_timeout: float = Field(default=600.0, description="RFC 5321 4.5.3.2.6")
-
-
-class OutboundSettings(_Settings):
-    concurrency: int = Field(default=32, ge=1, description="Messages delivered in parallel")
-    pool_idle_timeout: float = 30.0
-    messages_per_connection: int = 100
-    ca_file: Path | None = Field(default=None, description="Extra CA to verify smarthosts")
-
-
-class SpoolSettings(_Settings):
-    directory: Path = Path("/var/spool/txmail")
-    segment_bytes: int = 64 * MIB
-
-
-class LogSettings(_Settings):
-    json_format: bool = Field(default=False, alias="json")
-    level: str = "INFO"
-
-    @field_validator("level")
-    @classmethod
-    def _known_level(cls, value: str) -> str:
-        level = value.upper()
-        if level not in logging.getLevelNamesMapping():
-            raise ValueError(f"unknown log level {value!r} (DEBUG, INFO, WARNING, ERROR)")
-        return level
-
-
-class KubernetesSettings(_Settings):
-    namespace: str
-    dedicated_ip: str = Field(alias="dedicatedIP")
-    kubeconfig: Path | None = None
-
-
-class Settings(_Settings):
-    relay: RelayConfig | None = None
-    relay_file: Path | None = None
-    credentials: list[CredentialEntry] = Field(default_factory=list)
-    credential_files: list[Path] = Field(default_factory=list)
-    templates: list[TemplateEntry] = Field(default_factory=list)
-    template_files: list[Path] = Field(default_factory=list)
-    kubernetes: KubernetesSettings | None = None
-
-    listen: ListenSettings = Field(default_factory=ListenSettings)
-    tls: TLSSettings = Field(default_factory=TLSSettings)
-    limits: LimitSettings = Field(default_factory=LimitSettings)
-    retry: RetrySettings = Field(default_factory=RetrySettings)
-    outbound: OutboundSettings = Field(default_factory=OutboundSettings)
-    spool: SpoolSettings = Field(default_factory=SpoolSettings)
-    logging: LogSettings = Field(default_factory=LogSettings)
-    shutdown_grace: float = 20.0
-    config_poll_interval: float = 1.0
-    stats_interval: float = Field(default=30.0, gt=0, description="Stats publishing period")
-    stats_file: Path | None = Field(
-        default=None, description="Write stats JSON here (standalone) instead of a ConfigMap"
-    )
-    tracking_keys_file: Path | None = Field(
-        default=None,
-        description="'kid:hexkey' lines (e.g. a mounted Secret); last signs; re-read on change",
-    )
-    complaints_address: str | None = Field(
-        default=None,
-        description="Recipient that takes ARF reports; RelayConfig feedback.complaintsAddress "
-        "wins when set",
-    )
-
-    @model_validator(mode="after")
-    def _one_source(self) -> Settings:
-        inline = self.relay is not None or self.relay_file is not None
-        if self.kubernetes is not None and inline:
-            raise ValueError("set either kubernetes or relay/relayFile, not both")
-        if self.kubernetes is None and not inline:
-            raise ValueError("one of relay, relayFile or kubernetes is required")
-        if self.relay is not None and self.relay_file is not None:
-            raise ValueError("set either relay or relayFile, not both")
-        return self
+__all__ = [
+    "MIB",
+    "KubernetesSettings",
+    "LimitSettings",
+    "ListenSettings",
+    "LogSettings",
+    "OutboundSettings",
+    "RetrySettings",
+    "Settings",
+    "SettingsError",
+    "SpoolSettings",
+    "TLSSettings",
+    "describe_json",
+    "describe_os",
+    "describe_validation",
+    "describe_yaml",
+    "load_settings",
+    "read_text",
+]
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from project import CRDS
 from txmail_operator import builders
 from txmail_operator.api import DedicatedIPSpec, SmtpTokenSpec, TransactionalEmailSpec
 from txmail_relay import contract as c
-from txmail_relay.settings import Settings
+from txmail_relay.settings import Settings, load_settings
 
 GOLDEN = Path(__file__).parent / "golden"
 IP_UID = "00000000-0000-4000-8000-000000000001"
@@ -126,6 +126,22 @@ def test_relay_settings_parse_with_the_relays_own_model() -> None:
     assert settings.kubernetes.namespace == NS
     assert str(settings.spool.directory) == builders.SPOOL_PATH
     assert str(settings.tls.cert_file) == f"{builders.TLS_PATH}/tls.crt"
+
+
+@pytest.mark.parametrize("tracking_keys", [False, True])
+def test_relay_settings_file_is_the_relays_own_model_serialised(
+    tmp_path: Path, tracking_keys: bool
+) -> None:
+    """The operator fills the model the relay's loader parses (one class, in the contract) and
+    writes it serialised: the relay reads back exactly what was filled."""
+    assert Settings is c.RelaySettings
+    path = tmp_path / builders.SETTINGS_KEY
+    path.write_text(builders.relay_settings(OWNER, tracking_keys=tracking_keys))
+    filled = builders.relay_settings_model(OWNER, tracking_keys=tracking_keys)
+    assert load_settings(path) == filled
+    assert ("trackingKeysFile" in path.read_text()) is tracking_keys
+    config_map = builders.relay_config_map(OWNER, builders.relay_config("demo", ip_spec()))
+    assert config_map["data"][builders.SETTINGS_KEY] == builders.relay_settings(OWNER)
 
 
 def test_relay_listeners_ports_probes_and_service_agree() -> None:

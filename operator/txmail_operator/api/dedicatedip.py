@@ -7,6 +7,8 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import ConfigDict, Field
 
+from txmail_relay.contract import DeliveryMode, SmarthostTLS
+
 from .common import (
     DOMAIN,
     EMAIL,
@@ -24,17 +26,6 @@ Domain = Annotated[str, Field(min_length=3, max_length=253, pattern=DOMAIN)]
 Quantity = Annotated[
     str, Field(max_length=64, pattern=r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$")
 ]
-
-
-class DeliveryMode(StrEnum):
-    DIRECT = "Direct"
-    SMARTHOST = "Smarthost"
-
-
-class SmarthostTLS(StrEnum):
-    STARTTLS = "StartTLS"
-    IMPLICIT = "Implicit"
-    NONE = "None"
 
 
 class Smarthost(Model):

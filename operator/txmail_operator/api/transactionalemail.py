@@ -8,6 +8,8 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import ConfigDict, Field
 
+from txmail_relay.contract import SubscriptionType
+
 from .common import (
     EMAIL,
     Condition,
@@ -31,10 +33,6 @@ class Sender(Model):
     address: EmailAddress = Field(
         description="Sender address; its domain must be one of the DedicatedIP's domains."
     )
-
-
-class SubscriptionType(StrEnum):
-    TRANSACTIONAL = "Transactional"
 
 
 class EmailTracking(Model):

@@ -23,7 +23,7 @@ def template_entry(
         subject=spec.subject,
         html=spec.html,
         text=spec.text,
-        subscription_type=spec.subscription_type.value,
+        subscription_type=spec.subscription_type,
         track_opens=spec.tracking.opens,
         track_clicks=spec.tracking.clicks,
     )

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import yaml
+
 from txmail_relay import contract as c
 
 from ..api import DedicatedIPSpec
-from ..api.dedicatedip import DeliveryMode, EgressMode
+from ..api.dedicatedip import EgressMode
 from .naming import (
     SETTINGS_KEY,
     SMARTHOST_PATH,
@@ -21,12 +25,12 @@ from .naming import (
 
 def relay_config(ip: str, spec: DedicatedIPSpec) -> c.RelayConfig:
     smarthost = None
-    if spec.delivery.mode is DeliveryMode.SMARTHOST and spec.delivery.smarthost is not None:
+    if spec.delivery.mode is c.DeliveryMode.SMARTHOST and spec.delivery.smarthost is not None:
         sh = spec.delivery.smarthost
         smarthost = c.SmarthostConfig(
             host=sh.host,
             port=sh.port,
-            tls=c.SmarthostTLS(sh.tls.value),
+            tls=sh.tls,
             credentials_dir=SMARTHOST_PATH if sh.credentials_secret_ref else None,
         )
     return c.RelayConfig(
@@ -35,7 +39,7 @@ def relay_config(ip: str, spec: DedicatedIPSpec) -> c.RelayConfig:
         hostname=spec.hostname,
         domains=list(spec.domains),
         delivery=c.DeliveryConfig(
-            mode=c.DeliveryMode(spec.delivery.mode.value),
+            mode=spec.delivery.mode,
             smarthost=smarthost,
             bind_address=spec.address if spec.egress.mode is EgressMode.HOST_NETWORK else None,
         ),
@@ -47,26 +51,44 @@ def relay_config(ip: str, spec: DedicatedIPSpec) -> c.RelayConfig:
     )
 
 
-def relay_settings(owner: RelayOwner, *, tracking_keys: bool = False) -> str:
-    """The relay's static settings file: where it listens and reads its configuration from.
+SETTINGS_HEADER = (
+    "# txmail-relay --config: static settings. The RelayConfig, credentials and\n"
+    "# templates are watched live from the objects named under kubernetes.\n"
+)
 
-    With ``tracking_keys``, the tracking Secret is mounted and the relay signs and verifies
-    with the keys in it (re-read when the kubelet updates the mounted file).
+
+def relay_settings_model(owner: RelayOwner, *, tracking_keys: bool = False) -> c.RelaySettings:
+    """The relay's static settings: where it listens and reads its configuration from.
+
+    Filled in the relay's own model, so a file the relay would refuse cannot be built. With
+    ``tracking_keys``, the tracking Secret is mounted and the relay signs and verifies with
+    the keys in it (re-read when the kubelet updates the mounted file).
     """
-    lines = [
-        "# txmail-relay --config: static settings. The RelayConfig, credentials and",
-        "# templates are watched live from the objects named below.",
-        f"kubernetes: {{namespace: {owner.namespace}, dedicatedIP: {owner.name}}}",
+    return c.RelaySettings(
+        kubernetes=c.KubernetesSettings(namespace=owner.namespace, dedicated_ip=owner.name),
         # The container ports relay_deployment declares, by the same constants.
-        f"listen: {{submission: {c.SUBMISSION_PORT}, submissions: {c.SUBMISSIONS_PORT}, "
-        f"tracking: {c.TRACKING_PORT}, api: {c.API_PORT}, metrics: {c.METRICS_PORT}}}",
-        f"tls: {{certFile: {TLS_PATH}/tls.crt, keyFile: {TLS_PATH}/tls.key}}",
-        f"spool: {{directory: {SPOOL_PATH}}}",
-        "logging: {json: true}",
-    ]
-    if tracking_keys:
-        lines.append(f"trackingKeysFile: {TRACKING_PATH}/{c.TRACKING_KEYS_KEY}")
-    return "\n".join([*lines, ""])
+        listen=c.ListenSettings(
+            submission=c.SUBMISSION_PORT,
+            submissions=c.SUBMISSIONS_PORT,
+            tracking=c.TRACKING_PORT,
+            api=c.API_PORT,
+            metrics=c.METRICS_PORT,
+        ),
+        tls=c.TLSSettings(cert_file=Path(TLS_PATH, "tls.crt"), key_file=Path(TLS_PATH, "tls.key")),
+        spool=c.SpoolSettings(directory=Path(SPOOL_PATH)),
+        logging=c.LogSettings(json_format=True),
+        **(
+            {"tracking_keys_file": Path(TRACKING_PATH, c.TRACKING_KEYS_KEY)}
+            if tracking_keys
+            else {}
+        ),
+    )
+
+
+def relay_settings(owner: RelayOwner, *, tracking_keys: bool = False) -> str:
+    """:func:`relay_settings_model` as the file the relay pod mounts (YAML, what was set)."""
+    document = relay_settings_model(owner, tracking_keys=tracking_keys).to_document()
+    return SETTINGS_HEADER + yaml.safe_dump(document, sort_keys=False)
 
 
 def relay_config_map(
