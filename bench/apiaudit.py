@@ -173,6 +173,7 @@ class Summary:
     distinct_gets: int  # objects read by a GET
     max_gets_per_object: int
     objects_read_twice: int  # objects read by more than one GET
+    last_10s: int  # requests in the window's last 10 s: is the client still busy at its end?
 
     @property
     def rate(self) -> float:
@@ -194,10 +195,12 @@ class Summary:
             "distinctObjectsGot": self.distinct_gets,
             "maxGetsPerObject": self.max_gets_per_object,
             "objectsGotMoreThanOnce": self.objects_read_twice,
+            "requestsInLast10s": self.last_10s,
         }
 
 
-def summarise(requests: Sequence[Request], seconds: float) -> Summary:
+def summarise(requests: Sequence[Request], seconds: float, end: float) -> Summary:
+    """The requests of one window of ``seconds`` ending at ``end`` (epoch seconds)."""
     per_key = Counter(r.key for r in requests)
     per_second = Counter(int(r.at) for r in requests)
     gets = Counter(
@@ -214,4 +217,5 @@ def summarise(requests: Sequence[Request], seconds: float) -> Summary:
         distinct_gets=len(gets),
         max_gets_per_object=max(gets.values(), default=0),
         objects_read_twice=sum(1 for n in gets.values() if n > 1),
+        last_10s=sum(1 for r in requests if r.at >= end - 10),
     )

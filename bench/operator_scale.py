@@ -699,7 +699,7 @@ class Run:
 
     def _window(self, user: str, start: float, end: float) -> Summary:
         self.audit.wait_caught_up()
-        return summarise(self.audit.requests(user, start, end), end - start)
+        return summarise(self.audit.requests(user, start, end), end - start, end)
 
     def _relay(self, admin: Path) -> Relay:
         """The DedicatedIP and its relay process, once the operator has set the relay up."""
@@ -920,7 +920,8 @@ def report(runs: Sequence[dict[str, Any]], conditions: dict[str, Any]) -> str:
                 f"{req['requests']} requests ({req['requestsPerSecond']:.1f}/s, "
                 f"peak {req['peakPerSecond']}/s), {req['writes']} writes, "
                 f"GETs: {req['distinctObjectsGot']} objects, max {req['maxGetsPerObject']} "
-                f"per object, {req['objectsGotMoreThanOnce']} read twice or more; "
+                f"per object, {req['objectsGotMoreThanOnce']} read twice or more, "
+                f"{req['requestsInLast10s']} requests in its last 10 s; "
                 f"CPU {restart['cpuSeconds']} s, peak RSS {restart['peakRssMB']} MB",
                 *_requests_table(req),
             ]
