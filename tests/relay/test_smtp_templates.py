@@ -89,7 +89,8 @@ def test_refused_template_sends(
     with env.client(relay) as smtp, pytest.raises(smtplib.SMTPDataError) as refused:
         smtp.sendmail("shop@example.com", ["ada@dest.test"], _message(email_id, header=header))
     assert refused.value.smtp_code == 550
-    assert reply in refused.value.smtp_error.decode()
+    error = refused.value.smtp_error
+    assert reply in (error.decode() if isinstance(error, bytes) else error)
 
 
 def test_role_recipient_is_refused(env: RelayEnv, relay: RelayThread) -> None:
@@ -109,3 +110,15 @@ def test_role_recipient_is_refused(env: RelayEnv, relay: RelayThread) -> None:
         )
     [captured] = env.sink.wait(1)
     assert marker in captured.content
+
+
+def test_a_template_send_over_smtp_is_received_with_esmtpsa(
+    env: RelayEnv, relay: RelayThread
+) -> None:
+    with env.client(relay) as smtp:
+        smtp.sendmail("shop@example.com", ["ada@dest.test"], _message(MINE, header=PROPS))
+    [captured] = env.sink.wait(1)
+    [received] = [
+        " ".join(str(v).split()) for v in parsed(captured).get_all("Received") if "txmail" in v
+    ]
+    assert "([127.0.0.1]) by relay.test (txmail) with ESMTPSA;" in received

@@ -18,10 +18,12 @@ from relay.relaykit import (
     RelayEnv,
     credential,
     message,
+    parsed,
     swaks_available,
     wait_for,
     write_credentials,
 )
+from txmail_relay.mail.submission import TemplateFields, parse_submission
 from txmail_relay.spool.segments import SpooledMessage
 
 
@@ -300,7 +302,7 @@ class ExplodingSpool:
 
 def test_internal_error_is_451(env: RelayEnv) -> None:
     relay = env.start()
-    relay.call(lambda: setattr(relay.relay.handler, "_spool", ExplodingSpool()))  # type: ignore[union-attr]
+    relay.call(lambda: setattr(relay.relay.sends, "_spool", ExplodingSpool()))  # type: ignore[union-attr]
     with env.client(relay) as smtp:
         with pytest.raises(smtplib.SMTPDataError) as failed:
             smtp.sendmail("app@example.com", ["u@dest.test"], message(1))
@@ -333,3 +335,60 @@ def test_no_secrets_or_bodies_in_logs(env: RelayEnv, caplog: pytest.LogCaptureFi
         base64.b64encode(env.password.encode()).decode(),
     ):
         assert secret not in logged
+
+
+@pytest.mark.parametrize(
+    ("head", "reply"),
+    [
+        (b"", "5.7.1 Exactly one valid From header needed"),
+        (b"From: a@example.com\r\nFrom: b@example.com\r\n", "5.7.1 Exactly one valid From"),
+        (b"From: a@example.com, ceo@tenant-b.com\r\n", "5.7.1 From header domain tenant-b.com"),
+    ],
+)
+def test_the_from_header_is_checked_like_the_sender(env: RelayEnv, head: bytes, reply: str) -> None:
+    relay = env.start()
+    content = head + b"To: u@dest.test\r\nSubject: s\r\n\r\nFrom: body@example.com\r\n"
+    with env.client(relay) as smtp, pytest.raises(smtplib.SMTPDataError) as refused:
+        smtp.sendmail("app@example.com", ["u@dest.test"], content)
+    assert refused.value.smtp_code in {550, 553}
+    error = refused.value.smtp_error
+    assert (error.decode() if isinstance(error, bytes) else error).startswith(reply)
+    assert relay.metric("txmail_relay_smtp_rejections_total", {"reason": "from-header"}) == 1
+
+
+def test_the_received_header_names_the_client(env: RelayEnv) -> None:
+    relay = env.start()
+    with env.client(relay) as smtp:
+        smtp.ehlo("client.test\x7f")  # unsafe characters are left out of the header
+        smtp.sendmail("app@example.com", ["user@dest.test"], message(1))
+    [captured] = env.sink.wait(1)
+    [received] = [
+        " ".join(str(v).split()) for v in parsed(captured).get_all("Received") if "txmail" in v
+    ]
+    assert received.startswith(
+        "from client.test ([127.0.0.1]) by relay.test (txmail) with ESMTPSA;"
+    )
+
+
+def test_a_submission_is_parsed_once_into_one_value() -> None:
+    content = (
+        b"From: App <app@Example.COM>, ops@example.com\r\n"
+        b"To: Ada <ada@dest.test>, bob@dest.test\r\nCc: carl@dest.test\r\n"
+        b"Message-ID: <m1@example.com>\r\nX-Txmail-Track: OFF\r\n"
+        b"X-Txmail-Email-Id: 7 \r\nX-Txmail-Send-Id: s-1\r\n"
+        b"\r\nTo: not-a-header@dest.test\r\n"
+    )
+    submitted = parse_submission("app@example.com", ["ada@dest.test", "x@dest.test"], content)
+    headers = submitted.headers
+    assert submitted.recipients == ("ada@dest.test", "x@dest.test")
+    assert submitted.content == content  # spooled as received
+    assert headers.from_domains == ("example.com", "example.com")
+    assert headers.to == ("ada@dest.test", "bob@dest.test")
+    assert headers.cc == ("carl@dest.test",)
+    assert (headers.message_id, headers.track_off, headers.dkim_signed) == (
+        "<m1@example.com>",
+        True,
+        False,
+    )
+    assert headers.template == TemplateFields(email_id="7", properties=None, send_id="s-1")
+    assert parse_submission("a@example.com", [], b"Subject: x\r\n\r\n").headers.template is None

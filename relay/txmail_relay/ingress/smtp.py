@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.policy
 import logging
 import re
 import ssl
 from collections.abc import Callable, Iterator
-from email.message import EmailMessage
-from email.parser import BytesHeaderParser
-from email.utils import formatdate
 from typing import Any, Protocol
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
@@ -28,37 +24,27 @@ from txmail_relay.contract import CredentialEntry
 from txmail_relay.ingress.auth import CredentialChecker, FailureLimiter
 from txmail_relay.ingress.complaints import ComplaintHandler
 from txmail_relay.logs import install_redaction
+from txmail_relay.mail.headers import Origin
+from txmail_relay.mail.submission import parse_submission
 from txmail_relay.metrics import RelayMetrics
-from txmail_relay.records.store import SentCopy, Store
-from txmail_relay.sending.service import (
-    SUPPRESSED_REASONS,
-    SUPPRESSED_RESULTS,
-    SendError,
-    SendService,
-    suppression_reasons,
-)
-from txmail_relay.sending.smtp_templates import TEMPLATE_HEADER, parse_headers, template_request
+from txmail_relay.sending.policy import Rejected, SendError, check_header_from, check_sender
+from txmail_relay.sending.service import SendService
 from txmail_relay.settings import LimitSettings
-from txmail_relay.spool.segments import SpooledMessage, SpoolError, SpoolFullError
+from txmail_relay.spool.segments import SpoolError, SpoolFullError
 
 log = logging.getLogger(__name__)
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
-_UNSAFE_HELO = re.compile(r"[^\x21-\x7e]")
 
 REPLY_INTERNAL_ERROR = "451 4.3.0 Internal error, please try again later"
 REPLY_TOO_MANY_FAILURES = "421 4.7.0 Too many authentication failures, closing connection"
+NO_ROOM = Rejected("storage", "452 4.3.1 Insufficient system storage")
 
 
-class Acceptor(Protocol):
-    """Where accepted messages go: the spool."""
+class SpoolRoom(Protocol):
+    """The spool's free-space check (MAIL FROM's SIZE=)."""
 
     def has_room(self, size: int = 0) -> bool: ...
-
-    async def append(
-        self, mail_from: str, recipients: list[str], username: str, body: bytes
-    ) -> SpooledMessage: ...
 
 
 class RelaySession(Session):
@@ -77,47 +63,30 @@ class RelaySession(Session):
         self._login_data = value
 
 
-def _domain(address: str) -> str:
-    return address.rpartition("@")[2].lower()
-
-
-def header_from_domains(content: bytes) -> list[str] | None:
-    """Domains of the single From header's addresses, or None if there is no usable one."""
-    match = _HEADER_END.search(content)
-    head = content[: match.start()] if match else content
-    message = BytesHeaderParser(policy=email.policy.default).parsebytes(head)
-    values = message.get_all("From") or []
-    if len(values) != 1:
-        return None
-    try:
-        addresses = values[0].addresses
-    except (AttributeError, ValueError, IndexError):
-        return None
-    domains = [str(a.domain).lower() for a in addresses]
-    return domains if domains and all(domains) else None
+def _peer(session: Session) -> str:
+    return str(session.peer[0]) if isinstance(session.peer, tuple) else "unknown"
 
 
 class SubmissionHandler:
-    """aiosmtpd handler hooks: sender policy, recipient limit and spooling."""
+    """aiosmtpd handler hooks: each asks the policy or the send service, and maps what it
+    decides to a reply (5xx for the client's mistakes, 4xx only for our faults)."""
 
     def __init__(
         self,
-        store: LiveConfig,
-        spool: Acceptor,
+        config: LiveConfig,
+        spool: SpoolRoom,
         limits: LimitSettings,
         metrics: RelayMetrics,
         *,
-        sends: SendService | None = None,
-        db: Store | None = None,
-        complaints: ComplaintHandler | None = None,
+        sends: SendService,
+        complaints: ComplaintHandler,
         complaints_address: str | None = None,
     ) -> None:
-        self._store = store
+        self._config = config
         self._spool = spool
         self._limits = limits
         self._metrics = metrics
         self._sends = sends
-        self._db = db
         self._complaints = complaints
         self._static_complaints_address = (complaints_address or "").lower() or None
         install_redaction()  # aiosmtpd logs DATA lines and bad AUTH responses at DEBUG
@@ -125,37 +94,15 @@ class SubmissionHandler:
         self.idle = asyncio.Event()
         self.idle.set()
 
-    def _reject(self, reason: str, reply: str) -> str:
-        self._metrics.rejections.labels(reason).inc()
-        return reply
+    def _refuse(self, rejected: Rejected) -> str:
+        self._metrics.rejections.labels(rejected.reason).inc()
+        return rejected.reply
 
     def _complaints_address(self) -> str | None:
         """The DedicatedIP's feedback.complaintsAddress (live), else the settings file's."""
-        config = self._store.current
+        config = self._config.current
         live = config.relay.feedback.complaints_address if config is not None else None
         return (live or "").lower() or self._static_complaints_address
-
-    async def _suppressed(self, address: str) -> str | None:
-        """The 550 for a recipient the DedicatedIP suppresses, or None."""
-        reasons = suppression_reasons(self._store.current)
-        if not reasons or self._db is None or address.lower() == self._complaints_address():
-            return None
-        found = await self._db.call(self._db.suppressed, [address], reasons)
-        reason = found.get(address)
-        if reason is None:
-            return None
-        return (
-            f"550 5.7.1 <{address}> suppressed on this relay: {SUPPRESSED_REASONS[reason]} "
-            f"({SUPPRESSED_RESULTS[reason]})"
-        )
-
-    def _allowed(self, entry: CredentialEntry | None, domain: str) -> bool:
-        config = self._store.current
-        if entry is None or config is None:
-            return False
-        relay_domains = {d.lower() for d in config.relay.domains}
-        token_domains = {d.lower() for d in entry.allowed_from_domains}
-        return domain in relay_domains and domain in token_domains
 
     async def handle_MAIL(  # noqa: N802 - aiosmtpd's hook name
         self,
@@ -165,12 +112,12 @@ class SubmissionHandler:
         address: str,
         mail_options: list[str],
     ) -> str:
-        domain = _domain(address)
-        if not self._allowed(session.entry, domain):
-            return self._reject("sender", f"553 5.7.1 Sender domain {domain} not allowed")
+        verdict = check_sender(self._config.current, session.entry, address)
+        if isinstance(verdict, Rejected):
+            return self._refuse(verdict)
         size = next((o[5:] for o in mail_options if o.startswith("SIZE=")), "0")
         if not self._spool.has_room(int(size)):
-            return self._reject("storage", "452 4.3.1 Insufficient system storage")
+            return self._refuse(NO_ROOM)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
@@ -184,10 +131,11 @@ class SubmissionHandler:
         rcpt_options: list[str],
     ) -> str:
         if len(envelope.rcpt_tos) >= self._limits.max_recipients:
-            return self._reject("recipients", "452 4.5.3 Too many recipients")
-        refused = await self._suppressed(address)
-        if refused is not None:
-            return self._reject("suppressed", refused)
+            return self._refuse(Rejected("recipients", "452 4.5.3 Too many recipients"))
+        if address.lower() != self._complaints_address():
+            verdict = await self._sends.check_recipient(address)
+            if isinstance(verdict, Rejected):
+                return self._refuse(verdict)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
@@ -201,97 +149,42 @@ class SubmissionHandler:
         complaints_address = self._complaints_address()
         if complaints_address is not None and complaints_address in rcpts:
             return await self._complaint(rcpts, content, complaints_address)
-        domains = header_from_domains(content)
-        if domains is None:
-            return self._reject("from-header", "550 5.7.1 Exactly one valid From header needed")
-        for domain in domains:
-            if not self._allowed(entry, domain):
-                return self._reject(
-                    "from-header", f"553 5.7.1 From header domain {domain} not allowed"
-                )
-        headers = parse_headers(content)
-        if TEMPLATE_HEADER in headers:
-            return await self._template_send(entry, session, envelope, content)
-        received = self._received(server, session)
+        submission = parse_submission(envelope.mail_from, envelope.rcpt_tos, content)
+        verdict = check_header_from(self._config.current, entry, submission.headers)
+        if isinstance(verdict, Rejected):
+            return self._refuse(verdict)
+        origin = Origin(
+            peer=_peer(session),
+            by=server.hostname,
+            protocol="ESMTPSA",
+            helo=session.host_name or "unknown",
+        )
+        template = submission.headers.template is not None
         with self._working():
             try:
-                if self._sends is not None:
-                    tracked = await asyncio.wait_for(
-                        self._sends.track_plain(
-                            entry, envelope.mail_from, envelope.rcpt_tos, content, received
-                        ),
-                        self._limits.data_timeout,
-                    )
-                    if tracked is not None:
-                        return f"250 2.0.0 OK queued as {' '.join(m.id for m in tracked)}"
-                msg = await asyncio.wait_for(
-                    self._spool.append(
-                        envelope.mail_from, envelope.rcpt_tos, entry.username, received + content
-                    ),
-                    self._limits.data_timeout,
+                spooled = await asyncio.wait_for(
+                    self._sends.accept(entry, submission, origin), self._limits.data_timeout
                 )
+            except SendError as e:
+                self._metrics.template_sends.labels(entry.username, e.send_result).inc()
+                return self._refuse(e.rejected)
             except (SpoolError, TimeoutError) as exc:
                 return self._spool_failure(exc)
-        self._metrics.accepted.labels(entry.username).inc()
-        self._record_plain(entry, msg, headers)
-        log.info(
-            "message accepted",
-            extra={
-                "msg_id": msg.id,
-                "token": entry.username,
-                "recipients": len(msg.recipients),
-                "size": msg.body_length,
-            },
-        )
-        return f"250 2.0.0 OK queued as {msg.id}"
-
-    def _record_plain(
-        self, entry: CredentialEntry, msg: SpooledMessage, headers: EmailMessage
-    ) -> None:
-        db = self._db
-        if db is None:
-            return
-        message_id = str(headers.get("Message-ID") or "").strip() or None
-        copies = [SentCopy(msg.id, r, message_id) for r in msg.recipients]
-        contacts: dict[str, Any] | None = {} if entry.create_contacts else None
-        db.submit(lambda: db.record_sent(entry.username, 0, copies, contacts=contacts))
+        if template:
+            self._metrics.template_sends.labels(entry.username, "QUEUED").inc()
+        return f"250 2.0.0 OK queued as {' '.join(m.id for m in spooled)}"
 
     async def _complaint(self, rcpts: list[str], content: bytes, complaints_address: str) -> str:
-        if self._complaints is None or any(r != complaints_address for r in rcpts):
-            return self._reject(
-                "recipients", "550 5.5.1 The complaints address must be the only recipient"
+        if any(r != complaints_address for r in rcpts):
+            return self._refuse(
+                Rejected(
+                    "recipients", "550 5.5.1 The complaints address must be the only recipient"
+                )
             )
         found = await self._complaints.handle(content)
         if found is None:
             return "250 2.6.0 Report received (no matching message)"
         return "250 2.6.0 Complaint recorded"
-
-    async def _template_send(
-        self, entry: CredentialEntry, session: RelaySession, envelope: Envelope, content: bytes
-    ) -> str:
-        if self._sends is None:
-            return self._reject("template", "550 5.6.0 Template sends are not enabled")
-        try:
-            request = template_request(content, list(envelope.rcpt_tos))
-        except SendError as e:
-            self._metrics.template_sends.labels(entry.username, e.send_result).inc()
-            return self._reject("template", f"550 5.6.0 {e.send_result} {e.field}: {e.message}")
-        peer = session.peer[0] if isinstance(session.peer, tuple) else "unknown"
-        with self._working():
-            try:
-                _, copies = await self._sends.compose(entry, request)
-                spooled = await asyncio.wait_for(
-                    self._sends.send_copies(entry, request, copies, peer=str(peer)),
-                    self._limits.data_timeout,
-                )
-            except SendError as e:
-                self._metrics.template_sends.labels(entry.username, e.send_result).inc()
-                code = "550 5.1.1" if e.send_result == "INVALID_TO_ADDRESS" else "550 5.6.0"
-                return self._reject("template", f"{code} {e.send_result} {e.field}: {e.message}")
-            except (SpoolError, TimeoutError) as exc:
-                return self._spool_failure(exc)
-        self._metrics.template_sends.labels(entry.username, "QUEUED").inc()
-        return f"250 2.0.0 OK queued as {' '.join(m.id for m in spooled)}"
 
     @contextlib.contextmanager
     def _working(self) -> Iterator[None]:
@@ -308,19 +201,10 @@ class SubmissionHandler:
     def _spool_failure(self, exc: Exception) -> str:
         """The reply when spooling failed: never 250, always a temporary error."""
         if isinstance(exc, SpoolFullError):
-            return self._reject("storage", "452 4.3.1 Insufficient system storage")
+            return self._refuse(NO_ROOM)
         if isinstance(exc, TimeoutError):
-            return self._reject("spool", "451 4.3.0 Queueing timed out, try again")
-        return self._reject("spool", "451 4.3.0 Could not queue the message, try again")
-
-    @staticmethod
-    def _received(server: SMTP, session: RelaySession) -> bytes:
-        helo = _UNSAFE_HELO.sub("", session.host_name or "unknown")[:255]
-        peer = session.peer[0] if isinstance(session.peer, tuple) else "unknown"
-        return (
-            f"Received: from {helo} ([{peer}])\r\n\tby {server.hostname} (txmail) "
-            f"with ESMTPSA;\r\n\t{formatdate(usegmt=True)}\r\n"
-        ).encode("ascii", "replace")
+            return self._refuse(Rejected("spool", "451 4.3.0 Queueing timed out, try again"))
+        return self._refuse(Rejected("spool", "451 4.3.0 Could not queue the message, try again"))
 
 
 class SubmissionProtocol(SMTP):
@@ -367,8 +251,7 @@ class SubmissionProtocol(SMTP):
         return RelaySession(self.loop)
 
     def _peer_ip(self) -> str:
-        peer = self.session.peer if self.session is not None else None
-        return str(peer[0]) if isinstance(peer, tuple) else "unknown"
+        return _peer(self.session) if self.session is not None else "unknown"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self.transport is None

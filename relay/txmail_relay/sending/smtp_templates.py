@@ -16,43 +16,36 @@ from __future__ import annotations
 
 import email.policy
 import json
-import re
+from collections.abc import Sequence
 from email.message import EmailMessage
-from email.parser import BytesHeaderParser, BytesParser
-from email.utils import getaddresses
+from email.parser import BytesParser
 from typing import Any
 
-from txmail_relay.sending.service import SendError, SendRequest
-
-TEMPLATE_HEADER = "X-Txmail-Email-Id"
-PROPERTIES_HEADER = "X-Txmail-Properties"
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
-
-
-def parse_headers(content: bytes) -> EmailMessage:
-    match = _HEADER_END.search(content)
-    head = content[: match.start()] if match else content
-    return BytesHeaderParser(policy=email.policy.default).parsebytes(head)
+from txmail_relay.contract import SendResult
+from txmail_relay.mail.submission import PROPERTIES_HEADER, TEMPLATE_HEADER, Submission
+from txmail_relay.sending.model import SendRequest
+from txmail_relay.sending.policy import SendError
 
 
 def _json_object(text: str, where: str) -> dict[str, Any]:
     try:
         doc = json.loads(text)
     except ValueError as e:
-        raise SendError("VALIDATION_FAILED", where, f"{where} is not valid JSON") from e
+        raise SendError(SendResult.VALIDATION_FAILED, where, f"{where} is not valid JSON") from e
     if not isinstance(doc, dict):
-        raise SendError("VALIDATION_FAILED", where, f"{where} must be a JSON object")
+        raise SendError(SendResult.VALIDATION_FAILED, where, f"{where} must be a JSON object")
     return doc
 
 
 def _properties(doc: dict[str, Any], key: str, where: str) -> dict[str, Any]:
     value = doc.get(key) or {}
     if not isinstance(value, dict):
-        raise SendError("VALIDATION_FAILED", f"{where}.{key}", f"{key} must be an object")
+        raise SendError(SendResult.VALIDATION_FAILED, f"{where}.{key}", f"{key} must be an object")
     return value
 
 
 def _body_text(content: bytes) -> str:
+    """The text body (JSON properties), when no header carries them: a body parse."""
     msg = BytesParser(policy=email.policy.default).parsebytes(content)
     if not isinstance(msg, EmailMessage):
         return ""
@@ -66,39 +59,42 @@ def _body_text(content: bytes) -> str:
     return text if isinstance(text, str) else ""
 
 
-def template_request(content: bytes, envelope_rcpts: list[str]) -> SendRequest:
+def _visible(addresses: Sequence[str], lowered: dict[str, str]) -> list[str]:
+    """The envelope recipients among header addresses, in header order, once each."""
+    found = [lowered.get(a.lower()) for a in addresses]
+    return list(dict.fromkeys(a for a in found if a is not None))
+
+
+def template_request(submission: Submission) -> SendRequest:
     """The :class:`SendRequest` a submitted message describes; raises :class:`SendError`."""
-    headers = parse_headers(content)
-    raw_id = str(headers.get(TEMPLATE_HEADER) or "").strip()
+    headers = submission.headers
+    fields = headers.template
+    if fields is None:
+        raise ValueError("not a template send")
+    raw_id = fields.email_id
     if not raw_id.isdigit() or int(raw_id) <= 0:
-        raise SendError("VALIDATION_FAILED", TEMPLATE_HEADER, "emailId must be a positive integer")
-    props_header = headers.get(PROPERTIES_HEADER)
-    if props_header is not None:
-        doc = _json_object(str(props_header), PROPERTIES_HEADER)
+        raise SendError(
+            SendResult.VALIDATION_FAILED, TEMPLATE_HEADER, "emailId must be a positive integer"
+        )
+    if fields.properties is not None:
+        doc = _json_object(fields.properties, PROPERTIES_HEADER)
         where = PROPERTIES_HEADER
     else:
-        text = _body_text(content).strip()
+        text = _body_text(submission.content).strip()
         doc = _json_object(text, "body") if text.startswith("{") else {}
         where = "body"
-    rcpts = list(dict.fromkeys(envelope_rcpts))
+    rcpts = list(dict.fromkeys(submission.recipients))
     lowered = {r.lower(): r for r in rcpts}
-
-    def visible(name: str) -> list[str]:
-        values = [str(v) for v in headers.get_all(name) or []]
-        found = [lowered.get(a.lower()) for _, a in getaddresses(values)]
-        return list(dict.fromkeys(a for a in found if a is not None))
-
-    to, cc = visible("To"), visible("Cc")
+    to, cc = _visible(headers.to, lowered), _visible(headers.cc, lowered)
     cc = [a for a in cc if a not in to]
     if not to:
         to, cc = rcpts, []
     bcc = [r for r in rcpts if r not in to and r not in cc]
-    send_id = str(headers.get("X-Txmail-Send-Id") or "").strip() or None
     return SendRequest(
         email_id=int(raw_id),
         to=tuple(to),
-        sender=str(headers.get("From") or "") or None,
-        send_id=send_id,
+        sender=headers.sender,
+        send_id=fields.send_id,
         cc=tuple(cc),
         bcc=tuple(bcc),
         contact_properties=_properties(doc, "contactProperties", where),

@@ -1,0 +1,165 @@
+"""Who may send what: the relay's checks on a submission, as pure functions.
+
+Each check returns a :data:`Verdict`: :data:`ACCEPTED`, or :class:`Rejected` with the SMTP
+reply (code, enhanced status, text) and the ``txmail_relay_rejections_total`` reason.
+Template sends are refused with :class:`SendError`, which carries HubSpot's ``sendResult``
+and field for the API and maps to its SMTP reply through :attr:`SendError.rejected`. Lookups
+(the live configuration, the suppression list) are the caller's; these functions only decide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final
+
+from txmail_relay.config.live import DynamicConfig
+from txmail_relay.contract import CredentialEntry, SendResult, TemplateEntry
+from txmail_relay.mail.addresses import domain_of
+from txmail_relay.mail.submission import SubmittedHeaders
+from txmail_relay.records.model import Suppression
+
+
+@dataclass(frozen=True)
+class Accepted:
+    pass
+
+
+@dataclass(frozen=True)
+class Rejected:
+    reason: str  # label of txmail_relay_rejections_total
+    reply: str  # "550 5.7.1 text": the SMTP reply
+
+
+ACCEPTED: Final = Accepted()
+Verdict = Accepted | Rejected
+
+#: Local parts HubSpot refuses as recipients (``INVALID_TO_ADDRESS``).
+ROLE_LOCAL_PARTS = frozenset(
+    {
+        *("abuse", "no-reply", "noreply", "root", "spam", "security"),
+        *("undisclosed-recipients", "unsubscribe", "inoc", "postmaster", "privacy"),
+    }
+)
+
+#: HubSpot ``sendResult`` of a send refused because its recipient is suppressed.
+SUPPRESSED_RESULTS = {
+    Suppression.BOUNCED: SendResult.PREVIOUSLY_BOUNCED,
+    Suppression.COMPLAINED: SendResult.PREVIOUS_SPAM,
+}
+SUPPRESSED_REASONS = {
+    Suppression.BOUNCED: "earlier mail to it bounced",
+    Suppression.COMPLAINED: "it reported earlier mail as spam",
+}
+
+
+class SendError(Exception):
+    """A send refused before spooling: ``send_result`` (HubSpot enum) and the field."""
+
+    def __init__(self, send_result: SendResult, field: str, message: str) -> None:
+        super().__init__(message)
+        self.send_result = send_result
+        self.field = field
+        self.message = message
+
+    @property
+    def rejected(self) -> Rejected:
+        """The SMTP reply of this refusal (a template send over SMTP)."""
+        code = "550 5.1.1" if self.send_result == SendResult.INVALID_TO_ADDRESS else "550 5.6.0"
+        return Rejected("template", f"{code} {self.send_result} {self.field}: {self.message}")
+
+
+def is_role_address(address: str) -> bool:
+    return address.rpartition("@")[0].lower() in ROLE_LOCAL_PARTS
+
+
+def suppression_reasons(config: DynamicConfig | None) -> list[Suppression]:
+    """What the DedicatedIP opted into suppressing (nothing by default)."""
+    if config is None:
+        return []
+    opted = config.relay.suppression
+    return [
+        reason
+        for reason, on in (
+            (Suppression.BOUNCED, opted.bounces),
+            (Suppression.COMPLAINED, opted.complaints),
+        )
+        if on
+    ]
+
+
+def domain_allowed(config: DynamicConfig, entry: CredentialEntry, domain: str) -> bool:
+    """``domain`` (lowercase) is one of the IP's domains and one the token may send from."""
+    relay_domains = {d.lower() for d in config.relay.domains}
+    token_domains = {d.lower() for d in entry.allowed_from_domains}
+    return domain in relay_domains and domain in token_domains
+
+
+def sender_allowed(config: DynamicConfig, entry: CredentialEntry, address: str) -> bool:
+    return domain_allowed(config, entry, domain_of(address))
+
+
+def check_sender(
+    config: DynamicConfig | None, entry: CredentialEntry | None, address: str
+) -> Verdict:
+    """MAIL FROM: the envelope sender's domain."""
+    if config is None or entry is None or not sender_allowed(config, entry, address):
+        return Rejected("sender", f"553 5.7.1 Sender domain {domain_of(address)} not allowed")
+    return ACCEPTED
+
+
+def check_header_from(
+    config: DynamicConfig | None, entry: CredentialEntry, headers: SubmittedHeaders
+) -> Verdict:
+    """DATA: exactly one From header, and each of its domains allowed like MAIL FROM's."""
+    if headers.from_domains is None:
+        return Rejected("from-header", "550 5.7.1 Exactly one valid From header needed")
+    for domain in headers.from_domains:
+        if config is None or not domain_allowed(config, entry, domain):
+            return Rejected("from-header", f"553 5.7.1 From header domain {domain} not allowed")
+    return ACCEPTED
+
+
+def check_suppressed(address: str, reason: Suppression | None) -> Verdict:
+    """RCPT TO: a recipient the DedicatedIP suppresses (``reason`` from the records)."""
+    if reason is None:
+        return ACCEPTED
+    return Rejected(
+        "suppressed",
+        f"550 5.7.1 <{address}> suppressed on this relay: {SUPPRESSED_REASONS[reason]} "
+        f"({SUPPRESSED_RESULTS[reason]})",
+    )
+
+
+def role_refusal(to: Iterable[str]) -> SendError | None:
+    """Template sends: HubSpot refuses role addresses (``abuse@``, ``noreply@``) as ``to``."""
+    for rcpt in to:
+        if is_role_address(rcpt):
+            return SendError(
+                SendResult.INVALID_TO_ADDRESS, "message.to", f"role address {rcpt} not allowed"
+            )
+    return None
+
+
+def suppressed_refusal(to: Iterable[str], found: dict[str, Suppression]) -> SendError | None:
+    """Template sends: a suppressed ``to`` is refused (suppressed cc and bcc are left out)."""
+    for rcpt in to:
+        if rcpt in found:
+            reason = found[rcpt]
+            return SendError(
+                SUPPRESSED_RESULTS[reason],
+                "message.to",
+                f"{rcpt} is suppressed on this relay: {SUPPRESSED_REASONS[reason]}",
+            )
+    return None
+
+
+def find_template(config: DynamicConfig, entry: CredentialEntry, email_id: int) -> TemplateEntry:
+    """The template if it is in the token's namespace (others look exactly like missing).
+
+    The operator's scheduler credential may send any template published to this relay.
+    """
+    template = config.templates.get(email_id)
+    if template is None or (template.namespace != entry.namespace and not entry.scheduler):
+        raise SendError(SendResult.MISSING_CONTENT, "emailId", f"no email with id {email_id}")
+    return template
