@@ -12,6 +12,7 @@ from jinja2.exceptions import SecurityError
 
 from txmail_relay.contract import TemplateEntry
 from txmail_relay.templates.policy import (
+    MAX_NESTING,
     Limits,
     MissingProperties,
     Rendered,
@@ -383,6 +384,91 @@ def test_validate_reports_part_and_line() -> None:
 def test_validate_does_not_render() -> None:
     # Only parsing: missing variables and runtime errors are not template errors.
     assert validate("{{ nope }}", "{{ 1 // 0 }}", "{{ range(10**9) }}") == []
+
+
+@pytest.mark.parametrize("payload", SANDBOX_ESCAPES)
+@pytest.mark.parametrize("part", ["subject", "html", "text"])
+def test_validate_reports_every_sandbox_escape_before_any_send(payload: str, part: str) -> None:
+    """What rendering refuses (the test above), the apply-time analysis already reports."""
+    source = "ok\n" + payload
+    errors = validate(
+        source if part == "subject" else "s",
+        source if part == "html" else None,
+        source if part == "text" else None,
+    )
+    assert [(e.part, e.line) for e in errors] == [(part, 2)]
+    assert "not allowed" in errors[0].message
+
+
+@pytest.mark.parametrize(
+    ("source", "named"),
+    [
+        ("{{ contact.__class__ }}", "'__class__'"),
+        ("{{ ''.__class__.__mro__ }}", "'__class__'"),
+        ("{{ custom.x.__globals__ }}", "'__globals__'"),
+        ("{{ custom.order._secret }}", "'_secret'"),
+        ("{{ (custom.xs|map('upper')).gi_frame }}", "'gi_frame'"),
+        ("{{ dict.mro() }}", "'dict.mro'"),
+        ("{{ self['_TemplateReference__context'] }}", "['_TemplateReference__context']"),
+        ("{{ contact.name.encode() }}", "encode()"),
+        ("{{ '%*s' % (5, 'x') }}", "'*' widths"),
+    ],
+)
+def test_validate_names_what_the_sandbox_refuses(source: str, named: str) -> None:
+    [error] = validate("s", None, source)
+    assert named in error.message, error.message
+    with pytest.raises(RenderError):  # and rendering refuses it too
+        Templates().render(Source(text=source), {"name": "x"}, {"x": {}, "xs": ["a"]})
+
+
+ALLOWED = [
+    "{% for k, v in custom.d.items() %}{{ loop.index }}{{ loop.cycle('a', 'b') }}{% endfor %}",
+    "{% for x in custom.xs %}{% if loop.changed(x) %}{{ x }}{% endif %}{% endfor %}",
+    "{{ contact.name.upper() }} {{ contact.name.split(' ')|join('-') }}",
+    "{{ '%5d'|format(3) }} {{ '%s' % contact.name }} {{ '{0}-{x}'.format(1, x=2) }}",
+    "{{ custom['_x'] }} {{ contact['_y'] }} {{ custom.items }}",
+    "{{ dict(a=1).get('a') }} {{ custom.d.keys()|list }} {{ custom.xs.index('a') }}",
+    "{% set ns = namespace(n=0) %}{% set ns.n = 1 %}{{ ns.n }}",
+    "{% set c = cycler('a', 'b') %}{{ c.next() }}{{ c.current }}{% set j = joiner(',') %}{{ j() }}",
+    "{{ (1.5).is_integer() }} {{ (7).bit_length() }} {{ self }}",
+]
+
+
+@pytest.mark.parametrize("source", ALLOWED)
+def test_validate_accepts_what_renders(templates: Templates, source: str) -> None:
+    """No false alarms: what the analysis accepts here renders without a security error."""
+    assert validate("s", source, source) == []
+    data = {"d": {"k": 1}, "xs": ["a", "a", "b"], "_x": 1, "items": "i"}
+    templates.render(Source(html=source, text=source), {"name": "a b", "_y": 2}, data)
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "{{ " + "(" * 3000 + "1" + ")" * 3000 + " }}",
+        "{{ " + "[" * 3000 + "]" * 3000 + " }}",
+        "{{ " + "-" * 3000 + "1 }}",
+        "{{ " + "not " * 3000 + "1 }}",
+        "{{ x" + ".a" * 3000 + " }}",
+        "{% if 1 %}" * 3000 + "{% endif %}" * 3000,
+        "{% for x in y %}" * 60 + "{% endfor %}" * 60,
+    ],
+)
+def test_deep_nesting_is_a_clear_validation_error(subject: str) -> None:
+    """3,000 parentheses in a subject: a template error, not a RecursionError in the operator."""
+    [error] = validate(subject, None, None)
+    assert error.part == "subject"
+    assert "nest" in error.message, error.message
+    with pytest.raises(RenderError, match="nest"):
+        Templates().render(Source(subject=subject), {}, {})
+
+
+def test_brackets_nested_too_deeply_name_their_line() -> None:
+    deep = "{{ " + "(" * (MAX_NESTING + 1) + "1" + ")" * (MAX_NESTING + 1) + " }}"
+    [error] = validate("s", "ok\n\n" + deep, None)
+    assert (error.line, error.message) == (3, f"brackets nest more than {MAX_NESTING} levels deep")
+    fine = "{{ " + "(" * MAX_NESTING + "1" + ")" * MAX_NESTING + " }}"
+    assert validate(fine, None, None) == []
 
 
 def test_validate_rejects_oversized_sources() -> None:

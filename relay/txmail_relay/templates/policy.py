@@ -14,7 +14,8 @@ be lists and dicts usable in loops). Undefined variables are errors (``StrictUnd
 :class:`MissingProperties` lists them (HubSpot ``MISSING_TEMPLATE_PROPERTIES``); any other
 failure is a :class:`RenderError` (``TEMPLATE_RENDER_EXCEPTION``). Escapes such as
 ``''.__class__.__mro__`` or ``|attr('format')`` raise :class:`TemplateSecurityError`, which derives
-from :class:`jinja2.exceptions.SecurityError`.
+from :class:`jinja2.exceptions.SecurityError`. :func:`validate` reports such uses before any
+send, from the parsed template (:mod:`.analysis`, with the rules of :mod:`.rules`).
 
 Resource caps (J3) are cooperative, no threads and no signals:
 
@@ -56,9 +57,14 @@ from jinja2.exceptions import (
 )
 from jinja2.runtime import Context, StrictUndefined, Undefined, markup_join, str_join
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from jinja2.utils import Cycler, Joiner, Namespace, missing, pass_context, pass_eval_context
+from jinja2.utils import missing, pass_context, pass_eval_context
 from jinja2.visitor import NodeTransformer
 from markupsafe import soft_str
+
+from txmail_relay.contract import SendResult
+
+from .analysis import Refusal, refusals
+from .rules import ALLOWED_METHODS, PERCENT_SPEC, TYPE_GLOBALS
 
 Part = Literal["subject", "html", "text"]
 PARTS: tuple[Part, ...] = ("subject", "html", "text")
@@ -67,29 +73,12 @@ PARTS: tuple[Part, ...] = ("subject", "html", "text")
 _HEADER_BREAKS = re.compile("[\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]+")
 _CONTROLS = re.compile("[\x00-\x08\x0e-\x1f\x7f]")
 _BUDGET_KEY = "txmail:budget"  # not an identifier: templates cannot name it
-_PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?")
 _DIGITS = re.compile(r"\d+")
 _MAX_DEPTH = 32
-
-_ALLOWED_STR_METHODS = frozenset(
-    {
-        *("capitalize", "casefold", "center", "count", "endswith", "find", "format"),
-        *("format_map", "index", "isalnum", "isalpha", "isascii", "isdecimal", "isdigit"),
-        *("isidentifier", "islower", "isnumeric", "isprintable", "isspace", "istitle"),
-        *("isupper", "join", "ljust", "lower", "lstrip", "partition", "removeprefix"),
-        *("removesuffix", "replace", "rfind", "rindex", "rjust", "rpartition", "rsplit"),
-        *("rstrip", "split", "splitlines", "startswith", "strip", "swapcase", "title"),
-        *("upper", "zfill", "escape", "unescape", "striptags"),
-    }
-)
-_ALLOWED_METHODS: tuple[tuple[type, frozenset[str]], ...] = (
-    (str, _ALLOWED_STR_METHODS),
-    (int, frozenset({"bit_length", "bit_count", "conjugate", "as_integer_ratio"})),
-    (float, frozenset({"is_integer", "conjugate", "as_integer_ratio", "hex"})),
-    (dict, frozenset({"get", "items", "keys", "values"})),
-    (list, frozenset({"count", "index"})),
-    (tuple, frozenset({"count", "index"})),
-)
+#: Brackets nested deeper than this are refused before parsing: Jinja's parser recurses about
+#: 15 frames per level and Python stops at 1,000 (real templates nest a handful).
+MAX_NESTING = 32
+_OPENING, _CLOSING = frozenset("([{"), frozenset(")]}")
 
 
 def header_safe(value: str) -> str:
@@ -134,7 +123,7 @@ class TemplateSource(Protocol):
 class RenderError(Exception):
     """A template could not be rendered; ``send_result`` is the HubSpot ``sendResult``."""
 
-    send_result: ClassVar[str] = "TEMPLATE_RENDER_EXCEPTION"
+    send_result: ClassVar[str] = SendResult.TEMPLATE_RENDER_EXCEPTION
 
     def __init__(self, message: str, *, part: Part | None = None, line: int | None = None):
         super().__init__(message)
@@ -145,7 +134,7 @@ class RenderError(Exception):
 class MissingProperties(RenderError):  # noqa: N818 (HubSpot's name)
     """The template uses properties that were not given (``names`` like ``custom.order``)."""
 
-    send_result: ClassVar[str] = "MISSING_TEMPLATE_PROPERTIES"
+    send_result: ClassVar[str] = SendResult.MISSING_TEMPLATE_PROPERTIES
 
     def __init__(self, names: Iterable[str], *, part: Part | None = None, line: int | None = None):
         self.names: tuple[str, ...] = tuple(sorted(set(names)))
@@ -274,9 +263,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         )
         self.limits = limits
         self.globals.clear()
-        self.globals.update(
-            range=self._range, dict=dict, namespace=Namespace, cycler=Cycler, joiner=Joiner
-        )
+        self.globals.update(range=self._range, **TYPE_GLOBALS)
         prechecks: dict[str, Callable[[dict[str, Any]], None]] = {
             "center": lambda a: self._check_width(a["width"]),
             "indent": self._precheck_indent,
@@ -314,7 +301,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             raise self._fail("result")
 
     def _check_percent(self, fmt: Any) -> None:
-        for match in _PERCENT_SPEC.finditer(soft_str(fmt)):
+        for match in PERCENT_SPEC.finditer(soft_str(fmt)):
             for group in match.groups():
                 if group == "*":
                     raise SecurityError("'*' widths are not allowed in format strings")
@@ -390,7 +377,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         ):
             return args
         owner, name = target.__self__, target.__name__
-        for base, allowed in _ALLOWED_METHODS:
+        for base, allowed in ALLOWED_METHODS:
             if isinstance(owner, base):
                 if name not in allowed:
                     raise SecurityError(f"calling {type(owner).__name__}.{name} is not allowed")
@@ -573,6 +560,21 @@ def _template_line(exc: BaseException) -> int | None:
 class _Compiled:
     template: Template
     referenced: frozenset[tuple[str, ...]]
+    refused: tuple[Refusal, ...]  # what rendering would refuse (see .analysis)
+
+
+def _check_nesting(env: _Sandbox, source: str) -> None:
+    """Refuse brackets nested past :data:`MAX_NESTING`, with the line, before parsing."""
+    depth = 0
+    for lineno, kind, value in env.lex(source):
+        if kind == "operator" and value in _OPENING:
+            depth += 1
+            if depth > MAX_NESTING:
+                raise TemplateSyntaxError(
+                    f"brackets nest more than {MAX_NESTING} levels deep", lineno
+                )
+        elif kind == "operator" and value in _CLOSING:
+            depth -= 1
 
 
 class Templates:
@@ -612,13 +614,23 @@ class Templates:
         if len(source.encode("utf-8", "surrogatepass")) > self.limits.max_source_bytes:
             raise TemplateSyntaxError("template is too large", 1)
         env = self._envs[part]
-        ast = env.parse(source)
-        for node in ast.find_all(_UNSUPPORTED):
-            tag = type(node).__name__.lower().replace("fromimport", "from")
-            raise TemplateSyntaxError(f"'{tag}' is not supported", node.lineno)
-        referenced = _referenced(ast)
-        _Guard().visit(ast)
-        compiled = _Compiled(env.from_string(ast), referenced)
+        _check_nesting(env, source)
+        try:
+            ast = env.parse(source)
+            for node in ast.find_all(_UNSUPPORTED):
+                tag = type(node).__name__.lower().replace("fromimport", "from")
+                raise TemplateSyntaxError(f"'{tag}' is not supported", node.lineno)
+            referenced = _referenced(ast)
+            refused = tuple(refusals(ast))
+            _Guard().visit(ast)
+            compiled = _Compiled(env.from_string(ast), referenced, refused)
+        except RecursionError:
+            # Operators, filters or blocks inside one another, without brackets (- - - 1).
+            raise TemplateSyntaxError(
+                "the template nests too deeply: expressions or blocks inside one another", 1
+            ) from None
+        except SyntaxError as e:  # Python's limits on the compiled code: nested blocks
+            raise TemplateSyntaxError(f"the template nests too deeply ({e.msg})", 1) from None
         with self._lock:
             self._cache[key] = compiled
             while len(self._cache) > self._cache_size:
@@ -626,15 +638,20 @@ class Templates:
         return compiled
 
     def validate(self, subject: str, html: str | None, text: str | None) -> list[TemplateError]:
-        """Syntax problems of each part, with their lines (renders nothing)."""
+        """The first problem of each part, with its line (renders nothing): a syntax error,
+        or a use the sandbox refuses (``{{ contact.__class__ }}``, see :mod:`.analysis`)."""
         errors = []
         for part, source in zip(PARTS, (subject, html, text), strict=True):
             if source is None:
                 continue
             try:
-                self._compile(part, source)
+                compiled = self._compile(part, source)
             except TemplateSyntaxError as e:
                 errors.append(TemplateError(part, e.lineno, e.message or str(e)))
+                continue
+            if compiled.refused:
+                first = compiled.refused[0]
+                errors.append(TemplateError(part, first.line, first.message))
         return errors
 
     def render(
