@@ -27,14 +27,15 @@ from txmail_relay.ingress.smtp import SubmissionHandler, SubmissionProtocol
 from txmail_relay.ingress.tls import server_context, watch_certificate
 from txmail_relay.metrics import RelayMetrics
 from txmail_relay.outcomes import OutcomeListener
+from txmail_relay.records.records import Records
 from txmail_relay.records.stats import (
     FileStatsPublisher,
     OutcomeRecorder,
     StatsLoop,
     StatsPublisher,
 )
-from txmail_relay.records.store import Store
-from txmail_relay.sending.service import Composer, SendService
+from txmail_relay.sending.composer import Composer
+from txmail_relay.sending.service import SendService
 from txmail_relay.settings import Settings
 from txmail_relay.spool.segments import Spool, SpoolIO, SpoolLock
 from txmail_relay.templates.policy import Templates
@@ -62,7 +63,7 @@ class Relay:
         self.metrics = RelayMetrics(self.registry)
         self.store = LiveConfig()
         self.spool_lock = SpoolLock(settings.spool.directory)
-        self.db = Store(settings.spool.directory)
+        self.records = Records(settings.spool.directory)
         self.tracking_keys = keys = KeyFile(settings.tracking_keys_file)
         self._source = source
         self.spool = Spool(
@@ -78,20 +79,19 @@ class Relay:
             self.transport,
             settings.retry,
             concurrency=settings.outbound.concurrency,
-            listeners=[self.metrics, OutcomeRecorder(self.db), *listeners],
+            listeners=[self.metrics, OutcomeRecorder(self.records), *listeners],
         )
         self.spool.subscribe(self.queue.enqueue)
         self.metrics.track_queue(self.queue.depth, self.queue.oldest_age)
         composer = Composer(templates or Templates(), keys, self.metrics)
-        self.sends = SendService(self.store, composer, self.spool, self.db, self.metrics)
-        self.complaints = ComplaintHandler(self.db, self.metrics)
+        self.sends = SendService(self.store, composer, self.spool, self.records, self.metrics)
+        self.complaints = ComplaintHandler(self.records, self.metrics)
         self.handler = SubmissionHandler(
             self.store,
             self.spool,
             settings.limits,
             self.metrics,
             sends=self.sends,
-            db=self.db,
             complaints=self.complaints,
             complaints_address=settings.complaints_address,
         )
@@ -101,16 +101,16 @@ class Relay:
         )
         if stats_publisher is None and settings.stats_file is not None:
             stats_publisher = FileStatsPublisher(settings.stats_file)
-        self.stats = StatsLoop(self.db, self.store, stats_publisher, settings.stats_interval)
+        self.stats = StatsLoop(self.records, self.store, stats_publisher, settings.stats_interval)
         self.stats.register(self.registry)
         self._api = SendApi(
             TokenAuth(self._checker, self._limiter, self.metrics),
             self.sends,
-            self.db,
+            self.records,
             self.metrics,
             max_recipients=settings.limits.max_recipients,
         )
-        self._tracking = TrackingEndpoints(keys, self.db, self.metrics)
+        self._tracking = TrackingEndpoints(keys, self.records, self.metrics)
         self._tls_context = tls_context
         self._servers: list[asyncio.base_events.Server] = []
         self._sessions: set[SubmissionProtocol] = set()
@@ -126,8 +126,8 @@ class Relay:
         """Recover the spool, wait for the first configuration, then listen."""
         settings = self.settings
         loop = asyncio.get_running_loop()
-        await self.spool_lock.acquire()  # the spool folder holds the SQLite store too
-        await self.db.open()
+        await self.spool_lock.acquire()  # the spool folder holds the SQLite records too
+        await self.records.open()
         for msg in await asyncio.to_thread(self.spool.recover):
             self.queue.enqueue(msg)
         self.spool.start()
@@ -252,6 +252,6 @@ class Relay:
         if self.store.ready:
             with contextlib.suppress(Exception):
                 await self.stats.refresh()  # last figures out before exiting
-        await self.db.close()
+        await self.records.close()
         self.spool_lock.release()
         log.info("relay stopped")

@@ -364,25 +364,6 @@ def test_concurrent_repeats_of_a_send_id_send_once(env: RelayEnv, b_password: st
     assert len(env.sink.wait(2)) == 2
 
 
-async def test_unspooled_reservations_are_dropped_on_restart(tmp_path: Path) -> None:
-    from txmail_relay.records.store import SendState, Store  # noqa: PLC0415
-
-    store = Store(tmp_path)
-    await store.open()
-    pending, created = await store.call(store.reserve, "u", "s1", 1, "a@x.test")
-    assert created and pending.status is SendState.PENDING
-    queued, _ = await store.call(store.reserve, "u", "s2", 1, "a@x.test")
-    await store.call(lambda: store.record_sent("u", 1, [], queued_status=queued.status_id))
-    await store.close()
-    store = Store(tmp_path)
-    await store.open()
-    _, again = await store.call(store.reserve, "u", "s1", 1, "a@x.test")
-    assert again  # the crashed send may be retried
-    kept, fresh = await store.call(store.reserve, "u", "s2", 1, "a@x.test")
-    assert not fresh and kept.status is SendState.PROCESSING
-    await store.close()
-
-
 def test_the_operators_scheduler_credential_sends_every_namespaces_template(
     env: RelayEnv, b_password: str
 ) -> None:

@@ -33,7 +33,6 @@ from relay.relaykit import (
     wait_for,
 )
 from txmail_relay.http.api import SEND_PATH
-from txmail_relay.records.store import Store, Suppression
 
 ORDER = 21
 TRACKED = 22
@@ -138,7 +137,7 @@ def test_bounced_recipients_are_refused_when_the_ip_opts_in(
         smtp.sendmail("app@example.com", ["gone@dest.test"], message(1))
     wait_for(lambda: recorder.outcomes("gone@dest.test") == ["bounced"], what="the bounce")
     assert relay.relay is not None
-    db_path = relay.relay.db.path
+    db_path = relay.relay.records.path
     wait_for(lambda: _reasons(db_path, "gone@dest.test") == ["bounced"], what="the bounce stored")
 
     # API: HubSpot's sendResult, naming the field; nothing is spooled.
@@ -248,38 +247,3 @@ def test_complaints_address_changes_apply_live(env: RelayEnv) -> None:
             smtp.sendmail("reports@example.com", [FBL, "x@dest.test"], report)
     assert mixed.value.smtp_code == 550
     assert relay.metric("txmail_relay_complaint_reports_total", {"result": "unknown"}) == 1
-
-
-# -- the store -----------------------------------------------------------------------------------
-
-
-async def test_store_records_bounces_and_complaints_for_suppression(tmp_path: Path) -> None:
-    from txmail_relay.outcomes import Outcome  # noqa: PLC0415
-    from txmail_relay.records.store import Recipient, SentCopy  # noqa: PLC0415
-
-    store = Store(tmp_path)
-    await store.open()
-    copies = [SentCopy("s1", "Ada@Dest.test", "<m1@x>"), SentCopy("s1", "bob@dest.test", "<m1@x>")]
-    await store.call(lambda: store.record_sent("app1", 0, copies))
-    await store.call(store.record_outcome, "s1", "app1", "bob@dest.test", Outcome.BOUNCED, 1.0)
-    await store.call(store.record_outcome, "s1", "app1", "Ada@Dest.test", Outcome.DEFERRED, 1.0)
-    assert await store.call(store.suppressed, ["BOB@dest.test"], [Suppression.BOUNCED]) == {
-        "BOB@dest.test": Suppression.BOUNCED
-    }
-    assert await store.call(store.suppressed, ["ada@dest.test"], list(Suppression)) == {}
-    ada = Recipient("s1", "Ada@Dest.test", "app1", 0)
-    assert await store.call(store.record_complaint, ada)
-    both = await store.call(store.suppressed, ["ada@dest.test", "bob@dest.test"], list(Suppression))
-    assert both == {"ada@dest.test": Suppression.COMPLAINED, "bob@dest.test": Suppression.BOUNCED}
-    assert await store.call(store.suppressed, ["ada@dest.test"], []) == {}
-    await store.close()
-
-    # A store from before the suppressions table: its complaints are carried over on open.
-    with contextlib.closing(sqlite3.connect(store.path)) as db:
-        db.execute("DROP TABLE suppressions")
-    again = Store(tmp_path)
-    await again.open()
-    assert await again.call(again.suppressed, ["ADA@dest.test"], list(Suppression)) == {
-        "ADA@dest.test": Suppression.COMPLAINED
-    }
-    await again.close()

@@ -23,8 +23,11 @@ from txmail_relay.contract import CredentialEntry
 from txmail_relay.ingress.auth import Authenticator, FailureLimiter
 from txmail_relay.mail.compose import MimeError, address
 from txmail_relay.metrics import RelayMetrics
-from txmail_relay.records.store import SendStatus, Store
-from txmail_relay.sending.service import SendError, SendRequest, SendService
+from txmail_relay.records.model import SendStatus
+from txmail_relay.records.records import Records
+from txmail_relay.sending.model import SendRequest
+from txmail_relay.sending.policy import SendError
+from txmail_relay.sending.service import SendService
 from txmail_relay.spool.segments import SpoolError, SpoolFullError
 
 log = logging.getLogger(__name__)
@@ -231,14 +234,14 @@ class SendApi:
         self,
         auth: TokenAuth,
         service: SendService,
-        store: Store,
+        records: Records,
         metrics: RelayMetrics,
         *,
         max_recipients: int,
     ) -> None:
         self._auth = auth
         self._service = service
-        self._store = store
+        self._records = records
         self._metrics = metrics
         self._max_recipients = max_recipients
 
@@ -305,7 +308,7 @@ class SendApi:
         if isinstance(entry, web.Response):
             return entry
         status_id = request.match_info["statusId"]
-        found = await self._store.call(self._store.status, entry.username, status_id)
+        found = await self._records.sends.get(entry.username, status_id)
         if found is None:
             return error_response(404, "OBJECT_NOT_FOUND", "no send status with this id")
         return web.json_response(status_view(found))
@@ -321,9 +324,7 @@ class SendApi:
             return error_response(
                 400, "VALIDATION_ERROR", "limit must be an integer", field="limit"
             )
-        rows = await self._store.call(
-            lambda: self._store.contacts(entry.username, after=after, limit=limit)
-        )
+        rows = await self._records.contacts.page(entry.username, after=after, limit=limit)
         body: dict[str, Any] = {
             "results": [
                 {

@@ -19,7 +19,8 @@ from email.parser import BytesParser, HeaderParser
 from email.utils import getaddresses
 
 from txmail_relay.metrics import RelayMetrics
-from txmail_relay.records.store import Recipient, Store
+from txmail_relay.records.model import Recipient
+from txmail_relay.records.records import Records
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,8 @@ def parse_report(data: bytes) -> FeedbackReport:
 
 
 class ComplaintHandler:
-    def __init__(self, store: Store, metrics: RelayMetrics) -> None:
-        self._store = store
+    def __init__(self, records: Records, metrics: RelayMetrics) -> None:
+        self._records = records
         self._metrics = metrics
 
     async def handle(self, data: bytes) -> Recipient | None:
@@ -85,14 +86,14 @@ class ComplaintHandler:
             self._metrics.complaint_reports.labels("invalid").inc()
             log.warning("feedback report refused: %s", e)
             return None
-        found = await self._store.call(
-            self._store.find_message, report.original_message_id, report.recipients
+        found = await self._records.events.find_message(
+            report.original_message_id, report.recipients
         )
         if found is None:
             self._metrics.complaint_reports.labels("unknown").inc()
             log.warning("feedback report about an unknown message")
             return None
-        await self._store.call(self._store.record_complaint, found)
+        await self._records.events.complaint(found)
         self._metrics.complaint_reports.labels("recorded").inc()
         log.info(
             "complaint recorded",

@@ -1,12 +1,12 @@
-"""Stats: outcomes into the store, the per-token figures, Prometheus, and publishing.
+"""Stats: outcomes into the records, the per-token figures, Prometheus, and publishing.
 
-:class:`OutcomeRecorder` is an :class:`~txmail_relay.events.OutcomeListener` that writes
-every outcome to the store (off the loop). :class:`StatsLoop` computes a
-:class:`~txmail_relay.contract.RelayStats` every ``statsInterval`` seconds, keeps it for the
-Prometheus collector and hands it to a :class:`StatsPublisher`: the ConfigMap the operator
-copies into ``SmtpToken.status.stats`` (:class:`~txmail_relay.kube.KubernetesStatsPublisher`)
-or a file (:class:`FileStatsPublisher`). Only configured tokens are published and become
-metric labels.
+:class:`OutcomeRecorder` is an :class:`~txmail_relay.outcomes.OutcomeListener` that writes
+every outcome to the records (without waiting). :class:`StatsLoop` computes a
+:class:`~txmail_relay.contract.RelayStats` every ``statsInterval`` seconds, keeps its counts
+for the Prometheus collector and hands it to a :class:`StatsPublisher`: the ConfigMap the
+operator copies into ``SmtpToken.status.stats``
+(:class:`~txmail_relay.config.kube.KubernetesStatsPublisher`) or a file
+(:class:`FileStatsPublisher`). Only configured tokens are published and become metric labels.
 """
 
 from __future__ import annotations
@@ -28,23 +28,22 @@ from txmail_relay.config.live import LiveConfig
 from txmail_relay.contract import RelayStats, TokenStats
 from txmail_relay.metrics import PREFIX
 from txmail_relay.outcomes import OutcomeEvent
-from txmail_relay.records.store import Kind, Store
+from txmail_relay.records.database import background
+from txmail_relay.records.model import Kind, Totals
+from txmail_relay.records.records import Records
 
 log = logging.getLogger(__name__)
 
 
 class OutcomeRecorder:
-    def __init__(self, store: Store) -> None:
-        self._store = store
+    def __init__(self, records: Records) -> None:
+        self._records = records
 
     def on_outcome(self, event: OutcomeEvent) -> None:
-        self._store.submit(
-            self._store.record_outcome,
-            event.message_id,
-            event.username,
-            event.recipient,
-            event.outcome,
-            event.at,
+        background(
+            self._records.events.outcome(
+                event.message_id, event.username, event.recipient, event.outcome, event.at
+            )
         )
 
 
@@ -72,14 +71,14 @@ def token_stats(counts: Mapping[Kind, int], last_sent: float | None, contacts: i
     )
 
 
-def read_stats(store: Store, usernames: frozenset[str], now: datetime) -> RelayStats:
-    """Runs on the store's thread."""
-    counters = store.counters()
-    last_sent = store.last_sent()
-    contacts = store.contact_counts()
+def relay_stats(totals: Totals, usernames: frozenset[str], now: datetime) -> RelayStats:
     return RelayStats(
         tokens={
-            name: token_stats(counters.get(name, {}), last_sent.get(name), contacts.get(name, 0))
+            name: token_stats(
+                totals.counts.get(name, {}),
+                totals.last_sent.get(name),
+                totals.contacts.get(name, 0),
+            )
             for name in sorted(usernames)
         },
         updated_at=now,
@@ -129,14 +128,14 @@ class StatsLoop:
 
     def __init__(
         self,
-        store: Store,
+        records: Records,
         config: LiveConfig,
         publisher: StatsPublisher | None,
         interval: float,
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
-        self._store = store
+        self._records = records
         self._config = config
         self._publisher = publisher
         self._interval = interval
@@ -156,18 +155,11 @@ class StatsLoop:
     async def refresh(self) -> RelayStats:
         config = self._config.current
         names = frozenset(config.credentials) if config is not None else frozenset()
-
-        def read() -> tuple[RelayStats, dict[str, dict[Kind, int]], dict[str, int]]:
-            counters = self._store.counters()
-            return (
-                read_stats(self._store, names, self._clock()),
-                {n: counters.get(n, {}) for n in names},
-                self._store.contact_counts(),
-            )
-
-        stats, counts, contacts = await self._store.call(read)
-        self.latest, self._counts = stats, counts
-        self._contacts = {n: contacts.get(n, 0) for n in names}
+        totals = await self._records.counters.totals()
+        stats = relay_stats(totals, names, self._clock())
+        self.latest = stats
+        self._counts = {n: dict(totals.counts.get(n, {})) for n in names}
+        self._contacts = {n: totals.contacts.get(n, 0) for n in names}
         if self._publisher is not None:
             try:
                 await self._publisher.publish(stats)

@@ -17,7 +17,9 @@ from pathlib import Path
 from aiohttp import web
 
 from txmail_relay.metrics import RelayMetrics
-from txmail_relay.records.store import Kind, Store
+from txmail_relay.records.database import background
+from txmail_relay.records.model import Kind
+from txmail_relay.records.records import Records
 from txmail_relay.tracking.tokens import (
     CLICK_HEADERS,
     PIXEL_HEADERS,
@@ -113,9 +115,9 @@ class KeyFile:
 
 
 class TrackingEndpoints:
-    def __init__(self, keys: KeyFile, store: Store, metrics: RelayMetrics) -> None:
+    def __init__(self, keys: KeyFile, records: Records, metrics: RelayMetrics) -> None:
         self._keys = keys
-        self._store = store
+        self._records = records
         self._metrics = metrics
 
     def install(self, app: web.Application) -> None:
@@ -132,7 +134,7 @@ class TrackingEndpoints:
             self._metrics.tracking_requests.labels("open", "invalid").inc()
         else:
             self._metrics.tracking_requests.labels("open", "valid").inc()
-            self._store.submit(self._store.record_engagement, event_id, Kind.OPENED)
+            background(self._records.events.engagement(event_id, Kind.OPENED))
         return web.Response(body=TRANSPARENT_GIF, headers=dict(PIXEL_HEADERS))
 
     async def click(self, request: web.Request) -> web.Response:
@@ -147,5 +149,5 @@ class TrackingEndpoints:
                 headers=BAD_LINK_HEADERS,
             )
         self._metrics.tracking_requests.labels("click", "valid").inc()
-        self._store.submit(self._store.record_engagement, found.event_id, Kind.CLICKED)
+        background(self._records.events.engagement(found.event_id, Kind.CLICKED))
         return web.Response(status=302, headers={**CLICK_HEADERS, "Location": found.url})

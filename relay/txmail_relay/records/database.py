@@ -1,0 +1,144 @@
+"""One SQLite connection for the records, and the order in which work runs on it.
+
+aiosqlite runs the connection on its own thread. Units of work (a transaction, or a few
+reads that belong together) take one lock in turn, so statements of two units never
+interleave; each unit is a task made when it is asked for, and asyncio runs tasks and grants
+the lock first come, first served, so units run in the order they were asked for, whether
+the caller awaits them or not (a read sees every write asked for before it).
+
+The connection's thread is not a daemon: a connection left open would keep the process
+from exiting (a relay that failed to start, say). So it also closes when the event loop
+ends (``asyncio.run`` cancels the tasks left), not only on :meth:`Database.close`.
+
+A write, once asked for, runs to the end even if its caller is cancelled: what it records
+(a spooled message, a released reservation) must not depend on a client staying connected.
+Writes are ``BEGIN IMMEDIATE ... COMMIT`` with ``synchronous=FULL`` in WAL mode: one fsync of
+the WAL per transaction, so a transaction is what is durable together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from txmail_relay.records.schema import migrate
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+Work = Callable[[aiosqlite.Connection], Awaitable[T]]
+
+
+class Database:
+    """``open()`` before use, ``close()`` at the end (it waits for the writes asked for)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+        self._pending: set[asyncio.Future[Any]] = set()
+        self._closer: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        await asyncio.to_thread(self.path.parent.mkdir, parents=True, exist_ok=True)
+        db = await aiosqlite.connect(self.path, isolation_level=None)  # BEGIN/COMMIT as written
+        try:
+            db.row_factory = sqlite3.Row
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=FULL")
+            await migrate(db, self.path)
+        except BaseException:
+            await db.close()
+            raise
+        self._db = db
+        self._closer = asyncio.create_task(self._close_with_the_loop(), name="records-close")
+
+    async def _close_with_the_loop(self) -> None:
+        try:
+            await asyncio.get_running_loop().create_future()  # until cancelled
+        finally:
+            if self._db is not None:
+                db, self._db = self._db, None
+                await db.close()  # after the statements already queued
+
+    async def close(self) -> None:
+        await self.drain()
+        if self._closer is not None:
+            closer, self._closer = self._closer, None
+            closer.cancel()
+            await asyncio.wait({closer})
+            if not closer.cancelled():
+                closer.result()  # db.close() failed: say so
+
+    async def drain(self) -> None:
+        """Wait for the work asked for so far (its failures are reported where they belong)."""
+        if self._pending:
+            await asyncio.wait(set(self._pending))
+
+    def _connection(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError("records are not open")
+        return self._db
+
+    def _task(self, unit: Awaitable[T]) -> asyncio.Task[T]:
+        task = asyncio.ensure_future(unit)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        return task
+
+    def read(self, work: Work[T]) -> asyncio.Task[T]:
+        """Run ``work`` (reads only) in its turn; cancelling the caller cancels it."""
+        db = self._connection()
+        return self._task(self._read(db, work))
+
+    async def _read(self, db: aiosqlite.Connection, work: Work[T]) -> T:
+        async with self._lock:
+            return await work(db)
+
+    def write(self, work: Work[T]) -> Awaitable[T]:
+        """Run ``work`` in one transaction in its turn; it finishes even if the caller is
+        cancelled. Await the result, or hand it to :func:`background`."""
+        db = self._connection()
+        task = self._task(self._transaction(db, work))
+        outer = asyncio.shield(task)
+
+        def unseen_failure(done: asyncio.Task[T]) -> None:
+            # shield() drops the error of a write whose caller was cancelled: report it.
+            if outer.cancelled() and not done.cancelled() and done.exception() is not None:
+                _report(done)
+
+        task.add_done_callback(unseen_failure)
+        return outer
+
+    async def _transaction(self, db: aiosqlite.Connection, work: Work[T]) -> T:
+        async with self._lock:
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                result = await work(db)
+                await db.execute("COMMIT")
+            except BaseException:
+                # A failed COMMIT may have ended the transaction already.
+                with contextlib.suppress(sqlite3.OperationalError):
+                    await db.execute("ROLLBACK")
+                raise
+            return result
+
+
+def _report(future: asyncio.Future[Any]) -> None:
+    error = future.exception()
+    if error is not None:
+        log.error("records write failed: %s", type(error).__name__, exc_info=error)
+
+
+def background(write: Awaitable[Any]) -> None:
+    """Let a write run without waiting for it (outcome listeners, tracking hits); a failure
+    is logged."""
+    future = asyncio.ensure_future(write)
+    future.add_done_callback(lambda f: None if f.cancelled() else _report(f))

@@ -1,0 +1,51 @@
+"""The relay's records: sends, events, contacts, suppressions and counters, in SQLite.
+
+One file (``txmail.db``) in the spool directory, so it survives restarts with the spool; one
+repository per concern over one connection (:mod:`txmail_relay.records.database` says in
+which order work runs and what is durable together). Writes start when they are asked for:
+await them, or hand them to :func:`~txmail_relay.records.database.background`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from txmail_relay.records.contacts import Contacts
+from txmail_relay.records.counters import Counters
+from txmail_relay.records.database import Database
+from txmail_relay.records.events import Events
+from txmail_relay.records.sends import Sends, drop_unspooled
+from txmail_relay.records.suppressions import Suppressions
+
+DB_NAME = "txmail.db"
+
+
+class Records:
+    """``open()`` before use, ``close()`` at the end (it waits for the writes asked for)."""
+
+    def __init__(self, directory: Path, *, clock: Callable[[], float] = time.time) -> None:
+        self._db = Database(directory / DB_NAME)
+        self.sends = Sends(self._db, clock)
+        self.events = Events(self._db, clock)
+        self.contacts = Contacts(self._db)
+        self.suppressions = Suppressions(self._db)
+        self.counters = Counters(self._db)
+
+    @property
+    def path(self) -> Path:
+        return self._db.path
+
+    async def open(self) -> None:
+        """Connect, migrate the schema, and drop the reservations that never reached the
+        spool (their clients got no answer and may retry)."""
+        await self._db.open()
+        await self._db.write(drop_unspooled)
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def drain(self) -> None:
+        """Wait for the work asked for so far."""
+        await self._db.drain()

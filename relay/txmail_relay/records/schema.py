@@ -1,0 +1,125 @@
+"""The records' schema: ordered migrations, the version in ``PRAGMA user_version``.
+
+Version ``n`` means the first ``n`` migrations have been applied; each one runs in its own
+transaction together with the version it sets, so a crash leaves the database at the version
+before or after it. A database written by a newer relay (a version this code does not know) is
+refused rather than guessed at.
+
+Databases written before the schema had a version are at version 0 with some or all of the
+tables of migrations 1 and 2 already there (2 is the suppressions table and its backfill), so
+those two are written to apply on top of what exists (``IF NOT EXISTS``, ``INSERT OR IGNORE``).
+Later migrations may assume the version they start from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from pathlib import Path
+
+import aiosqlite
+
+_SENDS_AND_EVENTS = """
+CREATE TABLE IF NOT EXISTS statuses (
+    status_id TEXT PRIMARY KEY,
+    username TEXT NOT NULL,
+    send_id TEXT,
+    email_id INTEGER NOT NULL,
+    recipient TEXT NOT NULL,
+    status TEXT NOT NULL,
+    send_result TEXT,
+    requested_at REAL NOT NULL,
+    started_at REAL,
+    completed_at REAL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS statuses_send_id ON statuses (username, send_id)
+    WHERE send_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS messages (
+    spool_id TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    username TEXT NOT NULL,
+    email_id INTEGER NOT NULL,
+    message_id TEXT,
+    event_id BLOB,
+    status_id TEXT,
+    sent_at REAL NOT NULL,
+    PRIMARY KEY (spool_id, recipient)
+);
+CREATE INDEX IF NOT EXISTS messages_message_id ON messages (message_id);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_event_id ON messages (event_id)
+    WHERE event_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS counters (
+    username TEXT NOT NULL,
+    email_id INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (username, email_id, kind)
+);
+CREATE TABLE IF NOT EXISTS uniques (
+    spool_id TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    PRIMARY KEY (spool_id, recipient, kind)
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    username TEXT PRIMARY KEY,
+    last_sent_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS contacts (
+    username TEXT NOT NULL,
+    address TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    last_sent REAL NOT NULL,
+    properties TEXT NOT NULL,
+    unsubscribed INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (username, address)
+);
+"""
+
+# Every recipient that complained or hard-bounced, across tokens. Complaints recorded before
+# this table existed are carried over; the backfill adds nothing where the table was already
+# kept (a complaint has always been written to both tables at once).
+_SUPPRESSIONS = """
+CREATE TABLE IF NOT EXISTS suppressions (
+    address TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (address, reason)
+);
+INSERT OR IGNORE INTO suppressions
+    SELECT lower(recipient), 'complained', 0 FROM uniques WHERE kind = 'complained';
+"""
+
+MIGRATIONS: tuple[str, ...] = (_SENDS_AND_EVENTS, _SUPPRESSIONS)
+VERSION = len(MIGRATIONS)
+
+
+class SchemaError(Exception):
+    """The database cannot be used by this relay (written by a newer one)."""
+
+
+async def version(db: aiosqlite.Connection) -> int:
+    rows = list(await db.execute_fetchall("PRAGMA user_version"))
+    return int(rows[0][0])
+
+
+async def migrate(db: aiosqlite.Connection, path: Path) -> None:
+    """Bring the database to :data:`VERSION`; raises :class:`SchemaError` if it is newer."""
+    found = await version(db)
+    if found > VERSION:
+        raise SchemaError(
+            f"{path}: records schema version {found} is newer than this relay knows"
+            f" ({VERSION}); it was written by a newer relay, run that one (or a newer one)"
+        )
+    for number in range(found + 1, VERSION + 1):
+        try:
+            # executescript runs statements as written (the connection is in autocommit
+            # mode): the migration and its version commit together or not at all.
+            await db.executescript(
+                f"BEGIN IMMEDIATE;\n{MIGRATIONS[number - 1]}\n"
+                f"PRAGMA user_version = {number};\nCOMMIT;"
+            )
+        except BaseException:
+            with contextlib.suppress(sqlite3.OperationalError):  # no transaction left open
+                await db.execute("ROLLBACK")
+            raise

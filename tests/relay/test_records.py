@@ -1,0 +1,287 @@
+"""The relay's SQLite records on their own: what they keep, across restarts and schema versions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from txmail_relay.outcomes import Outcome
+from txmail_relay.records.model import Kind, Recipient, SendState, SentCopy, Suppression
+from txmail_relay.records.records import Records
+from txmail_relay.records.schema import VERSION, SchemaError
+
+# The schema as the relay wrote it before the suppressions table (commit 576fbf0), and the
+# suppressions table added later (736f49a), both before schema versions: user_version 0.
+UNVERSIONED_FIRST = """
+CREATE TABLE IF NOT EXISTS statuses (
+    status_id TEXT PRIMARY KEY,
+    username TEXT NOT NULL,
+    send_id TEXT,
+    email_id INTEGER NOT NULL,
+    recipient TEXT NOT NULL,
+    status TEXT NOT NULL,
+    send_result TEXT,
+    requested_at REAL NOT NULL,
+    started_at REAL,
+    completed_at REAL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS statuses_send_id ON statuses (username, send_id)
+    WHERE send_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS messages (
+    spool_id TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    username TEXT NOT NULL,
+    email_id INTEGER NOT NULL,
+    message_id TEXT,
+    event_id BLOB,
+    status_id TEXT,
+    sent_at REAL NOT NULL,
+    PRIMARY KEY (spool_id, recipient)
+);
+CREATE INDEX IF NOT EXISTS messages_message_id ON messages (message_id);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_event_id ON messages (event_id)
+    WHERE event_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS counters (
+    username TEXT NOT NULL,
+    email_id INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (username, email_id, kind)
+);
+CREATE TABLE IF NOT EXISTS uniques (
+    spool_id TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    PRIMARY KEY (spool_id, recipient, kind)
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    username TEXT PRIMARY KEY,
+    last_sent_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS contacts (
+    username TEXT NOT NULL,
+    address TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    last_sent REAL NOT NULL,
+    properties TEXT NOT NULL,
+    unsubscribed INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (username, address)
+);
+"""
+UNVERSIONED_SUPPRESSIONS = """
+CREATE TABLE IF NOT EXISTS suppressions (
+    address TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (address, reason)
+);
+"""
+# What those relays had recorded: a send queued to ada, a complaint from her, a contact.
+OLD_ROWS = """
+INSERT INTO statuses VALUES ('st1', 'app1', 'order-1', 7, 'Ada@Dest.test', 'PROCESSING',
+    'QUEUED', 1.0, 2.0, NULL);
+INSERT INTO statuses VALUES ('st2', 'app1', 'order-2', 7, 'ada@dest.test', 'PENDING',
+    NULL, 1.0, NULL, NULL);
+INSERT INTO messages VALUES ('s1', 'Ada@Dest.test', 'app1', 7, '<m1@x>', NULL, 'st1', 2.0);
+INSERT INTO counters VALUES ('app1', 7, 'sent', 1);
+INSERT INTO counters VALUES ('app1', 7, 'complained', 1);
+INSERT INTO uniques VALUES ('s1', 'Ada@Dest.test', 'complained');
+INSERT INTO tokens VALUES ('app1', 2.0);
+INSERT INTO contacts VALUES ('app1', 'ada@dest.test', 2.0, 2.0, '{"firstname": "Ada"}', 1);
+"""
+
+
+def _write_db(path: Path, script: str, *, user_version: int = 0) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript(script)
+        db.execute(f"PRAGMA user_version = {user_version}")
+        db.commit()
+
+
+def _user_version(path: Path) -> int:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+@contextlib.asynccontextmanager
+async def opened(directory: Path) -> AsyncIterator[Records]:
+    records = Records(directory)
+    await records.open()
+    try:
+        yield records
+    finally:
+        await records.close()
+
+
+# -- sends ---------------------------------------------------------------------------------------
+
+
+async def test_unspooled_reservations_are_dropped_on_restart(tmp_path: Path) -> None:
+    async with opened(tmp_path) as records:
+        pending, created = await records.sends.reserve("u", "s1", 1, "a@x.test")
+        assert created and pending.status is SendState.PENDING
+        queued, _ = await records.sends.reserve("u", "s2", 1, "a@x.test")
+        await records.sends.record("u", 1, [], queued_status=queued.status_id)
+    async with opened(tmp_path) as records:
+        _, again = await records.sends.reserve("u", "s1", 1, "a@x.test")
+        assert again  # the crashed send may be retried
+        kept, fresh = await records.sends.reserve("u", "s2", 1, "a@x.test")
+        assert not fresh and kept.status is SendState.PROCESSING
+
+
+async def test_a_send_is_recorded_even_when_its_caller_is_cancelled(tmp_path: Path) -> None:
+    """The mail is in the spool by then: a client hanging up must not lose its record."""
+    async with opened(tmp_path) as records:
+        status, _ = await records.sends.reserve("u", "s1", 1, "a@x.test")
+        copies = [SentCopy("m1", "a@x.test", status_id=status.status_id)]
+
+        async def caller() -> None:
+            await records.sends.record("u", 1, copies, queued_status=status.status_id)
+
+        task = asyncio.create_task(caller())
+        await asyncio.sleep(0)  # the write has been asked for
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        found = await records.sends.get("u", status.status_id)  # runs after the write
+        assert found is not None and found.status is SendState.PROCESSING
+        assert found.send_result == "QUEUED"
+        totals = await records.counters.totals()
+        assert totals.counts["u"][Kind.SENT] == 1
+
+
+async def test_outcomes_complete_the_send_and_are_counted(tmp_path: Path) -> None:
+    async with opened(tmp_path) as records:
+        status, _ = await records.sends.reserve("u", None, 3, "a@x.test")
+        copies = [SentCopy("m1", "a@x.test", status_id=status.status_id), SentCopy("m1", "b@x")]
+        await records.sends.record("u", 3, copies, queued_status=status.status_id)
+        await records.events.outcome("m1", "u", "a@x.test", Outcome.DEFERRED, 5.0)
+        still = await records.sends.get("u", status.status_id)
+        assert still is not None and still.status is SendState.PROCESSING
+        await records.events.outcome("m1", "u", "a@x.test", Outcome.DELIVERED, 6.0)
+        await records.events.outcome("m1", "u", "b@x", Outcome.EXPIRED, 7.0)
+        done = await records.sends.get("u", status.status_id)
+        assert done is not None and done.status is SendState.COMPLETE
+        assert (done.send_result, done.completed_at) == ("SENT", 6.0)
+        assert await records.sends.get("someone-else", status.status_id) is None
+        totals = await records.counters.totals()
+    counts = totals.counts["u"]
+    assert (counts[Kind.SENT], counts[Kind.DEFERRED], counts[Kind.DELIVERED]) == (2, 1, 1)
+    assert counts[Kind.EXPIRED] == 1
+    assert "u" in totals.last_sent
+
+
+# -- events and contacts -----------------------------------------------------------------------
+
+
+async def test_opens_and_clicks_count_once_per_recipient_as_unique(tmp_path: Path) -> None:
+    async with opened(tmp_path) as records:
+        await records.sends.record("u", 4, [SentCopy("m1", "a@x", "<m@x>", b"e1")])
+        for _ in range(2):
+            found = await records.events.engagement(b"e1", Kind.OPENED)
+            assert found == Recipient("m1", "a@x", "u", 4)
+        await records.events.engagement(b"e1", Kind.CLICKED)
+        assert await records.events.engagement(b"unknown", Kind.CLICKED) is None
+        counts = (await records.counters.totals()).counts["u"]
+    assert (counts[Kind.OPENED], counts[Kind.UNIQUE_OPENED]) == (2, 1)
+    assert (counts[Kind.CLICKED], counts[Kind.UNIQUE_CLICKED]) == (1, 1)
+
+
+async def test_contacts_merge_properties_and_page_by_address(tmp_path: Path) -> None:
+    async with opened(tmp_path) as records:
+        first = [SentCopy("m1", "Ada@Dest.test"), SentCopy("m1", "bob@dest.test")]
+        await records.sends.record("u", 1, first, contacts={"firstname": "Ada", "plan": "a"})
+        await records.sends.record(
+            "u", 1, [SentCopy("m2", "ada@dest.test")], contacts={"plan": "b"}
+        )
+        await records.sends.record("u", 1, [SentCopy("m3", "cy@dest.test")])  # no contacts
+        page = await records.contacts.page("u", limit=1)
+        assert [c.address for c in page] == ["ada@dest.test"]
+        assert dict(page[0].properties) == {"firstname": "Ada", "plan": "b"}
+        rest = await records.contacts.page("u", after=page[0].address)
+        assert [c.address for c in rest] == ["bob@dest.test"]
+        assert (await records.counters.totals()).contacts == {"u": 2}
+
+
+async def test_bounces_and_complaints_suppress_their_recipients(tmp_path: Path) -> None:
+    async with opened(tmp_path) as records:
+        copies = [SentCopy("s1", "Ada@Dest.test", "<m1@x>"), SentCopy("s1", "bob@dest.test")]
+        await records.sends.record("app1", 0, copies, contacts={})
+        await records.events.outcome("s1", "app1", "bob@dest.test", Outcome.BOUNCED, 1.0)
+        await records.events.outcome("s1", "app1", "Ada@Dest.test", Outcome.DEFERRED, 1.0)
+        suppressions = records.suppressions
+        assert await suppressions.find(["BOB@dest.test"], [Suppression.BOUNCED]) == {
+            "BOB@dest.test": Suppression.BOUNCED
+        }
+        assert await suppressions.find(["ada@dest.test"], list(Suppression)) == {}
+        ada = await records.events.find_message("<m1@x>", ["ada@dest.test"])
+        assert ada == Recipient("s1", "Ada@Dest.test", "app1", 0)
+        assert await records.events.complaint(ada)
+        assert not await records.events.complaint(ada)  # once per message and recipient
+        both = await suppressions.find(["ada@dest.test", "bob@dest.test"], list(Suppression))
+        assert both == {
+            "ada@dest.test": Suppression.COMPLAINED,
+            "bob@dest.test": Suppression.BOUNCED,
+        }
+        assert await suppressions.find(["ada@dest.test"], []) == {}
+        [contact, _] = await records.contacts.page("app1")
+        assert contact.address == "ada@dest.test" and contact.unsubscribed
+        counts = (await records.counters.totals()).counts["app1"]
+    assert (counts[Kind.COMPLAINED], counts[Kind.UNSUBSCRIBED], counts[Kind.BOUNCED]) == (1, 1, 1)
+
+
+# -- schema versions -----------------------------------------------------------------------------
+
+
+async def test_a_new_database_is_at_the_current_version(tmp_path: Path) -> None:
+    async with opened(tmp_path) as records:
+        path = records.path
+    assert _user_version(path) == VERSION
+
+
+@pytest.mark.parametrize(
+    "script",
+    [UNVERSIONED_FIRST, UNVERSIONED_FIRST + UNVERSIONED_SUPPRESSIONS],
+    ids=["before-suppressions", "with-suppressions"],
+)
+async def test_an_unversioned_database_migrates_in_place(tmp_path: Path, script: str) -> None:
+    path = tmp_path / "txmail.db"
+    _write_db(path, script + OLD_ROWS)
+    async with opened(tmp_path) as records:
+        status = await records.sends.get("app1", "st1")
+        assert status is not None and status.status is SendState.PROCESSING
+        assert await records.sends.get("app1", "st2") is None  # never reached the spool
+        _, fresh = await records.sends.reserve("app1", "order-1", 7, "ada@dest.test")
+        assert not fresh  # the sendId is still known
+        # Complaints recorded before the suppressions table are suppressions now.
+        assert await records.suppressions.find(["ADA@dest.test"], list(Suppression)) == {
+            "ADA@dest.test": Suppression.COMPLAINED
+        }
+        await records.events.outcome("s1", "app1", "Ada@Dest.test", Outcome.DELIVERED, 3.0)
+        done = await records.sends.get("app1", "st1")
+        assert done is not None and done.status is SendState.COMPLETE
+        totals = await records.counters.totals()
+        [contact] = await records.contacts.page("app1")
+    assert totals.counts["app1"] == {Kind.SENT: 1, Kind.COMPLAINED: 1, Kind.DELIVERED: 1}
+    assert totals.last_sent == {"app1": 2.0}
+    assert contact.unsubscribed and dict(contact.properties) == {"firstname": "Ada"}
+    assert _user_version(path) == VERSION
+    async with opened(tmp_path) as records:  # and opens again at that version
+        assert (await records.counters.totals()).counts == totals.counts
+
+
+async def test_a_database_from_a_newer_relay_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "txmail.db"
+    _write_db(path, UNVERSIONED_FIRST + UNVERSIONED_SUPPRESSIONS, user_version=VERSION + 1)
+    records = Records(tmp_path)
+    with pytest.raises(SchemaError) as refused:
+        await records.open()
+    message = str(refused.value)
+    assert str(path) in message
+    assert f"version {VERSION + 1} is newer than this relay knows ({VERSION})" in message
+    assert _user_version(path) == VERSION + 1  # left as it was
