@@ -12,7 +12,7 @@ import contextlib
 import importlib.metadata
 import signal
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -56,29 +56,35 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _source(settings: Settings, path: Path) -> ConfigSource:
+def _sources(
+    settings: Settings, path: Path
+) -> tuple[ConfigSource, StatsPublisher | None, Callable[[], Awaitable[None]] | None]:
+    """The config source, the stats publisher (None: the Relay writes ``statsFile``, if any)
+    and what closes their connection after the relay stopped.
+
+    Kubernetes mode watches its objects and publishes to the stats ConfigMap unless a stats
+    file is set, both through one API client.
+    """
     if settings.kubernetes is None:
-        return FileConfigSource(path, settings.config_poll_interval)
-    from txmail_relay.config.kube import KubernetesConfigSource  # noqa: PLC0415 - slow import
+        return FileConfigSource(path, settings.config_poll_interval), None, None
+    from txmail_relay.config.kube import (  # noqa: PLC0415 - slow import
+        KubeApi,
+        KubernetesConfigSource,
+        KubernetesStatsPublisher,
+    )
 
-    return KubernetesConfigSource(settings.kubernetes)
-
-
-def _stats(settings: Settings) -> StatsPublisher | None:
-    """Kubernetes mode publishes to the stats ConfigMap unless a stats file is set."""
-    if settings.kubernetes is None or settings.stats_file is not None:
-        return None  # Relay writes settings.statsFile, if any
-    from txmail_relay.config.kube import KubernetesStatsPublisher  # noqa: PLC0415 - slow import
-
-    return KubernetesStatsPublisher(settings.kubernetes)
+    kube = settings.kubernetes
+    api = KubeApi(kube)
+    stats = None if settings.stats_file is not None else KubernetesStatsPublisher(kube, api)
+    return KubernetesConfigSource(kube, api), stats, api.close
 
 
 class StartupError(Exception):
     """The relay could not start (a port in use, a TLS file missing): reported in one line."""
 
 
-async def serve(relay: Relay) -> None:
-    """Run until SIGTERM or SIGINT, then stop within the grace period."""
+async def serve(relay: Relay, close: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then stop within the grace period (then ``close``)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -96,7 +102,11 @@ async def serve(relay: Relay) -> None:
         starting.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await starting
-    await relay.stop()
+    try:
+        await relay.stop()
+    finally:
+        if close is not None:
+            await close()
 
 
 def _run(main: Coroutine[Any, Any, None]) -> None:
@@ -118,9 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     logs.configure(json_format=settings.logging.json_format, level=settings.logging.level)
-    relay = Relay(settings, _source(settings, args.config), stats_publisher=_stats(settings))
+    source, stats, close = _sources(settings, args.config)
+    relay = Relay(settings, source, stats_publisher=stats)
     try:
-        _run(serve(relay))
+        _run(serve(relay, close))
     except StartupError as exc:
         print(f"{PROG}: cannot start: {exc}", file=sys.stderr)
         return 1

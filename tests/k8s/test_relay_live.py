@@ -1,31 +1,49 @@
 """End to end: the operator and a relay process share one API server, as in a cluster.
 
 The relay runs standalone with its Kubernetes config source pointed at the test kubeconfig,
-so it sees exactly what the operator writes, through watches by name.
+so it sees exactly what the operator writes, through watches by name. The last tests run the
+relay's config source and stats publisher in this process against the same API server.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
 import email as email_parser
 import email.policy as email_policy
 import http.client
 import json
+import os
 import re
 import smtplib
 import ssl
 import time
 import urllib.error
 import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from cluster.controlplane import ControlPlane, control_plane
+from cluster.kubeapi import close_api_client, new_api_client
 from k8s.conftest import ADDRESS, Live
 from k8s.kit import GROUP, VERSION, Kit
 from peers import Sink, auth_accepted, submit, wait_for
+from relay.relaykit import credential
 from txmail_relay import contract as c
+from txmail_relay.config.kube import (
+    KubeApi,
+    KubernetesConfigSource,
+    KubernetesStatsPublisher,
+    ObjectWatch,
+)
+from txmail_relay.config.live import DynamicConfig, LiveConfig
+from txmail_relay.settings import KubernetesSettings
 
 pytestmark = pytest.mark.k8s
 
@@ -67,7 +85,7 @@ def test_relay_follows_tokens_live(kit: Kit, namespace: str, sink: Sink, live: L
     # An app connected before the reset keeps its session while the password changes.
     context = ssl.create_default_context(cadata=secret["ca.crt"])
     open_conn = smtplib.SMTP(ADDRESS, port, timeout=15)
-    open_conn._host = secret["host"]
+    open_conn._host = secret["host"]  # type: ignore[attr-defined] # smtplib's TLS server name
     open_conn.starttls(context=context)
     open_conn.login(secret["username"], secret["password"])
 
@@ -139,10 +157,11 @@ def test_api_send_opens_and_clicks_reach_the_token_status(
         tracking={"opens": True, "clicks": True},
     )
     secret = wait_for(lambda: kit.secret(namespace, "shop-smtp"), 10, "the app Secret")
-    email = wait_for(
+    email: dict[str, Any] = wait_for(
         lambda: (
-            kit.is_ready("transactionalemails", namespace, "receipt")
-            and kit.get("transactionalemails", namespace, "receipt")
+            kit.get("transactionalemails", namespace, "receipt")
+            if kit.is_ready("transactionalemails", namespace, "receipt")
+            else None
         ),
         10,
         "the email Ready",
@@ -201,7 +220,7 @@ def _try_send(live: Live, password: str, doc: dict[str, Any]) -> dict[str, Any] 
 
 def test_the_relay_identity_reaches_only_its_own_objects(kit: Kit, live: Live) -> None:
     """The Role the operator writes is enough for the relay above, and no more."""
-    relay_api = client.CoreV1Api(config.new_client_from_config(config_file=str(live.kubeconfig)))
+    relay_api = client.CoreV1Api(new_api_client(live.kubeconfig))
     ns = kit.operator_namespace
 
     def status_of(call: Any) -> int:
@@ -234,3 +253,232 @@ def test_the_relay_identity_reaches_only_its_own_objects(kit: Kit, live: Live) -
     assert {what: status_of(call) for what, call in denied.items()} == dict.fromkeys(denied, 403)
     stats = c.stats_config_map_name(live.ip)
     assert status_of(lambda: relay_api.patch_namespaced_config_map(stats, ns, {"data": {}})) == 200
+
+
+# --- the relay's Kubernetes config source on its own, against the API server -----------------
+
+RELAY_IP = "203.0.113.9"
+
+
+def relay_document(hostname: str, *, credential_shards: int, template_shards: int) -> str:
+    return c.RelayConfig(
+        dedicated_ip=RELAY_IP,
+        address=RELAY_IP,
+        hostname=hostname,
+        domains=["example.com"],
+        credential_shards=credential_shards,
+        template_shards=template_shards,
+    ).to_json()
+
+
+def config_map(name: str, data: dict[str, str] | None = None) -> client.V1ConfigMap:
+    return client.V1ConfigMap(metadata=client.V1ObjectMeta(name=name), data=data)
+
+
+def credentials_data(*usernames: str) -> dict[str, str]:
+    return {
+        name: base64.b64encode(credential(name, "pw").to_json().encode()).decode()
+        for name in usernames
+    }
+
+
+class RecordingConfig(LiveConfig):
+    """A LiveConfig that keeps every snapshot it was given, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.published: list[DynamicConfig] = []
+
+    def publish(self, config: DynamicConfig) -> None:
+        self.published.append(config)
+        super().publish(config)
+
+
+async def eventually(probe: Callable[[], object], what: str, within: float = 10) -> None:
+    """Poll ``probe`` on the event loop until it is truthy, or fail after ``within`` s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not probe():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {within} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def running(source: KubernetesConfigSource, store: LiveConfig) -> AsyncIterator[None]:
+    task = asyncio.create_task(source.run(store))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_the_config_source_publishes_complete_configurations_and_keeps_the_last_good(
+    api: client.ApiClient, kubeconfig: Path, namespace: str
+) -> None:
+    """Unready until the relay ConfigMap and every shard were read; a broken relay.json is
+    ignored while the shards still apply; a deleted shard counts as empty."""
+    core = client.CoreV1Api(api)
+    relay_cm = c.relay_name(RELAY_IP)
+    document = relay_document("mx1.example.com", credential_shards=2, template_shards=1)
+    core.create_namespaced_config_map(
+        namespace, config_map(relay_cm, {c.RELAY_CONFIG_KEY: document})
+    )
+    for shard, users in ((0, ("ann",)), (1, ("bob",))):
+        name = c.credentials_secret_name(RELAY_IP, shard)
+        secret = client.V1Secret(
+            metadata=client.V1ObjectMeta(name=name), data=credentials_data(*users)
+        )
+        core.create_namespaced_secret(namespace, secret)
+    # the template shard does not exist: it counts as empty once read
+    settings = relay_settings(namespace, kubeconfig)
+    kube = KubeApi(settings)
+    store = RecordingConfig()
+    try:
+        async with running(KubernetesConfigSource(settings, kube), store):
+            first = await asyncio.wait_for(store.wait_ready(), 15)
+            assert set(first.credentials) == {"ann", "bob"}  # never a partial snapshot
+            assert store.published[0] is first
+
+            shard1 = c.credentials_secret_name(RELAY_IP, 1)
+            core.patch_namespaced_secret(shard1, namespace, {"data": credentials_data("bob", "cy")})
+            await eventually(lambda: "cy" in current(store).credentials, "cy's credential")
+
+            core.patch_namespaced_config_map(
+                relay_cm, namespace, {"data": {c.RELAY_CONFIG_KEY: "{not json"}}
+            )
+            shard0 = c.credentials_secret_name(RELAY_IP, 0)
+            core.patch_namespaced_secret(
+                shard0, namespace, {"data": credentials_data("ann", "dee")}
+            )
+            await eventually(lambda: "dee" in current(store).credentials, "dee's credential")
+            assert current(store).relay.hostname == "mx1.example.com"  # the last good one
+
+            core.patch_namespaced_config_map(
+                relay_cm,
+                namespace,
+                {
+                    "data": {
+                        c.RELAY_CONFIG_KEY: relay_document(
+                            "mx2.example.com", credential_shards=2, template_shards=1
+                        )
+                    }
+                },
+            )
+            await eventually(
+                lambda: current(store).relay.hostname == "mx2.example.com", "the fixed relay.json"
+            )
+            core.delete_namespaced_secret(shard1, namespace)
+            await eventually(
+                lambda: set(current(store).credentials) == {"ann", "dee"}, "bob and cy gone"
+            )
+    finally:
+        await kube.close()
+
+
+def relay_settings(namespace: str, kubeconfig: Path) -> KubernetesSettings:
+    return KubernetesSettings(namespace=namespace, dedicated_ip=RELAY_IP, kubeconfig=kubeconfig)
+
+
+def current(store: LiveConfig) -> DynamicConfig:
+    assert store.current is not None
+    return store.current
+
+
+@pytest.fixture(scope="module")
+def uncached() -> Iterator[ControlPlane]:
+    """A control plane of its own, without the API server's watch cache, so that a watch
+    from a compacted resourceVersion gets 410 Gone from etcd as soon as it is compacted."""
+    if os.environ.get("TXMAIL_TEST_KUBECONFIG"):
+        pytest.skip("needs a control plane of its own (etcd compaction, no watch cache)")
+    with control_plane(apiserver_args=["--watch-cache=false"]) as cp:
+        yield cp
+
+
+def compact_etcd(cp: ControlPlane) -> None:
+    """Compact etcd at its current revision, as the API server does every 5 minutes."""
+    args = cp.processes["etcd"].args
+    assert isinstance(args, list)
+    flag = next(str(a) for a in args if str(a).startswith("--listen-client-urls="))
+    url = flag.partition("=")[2]
+
+    def call(path: str, body: dict[str, Any]) -> dict[str, Any]:
+        request = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode())
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            doc: dict[str, Any] = json.loads(reply.read())
+            return doc
+
+    header = call("/v3/kv/range", {"key": base64.b64encode(b"/").decode()})["header"]
+    call("/v3/kv/compaction", {"revision": int(header["revision"]), "physical": True})
+
+
+async def test_a_watch_too_old_to_resume_reads_the_object_again(uncached: ControlPlane) -> None:
+    """A watch the server ends resumes from the last resourceVersion; when that was compacted
+    meanwhile (410 Gone), the object is read again and watched from now, once, not in a loop
+    (its own resourceVersion is just as old)."""
+    admin_api = new_api_client(uncached.kubeconfig)
+    admin = client.CoreV1Api(admin_api)
+    ns = "default"
+    admin.create_namespaced_config_map(ns, config_map("watched", {"v": "1"}))
+    kube = KubeApi(relay_settings(ns, uncached.kubeconfig))
+    try:
+        core = await kube.core()
+        reads: list[str] = []
+
+        async def read(name: str, namespace: str) -> Any:
+            obj = await core.read_namespaced_config_map(name, namespace)
+            reads.append(obj.metadata.resource_version)
+            return obj
+
+        seen: list[Mapping[str, str] | None] = []
+        watch = ObjectWatch(
+            read,
+            core.list_namespaced_config_map,
+            namespace=ns,
+            name="watched",
+            on_change=seen.append,
+            timeout=2,  # the server ends each watch after 2 s
+        )
+        task = asyncio.create_task(watch.run())
+        try:
+            admin.patch_namespaced_config_map("watched", ns, {"data": {"v": "2"}})
+            await eventually(lambda: seen and seen[-1] == {"v": "2"}, "the change, watched")
+            assert len(reads) == 1
+            for n in range(3):  # history moves on past the watch's resourceVersion
+                admin.create_namespaced_config_map(ns, config_map(f"other-{n}"))
+            compact_etcd(uncached)
+            await eventually(lambda: len(reads) == 2, "a fresh read after 410 Gone")
+            admin.patch_namespaced_config_map("watched", ns, {"data": {"v": "3"}})
+            await eventually(lambda: seen[-1] == {"v": "3"}, "the next change, watched again")
+            admin.delete_namespaced_config_map("watched", ns)
+            await eventually(lambda: seen[-1] is None, "the deletion")
+            assert len(reads) == 2
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    finally:
+        await kube.close()
+        close_api_client(admin_api)
+
+
+async def test_the_stats_publisher_patches_only_the_stats_key(
+    api: client.ApiClient, kubeconfig: Path, namespace: str
+) -> None:
+    core = client.CoreV1Api(api)
+    name = c.stats_config_map_name(RELAY_IP)
+    core.create_namespaced_config_map(namespace, config_map(name, {"other": "kept"}))
+    settings = relay_settings(namespace, kubeconfig)
+    kube = KubeApi(settings)
+    try:
+        stats = c.RelayStats(tokens={"u": c.TokenStats(sent=3)}, updated_at="2026-01-01T00:00:00Z")
+        await KubernetesStatsPublisher(settings, kube).publish(stats)
+    finally:
+        await kube.close()
+    data = core.read_namespaced_config_map(name, namespace).data or {}
+    assert data["other"] == "kept"
+    parsed = c.RelayStats.model_validate_json(data[c.STATS_KEY])
+    assert parsed.tokens["u"].sent == 3
+    assert '"uniqueOpens"' in data[c.STATS_KEY]

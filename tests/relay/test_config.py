@@ -1,4 +1,7 @@
-"""Settings, configuration sources (files, Kubernetes parsing), limiter, backoff, HTTP."""
+"""Settings, configuration sources (files, Kubernetes parsing), limiter, backoff, HTTP.
+
+The Kubernetes watches themselves are tested against an API server in
+tests/k8s/test_relay_live.py (410 Gone, a broken edit, the first complete snapshot)."""
 
 from __future__ import annotations
 
@@ -7,8 +10,6 @@ import base64
 import json
 import urllib.request
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 import pytest
 
@@ -16,7 +17,6 @@ from relay.relaykit import RelayEnv, credential, write_credentials
 from txmail_relay import contract as c
 from txmail_relay.config.kube import (
     KubeState,
-    ObjectWatch,
     parse_credentials_secret,
     parse_relay_config_map,
     parse_templates_config_map,
@@ -113,52 +113,6 @@ def test_snapshot_waits_for_every_shard() -> None:
     snapshot = state.snapshot()
     assert snapshot is not None
     assert set(snapshot.credentials) == {"a", "b"}
-
-
-class _FakeApi:
-    """read/list functions a watch uses: 410 once, then a change, then stop."""
-
-    def __init__(self, stop: Any) -> None:
-        self.reads = 0
-        self.stop = stop
-
-    def read(self, name: str, namespace: str) -> Any:
-        self.reads += 1
-        return SimpleNamespace(
-            data={"v": str(self.reads)}, metadata=SimpleNamespace(resource_version="1")
-        )
-
-
-def test_object_watch_relists_after_gone(monkeypatch: pytest.MonkeyPatch) -> None:
-    import threading  # noqa: PLC0415
-
-    from kubernetes import watch  # noqa: PLC0415
-    from kubernetes.client.exceptions import ApiException  # noqa: PLC0415
-
-    stop = threading.Event()
-    api = _FakeApi(stop)
-    seen: list[Any] = []
-    calls: list[dict[str, Any]] = []
-
-    class FakeWatch:
-        def stream(self, fn: Any, namespace: str, **kwargs: Any) -> Any:
-            calls.append(kwargs)
-            if len(calls) == 1:
-                raise ApiException(status=410)
-            yield {"type": "MODIFIED", "object": SimpleNamespace(data={"v": "watched"})}
-            yield {"type": "DELETED", "object": SimpleNamespace(data=None)}
-            stop.set()
-
-        def stop(self) -> None:
-            pass
-
-    monkeypatch.setattr(watch, "Watch", FakeWatch)
-    ObjectWatch(
-        api.read, lambda: None, namespace="ns", name="obj", on_change=seen.append, stop=stop
-    ).run()
-    assert seen == [{"v": "1"}, {"v": "2"}, {"v": "watched"}, None]
-    assert all(c["field_selector"] == "metadata.name=obj" for c in calls)
-    assert calls[0]["resource_version"] == "1"
 
 
 def test_failure_limiter_window() -> None:
