@@ -12,7 +12,6 @@ operator copies into ``SmtpToken.status.stats``
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -142,22 +141,15 @@ class StatsLoop:
         self._clock = clock
         self._counts: dict[str, dict[Kind, int]] = {}
         self._contacts: dict[str, int] = {}
-        self.latest: RelayStats | None = None
-        self._wakeup = asyncio.Event()
 
     def register(self, registry: CollectorRegistry) -> None:
         registry.register(_Collector(self))
-
-    def refresh_soon(self) -> None:
-        """Publish now instead of at the next interval (tests, shutdown)."""
-        self._wakeup.set()
 
     async def refresh(self) -> RelayStats:
         config = self._config.current
         names = frozenset(config.credentials) if config is not None else frozenset()
         totals = await self._records.counters.totals()
         stats = relay_stats(totals, names, self._clock())
-        self.latest = stats
         self._counts = {n: dict(totals.counts.get(n, {})) for n in names}
         self._contacts = {n: totals.contacts.get(n, 0) for n in names}
         if self._publisher is not None:
@@ -173,9 +165,7 @@ class StatsLoop:
                 await self.refresh()
             except Exception:
                 log.exception("stats refresh failed")
-            self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), self._interval)
+            await asyncio.sleep(self._interval)
 
     def samples(self) -> Iterator[tuple[str, str, int]]:
         for token, counts in sorted(self._counts.items()):
