@@ -1,43 +1,38 @@
 """kopf registration only: each handler parses what kopf hands it and calls a reconcile function.
 
 Handlers are registered into an explicit registry by :func:`register`, with the settings the
-operator was started with (the drift-check interval, the operator's namespace). Every handler
-that reconciles is wrapped by :func:`_measured`, which counts and times it in the metrics.
+operator was started with (the drift-check interval, the operator's namespace). They are
+async and never block kopf's event loop: a reconcile runs on the operator's work pool
+(reconcile/work.py), URGENT for creations, spec changes and deletions, ROUTINE for resumes
+at startup, fan-outs and periodic checks, each counted and timed in the metrics.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import kopf
 
 from . import reconcile
 from .api import GROUP, VERSION
+from .reconcile.cache import IP_KEY, TOKEN_KEY, slim
+from .reconcile.sweep import Sweep
+from .reconcile.work import ROUTINE
 from .settings import Settings
 
 Ref = tuple[str, str]
-F = TypeVar("F", bound=Callable[..., Any])
 IP, TOKEN, EMAIL = "DedicatedIP", "SmtpToken", "TransactionalEmail"
+# kopf's per-object workers at once (each may hold an API connection while it patches its
+# object): bounded, but well above the work pool, so a deletion always finds a free worker.
+WORKER_LIMIT = 200
+# How long an idle kopf worker waits for its object's next event before it exits (and frees
+# its place among the WORKER_LIMIT); kopf's default is 5 s.
+IDLE_TIMEOUT = 1.0
+RESUME = kopf.Reason.RESUME
 
 
-def _measured(kind: str) -> Callable[[F], F]:
-    """Count and time the handler as one reconcile of ``kind`` (by result)."""
-
-    def wrap(fn: F) -> F:
-        @functools.wraps(fn)
-        def run(*args: Any, **kwargs: Any) -> Any:
-            with kwargs["memo"].ctx.metrics.reconcile(kind):
-                return fn(*args, **kwargs)
-
-        return run  # type: ignore[return-value]
-
-    return wrap
-
-
-def _size(index: kopf.Index[Any, Ref], kind: str) -> int:
+def _size(index: kopf.Index[Any, Any], kind: str) -> int:
     """How many objects an index holds under keys (kind, ...), read from any thread."""
     for _ in range(3):
         try:
@@ -60,6 +55,20 @@ def _taken(emails: kopf.Index[Any, Ref], me: Ref | None = None) -> reconcile.IdT
     return lambda email_id: any(ref != me for ref in emails.get(("id", email_id), []))
 
 
+def _token_uids(tokens: kopf.Index[Any, Any]) -> list[tuple[Ref, str]]:
+    """Every SmtpToken the index holds, with its uid (for the periodic check's offsets)."""
+    for _ in range(3):
+        try:
+            return [
+                ((key[1], key[2]), next(iter(tokens[key]))["metadata"]["uid"])
+                for key in list(tokens)
+                if key[0] == TOKEN_KEY
+            ]
+        except (RuntimeError, KeyError, StopIteration):  # changed while we looked
+            continue
+    return []
+
+
 def _has_send(spec: kopf.Spec, **_: Any) -> bool:
     return "send" in spec
 
@@ -76,7 +85,9 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
         )
         settings.posting.level = logging.WARNING  # Events are posted explicitly, not from logs
         settings.watching.server_timeout = 300
-        settings.execution.max_workers = 8
+        settings.queueing.worker_limit = WORKER_LIMIT
+        settings.queueing.idle_timeout = IDLE_TIMEOUT
+        settings.execution.max_workers = 2  # only the login runs there: handlers are async
 
     @kopf.on.login(id="login", **r)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -86,23 +97,27 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
         return kopf.login_via_client(**kwargs)
 
     @kopf.index(GROUP, VERSION, "dedicatedips", id="ips", **r)
-    def ips(name: str, meta: kopf.Meta, **_: Any) -> dict[Any, str]:
-        return {} if meta.get("deletionTimestamp") else {("ip",): name}
+    async def ips(name: str, body: kopf.Body, meta: kopf.Meta, **_: Any) -> dict[Any, Any]:
+        if meta.get("deletionTimestamp"):
+            return {}
+        return {("ip",): name, (IP_KEY, name): slim(body)}
 
     @kopf.index(GROUP, VERSION, "smtptokens", id="tokens", **r)
-    def tokens(
-        namespace: str, name: str, uid: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any
-    ) -> dict[Any, Ref]:
+    async def tokens(
+        namespace: str, name: str, uid: str, body: kopf.Body, meta: kopf.Meta, **_: Any
+    ) -> dict[Any, Any]:
         if meta.get("deletionTimestamp"):  # on its way out: no longer counted or fanned out to
             return {}
+        ref = (namespace, name)
         return {
-            ("user", reconcile.username_for(uid)): (namespace, name),
-            ("ip", spec["dedicatedIPRef"]["name"]): (namespace, name),
-            ("ns", namespace): (namespace, name),
+            ("user", reconcile.username_for(uid)): ref,
+            ("ip", body["spec"]["dedicatedIPRef"]["name"]): ref,
+            ("ns", namespace): ref,
+            (TOKEN_KEY, namespace, name): slim(body),
         }
 
     @kopf.index(GROUP, VERSION, "transactionalemails", id="emails", **r)
-    def emails(
+    async def emails(
         namespace: str, name: str, spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, **_: Any
     ) -> dict[Any, Ref]:
         if meta.get("deletionTimestamp"):
@@ -113,33 +128,58 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
             keys[("id", status["emailId"])] = ref
         return keys
 
+    @kopf.index("", "v1", "namespaces", id="namespace_labels", **r)
+    async def namespace_labels(name: str, labels: kopf.Labels, **_: Any) -> dict[Any, Any]:
+        return {(name,): dict(labels)}
+
     @kopf.on.resume(GROUP, VERSION, "dedicatedips", id="dedicated_ip", **r)
     @kopf.on.create(GROUP, VERSION, "dedicatedips", id="dedicated_ip", **r)
     @kopf.on.update(GROUP, VERSION, "dedicatedips", id="dedicated_ip", **r)
-    @_measured(IP)
-    def dedicated_ip(
+    async def dedicated_ip(
         body: kopf.Body,
         name: str,
+        reason: kopf.Reason,
         memo: kopf.Memo,
         tokens: kopf.Index[Any, Ref],
         emails: kopf.Index[Any, Ref],
         **_: Any,
     ) -> None:
-        key = ("ip", name)
-        reconcile.reconcile_ip(memo.ctx, dict(body), *_counts(tokens, emails, name))
-        reconcile.fan_out(memo.ctx, _refs(tokens, key), _refs(emails, key), _taken(emails))
+        ctx: reconcile.Context = memo.ctx
+        job = ctx.metrics.measured(IP, reconcile.reconcile_ip)
+        await ctx.work.call(job, ctx, slim(body), *_counts(tokens, emails, name))
+        if reason != RESUME:  # at startup every dependent resumes by itself
+            key = ("ip", name)
+            reconcile.fan_out(ctx, _refs(tokens, key), _refs(emails, key), _taken(emails))
 
-    @kopf.timer(GROUP, VERSION, "dedicatedips", interval=settings.stats_interval, id="stats", **r)
-    def stats(name: str, memo: kopf.Memo, tokens: kopf.Index[Any, Ref], **_: Any) -> None:
-        reconcile.publish_stats(
-            memo.ctx, name, lambda user: next(iter(tokens.get(("user", user), [])), None)
+    @kopf.timer(
+        GROUP,
+        VERSION,
+        "dedicatedips",
+        interval=settings.stats_interval,
+        initial_delay=settings.stats_interval,
+        id="stats",
+        **r,
+    )
+    async def stats(name: str, memo: kopf.Memo, tokens: kopf.Index[Any, Ref], **_: Any) -> None:
+        ctx: reconcile.Context = memo.ctx
+        await ctx.work.call(
+            reconcile.publish_stats,
+            ctx,
+            name,
+            lambda user: next(iter(tokens.get(("user", user), [])), None),
+            priority=ROUTINE,
         )
 
     @kopf.timer(
-        GROUP, VERSION, "dedicatedips", interval=settings.drift_check_interval, id="recheck", **r
+        GROUP,
+        VERSION,
+        "dedicatedips",
+        interval=settings.drift_check_interval,
+        initial_delay=settings.drift_check_interval,  # the resume at startup just did it
+        id="recheck",
+        **r,
     )
-    @_measured(IP)
-    def recheck(
+    async def recheck(
         name: str,
         memo: kopf.Memo,
         tokens: kopf.Index[Any, Ref],
@@ -147,11 +187,12 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
         **_: Any,
     ) -> None:
         """Referenced Secrets (certificate, smarthost credentials) may appear later."""
-        reconcile.refresh_status(memo.ctx, name, *_counts(tokens, emails, name))
+        ctx: reconcile.Context = memo.ctx
+        job = ctx.metrics.measured(IP, reconcile.refresh_status)
+        await ctx.work.call(job, ctx, name, *_counts(tokens, emails, name), priority=ROUTINE)
 
     @kopf.on.delete(GROUP, VERSION, "dedicatedips", optional=True, id="dedicated_ip_gone", **r)
-    @_measured(IP)
-    def dedicated_ip_gone(
+    async def dedicated_ip_gone(
         name: str,
         memo: kopf.Memo,
         tokens: kopf.Index[Any, Ref],
@@ -162,7 +203,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
         reconcile.fan_out(memo.ctx, _refs(tokens, key), _refs(emails, key), _taken(emails))
 
     @kopf.on.event("", "v1", "namespaces", id="namespace", **r)
-    def namespace(
+    async def namespace(
         event: kopf.RawEvent,
         name: str,
         labels: kopf.Labels,
@@ -171,48 +212,66 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
         emails: kopf.Index[Any, Ref],
         **_: Any,
     ) -> None:
+        ctx: reconcile.Context = memo.ctx
         gone = event["type"] == "DELETED"
-        if memo.ctx.namespaces.changed(name, None if gone else dict(labels)) and not gone:
+        if name == ctx.settings.namespace and not gone:
+            for ip in sorted(ctx.waiting_for_namespace):  # now their relays can be made
+                memo.drift.repairs.request(ip, reconcile.Action.REPAIR)
+        if ctx.namespaces.changed(name, None if gone else dict(labels)) and not gone:
             reconcile.fan_out(
-                memo.ctx, _refs(tokens, ("ns", name)), _refs(emails, ("ns", name)), _taken(emails)
+                ctx, _refs(tokens, ("ns", name)), _refs(emails, ("ns", name)), _taken(emails)
             )
 
     _register_mail(r, settings)
-    _register_watch(r)
+    _register_watch(r, settings)
 
 
-def _register_watch(r: dict[str, Any]) -> None:
-    """At startup: metrics from the indexes, and the watch that repairs the relays' drift."""
+def _register_watch(r: dict[str, Any], settings: Settings) -> None:
+    """At startup: the work pool, the caches, the drift watch and the periodic token check."""
 
     @kopf.on.startup(id="watch_owned", **r)
-    def watch_owned(
+    async def watch_owned(
         memo: kopf.Memo,
-        ips: kopf.Index[Any, str],
-        tokens: kopf.Index[Any, Ref],
+        ips: kopf.Index[Any, Any],
+        tokens: kopf.Index[Any, Any],
         emails: kopf.Index[Any, Ref],
+        namespace_labels: kopf.Index[Any, Any],
         **_: Any,
     ) -> None:
-        """Metrics from the indexes; the watch that repairs drift of the relays' objects."""
+        """Metrics from the indexes; the watch that keeps the cache and repairs drift."""
         ctx: reconcile.Context = memo.ctx
+        ctx.cache.ips, ctx.cache.tokens, ctx.cache.namespaces = ips, tokens, namespace_labels
         ctx.metrics.count_managed(IP, lambda: _size(ips, "ip"))
         ctx.metrics.count_managed(TOKEN, lambda: _size(tokens, "user"))
         ctx.metrics.count_managed(EMAIL, lambda: _size(emails, "ns"))
+        ctx.work.start()
 
-        @_measured(IP)
-        def run(ip: str, action: reconcile.Action, memo: kopf.Memo) -> None:
+        def run(ip: str, action: reconcile.Action) -> None:
             counts = _counts(tokens, emails, ip)
             if action is reconcile.Action.REPAIR:
-                reconcile.repair_ip(memo.ctx, ip, *counts)
+                ctx.metrics.measured(IP, reconcile.repair_ip)(ctx, ip, *counts)
             else:
-                reconcile.refresh_status(memo.ctx, ip, *counts)
+                ctx.metrics.measured(IP, reconcile.refresh_status)(ctx, ip, *counts)
 
-        memo.drift = reconcile.DriftRepair(ctx, lambda ip, action: run(ip, action, memo=memo))
+        memo.drift = reconcile.DriftRepair(ctx, run)
         memo.drift.start()
 
+        interval = settings.drift_check_interval
+        job = ctx.metrics.measured(TOKEN, reconcile.reconcile_token)
+
+        def check(ref: Ref) -> None:
+            if ctx.checked.since(f"smtptoken/{ref[0]}/{ref[1]}") >= interval / 2:
+                ctx.work.submit((TOKEN, *ref), job, ctx, *ref)
+
+        memo.sweep = Sweep(interval, lambda: _token_uids(tokens), check)
+        memo.sweep.start()
+
     @kopf.on.cleanup(id="stop_watching", **r)
-    def stop_watching(memo: kopf.Memo, **_: Any) -> None:
-        if memo.get("drift") is not None:
-            memo.drift.stop()
+    async def stop_watching(memo: kopf.Memo, **_: Any) -> None:
+        for part in ("sweep", "drift"):
+            if memo.get(part) is not None:
+                memo[part].stop()
+        memo.ctx.work.stop()
 
 
 def _register_mail(r: dict[str, Any], settings: Settings) -> None:
@@ -221,40 +280,47 @@ def _register_mail(r: dict[str, Any], settings: Settings) -> None:
     @kopf.on.resume(GROUP, VERSION, "smtptokens", id="smtp_token", **r)
     @kopf.on.create(GROUP, VERSION, "smtptokens", id="smtp_token", **r)
     @kopf.on.update(GROUP, VERSION, "smtptokens", id="smtp_token", **r)
-    @kopf.timer(
-        GROUP, VERSION, "smtptokens", interval=settings.drift_check_interval, id="smtp_token", **r
-    )
-    @_measured(TOKEN)
-    def smtp_token(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-        reconcile.reconcile_token(memo.ctx, namespace, name)
+    async def smtp_token(
+        namespace: str, name: str, body: kopf.Body, reason: kopf.Reason, memo: kopf.Memo, **_: Any
+    ) -> None:
+        ctx: reconcile.Context = memo.ctx
+        job = ctx.metrics.measured(TOKEN, reconcile.reconcile_token)
+        if reason == RESUME:  # ROUTINE, not awaited: kopf moves on to the next object
+            ctx.work.submit((TOKEN, namespace, name), job, ctx, namespace, name)
+            return
+        await ctx.work.call(job, ctx, namespace, name, slim(body))
 
     @kopf.on.delete(GROUP, VERSION, "smtptokens", id="smtp_token_gone", **r)
-    @_measured(TOKEN)
-    def smtp_token_gone(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        reconcile.revoke_token(memo.ctx, dict(body))
+    async def smtp_token_gone(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        ctx: reconcile.Context = memo.ctx
+        await ctx.work.call(ctx.metrics.measured(TOKEN, reconcile.revoke_token), ctx, slim(body))
 
     @kopf.on.create(GROUP, VERSION, "smtptokens", id="count_token", **r)
     @kopf.on.create(GROUP, VERSION, "transactionalemails", id="count_email", **r)
     @kopf.on.delete(GROUP, VERSION, "smtptokens", id="uncount_token", optional=True, **r)
     @kopf.on.delete(GROUP, VERSION, "transactionalemails", id="uncount_email", optional=True, **r)
-    def recount(
-        spec: kopf.Spec,
-        memo: kopf.Memo,
-        tokens: kopf.Index[Any, Ref],
-        emails: kopf.Index[Any, Ref],
-        **_: Any,
-    ) -> None:
-        ip = spec["dedicatedIPRef"]["name"]
-        reconcile.refresh_status(memo.ctx, ip, *_counts(tokens, emails, ip))
+    async def recount(spec: kopf.Spec, memo: kopf.Memo, **_: Any) -> None:
+        """One debounced status refresh of the DedicatedIP, however many arrive at once."""
+        memo.drift.repairs.request(spec["dedicatedIPRef"]["name"], reconcile.Action.STATUS)
 
     @kopf.on.resume(GROUP, VERSION, "transactionalemails", id="transactional_email", **r)
     @kopf.on.create(GROUP, VERSION, "transactionalemails", id="transactional_email", **r)
     @kopf.on.update(GROUP, VERSION, "transactionalemails", id="transactional_email", **r)
-    @_measured(EMAIL)
-    def transactional_email(
-        namespace: str, name: str, memo: kopf.Memo, emails: kopf.Index[Any, Ref], **_: Any
+    async def transactional_email(
+        namespace: str,
+        name: str,
+        reason: kopf.Reason,
+        memo: kopf.Memo,
+        emails: kopf.Index[Any, Ref],
+        **_: Any,
     ) -> None:
-        reconcile.reconcile_email(memo.ctx, namespace, name, _taken(emails, (namespace, name)))
+        ctx: reconcile.Context = memo.ctx
+        job = ctx.metrics.measured(EMAIL, reconcile.reconcile_email)
+        taken = _taken(emails, (namespace, name))
+        if reason == RESUME:
+            ctx.work.submit((EMAIL, namespace, name), job, ctx, namespace, name, taken)
+            return
+        await ctx.work.call(job, ctx, namespace, name, taken)
 
     @kopf.timer(
         GROUP,
@@ -265,11 +331,12 @@ def _register_mail(r: dict[str, Any], settings: Settings) -> None:
         when=_has_send,
         **r,
     )
-    @_measured(EMAIL)
-    def one_off_send(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-        reconcile.reconcile_send(memo.ctx, namespace, name)
+    async def one_off_send(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+        ctx: reconcile.Context = memo.ctx
+        job = ctx.metrics.measured(EMAIL, reconcile.reconcile_send)
+        await ctx.work.call(job, ctx, namespace, name, priority=ROUTINE)
 
     @kopf.on.delete(GROUP, VERSION, "transactionalemails", id="transactional_email_gone", **r)
-    @_measured(EMAIL)
-    def transactional_email_gone(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        reconcile.withdraw_email(memo.ctx, dict(body))
+    async def transactional_email_gone(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        ctx: reconcile.Context = memo.ctx
+        await ctx.work.call(ctx.metrics.measured(EMAIL, reconcile.withdraw_email), ctx, slim(body))

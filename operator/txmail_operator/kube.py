@@ -10,14 +10,19 @@ other and an apply of the shard's metadata never prunes them.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
+import random
+import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kubernetes import client, config, watch
+from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from kubernetes.watch.watch import iter_resp_lines
 from urllib3.exceptions import HTTPError
 
 FIELD_MANAGER = "txmail-operator"
@@ -25,6 +30,13 @@ ENTRY_FIELD_MANAGER = "txmail-operator-entries"
 
 Obj = dict[str, Any]
 log = logging.getLogger(__name__)
+
+# Connections the reconciles may hold at once (the work pool's threads plus a margin): the
+# client library's pool blocks a request beyond this rather than opening more sockets.
+POOL_SIZE = 10
+# 429 (the API server's priority and fairness) and 5xx are retried this many times in all.
+ATTEMPTS = 5
+RETRIED = frozenset({429, 500, 502, 503, 504})
 
 # (apiVersion, kind) -> (url prefix, plural, namespaced)
 _RESOURCES: dict[tuple[str, str], tuple[str, str, bool]] = {
@@ -62,6 +74,19 @@ def _ignore(verb: str) -> None:
     pass
 
 
+def retry_delay(attempt: int, headers: Any) -> float:
+    """Seconds before retry ``attempt`` (1-based): the server's Retry-After when it sent one
+    (capped at 30 s), else exponential backoff from 0.25 s with jitter."""
+    after: object = headers.get("Retry-After") if hasattr(headers, "get") else None
+    if after:
+        try:
+            return min(max(float(str(after)), 0.0), 30.0)
+        except ValueError:
+            pass  # an HTTP date: rare from the API server, fall back to backoff
+    backoff: float = min(0.25 * 2.0 ** (attempt - 1), 8.0)
+    return backoff * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not a secret
+
+
 class Kube:
     """Typed access to the few API calls the operator makes.
 
@@ -80,7 +105,9 @@ class Kube:
             config.load_incluster_config()  # type: ignore[no-untyped-call]
         except config.ConfigException:
             config.load_kube_config()  # type: ignore[no-untyped-call]
-        return cls(client.ApiClient(), on_error)
+        configuration = client.Configuration.get_default_copy()
+        configuration.connection_pool_maxsize = POOL_SIZE
+        return cls(client.ApiClient(configuration), on_error)
 
     def _call(
         self,
@@ -101,20 +128,27 @@ class Kube:
             body=body,
             auth_settings=["BearerToken"],
         )
-        try:
-            response = self.api.call_api(*request, _request_timeout=30)
-            response.read()  # type: ignore[no-untyped-call]
-            out = self.api.response_deserialize(
-                response_data=response, response_types_map={"2XX": "object"}
-            ).data
-        except ApiException as exc:
-            if not (missing_ok and exc.status == 404):
-                self.on_error(verb)
-            raise
-        except HTTPError:  # no answer at all (connection refused, timeout)
-            self.on_error(verb)
-            raise
-        return out if isinstance(out, dict) else {}
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                response = self.api.call_api(*request, _request_timeout=30)
+                response.read()  # type: ignore[no-untyped-call]
+                out = self.api.response_deserialize(
+                    response_data=response, response_types_map={"2XX": "object"}
+                ).data
+                return out if isinstance(out, dict) else {}
+            except ApiException as exc:
+                if missing_ok and exc.status == 404:
+                    raise
+                if exc.status not in RETRIED or attempt == ATTEMPTS:
+                    self.on_error(verb)
+                    raise
+                time.sleep(retry_delay(attempt, exc.headers))
+            except HTTPError:  # no answer at all (connection refused, timeout)
+                if attempt == ATTEMPTS:
+                    self.on_error(verb)
+                    raise
+                time.sleep(retry_delay(attempt, None))
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     def apply(self, obj: Obj) -> Obj:
         """Server-side apply of a whole object we own."""
@@ -217,6 +251,7 @@ class Change:
 
     ``type`` is ADDED, MODIFIED or DELETED, or SYNC for an object seen again by a re-list
     (after the watch expired with 410 Gone: changes in between may have been missed).
+    ``obj`` is the object as the API server sent it (None only in tests).
     """
 
     type: str
@@ -225,9 +260,12 @@ class Change:
     labels: dict[str, str]
     resource_version: str
     generation: int | None
+    obj: Obj | None = None
 
 
-# The kinds a relay is made of that the operator watches, with their typed list call.
+# The kinds the operator watches in its own namespace, with their typed list call. Relay
+# objects by the relay label selector; Secrets all (a DedicatedIP may name a certificate or
+# smarthost Secret a person made), so they are served from memory instead of one GET each.
 OWNED_KINDS: dict[str, tuple[type[Any], str]] = {
     "Deployment": (client.AppsV1Api, "list_namespaced_deployment"),
     "Service": (client.CoreV1Api, "list_namespaced_service"),
@@ -235,22 +273,47 @@ OWNED_KINDS: dict[str, tuple[type[Any], str]] = {
     "ServiceAccount": (client.CoreV1Api, "list_namespaced_service_account"),
     "Role": (client.RbacAuthorizationV1Api, "list_namespaced_role"),
     "RoleBinding": (client.RbacAuthorizationV1Api, "list_namespaced_role_binding"),
+    "PersistentVolumeClaim": (client.CoreV1Api, "list_namespaced_persistent_volume_claim"),
+    "Secret": (client.CoreV1Api, "list_namespaced_secret"),
 }
+UNSELECTED_KINDS = frozenset({"Secret"})
 
 
-def _change(type_: str, kind: str, obj: Any) -> Change:
-    meta = obj.metadata
+def _change(type_: str, kind: str, obj: Obj) -> Change:
+    meta = obj.get("metadata") or {}
     return Change(
-        type_, kind, meta.name, dict(meta.labels or {}), meta.resource_version, meta.generation
+        type_,
+        kind,
+        meta.get("name", ""),
+        dict(meta.get("labels") or {}),
+        meta.get("resourceVersion", ""),
+        meta.get("generation"),
+        obj,
     )
 
 
+def _ignore_list(kind: str, items: list[Obj]) -> None:
+    pass
+
+
+def _shutdown(response: Any) -> None:
+    """Shut a streaming response's socket down, so a read blocked on it returns at once."""
+    try:
+        sock = response.connection.sock if response.connection is not None else None
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 class OwnedWatch:
-    """Watches the operator's own objects in one namespace, by label selector.
+    """Watches the operator's own objects in one namespace.
 
     One thread per kind: list once, then watch from that resourceVersion, resuming from the
     last one seen (bookmarks included) when the server ends a watch, re-listing after 410
-    Gone, and backing off on errors. ``on_change`` runs on the watch threads.
+    Gone, and backing off on errors. ``on_list`` hears every full listing (the first one and
+    each re-list), ``on_change`` every change after it; both run on the watch threads.
+    Objects arrive as plain dicts (the API's JSON), never as the client library's models.
     """
 
     def __init__(
@@ -261,16 +324,17 @@ class OwnedWatch:
         on_change: Callable[[Change], None],
         on_error: Callable[[str], None] = _ignore,
         server_timeout: int = 300,
+        on_list: Callable[[str, list[Obj]], None] = _ignore_list,
     ) -> None:
         # A client of its own: long-lived watches must not hold the connections that
         # reconciles use.
         self.api = client.ApiClient(configuration=api.configuration)
         self.namespace, self.selector = namespace, selector
-        self.on_change, self.on_error = on_change, on_error
+        self.on_change, self.on_error, self.on_list = on_change, on_error, on_list
         self.server_timeout = server_timeout
         self._stopping = threading.Event()
         self._guard = threading.Lock()
-        self._watches: dict[str, watch.Watch] = {}
+        self._responses: dict[str, Any] = {}
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
@@ -284,8 +348,8 @@ class OwnedWatch:
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping.set()
         with self._guard:
-            for w in self._watches.values():
-                w.stop()  # type: ignore[no-untyped-call]  # shuts the socket down: a blocked read returns at once
+            for response in self._responses.values():
+                _shutdown(response)
         for thread in self._threads:
             thread.join(timeout)
         self.api.close()  # type: ignore[no-untyped-call]
@@ -293,37 +357,20 @@ class OwnedWatch:
     def _run(self, kind: str) -> None:
         api_class, method = OWNED_KINDS[kind]
         list_fn = getattr(api_class(self.api), method)
+        selector = {} if kind in UNSELECTED_KINDS else {"label_selector": self.selector}
         version: str | None = None
         listed = False
         backoff = 0.5
         while not self._stopping.is_set():
             try:
                 if version is None:
-                    listing = list_fn(
-                        self.namespace, label_selector=self.selector, _request_timeout=30
-                    )
-                    version = listing.metadata.resource_version
+                    version, items = self._list(kind, list_fn, selector)
+                    self.on_list(kind, items)
                     if listed:
-                        for item in listing.items:
+                        for item in items:
                             self.on_change(_change("SYNC", kind, item))
                     listed = True
-                w = watch.Watch()  # type: ignore[no-untyped-call]
-                with self._guard:
-                    if self._stopping.is_set():
-                        break
-                    self._watches[kind] = w
-                for event in w.stream(  # type: ignore[no-untyped-call]
-                    list_fn,
-                    self.namespace,
-                    label_selector=self.selector,
-                    resource_version=version,
-                    allow_watch_bookmarks=True,
-                    timeout_seconds=self.server_timeout,
-                    _request_timeout=(10, self.server_timeout + 30),
-                ):
-                    if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
-                        self.on_change(_change(event["type"], kind, event["object"]))
-                version = w.resource_version or version
+                version = self._watch(kind, list_fn, selector, version)
                 backoff = 0.5
             except Exception as exc:  # an API error, a connection reset, or stop()'s shutdown
                 if isinstance(exc, ApiException) and exc.status == 410:  # too old: list again
@@ -336,6 +383,51 @@ class OwnedWatch:
                 log.warning("watching %ss failed (%s), retrying", kind, why)
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
-            finally:
-                with self._guard:
-                    self._watches.pop(kind, None)
+
+    def _list(
+        self, kind: str, list_fn: Callable[..., Any], selector: dict[str, str]
+    ) -> tuple[str, list[Obj]]:
+        response = list_fn(self.namespace, **selector, _request_timeout=30, _preload_content=False)
+        listing = json.loads(response.data)
+        items = [{**x, "kind": kind} for x in listing.get("items") or []]
+        return str(listing["metadata"]["resourceVersion"]), items
+
+    def _watch(
+        self, kind: str, list_fn: Callable[..., Any], selector: dict[str, str], version: str
+    ) -> str:
+        """One watch request, until the server ends it; the last resourceVersion seen.
+
+        By hand, not with the client library's Watch: that turns each event back into a
+        model, which for a 100 KB credential shard costs more than everything else.
+        """
+        response = list_fn(
+            self.namespace,
+            **selector,
+            watch=True,
+            resource_version=version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=self.server_timeout,
+            _request_timeout=(10, self.server_timeout + 30),
+            _preload_content=False,
+        )
+        try:
+            with self._guard:
+                if self._stopping.is_set():
+                    return version
+                self._responses[kind] = response
+            for line in iter_resp_lines(response):  # type: ignore[no-untyped-call]
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                obj = event.get("object") or {}
+                if event.get("type") == "ERROR":
+                    raise ApiException(status=obj.get("code", 500), reason=obj.get("message", ""))
+                version = (obj.get("metadata") or {}).get("resourceVersion") or version
+                if event.get("type") in ("ADDED", "MODIFIED", "DELETED"):
+                    self.on_change(_change(event["type"], kind, {**obj, "kind": kind}))
+            return version
+        finally:
+            with self._guard:
+                self._responses.pop(kind, None)
+            response.close()
+            response.release_conn()

@@ -7,6 +7,8 @@ import pytest
 from txmail_operator.kube import Change
 from txmail_operator.reconcile.context import Written
 from txmail_operator.reconcile.drift import Action, classify
+from txmail_operator.reconcile.sweep import due, offset
+from txmail_operator.reconcile.work import ROUTINE, URGENT, Work, _Job
 from txmail_relay import contract as c
 
 
@@ -53,3 +55,36 @@ def test_the_relay_config_map_is_whole_but_shards_and_stats_are_written_by_entry
 def test_objects_of_no_dedicated_ip_are_ignored() -> None:
     orphan = Change("DELETED", "Role", "x", {}, "1", None)
     assert classify(orphan, Written()) is None
+
+
+# --- the periodic token check, spread over its interval ----------------------------------
+
+
+def test_each_token_is_due_once_per_interval_even_across_the_wrap() -> None:
+    refs = [((f"ns{i}", "t"), offset(f"uid-{i}", 10.0)) for i in range(500)]
+    assert all(0 <= at < 10.0 for _, at in refs)
+    windows = [(9.5, 2.0), (2.0, 6.0), (6.0, 9.5)]  # one interval, wrapping at 10
+    seen = [ref for start, end in windows for ref in due(refs, start, end)]
+    assert sorted(seen) == sorted(ref for ref, _ in refs)  # each exactly once
+    # spread: no tenth of the interval holds more than a fair share and a half
+    assert max(len(due(refs, k, k + 1.0)) for k in range(10)) < 500 / 10 * 1.5
+
+
+def test_urgent_work_goes_first_and_routine_work_is_queued_once() -> None:
+    work = Work(threads=0)  # no threads: the queue is read by hand
+    ran: list[str] = []
+    assert work.submit(("SmtpToken", "a", "resume"), ran.append, "routine-1")
+    assert not work.submit(("SmtpToken", "a", "resume"), ran.append, "routine-dup")
+    assert work.submit(("SmtpToken", "b", "resume"), ran.append, "routine-2")
+    with work._cond:
+        work._push(_Job(URGENT, next(work._seq), lambda: ran.append("delete")), 0.0)
+    order = []
+    while work.pending():
+        job = work._next()
+        assert job is not None
+        order.append(job.priority)
+        job.fn()
+    assert ran == ["delete", "routine-1", "routine-2"]
+    assert order == [URGENT, ROUTINE, ROUTINE]
+    # once taken, the same key may be queued again (a later change needs a later run)
+    assert work.submit(("SmtpToken", "a", "resume"), ran.append, "again")

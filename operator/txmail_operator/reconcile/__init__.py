@@ -5,9 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-import kopf
-from kubernetes.client.exceptions import ApiException
-
 from ..builders import username_for
 from .context import Context, Locks
 from .dedicatedip import reconcile_ip, refresh_status, repair_ip
@@ -23,23 +20,28 @@ log = logging.getLogger(__name__)
 
 
 def fan_out(ctx: Context, tokens: Iterable[Ref], emails: Iterable[Ref], taken: IdTaken) -> None:
-    """Reconcile the tokens and emails that depend on something that just changed.
+    """Queue a reconcile of the tokens and emails that depend on something that just changed.
 
-    A failure of one dependent is logged and left to its own handler and timer, so one bad
-    object never holds up the others.
+    ROUTINE work, one job per dependent (one already queued is not queued again): a failure of
+    one dependent is retried on its own, so one bad object never holds up the others.
     """
     for namespace, name in sorted(set(tokens)):
-        try:
-            reconcile_token(ctx, namespace, name)
-        except (ApiException, kopf.TemporaryError) as exc:
-            log.warning("SmtpToken %s/%s will be retried: %s", namespace, name, type(exc).__name__)
+        ctx.work.submit(
+            ("SmtpToken", namespace, name),
+            ctx.metrics.measured("SmtpToken", reconcile_token),
+            ctx,
+            namespace,
+            name,
+        )
     for namespace, name in sorted(set(emails)):
-        try:
-            reconcile_email(ctx, namespace, name, taken)
-        except (ApiException, kopf.TemporaryError) as exc:
-            log.warning(
-                "TransactionalEmail %s/%s will be retried: %s", namespace, name, type(exc).__name__
-            )
+        ctx.work.submit(
+            ("TransactionalEmail", namespace, name),
+            ctx.metrics.measured("TransactionalEmail", reconcile_email),
+            ctx,
+            namespace,
+            name,
+            taken,
+        )
 
 
 __all__ = [

@@ -24,15 +24,14 @@ class Attachment:
 
 
 def attach(ctx: Context, ip_name: str, namespace: str) -> Attachment:
-    ip = ctx.kube.get("txmail.dev/v1alpha1", "DedicatedIP", None, ip_name)
+    ip = ctx.cache.ip(ip_name)
     if ip is None or ip["metadata"].get("deletionTimestamp"):
         return Attachment(
             None, None, "DedicatedIPNotFound", f"DedicatedIP {ip_name} does not exist"
         )
     spec = DedicatedIPSpec.model_validate(ip["spec"])
     if spec.allowed_namespaces is not None:
-        ns = ctx.kube.get("v1", "Namespace", None, namespace)
-        labels = (ns or {}).get("metadata", {}).get("labels") or {}
+        labels = ctx.cache.namespace_labels(namespace) or {}
         if not spec.allowed_namespaces.matches(labels):
             return Attachment(
                 ip,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -12,7 +14,9 @@ from dataclasses import dataclass, field
 from ..kube import Kube
 from ..relayclient import RelayClient
 from ..settings import Settings
+from .cache import Cache
 from .metrics import Metrics
+from .work import Work
 
 
 def utcnow() -> dt.datetime:
@@ -89,6 +93,27 @@ class Written:
 
 
 @dataclass
+class Checked:
+    """When each object was last reconciled in full, so a periodic check soon after skips."""
+
+    _guard: threading.Lock = field(default_factory=threading.Lock)
+    _at: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, key: str) -> None:
+        with self._guard:
+            self._at[key] = time.monotonic()
+
+    def since(self, key: str) -> float:
+        with self._guard:
+            at = self._at.get(key)
+        return math.inf if at is None else time.monotonic() - at
+
+    def forget(self, key: str) -> None:
+        with self._guard:
+            self._at.pop(key, None)
+
+
+@dataclass
 class Context:
     kube: Kube
     settings: Settings
@@ -100,3 +125,11 @@ class Context:
     relay: RelayClient = field(default_factory=RelayClient)
     metrics: Metrics = field(default_factory=Metrics)
     written: Written = field(default_factory=Written)
+    work: Work = field(default_factory=Work)
+    checked: Checked = field(default_factory=Checked)
+    cache: Cache = field(init=False)
+    # DedicatedIPs whose relay waits for the operator's namespace to be created.
+    waiting_for_namespace: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.cache = Cache(self.kube, self.settings.namespace)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import secrets
 from typing import Any
 
@@ -18,6 +20,8 @@ from .context import Context
 
 Obj = dict[str, Any]
 IP_API = ("txmail.dev/v1alpha1", "DedicatedIP")
+# On each object the operator applies: a digest of what it applied (see _unchanged).
+APPLIED_ANNOTATION = "txmail.dev/applied-digest"
 
 
 def _ensure_tls(
@@ -27,19 +31,21 @@ def _ensure_tls(
     name, ns = owner.name, owner.namespace
     ref = spec.tls.certificate_secret_ref
     if ref is not None:
-        secret = ctx.kube.get("v1", "Secret", ns, ref.name)
+        secret = ctx.cache.owned("Secret", ref.name)
         if secret is None:
             return ref.name, None, f"certificate Secret {ns}/{ref.name} does not exist"
         ca = (secret.get("data") or {}).get("ca.crt")
         return ref.name, base64.b64decode(ca) if ca else None, None
     secret_name = c.tls_secret_name(name)
-    secret = ctx.kube.get("v1", "Secret", ns, secret_name)
+    secret = ctx.cache.owned("Secret", secret_name)
     if secret is not None and (secret.get("data") or {}).get("ca.crt"):
         return secret_name, base64.b64decode(secret["data"]["ca.crt"]), None
     dns = builders.service_dns_names(name, ns, ctx.settings.cluster_domain)
     material = pki.issue(name, dns, ctx.now())
-    ctx.kube.apply(
-        builders.relay_tls_secret(owner, material.ca_pem, material.cert_pem, material.key_pem)
+    ctx.cache.put(
+        ctx.kube.apply(
+            builders.relay_tls_secret(owner, material.ca_pem, material.cert_pem, material.key_pem)
+        )
     )
     return secret_name, material.ca_pem, None
 
@@ -53,26 +59,24 @@ def _ensure_tracking_keys(
     Secret left from when tracking was on stays mounted, so links in mail already delivered
     keep verifying.
     """
-    ns = owner.namespace
     secret_name = c.tracking_secret_name(owner.name)
-    secret = ctx.kube.get("v1", "Secret", ns, secret_name)
+    secret = ctx.cache.owned("Secret", secret_name)
     if secret is not None and (secret.get("data") or {}).get(c.TRACKING_KEYS_KEY):
         return secret_name
     if spec.tracking.base_url is None:
         return None
-    ctx.kube.apply(builders.relay_tracking_secret(owner, secrets.token_bytes(32)))
+    ctx.cache.put(ctx.kube.apply(builders.relay_tracking_secret(owner, secrets.token_bytes(32))))
     return secret_name
 
 
 def relay_ca(ctx: Context, ip: str, spec: DedicatedIPSpec) -> bytes | None:
     """The CA an app should trust for this IP's relay (None when unknown)."""
-    ns = ctx.settings.namespace
     secret_name = (
         spec.tls.certificate_secret_ref.name
         if spec.tls.certificate_secret_ref
         else c.tls_secret_name(ip)
     )
-    secret = ctx.kube.get("v1", "Secret", ns, secret_name)
+    secret = ctx.cache.owned("Secret", secret_name)
     ca = ((secret or {}).get("data") or {}).get("ca.crt")
     return base64.b64decode(ca) if ca else None
 
@@ -103,6 +107,8 @@ def reconcile_ip(ctx: Context, body: Obj, tokens: int, emails: int) -> None:
     spec = DedicatedIPSpec.model_validate(body["spec"])
     owner = builders.RelayOwner.of(body, ctx.settings.namespace)
     with ctx.locks.hold(f"dedicatedip/{name}"):
+        if _namespace_missing(ctx, body, spec, tokens, emails):
+            return
         tls_secret, _ca, tls_problem = _ensure_tls(ctx, owner, spec)
         tracking_secret = _ensure_tracking_keys(ctx, owner, spec)
         config = builders.relay_config(name, spec)
@@ -111,9 +117,11 @@ def reconcile_ip(ctx: Context, body: Obj, tokens: int, emails: int) -> None:
             builders.relay_role(owner),
             builders.relay_role_binding(owner),
             builders.relay_config_map(owner, config, tracking_keys=tracking_secret is not None),
-            *(builders.credential_shard(owner, k) for k in range(c.CREDENTIAL_SHARDS)),
             *(builders.template_shard(owner, k) for k in range(c.TEMPLATE_SHARDS)),
             builders.stats_config_map(owner),
+            # Last of the configuration: a token waits for its shard, so once it is Ready
+            # the relay's other objects exist too.
+            *(builders.credential_shard(owner, k) for k in range(c.CREDENTIAL_SHARDS)),
             builders.relay_spool_claim(owner, spec),
             builders.relay_service(owner, spec),
         ]
@@ -137,7 +145,11 @@ def _apply(ctx: Context, obj: Obj) -> Obj:
     apply leaves in place (or, sharing a name with the built one, makes the apply invalid), so
     then the ports are set back to exactly the built ones first.
     """
+    obj = _stamped(obj)
     meta = obj["metadata"]
+    live = ctx.cache.known(obj["kind"], meta["name"])
+    if live is not None and _unchanged(live, obj):
+        return live  # as applied, and nobody changed what we set: no write
     try:
         out = ctx.kube.apply(obj)
     except ApiException as exc:
@@ -146,12 +158,41 @@ def _apply(ctx: Context, obj: Obj) -> Obj:
         out = _reset_ports(ctx, obj)
     if obj["kind"] == "Service" and _ports(out) != _ports(obj):
         out = _reset_ports(ctx, obj)
-    live = out.get("metadata") or {}
-    if live.get("resourceVersion"):
+    written = out.get("metadata") or {}
+    if written.get("resourceVersion"):
         ctx.written.record(
-            obj["kind"], meta["name"], live["resourceVersion"], live.get("generation")
+            obj["kind"], meta["name"], written["resourceVersion"], written.get("generation")
         )
+    ctx.cache.put(out)
     return out
+
+
+def _stamped(obj: Obj) -> Obj:
+    """The object with a digest of itself, so a later reconcile can tell it is unchanged."""
+    digest = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
+    meta = obj["metadata"]
+    annotations = {**(meta.get("annotations") or {}), APPLIED_ANNOTATION: digest}
+    return {**obj, "metadata": {**meta, "annotations": annotations}}
+
+
+def _unchanged(live: Obj, desired: Obj) -> bool:
+    """Whether applying ``desired`` would change nothing: the live object was applied from
+    the same desired object (its digest) and still holds every value we set (drift)."""
+    have = ((live.get("metadata") or {}).get("annotations") or {}).get(APPLIED_ANNOTATION)
+    return have == desired["metadata"]["annotations"][APPLIED_ANNOTATION] and _covers(live, desired)
+
+
+def _covers(live: object, want: object) -> bool:
+    """Every value of ``want`` is in ``live`` (the server may add defaults; empty is absent)."""
+    if isinstance(want, dict):
+        if not isinstance(live, dict):
+            return not want
+        return all(_covers(live.get(k), v) for k, v in want.items())
+    if isinstance(want, list):
+        if not isinstance(live, list):
+            return not want
+        return len(live) == len(want) and all(map(_covers, live, want))
+    return want is None or live == want
 
 
 def _reset_ports(ctx: Context, service: Obj) -> Obj:
@@ -171,7 +212,7 @@ def _ports(service: Obj) -> list[tuple[object, ...]]:
 
 def repair_ip(ctx: Context, name: str, tokens: int, emails: int) -> None:
     """Re-apply the children of DedicatedIP ``name`` (drift repair); nothing when it is gone."""
-    body = ctx.kube.get(*IP_API, None, name)
+    body = ctx.cache.ip(name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return
     reconcile_ip(ctx, body, tokens, emails)
@@ -179,21 +220,44 @@ def repair_ip(ctx: Context, name: str, tokens: int, emails: int) -> None:
 
 def refresh_status(ctx: Context, name: str, tokens: int, emails: int) -> None:
     """Re-read the relay Deployment and update the DedicatedIP's status (no writes to children)."""
+    body = ctx.cache.ip(name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return
+    if name in ctx.waiting_for_namespace:  # it may exist now: then the relay can be made
+        reconcile_ip(ctx, body, tokens, emails)
+        return
     with ctx.locks.hold(f"dedicatedip/{name}"):
-        body = ctx.kube.get(*IP_API, None, name)
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            return
         spec = DedicatedIPSpec.model_validate(body["spec"])
-        ns = ctx.settings.namespace
-        deployment = ctx.kube.get("apps/v1", "Deployment", ns, c.relay_name(name))
+        deployment = ctx.cache.owned("Deployment", c.relay_name(name))
         _write_status(ctx, body, spec, deployment, tokens, emails, _config_problem(ctx, spec))
+
+
+def _namespace_missing(
+    ctx: Context, body: Obj, spec: DedicatedIPSpec, tokens: int, emails: int
+) -> bool:
+    """When the operator's own namespace does not exist, say so in the status (the relay is
+    made once it exists: the namespace handler and the recheck timer come back here)."""
+    ns, name = ctx.settings.namespace, body["metadata"]["name"]
+    if ctx.cache.namespace_labels(ns) is not None:
+        ctx.waiting_for_namespace.discard(name)
+        return False
+    ctx.waiting_for_namespace.add(name)
+    message = (
+        f"the operator's namespace {ns} does not exist, so the relay cannot be created there: "
+        f"create it (kubectl create namespace {ns}) or set TXMAIL_NAMESPACE (the chart's "
+        "release namespace) to the namespace the operator runs in"
+    )
+    _write_status(
+        ctx, body, spec, None, tokens, emails, None, blocked=("OperatorNamespaceMissing", message)
+    )
+    return True
 
 
 def _config_problem(ctx: Context, spec: DedicatedIPSpec) -> str | None:
     """A Secret the DedicatedIP names that does not exist (yet), or None."""
     ns = ctx.settings.namespace
     ref = spec.tls.certificate_secret_ref
-    if ref is not None and ctx.kube.get("v1", "Secret", ns, ref.name) is None:
+    if ref is not None and ctx.cache.owned("Secret", ref.name) is None:
         return f"certificate Secret {ns}/{ref.name} does not exist"
     return _smarthost_problem(ctx, spec)
 
@@ -202,7 +266,7 @@ def _smarthost_problem(ctx: Context, spec: DedicatedIPSpec) -> str | None:
     ns = ctx.settings.namespace
     sh = spec.delivery.smarthost
     creds = sh.credentials_secret_ref if sh is not None else None
-    if creds is not None and ctx.kube.get("v1", "Secret", ns, creds.name) is None:
+    if creds is not None and ctx.cache.owned("Secret", creds.name) is None:
         return f"smarthost credentials Secret {ns}/{creds.name} does not exist"
     return None
 
@@ -215,12 +279,14 @@ def _write_status(
     tokens: int,
     emails: int,
     problem: str | None,
+    *,
+    blocked: tuple[str, str] | None = None,
 ) -> None:
     meta = body["metadata"]
     name, generation = meta["name"], meta.get("generation", 0)
     previous = (body.get("status") or {}).get("conditions")
     now = ctx.now()
-    up, up_reason, up_message = availability(deployment)
+    up, up_reason, up_message = (False, *blocked) if blocked else availability(deployment)
     if problem:
         ready = condition(
             previous, "Ready", False, "ConfigurationInvalid", problem, generation, now

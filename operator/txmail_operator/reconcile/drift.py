@@ -1,5 +1,7 @@
 """Drift repair of a relay's own objects: a watch in the operator's namespace, then re-apply.
 
+The same watch keeps the operator's cache of its namespace (see cache.py).
+
 A relay Deployment scaled to 0, a deleted Role, an edited Service or ConfigMap is put back
 without waiting for the DedicatedIP to change. The watch sees the operator's own writes too;
 those are recognised by the resourceVersion the apply returned and skipped, and each
@@ -27,6 +29,8 @@ SELECTOR = f"{c.LABEL_MANAGED_BY}={c.MANAGED_BY},{c.LABEL_NAME}={c.RELAY_APP_NAM
 # others (credential and template shards, the stats report) are written entry by entry, or
 # by the relay; only their deletion is drift.
 WHOLE_COMPONENTS = frozenset({"relay", "config"})
+# Watched only to be served from memory (see cache.py), never repaired from the watch.
+CACHED_ONLY = frozenset({"Secret", "PersistentVolumeClaim"})
 
 
 class Action(Enum):
@@ -37,7 +41,7 @@ class Action(Enum):
 def classify(change: Change, written: Written) -> tuple[str, Action] | None:
     """What a change to an owned object calls for, for which DedicatedIP (None: nothing)."""
     ip = change.labels.get(c.LABEL_INSTANCE)
-    if not ip:
+    if not ip or change.kind in CACHED_ONLY:
         return None
     if change.type == "DELETED":
         return ip, Action.REPAIR
@@ -145,9 +149,11 @@ class DriftRepair:
             SELECTOR,
             self.on_change,
             on_error=ctx.kube.on_error,
+            on_list=ctx.cache.on_list,
         )
 
     def on_change(self, change: Change) -> None:
+        self.ctx.cache.on_change(change)  # first: a repair it calls for reads the cache
         what = classify(change, self.ctx.written)
         if what is not None:
             log.debug("%s %s/%s: %s", change.type, change.kind, change.name, what[1].value)

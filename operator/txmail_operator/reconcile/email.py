@@ -112,7 +112,7 @@ def _publish(ctx: Context, ip: str, email_id: int, entry: c.TemplateEntry | None
     key = str(email_id)
     shard = c.templates_config_map_name(ip, c.shard_of(key, c.TEMPLATE_SHARDS))
     ns = ctx.settings.namespace
-    current = ctx.kube.get("v1", "ConfigMap", ns, shard)
+    current = ctx.cache.owned("ConfigMap", shard)
     if current is None:
         return  # the relay is being set up; its reconcile fans out to us again
     have = (current.get("data") or {}).get(key)
@@ -120,8 +120,10 @@ def _publish(ctx: Context, ip: str, email_id: int, entry: c.TemplateEntry | None
     if have == want:
         return
     try:
-        ctx.kube.merge_patch(
-            "v1", "ConfigMap", ns, shard, builders.shard_patch(key, want, secret=False)
+        ctx.cache.put(
+            ctx.kube.merge_patch(
+                "v1", "ConfigMap", ns, shard, builders.shard_patch(key, want, secret=False)
+            )
         )
     except ApiException as exc:
         if exc.status != 404:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import ParamSpec, TypeVar
 
 import kopf
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+P = ParamSpec("P")
+R = TypeVar("R")
 KINDS = ("DedicatedIP", "SmtpToken", "TransactionalEmail")
 RESULTS = ("ok", "temporary_error", "permanent_error", "error")
 
@@ -75,6 +79,16 @@ class Metrics:
         finally:
             self.duration.labels(kind).observe(time.monotonic() - start)
             self.reconciles.labels(kind, _result(error)).inc()
+
+    def measured(self, kind: str, fn: Callable[P, R]) -> Callable[P, R]:
+        """``fn``, counted and timed as one reconcile of ``kind`` each time it runs."""
+
+        @functools.wraps(fn)
+        def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            with self.reconcile(kind):
+                return fn(*args, **kwargs)
+
+        return run
 
     def api_error(self, verb: str) -> None:
         self.api_errors.labels(verb).inc()

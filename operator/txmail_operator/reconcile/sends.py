@@ -146,11 +146,13 @@ def _scheduler_credential(ctx: Context, ip: Obj, domains: list[str]) -> str:
     """The operator's credential for this relay: created once, its digest published."""
     name, uid = ip["metadata"]["name"], ip["metadata"]["uid"]
     ns = ctx.settings.namespace
-    secret = ctx.kube.get("v1", "Secret", ns, c.scheduler_secret_name(name))
+    secret = ctx.cache.owned("Secret", c.scheduler_secret_name(name))
     encoded = ((secret or {}).get("data") or {}).get("password")
     password = base64.b64decode(encoded).decode() if encoded else ctx.password()
     if not encoded:
-        ctx.kube.apply(builders.scheduler_secret(builders.RelayOwner.of(ip, ns), password))
+        ctx.cache.put(
+            ctx.kube.apply(builders.scheduler_secret(builders.RelayOwner.of(ip, ns), password))
+        )
     username = c.SCHEDULER_USERNAME_PREFIX + name
     wanted = c.CredentialEntry(
         username=username,

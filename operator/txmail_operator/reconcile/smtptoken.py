@@ -18,7 +18,7 @@ from kubernetes.client.exceptions import ApiException
 from txmail_relay import contract as c
 
 from .. import builders
-from ..api import SmtpTokenSpec
+from ..api import DedicatedIPSpec, SmtpTokenSpec
 from .access import attach
 from .conditions import condition, stamp
 from .context import Context
@@ -44,7 +44,7 @@ def _decode(secret: Obj | None, key: str) -> str | None:
 
 
 def current_entry(ctx: Context, ip: str, username: str) -> tuple[bool, c.CredentialEntry | None]:
-    shard = ctx.kube.get("v1", "Secret", ctx.settings.namespace, _shard_name(ip, username))
+    shard = ctx.cache.owned("Secret", _shard_name(ip, username))
     if shard is None:
         return False, None
     raw = _decode(shard, username)
@@ -94,12 +94,16 @@ def _choose_password(
     return ctx.password(), None
 
 
-def reconcile_token(ctx: Context, namespace: str, name: str) -> None:
-    with ctx.locks.hold(f"smtptoken/{namespace}/{name}"):
-        body = ctx.kube.get(*TOKEN_API, namespace, name)
+def reconcile_token(ctx: Context, namespace: str, name: str, body: Obj | None = None) -> None:
+    """Reconcile one SmtpToken: ``body`` as kopf handed it, else as kopf's index holds it."""
+    key = f"smtptoken/{namespace}/{name}"
+    with ctx.locks.hold(key):
+        if body is None:
+            body = ctx.cache.token(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
         _reconcile(ctx, body)
+        ctx.checked.mark(key)
 
 
 def _reconcile(ctx: Context, body: Obj) -> None:
@@ -120,12 +124,15 @@ def _reconcile(ctx: Context, body: Obj) -> None:
     attachment = attach(ctx, ip_name, namespace)
     expired = spec.expires_at is not None and now >= spec.expires_at
     ip_spec = attachment.spec
-    if not attachment.ok or expired or ip_spec is None:
+    no_domain = _no_allowed_domain(spec, ip_name, ip_spec)
+    if not attachment.ok or expired or ip_spec is None or no_domain:
         if attachment.ip is not None:
             _remove_entry(ctx, ip_name, username)
         reason, message = (
             ("Expired", f"the token expired at {stamp(spec.expires_at)}")
             if expired and spec.expires_at is not None
+            else ("FromDomainNotAllowed", no_domain)
+            if attachment.ok and no_domain
             else (attachment.reason, attachment.message)
         )
         _write_status(ctx, body, base, False, reason, message)
@@ -189,6 +196,18 @@ def _reconcile(ctx: Context, body: Obj) -> None:
     )
 
 
+def _no_allowed_domain(spec: SmtpTokenSpec, ip: str, ip_spec: DedicatedIPSpec | None) -> str:
+    """Why the token could send from no domain at all ("" when it can send from some)."""
+    if ip_spec is None or spec.allowed_from_domains is None:
+        return ""
+    if any(d in ip_spec.domains for d in spec.allowed_from_domains):
+        return ""
+    return (
+        f"allowedFromDomains ({', '.join(spec.allowed_from_domains)}) names no domain of "
+        f"DedicatedIP {ip} ({', '.join(ip_spec.domains)}): the token could send nothing"
+    )
+
+
 def _drifted(actual: Obj, desired: Obj) -> bool:
     """Whether the live Secret lost anything we wrote (extra keys or labels are the user's)."""
     if actual.get("type") != desired["type"]:
@@ -207,15 +226,21 @@ def _drifted(actual: Obj, desired: Obj) -> bool:
 
 def put_entry(ctx: Context, ip: str, username: str, entry: c.CredentialEntry) -> None:
     patch = builders.shard_patch(username, entry.to_json(), secret=True)
-    ctx.kube.merge_patch("v1", "Secret", ctx.settings.namespace, _shard_name(ip, username), patch)
+    shard = _shard_name(ip, username)
+    ctx.cache.put(ctx.kube.merge_patch("v1", "Secret", ctx.settings.namespace, shard, patch))
 
 
-def _remove_entry(ctx: Context, ip: str, username: str) -> None:
+def _remove_entry(ctx: Context, ip: str, username: str, *, always: bool = False) -> None:
+    """Remove the token's entry; unless ``always``, only when the cached shard has one
+    (a token that is not attached is checked periodically: that must cost no write)."""
     patch = builders.shard_patch(username, None, secret=True)
+    shard = _shard_name(ip, username)
+    if not always:
+        current = ctx.cache.owned("Secret", shard)
+        if current is None or username not in (current.get("data") or {}):
+            return
     try:
-        ctx.kube.merge_patch(
-            "v1", "Secret", ctx.settings.namespace, _shard_name(ip, username), patch
-        )
+        ctx.cache.put(ctx.kube.merge_patch("v1", "Secret", ctx.settings.namespace, shard, patch))
     except ApiException as exc:
         if exc.status != 404:  # no shard: the relay (and every entry) is gone already
             raise
@@ -233,6 +258,10 @@ def _write_status(ctx: Context, body: Obj, base: Obj, ok: bool, reason: str, mes
 def revoke_token(ctx: Context, body: Obj) -> None:
     """Before the token goes: remove its credential from the relay (the Secret goes by GC)."""
     meta = body["metadata"]
-    with ctx.locks.hold(f"smtptoken/{meta['namespace']}/{meta['name']}"):
+    key = f"smtptoken/{meta['namespace']}/{meta['name']}"
+    with ctx.locks.hold(key):
+        ctx.checked.forget(key)
         spec = SmtpTokenSpec.model_validate(body["spec"])
-        _remove_entry(ctx, spec.dedicated_ip_ref.name, builders.username_for(meta["uid"]))
+        _remove_entry(
+            ctx, spec.dedicated_ip_ref.name, builders.username_for(meta["uid"]), always=True
+        )

@@ -19,9 +19,7 @@ TOKEN_API = ("txmail.dev/v1alpha1", "SmtpToken")
 
 def publish_stats(ctx: Context, ip: str, token_of: Callable[[str], Ref | None]) -> int:
     """Copy the relay's figures into token statuses; returns how many tokens were updated."""
-    config_map = ctx.kube.get(
-        "v1", "ConfigMap", ctx.settings.namespace, c.stats_config_map_name(ip)
-    )
+    config_map = ctx.cache.owned("ConfigMap", c.stats_config_map_name(ip))
     raw = ((config_map or {}).get("data") or {}).get(c.STATS_KEY)
     if not raw:
         return 0
