@@ -1,4 +1,4 @@
-"""Click/open tracking: signed tokens, HTML and MIME rewriting, and the HTTP constants."""
+"""Click/open tracking: sealed tokens, HTML and MIME rewriting, and the HTTP constants."""
 
 from __future__ import annotations
 
@@ -12,17 +12,15 @@ import pytest
 
 from txmail_relay.mail.compose import MAX_LINE_OCTETS, build_message, to_bytes
 from txmail_relay.templates.policy import Rendered
+from txmail_relay.tracking.links import TrackedLink, rewrite_html, rewrite_message
 from txmail_relay.tracking.tokens import (
     CLICK_HEADERS,
     MAX_URL_BYTES,
     PIXEL_HEADERS,
     TRANSPARENT_GIF,
     Click,
-    TrackedLink,
     TrackingKeys,
     new_event_id,
-    rewrite_html,
-    rewrite_message,
     trackable_url,
 )
 

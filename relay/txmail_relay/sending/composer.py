@@ -26,7 +26,8 @@ from txmail_relay.metrics import RelayMetrics
 from txmail_relay.sending.model import Copy, SendRequest
 from txmail_relay.sending.policy import SendError, sender_allowed
 from txmail_relay.templates.policy import RenderError, Templates
-from txmail_relay.tracking.tokens import TrackingKeys, new_event_id, rewrite_message
+from txmail_relay.tracking.links import rewrite_message
+from txmail_relay.tracking.tokens import TrackingKeys, new_event_id
 
 log = logging.getLogger(__name__)
 
