@@ -18,7 +18,8 @@ from typing import Any, NoReturn
 
 from txmail_relay import logs
 from txmail_relay.app import Relay
-from txmail_relay.config.live import ConfigSource, FileConfigSource, load_dynamic
+from txmail_relay.config.file import FileConfigSource, load_dynamic
+from txmail_relay.config.live import ConfigSource
 from txmail_relay.records.stats import StatsPublisher
 from txmail_relay.settings import Settings, SettingsError, load_settings
 

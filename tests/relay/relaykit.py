@@ -26,7 +26,7 @@ import yaml
 
 from peers import Captured, Sink, TLSFiles, free_port, make_authority, wait_for
 from txmail_relay.app import Relay
-from txmail_relay.config.live import FileConfigSource
+from txmail_relay.config.file import FileConfigSource
 from txmail_relay.contract import CredentialEntry, PasswordDigest, password_digest
 from txmail_relay.settings import load_settings
 

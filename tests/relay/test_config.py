@@ -15,13 +15,14 @@ import pytest
 
 from relay.relaykit import RelayEnv, credential, write_credentials
 from txmail_relay import contract as c
+from txmail_relay.config.file import FileConfigSource
 from txmail_relay.config.kube import (
     KubeState,
     parse_credentials_secret,
     parse_relay_config_map,
     parse_templates_config_map,
 )
-from txmail_relay.config.live import FileConfigSource, LiveConfig
+from txmail_relay.config.live import LiveConfig
 from txmail_relay.contract import RELAY_CONFIG_KEY, RelayConfig
 from txmail_relay.delivery.queue import backoff
 from txmail_relay.ingress.auth import FailureLimiter
