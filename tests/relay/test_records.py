@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
+from itertools import count
 from pathlib import Path
 
 import pytest
@@ -109,8 +111,8 @@ def _user_version(path: Path) -> int:
 
 
 @contextlib.asynccontextmanager
-async def opened(directory: Path) -> AsyncIterator[Records]:
-    records = Records(directory)
+async def opened(directory: Path, clock: Callable[[], float] = time.time) -> AsyncIterator[Records]:
+    records = Records(directory, clock=clock)
     await records.open()
     try:
         yield records
@@ -193,18 +195,22 @@ async def test_opens_and_clicks_count_once_per_recipient_as_unique(tmp_path: Pat
 
 
 async def test_contacts_merge_properties_and_page_by_address(tmp_path: Path) -> None:
-    async with opened(tmp_path) as records:
+    ticks = count(1)
+    async with opened(tmp_path, clock=lambda: float(next(ticks))) as records:
         first = [SentCopy("m1", "Ada@Dest.test"), SentCopy("m1", "bob@dest.test")]
         await records.sends.record("u", 1, first, contacts={"firstname": "Ada", "plan": "a"})
         await records.sends.record(
             "u", 1, [SentCopy("m2", "ada@dest.test")], contacts={"plan": "b"}
         )
         await records.sends.record("u", 1, [SentCopy("m3", "cy@dest.test")])  # no contacts
+        await records.sends.record("u", 1, [SentCopy("m4", "BOB@dest.test")], contacts={})
         page = await records.contacts.page("u", limit=1)
         assert [c.address for c in page] == ["ada@dest.test"]
         assert dict(page[0].properties) == {"firstname": "Ada", "plan": "b"}
         rest = await records.contacts.page("u", after=page[0].address)
         assert [c.address for c in rest] == ["bob@dest.test"]
+        assert dict(rest[0].properties) == {"firstname": "Ada", "plan": "a"}  # kept
+        assert (rest[0].first_seen, rest[0].last_sent) == (1.0, 4.0)  # the 1st and 4th send
         assert (await records.counters.totals()).contacts == {"u": 2}
 
 

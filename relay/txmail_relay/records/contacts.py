@@ -24,6 +24,13 @@ async def upsert(
     """Each address becomes a contact, or is updated: ``properties`` merged over the known
     ones, last sent now; inside a write."""
     wanted = sorted({a.lower() for a in addresses})
+    if not properties:  # nothing to merge (plain SMTP mail): no need to read them first
+        await db.executemany(
+            "INSERT INTO contacts VALUES (?, ?, ?, ?, '{}', 0) ON CONFLICT (username, address)"
+            " DO UPDATE SET last_sent = excluded.last_sent",
+            [(username, a, now, now) for a in wanted],
+        )
+        return
     known: dict[str, dict[str, Any]] = {}
     for start in range(0, len(wanted), _CHUNK):
         chunk = wanted[start : start + _CHUNK]
