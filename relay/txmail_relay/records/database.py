@@ -69,7 +69,7 @@ class Database:
                 await db.close()  # after the statements already queued
 
     async def close(self) -> None:
-        await self.drain()
+        await self._drain()
         if self._closer is not None:
             closer, self._closer = self._closer, None
             closer.cancel()
@@ -77,7 +77,7 @@ class Database:
             if not closer.cancelled():
                 closer.result()  # db.close() failed: say so
 
-    async def drain(self) -> None:
+    async def _drain(self) -> None:
         """Wait for the work asked for so far (its failures are reported where they belong)."""
         if self._pending:
             await asyncio.wait(set(self._pending))

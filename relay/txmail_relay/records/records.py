@@ -45,7 +45,3 @@ class Records:
 
     async def close(self) -> None:
         await self._db.close()
-
-    async def drain(self) -> None:
-        """Wait for the work asked for so far."""
-        await self._db.drain()
