@@ -20,6 +20,7 @@ from txmail_relay import logs
 from txmail_relay.app import Relay
 from txmail_relay.config.file import FileConfigSource, load_dynamic
 from txmail_relay.config.live import ConfigSource
+from txmail_relay.records.schema import SchemaError
 from txmail_relay.records.stats import StatsPublisher
 from txmail_relay.settings import Settings, SettingsError, load_settings
 
@@ -96,8 +97,8 @@ async def serve(relay: Relay, close: Callable[[], Awaitable[None]] | None = None
     if starting.done():
         try:
             starting.result()
-        except OSError as exc:  # bind failures, unreadable certificate files
-            raise StartupError(str(exc)) from exc
+        except (OSError, SchemaError) as exc:  # bind failures, unreadable certificate files,
+            raise StartupError(str(exc)) from exc  # records written by a newer relay
         await stopping
     else:
         starting.cancel()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import secrets
 import socket
+import sqlite3
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import yaml
 from peers import RelayProcess, Sink, TLSFiles, auth_accepted, free_port, relay_command, submit
 from peers import wait_for as wait
 from txmail_relay.contract import CredentialEntry, PasswordDigest, password_digest
+from txmail_relay.records.records import DB_NAME
 
 HOSTNAME = "relay.test"
 
@@ -235,6 +237,28 @@ def test_a_port_in_use_is_one_line(tmp_path: Path, tls_files: TLSFiles, sink: Si
     last = result.stderr.splitlines()[-1]
     assert last.startswith("txmail-relay: cannot start: ") and str(port) in last, last
     assert "Traceback" not in result.stderr
+
+
+def test_records_of_a_newer_relay_are_one_line(
+    tmp_path: Path, tls_files: TLSFiles, sink: Sink
+) -> None:
+    """A rollback to an older relay refuses the newer schema and says so, touching nothing."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    database = spool / DB_NAME
+    with sqlite3.connect(database) as db:
+        db.execute("PRAGMA user_version = 999")
+    doc = yaml.safe_load(_settings(free_port(), sink, tls_files, [_entry("app1", "pw")]))
+    doc["spool"]["directory"] = str(spool)
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    result = run("--config", str(path))
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("txmail-relay: cannot start: ") and "999" in last, last
+    assert "Traceback" not in result.stderr
+    with sqlite3.connect(database) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (999,)
 
 
 def test_a_missing_certificate_is_one_line(tmp_path: Path, tls_files: TLSFiles, sink: Sink) -> None:
