@@ -32,7 +32,9 @@ def publish_stats(ctx: Context, ip: str, token_of: Callable[[str], Ref | None]) 
         stats = figures.model_dump(mode="json", by_alias=True)
         if not ctx.stats.changed(username, stats):
             continue
-        stats["updatedAt"] = report.model_dump(mode="json", by_alias=True)["updatedAt"]
-        if ctx.kube.patch_status(*TOKEN_API, ref[0], ref[1], {"stats": stats}) is not None:
+        # A new dict: the one remembered above must stay without updatedAt (which changes with
+        # every report), or every report would look changed.
+        stamped = {**stats, "updatedAt": report.model_dump(mode="json", by_alias=True)["updatedAt"]}
+        if ctx.kube.patch_status(*TOKEN_API, ref[0], ref[1], {"stats": stamped}) is not None:
             updated += 1
     return updated
