@@ -253,6 +253,15 @@ class SubscriptionType(StrEnum):
     TRANSACTIONAL = "Transactional"
 
 
+class SendState(StrEnum):
+    """HubSpot's send ``status``: where one send is in its life."""
+
+    PENDING = "PENDING"
+    PROCESSING = "PROCESSING"
+    CANCELED = "CANCELED"
+    COMPLETE = "COMPLETE"
+
+
 class SendResult(StrEnum):
     """HubSpot's ``sendResult``: the outcome of one send, as the relay's API reports it."""
 

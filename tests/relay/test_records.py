@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from txmail_relay.contract import SendState
 from txmail_relay.outcomes import Outcome
-from txmail_relay.records.model import Kind, Recipient, SendState, SentCopy, Suppression
+from txmail_relay.records.model import Kind, Recipient, SentCopy, Suppression
 from txmail_relay.records.records import Records
 from txmail_relay.records.schema import VERSION, SchemaError
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from txmail_relay.contract import CredentialEntry
+from txmail_relay.contract import CredentialEntry, SendResult
 from txmail_relay.ingress.auth import Authenticator, FailureLimiter
 from txmail_relay.mail.compose import MimeError, address
 from txmail_relay.metrics import RelayMetrics
@@ -45,7 +45,7 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def status_view(status: SendStatus, send_result: str | None = None) -> dict[str, Any]:
+def status_view(status: SendStatus, send_result: SendResult | None = None) -> dict[str, Any]:
     """HubSpot's ``EmailSendStatusView``."""
     view: dict[str, Any] = {
         "statusId": status.status_id,
@@ -70,7 +70,7 @@ def error_response(
     *,
     field: str | None = None,
     code: str | None = None,
-    send_result: str | None = None,
+    send_result: SendResult | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> web.Response:
     body: dict[str, Any] = {
@@ -87,14 +87,18 @@ def error_response(
 
 
 class _Invalid(Exception):  # noqa: N818 - internal signal, not an error class
-    def __init__(self, field: str, message: str, send_result: str = "VALIDATION_FAILED"):
+    def __init__(
+        self, field: str, message: str, send_result: SendResult = SendResult.VALIDATION_FAILED
+    ):
         super().__init__(message)
         self.field = field
         self.message = message
         self.send_result = send_result
 
 
-def _addresses(value: Any, field: str, send_result: str = "VALIDATION_FAILED") -> tuple[str, ...]:
+def _addresses(
+    value: Any, field: str, send_result: SendResult = SendResult.VALIDATION_FAILED
+) -> tuple[str, ...]:
     if value is None:
         return ()
     values = [value] if isinstance(value, str) else value
@@ -105,7 +109,7 @@ def _addresses(value: Any, field: str, send_result: str = "VALIDATION_FAILED") -
     return tuple(values)
 
 
-def _check_address(value: str, field: str, send_result: str) -> None:
+def _check_address(value: str, field: str, send_result: SendResult) -> None:
     try:
         address(value)
     except MimeError:
@@ -139,11 +143,13 @@ def parse_send(doc: Any, max_recipients: int) -> SendRequest:
         raise _Invalid("message", "message is required and must be an object")
     to = message.get("to")
     if not isinstance(to, str) or not to:
-        raise _Invalid("message.to", "message.to is required", "INVALID_TO_ADDRESS")
-    _check_address(to, "message.to", "INVALID_TO_ADDRESS")
+        raise _Invalid("message.to", "message.to is required", SendResult.INVALID_TO_ADDRESS)
+    _check_address(to, "message.to", SendResult.INVALID_TO_ADDRESS)
     sender = message.get("from")
     if sender is not None and not isinstance(sender, str):
-        raise _Invalid("message.from", "message.from must be a string", "INVALID_FROM_ADDRESS")
+        raise _Invalid(
+            "message.from", "message.from must be a string", SendResult.INVALID_FROM_ADDRESS
+        )
     send_id = message.get("sendId")
     if send_id is not None and (
         not isinstance(send_id, str) or not send_id or len(send_id) > MAX_SEND_ID
@@ -152,7 +158,7 @@ def parse_send(doc: Any, max_recipients: int) -> SendRequest:
     cc = _addresses(message.get("cc"), "message.cc")
     bcc = _addresses(message.get("bcc"), "message.bcc")
     if 1 + len(cc) + len(bcc) > max_recipients:
-        raise _Invalid("message", "too many recipients", "TOO_MANY_RECIPIENTS")
+        raise _Invalid("message", "too many recipients", SendResult.TOO_MANY_RECIPIENTS)
     return SendRequest(
         email_id=email_id,
         to=(to,),
@@ -204,7 +210,7 @@ class TokenAuth:
                 429,
                 "RATE_LIMITS",
                 "too many failed authentications, try later",
-                send_result="THROTTLED",
+                send_result=SendResult.THROTTLED,
                 headers={"Retry-After": "60"},
             )
         parsed = _credentials(request.headers.get("Authorization", ""))
@@ -260,14 +266,14 @@ class SendApi:
         try:
             doc = await request.json()
         except ValueError:
-            self._count(entry, "VALIDATION_FAILED")
+            self._count(entry, SendResult.VALIDATION_FAILED)
             return error_response(
                 400,
                 "VALIDATION_ERROR",
                 "the body is not valid JSON",
                 field="body",
                 code="CORRUPT_INPUT",
-                send_result="VALIDATION_FAILED",
+                send_result=SendResult.VALIDATION_FAILED,
             )
         try:
             send = parse_send(doc, self._max_recipients)
@@ -277,21 +283,24 @@ class SendApi:
         except SendError as e:
             return self._refused(entry, e.send_result, e.field, e.message)
         except SpoolFullError:
-            self._count(entry, "THROTTLED")
+            self._count(entry, SendResult.THROTTLED)
             return error_response(
-                503, "RATE_LIMITS", "insufficient storage, try later", send_result="THROTTLED"
+                503,
+                "RATE_LIMITS",
+                "insufficient storage, try later",
+                send_result=SendResult.THROTTLED,
             )
         except SpoolError:
             self._count(entry, "SPOOL_ERROR")
             return error_response(503, "INTERNAL_ERROR", "could not queue the message, retry")
         if outcome.duplicate:
-            self._count(entry, "IDEMPOTENT_IGNORE")
-            return web.json_response(status_view(outcome.status, "IDEMPOTENT_IGNORE"))
-        self._count(entry, "QUEUED")
+            self._count(entry, SendResult.IDEMPOTENT_IGNORE)
+            return web.json_response(status_view(outcome.status, SendResult.IDEMPOTENT_IGNORE))
+        self._count(entry, SendResult.QUEUED)
         return web.json_response(status_view(outcome.status))
 
     def _refused(
-        self, entry: CredentialEntry, send_result: str, field: str, message: str
+        self, entry: CredentialEntry, send_result: SendResult, field: str, message: str
     ) -> web.Response:
         self._count(entry, send_result)
         return error_response(

@@ -9,12 +9,13 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import aiosqlite
 
+from txmail_relay.contract import SendState
 from txmail_relay.outcomes import Outcome
 from txmail_relay.records import suppressions
 from txmail_relay.records.contacts import unsubscribe
 from txmail_relay.records.counters import bump
 from txmail_relay.records.database import Database
-from txmail_relay.records.model import Kind, Recipient, SendState, Suppression
+from txmail_relay.records.model import Kind, Recipient, Suppression
 
 _OUTCOME_KIND = {
     Outcome.DELIVERED: Kind.DELIVERED,

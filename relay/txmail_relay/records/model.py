@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from txmail_relay.contract import SendState
+
 
 class Kind(StrEnum):
     """Event kinds counted per token and per email."""
@@ -29,13 +31,6 @@ class Suppression(StrEnum):
 
     BOUNCED = "bounced"
     COMPLAINED = "complained"
-
-
-class SendState(StrEnum):
-    PENDING = "PENDING"
-    PROCESSING = "PROCESSING"
-    CANCELED = "CANCELED"
-    COMPLETE = "COMPLETE"
 
 
 @dataclass(frozen=True)

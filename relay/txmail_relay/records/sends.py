@@ -19,10 +19,11 @@ from typing import Any
 
 import aiosqlite
 
+from txmail_relay.contract import SendState
 from txmail_relay.records import counters
 from txmail_relay.records.contacts import upsert as upsert_contacts
 from txmail_relay.records.database import Database
-from txmail_relay.records.model import Kind, SendState, SendStatus, SentCopy
+from txmail_relay.records.model import Kind, SendStatus, SentCopy
 
 
 def _status(row: sqlite3.Row) -> SendStatus:
