@@ -80,7 +80,9 @@ def _click_link(env: RelayEnv, relay: RelayThread, count: int) -> str:
     reply = _send(relay, env.password, {**_request("ada@dest.test"), "emailId": TRACKED})
     assert reply.status == 200, reply.body
     [captured] = [m for m in env.sink.wait(count) if m.content not in before]
-    html = parsed(captured).get_body(("html",)).get_content()
+    body = parsed(captured).get_body(("html",))
+    assert body is not None
+    html = str(body.get_content())
     start = html.index(f"{BASE}/c/") + len(BASE)
     return html[start : html.index('"', start)]
 

@@ -75,14 +75,16 @@ def _stats(env: RelayEnv) -> dict[str, Any]:
     if not path.exists():
         return {}
     doc: dict[str, Any] = json.loads(path.read_text())
-    return doc["tokens"].get(env.username, {})
+    token: dict[str, Any] = doc["tokens"].get(env.username, {})
+    return token
 
 
 def _wait_stats(env: RelayEnv, **expected: Any) -> dict[str, Any]:
-    return wait_for(
-        lambda: (s := _stats(env)) and all(s.get(k) == v for k, v in expected.items()) and s,
-        what=f"stats {expected} (last {_stats(env)})",
-    )
+    def matching() -> dict[str, Any] | None:
+        stats = _stats(env)
+        return stats if stats and all(stats.get(k) == v for k, v in expected.items()) else None
+
+    return wait_for(matching, what=f"stats {expected} (last {_stats(env)})")
 
 
 def test_tracked_send_opens_clicks_stats_metrics_and_contacts(
