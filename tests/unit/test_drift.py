@@ -71,7 +71,7 @@ def test_each_token_is_due_once_per_interval_even_across_the_wrap() -> None:
 
 
 def test_urgent_work_goes_first_and_routine_work_is_queued_once() -> None:
-    work = Work(threads=0)  # no threads: the queue is read by hand
+    work = Work(threads=0, routine_threads=1)  # no threads: the queue is read by hand
     ran: list[str] = []
     assert work.submit(("SmtpToken", "a", "resume"), ran.append, "routine-1")
     assert not work.submit(("SmtpToken", "a", "resume"), ran.append, "routine-dup")
@@ -84,6 +84,7 @@ def test_urgent_work_goes_first_and_routine_work_is_queued_once() -> None:
         assert job is not None
         order.append(job.priority)
         job.fn()
+        work._finish(job)
     assert ran == ["delete", "routine-1", "routine-2"]
     assert order == [URGENT, ROUTINE, ROUTINE]
     # once taken, the same key may be queued again (a later change needs a later run)

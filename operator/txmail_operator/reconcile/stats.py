@@ -32,6 +32,10 @@ def publish_stats(ctx: Context, ip: str, token_of: Callable[[str], Ref | None]) 
         stats = figures.model_dump(mode="json", by_alias=True)
         if not ctx.stats.changed(username, stats):
             continue
+        shown = dict(((ctx.cache.token(*ref) or {}).get("status") or {}).get("stats") or {})
+        shown.pop("updatedAt", None)
+        if shown == stats:
+            continue  # already in the status (after a restart the memory above is empty)
         # A new dict: the one remembered above must stay without updatedAt (which changes with
         # every report), or every report would look changed.
         stamped = {**stats, "updatedAt": report.model_dump(mode="json", by_alias=True)["updatedAt"]}

@@ -44,8 +44,11 @@ class _Job:
 
 
 class Work:
-    def __init__(self, threads: int = 8) -> None:
-        self.threads = threads
+    def __init__(self, threads: int = 8, routine_threads: int = 2) -> None:
+        # ROUTINE work on a few threads only: a backlog of 5,000 resumes then leaves the GIL
+        # to kopf's event loop and to URGENT work, which may use every thread.
+        self.threads, self.routine_threads = threads, routine_threads
+        self._routine_running = 0
         self._cond = threading.Condition()
         self._ready: list[_Job] = []
         self._later: list[tuple[float, int, _Job]] = []
@@ -120,31 +123,46 @@ class Work:
                     due = heapq.heappop(self._later)[2]
                     due.later = False
                     heapq.heappush(self._ready, due)
-                if self._ready:
+                busy = self._routine_running >= self.routine_threads
+                if self._ready and not (busy and self._ready[0].priority == ROUTINE):
                     job = heapq.heappop(self._ready)
                     if job.dropped:
                         continue
                     if job.key is not None:
                         self._keys.pop(job.key, None)  # from now on a new request queues again
+                    if job.priority == ROUTINE:
+                        self._routine_running += 1
                     return job
                 wait = self._later[0][0] - now if self._later else None
                 self._cond.wait(wait)
             return None
 
+    def _finish(self, job: _Job) -> None:
+        if job.priority == ROUTINE:
+            with self._cond:
+                self._routine_running -= 1
+                self._cond.notify()
+
     def _work(self) -> None:
         while (job := self._next()) is not None:
-            if job.future is not None:
-                if not job.future.set_running_or_notify_cancel():
-                    continue
-                try:
-                    job.future.set_result(job.fn())
-                except BaseException as exc:  # handed to the awaiting handler, which reports it
-                    job.future.set_exception(exc)
-                continue
             try:
-                job.fn()
-            except Exception as exc:
-                self._retry(job, exc)
+                self._run(job)
+            finally:
+                self._finish(job)
+
+    def _run(self, job: _Job) -> None:
+        if job.future is not None:
+            if not job.future.set_running_or_notify_cancel():
+                return
+            try:
+                job.future.set_result(job.fn())
+            except BaseException as exc:  # handed to the awaiting handler, which reports it
+                job.future.set_exception(exc)
+            return
+        try:
+            job.fn()
+        except Exception as exc:
+            self._retry(job, exc)
 
     def _retry(self, job: _Job, exc: Exception) -> None:
         """A routine job failed: try again later, a few times (the periodic check goes on)."""
