@@ -5,6 +5,7 @@ And what a user relies on at scale: a restart with nothing changed rewrites noth
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -202,6 +203,23 @@ def test_a_restart_with_nothing_changed_writes_nothing(
         kit.token(namespace, ip, "shop")
         wait_for(lambda: kit.is_ready(TOKENS, namespace, "shop"), 10, "the token Ready")
         wait_for(lambda: kit.reason(IPS, None, ip) is not None, 10, "the IP's status")
+        username = (kit.get(TOKENS, namespace, "shop") or {})["status"]["username"]
+        report = c.RelayStats.model_validate(  # as the relay reports: nothing sent yet
+            {
+                "tokens": {username: {"sent": 0, "lastSentAt": None}},
+                "updatedAt": dt.datetime.now(dt.UTC),
+            }
+        )
+        kit.core.patch_namespaced_config_map(
+            c.stats_config_map_name(ip),
+            kit.operator_namespace,
+            {"data": {c.STATS_KEY: report.to_json()}},
+        )
+        wait_for(
+            lambda: ((kit.get(TOKENS, namespace, "shop") or {}).get("status") or {}).get("stats"),
+            10,
+            "the stats in the token's status",
+        )
         wait_for(lambda: _settled(kit.get(TOKENS, namespace, "shop")), 20, "kopf done (token)")
         wait_for(lambda: _settled(kit.get(IPS, None, ip)), 20, "kopf done (IP)")
         before = _versions(kit, ip, namespace)

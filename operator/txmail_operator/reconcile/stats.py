@@ -34,8 +34,10 @@ def publish_stats(ctx: Context, ip: str, token_of: Callable[[str], Ref | None]) 
             continue
         shown = dict(((ctx.cache.token(*ref) or {}).get("status") or {}).get("stats") or {})
         shown.pop("updatedAt", None)
-        if shown == stats:
-            continue  # already in the status (after a restart the memory above is empty)
+        # After a restart the memory above is empty: the status may show these figures
+        # already (a null in a merge patch removes the field, so None is absent there).
+        if shown == {k: v for k, v in stats.items() if v is not None}:
+            continue
         # A new dict: the one remembered above must stay without updatedAt (which changes with
         # every report), or every report would look changed.
         stamped = {**stats, "updatedAt": report.model_dump(mode="json", by_alias=True)["updatedAt"]}
