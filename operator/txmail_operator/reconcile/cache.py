@@ -127,8 +127,12 @@ class Cache:
         return ok
 
     def known(self, kind: str, name: str) -> Obj | None:
-        """The object as last seen, without asking the API (None: unknown or absent)."""
-        if kind not in self._synced or not self._synced[kind].is_set():
+        """The object as last seen, without asking the API (None: unknown or absent).
+
+        Waits for the kind's first listing (once, briefly): at startup the DedicatedIPs
+        resume while the shards are still being listed.
+        """
+        if kind not in self._synced or not self.synced(kind):
             return None
         with self._guard:
             return self._objects.get((kind, name))
