@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
+from cluster.kubeapi import name_of
 from k8s.kit import GROUP, VERSION, Kit
 from k8s.operator_process import OperatorProcess, service_account_token, token_kubeconfig
 from peers import RelayProcess, Sink, free_port, wait_for
@@ -37,9 +38,7 @@ def relay_kubeconfig(kit: Kit, admin: Path, ip: str, path: Path) -> Path:
     """
     ns, name = kit.operator_namespace, c.relay_name(ip)
     wait_for(
-        lambda: (
-            name in {sa.metadata.name for sa in kit.core.list_namespaced_service_account(ns).items}
-        ),
+        lambda: name in {name_of(sa) for sa in kit.core.list_namespaced_service_account(ns).items},
         10,
         "the relay's ServiceAccount",
     )

@@ -22,6 +22,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from chart.helm import NAMESPACE, RELEASE, objects
+from cluster.kubeapi import custom_object
 from peers import wait_for
 
 __all__ = [
@@ -70,10 +71,13 @@ def token_kubeconfig(admin: Path, token: str, user: str, namespace: str, path: P
 
 def service_account_token(api: client.ApiClient, name: str, namespace: str) -> str:
     """A token of the ServiceAccount from the TokenRequest API (as the kubelet gets one)."""
-    request = {"spec": {"expirationSeconds": TOKEN_SECONDS}}
+    request = client.AuthenticationV1TokenRequest(
+        spec=client.V1TokenRequestSpec(expiration_seconds=TOKEN_SECONDS)
+    )
     core = client.CoreV1Api(api)
-    token: str = core.create_namespaced_service_account_token(name, namespace, request).status.token
-    return token
+    status = core.create_namespaced_service_account_token(name, namespace, request).status
+    assert status is not None and status.token, f"no token for ServiceAccount {namespace}/{name}"
+    return status.token
 
 
 def _apply(api: client.ApiClient, obj: Obj) -> None:
@@ -149,14 +153,17 @@ def remove_operator_identity(
 def _delete(api: client.ApiClient, kind: str, name: str, namespace: str | None) -> None:
     core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
     if kind == "ServiceAccount":
+        assert namespace is not None, f"{kind} {name} without a namespace"
         core.delete_namespaced_service_account(name, namespace)
     elif kind == "ClusterRole":
         rbac.delete_cluster_role(name)
     elif kind == "ClusterRoleBinding":
         rbac.delete_cluster_role_binding(name)
     elif kind == "Role":
+        assert namespace is not None, f"{kind} {name} without a namespace"
         rbac.delete_namespaced_role(name, namespace)
     elif kind == "RoleBinding":
+        assert namespace is not None, f"{kind} {name} without a namespace"
         rbac.delete_namespaced_role_binding(name, namespace)
 
 
@@ -227,7 +234,9 @@ class OperatorProcess:
         objs.create_cluster_custom_object("txmail.dev", "v1alpha1", "dedicatedips", body)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            got = objs.get_cluster_custom_object("txmail.dev", "v1alpha1", "dedicatedips", name)
+            got = custom_object(
+                objs.get_cluster_custom_object("txmail.dev", "v1alpha1", "dedicatedips", name)
+            )
             if (got.get("status") or {}).get("conditions"):
                 objs.delete_cluster_custom_object("txmail.dev", "v1alpha1", "dedicatedips", name)
                 return
