@@ -56,7 +56,8 @@ def test_crds_are_established_with_names_and_category(
     for name in crds:
         crd = ext.read_custom_resource_definition(name)
         assert crd.spec.names.categories == ["txmail"]
-        assert crd.spec.versions[0].subresources.status is not None
+        subresources = crd.spec.versions[0].subresources
+        assert subresources is not None and subresources.status is not None
         short[crd.spec.names.kind] = crd.spec.names.short_names
     assert short == {
         "DedicatedIP": ["dip"],
@@ -140,6 +141,7 @@ def test_invalid_objects_are_rejected_with_a_clear_message(
 
 def status_message(err: ApiException) -> str:
     """The message of the Status the API server answered with, as kubectl prints it."""
+    assert err.body is not None, err
     text: str = json.loads(err.body)["message"]
     return text
 
@@ -205,7 +207,8 @@ def test_every_field_is_described_for_kubectl_explain(
     """What `kubectl explain` shows comes from the schema the server holds."""
     ext = client.ApiextensionsV1Api(api)
     for name in crds:
-        raw = api.sanitize_for_serialization(ext.read_custom_resource_definition(name))
+        crd = ext.read_custom_resource_definition(name)
+        raw: dict[str, Any] = api.sanitize_for_serialization(crd)  # type: ignore[no-untyped-call]
         schema = raw["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
         assert schema["description"]
         assert _undocumented(schema, name.split(".")[0]) == []

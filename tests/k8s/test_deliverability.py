@@ -55,15 +55,20 @@ def _tracking_mounted(kit: Kit, ip: str) -> bool:
     )
 
 
-def _settings(kit: Kit, ip: str) -> dict[str, Any]:
+def _relay_data(kit: Kit, ip: str) -> dict[str, str]:
+    """The data of the relay's ConfigMap (the operator always writes some)."""
     cm = kit.core.read_namespaced_config_map(c.relay_name(ip), kit.operator_namespace)
-    doc: dict[str, Any] = yaml.safe_load(cm.data["settings.yaml"])
+    assert cm.data is not None, f"ConfigMap {c.relay_name(ip)} without data"
+    return cm.data
+
+
+def _settings(kit: Kit, ip: str) -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load(_relay_data(kit, ip)["settings.yaml"])
     return doc
 
 
 def _relay_config(kit: Kit, ip: str) -> c.RelayConfig:
-    cm = kit.core.read_namespaced_config_map(c.relay_name(ip), kit.operator_namespace)
-    return c.RelayConfig.model_validate_json(cm.data[c.RELAY_CONFIG_KEY])
+    return c.RelayConfig.model_validate_json(_relay_data(kit, ip)[c.RELAY_CONFIG_KEY])
 
 
 def test_tracking_keys_secret_is_created_once_mounted_and_kept(
@@ -108,11 +113,12 @@ def test_tracking_keys_secret_is_created_once_mounted_and_kept(
                 }
             },
         )
-        config = wait_for(
-            lambda: (cfg := _relay_config(kit, ip)).hostname == "mta9.example.com" and cfg,
-            10,
-            "the reconciled relay configuration",
-        )
+
+        def reconciled() -> c.RelayConfig | None:
+            cfg = _relay_config(kit, ip)
+            return cfg if cfg.hostname == "mta9.example.com" else None
+
+        config = wait_for(reconciled, 10, "the reconciled relay configuration")
         assert config.feedback.complaints_address == "fbl@example.com"
         assert config.suppression.bounces and not config.suppression.complaints
         operator.restart()

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 from kubernetes import client
 
+from cluster.kubeapi import uid_of
 from k8s.kit import GROUP, VERSION, Kit, read_or_none
 from k8s.operator_process import wait_for
 from txmail_relay import contract as c
@@ -50,11 +51,11 @@ def test_a_relay_scaled_to_0_comes_back_to_1(kit: Kit, ip: str, api: client.ApiC
 
 def test_a_deleted_relay_deployment_is_recreated(kit: Kit, ip: str, api: client.ApiClient) -> None:
     apps, ns, name = client.AppsV1Api(api), kit.operator_namespace, c.relay_name(ip)
-    before = read_or_none(lambda: apps.read_namespaced_deployment(name, ns)).metadata.uid
+    before = uid_of(apps.read_namespaced_deployment(name, ns))
 
     def recreated() -> bool:
         dep = read_or_none(lambda: apps.read_namespaced_deployment(name, ns))
-        return dep is not None and dep.metadata.uid != before
+        return dep is not None and uid_of(dep) != before
 
     apps.delete_namespaced_deployment(name, ns)
     wait_for(recreated, DEADLINE, "a new relay Deployment")
@@ -93,14 +94,16 @@ def test_a_deleted_role_binding_and_service_account_come_back(
 def test_an_edited_service_port_is_restored(kit: Kit, ip: str) -> None:
     ns, name = kit.operator_namespace, c.relay_name(ip)
 
+    def service_ports() -> list[client.V1ServicePort]:
+        svc = kit.core.read_namespaced_service(name, ns)
+        assert svc.spec is not None and svc.spec.ports is not None, f"Service {ns}/{name}"
+        return svc.spec.ports
+
     def ports() -> list[tuple[str, int, str]]:
-        svc = read_or_none(lambda: kit.core.read_namespaced_service(name, ns))
-        return sorted((p.name, p.port, str(p.target_port)) for p in svc.spec.ports)
+        return sorted((str(p.name), p.port, str(p.target_port)) for p in service_ports())
 
     built = ports()
-    live = [
-        p.name for p in read_or_none(lambda: kit.core.read_namespaced_service(name, ns)).spec.ports
-    ]
+    live = [p.name for p in service_ports()]
     kit.core.patch_namespaced_service(  # kubectl edit: submission port 587 -> 2525
         name,
         ns,

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from cluster.kubeapi import meta_of, name_of
 from k8s.kit import GROUP, VERSION, Kit, read_or_none, refused_token_status
 from k8s.operator_process import OperatorProcess, wait_for
 from txmail_relay import contract as c
@@ -66,7 +67,10 @@ def test_token_secret_has_everything_an_app_needs_within_2s(
     assert entry is not None
     assert entry.namespace == namespace
     assert entry.allowed_from_domains == ["example.com", "example.org"]
-    tokens = lambda: ((kit.get(IPS, None, ip) or {}).get("status") or {}).get("tokens")  # noqa: E731
+
+    def tokens() -> object:
+        return ((kit.get(IPS, None, ip) or {}).get("status") or {}).get("tokens")
+
     wait_for(lambda: tokens() == 1, 5, "the DedicatedIP to count its token")
     kit.objs.delete_namespaced_custom_object(GROUP, VERSION, namespace, TOKENS, "shop")
     wait_for(lambda: tokens() == 0, 10, "the DedicatedIP to stop counting it")
@@ -283,19 +287,24 @@ def test_dedicated_ip_becomes_a_restricted_relay(kit: Kit, ip: str, api: client.
         "the relay Deployment",
     )
     assert dep.spec.replicas == 1
-    assert dep.spec.strategy.type == "Recreate"
-    assert dep.metadata.labels[c.LABEL_NAME] == "txmail-relay"
-    assert dep.metadata.labels[c.LABEL_INSTANCE] == ip
-    assert dep.metadata.labels[c.LABEL_MANAGED_BY] == "txmail"
+    assert dep.spec.strategy is not None and dep.spec.strategy.type == "Recreate"
+    labels = meta_of(dep).labels or {}
+    assert labels[c.LABEL_NAME] == "txmail-relay"
+    assert labels[c.LABEL_INSTANCE] == ip
+    assert labels[c.LABEL_MANAGED_BY] == "txmail"
     pod = dep.spec.template.spec
+    assert pod is not None
     assert not pod.host_network
-    assert pod.security_context.run_as_non_root
-    assert pod.security_context.seccomp_profile.type == "RuntimeDefault"
+    assert pod.security_context is not None and pod.security_context.run_as_non_root
+    seccomp = pod.security_context.seccomp_profile
+    assert seccomp is not None and seccomp.type == "RuntimeDefault"
     sc = pod.containers[0].security_context
+    assert sc is not None
     assert sc.allow_privilege_escalation is False
-    assert sc.capabilities.drop == ["ALL"]
+    assert sc.capabilities is not None and sc.capabilities.drop == ["ALL"]
     assert sc.read_only_root_filesystem
     svc = client.CoreV1Api(api).read_namespaced_service(name, ns)
+    assert svc.spec is not None and svc.spec.ports is not None
     assert {(p.port, p.target_port) for p in svc.spec.ports} == {
         (587, "submission"),
         (465, "submissions"),
@@ -305,6 +314,7 @@ def test_dedicated_ip_becomes_a_restricted_relay(kit: Kit, ip: str, api: client.
     }
     client.CoreV1Api(api).read_namespaced_service_account(name, ns)
     role = client.RbacAuthorizationV1Api(api).read_namespaced_role(name, ns)
+    assert role.rules, "the relay's Role grants what it reads"
     for rule in role.rules:
         assert rule.resource_names, "the relay may read only its own objects, by name"
         if not set(rule.verbs) <= {"get", "list", "watch"}:  # its one write: its stats report
@@ -324,14 +334,14 @@ def test_dedicated_ip_becomes_a_restricted_relay(kit: Kit, ip: str, api: client.
     # then report the Deployment Available, and the operator follows.
     core = client.CoreV1Api(api)
     selector = f"{c.LABEL_INSTANCE}={ip},{c.LABEL_NAME}=txmail-relay"
-    pod = wait_for(
-        lambda: (core.list_namespaced_pod(ns, label_selector=selector).items or [None])[0],
+    relay_pod = wait_for(
+        lambda: next(iter(core.list_namespaced_pod(ns, label_selector=selector).items), None),
         10,
         "the relay pod",
     )
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     core.patch_namespaced_pod_status(
-        pod.metadata.name,
+        name_of(relay_pod),
         ns,
         {
             "status": {
@@ -361,22 +371,22 @@ def test_a_named_certificate_secret_is_used_once_it_exists(
         assert cond is not None
         assert f"certificate Secret {ns}/{cert} does not exist" in cond["message"]
         ca = "-----BEGIN CERTIFICATE-----\nissued-by-cert-manager\n-----END CERTIFICATE-----\n"
-        kit.core.create_namespaced_secret(  # what cert-manager writes
-            ns,
-            {
-                "metadata": {"name": cert},
-                "type": "kubernetes.io/tls",
-                "stringData": {"tls.crt": "crt", "tls.key": "key", "ca.crt": ca},
-            },
-        )
+        issued = {  # what cert-manager writes
+            "metadata": {"name": cert},
+            "type": "kubernetes.io/tls",
+            "stringData": {"tls.crt": "crt", "tls.key": "key", "ca.crt": ca},
+        }
+        kit.core.create_namespaced_secret(ns, client.V1Secret.model_validate(issued))
         wait_for(
             lambda: kit.reason(IPS, None, ip) != "ConfigurationInvalid", 10, "the problem to clear"
         )
         kit.token(namespace, ip, "shop")
         assert ready_secret(kit, namespace, "shop")["ca.crt"] == ca
         dep = client.AppsV1Api(api).read_namespaced_deployment(c.relay_name(ip), ns)
-        tls = next(v for v in dep.spec.template.spec.volumes if v.name == "tls")
-        assert tls.secret.secret_name == cert
+        pod = dep.spec.template.spec
+        assert pod is not None and pod.volumes is not None
+        tls = next(v for v in pod.volumes if v.name == "tls")
+        assert tls.secret is not None and tls.secret.secret_name == cert
         assert kit.secret(ns, c.tls_secret_name(ip)) is None, "no CA is generated when one is named"
     finally:
         kit.objs.delete_cluster_custom_object(GROUP, VERSION, IPS, ip)
@@ -407,8 +417,11 @@ def test_changing_the_ip_updates_the_relay_config_in_place(kit: Kit, ip: str) ->
         cm = read_or_none(
             lambda: kit.core.read_namespaced_config_map(c.relay_name(ip), kit.operator_namespace)
         )
-        cfg = c.RelayConfig.model_validate_json(cm.data[c.RELAY_CONFIG_KEY]) if cm else None
-        return cfg if cfg and cfg.hostname == "mta9.example.com" else None
+        if cm is None:
+            return None
+        assert cm.data is not None, "the relay ConfigMap without data"
+        cfg = c.RelayConfig.model_validate_json(cm.data[c.RELAY_CONFIG_KEY])
+        return cfg if cfg.hostname == "mta9.example.com" else None
 
     wait_for(config, 10, "the new hostname in the relay configuration")
 
@@ -455,14 +468,14 @@ def test_relay_stats_reach_the_token_status(kit: Kit, ip: str, namespace: str) -
                 delivered=8,
                 bounced=2,
                 opens=9,
-                uniqueOpens=4,
+                unique_opens=4,
                 clicks=3,
-                uniqueClicks=2,
-                openRate=0.5,
-                clickRate=0.25,
+                unique_clicks=2,
+                open_rate=0.5,
+                click_rate=0.25,
             )
         },
-        updatedAt=dt.datetime.now(dt.UTC),
+        updated_at=dt.datetime.now(dt.UTC),
     )
     kit.core.patch_namespaced_config_map(  # what the relay does, through its narrow Role
         c.stats_config_map_name(ip),

@@ -18,10 +18,11 @@ from typing import Any
 
 import pytest
 import yaml
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from chart.helm import CHART, run
+from cluster.kubeapi import close_api_client, name_of, new_api_client
 from k8s.kit import GROUP, VERSION, short
 from k8s.operator_process import (
     OperatorProcess,
@@ -31,7 +32,6 @@ from k8s.operator_process import (
 
 pytestmark = pytest.mark.k8s
 
-Obj = dict[str, Any]
 EXPECTED = Path(__file__).parent / "expected_operator_rules.yaml"
 HEADER = """\
 # What the operator may do, as the API server reports it (SelfSubjectRulesReview with the
@@ -45,26 +45,30 @@ HEADER = """\
 @pytest.fixture
 def operator_api(operator: OperatorProcess) -> Iterator[client.ApiClient]:
     """An API client with the operator's credential: its ServiceAccount token only."""
-    api = config.new_client_from_config(config_file=str(operator.kubeconfig))
+    api = new_api_client(operator.kubeconfig)
     yield api
-    api.close()
+    close_api_client(api)
 
 
 def _rules(api: client.ApiClient, namespace: str) -> dict[str, Any]:
     review = client.AuthorizationV1Api(api).create_self_subject_rules_review(
-        {"spec": {"namespace": namespace}}
+        client.V1SelfSubjectRulesReview(
+            spec=client.V1SelfSubjectRulesReviewSpec(namespace=namespace)
+        )
     )
-    assert not review.status.incomplete, review.status.evaluation_error
+    status = review.status
+    assert status is not None, "a SelfSubjectRulesReview without a status"
+    assert not status.incomplete, status.evaluation_error
     resources: dict[str, set[str]] = {}
-    for rule in review.status.resource_rules:
+    for rule in status.resource_rules:
         names = f"[{','.join(sorted(rule.resource_names))}]" if rule.resource_names else ""
         for group in rule.api_groups or [""]:
             for resource in rule.resources or []:
                 resources.setdefault(f"{group}/{resource}{names}", set()).update(rule.verbs)
     urls: dict[str, set[str]] = {}
-    for rule in review.status.non_resource_rules:
-        for url in rule.non_resource_urls:
-            urls.setdefault(url, set()).update(rule.verbs)
+    for url_rule in status.non_resource_rules:
+        for url in url_rule.non_resource_urls or []:
+            urls.setdefault(url, set()).update(url_rule.verbs)
     return {
         "resources": {k: sorted(v) for k, v in sorted(resources.items())},
         "nonResourceURLs": {k: sorted(v) for k, v in sorted(urls.items())},
@@ -114,16 +118,17 @@ def test_operator_cannot_list_or_watch_secrets_of_an_app_namespace(
 ) -> None:
     """It writes and reads each app Secret by name; it never sees the namespace's others."""
     core = client.CoreV1Api(operator_api)
+    database = {"metadata": {"name": "database"}, "stringData": {"password": "s3cret"}}
     client.CoreV1Api(api).create_namespaced_secret(
-        namespace, {"metadata": {"name": "database"}, "stringData": {"password": "s3cret"}}
+        namespace, client.V1Secret.model_validate(database)
     )
     _forbidden(core.list_namespaced_secret, namespace)
     _forbidden(core.list_namespaced_secret, namespace, watch=True, _preload_content=False)
     _forbidden(core.list_secret_for_all_namespaces)
     # by name it may: that is how it writes and re-checks an SmtpToken's Secret
     body = {"metadata": {"name": "app-smtp"}, "stringData": {"password": "x"}}
-    core.create_namespaced_secret(namespace, body)
-    assert core.read_namespaced_secret("app-smtp", namespace).metadata.name == "app-smtp"
+    core.create_namespaced_secret(namespace, client.V1Secret.model_validate(body))
+    assert name_of(core.read_namespaced_secret("app-smtp", namespace)) == "app-smtp"
     core.delete_namespaced_secret("app-smtp", namespace)
 
 
@@ -146,9 +151,9 @@ def test_kopf_reports_no_missing_permission(operator: OperatorProcess) -> None:
         assert not lines, lines[:5]
 
 
-def _event(namespace: str) -> Obj:
+def _event(namespace: str) -> client.CoreV1Event:
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return {
+    event = {
         "metadata": {"generateName": "probe."},
         "involvedObject": {"kind": "ConfigMap", "name": "probe", "namespace": namespace},
         "reason": "Probe",
@@ -156,6 +161,8 @@ def _event(namespace: str) -> Obj:
         "firstTimestamp": now,
         "lastTimestamp": now,
     }
+    # The API methods validate a dict body into their model; model_validate does the same here.
+    return client.CoreV1Event.model_validate(event)
 
 
 def test_watch_namespaces_confines_the_operator_to_those_namespaces(
@@ -166,20 +173,22 @@ def test_watch_namespaces_confines_the_operator_to_those_namespaces(
     core = client.CoreV1Api(api)
     home, watched, other = short("scoped"), short("watched"), short("other")
     for ns in (home, watched, other):
-        core.create_namespace({"metadata": {"name": ns}})
+        core.create_namespace(client.V1Namespace.model_validate({"metadata": {"name": ns}}))
     sets = [f"operator.watchNamespaces={{{watched}}}"]
     try:
         identity = install_operator_identity(
             api, kubeconfig, tmp_path / "scoped.kubeconfig", sets, "scoped", home
         )
-        scoped = config.new_client_from_config(config_file=str(identity))
+        scoped = new_api_client(identity)
         objs, scoped_core = client.CustomObjectsApi(scoped), client.CoreV1Api(scoped)
         objs.list_cluster_custom_object(GROUP, VERSION, "dedicatedips")
         for plural in ("smtptokens", "transactionalemails"):
             objs.list_namespaced_custom_object(GROUP, VERSION, watched, plural)
             _forbidden(objs.list_namespaced_custom_object, GROUP, VERSION, other, plural)
             _forbidden(objs.list_cluster_custom_object, GROUP, VERSION, plural)
-        secret = {"metadata": {"name": "app-smtp"}, "stringData": {"password": "x"}}
+        secret = client.V1Secret.model_validate(
+            {"metadata": {"name": "app-smtp"}, "stringData": {"password": "x"}}
+        )
         scoped_core.create_namespaced_secret(watched, secret)
         _forbidden(scoped_core.list_namespaced_secret, watched)
         _forbidden(scoped_core.create_namespaced_secret, other, secret)
@@ -187,7 +196,7 @@ def test_watch_namespaces_confines_the_operator_to_those_namespaces(
         for ns in (watched, home, "default"):  # where the operator and kopf post Events
             scoped_core.create_namespaced_event(ns, _event(ns))
         _forbidden(scoped_core.create_namespaced_event, other, _event(other))
-        scoped.close()
+        close_api_client(scoped)
     finally:
         remove_operator_identity(api, sets, "scoped", home)
         for ns in (home, watched, other):

@@ -6,6 +6,7 @@ import datetime as dt
 from typing import Any
 
 import pytest
+from kubernetes import client
 
 from k8s.conftest import Live
 from k8s.kit import GROUP, VERSION, Kit
@@ -82,8 +83,9 @@ def test_operator_killed_mid_send_sends_each_recipient_once(
 ) -> None:
     people = [f"p{i:03d}@example.net" for i in range(80)]
     csv = "email,firstname\n" + "".join(f"{p},P{i}\n" for i, p in enumerate(people))
+    recipients_list = {"metadata": {"name": "list"}, "data": {"people.csv": csv}}
     kit.core.create_namespaced_config_map(
-        namespace, {"metadata": {"name": "list"}, "data": {"people.csv": csv}}
+        namespace, client.V1ConfigMap.model_validate(recipients_list)
     )
     kit.email(
         namespace,
