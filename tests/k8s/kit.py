@@ -188,8 +188,9 @@ def refused_token_status(kit: Kit, namespace: str, message: str) -> Iterator[Non
     token), removed when it ends."""
     admission = client.AdmissionregistrationV1Api(kit.api)
     name = f"refuse-status-{namespace}"
-    admission.create_validating_admission_policy(
-        {  # type: ignore[arg-type]
+    # The API methods validate a dict body into their model; model_validate does the same here.
+    policy = client.V1ValidatingAdmissionPolicy.model_validate(
+        {
             "metadata": {"name": name},
             "spec": {
                 "failurePolicy": "Fail",
@@ -207,8 +208,8 @@ def refused_token_status(kit: Kit, namespace: str, message: str) -> Iterator[Non
             },
         }
     )
-    admission.create_validating_admission_policy_binding(
-        {  # type: ignore[arg-type]
+    binding = client.V1ValidatingAdmissionPolicyBinding.model_validate(
+        {
             "metadata": {"name": name},
             "spec": {
                 "policyName": name,
@@ -219,6 +220,8 @@ def refused_token_status(kit: Kit, namespace: str, message: str) -> Iterator[Non
             },
         }
     )
+    admission.create_validating_admission_policy(policy)
+    admission.create_validating_admission_policy_binding(binding)
     try:
         probe = kit.token(namespace, "no-such-ip", "policy-probe")
 
