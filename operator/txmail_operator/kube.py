@@ -389,7 +389,9 @@ class OwnedWatch:
     ) -> tuple[str, list[Obj]]:
         response = list_fn(self.namespace, **selector, _request_timeout=30, _preload_content=False)
         listing = json.loads(response.data)
-        items = [{**x, "kind": kind} for x in listing.get("items") or []]
+        # A list's items carry no apiVersion and kind (the list does): put them back.
+        api_version = listing.get("apiVersion", "v1")
+        items = [{**x, "apiVersion": api_version, "kind": kind} for x in listing.get("items") or []]
         return str(listing["metadata"]["resourceVersion"]), items
 
     def _watch(
