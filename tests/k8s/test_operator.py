@@ -176,9 +176,11 @@ def test_deleting_a_token_revokes_it(kit: Kit, ip: str, namespace: str) -> None:
     kit.objs.delete_namespaced_custom_object(GROUP, VERSION, namespace, TOKENS, "shop")
     wait_for(lambda: kit.get(TOKENS, namespace, "shop") is None, 10, "the finalizer released")
     assert kit.entry(ip, secret["username"]) is None
+    # The garbage collector sees a new kind's owners only after its next discovery pass (every
+    # 30 s), so right after the CRDs were installed this can take up to that long.
     wait_for(
         lambda: kit.secret(namespace, "shop-smtp") is None,
-        20,
+        45,
         "the garbage collector to delete the Secret",
     )
 
