@@ -80,8 +80,8 @@ chart-lint:
 	  $$helm lint --strict charts/txmail --namespace txmail-system --values tests/chart/values/$$v.yaml || exit 1; done
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check operator relay tests
-	$(VENV)/bin/ruff format --check operator relay tests
+	$(VENV)/bin/ruff check operator relay tests bench
+	$(VENV)/bin/ruff format --check operator relay tests bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
