@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import secrets
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from kubernetes import client
+from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.kubeapi import name_of
 from k8s.kit import GROUP, VERSION, Kit
@@ -112,3 +114,49 @@ def live(kit: Kit, sink: Sink, kubeconfig: Path, tmp_path: Path) -> Iterator[Liv
     finally:
         relay.stop()
         kit.objs.delete_cluster_custom_object(GROUP, VERSION, "dedicatedips", ip)
+
+
+@dataclass
+class Endpoints:
+    """A second operator with its health and metrics ports on, while the session's one is paused."""
+
+    proc: OperatorProcess
+    health: int
+    metrics: int
+
+    def get(self, port: int, path: str) -> tuple[int, str]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+            return resp.status, resp.read().decode()
+
+    def samples(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        _, text = self.get(self.metrics, "/metrics")
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    def value(self, name: str, **labels: str) -> float:
+        return self.samples().get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.fixture
+def endpoints(
+    api: client.ApiClient, operator: OperatorProcess, tmp_path: Path
+) -> Iterator[Endpoints]:
+    """Exactly one operator reconciles, with free ports, as a Deployment would run it with
+    TXMAIL_HEALTH_PORT and TXMAIL_METRICS_PORT; restartable through ``.proc``."""
+    health, metrics = free_port(), free_port()
+    env = {**operator.env, "TXMAIL_HEALTH_PORT": str(health), "TXMAIL_METRICS_PORT": str(metrics)}
+    mine = OperatorProcess(operator.kubeconfig, operator.namespace, tmp_path / "op.log", **env)
+    operator.stop()
+    try:
+        mine.start()
+        try:
+            mine.wait_ready(api)  # one DedicatedIP reconciled
+            yield Endpoints(mine, health, metrics)
+        finally:
+            mine.stop()
+    finally:
+        operator.start()
+        operator.wait_ready(api)

@@ -7,62 +7,13 @@ TXMAIL_METRICS_PORT.
 
 from __future__ import annotations
 
-import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
-
 import pytest
-from kubernetes import client
-from prometheus_client.parser import text_string_to_metric_families
 
+from k8s.conftest import Endpoints
 from k8s.kit import GROUP, VERSION, Kit, refused_token_status
-from k8s.operator_process import OperatorProcess, wait_for
-from peers import free_port
+from k8s.operator_process import wait_for
 
 pytestmark = pytest.mark.k8s
-
-
-@dataclass
-class Endpoints:
-    proc: OperatorProcess
-    health: int
-    metrics: int
-
-    def get(self, port: int, path: str) -> tuple[int, str]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
-            return resp.status, resp.read().decode()
-
-    def samples(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        _, text = self.get(self.metrics, "/metrics")
-        return {
-            (s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-        }
-
-    def value(self, name: str, **labels: str) -> float:
-        return self.samples().get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-@pytest.fixture
-def endpoints(
-    api: client.ApiClient, operator: OperatorProcess, tmp_path: Path
-) -> Iterator[Endpoints]:
-    health, metrics = free_port(), free_port()
-    env = {**operator.env, "TXMAIL_HEALTH_PORT": str(health), "TXMAIL_METRICS_PORT": str(metrics)}
-    mine = OperatorProcess(operator.kubeconfig, operator.namespace, tmp_path / "op.log", **env)
-    operator.stop()
-    try:
-        mine.start()
-        try:
-            mine.wait_ready(api)  # one DedicatedIP reconciled
-            yield Endpoints(mine, health, metrics)
-        finally:
-            mine.stop()
-    finally:
-        operator.start()
-        operator.wait_ready(api)
 
 
 def test_healthz_answers_once_the_operator_runs(endpoints: Endpoints) -> None:

@@ -15,10 +15,9 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from k8s.conftest import Endpoints
 from k8s.kit import GROUP, VERSION, Kit, read_or_none
 from k8s.operator_process import OperatorProcess, wait_for
-from k8s.test_operator_endpoints import Endpoints
-from peers import free_port
 from txmail_relay import contract as c
 
 pytestmark = pytest.mark.k8s
@@ -135,27 +134,6 @@ def test_a_dedicated_ip_before_the_operator_namespace_exists_says_so(
         )
 
 
-@pytest.fixture
-def metered(
-    api: client.ApiClient, operator: OperatorProcess, tmp_path: Path
-) -> Iterator[Endpoints]:
-    """The session's operator, with its metrics endpoint on (restartable through .proc)."""
-    health, metrics = free_port(), free_port()
-    env = {**operator.env, "TXMAIL_HEALTH_PORT": str(health), "TXMAIL_METRICS_PORT": str(metrics)}
-    mine = OperatorProcess(operator.kubeconfig, operator.namespace, tmp_path / "op.log", **env)
-    operator.stop()
-    try:
-        mine.start()
-        try:
-            mine.wait_ready(api)
-            yield Endpoints(mine, health, metrics)
-        finally:
-            mine.stop()
-    finally:
-        operator.start()
-        operator.wait_ready(api)
-
-
 def _settled(body: dict[str, Any] | None) -> bool:
     """kopf has run every handler of the object: only its last-handled record is left."""
     annotations = ((body or {}).get("metadata") or {}).get("annotations") or {}
@@ -196,7 +174,7 @@ def _versions(kit: Kit, ip: str, namespace: str) -> dict[str, Any]:
 
 
 def test_a_restart_with_nothing_changed_writes_nothing(
-    kit: Kit, metered: Endpoints, namespace: str, api: client.ApiClient
+    kit: Kit, endpoints: Endpoints, namespace: str, api: client.ApiClient
 ) -> None:
     ip = kit.dedicated_ip()
     try:
@@ -223,13 +201,13 @@ def test_a_restart_with_nothing_changed_writes_nothing(
         wait_for(lambda: _settled(kit.get(TOKENS, namespace, "shop")), 20, "kopf done (token)")
         wait_for(lambda: _settled(kit.get(IPS, None, ip)), 20, "kopf done (IP)")
         before = _versions(kit, ip, namespace)
-        metered.proc.stop()
-        metered.proc.start()
+        endpoints.proc.stop()
+        endpoints.proc.start()
         ok = "txmail_operator_reconciles_total"
 
         def reconciled(kind: str, times: int) -> bool:
             try:
-                return metered.value(ok, kind=kind, result="ok") >= times
+                return endpoints.value(ok, kind=kind, result="ok") >= times
             except OSError:  # not listening yet
                 return False
 
