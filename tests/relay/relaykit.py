@@ -318,15 +318,19 @@ def swaks_available() -> str:
 
 
 class DnsServer:
-    """Answers A/AAAA/MX over UDP from a dict; unknown names get NXDOMAIN."""
+    """Answers A/AAAA/MX over UDP from a dict; unknown names get NXDOMAIN; queries for a
+    name in ``silent`` get no answer at all (a lookup that hangs)."""
 
-    def __init__(self, records: dict[str, dict[str, list[str]]]) -> None:
+    def __init__(
+        self, records: dict[str, dict[str, list[str]]], *, silent: tuple[str, ...] = ()
+    ) -> None:
         import dns.message  # noqa: PLC0415
         import dns.rcode  # noqa: PLC0415
         import dns.rrset  # noqa: PLC0415
 
         self._message, self._rcode, self._rrset = dns.message, dns.rcode, dns.rrset
         self.records = {k.rstrip(".").lower(): v for k, v in records.items()}
+        self.silent = {name.rstrip(".").lower() for name in silent}
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._sock.bind(("127.0.0.1", 0))
         self._sock.settimeout(0.2)
@@ -345,6 +349,8 @@ class DnsServer:
             response = self._message.make_response(query)
             question = query.question[0]
             name = question.name.to_text(omit_final_dot=True).lower()
+            if name in self.silent:
+                continue
             kind = {1: "A", 28: "AAAA", 15: "MX"}.get(int(question.rdtype))
             if name not in self.records:
                 response.set_rcode(self._rcode.NXDOMAIN)
