@@ -17,8 +17,7 @@ ENDINGS = [
     b"\r\n.\n",
     b"\r.\r\n",
     b"\r\n.\r",
-    b"\r\n\x00.\r\n",
-]
+]  # b"\r\n\x00.\r\n": NUL bytes are refused (test_hostile_input.py)
 
 SMUGGLED = (
     b"MAIL FROM:<ceo@tenant-b.com>\r\n"

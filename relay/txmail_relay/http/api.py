@@ -21,12 +21,13 @@ from aiohttp import web
 
 from txmail_relay.contract import CredentialEntry, SendResult
 from txmail_relay.ingress.auth import Authenticator, FailureLimiter
+from txmail_relay.mail.addresses import mailboxes
 from txmail_relay.mail.compose import MimeError, address
 from txmail_relay.metrics import RelayMetrics
 from txmail_relay.records.model import SendStatus
 from txmail_relay.records.records import Records
 from txmail_relay.sending.model import SendRequest
-from txmail_relay.sending.policy import SendError
+from txmail_relay.sending.policy import SendError, parse_email_id, property_refusal
 from txmail_relay.sending.service import SendService
 from txmail_relay.spool.segments import SpoolError, SpoolFullError
 
@@ -120,24 +121,40 @@ def _properties(value: Any, field: str) -> dict[str, Any]:
     if value is None:
         return {}
     if isinstance(value, dict):
-        return {str(k): v for k, v in value.items()}
+        found = {str(k): v for k, v in value.items()}
     # HubSpot v1 shape: [{"name": ..., "value": ...}]
-    if isinstance(value, list) and all(
+    elif isinstance(value, list) and all(
         isinstance(p, dict) and isinstance(p.get("name"), str) for p in value
     ):
-        return {p["name"]: p.get("value") for p in value}
-    raise _Invalid(field, f"{field} must be an object")
+        found = {p["name"]: p.get("value") for p in value}
+    else:
+        raise _Invalid(field, f"{field} must be an object")
+    refused = property_refusal(found, field)
+    if refused is not None:
+        raise _Invalid(refused.field, refused.message)
+    return found
+
+
+def _check_sender(value: str) -> None:
+    """``message.from``: one mailbox, read by the sender policy's strict parser."""
+    try:
+        [_] = mailboxes(value)
+    except ValueError:  # AddressError, or not exactly one mailbox
+        raise _Invalid(
+            "message.from",
+            "message.from must be one address, like Name <name@domain>",
+            SendResult.INVALID_FROM_ADDRESS,
+        ) from None
 
 
 def parse_send(doc: Any, max_recipients: int) -> SendRequest:
     """A :class:`SendRequest` from HubSpot's JSON; raises :class:`_Invalid` naming the field."""
     if not isinstance(doc, dict):
         raise _Invalid("body", "the body must be a JSON object")
-    email_id = doc.get("emailId")
-    if isinstance(email_id, str) and email_id.isdigit():
-        email_id = int(email_id)
-    if not isinstance(email_id, int) or isinstance(email_id, bool) or email_id <= 0:
-        raise _Invalid("emailId", "emailId is required and must be a positive integer")
+    try:
+        email_id = parse_email_id(doc.get("emailId"), "emailId")
+    except SendError as e:
+        raise _Invalid(e.field, e.message) from None
     message = doc.get("message")
     if not isinstance(message, dict):
         raise _Invalid("message", "message is required and must be an object")
@@ -150,9 +167,14 @@ def parse_send(doc: Any, max_recipients: int) -> SendRequest:
         raise _Invalid(
             "message.from", "message.from must be a string", SendResult.INVALID_FROM_ADDRESS
         )
+    if sender is not None:
+        _check_sender(sender)
     send_id = message.get("sendId")
     if send_id is not None and (
-        not isinstance(send_id, str) or not send_id or len(send_id) > MAX_SEND_ID
+        not isinstance(send_id, str)
+        or not send_id
+        or len(send_id) > MAX_SEND_ID
+        or property_refusal(send_id, "message.sendId") is not None
     ):
         raise _Invalid("message.sendId", f"sendId must be a string of 1-{MAX_SEND_ID} characters")
     cc = _addresses(message.get("cc"), "message.cc")
@@ -265,7 +287,7 @@ class SendApi:
             return entry
         try:
             doc = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: arrays nested 50,000 deep
             self._count(entry, SendResult.VALIDATION_FAILED)
             return error_response(
                 400,

@@ -16,8 +16,8 @@ import logging
 from dataclasses import dataclass
 from email.message import Message
 from email.parser import BytesParser, HeaderParser
-from email.utils import getaddresses
 
+from txmail_relay.mail.addresses import addr_specs
 from txmail_relay.metrics import RelayMetrics
 from txmail_relay.records.model import Recipient
 from txmail_relay.records.records import Records
@@ -46,6 +46,20 @@ def _headers_of(part: Message) -> Message | None:
 
 
 def parse_report(data: bytes) -> FeedbackReport:
+    """The report ``data`` carries; raises :class:`InvalidReportError` (only).
+
+    The stdlib parser recurses once per nested multipart and can fail in other ways on
+    hostile MIME (a report nested 3,000 deep); any such failure makes the report invalid.
+    """
+    try:
+        return _parse_report(data)
+    except InvalidReportError:
+        raise
+    except Exception as e:  # RecursionError, and the parser's own errors on broken input
+        raise InvalidReportError(f"the report does not parse ({type(e).__name__})") from None
+
+
+def _parse_report(data: bytes) -> FeedbackReport:
     msg = BytesParser(policy=email.policy.compat32).parsebytes(data)
     report_type = msg.get_param("report-type")
     if msg.get_content_type() != "multipart/report" or (
@@ -69,7 +83,7 @@ def parse_report(data: bytes) -> FeedbackReport:
     return FeedbackReport(
         feedback_type=str(fields.get("Feedback-Type") or "abuse").strip().lower(),
         original_message_id=message_id,
-        recipients=tuple(a for _, a in getaddresses(rcpts) if a),
+        recipients=addr_specs(rcpts),
     )
 
 
@@ -82,7 +96,7 @@ class ComplaintHandler:
         """Record the complaint a report carries; None if it is not ours or not valid."""
         try:
             report = parse_report(data)
-        except (InvalidReportError, ValueError, LookupError) as e:
+        except InvalidReportError as e:
             self._metrics.complaint_reports.labels("invalid").inc()
             log.warning("feedback report refused: %s", e)
             return None

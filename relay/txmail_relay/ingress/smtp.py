@@ -27,7 +27,13 @@ from txmail_relay.logs import install_redaction
 from txmail_relay.mail.headers import Origin
 from txmail_relay.mail.submission import parse_submission
 from txmail_relay.metrics import RelayMetrics
-from txmail_relay.sending.policy import Rejected, SendError, check_header_from, check_sender
+from txmail_relay.sending.policy import (
+    Rejected,
+    SendError,
+    check_content,
+    check_header_from,
+    check_sender,
+)
 from txmail_relay.sending.service import SendService
 from txmail_relay.settings import LimitSettings
 from txmail_relay.spool.segments import SpoolError, SpoolFullError
@@ -145,6 +151,9 @@ class SubmissionHandler:
         content = envelope.original_content
         if entry is None or not isinstance(content, bytes) or not envelope.mail_from:
             return REPLY_INTERNAL_ERROR
+        verdict = check_content(content)  # NUL bytes: refused before anything reads the data
+        if isinstance(verdict, Rejected):
+            return self._refuse(verdict)
         rcpts = [r.lower() for r in envelope.rcpt_tos]
         complaints_address = self._complaints_address()
         if complaints_address is not None and complaints_address in rcpts:

@@ -29,6 +29,7 @@ from email.policy import EmailPolicy
 from email.utils import format_datetime
 from typing import Any
 
+from txmail_relay.mail.addresses import AddressError, mailboxes
 from txmail_relay.templates.policy import Rendered, header_safe
 
 MAX_LINE_OCTETS = 998
@@ -88,10 +89,12 @@ def address(addr_spec: str, display_name: str | None = None) -> Address:
     if not _ADDR_SPEC.fullmatch(addr_spec):
         raise MimeError(f"invalid address {addr_spec!r}")
     try:
+        [mailbox] = mailboxes(addr_spec)  # the strict reading the sender policy uses
         parsed = Address(display_name=header_safe(display_name or ""), addr_spec=addr_spec)
-    except (HeaderParseError, ValueError, IndexError) as e:
-        raise MimeError(f"invalid address {addr_spec!r}: {e}") from e
-    if parsed.addr_spec != addr_spec or not parsed.domain:
+    except (AddressError, HeaderParseError, ValueError, IndexError, AttributeError) as e:
+        # AttributeError: Address() on ``0@[@0`` (a defect where a token was expected)
+        raise MimeError(f"invalid address {addr_spec!r}") from e
+    if parsed.addr_spec != addr_spec or mailbox.addr_spec.lower() != addr_spec.lower():
         raise MimeError(f"invalid address {addr_spec!r}")
     return parsed
 
@@ -177,6 +180,8 @@ def to_bytes(msg: EmailMessage, policy: Any = POLICY) -> bytes:
         raise
     except (ValueError, TypeError, LookupError) as e:
         raise MimeError(f"cannot serialise message: {e}") from e
+    if b"\x00" in data:  # never in mail: see sending.policy.check_content
+        raise MimeError("the message would contain a NUL character")
     for line in data.split(b"\r\n"):
         if len(line) > MAX_LINE_OCTETS:
             raise MimeError(f"a line of {len(line)} octets exceeds {MAX_LINE_OCTETS}")

@@ -1,21 +1,21 @@
 """A submitted message, parsed once: its envelope, the headers the relay acts on, its body.
 
-:func:`parse_submission` reads the header block a single time and keeps only what the DATA
-path needs (the From domains, To and Cc, Message-ID, the tracking and template headers) as
-plain strings, so nothing downstream depends on how the headers were parsed. The stdlib
-parser does the work today; a cheaper one can replace it here without touching a caller.
-The body is kept as received: the relay spools it byte for byte.
+:func:`parse_submission` reads the header section a single time (:func:`header_fields`, as
+the upstream will receive it) and keeps only what the DATA path needs (the originator
+mailboxes, To and Cc, Message-ID, the tracking and template headers) as plain strings, so
+nothing downstream depends on how the headers were parsed. The originator fields (From,
+Sender, Resent-From, Resent-Sender) are parsed strictly (:func:`mailboxes`): a value that
+does not parse cleanly leaves :attr:`SubmittedHeaders.from_problem` set, and the sender
+policy refuses the message. Parsing never raises, whatever the bytes. The body is kept as
+received: the relay spools it byte for byte.
 """
 
 from __future__ import annotations
 
-import email.policy
 from dataclasses import dataclass
-from email.message import EmailMessage
-from email.parser import BytesHeaderParser
 
-from txmail_relay.mail.addresses import addr_specs
-from txmail_relay.mail.headers import header_block
+from txmail_relay.mail.addresses import AddressError, addr_specs, mailboxes
+from txmail_relay.mail.headers import HeaderFields, header_fields
 
 TEMPLATE_HEADER = "X-Txmail-Email-Id"  # names a TransactionalEmail: a template send
 PROPERTIES_HEADER = "X-Txmail-Properties"
@@ -32,16 +32,23 @@ class TemplateFields:
     send_id: str | None
 
 
+#: Fields naming who wrote or sent the message (RFC 5322 §3.6.2, §3.6.6): a reader may show
+#: any of them as the author, so every one is held to the token's domains.
+ORIGINATOR_FIELDS = ("From", "Sender", "Resent-From", "Resent-Sender")
+_SINGLE = {"from", "sender"}  # at most one field each (RFC 5322 §3.6); From exactly one
+
+
 @dataclass(frozen=True)
 class SubmittedHeaders:
-    sender: str | None  # the (first) From header, unfolded
-    from_domains: tuple[str, ...] | None  # of the single From header; None: none usable
+    sender: str | None  # the From field, unfolded, when there is exactly one
+    from_domains: tuple[str, ...] | None  # of every originator mailbox; None: see from_problem
     to: tuple[str, ...]  # addr-specs of every To header
     cc: tuple[str, ...]
     message_id: str | None
     track_off: bool  # X-Txmail-Track: off
     dkim_signed: bool
     template: TemplateFields | None  # None: relayed as it is
+    from_problem: str | None = None  # why the originator fields are refused (None: usable)
 
 
 @dataclass(frozen=True)
@@ -52,41 +59,45 @@ class Submission:
     headers: SubmittedHeaders
 
 
-def _text(message: EmailMessage, name: str) -> str:
-    return str(message.get(name) or "").strip()
-
-
-def _from_domains(message: EmailMessage) -> tuple[str, ...] | None:
-    values = message.get_all("From") or []
-    if len(values) != 1:
-        return None
-    try:
-        addresses = values[0].addresses
-    except (AttributeError, ValueError, IndexError):
-        return None
-    domains = tuple(str(a.domain).lower() for a in addresses)
-    return domains if domains and all(domains) else None
+def _originators(fields: HeaderFields) -> tuple[tuple[str, ...] | None, str | None]:
+    """The domains of every originator mailbox, or None and the reason they are refused."""
+    if fields.malformed is not None:
+        return None, f"Malformed header section: {fields.malformed}"
+    if len(fields.get_all("From")) != 1:
+        return None, "Exactly one valid From header needed"
+    domains: list[str] = []
+    for name in ORIGINATOR_FIELDS:
+        values = fields.get_all(name)
+        if name.lower() in _SINGLE and len(values) > 1:
+            return None, f"More than one {name} header"
+        for value in values:
+            try:
+                domains.extend(m.domain for m in mailboxes(value))
+            except AddressError as e:
+                return None, f"{name} header does not parse cleanly: {e}"
+    return tuple(domains), None
 
 
 def parse_headers(content: bytes) -> SubmittedHeaders:
-    message = BytesHeaderParser(policy=email.policy.default).parsebytes(header_block(content))
+    fields = header_fields(content)
     template = None
-    if TEMPLATE_HEADER in message:
-        properties = message.get(PROPERTIES_HEADER)
+    if TEMPLATE_HEADER in fields:
         template = TemplateFields(
-            email_id=_text(message, TEMPLATE_HEADER),
-            properties=None if properties is None else str(properties),
-            send_id=_text(message, SEND_ID_HEADER) or None,
+            email_id=fields.get(TEMPLATE_HEADER) or "",
+            properties=fields.get(PROPERTIES_HEADER),
+            send_id=fields.get(SEND_ID_HEADER) or None,
         )
+    from_domains, problem = _originators(fields)
     return SubmittedHeaders(
-        sender=str(message.get("From") or "") or None,
-        from_domains=_from_domains(message),
-        to=addr_specs(str(v) for v in message.get_all("To") or []),
-        cc=addr_specs(str(v) for v in message.get_all("Cc") or []),
-        message_id=_text(message, "Message-ID") or None,
-        track_off=_text(message, TRACK_HEADER).lower() == "off",
-        dkim_signed="DKIM-Signature" in message,
+        sender=fields.get("From") if len(fields.get_all("From")) == 1 else None,
+        from_domains=from_domains,
+        to=addr_specs(fields.get_all("To")),
+        cc=addr_specs(fields.get_all("Cc")),
+        message_id=fields.get("Message-ID") or None,
+        track_off=(fields.get(TRACK_HEADER) or "").lower() == "off",
+        dkim_signed="DKIM-Signature" in fields,
         template=template,
+        from_problem=problem,
     )
 
 

@@ -14,13 +14,19 @@ from collections.abc import Callable, Sequence
 from email import message_from_bytes
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.utils import parseaddr
 from typing import Protocol
 
 from txmail_relay.config.live import DynamicConfig
 from txmail_relay.contract import CredentialEntry, SendResult, TemplateEntry
-from txmail_relay.mail.addresses import domain_of
-from txmail_relay.mail.compose import POLICY, MimeError, Outgoing, build_message, to_bytes
+from txmail_relay.mail.addresses import AddressError, domain_of, mailboxes
+from txmail_relay.mail.compose import (
+    POLICY,
+    MimeError,
+    Outgoing,
+    address,
+    build_message,
+    to_bytes,
+)
 from txmail_relay.mail.submission import Submission
 from txmail_relay.metrics import RelayMetrics
 from txmail_relay.sending.model import Copy, SendRequest
@@ -64,12 +70,16 @@ class Composer:
     ) -> list[Copy]:
         sender = Address(display_name=template.sender.name or "", addr_spec=template.sender.address)
         if request.sender is not None:
-            name, addr = parseaddr(request.sender)
-            if not addr or "@" not in addr:
+            # The strict parser the sender policy uses: one mailbox, read one way only.
+            try:
+                [mailbox] = mailboxes(request.sender)
+                sender = address(mailbox.addr_spec, mailbox.display_name)
+            except (AddressError, MimeError, ValueError):
                 raise SendError(
-                    SendResult.INVALID_FROM_ADDRESS, "message.from", "invalid from address"
-                )
-            sender = Address(display_name=name, addr_spec=addr)
+                    SendResult.INVALID_FROM_ADDRESS,
+                    "message.from",
+                    "invalid from address: one mailbox is needed, like Name <name@domain>",
+                ) from None
         if not sender_allowed(config, entry, sender.addr_spec):
             raise SendError(
                 SendResult.INVALID_FROM_ADDRESS,

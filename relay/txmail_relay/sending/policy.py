@@ -111,12 +111,22 @@ def check_sender(
 def check_header_from(
     config: DynamicConfig | None, entry: CredentialEntry, headers: SubmittedHeaders
 ) -> Verdict:
-    """DATA: exactly one From header, and each of its domains allowed like MAIL FROM's."""
+    """DATA: exactly one From header; every originator field (From, Sender, Resent-*) parses
+    cleanly into mailboxes, each of whose domains is allowed like MAIL FROM's."""
     if headers.from_domains is None:
-        return Rejected("from-header", "550 5.7.1 Exactly one valid From header needed")
+        problem = headers.from_problem or "Exactly one valid From header needed"
+        return Rejected("from-header", f"550 5.7.1 {problem}")
     for domain in headers.from_domains:
         if config is None or not domain_allowed(config, entry, domain):
             return Rejected("from-header", f"553 5.7.1 From header domain {domain} not allowed")
+    return ACCEPTED
+
+
+def check_content(content: bytes) -> Verdict:
+    """DATA: no NUL anywhere (RFC 5321 §4.5.2, RFC 5322 §2.1): an upstream that drops NULs
+    would read ``CRLF NUL . CRLF`` as the end of the data, and what follows as commands."""
+    if b"\x00" in content:
+        return Rejected("nul", "550 5.6.0 NUL characters are not allowed in a message")
     return ACCEPTED
 
 
@@ -152,6 +162,64 @@ def suppressed_refusal(to: Iterable[str], found: dict[str, Suppression]) -> Send
                 f"{rcpt} is suppressed on this relay: {SUPPRESSED_REASONS[reason]}",
             )
     return None
+
+
+#: How deep property values may nest (HubSpot's are flat; lists of objects need 3 levels).
+MAX_PROPERTY_DEPTH = 16
+#: The largest emailId: records keep it as a signed 64-bit integer.
+MAX_EMAIL_ID = 2**63 - 1
+
+
+def _surrogate_or_nul(text: str) -> bool:
+    # A lone surrogate cannot be encoded as UTF-8 (the message, the records); a NUL would
+    # reach the upstream inside a 7bit body (see check_content).
+    return "\x00" in text or any("\ud800" <= ch <= "\udfff" for ch in text)
+
+
+def property_refusal(value: object, field: str) -> SendError | None:
+    """Properties that cannot be rendered into mail safely: nested past
+    :data:`MAX_PROPERTY_DEPTH`, or with a NUL or lone surrogate in a key or a string. The
+    walk is iterative, so any depth the JSON parser accepted is checked without recursion."""
+    stack: list[tuple[object, str, int]] = [(value, field, 0)]
+    while stack:
+        item, where, depth = stack.pop()
+        if depth > MAX_PROPERTY_DEPTH:
+            return SendError(
+                SendResult.VALIDATION_FAILED,
+                where,
+                f"{where} nests more than {MAX_PROPERTY_DEPTH} levels deep",
+            )
+        if isinstance(item, str):
+            if _surrogate_or_nul(item):
+                return SendError(
+                    SendResult.VALIDATION_FAILED,
+                    where,
+                    f"{where} contains a NUL character or an invalid surrogate",
+                )
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if not isinstance(key, str) or _surrogate_or_nul(key):
+                    return SendError(
+                        SendResult.VALIDATION_FAILED, where, f"{where} has an invalid key"
+                    )
+                stack.append((child, f"{where}.{key}" if depth == 0 else where, depth + 1))
+        elif isinstance(item, list | tuple):
+            stack.extend((child, where, depth + 1) for child in item)
+    return None
+
+
+def parse_email_id(value: object, field: str) -> int:
+    """A positive emailId from an int or a string of ASCII digits; raises :class:`SendError`
+    (``str.isdigit`` accepts ``²`` and ``٣``; ``int`` refuses the first and 4,300 digits)."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 19:
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_EMAIL_ID:
+        raise SendError(
+            SendResult.VALIDATION_FAILED,
+            field,
+            "emailId is required and must be a positive integer",
+        )
+    return value
 
 
 def find_template(config: DynamicConfig, entry: CredentialEntry, email_id: int) -> TemplateEntry:

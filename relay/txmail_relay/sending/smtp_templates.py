@@ -24,13 +24,13 @@ from typing import Any
 from txmail_relay.contract import SendResult
 from txmail_relay.mail.submission import PROPERTIES_HEADER, TEMPLATE_HEADER, Submission
 from txmail_relay.sending.model import SendRequest
-from txmail_relay.sending.policy import SendError
+from txmail_relay.sending.policy import SendError, parse_email_id, property_refusal
 
 
 def _json_object(text: str, where: str) -> dict[str, Any]:
     try:
         doc = json.loads(text)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: arrays nested 50,000 deep
         raise SendError(SendResult.VALIDATION_FAILED, where, f"{where} is not valid JSON") from e
     if not isinstance(doc, dict):
         raise SendError(SendResult.VALIDATION_FAILED, where, f"{where} must be a JSON object")
@@ -41,20 +41,21 @@ def _properties(doc: dict[str, Any], key: str, where: str) -> dict[str, Any]:
     value = doc.get(key) or {}
     if not isinstance(value, dict):
         raise SendError(SendResult.VALIDATION_FAILED, f"{where}.{key}", f"{key} must be an object")
+    refused = property_refusal(value, f"{where}.{key}")
+    if refused is not None:
+        raise refused
     return value
 
 
 def _body_text(content: bytes) -> str:
     """The text body (JSON properties), when no header carries them: a body parse."""
-    msg = BytesParser(policy=email.policy.default).parsebytes(content)
-    if not isinstance(msg, EmailMessage):
-        return ""
-    part = msg.get_body(preferencelist=("plain",)) if msg.is_multipart() else msg
-    if part is None:
-        return ""
     try:
-        text = part.get_content()
-    except (LookupError, ValueError):
+        msg = BytesParser(policy=email.policy.default).parsebytes(content)
+        if not isinstance(msg, EmailMessage):
+            return ""
+        part = msg.get_body(preferencelist=("plain",)) if msg.is_multipart() else msg
+        text = "" if part is None else part.get_content()
+    except Exception:  # the stdlib parser on hostile MIME (nesting, bad headers): no properties
         return ""
     return text if isinstance(text, str) else ""
 
@@ -71,11 +72,7 @@ def template_request(submission: Submission) -> SendRequest:
     fields = headers.template
     if fields is None:
         raise ValueError("not a template send")
-    raw_id = fields.email_id
-    if not raw_id.isdigit() or int(raw_id) <= 0:
-        raise SendError(
-            SendResult.VALIDATION_FAILED, TEMPLATE_HEADER, "emailId must be a positive integer"
-        )
+    email_id = parse_email_id(fields.email_id, TEMPLATE_HEADER)
     if fields.properties is not None:
         doc = _json_object(fields.properties, PROPERTIES_HEADER)
         where = PROPERTIES_HEADER
@@ -91,7 +88,7 @@ def template_request(submission: Submission) -> SendRequest:
         to, cc = rcpts, []
     bcc = [r for r in rcpts if r not in to and r not in cc]
     return SendRequest(
-        email_id=int(raw_id),
+        email_id=email_id,
         to=tuple(to),
         sender=headers.sender,
         send_id=fields.send_id,
