@@ -404,3 +404,50 @@ def test_the_relay_keeps_serving_after_hostile_requests(env: RelayEnv, relay: Re
     [captured] = env.sink.wait(1)
     assert parsed(captured)["Subject"] == "Order 1"
     wait_for(lambda: relay.metric("txmail_relay_messages_accepted_total", {"token": "app1"}) == 1)
+
+
+# -- siblings at the command level: every malformed argument gets a 5xx, never a 451 ---------
+
+BAD_COMMANDS = [
+    "MAIL FROM:<app@example.com> SIZE=²",
+    "MAIL FROM:<app@example.com> SIZE=٣",
+    "MAIL FROM:<app@example.com> SIZE=" + "9" * 5_000,
+    "MAIL FROM:<app@example.com> SIZE=-1",
+    "MAIL FROM:<app@example.com> SIZE=",
+    "MAIL FROM:<app@example.com> BODY=JUNK",
+    "MAIL FROM:<app@example.com> SMTPUTF8",
+    "MAIL FROM:<0@[@0>",
+    'MAIL FROM:<">',
+    "MAIL FROM:<" + "(" * 900 + ">",
+    "MAIL FROM:<app@example.com",
+    "MAIL FROM:<>",
+    "MAIL FROM:<ä@example.com>",
+]
+
+BAD_RECIPIENTS = [
+    "RCPT TO:<0@[@0>",
+    'RCPT TO:<">',
+    "RCPT TO:<" + "(" * 900 + ">",
+    "RCPT TO:<ä@dest.test>",
+    "RCPT TO:<user@dest.test> NOTIFY=²",
+    "RCPT TO:<user@dest.test> ORCPT=rfc822;" + "(" * 500,
+]
+
+
+def _command(smtp: smtplib.SMTP, line: str) -> tuple[int, bytes]:
+    smtp.send(line.encode() + b"\r\n")  # raw UTF-8: smtplib would refuse to encode it
+    return smtp.getreply()
+
+
+def test_malformed_command_arguments_get_a_5xx(env: RelayEnv, relay: RelayThread) -> None:
+    answers = {}
+    with env.client(relay) as smtp:
+        for command in BAD_COMMANDS:
+            answers[command[:60]] = _command(smtp, command)
+            assert smtp.rset()[0] == 250, command
+        assert smtp.docmd("MAIL FROM:<app@example.com>")[0] == 250
+        for command in BAD_RECIPIENTS:
+            answers[command[:60]] = _command(smtp, command)
+        assert smtp.noop()[0] == 250
+    wrong = {cmd: got for cmd, got in answers.items() if got[0] // 100 == 4}
+    assert not wrong, wrong

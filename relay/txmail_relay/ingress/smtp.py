@@ -299,6 +299,15 @@ class SubmissionProtocol(SMTP):
         if not await self._refuse_control_chars(arg):
             await super().smtp_RCPT(arg)
 
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's address parser, which catches only HeaderParseError: the stdlib parser
+        raises others on hostile input (AttributeError on ``<0@[@0>``). Any failure is a
+        malformed address (aiosmtpd's 553 5.1.3 for MAIL, 501 for RCPT), never a 451."""
+        try:
+            return super()._getaddr(arg)
+        except Exception:
+            return None, None
+
     async def smtp_AUTH(self, arg: str) -> None:  # noqa: N802 - aiosmtpd's hook name
         session = self.session
         if not isinstance(session, RelaySession):
