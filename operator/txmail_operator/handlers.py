@@ -18,6 +18,7 @@ import kopf
 
 from . import reconcile
 from .api import GROUP, VERSION
+from .reconcile import urgent
 from .reconcile.cache import IP_KEY, TOKEN_KEY, slim
 from .reconcile.sweep import Sweep
 from .reconcile.work import ROUTINE
@@ -288,10 +289,11 @@ def _register_watch(r: dict[str, Any], settings: Settings) -> None:
 
         memo.sweep = Sweep(interval, lambda: _token_uids(tokens), check)
         memo.sweep.start()
+        memo.urgent = urgent.start(ctx)
 
     @kopf.on.cleanup(id="stop_watching", **r)
     async def stop_watching(memo: kopf.Memo, **_: Any) -> None:
-        for part in ("sweep", "drift"):
+        for part in ("urgent", "sweep", "drift"):
             if memo.get(part) is not None:
                 memo[part].stop()
         memo.ctx.work.stop()
@@ -300,18 +302,17 @@ def _register_watch(r: dict[str, Any], settings: Settings) -> None:
 def _register_mail(r: dict[str, Any], settings: Settings) -> None:
     """SmtpToken and TransactionalEmail handlers."""
 
-    @kopf.on.resume(GROUP, VERSION, "smtptokens", id="smtp_token", **r)
+    # No resume handler: at startup the periodic check (sweep.py) reconciles every token
+    # within one interval, spread; a resume would be 5,000 handler runs in kopf's startup
+    # burst. Spec changes and deletions are the urgent watch's first (urgent.py).
     @kopf.on.create(GROUP, VERSION, "smtptokens", id="smtp_token", **r)
     @kopf.on.update(GROUP, VERSION, "smtptokens", id="smtp_token", **r)
     async def smtp_token(
-        namespace: str, name: str, body: kopf.Body, reason: kopf.Reason, memo: kopf.Memo, **_: Any
+        namespace: str, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any
     ) -> None:
         ctx: reconcile.Context = memo.ctx
         job = ctx.metrics.measured(TOKEN, reconcile.reconcile_token)
-        if reason == RESUME:  # ROUTINE, not awaited: kopf moves on to the next object
-            ctx.work.submit((TOKEN, namespace, name), job, ctx, namespace, name)
-            return
-        await ctx.work.call(job, ctx, namespace, name, slim(body))
+        await ctx.work.call(job, ctx, namespace, name, slim(body), changed=True)
 
     @kopf.on.delete(GROUP, VERSION, "smtptokens", id="smtp_token_gone", **r)
     async def smtp_token_gone(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:

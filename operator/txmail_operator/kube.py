@@ -433,3 +433,140 @@ class OwnedWatch:
                 self._responses.pop(kind, None)
             response.close()
             response.release_conn()
+
+
+# --- watching a custom resource, raw ------------------------------------------------------
+
+LIST_PAGE = 500  # objects per list page: a listing of 5,000 never sits in memory at once
+
+
+class ResourceWatch:
+    """Lists and watches one custom resource (cluster-wide, or in the given namespaces).
+
+    Like :class:`OwnedWatch`: one thread per namespace (one in all when cluster-wide), the
+    API's JSON as plain dicts, a re-list after 410 Gone, backoff on errors. The listing is
+    read in pages, each handed on as it arrives. ``on_event(type, obj)`` hears LISTED for
+    each listed object (the first listing and each re-list), then ADDED, MODIFIED, DELETED;
+    it runs on the watch's thread and must be quick.
+    """
+
+    def __init__(
+        self,
+        api: client.ApiClient,
+        group: str,
+        version: str,
+        plural: str,
+        namespaces: tuple[str, ...],
+        on_event: Callable[[str, Obj], None],
+        on_error: Callable[[str], None] = _ignore,
+        server_timeout: int = 300,
+    ) -> None:
+        self.api = client.ApiClient(configuration=api.configuration)  # watches apart
+        self.custom = client.CustomObjectsApi(self.api)
+        self.group, self.version, self.plural = group, version, plural
+        self.namespaces: tuple[str | None, ...] = namespaces or (None,)
+        self.on_event, self.on_error = on_event, on_error
+        self.server_timeout = server_timeout
+        self._stopping = threading.Event()
+        self._guard = threading.Lock()
+        self._responses: dict[str | None, Any] = {}
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for namespace in self.namespaces:
+            thread = threading.Thread(
+                target=self._run,
+                args=(namespace,),
+                name=f"watch-{self.plural}-{namespace or 'all'}",
+                daemon=True,
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
+        with self._guard:
+            for response in self._responses.values():
+                _shutdown(response)
+        for thread in self._threads:
+            thread.join(timeout)
+        self.api.close()  # type: ignore[no-untyped-call]
+
+    def _request(self, namespace: str | None, **query: Any) -> Any:
+        """The raw response of one list or watch request."""
+        query["_preload_content"] = False
+        if namespace is None:
+            return self.custom.list_cluster_custom_object(
+                self.group, self.version, self.plural, **query
+            )
+        return self.custom.list_namespaced_custom_object(
+            self.group, self.version, namespace, self.plural, **query
+        )
+
+    def _run(self, namespace: str | None) -> None:
+        version: str | None = None
+        backoff = 0.5
+        while not self._stopping.is_set():
+            try:
+                if version is None:
+                    version = self._list(namespace)
+                version = self._watch(namespace, version)
+                backoff = 0.5
+            except Exception as exc:  # an API error, a connection reset, or stop()'s shutdown
+                if isinstance(exc, ApiException) and exc.status == 410:  # too old: list again
+                    version = None
+                    continue
+                if self._stopping.is_set():
+                    break
+                self.on_error("watch")
+                why = f"HTTP {exc.status}" if isinstance(exc, ApiException) else type(exc).__name__
+                log.warning("watching %s failed (%s), retrying", self.plural, why)
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    def _list(self, namespace: str | None) -> str:
+        """The whole listing, page by page (one consistent snapshot); its resourceVersion."""
+        token: str | None = None
+        while True:
+            query: dict[str, Any] = {"limit": LIST_PAGE, "_request_timeout": 30}
+            if token:
+                query["_continue"] = token
+            page = json.loads(self._request(namespace, **query).data)
+            api_version = page.get("apiVersion")
+            for item in page.get("items") or []:
+                self.on_event("LISTED", {**item, "apiVersion": api_version})
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return str(page["metadata"]["resourceVersion"])
+
+    def _watch(self, namespace: str | None, version: str) -> str:
+        """One watch request, until the server ends it; the last resourceVersion seen."""
+        response = self._request(
+            namespace,
+            watch=True,
+            resource_version=version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=self.server_timeout,
+            _request_timeout=(10, self.server_timeout + 30),
+        )
+        try:
+            with self._guard:
+                if self._stopping.is_set():
+                    return version
+                self._responses[namespace] = response
+            for line in iter_resp_lines(response):  # type: ignore[no-untyped-call]
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                obj = event.get("object") or {}
+                if event.get("type") == "ERROR":
+                    raise ApiException(status=obj.get("code", 500), reason=obj.get("message", ""))
+                version = (obj.get("metadata") or {}).get("resourceVersion") or version
+                if event.get("type") in ("ADDED", "MODIFIED", "DELETED"):
+                    self.on_event(event["type"], obj)
+            return version
+        finally:
+            with self._guard:
+                self._responses.pop(namespace, None)
+            response.close()
+            response.release_conn()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -12,7 +14,7 @@ from kubernetes import client
 
 from cluster.kubeapi import meta_of, name_of
 from k8s.kit import GROUP, VERSION, Kit, read_or_none, refused_token_status
-from k8s.operator_process import OperatorProcess, wait_for
+from k8s.operator_process import OperatorProcess, operator_service_account, wait_for
 from txmail_relay import contract as c
 
 pytestmark = pytest.mark.k8s
@@ -183,6 +185,52 @@ def test_deleting_a_token_revokes_it(kit: Kit, ip: str, namespace: str) -> None:
         45,
         "the garbage collector to delete the Secret",
     )
+
+
+@contextmanager
+def kopf_held_at_startup(kit: Kit, operator: OperatorProcess) -> Iterator[None]:
+    """The operator restarted unable to list namespaces: kopf, which runs no handler before
+    it has indexed every kind it indexes, handles nothing; on exit the ClusterRole is put
+    back and the operator restarted."""
+    (role,) = [
+        o
+        for o in operator_service_account()
+        if o["kind"] == "ClusterRole" and any("namespaces" in r["resources"] for r in o["rules"])
+    ]
+    rbac = client.RbacAuthorizationV1Api(kit.api)
+    name = role["metadata"]["name"]
+    original = rbac.read_cluster_role(name)
+    held = copy.deepcopy(original)
+    for rule in held.rules or []:
+        if rule.resources == ["namespaces"]:
+            rule.verbs = ["get"]
+    operator.stop()
+    try:
+        rbac.replace_cluster_role(name, held)
+        operator.start()
+        yield
+    finally:
+        operator.stop()
+        restored = rbac.read_cluster_role(name)
+        restored.rules = original.rules
+        rbac.replace_cluster_role(name, restored)
+        operator.start()
+
+
+def test_a_token_deleted_while_the_operator_is_starting_is_revoked(
+    kit: Kit, ip: str, namespace: str, operator: OperatorProcess
+) -> None:
+    kit.token(namespace, ip, "shop")
+    secret = ready_secret(kit, namespace, "shop")
+    with kopf_held_at_startup(kit, operator):
+        kit.objs.delete_namespaced_custom_object(GROUP, VERSION, namespace, TOKENS, "shop")
+        wait_for(
+            lambda: not kit.accepts(ip, secret["username"], secret["password"]),
+            10,
+            "the relay to refuse the deleted token's password",
+        )
+        assert kit.get(TOKENS, namespace, "shop") is not None, "kopf must not have handled it"
+    wait_for(lambda: kit.get(TOKENS, namespace, "shop") is None, 30, "the finalizer released")
 
 
 def test_token_waits_for_its_dedicated_ip(kit: Kit, namespace: str) -> None:

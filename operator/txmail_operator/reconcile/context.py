@@ -114,6 +114,46 @@ class Checked:
 
 
 @dataclass
+class Handled:
+    """What was done for each SmtpToken (by uid) in this process, by whichever path came first.
+
+    Two paths handle a token's spec change or deletion: the urgent watch (urgent.py) and
+    kopf's own handlers, which after a restart come much later. The second one skips what
+    the first did; and a view older than what was done (kopf's index before kopf has seen
+    the change) never undoes it.
+    """
+
+    _guard: threading.Lock = field(default_factory=threading.Lock)
+    _generation: dict[str, int] = field(default_factory=dict)
+    _revoked: set[str] = field(default_factory=set)
+
+    def reconciled(self, uid: str, generation: int) -> None:
+        with self._guard:
+            if generation > self._generation.get(uid, 0):
+                self._generation[uid] = generation
+
+    def generation(self, uid: str) -> int | None:
+        """The newest generation reconciled in full (None: none yet in this process)."""
+        with self._guard:
+            return self._generation.get(uid)
+
+    def revoke(self, uid: str) -> None:
+        """Record a revocation that is done (the credential is out of the relay)."""
+        with self._guard:
+            self._revoked.add(uid)
+
+    def revoked(self, uid: str) -> bool:
+        with self._guard:
+            return uid in self._revoked
+
+    def forget(self, uid: str) -> None:
+        """The object is gone from the API: nothing more will be asked about it."""
+        with self._guard:
+            self._generation.pop(uid, None)
+            self._revoked.discard(uid)
+
+
+@dataclass
 class Context:
     kube: Kube
     settings: Settings
@@ -127,6 +167,7 @@ class Context:
     written: Written = field(default_factory=Written)
     work: Work = field(default_factory=Work)
     checked: Checked = field(default_factory=Checked)
+    handled: Handled = field(default_factory=Handled)
     cache: Cache = field(init=False)
     # DedicatedIPs whose relay waits for the operator's namespace to be created.
     waiting_for_namespace: set[str] = field(default_factory=set)

@@ -94,15 +94,29 @@ def _choose_password(
     return ctx.password(), None
 
 
-def reconcile_token(ctx: Context, namespace: str, name: str, body: Obj | None = None) -> None:
-    """Reconcile one SmtpToken: ``body`` as kopf handed it, else as kopf's index holds it."""
+def reconcile_token(
+    ctx: Context, namespace: str, name: str, body: Obj | None = None, *, changed: bool = False
+) -> None:
+    """Reconcile one SmtpToken: ``body`` as handed over, else as kopf's index holds it.
+
+    ``changed``: the call is for a creation or a spec change, which is skipped when this
+    generation was reconciled already (by the urgent watch or by kopf, whichever came
+    first). A view older than what was done, or of a token already revoked, is skipped too.
+    """
     key = f"smtptoken/{namespace}/{name}"
     with ctx.locks.hold(key):
         if body is None:
             body = ctx.cache.token(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
+        uid, generation = body["metadata"]["uid"], body["metadata"].get("generation", 0)
+        if ctx.handled.revoked(uid):
+            return
+        done = ctx.handled.generation(uid)
+        if done is not None and (done > generation or (changed and done == generation)):
+            return
         _reconcile(ctx, body)
+        ctx.handled.reconciled(uid, generation)
         ctx.checked.mark(key)
 
 
@@ -256,12 +270,18 @@ def _write_status(ctx: Context, body: Obj, base: Obj, ok: bool, reason: str, mes
 
 
 def revoke_token(ctx: Context, body: Obj) -> None:
-    """Before the token goes: remove its credential from the relay (the Secret goes by GC)."""
+    """Before the token goes: remove its credential from the relay (the Secret goes by GC).
+
+    Once per token: the urgent watch and kopf's deletion handler both call this.
+    """
     meta = body["metadata"]
     key = f"smtptoken/{meta['namespace']}/{meta['name']}"
     with ctx.locks.hold(key):
         ctx.checked.forget(key)
+        if ctx.handled.revoked(meta["uid"]):
+            return
         spec = SmtpTokenSpec.model_validate(body["spec"])
         _remove_entry(
             ctx, spec.dedicated_ip_ref.name, builders.username_for(meta["uid"]), always=True
         )
+        ctx.handled.revoke(meta["uid"])

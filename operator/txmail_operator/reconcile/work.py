@@ -74,31 +74,42 @@ class Work:
             thread.join(timeout)
 
     def call(
-        self, fn: Callable[..., Any], *args: Any, priority: int = URGENT
+        self, fn: Callable[..., Any], *args: Any, priority: int = URGENT, **kwargs: Any
     ) -> asyncio.Future[Any]:
-        """Run ``fn(*args)`` on a worker and await its result (for kopf's async handlers)."""
+        """Run ``fn(*args, **kwargs)`` on a worker and await its result (for kopf's handlers)."""
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._cond:
             heapq.heappush(
-                self._ready, _Job(priority, next(self._seq), lambda: fn(*args), future=future)
+                self._ready,
+                _Job(priority, next(self._seq), lambda: fn(*args, **kwargs), future=future),
             )
             self._cond.notify()
         return asyncio.wrap_future(future)
 
-    def submit(self, key: Hashable, fn: Callable[..., Any], *args: Any, after: float = 0.0) -> bool:
-        """Queue ``fn(*args)`` as ROUTINE work unless a job with ``key`` already waits.
+    def submit(
+        self,
+        key: Hashable,
+        fn: Callable[..., Any],
+        *args: Any,
+        after: float = 0.0,
+        priority: int = ROUTINE,
+    ) -> bool:
+        """Queue ``fn(*args)`` (ROUTINE unless told) unless a job with ``key`` already waits.
 
-        A job with ``key`` waiting to be retried later is replaced when this one is due sooner.
+        A job with ``key`` waiting to be retried later is replaced when this one is due sooner,
+        and a waiting ROUTINE job by an URGENT one. Nothing awaits the job: one that fails is
+        tried again later, a few times.
         """
         with self._cond:
             if self._stopping:
                 return False
             waiting = self._keys.get(key)
             if waiting is not None:
-                if after > 0 or not waiting.later:
+                sooner = waiting.later and after <= 0
+                if not (sooner or priority < waiting.priority):
                     return False
                 waiting.dropped = True
-            job = _Job(ROUTINE, next(self._seq), lambda: fn(*args), key=key)
+            job = _Job(priority, next(self._seq), lambda: fn(*args), key=key)
             self._keys[key] = job
             self._push(job, after)
             return True
@@ -165,7 +176,7 @@ class Work:
             self._retry(job, exc)
 
     def _retry(self, job: _Job, exc: Exception) -> None:
-        """A routine job failed: try again later, a few times (the periodic check goes on)."""
+        """A job nobody awaits failed: try again later, a few times (the periodic check goes on)."""
         if isinstance(exc, kopf.TemporaryError):
             delay = float(exc.delay or 5.0)
         elif isinstance(exc, ApiException | OSError):
@@ -182,6 +193,6 @@ class Work:
         with self._cond:
             if job.key in self._keys or self._stopping:
                 return  # requested again meanwhile: that job runs instead
-            again = _Job(ROUTINE, next(self._seq), job.fn, key=job.key, tries=job.tries + 1)
+            again = _Job(job.priority, next(self._seq), job.fn, key=job.key, tries=job.tries + 1)
             self._keys[job.key] = again
             self._push(again, delay)
