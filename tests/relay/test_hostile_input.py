@@ -233,13 +233,20 @@ def test_malformed_messages_get_a_permanent_refusal(env: RelayEnv, relay: RelayT
         "emailId arabic-indic digit": _template("X-Txmail-Email-Id: ٣".encode()),
         "emailId of 5,000 digits": _template(b"X-Txmail-Email-Id: " + b"7" * 5_000),
         "properties nested 50,000 deep": _template(
-            b"X-Txmail-Email-Id: 7\r\nX-Txmail-Properties: " + b"[" * 50_000
+            b"X-Txmail-Email-Id: 7\r\nX-Txmail-Properties: "
+            + b"\r\n ".join([b"[" * 500] * 100)  # folded: JSON reads the folds as spaces
         ),
         "properties with a lone surrogate": _template(
             b'X-Txmail-Email-Id: 7\r\nX-Txmail-Properties: {"customProperties": '
             b'{"order_id": "\\ud800"}}'
         ),
     }
+    cases["JSON body nested 50,000 deep"] = (
+        b"From: app@example.com\r\nTo: ada@dest.test\r\nX-Txmail-Email-Id: 7\r\n\r\n"
+        + b'{"customProperties": '
+        + b"\r\n".join([b"[" * 500] * 100)
+        + b"\r\n"
+    )
     plain = {
         "To: 0@": b"From: app@example.com\r\nTo: 0@\r\n\r\nx\r\n",
         "Message-ID: deep comments": b"From: app@example.com\r\nMessage-ID: "
