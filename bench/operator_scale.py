@@ -84,6 +84,7 @@ OPERATOR_ENV = {
     "TXMAIL_DRIFT_CHECK_INTERVAL": "120",
     "TXMAIL_STATS_INTERVAL": "30",
     "TXMAIL_SEND_CHECK_INTERVAL": "5",
+    "MALLOC_ARENA_MAX": "2",  # as the chart's Deployment sets it
 }
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MB = 1024 * 1024

@@ -212,6 +212,7 @@ def test_operator_deployment_defaults() -> None:
     assert env["TXMAIL_NAMESPACE"] == NAMESPACE
     assert env["TXMAIL_RELAY_IMAGE"] == container["image"]
     assert env["TXMAIL_LOG_FORMAT"] == "json"
+    assert env["MALLOC_ARENA_MAX"] == "2"  # the operator's RSS (docs/performance.md)
     assert env["TXMAIL_WATCH_NAMESPACES"] == ""
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"health": int(env["TXMAIL_HEALTH_PORT"]), "metrics": 9090}
