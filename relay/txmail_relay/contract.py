@@ -401,6 +401,12 @@ class RetrySettings(_Settings):
 
 class OutboundSettings(_Settings):
     concurrency: int = Field(default=32, ge=1, description="Messages delivered in parallel")
+    destination_concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        description="Attempts in parallel to one recipient domain (Direct); default a quarter "
+        "of concurrency. A smarthost, the only destination, gets all of concurrency.",
+    )
     pool_idle_timeout: float = 30.0
     messages_per_connection: int = 100
     ca_file: Path | None = Field(default=None, description="Extra CA to verify smarthosts")

@@ -14,9 +14,11 @@ import heapq
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
-from txmail_relay.delivery.transport import RecipientResult, Transport
+from txmail_relay.delivery.transport import Destination, RecipientResult, Transport
 from txmail_relay.outcomes import Outcome, OutcomeEvent, OutcomeListener
 from txmail_relay.settings import RetrySettings
 from txmail_relay.spool.segments import Spool, SpooledMessage, SpoolError
@@ -29,7 +31,45 @@ def backoff(attempts: int, retry: RetrySettings) -> float:
     return float(min(retry.max_backoff, retry.min_backoff * 2 ** max(0, attempts - 1)))
 
 
+@dataclass(eq=False)
+class _Job:
+    """Pending recipients of one message that go to one destination: attempted together."""
+
+    msg: SpooledMessage
+    indices: tuple[int, ...]
+    attempts: int
+    key: str  # the destination it is scheduled under
+
+
+@dataclass(eq=False)
+class _Destination:
+    """Scheduling state of one destination (see :class:`~txmail_relay.delivery.transport.
+    Destination`): its ready jobs in arrival order and its attempts in flight."""
+
+    limit: int
+    ready: deque[_Job] = field(default_factory=deque)
+    active: int = 0
+    failing: bool = False  # its last attempt delivered nothing: one attempt at a time
+
+    def has_room(self) -> bool:
+        return self.active < (1 if self.failing else self.limit)
+
+
 class DeliveryQueue:
+    """Schedules attempts per destination, so a destination that hangs (a tarpit, a server
+    that answers nothing or slowly, an MX lookup without answer) holds at most its share of
+    the ``concurrency`` workers and never the rest:
+
+    * a message's pending recipients are split by :meth:`Transport.destination` into jobs;
+    * destinations take turns for free workers (round robin); within one, jobs go in
+      arrival order; a destination never has more than its ``concurrency`` in flight, and
+      only one while its last attempt delivered nothing (a dead or refusing server is
+      probed, not flooded, while its backlog waits);
+    * a message has at most one attempt in flight (its outcomes are recorded one attempt at
+      a time), so its recipients at another destination wait for that attempt to end;
+    * a deferred job waits for its backoff outside the workers.
+    """
+
     def __init__(
         self,
         spool: Spool,
@@ -46,15 +86,19 @@ class DeliveryQueue:
         self._concurrency = concurrency
         self._listeners = list(listeners)
         self._clock = clock
-        self._ready: asyncio.Queue[SpooledMessage] = asyncio.Queue()
-        self._waiting: list[tuple[float, int, SpooledMessage]] = []
+        self._waiting: list[tuple[float, int, _Job]] = []
         self._order = itertools.count()
         self._wakeup = asyncio.Event()
         self._messages: dict[str, SpooledMessage] = {}
-        self._tasks: list[asyncio.Task[None]] = []
-        self._busy = 0
+        self._early: list[SpooledMessage] = []  # enqueued before start()
+        self._destinations: dict[str, _Destination] = {}
+        self._rotation: deque[str] = deque()  # destinations that have ready jobs, in turn
+        self._in_flight: set[str] = set()  # ids of messages with an attempt in flight
+        self._tasks: set[asyncio.Task[None]] = set()  # the attempts in flight
+        self._timer_task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        self._started = False
         self._stopping = False
 
     # -- what metrics and health see -----------------------------------------------------
@@ -67,18 +111,29 @@ class DeliveryQueue:
             return 0.0
         return max(0.0, self._clock() - min(m.received_at for m in self._messages.values()))
 
+    def in_flight(self) -> dict[str, int]:
+        """Attempts in flight per destination key."""
+        return {key: d.active for key, d in self._destinations.items() if d.active}
+
     # -- lifecycle -----------------------------------------------------------------------
 
     def enqueue(self, msg: SpooledMessage) -> None:
+        pending = msg.pending()
+        if not pending:
+            return
         self._messages[msg.id] = msg
-        self._ready.put_nowait(msg)
+        if self._started:
+            self._make_ready(msg, pending, msg.attempts)
+        else:  # recovered before the first configuration: destinations are not known yet
+            self._early.append(msg)
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self._timer(), name="queue-timer"))
-        self._tasks += [
-            loop.create_task(self._worker(), name=f"delivery-{i}") for i in range(self._concurrency)
-        ]
+        self._timer_task = asyncio.get_running_loop().create_task(self._timer(), name="queue-timer")
+        self._started = True
+        early, self._early = self._early, []
+        for msg in early:
+            self._make_ready(msg, msg.pending(), msg.attempts)
+        self._dispatch()
 
     async def stop(self, grace: float) -> None:
         """Let attempts in flight finish within ``grace``, then cancel the rest.
@@ -88,45 +143,112 @@ class DeliveryQueue:
         self._stopping = True
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), grace)
-        for task in self._tasks:
+        tasks = [*self._tasks, *([self._timer_task] if self._timer_task else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
+        self._timer_task = None
 
     # -- scheduling ----------------------------------------------------------------------
 
-    def _defer(self, msg: SpooledMessage, due: float) -> None:
-        heapq.heappush(self._waiting, (due, next(self._order), msg))
+    def _destination(self, recipient: str) -> Destination:
+        try:
+            return self._transport.destination(recipient)
+        except Exception:  # a bug must not lose the message: schedule it somewhere
+            log.exception("no destination for a recipient")
+            return Destination("unknown", 1)
+
+    def _make_ready(self, msg: SpooledMessage, indices: Sequence[int], attempts: int) -> None:
+        """Queue ``indices`` of ``msg`` as one job per destination (as configured now)."""
+        groups: dict[Destination, list[int]] = {}
+        for index in indices:
+            groups.setdefault(self._destination(msg.recipients[index]), []).append(index)
+        for dest, members in groups.items():
+            state = self._destinations.get(dest.key)
+            if state is None:
+                state = self._destinations[dest.key] = _Destination(dest.concurrency)
+            state.limit = dest.concurrency  # follows configuration changes
+            if not state.ready:
+                self._rotation.append(dest.key)
+            state.ready.append(_Job(msg, tuple(members), attempts, dest.key))
+        self._dispatch()
+
+    def _next_job(self) -> _Job | None:
+        """The next job to start: destinations in turn, skipping those at their limit and
+        messages that have an attempt in flight."""
+        for _ in range(len(self._rotation)):
+            key = self._rotation[0]
+            self._rotation.rotate(-1)  # its turn is taken: to the back
+            state = self._destinations[key]
+            if not state.has_room():
+                continue
+            for job in state.ready:
+                if job.msg.id not in self._in_flight:
+                    state.ready.remove(job)
+                    if not state.ready:
+                        self._rotation.pop()  # the key just rotated to the back
+                    return job
+        return None
+
+    def _dispatch(self) -> None:
+        """Start attempts while workers are free."""
+        if not self._started or self._stopping:
+            return
+        while len(self._tasks) < self._concurrency:
+            job = self._next_job()
+            if job is None:
+                return
+            self._destinations[job.key].active += 1
+            self._in_flight.add(job.msg.id)
+            self._idle.clear()
+            task = asyncio.get_running_loop().create_task(self._run(job), name="delivery")
+            self._tasks.add(task)
+
+    async def _run(self, job: _Job) -> None:
+        state = self._destinations[job.key]
+        tried = job.indices
+        try:
+            await self._attempt(job)
+        except Exception:  # a bug must not lose the message: try it again later
+            log.exception("delivery attempt failed", extra={"msg_id": job.msg.id})
+            self._defer(job, self._clock() + backoff(job.attempts, self._retry))
+        finally:
+            state.active -= 1
+            state.failing = not any(i in job.msg.final for i in tried)
+            if not (state.active or state.ready or state.failing):
+                self._destinations.pop(job.key, None)
+            self._in_flight.discard(job.msg.id)
+            task = asyncio.current_task()
+            if task is not None:
+                self._tasks.discard(task)
+            if not self._tasks:
+                self._idle.set()
+            self._dispatch()
+
+    def _defer(self, job: _Job, due: float) -> None:
+        heapq.heappush(self._waiting, (due, next(self._order), job))
         self._wakeup.set()
 
     async def _timer(self) -> None:
         while True:
             now = self._clock()
             while self._waiting and self._waiting[0][0] <= now:
-                self._ready.put_nowait(heapq.heappop(self._waiting)[2])
+                job = heapq.heappop(self._waiting)[2]
+                pending = [i for i in job.indices if i not in job.msg.final]
+                if pending:
+                    self._make_ready(job.msg, pending, job.attempts)
             self._wakeup.clear()
             timeout = self._waiting[0][0] - now if self._waiting else None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
 
-    async def _worker(self) -> None:
-        while not self._stopping:
-            msg = await self._ready.get()
-            if self._stopping:
-                return
-            self._busy += 1
-            self._idle.clear()
-            try:
-                await self._attempt(msg)
-            finally:
-                self._busy -= 1
-                if not self._busy:
-                    self._idle.set()
-
-    async def _attempt(self, msg: SpooledMessage) -> None:
-        pending = msg.pending()
+    async def _attempt(self, job: _Job) -> None:
+        msg = job.msg
+        pending = [i for i in job.indices if i not in msg.final]
         recipients = [msg.recipients[i] for i in pending]
-        msg.attempts += 1
+        job.attempts += 1
+        msg.attempts = max(msg.attempts, job.attempts)
         try:
             body = await self._spool.read_body(msg)
             results = await self._transport.deliver(msg.mail_from, recipients, body)
@@ -154,7 +276,7 @@ class DeliveryQueue:
                     recipient=msg.recipients[index],
                     outcome=outcome,
                     reply=result.reply,
-                    attempts=msg.attempts,
+                    attempts=job.attempts,
                     received_at=msg.received_at,
                     at=now,
                 )
@@ -167,12 +289,14 @@ class DeliveryQueue:
                 log.exception("could not record outcomes", extra={"msg_id": msg.id})
         for event in events:
             self._publish(event)
-        if msg.pending():
+        left = tuple(i for i in pending if i not in msg.final)
+        if left:
             due = min(
-                now + backoff(msg.attempts, self._retry), msg.received_at + self._retry.max_lifetime
+                now + backoff(job.attempts, self._retry), msg.received_at + self._retry.max_lifetime
             )
-            self._defer(msg, due)
-        else:
+            job.indices = left
+            self._defer(job, due)
+        elif not msg.pending():
             self._messages.pop(msg.id, None)
 
     def _publish(self, event: OutcomeEvent) -> None:

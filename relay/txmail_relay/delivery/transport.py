@@ -4,6 +4,10 @@
 ``delivered``, 5xx ``bounced``, and 4xx, timeouts and connection errors ``deferred`` (the
 queue decides about retries and expiry). Connect-time failures move on to the next MX host;
 a failure in the middle of a transaction does not, since the message may have arrived.
+
+:meth:`SmtpTransport.destination` names where a recipient's mail goes for scheduling: the
+queue runs at most ``Destination.concurrency`` attempts to one destination at once, so one
+that hangs (a tarpit, an MX lookup without answer) holds only its share of the workers.
 """
 
 from __future__ import annotations
@@ -44,11 +48,23 @@ class RecipientResult:
     reply: str
 
 
+@dataclass(frozen=True)
+class Destination:
+    """Where a recipient's mail goes, as the queue schedules it: all attempts to one ``key``
+    share its ``concurrency`` (at most that many in flight at once)."""
+
+    key: str
+    concurrency: int
+
+
 class Transport(Protocol):
+    def destination(self, recipient: str) -> Destination:
+        """The destination of ``recipient`` under the current configuration."""
+
     async def deliver(
         self, mail_from: str, recipients: Sequence[str], body: bytes
     ) -> list[RecipientResult]:
-        """One attempt for ``recipients``; one result each, in order."""
+        """One attempt for ``recipients`` (of one destination); one result each, in order."""
 
     async def close(self) -> None: ...
 
@@ -77,6 +93,10 @@ class Route:
 def _result(code: int, message: str) -> RecipientResult:
     outcome = Outcome.BOUNCED if 500 <= code < 600 else Outcome.DEFERRED
     return RecipientResult(outcome, f"{code} {message}")
+
+
+def _domain(recipient: str) -> str:
+    return recipient.rpartition("@")[2].lower()
 
 
 def _describe(exc: BaseException) -> str:
@@ -269,6 +289,11 @@ class SmtpTransport:
         self._store = store
         self._retry = retry
         self._ca_file = outbound.ca_file
+        self._concurrency = outbound.concurrency
+        self._per_domain = min(
+            outbound.concurrency,
+            outbound.destination_concurrency or max(1, outbound.concurrency // 4),
+        )
         self._resolver_factory = resolver_factory
         self._resolvers: dict[tuple[str, ...], MxResolver] = {}
         self._pool = ConnectionPool(
@@ -279,6 +304,21 @@ class SmtpTransport:
 
     async def close(self) -> None:
         self._pool.close()
+
+    def destination(self, recipient: str) -> Destination:
+        """The recipient's domain in Direct mode (as Postfix's queue manager schedules by
+        next-hop domain): it is known before any DNS lookup, so a hanging MX lookup is held
+        to the domain's share too, and it is how :meth:`deliver` groups a transaction. The
+        smarthost, when all mail goes there, is one destination with all the workers: there
+        is nothing to be fair to."""
+        config = self._store.current
+        if config is None:
+            return Destination("unconfigured", self._concurrency)
+        delivery = config.relay.delivery
+        if delivery.mode is DeliveryMode.SMARTHOST and delivery.smarthost is not None:
+            smarthost = delivery.smarthost
+            return Destination(f"smarthost {smarthost.host}:{smarthost.port}", self._concurrency)
+        return Destination(f"domain {_domain(recipient)}", self._per_domain)
 
     async def deliver(
         self, mail_from: str, recipients: Sequence[str], body: bytes
@@ -294,7 +334,7 @@ class SmtpTransport:
         else:
             groups = defaultdict(list)
             for rcpt in recipients:
-                groups[rcpt.rpartition("@")[2].lower()].append(rcpt)
+                groups[_domain(rcpt)].append(rcpt)
         merged: dict[str, RecipientResult] = {}
         outcomes = await asyncio.gather(
             *(

@@ -1,0 +1,175 @@
+"""Head-of-line blocking: a destination that hangs holds at most its share of the workers.
+
+Direct delivery, routed per domain by a local DNS server (tests/relay/relaykit.DnsServer):
+``good.test`` goes to smtp-sink on 127.0.0.1, ``bad.test`` to a peer that misbehaves on
+127.0.0.5 (same port, ``delivery.mxPort``) or to a name whose lookup never gets an answer.
+The bad domain's mail is submitted first; the healthy domain's must still arrive within a
+deadline far below the bad peer's timeout (connect 30 s, command 300 s, DNS 10 s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay.relaykit import DnsServer, Recorder, RelayEnv, free_port, message, wait_for
+
+BAD_HOST = "127.0.0.5"
+BAD_MESSAGES = 16  # twice the test relay's 8 workers
+GOOD_MESSAGES = 10
+DEADLINE = 8.0  # seconds; the old queue took 30 s (tarpit) to 300 s (silent after banner)
+
+
+class MisbehavingPeer:
+    """A TCP server that accepts and then, per ``mode``:
+
+    * ``tarpit``: never sends a byte (the greeting never comes);
+    * ``mute``: sends a 220 greeting, then never answers a command;
+    * ``reset``: closes at once with a TCP reset.
+    """
+
+    def __init__(self, host: str, port: int, mode: str) -> None:
+        self.mode = mode
+        self._server = socket.create_server((host, port))
+        self._server.settimeout(0.2)
+        self._held: list[socket.socket] = []
+        self.accepted = 0
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            self.accepted += 1
+            if self.mode == "reset":
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+                continue
+            if self.mode == "mute":
+                conn.sendall(b"220 mute.test ESMTP\r\n")
+            self._held.append(conn)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(5)
+        for conn in self._held:
+            with contextlib.suppress(OSError):
+                conn.close()
+        self._server.close()
+
+
+@pytest.fixture
+def peer_factory() -> Iterator[Callable[[str, int], MisbehavingPeer]]:
+    peers: list[MisbehavingPeer] = []
+
+    def make(mode: str, port: int) -> MisbehavingPeer:
+        peer = MisbehavingPeer(BAD_HOST, port, mode)
+        peers.append(peer)
+        return peer
+
+    yield make
+    for peer in peers:
+        peer.stop()
+
+
+def _direct(env: RelayEnv, dns: DnsServer, port: int, **more: Any) -> Path:
+    """Settings for Direct delivery through ``dns`` to ``port`` on whatever address the
+    domain's A record names."""
+    delivery = {"mode": "Direct", "resolver": [dns.address], "mxPort": port, "smarthost": None}
+    return env.settings(overrides={"relay": {"delivery": delivery}, **more})
+
+
+def _submit(env: RelayEnv, domain: str, count: int, first: int = 0) -> None:
+    with env.client(env.threads[-1]) as smtp:
+        for seq in range(first, first + count):
+            smtp.sendmail("app@example.com", [f"user{seq}@{domain}"], message(seq))
+
+
+def _good_ones_arrive(env: RelayEnv) -> None:
+    captured = env.sink.wait(GOOD_MESSAGES, timeout=DEADLINE)
+    assert sorted(r for m in captured for r in m.rcpts) == sorted(
+        f"<user{seq}@good.test>" for seq in range(BAD_MESSAGES, BAD_MESSAGES + GOOD_MESSAGES)
+    )
+
+
+def _only_bad_ones_left(env: RelayEnv) -> None:
+    relay = env.threads[-1].relay
+    assert relay is not None
+    wait_for(
+        lambda: env.threads[-1].call(relay.queue.depth) == BAD_MESSAGES,
+        what="only the bad destination's mail left in the queue",
+    )
+
+
+@pytest.fixture
+def dns() -> Iterator[DnsServer]:
+    server = DnsServer({"good.test": {"A": ["127.0.0.1"]}, "bad.test": {"A": [BAD_HOST]}})
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("bad", ["tarpit", "mute", "dns", "reset"])
+def test_a_hanging_destination_does_not_hold_up_the_others(
+    env: RelayEnv,
+    dns: DnsServer,
+    peer_factory: Callable[[str, int], MisbehavingPeer],
+    bad: str,
+) -> None:
+    port = env.sink.port
+    peer = None
+    if bad == "dns":
+        dns.silent.add("bad.test")
+    else:
+        peer = peer_factory(bad, port)
+    recorder = Recorder()
+    env.start(_direct(env, dns, port), listeners=[recorder])
+    _submit(env, "bad.test", BAD_MESSAGES)
+    _submit(env, "good.test", GOOD_MESSAGES, first=BAD_MESSAGES)
+    _good_ones_arrive(env)
+    # The bad destination's mail is kept for a retry, never delivered nor dropped...
+    assert not any(
+        "delivered" in recorder.outcomes(f"user{seq}@bad.test") for seq in range(BAD_MESSAGES)
+    )
+    _only_bad_ones_left(env)
+    if peer is not None and bad != "reset":
+        # ...and a server that hangs holds no more than its share: 8 workers / 4.
+        assert 1 <= peer.accepted <= 2
+
+
+def test_the_share_is_a_setting(
+    env: RelayEnv, dns: DnsServer, peer_factory: Callable[[str, int], MisbehavingPeer]
+) -> None:
+    peer = peer_factory("tarpit", env.sink.port)
+    env.start(_direct(env, dns, env.sink.port, outbound={"destinationConcurrency": 1}))
+    _submit(env, "bad.test", BAD_MESSAGES)
+    _submit(env, "good.test", GOOD_MESSAGES, first=BAD_MESSAGES)
+    _good_ones_arrive(env)
+    assert peer.accepted == 1
+
+
+def test_the_recovered_backlog_is_scheduled_per_destination_too(
+    env: RelayEnv, dns: DnsServer, peer_factory: Callable[[str, int], MisbehavingPeer]
+) -> None:
+    """Mail spooled before a restart is recovered before the first configuration is loaded;
+    it is still split by destination once it is."""
+    closed = free_port()  # first run: nothing listens there, every attempt is refused
+    env.start(_direct(env, dns, closed))
+    _submit(env, "bad.test", BAD_MESSAGES)
+    _submit(env, "good.test", GOOD_MESSAGES, first=BAD_MESSAGES)
+    env.threads[-1].stop()
+    assert env.sink.messages() == []
+    peer_factory("tarpit", env.sink.port)
+    env.start(_direct(env, dns, env.sink.port))
+    _good_ones_arrive(env)
+    _only_bad_ones_left(env)
