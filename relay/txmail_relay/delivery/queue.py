@@ -111,10 +111,6 @@ class DeliveryQueue:
             return 0.0
         return max(0.0, self._clock() - min(m.received_at for m in self._messages.values()))
 
-    def in_flight(self) -> dict[str, int]:
-        """Attempts in flight per destination key."""
-        return {key: d.active for key, d in self._destinations.items() if d.active}
-
     # -- lifecycle -----------------------------------------------------------------------
 
     def enqueue(self, msg: SpooledMessage) -> None:
