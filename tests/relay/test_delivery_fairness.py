@@ -13,6 +13,7 @@ import contextlib
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from relay.relaykit import DnsServer, Recorder, RelayEnv, free_port, message, wa
 BAD_HOST = "127.0.0.5"
 BAD_MESSAGES = 16  # twice the test relay's 8 workers
 GOOD_MESSAGES = 10
+HANGUP_AFTER = 0.5  # seconds
 DEADLINE = 8.0  # seconds; the old queue took 30 s (tarpit) to 300 s (silent after banner)
 
 
@@ -32,41 +34,61 @@ class MisbehavingPeer:
 
     * ``tarpit``: never sends a byte (the greeting never comes);
     * ``mute``: sends a 220 greeting, then never answers a command;
-    * ``reset``: closes at once with a TCP reset.
+    * ``reset``: closes at once with a TCP reset;
+    * ``hangup``: sends nothing and resets the connection after ``HANGUP_AFTER`` seconds.
+
+    ``most_open`` is the most connections it held at once; ``most_open_later`` the same,
+    counted from the first hangup on.
     """
 
     def __init__(self, host: str, port: int, mode: str) -> None:
         self.mode = mode
         self._server = socket.create_server((host, port))
-        self._server.settimeout(0.2)
-        self._held: list[socket.socket] = []
+        self._server.settimeout(0.05)
+        self._held: list[tuple[float, socket.socket]] = []
         self.accepted = 0
+        self.hung_up = 0
+        self.most_open = 0
+        self.most_open_later = 0
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
     def _serve(self) -> None:
         while not self._stopped.is_set():
+            if self.mode == "hangup":
+                now = time.monotonic()
+                for entry in [e for e in self._held if now - e[0] >= HANGUP_AFTER]:
+                    self._held.remove(entry)
+                    _reset(entry[1])
+                    self.hung_up += 1
             try:
                 conn, _ = self._server.accept()
             except TimeoutError:
                 continue
             self.accepted += 1
             if self.mode == "reset":
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                conn.close()
+                _reset(conn)
                 continue
             if self.mode == "mute":
                 conn.sendall(b"220 mute.test ESMTP\r\n")
-            self._held.append(conn)
+            self._held.append((time.monotonic(), conn))
+            self.most_open = max(self.most_open, len(self._held))
+            if self.hung_up:
+                self.most_open_later = max(self.most_open_later, len(self._held))
 
     def stop(self) -> None:
         self._stopped.set()
         self._thread.join(5)
-        for conn in self._held:
+        for _, conn in self._held:
             with contextlib.suppress(OSError):
                 conn.close()
         self._server.close()
+
+
+def _reset(conn: socket.socket) -> None:
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
 
 
 @pytest.fixture
@@ -173,3 +195,18 @@ def test_the_recovered_backlog_is_scheduled_per_destination_too(
     env.start(_direct(env, dns, env.sink.port))
     _good_ones_arrive(env)
     _only_bad_ones_left(env)
+
+
+def test_a_failing_destination_is_probed_one_attempt_at_a_time(
+    env: RelayEnv, dns: DnsServer, peer_factory: Callable[[str, int], MisbehavingPeer]
+) -> None:
+    """A destination whose attempts fail (here: no greeting, then a reset) keeps its backlog
+    waiting and gets one attempt at a time until one succeeds, instead of its whole share."""
+    peer = peer_factory("hangup", env.sink.port)
+    env.start(_direct(env, dns, env.sink.port))
+    _submit(env, "bad.test", BAD_MESSAGES)
+    wait_for(lambda: peer.hung_up >= 5, what="five failed attempts")
+    assert peer.most_open <= 2  # its share: 8 workers / 4
+    assert peer.most_open_later == 1  # once failing, one at a time
+    _submit(env, "good.test", GOOD_MESSAGES, first=BAD_MESSAGES)
+    _good_ones_arrive(env)
