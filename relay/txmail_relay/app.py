@@ -21,8 +21,15 @@ from txmail_relay.delivery.queue import DeliveryQueue
 from txmail_relay.delivery.transport import SmtpTransport, Transport
 from txmail_relay.http.api import SendApi, TokenAuth
 from txmail_relay.http.apps import make_api_app, make_metrics_app, make_tracking_app
+from txmail_relay.http.guard import HttpGuard, HttpLimits
 from txmail_relay.ingress.auth import Authenticator, FailureLimiter
 from txmail_relay.ingress.complaints import ComplaintHandler
+from txmail_relay.ingress.connections import (
+    ConnectionGate,
+    open_files,
+    raise_open_file_limit,
+    share_descriptors,
+)
 from txmail_relay.ingress.smtp import SubmissionHandler, SubmissionProtocol
 from txmail_relay.ingress.tls import server_context, watch_certificate
 from txmail_relay.metrics import RelayMetrics
@@ -42,6 +49,9 @@ from txmail_relay.templates.policy import Templates
 from txmail_relay.tracking.endpoints import KeyFile, TrackingEndpoints
 
 log = logging.getLogger(__name__)
+
+# Connections the metrics listener (probes, Prometheus) takes, within limits.reservedFiles.
+METRICS_CONNECTIONS = 64
 
 
 class Relay:
@@ -113,7 +123,13 @@ class Relay:
         self._tracking = TrackingEndpoints(keys, self.records, self.metrics)
         self._tls_context = tls_context
         self._servers: list[asyncio.base_events.Server] = []
+        self._http_servers: list[asyncio.base_events.Server] = []
         self._sessions: set[SubmissionProtocol] = set()
+        self._no_sessions = asyncio.Event()
+        self._no_sessions.set()
+        limits = settings.limits
+        self._smtp_gate = ConnectionGate(limits.max_connections, limits.max_connections_per_address)
+        self._http_gates: dict[str, ConnectionGate] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.http: dict[str, web.AppRunner] = {}  # listener name -> its aiohttp runner
         self.ports: dict[str, int] = {}
@@ -126,6 +142,7 @@ class Relay:
         """Recover the spool, wait for the first configuration, then listen."""
         settings = self.settings
         loop = asyncio.get_running_loop()
+        self._size_gates()
         await self.spool_lock.acquire()  # the spool folder holds the SQLite records too
         await self.records.open()
         for msg in await asyncio.to_thread(self.spool.recover):
@@ -163,21 +180,49 @@ class Relay:
         ):
             if port is None:
                 continue
+            # No ssl= here: the protocol runs the implicit TLS handshake itself, after the
+            # connection cap and under the handshake deadline.
             server = await loop.create_server(
-                lambda implicit=implicit: self._protocol(tls, implicit=implicit),
+                partial(self._protocol, tls, implicit=implicit),
                 settings.listen.host,
                 port,
-                ssl=tls if implicit else None,
             )
             self._servers.append(server)
             self.ports[name] = server.sockets[0].getsockname()[1]
         self._serving = True
         log.info("relay serving", extra={"ports": self.ports})
 
+    def _size_gates(self) -> None:
+        """Raise the open-file limit, then fit the connection caps in it (docs/relay.md
+        "Limits"): SMTP and the tracking and API listeners share what the reserve leaves."""
+        limits, listen = self.settings.limits, self.settings.listen
+        caps: dict[str, int] = {}
+        if listen.submission is not None or listen.submissions is not None:
+            caps["smtp"] = limits.max_connections
+        for name in ("tracking", "api"):
+            if getattr(listen, name) is not None:
+                caps[name] = limits.max_http_connections
+        fitted = share_descriptors(
+            caps,
+            file_limit=raise_open_file_limit(),
+            reserved=limits.reserved_files,
+            in_use=open_files(),
+        )
+        self._smtp_gate.limit = fitted.get("smtp", limits.max_connections)
+        per_address = limits.max_http_connections_per_address
+        self._http_gates = {
+            name: ConnectionGate(fitted[name], per_address)
+            for name in ("tracking", "api")
+            if name in fitted
+        }
+        self._http_gates["metrics"] = ConnectionGate(METRICS_CONNECTIONS)
+
     async def _start_http(self) -> None:
         """The three HTTP listeners (each may be disabled with ``null``)."""
-        listen = self.settings.listen
-        apps: dict[str, tuple[int | None, Callable[[], web.Application]]] = {
+        listen, limits = self.settings.listen, self.settings.limits
+        loop = asyncio.get_running_loop()
+        deadlines = HttpLimits(limits.http_header_timeout, limits.http_body_timeout)
+        apps: dict[str, tuple[int | None, Callable[..., web.Application]]] = {
             "metrics": (listen.metrics, partial(make_metrics_app, self.registry, self.ready)),
             "tracking": (listen.tracking, partial(make_tracking_app, [self._tracking.install])),
             "api": (
@@ -192,14 +237,21 @@ class Relay:
         for name, (port, make) in apps.items():
             if port is None:
                 continue
-            runner = web.AppRunner(make(), access_log=None)
+            guard = HttpGuard(self._http_gates[name], deadlines)
+            runner = web.AppRunner(
+                make(middlewares=[guard.middleware]),
+                access_log=None,
+                keepalive_timeout=limits.http_keepalive_timeout,
+            )
             await runner.setup()
             self.http[name] = runner
-            site = web.TCPSite(runner, listen.host, port)
-            await site.start()
-            server = site._server  # aiohttp exposes no public accessor for the bound port
-            if isinstance(server, asyncio.base_events.Server):
-                self.ports[name] = server.sockets[0].getsockname()[1]
+            if runner.server is None:
+                raise RuntimeError("aiohttp runner without a server after setup()")
+            # Our own server instead of a web.TCPSite, so that each connection's protocol
+            # is the guard's wrapper around aiohttp's.
+            server = await loop.create_server(guard.protocol(runner.server), listen.host, port)
+            self._http_servers.append(server)
+            self.ports[name] = server.sockets[0].getsockname()[1]
 
     def _protocol(self, tls: ssl.SSLContext, *, implicit: bool) -> SubmissionProtocol:
         config = self.store.current
@@ -212,24 +264,28 @@ class Relay:
             hostname=config.relay.hostname if config is not None else "localhost",
             tls_context=tls,
             implicit_tls=implicit,
+            gate=self._smtp_gate,
             on_open=self._opened,
             on_close=self._closed,
         )
 
     def _opened(self, session: SubmissionProtocol) -> None:
+        """Every accepted SMTP connection, refused ones and TLS handshakes included."""
         self._sessions.add(session)
-        self.metrics.sessions.inc()
+        self._no_sessions.clear()
 
     def _closed(self, session: SubmissionProtocol) -> None:
-        if session in self._sessions:
-            self._sessions.discard(session)
-            self.metrics.sessions.dec()
+        self._sessions.discard(session)
+        if not self._sessions:
+            self._no_sessions.set()
 
     async def stop(self) -> None:
-        """Stop accepting; let spooling and deliveries finish within the grace period.
+        """Stop accepting; let uploads, spooling and deliveries finish within the grace period.
 
-        Whatever is still running afterwards is cancelled: a message that got its 250 is in
-        the spool and is delivered after the restart.
+        Idle SMTP sessions get ``421 4.3.2 Service shutting down`` at once; a command in
+        progress (an upload and its spooling) gets half of the grace period to finish and
+        get its reply, then the 421. Whatever is still running afterwards is cancelled: a
+        message that got its 250 is in the spool and is delivered after the restart.
         """
         grace = self.settings.shutdown_grace
         loop = asyncio.get_running_loop()
@@ -237,16 +293,22 @@ class Relay:
         self._serving = False
         for server in self._servers:
             server.close()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.handler.idle.wait(), grace / 2)
         for session in list(self._sessions):
-            session.close()
+            session.shut_down()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._no_sessions.wait(), grace / 2)
+        for session in list(self._sessions):
+            session.abort()
+        with contextlib.suppress(TimeoutError):  # cancelled spooling unwinds
+            await asyncio.wait_for(self.handler.idle.wait(), 1.0)
         await self.queue.stop(max(0.0, deadline - loop.time()))
         await self.transport.close()
         await self.spool.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for server in self._http_servers:
+            server.close()
         for runner in self.http.values():
             await runner.cleanup()
         if self.store.ready:

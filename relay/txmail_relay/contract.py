@@ -386,6 +386,28 @@ class LimitSettings(_Settings):
     ip_auth_window: float = 60.0
     data_timeout: float = Field(default=120.0, description="Spooling longer than this: 451")
     spool_min_free_bytes: int = Field(default=64 * MIB, description="452 below this")
+    # Connections (docs/relay.md "Limits"): caps, the descriptor reserve and timeouts.
+    max_connections: int = Field(default=1000, ge=1, description="SMTP, both ports: 421 past it")
+    max_connections_per_address: int = Field(
+        default=50, ge=1, description="SMTP connections from one address (IPv6: one /64)"
+    )
+    max_http_connections: int = Field(default=1000, ge=1, description="Tracking and API, each")
+    max_http_connections_per_address: int = Field(
+        default=200, ge=1, description="Tracking and API, each: 429 past it"
+    )
+    reserved_files: int = Field(
+        default=256, ge=0, description="Descriptors the caps leave for probes, delivery, files"
+    )
+    tls_handshake_timeout: float = Field(default=10.0, gt=0, description="At most idleTimeout")
+    data_upload_timeout: float = Field(
+        default=1800.0, gt=0, description="A whole DATA upload (354 to the dot): 421 past it"
+    )
+    max_junk_commands: int = Field(
+        default=100, ge=1, description="Commands without progress (no message accepted): 421"
+    )
+    http_header_timeout: float = Field(default=10.0, gt=0, description="Request line + headers")
+    http_body_timeout: float = Field(default=60.0, gt=0, description="A request body, whole")
+    http_keepalive_timeout: float = Field(default=75.0, gt=0, description="Idle between requests")
 
 
 class RetrySettings(_Settings):

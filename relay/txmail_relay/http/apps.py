@@ -7,16 +7,20 @@
 
 Being separate sockets, no path on one can reach a route of another, whatever a proxy in
 front forwards. Unknown paths are a bare 404; no response carries a ``Server`` banner.
+Each listener's connections are capped and its requests have deadlines (:mod:`.guard`,
+whose middleware comes first in each application).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 Installer = Callable[[web.Application], None]
+Middleware = Callable[..., Any]
 SMALL_BODY = 64 * 1024
 
 
@@ -24,25 +28,39 @@ async def _no_banner(_: web.Request, response: web.StreamResponse) -> None:
     response.headers.pop(hdrs.SERVER, None)
 
 
-def _app(installers: Sequence[Installer], client_max_size: int) -> web.Application:
-    app = web.Application(client_max_size=client_max_size)
+def _app(
+    installers: Sequence[Installer], client_max_size: int, middlewares: Sequence[Middleware]
+) -> web.Application:
+    app = web.Application(client_max_size=client_max_size, middlewares=middlewares)
     app.on_response_prepare.append(_no_banner)
     for install in installers:
         install(app)
     return app
 
 
-def make_tracking_app(installers: Sequence[Installer]) -> web.Application:
+def make_tracking_app(
+    installers: Sequence[Installer], *, middlewares: Sequence[Middleware] = ()
+) -> web.Application:
     """The public listener: whatever ``installers`` add (the tracking routes), nothing else."""
-    return _app(installers, SMALL_BODY)
+    return _app(installers, SMALL_BODY, middlewares)
 
 
-def make_api_app(installers: Sequence[Installer], *, client_max_size: int) -> web.Application:
+def make_api_app(
+    installers: Sequence[Installer],
+    *,
+    client_max_size: int,
+    middlewares: Sequence[Middleware] = (),
+) -> web.Application:
     """The authenticated API listener; bodies up to ``client_max_size`` (the message limit)."""
-    return _app(installers, client_max_size)
+    return _app(installers, client_max_size, middlewares)
 
 
-def make_metrics_app(registry: CollectorRegistry, ready: Callable[[], bool]) -> web.Application:
+def make_metrics_app(
+    registry: CollectorRegistry,
+    ready: Callable[[], bool],
+    *,
+    middlewares: Sequence[Middleware] = (),
+) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(
             body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
@@ -61,4 +79,4 @@ def make_metrics_app(registry: CollectorRegistry, ready: Callable[[], bool]) -> 
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)
 
-    return _app([install], SMALL_BODY)
+    return _app([install], SMALL_BODY, middlewares)

@@ -11,6 +11,7 @@ from typing import Protocol
 
 from txmail_relay.config.live import LiveConfig
 from txmail_relay.contract import CredentialEntry, PasswordDigest, password_digest
+from txmail_relay.ingress.connections import client_key
 
 
 class CredentialChecker(Protocol):
@@ -62,7 +63,12 @@ class Authenticator:
 
 
 class FailureLimiter:
-    """Sliding-window count of failed AUTH attempts per client IP (bounded memory)."""
+    """Sliding-window count of failed AUTH attempts per client address (bounded memory).
+
+    An IPv6 client counts per /64 (:func:`client_key`), so that a host cannot rotate through
+    its own addresses. While an address is blocked every attempt is refused, the right
+    password too: a guesser learns nothing from a success. :meth:`retry_after` says when the
+    block lifts, for the reply."""
 
     def __init__(
         self,
@@ -79,6 +85,7 @@ class FailureLimiter:
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
 
     def _recent(self, ip: str) -> deque[float] | None:
+        ip = client_key(ip)
         failures = self._failures.get(ip)
         if failures is None:
             return None
@@ -94,7 +101,15 @@ class FailureLimiter:
         failures = self._recent(ip)
         return failures is not None and len(failures) >= self._limit
 
+    def retry_after(self, ip: str) -> float:
+        """Seconds until ``ip`` is no longer blocked (0 when it is not)."""
+        failures = self._recent(ip)
+        if failures is None or len(failures) < self._limit:
+            return 0.0
+        return max(0.0, failures[0] + self._window - self._clock())
+
     def record_failure(self, ip: str) -> None:
+        ip = client_key(ip)
         failures = self._recent(ip)
         if failures is None:
             failures = self._failures[ip] = deque(maxlen=self._limit)

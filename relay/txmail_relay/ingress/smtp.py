@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import math
 import re
 import ssl
-from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, AnyStr, Protocol, cast
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
@@ -23,6 +25,7 @@ from txmail_relay.config.live import LiveConfig
 from txmail_relay.contract import CredentialEntry
 from txmail_relay.ingress.auth import CredentialChecker, FailureLimiter
 from txmail_relay.ingress.complaints import ComplaintHandler
+from txmail_relay.ingress.connections import ConnectionGate, Refusal, Ticket, peer_ip
 from txmail_relay.logs import install_redaction
 from txmail_relay.mail.headers import Origin
 from txmail_relay.mail.submission import parse_submission
@@ -44,6 +47,20 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 REPLY_INTERNAL_ERROR = "451 4.3.0 Internal error, please try again later"
 REPLY_TOO_MANY_FAILURES = "421 4.7.0 Too many authentication failures, closing connection"
+# The connection level (docs/relay.md "Limits"): every close the relay decides has its 421.
+REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down"
+REPLY_IDLE_TIMEOUT = "421 4.4.2 Idle timeout, closing connection"
+REPLY_UPLOAD_TOO_LONG = "421 4.4.2 Message transfer took too long, closing connection"
+REPLY_NO_PROGRESS = "421 4.7.0 Too many commands without sending a message, closing connection"
+REFUSALS = {
+    Refusal.ADDRESS: "421 4.7.0 Too many connections from your address, try again later",
+    Refusal.FULL: "421 4.3.2 Too many connections, try again later",
+}
+# Commands that move a session on (their success resets the count of commands without
+# progress), and commands that never do (counted, like every command that gets 4xx/5xx).
+PROGRESS = {"STARTTLS": 220, "AUTH": 235, "DATA": 250}
+JUNK_COMMANDS = frozenset({"NOOP", "RSET", "HELP", "VRFY", "EXPN", "HELO", "EHLO"})
+LINGER = 5.0  # seconds a closed connection may take to flush its last reply
 NO_ROOM = Rejected("storage", "452 4.3.1 Insufficient system storage")
 
 
@@ -217,7 +234,14 @@ class SubmissionHandler:
 
 
 class SubmissionProtocol(SMTP):
-    """One client connection."""
+    """One client connection.
+
+    aiosmtpd (pinned < 1.5) runs the command loop; this subclass adds what it does not do
+    (docs/relay.md "Limits"): the connection caps (asked before TLS and before the greeting),
+    TLS handshakes bounded by the idle timeout, an idle timer that counts silence, not the
+    length of an upload, a bound on the whole DATA transfer, a limit on commands without
+    progress, a 421 before every close the relay decides, and a graceful stop.
+    """
 
     def __init__(
         self,
@@ -230,6 +254,7 @@ class SubmissionProtocol(SMTP):
         hostname: str,
         tls_context: ssl.SSLContext,
         implicit_tls: bool,
+        gate: ConnectionGate,
         on_open: Callable[[SubmissionProtocol], None],
         on_close: Callable[[SubmissionProtocol], None],
     ) -> None:
@@ -237,8 +262,29 @@ class SubmissionProtocol(SMTP):
         self._limiter = limiter
         self._metrics = metrics
         self._max_auth_failures = limits.max_auth_failures
+        self._gate = gate
         self._on_open = on_open
         self._on_close = on_close
+        self._server_tls = tls_context if implicit_tls else None
+        self._handshake_timeout = min(limits.tls_handshake_timeout, limits.idle_timeout)
+        self._upload_timeout = limits.data_upload_timeout
+        self._max_junk = limits.max_junk_commands
+        self._ticket: Ticket | None = None
+        # The TCP connection. Stream transports, typed as such: uvloop's do not subclass
+        # asyncio.Transport, so no isinstance() checks on them.
+        self._raw: asyncio.Transport | None = None
+        self._tls_task: asyncio.Task[None] | None = None
+        self._started = False  # the SMTP session runs (greeting sent or about to be)
+        self._ended = False
+        self._busy = False  # a command is being handled (an upload, spooling)
+        self._handshaking = False  # STARTTLS: no clear-text reply is possible
+        self._in_data = False
+        self._upload_deadline: asyncio.TimerHandle | None = None
+        self._linger: asyncio.TimerHandle | None = None
+        self._closing = False
+        self._stopping = False
+        self._junk = 0
+        self._last_code = 0
         super().__init__(
             handler,
             data_size_limit=limits.max_message_size,
@@ -255,26 +301,236 @@ class SubmissionProtocol(SMTP):
         # Set afterwards: aiosmtpd warns when AUTH is required without auth_require_tls, which
         # does not know that a port 465 connection is TLS from the start.
         self._auth_required = True
+        # aiosmtpd looks its command methods up in this table (built in __init__): each runs
+        # through _command, which counts commands without progress and knows when one is in
+        # progress (a graceful stop lets it finish).
+        self._smtp_methods = {
+            name: self._command(name, method) for name, method in self._smtp_methods.items()
+        }
 
     def _create_session(self) -> Session:
         return RelaySession(self.loop)
 
     def _peer_ip(self) -> str:
-        return _peer(self.session) if self.session is not None else "unknown"
+        if self.session is not None:
+            return _peer(self.session)
+        return peer_ip(self._raw.get_extra_info("peername")) if self._raw else "unknown"
+
+    # -- the connection: admission, TLS, the end ------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        first = self.transport is None
+        if self._raw is not None:  # aiosmtpd's STARTTLS: the same session, now over TLS
+            super().connection_made(transport)
+            return
+        self._raw = raw = cast(asyncio.Transport, transport)
+        self._on_open(self)
+        verdict = self._gate.admit(transport.get_extra_info("peername"))
+        refusal = None
+        if isinstance(verdict, Ticket):
+            self._ticket = verdict
+            self._metrics.sessions.inc()
+        else:
+            self._metrics.rejections.labels("connections").inc()
+            refusal = REFUSALS[verdict]
+            log.info("connection refused", extra={"peer": self._peer_ip(), "why": verdict.value})
+        if self._server_tls is not None:
+            # TLS from the first byte: the handshake runs under our deadline and its end, even
+            # a failed one, is ours to see (asyncio's ssl= server would not tell the protocol).
+            raw.pause_reading()  # the ClientHello is for the TLS layer
+            self._tls_task = self.loop.create_task(self._accept_tls(raw, self._server_tls, refusal))
+        elif refusal is not None:
+            self._refuse(raw, refusal)
+        else:
+            self._start(raw)
+
+    def _start(self, transport: asyncio.BaseTransport) -> None:
+        self._started = True
         super().connection_made(transport)
-        if first:
-            self._on_open(self)
+
+    def _refuse(self, transport: asyncio.Transport, reply: str) -> None:
+        transport.write(reply.encode() + b"\r\n")
+        transport.close()
+        self._arm_linger()
+
+    async def _accept_tls(
+        self, raw: asyncio.Transport, context: ssl.SSLContext, refusal: str | None
+    ) -> None:
+        try:
+            tls = await self.loop.start_tls(
+                raw,
+                self,
+                context,
+                server_side=True,
+                ssl_handshake_timeout=self._handshake_timeout,
+            )
+        except Exception as exc:  # a failed or timed-out handshake, of any kind
+            log.info("TLS handshake failed", extra={"peer": self._peer_ip(), "error": str(exc)})
+            tls = None
+        if tls is None or self._stopping:
+            raw.close()
+            self._end()
+        elif refusal is not None:
+            self._refuse(tls, refusal)
+        else:
+            self._start(tls)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._started:
+            return  # a refused connection: nothing it says is read
+        if self._in_data:
+            self._reset_timeout()  # an upload times out on silence, not on its length
+        super().data_received(data)
+
+    def eof_received(self) -> bool | None:
+        if not self._started:
+            return False
+        return super().eof_received()
 
     def connection_lost(self, error: Exception | None) -> None:
+        self._end()
+        if self._started and self.session is not None:
+            super().connection_lost(error)
+        else:
+            asyncio.StreamReaderProtocol.connection_lost(self, error)
+
+    def _end(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        if self._ticket is not None:
+            self._ticket.release()
+            self._metrics.sessions.dec()
+        for timer in (self._upload_deadline, self._linger):
+            if timer is not None:
+                timer.cancel()
         self._on_close(self)
-        super().connection_lost(error)
+
+    def _arm_linger(self) -> None:
+        """A closed connection whose client does not read would keep its descriptor until the
+        reply is flushed: abort it after a while."""
+        if self._linger is None and self._raw is not None and not self._ended:
+            self._linger = self.loop.call_later(LINGER, self._raw.abort)
+
+    def goodbye(self, reply: str) -> None:
+        """Send a last reply and close; the command loop ends as after QUIT."""
+        if self._closing or self.transport is None or self.transport.is_closing():
+            return
+        self._closing = True
+        transport = cast(asyncio.Transport, self.transport)
+        transport.write(reply.encode() + b"\r\n")
+        task = self._handler_coroutine  # aiosmtpd's command loop (its QUIT cancels it too)
+        if task is not None and not task.done():
+            task.cancel()
+        transport.close()
+        self._arm_linger()
 
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+            self._arm_linger()
+
+    def shut_down(self) -> None:
+        """A graceful stop: an idle session gets 421 now; a command in progress (an upload, its
+        spooling) finishes and gets its reply first; a TLS handshake is cut."""
+        self._stopping = True
+        if not self._started:
+            if self._raw is not None:
+                self._raw.close()
+        elif not self._busy:
+            self.goodbye(REPLY_SHUTTING_DOWN)
+
+    def abort(self) -> None:
+        """The grace period is over."""
+        self.goodbye(REPLY_SHUTTING_DOWN)
+        if self._raw is not None:
+            self._raw.abort()
+
+    # -- timers ----------------------------------------------------------------------------
+
+    def _timeout_cb(self) -> None:
+        """aiosmtpd's idle timer: a 421 before closing, except in a handshake (no reply
+        possible in clear text) and while the relay itself is working (the timer is paused
+        then, see _call_handler_hook)."""
+        if self.transport is None:
+            return
+        log.info("idle timeout", extra={"peer": self._peer_ip()})
+        if self._handshaking:
+            self.transport.close()  # aborts the handshake
+            return
+        self._metrics.rejections.labels("timeout").inc()
+        self.goodbye(REPLY_IDLE_TIMEOUT)
+
+    def _upload_too_long(self) -> None:
+        log.info("DATA upload too long", extra={"peer": self._peer_ip()})
+        self._metrics.rejections.labels("timeout").inc()
+        self.goodbye(REPLY_UPLOAD_TOO_LONG)
+
+    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        """The handler's time is the relay's, not the client's silence: no idle timer then."""
+        if command == "DATA":  # the upload is complete
+            self._in_data = False
+            if self._upload_deadline is not None:
+                self._upload_deadline.cancel()
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        try:
+            return await super()._call_handler_hook(command, *args)
+        finally:
+            if not self._closing:
+                self._reset_timeout()
+
+    # -- commands --------------------------------------------------------------------------
+
+    async def push(self, status: AnyStr) -> None:
+        code = status[:3].decode() if isinstance(status, bytes) else status[:3]
+        if code.isdigit():
+            self._last_code = int(code)
+        await super().push(status)
+
+    def _command(
+        self, name: str, method: Callable[[str | None], Awaitable[None]]
+    ) -> Callable[[str | None], Awaitable[None]]:
+        @functools.wraps(method)  # HELP reads the syntax aiosmtpd attached to the method
+        async def run(arg: str | None) -> None:
+            if self._stopping:
+                self.goodbye(REPLY_SHUTTING_DOWN)
+                return
+            if self._junk >= self._max_junk:
+                log.info("too many commands without progress", extra={"peer": self._peer_ip()})
+                self._metrics.rejections.labels("junk").inc()
+                self.goodbye(REPLY_NO_PROGRESS)
+                return
+            self._busy = True
+            self._last_code = 0
+            try:
+                await method(arg)
+            finally:
+                self._busy = False
+            if PROGRESS.get(name) == self._last_code:
+                self._junk = 0
+            elif name in JUNK_COMMANDS or self._last_code >= 400:  # a 4xx or 5xx reply
+                self._junk += 1
+            if self._stopping:
+                self.goodbye(REPLY_SHUTTING_DOWN)
+
+        return run
+
+    async def smtp_STARTTLS(self, arg: str) -> None:  # noqa: N802 - aiosmtpd's hook name
+        self._reset_timeout(self._handshake_timeout)
+        self._handshaking = True
+        try:
+            await super().smtp_STARTTLS(arg)
+        finally:
+            self._handshaking = False
+
+    async def smtp_DATA(self, arg: str) -> None:  # noqa: N802 - aiosmtpd's hook name
+        self._in_data = True
+        self._upload_deadline = self.loop.call_later(self._upload_timeout, self._upload_too_long)
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self._in_data = False
+            self._upload_deadline.cancel()
 
     async def handle_exception(self, error: Exception) -> str:
         log.error(
@@ -314,8 +570,11 @@ class SubmissionProtocol(SMTP):
             raise TypeError("unexpected session type")
         if not session.authenticated and self._limiter.blocked(self._peer_ip()):
             self._metrics.rejections.labels("auth-rate").inc()
-            await self.push("421 4.7.0 Too many failed authentications, try later")
-            self.close()
+            seconds = math.ceil(self._limiter.retry_after(self._peer_ip()))
+            self.goodbye(
+                "421 4.7.0 Too many failed logins from your address: every AUTH is refused, "
+                f"even with the right password, for {seconds} s"
+            )
             return
         await super().smtp_AUTH(arg)
         if session.auth_failures >= self._max_auth_failures:
