@@ -18,9 +18,10 @@ import kopf
 
 from . import reconcile
 from .api import GROUP, VERSION
-from .reconcile import urgent
+from .kube import Watches
 from .reconcile.cache import IP_KEY, TOKEN_KEY, slim
 from .reconcile.sweep import Sweep
+from .reconcile.urgent import UrgentTokens
 from .reconcile.work import ROUTINE
 from .settings import Settings
 
@@ -277,8 +278,9 @@ def _register_watch(r: dict[str, Any], settings: Settings) -> None:
             else:
                 ctx.metrics.measured(IP, reconcile.refresh_status)(ctx, ip, *counts)
 
+        memo.watches = await Watches.from_environment()
         memo.drift = reconcile.DriftRepair(ctx, run)
-        memo.drift.start()
+        memo.drift.start(memo.watches)
 
         interval = settings.drift_check_interval
         job = ctx.metrics.measured(TOKEN, reconcile.reconcile_token)
@@ -289,11 +291,14 @@ def _register_watch(r: dict[str, Any], settings: Settings) -> None:
 
         memo.sweep = Sweep(interval, lambda: _token_uids(tokens), check)
         memo.sweep.start()
-        memo.urgent = urgent.start(ctx)
+        memo.urgent = UrgentTokens(ctx)
+        memo.urgent.start(memo.watches)
 
     @kopf.on.cleanup(id="stop_watching", **r)
     async def stop_watching(memo: kopf.Memo, **_: Any) -> None:
-        for part in ("urgent", "sweep", "drift"):
+        if memo.get("watches") is not None:
+            await memo.watches.stop()
+        for part in ("sweep", "drift"):
             if memo.get(part) is not None:
                 memo[part].stop()
         memo.ctx.work.stop()

@@ -9,20 +9,22 @@ other and an apply of the shard's metadata never prunes them.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import logging
 import random
-import socket
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
-from kubernetes.watch.watch import iter_resp_lines
+from kubernetes_asyncio import client as aio_client
+from kubernetes_asyncio import config as aio_config
+from kubernetes_asyncio.client.exceptions import ApiException as AioApiException
 from urllib3.exceptions import HTTPError
 
 FIELD_MANAGER = "txmail-operator"
@@ -217,29 +219,34 @@ class Kube:
         self, involved: Obj, reason: str, message: str, *, warning: bool = False, now: dt.datetime
     ) -> None:
         """Record an Event a user should notice (kubectl describe shows it)."""
-        meta = involved["metadata"]
-        namespace = meta.get("namespace") or "default"
-        stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
-        body = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"generateName": f"{meta['name']}.", "namespace": namespace},
-            "involvedObject": {
-                "apiVersion": involved["apiVersion"],
-                "kind": involved["kind"],
-                "name": meta["name"],
-                "namespace": meta.get("namespace"),
-                "uid": meta["uid"],
-            },
-            "reason": reason,
-            "message": message,
-            "type": "Warning" if warning else "Normal",
-            "source": {"component": FIELD_MANAGER},
-            "firstTimestamp": stamp,
-            "lastTimestamp": stamp,
-            "count": 1,
-        }
-        self._call("POST", _path("v1", "Event", namespace), body, verb="create")
+        body = event_body(involved, reason, message, warning=warning, now=now)
+        self._call("POST", _path("v1", "Event", body["metadata"]["namespace"]), body, verb="create")
+
+
+def event_body(involved: Obj, reason: str, message: str, *, warning: bool, now: dt.datetime) -> Obj:
+    """The one Event the operator posts about ``involved`` (both clients post this)."""
+    meta = involved["metadata"]
+    namespace = meta.get("namespace") or "default"
+    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": namespace},
+        "involvedObject": {
+            "apiVersion": involved["apiVersion"],
+            "kind": involved["kind"],
+            "name": meta["name"],
+            "namespace": meta.get("namespace"),
+            "uid": meta["uid"],
+        },
+        "reason": reason,
+        "message": message,
+        "type": "Warning" if warning else "Normal",
+        "source": {"component": FIELD_MANAGER},
+        "firstTimestamp": stamp,
+        "lastTimestamp": stamp,
+        "count": 1,
+    }
 
 
 # --- watching what the operator owns ------------------------------------------------------
@@ -263,20 +270,22 @@ class Change:
     obj: Obj | None = None
 
 
-# The kinds the operator watches in its own namespace, with their typed list call. Relay
-# objects by the relay label selector; Secrets all (a DedicatedIP may name a certificate or
+# The kinds the operator watches in its own namespace, with their apiVersion. Relay objects
+# by the relay label selector; Secrets all (a DedicatedIP may name a certificate or
 # smarthost Secret a person made), so they are served from memory instead of one GET each.
-OWNED_KINDS: dict[str, tuple[type[Any], str]] = {
-    "Deployment": (client.AppsV1Api, "list_namespaced_deployment"),
-    "Service": (client.CoreV1Api, "list_namespaced_service"),
-    "ConfigMap": (client.CoreV1Api, "list_namespaced_config_map"),
-    "ServiceAccount": (client.CoreV1Api, "list_namespaced_service_account"),
-    "Role": (client.RbacAuthorizationV1Api, "list_namespaced_role"),
-    "RoleBinding": (client.RbacAuthorizationV1Api, "list_namespaced_role_binding"),
-    "PersistentVolumeClaim": (client.CoreV1Api, "list_namespaced_persistent_volume_claim"),
-    "Secret": (client.CoreV1Api, "list_namespaced_secret"),
+OWNED_KINDS: dict[str, str] = {
+    "Deployment": "apps/v1",
+    "Service": "v1",
+    "ConfigMap": "v1",
+    "ServiceAccount": "v1",
+    "Role": "rbac.authorization.k8s.io/v1",
+    "RoleBinding": "rbac.authorization.k8s.io/v1",
+    "PersistentVolumeClaim": "v1",
+    "Secret": "v1",
 }
 UNSELECTED_KINDS = frozenset({"Secret"})
+LIST_PAGE = 500  # objects per list page: a listing of 5,000 never sits in memory at once
+WATCH_CONNECTIONS = 16  # the watches' own client: one connection per watch, and a margin
 
 
 def _change(type_: str, kind: str, obj: Obj) -> Change:
@@ -296,277 +305,352 @@ def _ignore_list(kind: str, items: list[Obj]) -> None:
     pass
 
 
-def _shutdown(response: Any) -> None:
-    """Shut a streaming response's socket down, so a read blocked on it returns at once."""
-    try:
-        sock = response.connection.sock if response.connection is not None else None
-        if sock is not None:
-            sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
+async def _lines(response: Any) -> AsyncIterator[bytes]:
+    """The lines of a streaming response, however long (a watch event of a 600 KB shard is
+    one line: aiohttp's own line reader refuses lines above its buffer size)."""
+    buffer = b""
+    async for chunk in response.content.iter_any():
+        buffer += chunk
+        while (end := buffer.find(b"\n")) >= 0:
+            line, buffer = buffer[:end], buffer[end + 1 :]
+            if line.strip():
+                yield line
+    if buffer.strip():
+        yield buffer
 
 
-class OwnedWatch:
-    """Watches the operator's own objects in one namespace.
+class AsyncWatch:
+    """Lists and watches one kind at one path, as an asyncio task, raw JSON.
 
-    One thread per kind: list once, then watch from that resourceVersion, resuming from the
-    last one seen (bookmarks included) when the server ends a watch, re-listing after 410
-    Gone, and backing off on errors. ``on_list`` hears every full listing (the first one and
-    each re-list), ``on_change`` every change after it; both run on the watch threads.
-    Objects arrive as plain dicts (the API's JSON), never as the client library's models.
+    The listing is read in pages (one consistent snapshot); ``on_event(type, obj)`` hears
+    LISTED for each listed object (the first listing and each re-list, after 410 Gone), then
+    ADDED, MODIFIED, DELETED; ``on_listed(items)``, when given, every complete listing. A
+    watch the server ends resumes from the last resourceVersion seen (bookmarks included);
+    errors back off. Callbacks run on the event loop and must be quick. Objects are plain
+    dicts with their apiVersion and kind (a list's items carry none).
     """
 
     def __init__(
         self,
-        api: client.ApiClient,
-        namespace: str,
-        selector: str,
-        on_change: Callable[[Change], None],
-        on_error: Callable[[str], None] = _ignore,
-        server_timeout: int = 300,
-        on_list: Callable[[str, list[Obj]], None] = _ignore_list,
-    ) -> None:
-        # A client of its own: long-lived watches must not hold the connections that
-        # reconciles use.
-        self.api = client.ApiClient(configuration=api.configuration)
-        self.namespace, self.selector = namespace, selector
-        self.on_change, self.on_error, self.on_list = on_change, on_error, on_list
-        self.server_timeout = server_timeout
-        self._stopping = threading.Event()
-        self._guard = threading.Lock()
-        self._responses: dict[str, Any] = {}
-        self._threads: list[threading.Thread] = []
-
-    def start(self) -> None:
-        for kind in OWNED_KINDS:
-            thread = threading.Thread(
-                target=self._run, args=(kind,), name=f"watch-{kind}", daemon=True
-            )
-            thread.start()
-            self._threads.append(thread)
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stopping.set()
-        with self._guard:
-            for response in self._responses.values():
-                _shutdown(response)
-        for thread in self._threads:
-            thread.join(timeout)
-        self.api.close()  # type: ignore[no-untyped-call]
-
-    def _run(self, kind: str) -> None:
-        api_class, method = OWNED_KINDS[kind]
-        list_fn = getattr(api_class(self.api), method)
-        selector = {} if kind in UNSELECTED_KINDS else {"label_selector": self.selector}
-        version: str | None = None
-        listed = False
-        backoff = 0.5
-        while not self._stopping.is_set():
-            try:
-                if version is None:
-                    version, items = self._list(kind, list_fn, selector)
-                    self.on_list(kind, items)
-                    if listed:
-                        for item in items:
-                            self.on_change(_change("SYNC", kind, item))
-                    listed = True
-                version = self._watch(kind, list_fn, selector, version)
-                backoff = 0.5
-            except Exception as exc:  # an API error, a connection reset, or stop()'s shutdown
-                if isinstance(exc, ApiException) and exc.status == 410:  # too old: list again
-                    version = None
-                    continue
-                if self._stopping.is_set():
-                    break
-                self.on_error("watch")
-                why = f"HTTP {exc.status}" if isinstance(exc, ApiException) else type(exc).__name__
-                log.warning("watching %ss failed (%s), retrying", kind, why)
-                self._stopping.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
-
-    def _list(
-        self, kind: str, list_fn: Callable[..., Any], selector: dict[str, str]
-    ) -> tuple[str, list[Obj]]:
-        response = list_fn(self.namespace, **selector, _request_timeout=30, _preload_content=False)
-        listing = json.loads(response.data)
-        # A list's items carry no apiVersion and kind (the list does): put them back.
-        api_version = listing.get("apiVersion", "v1")
-        items = [{**x, "apiVersion": api_version, "kind": kind} for x in listing.get("items") or []]
-        return str(listing["metadata"]["resourceVersion"]), items
-
-    def _watch(
-        self, kind: str, list_fn: Callable[..., Any], selector: dict[str, str], version: str
-    ) -> str:
-        """One watch request, until the server ends it; the last resourceVersion seen.
-
-        By hand, not with the client library's Watch: that turns each event back into a
-        model, which for a 100 KB credential shard costs more than everything else.
-        """
-        response = list_fn(
-            self.namespace,
-            **selector,
-            watch=True,
-            resource_version=version,
-            allow_watch_bookmarks=True,
-            timeout_seconds=self.server_timeout,
-            _request_timeout=(10, self.server_timeout + 30),
-            _preload_content=False,
-        )
-        try:
-            with self._guard:
-                if self._stopping.is_set():
-                    return version
-                self._responses[kind] = response
-            for line in iter_resp_lines(response):  # type: ignore[no-untyped-call]
-                if not line.strip():
-                    continue
-                event = json.loads(line)
-                obj = event.get("object") or {}
-                if event.get("type") == "ERROR":
-                    raise ApiException(status=obj.get("code", 500), reason=obj.get("message", ""))
-                version = (obj.get("metadata") or {}).get("resourceVersion") or version
-                if event.get("type") in ("ADDED", "MODIFIED", "DELETED"):
-                    self.on_change(_change(event["type"], kind, {**obj, "kind": kind}))
-            return version
-        finally:
-            with self._guard:
-                self._responses.pop(kind, None)
-            response.close()
-            response.release_conn()
-
-
-# --- watching a custom resource, raw ------------------------------------------------------
-
-LIST_PAGE = 500  # objects per list page: a listing of 5,000 never sits in memory at once
-
-
-class ResourceWatch:
-    """Lists and watches one custom resource (cluster-wide, or in the given namespaces).
-
-    Like :class:`OwnedWatch`: one thread per namespace (one in all when cluster-wide), the
-    API's JSON as plain dicts, a re-list after 410 Gone, backoff on errors. The listing is
-    read in pages, each handed on as it arrives. ``on_event(type, obj)`` hears LISTED for
-    each listed object (the first listing and each re-list), then ADDED, MODIFIED, DELETED;
-    it runs on the watch's thread and must be quick.
-    """
-
-    def __init__(
-        self,
-        api: client.ApiClient,
-        group: str,
-        version: str,
-        plural: str,
-        namespaces: tuple[str, ...],
+        api: aio_client.ApiClient,
+        path: str,
+        kind: str,
         on_event: Callable[[str, Obj], None],
+        *,
+        on_listed: Callable[[list[Obj]], None] | None = None,
+        selector: str = "",
         on_error: Callable[[str], None] = _ignore,
         server_timeout: int = 300,
     ) -> None:
-        self.api = client.ApiClient(configuration=api.configuration)  # watches apart
-        self.custom = client.CustomObjectsApi(self.api)
-        self.group, self.version, self.plural = group, version, plural
-        self.namespaces: tuple[str | None, ...] = namespaces or (None,)
-        self.on_event, self.on_error = on_event, on_error
-        self.server_timeout = server_timeout
-        self._stopping = threading.Event()
-        self._guard = threading.Lock()
-        self._responses: dict[str | None, Any] = {}
-        self._threads: list[threading.Thread] = []
+        self.api, self.path, self.kind = api, path, kind
+        self.on_event, self.on_listed, self.on_error = on_event, on_listed, on_error
+        self.selector, self.server_timeout = selector, server_timeout
 
-    def start(self) -> None:
-        for namespace in self.namespaces:
-            thread = threading.Thread(
-                target=self._run,
-                args=(namespace,),
-                name=f"watch-{self.plural}-{namespace or 'all'}",
-                daemon=True,
-            )
-            thread.start()
-            self._threads.append(thread)
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stopping.set()
-        with self._guard:
-            for response in self._responses.values():
-                _shutdown(response)
-        for thread in self._threads:
-            thread.join(timeout)
-        self.api.close()  # type: ignore[no-untyped-call]
-
-    def _request(self, namespace: str | None, **query: Any) -> Any:
-        """The raw response of one list or watch request."""
-        query["_preload_content"] = False
-        if namespace is None:
-            return self.custom.list_cluster_custom_object(
-                self.group, self.version, self.plural, **query
-            )
-        return self.custom.list_namespaced_custom_object(
-            self.group, self.version, namespace, self.plural, **query
+    async def _get(self, query: list[tuple[str, str]], limit: Any) -> Any:
+        if self.selector:
+            query = [*query, ("labelSelector", self.selector)]
+        return await self.api.call_api(
+            self.path,
+            "GET",
+            query_params=query,
+            header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"],
+            _preload_content=False,
+            _request_timeout=limit,
         )
 
-    def _run(self, namespace: str | None) -> None:
+    async def run(self) -> None:
+        """Until cancelled."""
         version: str | None = None
         backoff = 0.5
-        while not self._stopping.is_set():
+        while True:
             try:
                 if version is None:
-                    version = self._list(namespace)
-                version = self._watch(namespace, version)
+                    version = await self._list()
+                version = await self._watch(version)
                 backoff = 0.5
-            except Exception as exc:  # an API error, a connection reset, or stop()'s shutdown
-                if isinstance(exc, ApiException) and exc.status == 410:  # too old: list again
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # an API error or a connection reset
+                if isinstance(exc, AioApiException) and exc.status == 410:  # too old: list again
                     version = None
                     continue
-                if self._stopping.is_set():
-                    break
                 self.on_error("watch")
-                why = f"HTTP {exc.status}" if isinstance(exc, ApiException) else type(exc).__name__
-                log.warning("watching %s failed (%s), retrying", self.plural, why)
-                self._stopping.wait(backoff)
+                why = (
+                    f"HTTP {exc.status}" if isinstance(exc, AioApiException) else type(exc).__name__
+                )
+                log.warning("watching %ss failed (%s), retrying", self.kind, why)
+                await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
 
-    def _list(self, namespace: str | None) -> str:
-        """The whole listing, page by page (one consistent snapshot); its resourceVersion."""
+    async def _list(self) -> str:
         token: str | None = None
+        items: list[Obj] = []
         while True:
-            query: dict[str, Any] = {"limit": LIST_PAGE, "_request_timeout": 30}
+            query = [("limit", str(LIST_PAGE))]
             if token:
-                query["_continue"] = token
-            page = json.loads(self._request(namespace, **query).data)
+                query.append(("continue", token))
+            response = await self._get(query, 30)
+            try:
+                page = json.loads(await response.read())
+            finally:
+                response.release()
             api_version = page.get("apiVersion")
             for item in page.get("items") or []:
-                self.on_event("LISTED", {**item, "apiVersion": api_version})
+                obj = {**item, "apiVersion": api_version, "kind": self.kind}
+                self.on_event("LISTED", obj)
+                if self.on_listed is not None:
+                    items.append(obj)
             token = (page.get("metadata") or {}).get("continue")
             if not token:
+                if self.on_listed is not None:
+                    self.on_listed(items)
                 return str(page["metadata"]["resourceVersion"])
 
-    def _watch(self, namespace: str | None, version: str) -> str:
+    async def _watch(self, version: str) -> str:
         """One watch request, until the server ends it; the last resourceVersion seen."""
-        response = self._request(
-            namespace,
-            watch=True,
-            resource_version=version,
-            allow_watch_bookmarks=True,
-            timeout_seconds=self.server_timeout,
-            _request_timeout=(10, self.server_timeout + 30),
+        query = [
+            ("watch", "true"),
+            ("resourceVersion", version),
+            ("allowWatchBookmarks", "true"),
+            ("timeoutSeconds", str(self.server_timeout)),
+        ]
+        response = await self._get(
+            query, aiohttp.ClientTimeout(sock_connect=10, sock_read=self.server_timeout + 30)
         )
         try:
-            with self._guard:
-                if self._stopping.is_set():
-                    return version
-                self._responses[namespace] = response
-            for line in iter_resp_lines(response):  # type: ignore[no-untyped-call]
-                if not line.strip():
-                    continue
+            async for line in _lines(response):
                 event = json.loads(line)
                 obj = event.get("object") or {}
                 if event.get("type") == "ERROR":
-                    raise ApiException(status=obj.get("code", 500), reason=obj.get("message", ""))
+                    raise AioApiException(status=obj.get("code", 500), reason=obj.get("message"))
                 version = (obj.get("metadata") or {}).get("resourceVersion") or version
                 if event.get("type") in ("ADDED", "MODIFIED", "DELETED"):
-                    self.on_event(event["type"], obj)
+                    self.on_event(event["type"], {**obj, "kind": self.kind})
             return version
         finally:
-            with self._guard:
-                self._responses.pop(namespace, None)
-            response.close()
-            response.release_conn()
+            response.release()
+
+
+class Watches:
+    """The operator's watches: one client of their own (a connection each, apart from the
+    reconciles' pool), one task each, on the event loop that starts them."""
+
+    def __init__(self, api: aio_client.ApiClient) -> None:
+        self.api = api
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @classmethod
+    async def from_environment(cls) -> Watches:
+        return cls(aio_client.ApiClient(await AsyncKube.configuration(WATCH_CONNECTIONS)))
+
+    def start(self, watch: AsyncWatch) -> None:
+        self._tasks.append(asyncio.get_running_loop().create_task(watch.run()))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        await self.api.close()
+
+
+def owned_watches(
+    watches: Watches,
+    namespace: str,
+    selector: str,
+    on_change: Callable[[Change], None],
+    on_error: Callable[[str], None] = _ignore,
+    on_list: Callable[[str, list[Obj]], None] = _ignore_list,
+) -> None:
+    """Watch the operator's own objects in ``namespace``, one watch per kind.
+
+    ``on_list`` hears every full listing (the first and each re-list), ``on_change`` every
+    change after it (SYNC for an object seen again by a re-list: changes in between may have
+    been missed).
+    """
+    for kind, api_version in OWNED_KINDS.items():
+        listed = False
+
+        def on_event(type_: str, obj: Obj, kind: str = kind) -> None:
+            if type_ != "LISTED":
+                on_change(_change(type_, kind, obj))
+
+        def on_listed(items: list[Obj], kind: str = kind) -> None:
+            nonlocal listed
+            on_list(kind, items)
+            if listed:
+                for item in items:
+                    on_change(_change("SYNC", kind, item))
+            listed = True
+
+        watches.start(
+            AsyncWatch(
+                watches.api,
+                _path(api_version, kind, namespace),
+                kind,
+                on_event,
+                on_listed=on_listed,
+                selector="" if kind in UNSELECTED_KINDS else selector,
+                on_error=on_error,
+            )
+        )
+
+
+# --- the asyncio client (kubernetes_asyncio) ------------------------------------------------
+
+
+class AsyncKube:
+    """The same calls as :class:`Kube`, on the event loop (kubernetes_asyncio, aiohttp).
+
+    The same field managers, the same retries of 429 and 5xx honouring Retry-After, the same
+    Events; at most ``POOL_SIZE`` connections (the client's aiohttp connector limit). The
+    long-lived watches (:class:`AsyncWatch`) have a client of their own. Errors are
+    kubernetes_asyncio's ``ApiException`` (``status``, ``headers``), 404 answered as None
+    where :class:`Kube` answers it so.
+    """
+
+    def __init__(
+        self, api: aio_client.ApiClient, on_error: Callable[[str], None] = _ignore
+    ) -> None:
+        self.api = api
+        self.on_error = on_error
+
+    @staticmethod
+    async def configuration(
+        pool: int = POOL_SIZE, kubeconfig: str | None = None
+    ) -> aio_client.Configuration:
+        """In-cluster credentials, else the kubeconfig (``ConfigException`` when neither);
+        ``kubeconfig`` names the file (default: $KUBECONFIG, ~/.kube/config)."""
+        configuration = aio_client.Configuration()
+        try:
+            if kubeconfig is not None:
+                raise aio_config.ConfigException("a kubeconfig was named")
+            aio_config.load_incluster_config(  # type: ignore[no-untyped-call]
+                client_configuration=configuration
+            )
+        except aio_config.ConfigException:
+            await aio_config.load_kube_config(
+                config_file=kubeconfig, client_configuration=configuration, persist_config=False
+            )
+        configuration.connection_pool_maxsize = pool
+        return configuration
+
+    @classmethod
+    async def from_environment(cls, on_error: Callable[[str], None] = _ignore) -> AsyncKube:
+        return cls(aio_client.ApiClient(await cls.configuration()), on_error)
+
+    async def close(self) -> None:
+        await self.api.close()
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: list[tuple[str, str]] | None = None,
+        content_type: str = "application/json",
+        *,
+        verb: str,
+        missing_ok: bool = False,
+    ) -> Obj:
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                out = await self.api.call_api(
+                    path,
+                    method,
+                    query_params=query or [],
+                    header_params={"Content-Type": content_type, "Accept": "application/json"},
+                    body=body,
+                    auth_settings=["BearerToken"],
+                    response_types_map={200: "object", 201: "object"},
+                    _return_http_data_only=True,
+                    _request_timeout=30,
+                )
+                return out if isinstance(out, dict) else {}
+            except AioApiException as exc:
+                if missing_ok and exc.status == 404:
+                    raise
+                if exc.status not in RETRIED or attempt == ATTEMPTS:
+                    self.on_error(verb)
+                    raise
+                await asyncio.sleep(retry_delay(attempt, exc.headers))
+            except (aiohttp.ClientError, TimeoutError):  # no answer at all
+                if attempt == ATTEMPTS:
+                    self.on_error(verb)
+                    raise
+                await asyncio.sleep(retry_delay(attempt, None))
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    async def apply(self, obj: Obj) -> Obj:
+        """Server-side apply of a whole object we own."""
+        meta = obj["metadata"]
+        path = _path(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
+        return await self._call(
+            "PATCH",
+            path,
+            obj,
+            [("fieldManager", FIELD_MANAGER), ("force", "true")],
+            "application/apply-patch+yaml",
+            verb="apply",
+        )
+
+    async def get(
+        self, api_version: str, kind: str, namespace: str | None, name: str
+    ) -> Obj | None:
+        try:
+            return await self._call(
+                "GET", _path(api_version, kind, namespace, name), verb="get", missing_ok=True
+            )
+        except AioApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def merge_patch(
+        self, api_version: str, kind: str, namespace: str | None, name: str, patch: Obj
+    ) -> Obj:
+        return await self._call(
+            "PATCH",
+            _path(api_version, kind, namespace, name),
+            patch,
+            [("fieldManager", ENTRY_FIELD_MANAGER)],
+            "application/merge-patch+json",
+            verb="patch",
+        )
+
+    async def patch_status(
+        self, api_version: str, kind: str, namespace: str | None, name: str, status: Obj
+    ) -> Obj | None:
+        """Merge-patch the status subresource; None when the object is gone."""
+        try:
+            return await self._call(
+                "PATCH",
+                _path(api_version, kind, namespace, name) + "/status",
+                {"status": status},
+                [("fieldManager", FIELD_MANAGER)],
+                "application/merge-patch+json",
+                verb="patch",
+                missing_ok=True,
+            )
+        except AioApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def delete(self, api_version: str, kind: str, namespace: str | None, name: str) -> None:
+        try:
+            await self._call(
+                "DELETE", _path(api_version, kind, namespace, name), verb="delete", missing_ok=True
+            )
+        except AioApiException as exc:
+            if exc.status != 404:
+                raise
+
+    async def event(
+        self, involved: Obj, reason: str, message: str, *, warning: bool = False, now: dt.datetime
+    ) -> None:
+        """Record an Event a user should notice (kubectl describe shows it)."""
+        body = event_body(involved, reason, message, warning=warning, now=now)
+        path = _path("v1", "Event", body["metadata"]["namespace"])
+        await self._call("POST", path, body, verb="create")

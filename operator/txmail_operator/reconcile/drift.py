@@ -19,7 +19,7 @@ from enum import Enum
 
 from txmail_relay import contract as c
 
-from ..kube import Change, OwnedWatch
+from ..kube import Change, Watches, owned_watches
 from .context import Context, Written
 
 log = logging.getLogger(__name__)
@@ -143,14 +143,6 @@ class DriftRepair:
     def __init__(self, ctx: Context, run: Callable[[str, Action], None]) -> None:
         self.ctx = ctx
         self.repairs = Repairs(run)
-        self.watch = OwnedWatch(
-            ctx.kube.api,
-            ctx.settings.namespace,
-            SELECTOR,
-            self.on_change,
-            on_error=ctx.kube.on_error,
-            on_list=ctx.cache.on_list,
-        )
 
     def on_change(self, change: Change) -> None:
         self.ctx.cache.on_change(change)  # first: a repair it calls for reads the cache
@@ -159,10 +151,17 @@ class DriftRepair:
             log.debug("%s %s/%s: %s", change.type, change.kind, change.name, what[1].value)
             self.repairs.request(*what)
 
-    def start(self) -> None:
+    def start(self, watches: Watches) -> None:
+        """The repairs' thread, and the watches (tasks on the running event loop)."""
         self.repairs.start()
-        self.watch.start()
+        owned_watches(
+            watches,
+            self.ctx.settings.namespace,
+            SELECTOR,
+            self.on_change,
+            on_error=self.ctx.kube.on_error,
+            on_list=self.ctx.cache.on_list,
+        )
 
     def stop(self) -> None:
-        self.watch.stop()
         self.repairs.stop()

@@ -23,7 +23,7 @@ from enum import Enum
 from typing import Any
 
 from ..api import GROUP, VERSION
-from ..kube import ResourceWatch
+from ..kube import AsyncWatch, Watches
 from .cache import slim
 from .context import Context
 from .smtptoken import reconcile_token, revoke_token
@@ -59,34 +59,22 @@ def decide(event: str, obj: Obj, seen: int | None) -> Urgent | None:
 class UrgentTokens:
     """The watch, and the URGENT jobs it queues (one waiting job per token and kind)."""
 
-    def __init__(self, ctx: Context, watch: bool = True) -> None:
+    def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self._guard = threading.Lock()
         self._seen: dict[str, int] = {}  # uid -> generation
         self._bodies: dict[tuple[str, str], Obj] = {}  # the newest body a queued job reads
         self._reconcile = ctx.metrics.measured(TOKEN, self._reconcile_latest)
         self._revoke = ctx.metrics.measured(TOKEN, revoke_token)
-        self.watch = (
-            ResourceWatch(
-                ctx.kube.api,
-                GROUP,
-                VERSION,
-                "smtptokens",
-                ctx.settings.watch_namespaces,
-                self.on_event,
-                on_error=ctx.kube.on_error,
+
+    def start(self, watches: Watches) -> None:
+        """One watch per watched namespace (one in all when cluster-wide)."""
+        for namespace in self.ctx.settings.watch_namespaces or (None,):
+            path = f"/apis/{GROUP}/{VERSION}"
+            path += f"/namespaces/{namespace}/smtptokens" if namespace else "/smtptokens"
+            watches.start(
+                AsyncWatch(watches.api, path, TOKEN, self.on_event, on_error=self.ctx.kube.on_error)
             )
-            if watch
-            else None
-        )
-
-    def start(self) -> None:
-        if self.watch is not None:
-            self.watch.start()
-
-    def stop(self) -> None:
-        if self.watch is not None:
-            self.watch.stop()
 
     def on_event(self, event: str, obj: Obj) -> None:
         meta = obj.get("metadata") or {}
@@ -131,9 +119,3 @@ class UrgentTokens:
         """Deleted: revoked if kopf's handler did not (a token that never had the finalizer)."""
         revoke_token(self.ctx, body)
         self.ctx.handled.forget(body["metadata"]["uid"])
-
-
-def start(ctx: Context) -> UrgentTokens:
-    urgent = UrgentTokens(ctx)
-    urgent.start()
-    return urgent
