@@ -434,7 +434,9 @@ def test_a_silent_connection_on_the_implicit_tls_port_lives_no_longer_than_the_i
 def test_commands_without_progress_are_limited(env: RelayEnv) -> None:
     relay = start(env, idleTimeout=30.0)
     with logged_in(env, relay.port) as client:
-        for _ in range(4):
+        code, text = client.docmd("HELP", "MAIL")  # aiosmtpd's syntax table still answers
+        assert (code, text) == (250, b"Syntax: MAIL FROM: <address> [SP <mail-parameters>]")
+        for _ in range(3):
             assert client.noop()[0] == 250
         client.sendmail("app@example.com", ["user@dest.test"], message(1))  # progress
         for _ in range(5):

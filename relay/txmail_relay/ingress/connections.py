@@ -70,6 +70,7 @@ class ConnectionGate:
         self.limit = limit
         self.per_address = per_address
         self.open = 0
+        self.refusing = 0  # refused connections still being answered (a TLS handshake first)
         self._by_key: Counter[str] = Counter()
 
     def admit(self, peername: object) -> Ticket | Refusal:

@@ -17,7 +17,7 @@ import math
 import re
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, AnyStr, Protocol, cast
+from typing import Any, AnyStr, Protocol, TypeVar, cast
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
@@ -61,6 +61,7 @@ REFUSALS = {
 PROGRESS = {"STARTTLS": 220, "AUTH": 235, "DATA": 250}
 JUNK_COMMANDS = frozenset({"NOOP", "RSET", "HELP", "VRFY", "EXPN", "HELO", "EHLO"})
 LINGER = 5.0  # seconds a closed connection may take to flush its last reply
+TLS_REFUSALS = 32  # refused implicit-TLS connections in their handshake at once, at most
 NO_ROOM = Rejected("storage", "452 4.3.1 Insufficient system storage")
 
 
@@ -84,6 +85,22 @@ class RelaySession(Session):
     @login_data.setter
     def login_data(self, value: Any) -> None:
         self._login_data = value
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _help_of(replaced: Callable[..., Any]) -> Callable[[_F], _F]:
+    """An override keeps the HELP syntax aiosmtpd's @syntax put on the method it replaces
+    (without it HELP no longer lists the command)."""
+
+    def copy(method: _F) -> _F:
+        for name in ("__smtp_syntax__", "__smtp_syntax_when__", "__smtp_syntax_extended__"):
+            if hasattr(replaced, name):
+                setattr(method, name, getattr(replaced, name))
+        return method
+
+    return copy
 
 
 def _peer(session: Session) -> str:
@@ -336,6 +353,12 @@ class SubmissionProtocol(SMTP):
         if self._server_tls is not None:
             # TLS from the first byte: the handshake runs under our deadline and its end, even
             # a failed one, is ours to see (asyncio's ssl= server would not tell the protocol).
+            # A refused client gets its 421 over TLS, unless a flood of them is in handshakes.
+            if refusal is not None:
+                if self._gate.refusing >= TLS_REFUSALS:
+                    raw.abort()
+                    return
+                self._gate.refusing += 1
             raw.pause_reading()  # the ClientHello is for the TLS layer
             self._tls_task = self.loop.create_task(self._accept_tls(raw, self._server_tls, refusal))
         elif refusal is not None:
@@ -366,6 +389,9 @@ class SubmissionProtocol(SMTP):
         except Exception as exc:  # a failed or timed-out handshake, of any kind
             log.info("TLS handshake failed", extra={"peer": self._peer_ip(), "error": str(exc)})
             tls = None
+        finally:
+            if refusal is not None:
+                self._gate.refusing -= 1
         if tls is None or self._stopping:
             raw.close()
             self._end()
@@ -515,6 +541,7 @@ class SubmissionProtocol(SMTP):
 
         return run
 
+    @_help_of(SMTP.smtp_STARTTLS)
     async def smtp_STARTTLS(self, arg: str) -> None:  # noqa: N802 - aiosmtpd's hook name
         self._reset_timeout(self._handshake_timeout)
         self._handshaking = True
@@ -523,6 +550,7 @@ class SubmissionProtocol(SMTP):
         finally:
             self._handshaking = False
 
+    @_help_of(SMTP.smtp_DATA)
     async def smtp_DATA(self, arg: str) -> None:  # noqa: N802 - aiosmtpd's hook name
         self._in_data = True
         self._upload_deadline = self.loop.call_later(self._upload_timeout, self._upload_too_long)
@@ -547,10 +575,12 @@ class SubmissionProtocol(SMTP):
             return True
         return False
 
+    @_help_of(SMTP.smtp_MAIL)
     async def smtp_MAIL(self, arg: str | None) -> None:  # noqa: N802 - aiosmtpd's hook name
         if not await self._refuse_control_chars(arg):
             await super().smtp_MAIL(arg)
 
+    @_help_of(SMTP.smtp_RCPT)
     async def smtp_RCPT(self, arg: str | None) -> None:  # noqa: N802 - aiosmtpd's hook name
         if not await self._refuse_control_chars(arg):
             await super().smtp_RCPT(arg)
@@ -564,6 +594,7 @@ class SubmissionProtocol(SMTP):
         except Exception:
             return None, None
 
+    @_help_of(SMTP.smtp_AUTH)
     async def smtp_AUTH(self, arg: str) -> None:  # noqa: N802 - aiosmtpd's hook name
         session = self.session
         if not isinstance(session, RelaySession):
