@@ -81,6 +81,7 @@ class Relay:
             io=spool_io,
             segment_bytes=settings.spool.segment_bytes,
             min_free_bytes=settings.limits.spool_min_free_bytes,
+            reserved=self.records.headroom,  # the records share the volume
             metrics=self.metrics,
         )
         self.transport = transport or SmtpTransport(self.store, settings.retry, settings.outbound)

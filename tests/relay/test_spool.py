@@ -209,3 +209,84 @@ async def test_concurrent_stores_share_syncs(open_spool: SpoolFactory, io: Fault
 
 def test_header_size_is_stable() -> None:
     assert HEADER.size == 13  # the on-disk format documented in docs/relay.md
+
+
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    """Poll ``condition`` for up to 5 s."""
+    try:
+        async with asyncio.timeout(5.0):
+            while not condition():  # noqa: ASYNC110 - a plain state, no event to wait on
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+async def test_outcomes_that_failed_are_written_again(
+    open_spool: SpoolFactory, io: FaultyIO
+) -> None:
+    spool = open_spool(retry_interval=0.05)
+    await started(spool)
+    msg = await spool.append("a@example.com", ["x@d.test", "y@d.test"], "app1", b"b")
+    io.fail_write = errno.ENOSPC
+    assert not await spool.record(msg, {0: Outcome.DELIVERED})
+    assert spool.unrecorded() == 1
+    assert msg.pending() == [1]  # crossed off in memory meanwhile: not sent again
+    io.fail_write = None
+    await _until(lambda: spool.unrecorded() == 0, "the DONE record written again")
+    again = open_spool()
+    [recovered] = await started(again)
+    assert recovered.pending() == [1]
+
+
+async def test_a_finished_segment_goes_even_if_its_done_records_cannot_be_written(
+    open_spool: SpoolFactory, io: FaultyIO, tmp_path: Path
+) -> None:
+    spool = open_spool()
+    await started(spool)
+    first, second = await asyncio.gather(
+        spool.append("a@example.com", ["x@d.test"], "app1", b"first"),
+        spool.append("a@example.com", ["x@d.test"], "app1", b"second"),
+    )
+    io.fail_write = errno.ENOSPC  # the disk is full: no DONE record can be written
+    assert not await spool.record(first, {0: Outcome.DELIVERED})
+    assert list((tmp_path / "spool").glob("seg-*.log"))
+    # The last one: deleting the segment records both, no write needed.
+    assert await spool.record(second, {0: Outcome.DELIVERED})
+    await _until(lambda: not list((tmp_path / "spool").glob("seg-*.log")), "no segment left")
+    assert spool.unrecorded() == 0
+    io.fail_write = None
+    again = open_spool()
+    assert await started(again) == []
+
+
+async def test_the_current_segment_goes_once_delivered(
+    open_spool: SpoolFactory, tmp_path: Path
+) -> None:
+    spool = open_spool()
+    await started(spool)
+    msg = await spool.append("a@example.com", ["x@d.test"], "app1", b"b")
+    assert await spool.record(msg, {0: Outcome.DELIVERED})
+    await _until(lambda: not list((tmp_path / "spool").glob("seg-*.log")), "no segment left")
+    later = await spool.append("a@example.com", ["x@d.test"], "app1", b"later")  # a new one
+    again = open_spool()
+    assert [m.id for m in await started(again)] == [later.id]
+
+
+async def test_the_reserve_counts_queued_records_and_other_writers(
+    open_spool: SpoolFactory, io: FaultyIO
+) -> None:
+    others = 400
+    spool = open_spool(min_free_bytes=1000, reserved=lambda: others)
+    await started(spool)
+    io.free = 1000 + 400 + 100
+    assert spool.has_room(100)
+    assert not spool.has_room(101)
+    others = 0
+    # A burst: each append sees the ones queued before it.
+    results = await asyncio.gather(
+        *(spool.append("a@example.com", ["x@d.test"], "app1", b"x" * 100) for _ in range(10)),
+        return_exceptions=True,
+    )
+    accepted = [r for r in results if isinstance(r, SpooledMessage)]
+    assert 0 < len(accepted) < 10
+    assert all(isinstance(r, SpoolFullError) for r in results if r not in accepted)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from txmail_relay.delivery.transport import Destination, RecipientResult, Transport
 from txmail_relay.outcomes import Outcome, OutcomeEvent, OutcomeListener
 from txmail_relay.settings import RetrySettings
-from txmail_relay.spool.segments import Spool, SpooledMessage, SpoolError
+from txmail_relay.spool.segments import Spool, SpooledMessage
 
 log = logging.getLogger(__name__)
 
@@ -277,12 +277,13 @@ class DeliveryQueue:
                     at=now,
                 )
             )
-        if final:
-            try:
-                await self._spool.record(msg, final)
-            except SpoolError:
-                # Crossed off in memory only: after a crash these recipients get it again.
-                log.exception("could not record outcomes", extra={"msg_id": msg.id})
+        if final and not await self._spool.record(msg, final):
+            # Crossed off in memory; the spool writes them again until they land (or deletes
+            # the finished segment). Only a crash before then sends them again.
+            log.warning(
+                "outcomes not recorded yet (spool full or failing), retrying",
+                extra={"msg_id": msg.id, "recipients": len(final)},
+            )
         for event in events:
             self._publish(event)
         left = tuple(i for i in pending if i not in msg.final)

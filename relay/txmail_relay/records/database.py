@@ -14,6 +14,11 @@ A write, once asked for, runs to the end even if its caller is cancelled: what i
 (a spooled message, a released reservation) must not depend on a client staying connected.
 Writes are ``BEGIN IMMEDIATE ... COMMIT`` with ``synchronous=FULL`` in WAL mode: one fsync of
 the WAL per transaction, so a transaction is what is durable together.
+
+The database shares its volume with the spool. :meth:`Database.headroom` is what it may still
+add there without asking, which the spool's free-space check counts as used: the WAL grows up
+to its checkpoint size (``wal_autocheckpoint`` pages), and a checkpoint may grow the database
+file by as much again. A write that finds the disk full raises :class:`RecordsFullError`.
 """
 
 from __future__ import annotations
@@ -36,6 +41,16 @@ T = TypeVar("T")
 Work = Callable[[aiosqlite.Connection], Awaitable[T]]
 
 
+class RecordsFullError(sqlite3.OperationalError):
+    """SQLite reports ``database or disk is full`` (SQLITE_FULL): the relay's volume is full;
+    the transaction was rolled back, so trying again later is safe."""
+
+
+def is_full(error: BaseException) -> bool:
+    code = getattr(error, "sqlite_errorcode", None) if isinstance(error, sqlite3.Error) else None
+    return isinstance(code, int) and code & 0xFF == sqlite3.SQLITE_FULL  # primary code
+
+
 class Database:
     """``open()`` before use, ``close()`` at the end (it waits for the writes asked for)."""
 
@@ -45,6 +60,17 @@ class Database:
         self._lock = asyncio.Lock()
         self._pending: set[asyncio.Future[Any]] = set()
         self._closer: asyncio.Task[None] | None = None
+        self._wal = path.with_name(path.name + "-wal")
+        self._wal_bytes = 0  # the WAL's checkpoint size, known once open
+
+    def headroom(self) -> int:
+        """Bytes the database may still add on its volume: the WAL up to its checkpoint
+        size, and as much again for the database file the checkpoint copies it into."""
+        try:
+            wal = self._wal.stat().st_size
+        except FileNotFoundError:
+            wal = 0
+        return max(0, self._wal_bytes - wal) + self._wal_bytes
 
     async def open(self) -> None:
         await asyncio.to_thread(self.path.parent.mkdir, parents=True, exist_ok=True)
@@ -53,6 +79,8 @@ class Database:
             db.row_factory = sqlite3.Row
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute("PRAGMA synchronous=FULL")
+            pages = await _pragma(db, "wal_autocheckpoint")
+            self._wal_bytes = pages * await _pragma(db, "page_size")
             await migrate(db, self.path)
         except BaseException:
             await db.close()
@@ -119,16 +147,27 @@ class Database:
 
     async def _transaction(self, db: aiosqlite.Connection, work: Work[T]) -> T:
         async with self._lock:
-            await db.execute("BEGIN IMMEDIATE")
             try:
-                result = await work(db)
-                await db.execute("COMMIT")
-            except BaseException:
-                # A failed COMMIT may have ended the transaction already.
-                with contextlib.suppress(sqlite3.OperationalError):
-                    await db.execute("ROLLBACK")
+                await db.execute("BEGIN IMMEDIATE")
+                try:
+                    result = await work(db)
+                    await db.execute("COMMIT")
+                except BaseException:
+                    # A failed COMMIT may have ended the transaction already.
+                    with contextlib.suppress(sqlite3.OperationalError):
+                        await db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as e:
+                if is_full(e):
+                    raise RecordsFullError(str(e)) from e
                 raise
             return result
+
+
+async def _pragma(db: aiosqlite.Connection, name: str) -> int:
+    async with db.execute(f"PRAGMA {name}") as cursor:
+        row = await cursor.fetchone()
+    return int(row[0]) if row is not None else 0
 
 
 def _report(future: asyncio.Future[Any]) -> None:

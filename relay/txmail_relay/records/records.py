@@ -37,6 +37,10 @@ class Records:
     def path(self) -> Path:
         return self._db.path
 
+    def headroom(self) -> int:
+        """Bytes the records may still add on the spool volume (the spool counts them)."""
+        return self._db.headroom()
+
     async def open(self) -> None:
         """Connect, migrate the schema, and drop the reservations that never reached the
         spool (their clients got no answer and may retry)."""

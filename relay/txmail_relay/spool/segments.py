@@ -7,7 +7,15 @@ every record queued since its last commit, writes them (``pwrite``) and calls
 ``fdatasync`` once per touched file, so concurrent sessions share one sync. Only then do
 the waiters learn that their records are durable, and only then does SMTP say 250.
 
-A segment is deleted when none of its messages has an undelivered recipient. On start,
+A segment is deleted when none of its messages has an undelivered recipient, the current one
+included (a new message then starts a new segment); the deletion is made durable (directory
+``fsync``) and, once it is, stands for every DONE record that segment would still have needed.
+So a full disk does not keep delivered mail: a DONE record that cannot be written is kept in
+memory and written again (every ``retry_interval``, and as soon as a commit or a deletion
+succeeds), and a segment whose messages are all finished is deleted whether or not their DONE
+records made it. The free-space check counts everything the relay writes on the volume: it
+measures the volume at every check, less what is queued and not yet written, less what the
+records' database may still add (``reserved``). On start,
 segments are scanned: a record whose header, length or checksum is wrong is copied to
 ``quarantine/`` and reported (metric + log), never delivered; scanning resumes at the next
 valid record. Messages with undelivered recipients are handed back for delivery, with the
@@ -120,19 +128,22 @@ class _Segment:
 @dataclass(eq=False)
 class _Write:
     record: bytes
-    future: asyncio.Future[None]
+    future: asyncio.Future[None] | None  # None: a DONE record written again, nobody waits
     segment: int | None = None  # None: the current segment (new messages)
     message: SpooledMessage | None = None  # set for MESSAGE records
     body_start: int = 0  # offset of the body inside the record
+    done: SpooledMessage | None = None  # set for DONE records: whose outcomes
+    outcomes: dict[int, Outcome] = field(default_factory=dict)  # the outcomes it records
 
 
 @dataclass
 class _Plan:
     create: _Segment | None
     appends: dict[int, list[bytes]]
-    offsets: list[tuple[int, int]]
+    offsets: list[tuple[int, int]]  # per write: (segment, offset); offset -1: not written
     sizes_before: dict[int, int]
     retire: list[_Segment]
+    deleted: bool = False  # the retired segments are gone, durably
 
 
 def _record(kind: int, payload: bytes) -> bytes:
@@ -253,13 +264,20 @@ class Spool:
         io: SpoolIO | None = None,
         segment_bytes: int = 64 * 1024 * 1024,
         min_free_bytes: int = 0,
+        reserved: Callable[[], int] = lambda: 0,
+        retry_interval: float = 1.0,
         metrics: RelayMetrics | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``reserved``: bytes other writers of the relay (the records' database) may still add
+        on this volume; the free-space check counts them as used. ``retry_interval``: how
+        often a DONE record that could not be written is tried again."""
         self._dir = directory
         self._io: SpoolIO = io or OsSpoolIO()
         self._segment_bytes = segment_bytes
         self._min_free_bytes = min_free_bytes
+        self._reserved = reserved
+        self._retry_interval = retry_interval
         self._metrics = metrics
         self._clock = clock
         self._segments: dict[int, _Segment] = {}
@@ -272,7 +290,13 @@ class Spool:
         self._task: asyncio.Task[None] | None = None
         self._dir_fd: int | None = None
         self._subscribers: list[Callable[[SpooledMessage], None]] = []
-        self._free: tuple[float, int] = (0.0, 0)
+        self._unwritten = 0  # bytes of the records queued or being written
+        # DONE records whose commit failed, by message id: written again until they land
+        # or their segment is deleted.
+        self._unrecorded: dict[str, tuple[SpooledMessage, dict[int, Outcome]]] = {}
+        self._retry_at = 0.0  # time.monotonic() of the next attempt
+        self._flushed = False  # the last attempt on close() was made
+        self._failing = False  # in a run of failed commits (logged once)
         self.healthy = True
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -391,13 +415,16 @@ class Spool:
     # -- API -------------------------------------------------------------------------------
 
     def has_room(self, size: int = 0) -> bool:
-        """Whether ``size`` more bytes leave the configured free space (cached for 1 s)."""
-        now = time.monotonic()
-        checked, free = self._free
-        if now - checked > 1.0:
-            free = self._io.disk_free(self._dir)
-            self._free = (now, free)
+        """Whether ``size`` more bytes leave the configured free space, counting everything
+        the relay writes on the volume: measured now (one ``statvfs``, no cache: a burst must
+        not outrun it), less the records queued and not yet written, less what the records'
+        database may still add (``reserved``)."""
+        free = self._io.disk_free(self._dir) - self._unwritten - self._reserved()
         return free - size >= self._min_free_bytes
+
+    def unrecorded(self) -> int:
+        """Recipients whose final outcome is known but not yet durable (a full disk)."""
+        return sum(len(outcomes) for _, outcomes in self._unrecorded.values())
 
     async def append(
         self, mail_from: str, recipients: list[str], username: str, body: bytes
@@ -419,17 +446,42 @@ class Spool:
         await self._submit(_Write(record, self._future(), message=msg, body_start=body_start))
         return msg
 
-    async def record(self, msg: SpooledMessage, outcomes: Mapping[int, Outcome]) -> None:
-        """Cross recipients off durably (final outcomes only)."""
+    async def record(self, msg: SpooledMessage, outcomes: Mapping[int, Outcome]) -> bool:
+        """Cross recipients off (final outcomes only); True once that is durable.
+
+        False when the commit failed (a full or failing disk): the outcomes stay crossed off
+        in memory, so they are not sent again while the relay runs, and the spool writes them
+        again until they land or their segment is deleted (which makes them moot). Only a
+        crash before then sends these recipients again.
+        """
         was_live = bool(msg.pending())
         msg.final.update(outcomes)
-        await self._submit(_Write(_done_record(msg, outcomes), self._future(), msg.segment))
         if was_live and not msg.pending():
-            seg = self._segments[msg.segment]
-            seg.live -= 1
-            if seg.live == 0 and seg.id != self._current:
-                self._retire.append(seg)
-                self._wakeup.set()
+            seg = self._segments.get(msg.segment)
+            if seg is not None:
+                self._release(seg, 1)
+        write = _Write(
+            _done_record(msg, outcomes),
+            self._future(),
+            msg.segment,
+            done=msg,
+            outcomes=dict(outcomes),
+        )
+        try:
+            await self._submit(write)
+        except SpoolError:
+            return False
+        return True
+
+    def _release(self, seg: _Segment, messages: int) -> None:
+        """``messages`` of ``seg`` have nothing left to deliver; delete it if none has."""
+        seg.live -= messages
+        if seg.live > 0 or seg in self._retire or self._segments.get(seg.id) is not seg:
+            return
+        if seg.id == self._current:
+            self._rotate = True  # the next message starts a new segment
+        self._retire.append(seg)
+        self._wakeup.set()
 
     async def read_body(self, msg: SpooledMessage) -> bytes:
         return await asyncio.to_thread(self._read, msg)
@@ -451,58 +503,111 @@ class Spool:
         return asyncio.get_running_loop().create_future()
 
     async def _submit(self, write: _Write) -> None:
+        assert write.future is not None  # noqa: S101 - only retries have none
         self._queue.append(write)
+        self._unwritten += len(write.record)
         self._wakeup.set()
         await write.future
 
+    def _retry_due(self) -> bool:
+        if not self._unrecorded:
+            return False
+        if self._closing:
+            return not self._flushed
+        return time.monotonic() >= self._retry_at
+
     async def _run(self) -> None:
         while True:
-            if not self._queue and not self._retire:
+            retry = self._retry_due()
+            if not self._queue and not self._retire and not retry:
                 if self._closing:
+                    if self._unrecorded:
+                        log.error(
+                            "spool closed with outcomes not recorded; these recipients are"
+                            " sent again after the restart",
+                            extra={"recipients": self.unrecorded()},
+                        )
                     return
                 self._wakeup.clear()
-                await self._wakeup.wait()
+                timeout = None
+                if self._unrecorded:
+                    timeout = max(0.0, self._retry_at - time.monotonic())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), timeout)
                 continue
-            batch = [w for w in self._queue if not w.future.cancelled()]
-            self._queue = []
+            if retry:
+                # Alone in their batch: a DONE record that keeps failing must not fail the
+                # commits of new messages with it.
+                self._flushed = self._closing
+                taken: list[_Write] = []
+                batch = self._retries()
+            else:
+                taken, self._queue = self._queue, []
+                batch = [w for w in taken if w.future is not None and not w.future.cancelled()]
             plan = self._plan(batch)
             started = time.perf_counter()
             try:
                 await asyncio.to_thread(self._execute, plan)
             except OSError as exc:
-                self._fail(batch, plan, exc)
+                self._fail(batch, plan, exc, retry=retry)
                 continue
+            finally:
+                self._unwritten -= sum(len(w.record) for w in taken)
+            if self._failing:
+                log.info("spool commits succeed again", extra={"unrecorded": self.unrecorded()})
+            self._failing = False
             self.healthy = True
+            self._retry_at = 0.0  # space came back (or was never short): try the rest now
             if self._metrics is not None and batch:
                 self._metrics.spool_sync.observe(time.perf_counter() - started)
                 self._metrics.spool_batch.observe(len(batch))
             self._complete(batch, plan)
 
+    def _retries(self) -> list[_Write]:
+        """The DONE records to write again: one per message, its outcomes merged."""
+        pending, self._unrecorded = self._unrecorded, {}
+        return [
+            _Write(_done_record(msg, outcomes), None, msg.segment, done=msg, outcomes=outcomes)
+            for msg, outcomes in pending.values()
+            if msg.segment in self._segments  # else deleted: nothing left to record
+        ]
+
     def _plan(self, batch: list[_Write]) -> _Plan:
         create = None
         current = self._segments.get(self._current)
-        if self._rotate or current is None or current.size >= self._segment_bytes:
+        if any(w.segment is None for w in batch) and (
+            self._rotate or current is None or current.size >= self._segment_bytes
+        ):
             self._rotate = False
-            if current is not None and current.live == 0:
+            if current is not None and current.live == 0 and current not in self._retire:
                 self._retire.append(current)
             self._current += 1
             path = self._dir / f"seg-{self._current:012d}.log"
             create = self._segments[self._current] = _Segment(self._current, path)
+        retire, self._retire = self._retire, []
+        for finished in retire:  # from now on, writes for them have nothing to do
+            self._segments.pop(finished.id, None)
         appends: dict[int, list[bytes]] = defaultdict(list)
         offsets = []
         sizes_before: dict[int, int] = {}
         for w in batch:
             sid = self._current if w.segment is None else w.segment
-            seg = self._segments[sid]
+            target = self._segments.get(sid)
+            if target is None:  # a DONE record for a deleted segment: the deletion records it
+                offsets.append((sid, -1))
+                continue
+            seg = target
             sizes_before.setdefault(sid, seg.size)
             offsets.append((sid, seg.size))
             seg.size += len(w.record)
             appends[sid].append(w.record)
-        retire, self._retire = self._retire, []
+            if w.message is not None:
+                seg.live += 1  # counted now, so the segment is not deleted under it
         return _Plan(create, dict(appends), offsets, sizes_before, retire)
 
     def _execute(self, plan: _Plan) -> None:
         """Runs in a worker thread; the event loop plans no other batch meanwhile."""
+        self._delete(plan)  # first: it frees the space the writes may need
         try:
             if plan.create is not None:
                 flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
@@ -516,8 +621,20 @@ class Spool:
         except OSError:
             self._truncate(plan)
             raise
+
+    def _delete(self, plan: _Plan) -> None:
+        """Delete the finished segments, durably (one directory ``fsync``): from then on a
+        restart cannot deliver their messages again, DONE records or not."""
+        if not plan.retire:
+            plan.deleted = True
+            return
         for seg in plan.retire:
-            self._close_segment(seg)
+            if seg.fd is not None:
+                os.close(seg.fd)
+                seg.fd = None
+            seg.path.unlink(missing_ok=True)
+        self._io.sync_dir(self._open_dir_fd())
+        plan.deleted = True
 
     def _open_dir_fd(self) -> int:
         if self._dir_fd is None:
@@ -540,21 +657,36 @@ class Spool:
         seg.path.unlink(missing_ok=True)
         self._segments.pop(seg.id, None)
 
-    def _fail(self, batch: list[_Write], plan: _Plan, exc: OSError) -> None:
+    def _fail(self, batch: list[_Write], plan: _Plan, exc: OSError, *, retry: bool) -> None:
         self.healthy = False
         self._rotate = True  # new messages never go after bytes whose fate is unknown
         for sid, size in plan.sizes_before.items():
             seg = self._segments.get(sid)
             if seg is not None:
                 seg.size = size
+        if not plan.deleted:  # tried again with the next commit
+            self._retire.extend(s for s in plan.retire if s not in self._retire)
         full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-        log.error("spool commit failed: %s", exc, extra={"records": len(batch)})
+        if not (retry and self._failing):  # a retry that fails again is not news
+            log.error("spool commit failed: %s", exc, extra={"records": len(batch)})
+        self._failing = True
+        self._retry_at = time.monotonic() + self._retry_interval
         if self._metrics is not None:
             self._metrics.spool_errors.inc()
         error = SpoolFullError(str(exc)) if full else SpoolError(str(exc))
-        for w in batch:
-            if not w.future.done():
+        for w, (sid, offset) in zip(batch, plan.offsets, strict=True):
+            if offset >= 0 and w.message is not None:
+                seg = self._segments.get(sid)
+                if seg is not None:
+                    self._release(seg, 1)  # never written: a deleted segment loses nothing
+            if offset >= 0 and w.done is not None:
+                self._keep_unrecorded(w.done, w.outcomes)
+            if w.future is not None and not w.future.done():
                 w.future.set_exception(error)
+
+    def _keep_unrecorded(self, msg: SpooledMessage, outcomes: Mapping[int, Outcome]) -> None:
+        _, kept = self._unrecorded.setdefault(msg.id, (msg, {}))
+        kept.update(outcomes)
 
     def _complete(self, batch: list[_Write], plan: _Plan) -> None:
         for w, (sid, offset) in zip(batch, plan.offsets, strict=True):
@@ -562,8 +694,7 @@ class Spool:
             if msg is not None:
                 msg.segment = sid
                 msg.body_offset = offset + w.body_start
-                self._segments[sid].live += 1
                 for callback in self._subscribers:
                     callback(msg)
-            if not w.future.done():
+            if w.future is not None and not w.future.done():
                 w.future.set_result(None)
