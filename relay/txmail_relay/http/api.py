@@ -24,6 +24,7 @@ from txmail_relay.ingress.auth import Authenticator, FailureLimiter
 from txmail_relay.mail.addresses import mailboxes
 from txmail_relay.mail.compose import MimeError, address
 from txmail_relay.metrics import RelayMetrics
+from txmail_relay.records.database import RecordsFullError
 from txmail_relay.records.model import SendStatus
 from txmail_relay.records.records import Records
 from txmail_relay.sending.model import SendRequest
@@ -38,6 +39,9 @@ STATUS_PATH = "/marketing/v3/email/send-statuses/{statusId}"
 CONTACTS_PATH = "/txmail/v1/contacts"
 MAX_SEND_ID = 256
 MAX_CONTACTS_PAGE = 500
+# Seconds a client is asked to wait when the relay's volume is full (spool or records) or
+# the spool fails: the relay's own fault, so a 503 and never a refusal of the send.
+RETRY_AFTER_STORAGE = "30"
 
 
 def iso(ts: float | None) -> str | None:
@@ -304,17 +308,23 @@ class SendApi:
             return self._refused(entry, e.send_result, e.field, e.message)
         except SendError as e:
             return self._refused(entry, e.send_result, e.field, e.message)
-        except SpoolFullError:
+        except (SpoolFullError, RecordsFullError):
             self._count(entry, SendResult.THROTTLED)
             return error_response(
                 503,
                 "RATE_LIMITS",
                 "insufficient storage, try later",
                 send_result=SendResult.THROTTLED,
+                headers={"Retry-After": RETRY_AFTER_STORAGE},
             )
         except SpoolError:
             self._count(entry, "SPOOL_ERROR")
-            return error_response(503, "INTERNAL_ERROR", "could not queue the message, retry")
+            return error_response(
+                503,
+                "INTERNAL_ERROR",
+                "could not queue the message, retry",
+                headers={"Retry-After": RETRY_AFTER_STORAGE},
+            )
         if outcome.duplicate:
             self._count(entry, SendResult.IDEMPOTENT_IGNORE)
             return web.json_response(status_view(outcome.status, SendResult.IDEMPOTENT_IGNORE))
