@@ -175,7 +175,7 @@ def _relay_process(
         env.sink.port,
         credentials=[credential(env.username, env.password)],
         overrides={
-            "listen": {**ports, "submissions": None},
+            "listen": ports,
             "limits": limits,
             "logging": {"level": "INFO"},
         },
@@ -208,7 +208,8 @@ def _relay_process(
 def relay_process(
     env: RelayEnv, limits: dict[str, Any], *, nofile: tuple[int, int] = (20000, 20000)
 ) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, int]]]:
-    ports = {name: free_port() for name in ("submission", "tracking", "api", "metrics")}
+    names = ("submission", "submissions", "tracking", "api", "metrics")
+    ports = {name: free_port() for name in names}
     process = _relay_process(env, ports, limits, nofile=nofile)
     try:
         yield process, ports
@@ -391,7 +392,10 @@ def test_sigterm_tells_sessions_and_lets_an_upload_finish(env: RelayEnv) -> None
     limits = {"idleTimeout": 30.0}
     with relay_process(env, limits) as (process, ports):
         port = ports["submission"]
-        with logged_in(env, port) as idle, logged_in(env, port) as uploading:
+        # The idle one on the implicit-TLS port (the process runs uvloop when installed).
+        idle = smtps(env, ports["submissions"])
+        idle.login(env.username, env.password)
+        with idle, logged_in(env, port) as uploading:
             _begin_data(uploading)
             uploading.send(b"first half\r\n")
             process.send_signal(signal.SIGTERM)

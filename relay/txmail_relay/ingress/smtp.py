@@ -16,6 +16,7 @@ import logging
 import math
 import re
 import ssl
+from asyncio import sslproto
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, AnyStr, Protocol, TypeVar, cast
 
@@ -290,7 +291,8 @@ class SubmissionProtocol(SMTP):
         # The TCP connection. Stream transports, typed as such: uvloop's do not subclass
         # asyncio.Transport, so no isinstance() checks on them.
         self._raw: asyncio.Transport | None = None
-        self._tls_task: asyncio.Task[None] | None = None
+        self._tls_pending = False  # implicit TLS: in the handshake
+        self._refusal: str | None = None  # the 421 this connection gets instead of a session
         self._started = False  # the SMTP session runs (greeting sent or about to be)
         self._ended = False
         self._busy = False  # a command is being handled (an upload, spooling)
@@ -336,35 +338,70 @@ class SubmissionProtocol(SMTP):
     # -- the connection: admission, TLS, the end ------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self._raw is not None:  # aiosmtpd's STARTTLS: the same session, now over TLS
-            super().connection_made(transport)
+        if self._raw is not None:
+            if self._tls_pending:  # implicit TLS: the handshake is done
+                self._tls_pending = False
+                tls = cast(asyncio.Transport, transport)
+                if self._stopping:
+                    tls.close()
+                elif self._refusal is not None:
+                    self._refuse(tls, self._refusal)
+                else:
+                    self._start(tls)
+            else:  # aiosmtpd's STARTTLS: the same session, now over TLS
+                super().connection_made(transport)
             return
         self._raw = raw = cast(asyncio.Transport, transport)
         self._on_open(self)
         verdict = self._gate.admit(transport.get_extra_info("peername"))
-        refusal = None
         if isinstance(verdict, Ticket):
             self._ticket = verdict
             self._metrics.sessions.inc()
         else:
             self._metrics.rejections.labels("connections").inc()
-            refusal = REFUSALS[verdict]
-            log.info("connection refused", extra={"peer": self._peer_ip(), "why": verdict.value})
+            self._refusal = REFUSALS[verdict]
+            log.debug("connection refused", extra={"peer": self._peer_ip(), "why": verdict.value})
         if self._server_tls is not None:
-            # TLS from the first byte: the handshake runs under our deadline and its end, even
-            # a failed one, is ours to see (asyncio's ssl= server would not tell the protocol).
-            # A refused client gets its 421 over TLS, unless a flood of them is in handshakes.
-            if refusal is not None:
-                if self._gate.refusing >= TLS_REFUSALS:
-                    raw.abort()
-                    return
-                self._gate.refusing += 1
-            raw.pause_reading()  # the ClientHello is for the TLS layer
-            self._tls_task = self.loop.create_task(self._accept_tls(raw, self._server_tls, refusal))
-        elif refusal is not None:
-            self._refuse(raw, refusal)
+            self._accept_tls(raw, self._server_tls)
+        elif self._refusal is not None:
+            self._refuse(raw, self._refusal)
         else:
             self._start(raw)
+
+    def _accept_tls(self, raw: asyncio.Transport, context: ssl.SSLContext) -> None:
+        """TLS from the first byte, set up here rather than by ``create_server(ssl=...)``: the
+        handshake gets our deadline, and its end, even a failed one, is ours to see (asyncio
+        does not tell the protocol of a failed handshake). The same layering aiosmtpd uses
+        for STARTTLS, set up before the first byte is read. A refused client gets its 421
+        over TLS, unless a flood of refused clients is in handshakes already."""
+        if self._refusal is not None:
+            if self._gate.refusing >= TLS_REFUSALS:
+                raw.abort()
+                return
+            self._gate.refusing += 1
+        self._tls_pending = True
+        handshake = self.loop.create_future()
+        handshake.add_done_callback(self._handshake_done)
+        layer = sslproto.SSLProtocol(
+            self.loop,
+            self,
+            context,
+            handshake,
+            server_side=True,
+            ssl_handshake_timeout=self._handshake_timeout,  # type: ignore[arg-type] # a float
+        )
+        raw.set_protocol(layer)
+        layer.connection_made(raw)  # calls our connection_made again once the handshake is done
+
+    def _handshake_done(self, handshake: asyncio.Future[None]) -> None:
+        if self._refusal is not None:
+            self._gate.refusing -= 1
+        error = None if handshake.cancelled() else handshake.exception()
+        if handshake.cancelled() or error is not None:
+            log.info("TLS handshake failed", extra={"peer": self._peer_ip(), "error": str(error)})
+            if self._raw is not None:
+                self._raw.close()
+            self._end()
 
     def _start(self, transport: asyncio.BaseTransport) -> None:
         self._started = True
@@ -374,31 +411,6 @@ class SubmissionProtocol(SMTP):
         transport.write(reply.encode() + b"\r\n")
         transport.close()
         self._arm_linger()
-
-    async def _accept_tls(
-        self, raw: asyncio.Transport, context: ssl.SSLContext, refusal: str | None
-    ) -> None:
-        try:
-            tls = await self.loop.start_tls(
-                raw,
-                self,
-                context,
-                server_side=True,
-                ssl_handshake_timeout=self._handshake_timeout,
-            )
-        except Exception as exc:  # a failed or timed-out handshake, of any kind
-            log.info("TLS handshake failed", extra={"peer": self._peer_ip(), "error": str(exc)})
-            tls = None
-        finally:
-            if refusal is not None:
-                self._gate.refusing -= 1
-        if tls is None or self._stopping:
-            raw.close()
-            self._end()
-        elif refusal is not None:
-            self._refuse(tls, refusal)
-        else:
-            self._start(tls)
 
     def data_received(self, data: bytes) -> None:
         if not self._started:
