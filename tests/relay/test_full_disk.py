@@ -379,3 +379,29 @@ def test_the_api_answers_503_when_the_records_are_full(
     )
     assert again.status == 200, again.body
     assert "sendResult" not in again.json() or again.json()["sendResult"] != "IDEMPOTENT_IGNORE"
+
+
+def test_a_relay_restarted_on_a_full_disk_delivers_what_it_holds(
+    env: RelayEnv, volume: Volume, relays: list[Relay]
+) -> None:
+    """Sibling of item 1: a restart on a full disk (after a kill left a torn record) starts and
+    delivers the spooled mail, which gives the space back, instead of failing to start because
+    the torn bytes cannot be copied to quarantine."""
+    relay = Relay(env, volume, upstream=free_port())  # the upstream is down
+    relays.append(relay)
+    relay.start()
+    with relay.client() as smtp:
+        assert [send(smtp, seq, 64 * KIB) for seq in range(5)] == [250] * 5
+    relay.kill()
+    [segment] = volume.segments()
+    path = volume.view / "spool" / segment
+    whole = path.read_bytes()
+    with path.open("ab") as f:  # a record cut short, as a kill in mid-write leaves one
+        f.write(whole[: len(whole) // 2])
+    volume.fill(leave=0)
+    relay.configure(env.sink.port)
+    relay.start()
+    counts = wait_for(lambda: c if len(c := delivered(env.sink)) == 5 else None, 20, "deliveries")
+    assert max(counts.values()) == 1
+    assert relay.logged("no space to quarantine it")
+    wait_for(lambda: not volume.segments(), 15, "the delivered segment to be deleted")

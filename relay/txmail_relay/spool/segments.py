@@ -308,15 +308,18 @@ class Spool:
     def recover(self) -> list[SpooledMessage]:
         """Scan the segments left by a previous run; return messages still to deliver."""
         self._dir.mkdir(parents=True, exist_ok=True)
-        (self._dir / "quarantine").mkdir(exist_ok=True)
         self._dir_fd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY)
         messages: dict[str, SpooledMessage] = {}
         done: dict[str, dict[int, Outcome]] = defaultdict(dict)
+        bad: list[tuple[_Segment, int, list[tuple[int, bytes]]]] = []
         for path in sorted(self._dir.glob(_SEGMENT_GLOB)):
             sid = int(path.name[4:-4])
-            size = self._scan(sid, path, messages, done)
-            self._segments[sid] = _Segment(sid, path, os.open(path, os.O_RDWR), size)
+            good_end, spans = self._scan(sid, path, messages, done)
+            seg = _Segment(sid, path, os.open(path, os.O_RDWR), good_end)
+            self._segments[sid] = seg
             self._current = max(self._current, sid)
+            if spans:
+                bad.append((seg, good_end, spans))
         live = []
         for msg in messages.values():
             msg.final.update(done.get(msg.id, {}))
@@ -326,6 +329,10 @@ class Spool:
         for seg in list(self._segments.values()):
             if seg.live == 0:
                 self._close_segment(seg)
+        # Only now, with the finished segments gone: on a full disk their space is what the
+        # copies need.
+        for seg, good_end, spans in bad:
+            self._set_aside(seg, good_end, spans)
         self._rotate = True  # new messages never go after a possibly torn tail
         live.sort(key=lambda m: m.received_at)
         log.info(
@@ -340,14 +347,16 @@ class Spool:
         path: Path,
         messages: dict[str, SpooledMessage],
         done: dict[str, dict[int, Outcome]],
-    ) -> int:
+    ) -> tuple[int, list[tuple[int, bytes]]]:
+        """(end of the last valid record, the invalid spans by offset) of one segment."""
         data = path.read_bytes()
         pos = good_end = 0
+        spans: list[tuple[int, bytes]] = []
         while pos < len(data):
             parsed = _parse(data, pos)
             if parsed is None:
                 nxt = _resync(data, pos + 1)
-                self._quarantine(sid, pos, data[pos:nxt])
+                spans.append((pos, data[pos:nxt]))
                 pos = nxt
                 continue
             kind, meta, body_offset, end = parsed
@@ -370,17 +379,45 @@ class Spool:
                     msg.final.update(previous.final)
                 messages[msg.id] = msg
             pos = good_end = end
-        if good_end < len(data):
-            with path.open("r+b") as f:
-                f.truncate(good_end)
-                os.fsync(f.fileno())
-        return good_end
+        return good_end, spans
 
-    def _quarantine(self, sid: int, offset: int, data: bytes) -> None:
-        target = self._dir / "quarantine" / f"seg-{sid:012d}-{offset}.bad"
-        with target.open("wb") as f:
-            f.write(data)
+    def _set_aside(self, seg: _Segment, good_end: int, spans: list[tuple[int, bytes]]) -> None:
+        """Quarantine a segment's invalid spans, then cut its torn tail (if it has one)."""
+        copied = True
+        for offset, data in spans:  # every span, even after one failed
+            copied = self._quarantine(seg.id, offset, data) and copied
+        if seg.fd is None:  # finished, so deleted already
+            return
+        size = os.fstat(seg.fd).st_size
+        if good_end == size:
+            return
+        if not copied:  # the bytes stay where they are; DONE records go after them
+            seg.size = size
+            return
+        with seg.path.open("r+b") as f:
+            f.truncate(good_end)
             os.fsync(f.fileno())
+
+    def _quarantine(self, sid: int, offset: int, data: bytes) -> bool:
+        """Copy a bad span to ``quarantine/``; False if the disk is too full for it."""
+        target = self._dir / "quarantine" / f"seg-{sid:012d}-{offset}.bad"
+        try:
+            target.parent.mkdir(exist_ok=True)
+            with target.open("wb") as f:
+                f.write(data)
+                os.fsync(f.fileno())
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # Not starting at all would keep the mail already spooled from going out.
+            target.unlink(missing_ok=True)
+            if self._metrics is not None:
+                self._metrics.spool_quarantined.inc()
+            log.error(  # noqa: TRY400 - the reason is in the message, no traceback needed
+                "torn or corrupt spool entry left in its segment: no space to quarantine it",
+                extra={"segment": sid, "offset": offset, "bytes": len(data)},
+            )
+            return False
         quarantine_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(quarantine_fd)
@@ -392,6 +429,7 @@ class Spool:
             "torn or corrupt spool entry quarantined",
             extra={"segment": sid, "offset": offset, "bytes": len(data), "file": str(target)},
         )
+        return True
 
     def start(self) -> None:
         if self._dir_fd is None:
