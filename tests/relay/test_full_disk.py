@@ -405,3 +405,28 @@ def test_a_relay_restarted_on_a_full_disk_delivers_what_it_holds(
     assert max(counts.values()) == 1
     assert relay.logged("no space to quarantine it")
     wait_for(lambda: not volume.segments(), 15, "the delivered segment to be deleted")
+
+
+def test_a_relay_stopped_cleanly_starts_again_on_a_full_disk(
+    env: RelayEnv, volume: Volume, relays: list[Relay]
+) -> None:
+    """Sibling of item 1: after a clean stop SQLite has removed its write-ahead log, and on a
+    full volume it cannot create it again; the relay still starts (it gives up the room it
+    keeps for this) and delivers the spooled mail, which gives the space back."""
+    relay = Relay(env, volume, upstream=free_port())  # the upstream is down
+    relays.append(relay)
+    relay.start()
+    with relay.client() as smtp:
+        assert [send(smtp, seq, 64 * KIB) for seq in range(5)] == [250] * 5
+    relay.stop()
+    assert relay.process is not None and relay.process.returncode == 0
+    volume.fill(leave=0)
+    relay.configure(env.sink.port)
+    relay.start()
+    counts = wait_for(lambda: c if len(c := delivered(env.sink)) == 5 else None, 20, "deliveries")
+    assert max(counts.values()) == 1
+    wait_for(lambda: not volume.segments(), 15, "the delivered segment to be deleted")
+    volume.fill(leave=8 * MIB + 4 * MIB)  # room again: new mail is accepted
+    with relay.client() as smtp:
+        assert send(smtp, 5, 16 * KIB) == 250
+    wait_for(lambda: delivered(env.sink)[5], 15, "the new message delivered")

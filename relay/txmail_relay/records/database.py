@@ -19,6 +19,13 @@ The database shares its volume with the spool. :meth:`Database.headroom` is what
 add there without asking, which the spool's free-space check counts as used: the WAL grows up
 to its checkpoint size (``wal_autocheckpoint`` pages), and a checkpoint may grow the database
 file by as much again. A write that finds the disk full raises :class:`RecordsFullError`.
+
+A clean stop deletes the WAL and its shared-memory file, and SQLite cannot create them again
+on a full volume: the relay would not start, so the spooled mail whose delivery gives space
+back would never go. So the database keeps ``ROOM_BYTES`` allocated beside it (``<db>-room``)
+while there is space, and gives them up when it cannot open (or clean up on open) otherwise;
+the room is taken again once the volume has twice that free, and counted in
+:meth:`Database.headroom` while it is missing.
 """
 
 from __future__ import annotations
@@ -26,7 +33,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,6 +48,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 Work = Callable[[aiosqlite.Connection], Awaitable[T]]
+ROOM_BYTES = 1024 * 1024  # what opening needs on a full volume (WAL, shared memory, a write)
+ROOM_RETRY = 10.0  # seconds between attempts to take the room again
 
 
 class RecordsFullError(sqlite3.OperationalError):
@@ -62,18 +73,64 @@ class Database:
         self._closer: asyncio.Task[None] | None = None
         self._wal = path.with_name(path.name + "-wal")
         self._wal_bytes = 0  # the WAL's checkpoint size, known once open
+        self._room = path.with_name(path.name + "-room")
+        self._room_tried = 0.0  # time.monotonic() of the last attempt to take it
 
     def headroom(self) -> int:
         """Bytes the database may still add on its volume: the WAL up to its checkpoint
-        size, and as much again for the database file the checkpoint copies it into."""
+        size, and as much again for the database file the checkpoint copies it into; and
+        the room kept for opening, while it is not taken (it is tried again now and then)."""
         try:
             wal = self._wal.stat().st_size
         except FileNotFoundError:
             wal = 0
-        return max(0, self._wal_bytes - wal) + self._wal_bytes
+        missing = 0
+        if not self._room.exists():
+            now = time.monotonic()
+            if now - self._room_tried >= ROOM_RETRY:
+                self._room_tried = now
+                self._take_room()
+            missing = 0 if self._room.exists() else ROOM_BYTES
+        return max(0, self._wal_bytes - wal) + self._wal_bytes + missing
+
+    def _take_room(self) -> None:
+        """Allocate the room if the volume has twice its size free (else try later)."""
+        try:
+            st = os.statvfs(self.path.parent)
+            if self._room.exists() or st.f_bavail * st.f_frsize < 2 * ROOM_BYTES:
+                return
+            fd = os.open(self._room, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError:
+            return
+        try:
+            os.posix_fallocate(fd, 0, ROOM_BYTES)  # real blocks, not a sparse file
+        except OSError:
+            self._room.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+
+    def release_room(self) -> bool:
+        """Give the room up for the records to use (the volume is full); True if there was
+        one."""
+        try:
+            self._room.unlink()
+        except FileNotFoundError:
+            return False
+        log.warning("records: the volume is full, using the room kept for them")
+        self._room_tried = time.monotonic()
+        return True
 
     async def open(self) -> None:
         await asyncio.to_thread(self.path.parent.mkdir, parents=True, exist_ok=True)
+        try:
+            await self._open()
+        except sqlite3.Error:
+            if not await asyncio.to_thread(self.release_room):
+                raise
+            await self._open()
+        await asyncio.to_thread(self._take_room)
+
+    async def _open(self) -> None:
         db = await aiosqlite.connect(self.path, isolation_level=None)  # BEGIN/COMMIT as written
         try:
             db.row_factory = sqlite3.Row

@@ -8,13 +8,14 @@ await them, or hand them to :func:`~txmail_relay.records.database.background`.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from txmail_relay.records.contacts import Contacts
 from txmail_relay.records.counters import Counters
-from txmail_relay.records.database import Database
+from txmail_relay.records.database import Database, RecordsFullError
 from txmail_relay.records.events import Events
 from txmail_relay.records.sends import Sends, drop_unspooled
 from txmail_relay.records.suppressions import Suppressions
@@ -45,7 +46,12 @@ class Records:
         """Connect, migrate the schema, and drop the reservations that never reached the
         spool (their clients got no answer and may retry)."""
         await self._db.open()
-        await self._db.write(drop_unspooled)
+        try:
+            await self._db.write(drop_unspooled)
+        except RecordsFullError:
+            if not await asyncio.to_thread(self._db.release_room):
+                raise
+            await self._db.write(drop_unspooled)
 
     async def close(self) -> None:
         await self._db.close()
