@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from relay.relaykit import (
     RelayEnv,
@@ -128,6 +129,7 @@ class Relay:
         self.volume = volume
         self.port = free_port()
         self.api_port = free_port()
+        self.metrics_port = free_port()
         self.log = env.directory / "relay.log"
         self.process: subprocess.Popen[bytes] | None = None
         self._limits = limits
@@ -149,8 +151,9 @@ class Relay:
                     "submissions": None,
                     "tracking": None,
                     "api": self.api_port,
-                    "metrics": None,
+                    "metrics": self.metrics_port,
                 },
+                "statsInterval": 0.2,
                 "spool": {
                     "directory": str(self.volume.path / "spool"),
                     **self._limits.get("spool", {}),
@@ -208,6 +211,18 @@ class Relay:
             if line.startswith("{") and message in line:
                 found.append(json.loads(line))
         return found
+
+    def delivered(self) -> float:
+        """The token's delivered count, as the relay's records have it (via /metrics)."""
+        text = http(self.metrics_port, "GET", "/metrics").body.decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "txmail_relay_token_events_total" and sample.labels == {
+                    "token": self.env.username,
+                    "event": "delivered",
+                }:
+                    return sample.value
+        return 0.0
 
     def client(self) -> smtplib.SMTP:
         smtp = smtplib.SMTP("127.0.0.1", self.port, timeout=15)
@@ -283,6 +298,8 @@ def test_outcomes_that_cannot_be_written_do_not_keep_the_disk_full(
 
     wait_for(accepted, 15, "a new message to be accepted", every=0.5)
     wait_for(lambda: delivered(env.sink)[total], 15, "the new message delivered")
+    # The outcomes the full disk refused to the records are written once there is space.
+    wait_for(lambda: relay.delivered() == total * 50 + 1, 15, "every delivery counted")
     relay.kill()
     relay.start()
     [recovered] = wait_for(lambda: relay.logged("spool recovered"), 10, "the recovery")

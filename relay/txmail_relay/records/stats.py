@@ -1,7 +1,9 @@
 """Stats: outcomes into the records, the per-token figures, Prometheus, and publishing.
 
 :class:`OutcomeRecorder` is an :class:`~txmail_relay.outcomes.OutcomeListener` that writes
-every outcome to the records (without waiting). :class:`StatsLoop` computes a
+every outcome to the records (without waiting); an outcome the full volume refused is kept and
+written again, in order, until the records take it (so the figures and the send statuses are
+right once space is back). :class:`StatsLoop` computes a
 :class:`~txmail_relay.contract.RelayStats` every ``statsInterval`` seconds, keeps its counts
 for the Prometheus collector and hands it to a :class:`StatsPublisher`: the ConfigMap the
 operator copies into ``SmtpToken.status.stats``
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +30,7 @@ from txmail_relay.config.live import LiveConfig
 from txmail_relay.contract import RelayStats, TokenStats
 from txmail_relay.metrics import PREFIX
 from txmail_relay.outcomes import OutcomeEvent
-from txmail_relay.records.database import background
+from txmail_relay.records.database import RecordsFullError
 from txmail_relay.records.model import Kind, Totals
 from txmail_relay.records.records import Records
 
@@ -35,15 +38,71 @@ log = logging.getLogger(__name__)
 
 
 class OutcomeRecorder:
-    def __init__(self, records: Records) -> None:
+    """Writes outcomes as they come; keeps those a full volume refused (at most ``max_kept``,
+    in memory) and writes them again every ``retry_interval`` seconds. A refused write was
+    rolled back, so writing it again counts it once."""
+
+    def __init__(
+        self, records: Records, *, retry_interval: float = 1.0, max_kept: int = 100_000
+    ) -> None:
         self._records = records
+        self._retry_interval = retry_interval
+        self._max_kept = max_kept
+        self._kept: deque[OutcomeEvent] = deque()
+        self._retrying: asyncio.Task[None] | None = None
+        self._dropped = 0
+
+    def kept(self) -> int:
+        return len(self._kept)
 
     def on_outcome(self, event: OutcomeEvent) -> None:
-        background(
+        if self._kept:  # behind the ones waiting, in order
+            self._keep(event)
+            return
+        future = asyncio.ensure_future(self._write(event))
+        future.add_done_callback(lambda f: self._written(event, f))
+
+    def _write(self, event: OutcomeEvent) -> asyncio.Future[None]:
+        return asyncio.ensure_future(
             self._records.events.outcome(
                 event.message_id, event.username, event.recipient, event.outcome, event.at
             )
         )
+
+    def _written(self, event: OutcomeEvent, future: asyncio.Future[None]) -> None:
+        if future.cancelled():
+            return
+        error = future.exception()
+        if isinstance(error, RecordsFullError):
+            self._keep(event)
+        elif error is not None:
+            log.error("outcome not recorded: %s", type(error).__name__, exc_info=error)
+
+    def _keep(self, event: OutcomeEvent) -> None:
+        if len(self._kept) >= self._max_kept:
+            self._kept.popleft()
+            self._dropped += 1
+            if self._dropped == 1:
+                log.error("too many outcomes waiting for space: the oldest are dropped")
+        self._kept.append(event)
+        if self._retrying is None or self._retrying.done():
+            log.warning("outcomes wait for space on the records' volume")
+            self._retrying = asyncio.get_running_loop().create_task(
+                self._retry(), name="outcomes-retry"
+            )
+
+    async def _retry(self) -> None:
+        while self._kept:
+            await asyncio.sleep(self._retry_interval)
+            while self._kept:
+                try:
+                    await self._write(self._kept[0])
+                except RecordsFullError:
+                    break  # still full: later
+                except Exception as e:
+                    log.exception("outcome not recorded: %s", type(e).__name__)
+                self._kept.popleft()
+        log.info("outcomes waiting for space recorded")
 
 
 def _rate(part: int, whole: int) -> float:
