@@ -458,3 +458,8 @@ def test_malformed_command_arguments_get_a_5xx(env: RelayEnv, relay: RelayThread
         assert smtp.noop()[0] == 250
     wrong = {cmd: got for cmd, got in answers.items() if got[0] // 100 == 4}
     assert not wrong, wrong
+    # Addresses aiosmtpd parses but the delivery path cannot send are refused up front,
+    # instead of accepted and retried until they expire (found by tests/fuzz).
+    for command in ('MAIL FROM:<">', 'RCPT TO:<">'):
+        assert answers[command][0] == 553, (command, answers[command])
+    assert relay.metric("txmail_relay_smtp_rejections_total", {"reason": "syntax"}) >= 2

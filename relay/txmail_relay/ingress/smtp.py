@@ -32,9 +32,11 @@ from txmail_relay.mail.headers import Origin
 from txmail_relay.mail.submission import parse_submission
 from txmail_relay.metrics import RelayMetrics
 from txmail_relay.sending.policy import (
+    Accepted,
     Rejected,
     SendError,
     check_content,
+    check_envelope_address,
     check_header_from,
     check_sender,
 )
@@ -153,7 +155,9 @@ class SubmissionHandler:
         address: str,
         mail_options: list[str],
     ) -> str:
-        verdict = check_sender(self._config.current, session.entry, address)
+        verdict = check_envelope_address(address)
+        if isinstance(verdict, Accepted):
+            verdict = check_sender(self._config.current, session.entry, address)
         if isinstance(verdict, Rejected):
             return self._refuse(verdict)
         size = next((o[5:] for o in mail_options if o.startswith("SIZE=")), "0")
@@ -173,6 +177,9 @@ class SubmissionHandler:
     ) -> str:
         if len(envelope.rcpt_tos) >= self._limits.max_recipients:
             return self._refuse(Rejected("recipients", "452 4.5.3 Too many recipients"))
+        syntax = check_envelope_address(address)
+        if isinstance(syntax, Rejected):
+            return self._refuse(syntax)
         if address.lower() != self._complaints_address():
             verdict = await self._sends.check_recipient(address)
             if isinstance(verdict, Rejected):

@@ -22,8 +22,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from email.headerregistry import AddressHeader, HeaderRegistry
+from email.headerregistry import AddressHeader, BaseHeader, HeaderRegistry
 from email.utils import getaddresses
+from typing import cast
 
 #: The longest header value parsed: a folded From of about 40 mailboxes. Longer is refused
 #: before parsing (the stdlib parser is quadratic on some inputs).
@@ -31,6 +32,13 @@ MAX_VALUE_LENGTH = 4096
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*")
 _LOCAL_PART = re.compile(r"[!-~]{1,64}")
+_ATEXT = r"[a-z0-9!#$%&'*+/=?^_`{|}~-]+"
+#: An envelope address the relay can deliver: RFC 5321 Dot-string local part (no quoted
+#: strings), a hostname domain, ASCII only (SMTPUTF8 is not offered).
+_SMTP_ADDRESS = re.compile(
+    rf"(?=[^@]{{1,64}}@.{{1,253}}\Z){_ATEXT}(?:\.{_ATEXT})*@{_LABEL}(?:\.{_LABEL})*",
+    re.IGNORECASE,
+)
 _REGISTRY = HeaderRegistry()
 
 
@@ -49,6 +57,12 @@ class Mailbox:
         return f"{self.local_part}@{self.domain}"
 
 
+def is_smtp_address(address: str) -> bool:
+    """``local@domain`` as the delivery path can send it (a regex: RFC 5321's grammar for
+    a Dot-string is small, and the parsers above accept forms aiosmtplib then refuses)."""
+    return _SMTP_ADDRESS.fullmatch(address) is not None
+
+
 def domain_of(address: str) -> str:
     """The lowercased domain of an addr-spec (everything after the last ``@``)."""
     return address.rpartition("@")[2].lower()
@@ -65,10 +79,8 @@ def mailboxes(value: str) -> tuple[Mailbox, ...]:
     if len(value) > MAX_VALUE_LENGTH:
         raise AddressError("the address list is too long")
     try:
-        header = _REGISTRY("From", value)
-        if not isinstance(header, AddressHeader):
-            raise TypeError("the registry's From class is an AddressHeader")
-        defects = list(header.defects)
+        header = cast(AddressHeader, _REGISTRY("From", value))  # From: an address header
+        defects = list(cast(BaseHeader, header).defects)  # an AddressHeader is one
         groups = header.groups
         parsed = [(a.display_name, a.username, a.domain) for a in header.addresses]
     except Exception as e:  # the parser's own failures on hostile input, RecursionError included

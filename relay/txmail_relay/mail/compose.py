@@ -29,7 +29,7 @@ from email.policy import EmailPolicy
 from email.utils import format_datetime
 from typing import Any
 
-from txmail_relay.mail.addresses import AddressError, mailboxes
+from txmail_relay.mail.addresses import AddressError, is_smtp_address, mailboxes
 from txmail_relay.templates.policy import Rendered, header_safe
 
 MAX_LINE_OCTETS = 998
@@ -86,7 +86,7 @@ def random_id_token() -> str:
 
 def address(addr_spec: str, display_name: str | None = None) -> Address:
     """A validated ASCII address; raises :class:`MimeError`."""
-    if not _ADDR_SPEC.fullmatch(addr_spec):
+    if not _ADDR_SPEC.fullmatch(addr_spec) or not is_smtp_address(addr_spec):
         raise MimeError(f"invalid address {addr_spec!r}")
     try:
         [mailbox] = mailboxes(addr_spec)  # the strict reading the sender policy uses

@@ -15,7 +15,7 @@ from typing import Final
 
 from txmail_relay.config.live import DynamicConfig
 from txmail_relay.contract import CredentialEntry, SendResult, TemplateEntry
-from txmail_relay.mail.addresses import domain_of
+from txmail_relay.mail.addresses import domain_of, is_smtp_address
 from txmail_relay.mail.submission import SubmittedHeaders
 from txmail_relay.records.model import Suppression
 
@@ -97,6 +97,15 @@ def domain_allowed(config: DynamicConfig, entry: CredentialEntry, domain: str) -
 
 def sender_allowed(config: DynamicConfig, entry: CredentialEntry, address: str) -> bool:
     return domain_allowed(config, entry, domain_of(address))
+
+
+def check_envelope_address(address: str) -> Verdict:
+    """MAIL FROM and RCPT TO: an address the delivery path can send (aiosmtpd accepts some,
+    such as ``<">`` or non-ASCII without SMTPUTF8, that aiosmtplib then refuses: the message
+    would be retried until it expires). The null sender is left to :func:`check_sender`."""
+    if address and not is_smtp_address(address):
+        return Rejected("syntax", "553 5.1.3 Not an address this relay can deliver to")
+    return ACCEPTED
 
 
 def check_sender(
