@@ -14,12 +14,13 @@ DEBS   := postfix swaks libnet-ssleay-perl containerd runc containernetworking-p
           conntrack mmdebstrap umoci gcc libc6-dev iproute2 util-linux procps
 
 .PHONY: help setup debs control-plane crds lint test test-unit test-k8s test-node demo clean image lock \
-        bench-operator
+        bench-operator fuzz
 
 help:
 	@echo "make demo           helm install on a local node, then a tracked mail end to end"
 	@echo "make test           set everything up, then lint and run the whole test suite"
 	@echo "make lint           ruff, mypy --strict, import-linter"
+	@echo "make fuzz           the parser fuzz targets (tests/fuzz) with thousands of examples each"
 	@echo "make crds           regenerate crds/ and the chart's CRD templates from the API models"
 	@echo "make chart-lint     helm lint --strict charts/txmail with each values file of tests/chart"
 	@echo "make control-plane  build the control plane, the node parts and Helm from Go modules (cached)"
@@ -96,6 +97,11 @@ test-k8s: setup control-plane
 
 test-node: setup control-plane image
 	$(VENV)/bin/pytest -m node
+
+# The fuzz targets run with a few examples each in `make test`; here with thousands (minutes).
+# Failing examples are kept in .hypothesis/ and replayed first by every later run.
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz $(VENV)/bin/pytest tests/fuzz -q $(FUZZ_ARGS)
 
 demo: setup control-plane image
 	$(PY) tests/demo.py

@@ -649,6 +649,9 @@ class Templates:
             except TemplateSyntaxError as e:
                 errors.append(TemplateError(part, e.lineno, e.message or str(e)))
                 continue
+            except Exception as e:  # never a crash of the caller (the operator's reconcile)
+                errors.append(TemplateError(part, None, f"cannot be parsed ({type(e).__name__})"))
+                continue
             if compiled.refused:
                 first = compiled.refused[0]
                 errors.append(TemplateError(part, first.line, first.message))
@@ -679,6 +682,8 @@ class Templates:
             compiled = self._compile(part, source)
         except TemplateSyntaxError as e:
             raise RenderError(e.message or str(e), part=part, line=e.lineno) from e
+        except Exception as e:  # as validate(): a template error, never the caller's crash
+            raise RenderError(f"cannot be parsed ({type(e).__name__})", part=part) from e
         budget = _Budget(self._clock, self.limits.render_seconds)
         chunks = compiled.template.generate({**variables, _BUDGET_KEY: budget})
         try:
