@@ -241,6 +241,7 @@ def test_malformed_messages_get_a_permanent_refusal(env: RelayEnv, relay: RelayT
             b'{"order_id": "\\ud800"}}'
         ),
     }
+    cases["2,000 header fields"] = b"From: app@example.com\r\n" + b"X-A: b\r\n" * 2_000 + b"\r\nx"
     cases["JSON body nested 50,000 deep"] = (
         b"From: app@example.com\r\nTo: ada@dest.test\r\nX-Txmail-Email-Id: 7\r\n\r\n"
         + b'{"customProperties": '

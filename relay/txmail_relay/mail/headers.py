@@ -20,6 +20,10 @@ from email.utils import formatdate
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")  # what aiosmtplib rewrites to CRLF on the way out
 _FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:(.*)", re.DOTALL)
 _UNSAFE_HELO = re.compile(r"[^\x21-\x7e]")
+#: A header section past these is refused (read on the event loop: bounded work per DATA).
+#: Postfix caps one header at 100 KiB; real mail has tens of fields, signed mail a few KiB.
+MAX_HEADER_FIELDS = 1_000
+MAX_HEADER_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -61,9 +65,14 @@ def header_fields(content: bytes) -> HeaderFields:
     malformed = None
     name: bytes | None = None
     value: list[bytes] = []
+    size = 0
     for line in _lines(content):
         if not line:
             break  # the empty line that ends the header section
+        size += len(line) + 2
+        if size > MAX_HEADER_BYTES or len(fields) >= MAX_HEADER_FIELDS:
+            malformed = "the header section is too large"
+            break
         if line[:1] in (b" ", b"\t"):
             if name is None:
                 malformed = malformed or "the header section starts with a continuation line"
