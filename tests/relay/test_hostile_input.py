@@ -358,6 +358,11 @@ def test_bad_api_requests_are_400_naming_the_field(env: RelayEnv, relay: RelayTh
             None,
             "customProperties.order_id",
         ),
+        "property NaN": (
+            {**_doc(), "customProperties": {"order_id": float("nan")}},
+            None,
+            "customProperties.order_id",
+        ),
         "property key with a lone surrogate": (
             {**_doc(), "contactProperties": {"\ud800": "x", "firstname": "Ada"}},
             None,

@@ -9,6 +9,7 @@ and field for the API and maps to its SMTP reply through :attr:`SendError.reject
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
@@ -187,7 +188,8 @@ def _surrogate_or_nul(text: str) -> bool:
 
 def property_refusal(value: object, field: str) -> SendError | None:
     """Properties that cannot be rendered into mail safely: nested past
-    :data:`MAX_PROPERTY_DEPTH`, or with a NUL or lone surrogate in a key or a string. The
+    :data:`MAX_PROPERTY_DEPTH`, NaN or Infinity, or with a NUL or lone surrogate in a key or
+    a string. The
     walk is iterative, so any depth the JSON parser accepted is checked without recursion."""
     stack: list[tuple[object, str, int]] = [(value, field, 0)]
     while stack:
@@ -205,6 +207,10 @@ def property_refusal(value: object, field: str) -> SendError | None:
                     where,
                     f"{where} contains a NUL character or an invalid surrogate",
                 )
+        elif isinstance(item, float) and not math.isfinite(item):
+            return SendError(
+                SendResult.VALIDATION_FAILED, where, f"{where} is not a finite number"
+            )  # NaN and Infinity: Python's JSON reads them, JSON has neither
         elif isinstance(item, dict):
             for key, child in item.items():
                 if not isinstance(key, str) or _surrogate_or_nul(key):
