@@ -138,7 +138,8 @@ class DeliveryQueue:
         """
         self._stopping = True
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), grace)
+            async with asyncio.timeout(grace):
+                await self._idle.wait()
         tasks = [*self._tasks, *([self._timer_task] if self._timer_task else [])]
         for task in tasks:
             task.cancel()
@@ -236,8 +237,12 @@ class DeliveryQueue:
                     self._make_ready(job.msg, pending, job.attempts)
             self._wakeup.clear()
             timeout = self._waiting[0][0] - now if self._waiting else None
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancellation that
+            # comes as the event is set (an attempt deferring as stop() cancels), and this
+            # loop would then wait forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wakeup.wait()
 
     async def _attempt(self, job: _Job) -> None:
         msg = job.msg
