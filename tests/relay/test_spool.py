@@ -241,7 +241,7 @@ async def test_outcomes_that_failed_are_written_again(
 async def test_a_finished_segment_goes_even_if_its_done_records_cannot_be_written(
     open_spool: SpoolFactory, io: FaultyIO, tmp_path: Path
 ) -> None:
-    spool = open_spool()
+    spool = open_spool(segment_bytes=100)  # past the size a finished one is kept at
     await started(spool)
     first, second = await asyncio.gather(
         spool.append("a@example.com", ["x@d.test"], "app1", b"first"),
@@ -262,7 +262,7 @@ async def test_a_finished_segment_goes_even_if_its_done_records_cannot_be_writte
 async def test_the_current_segment_goes_once_delivered(
     open_spool: SpoolFactory, tmp_path: Path
 ) -> None:
-    spool = open_spool()
+    spool = open_spool(segment_bytes=100)  # past the size a finished one is kept at
     await started(spool)
     msg = await spool.append("a@example.com", ["x@d.test"], "app1", b"b")
     assert await spool.record(msg, {0: Outcome.DELIVERED})
@@ -270,6 +270,19 @@ async def test_the_current_segment_goes_once_delivered(
     later = await spool.append("a@example.com", ["x@d.test"], "app1", b"later")  # a new one
     again = open_spool()
     assert [m.id for m in await started(again)] == [later.id]
+
+
+async def test_a_small_finished_current_segment_goes_when_room_is_short(
+    open_spool: SpoolFactory, io: FaultyIO, tmp_path: Path
+) -> None:
+    spool = open_spool(min_free_bytes=1000)
+    await started(spool)
+    msg = await spool.append("a@example.com", ["x@d.test"], "app1", b"b")
+    assert await spool.record(msg, {0: Outcome.DELIVERED})
+    assert list((tmp_path / "spool").glob("seg-*.log"))  # small, kept for the next ones
+    io.free = 500
+    assert not spool.has_room()
+    await _until(lambda: not list((tmp_path / "spool").glob("seg-*.log")), "no segment left")
 
 
 async def test_the_reserve_counts_queued_records_and_other_writers(

@@ -53,6 +53,9 @@ KIND_MESSAGE = 1
 KIND_DONE = 2
 _KINDS = (KIND_MESSAGE, KIND_DONE)
 _SEGMENT_GLOB = "seg-*.log"
+# A finished current segment smaller than this is kept for the next messages while there is
+# room (a new segment costs a create and directory syncs); past it, or short of room, it goes.
+IDLE_SEGMENT_BYTES = 1024 * 1024
 
 
 class SpoolError(Exception):
@@ -458,7 +461,12 @@ class Spool:
         not outrun it), less the records queued and not yet written, less what the records'
         database may still add (``reserved``)."""
         free = self._io.disk_free(self._dir) - self._unwritten - self._reserved()
-        return free - size >= self._min_free_bytes
+        if free - size >= self._min_free_bytes:
+            return True
+        current = self._segments.get(self._current)
+        if current is not None and current.live == 0:  # finished: its space is ours again
+            self._release(current, 0, idle=True)
+        return False
 
     def unrecorded(self) -> int:
         """Recipients whose final outcome is known but not yet durable (a full disk)."""
@@ -511,12 +519,15 @@ class Spool:
             return False
         return True
 
-    def _release(self, seg: _Segment, messages: int) -> None:
-        """``messages`` of ``seg`` have nothing left to deliver; delete it if none has."""
+    def _release(self, seg: _Segment, messages: int, *, idle: bool = False) -> None:
+        """``messages`` of ``seg`` have nothing left to deliver; delete it if none has (the
+        current one only if it is not small, or ``idle``: the spool is short of room)."""
         seg.live -= messages
         if seg.live > 0 or seg in self._retire or self._segments.get(seg.id) is not seg:
             return
-        if seg.id == self._current:
+        if seg.id == self._current and not self._rotate:  # new messages still go there
+            if not idle and seg.size < min(self._segment_bytes, IDLE_SEGMENT_BYTES):
+                return
             self._rotate = True  # the next message starts a new segment
         self._retire.append(seg)
         self._wakeup.set()
