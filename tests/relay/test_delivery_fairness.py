@@ -214,3 +214,33 @@ def test_a_failing_destination_is_probed_one_attempt_at_a_time(
     assert peer.most_open_later == 1  # once failing, one at a time
     _submit(env, "good.test", GOOD_MESSAGES, first=BAD_MESSAGES)
     _good_ones_arrive(env)
+
+
+def test_a_message_to_both_domains_reaches_the_healthy_one(
+    env: RelayEnv, dns: DnsServer, peer_factory: Callable[[str, int], MisbehavingPeer]
+) -> None:
+    """The recipients of one message at a hanging and at a healthy domain are attempted
+    apart: the healthy ones do not wait for the hanging attempt."""
+    peer_factory("tarpit", env.sink.port)
+    recorder = Recorder()
+    env.start(_direct(env, dns, env.sink.port), listeners=[recorder])
+    with env.client(env.threads[-1]) as smtp:
+        for seq in range(GOOD_MESSAGES):
+            smtp.sendmail(
+                "app@example.com", [f"user{seq}@bad.test", f"user{seq}@good.test"], message(seq)
+            )
+    captured = env.sink.wait(GOOD_MESSAGES, timeout=DEADLINE)
+    assert sorted(r for m in captured for r in m.rcpts) == sorted(
+        f"<user{seq}@good.test>" for seq in range(GOOD_MESSAGES)
+    )
+    wait_for(
+        lambda: all(recorder.outcomes(f"user{s}@good.test") for s in range(GOOD_MESSAGES)),
+        what="the healthy recipients' outcomes",
+    )
+    assert all(
+        recorder.outcomes(f"user{s}@good.test") == ["delivered"] for s in range(GOOD_MESSAGES)
+    )
+    relay = env.threads[-1].relay
+    assert relay is not None
+    # Each message waits for its other recipient: none is finished, none is lost.
+    assert env.threads[-1].call(relay.queue.depth) == GOOD_MESSAGES

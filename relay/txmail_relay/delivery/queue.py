@@ -65,8 +65,8 @@ class DeliveryQueue:
       arrival order; a destination never has more than its ``concurrency`` in flight, and
       only one while its last attempt delivered nothing (a dead or refusing server is
       probed, not flooded, while its backlog waits);
-    * a message has at most one attempt in flight (its outcomes are recorded one attempt at
-      a time), so its recipients at another destination wait for that attempt to end;
+    * a message's jobs at different destinations run independently (the spool records each
+      attempt's outcomes on its own);
     * a deferred job waits for its backoff outside the workers.
     """
 
@@ -93,7 +93,6 @@ class DeliveryQueue:
         self._early: list[SpooledMessage] = []  # enqueued before start()
         self._destinations: dict[str, _Destination] = {}
         self._rotation: deque[str] = deque()  # destinations that have ready jobs, in turn
-        self._in_flight: set[str] = set()  # ids of messages with an attempt in flight
         self._tasks: set[asyncio.Task[None]] = set()  # the attempts in flight
         self._timer_task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
@@ -172,20 +171,17 @@ class DeliveryQueue:
         self._dispatch()
 
     def _next_job(self) -> _Job | None:
-        """The next job to start: destinations in turn, skipping those at their limit and
-        messages that have an attempt in flight."""
+        """The next job to start: destinations in turn, skipping those at their limit."""
         for _ in range(len(self._rotation)):
             key = self._rotation[0]
             self._rotation.rotate(-1)  # its turn is taken: to the back
             state = self._destinations[key]
             if not state.has_room():
                 continue
-            for job in state.ready:
-                if job.msg.id not in self._in_flight:
-                    state.ready.remove(job)
-                    if not state.ready:
-                        self._rotation.pop()  # the key just rotated to the back
-                    return job
+            job = state.ready.popleft()
+            if not state.ready:
+                self._rotation.pop()  # the key just rotated to the back
+            return job
         return None
 
     def _dispatch(self) -> None:
@@ -197,7 +193,6 @@ class DeliveryQueue:
             if job is None:
                 return
             self._destinations[job.key].active += 1
-            self._in_flight.add(job.msg.id)
             self._idle.clear()
             task = asyncio.get_running_loop().create_task(self._run(job), name="delivery")
             self._tasks.add(task)
@@ -215,7 +210,6 @@ class DeliveryQueue:
             state.failing = not any(i in job.msg.final for i in tried)
             if not (state.active or state.ready or state.failing):
                 self._destinations.pop(job.key, None)
-            self._in_flight.discard(job.msg.id)
             task = asyncio.current_task()
             if task is not None:
                 self._tasks.discard(task)
