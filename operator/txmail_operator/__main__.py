@@ -13,7 +13,7 @@ import sys
 from typing import NoReturn
 
 import kopf
-from kubernetes.config import ConfigException
+from kubernetes_asyncio.config import ConfigException
 from prometheus_client import start_http_server
 
 from . import handlers
@@ -71,10 +71,13 @@ def main(argv: list[str] | None = None) -> None:
         if settings.log_format is LogFormat.JSON
         else kopf.LogFormat.PLAIN,
     )
-    logging.getLogger("kubernetes").setLevel(logging.WARNING)
+    logging.getLogger("kubernetes_asyncio").setLevel(logging.WARNING)
     metrics = Metrics()
     try:
-        kube = Kube.from_environment(on_error=metrics.api_error)
+        # read here, so a missing configuration is one line and status 2; the client is
+        # made on kopf's event loop at first use
+        configuration = asyncio.run(Kube.load_configuration())
+        kube = Kube(configuration, on_error=metrics.api_error)
     except ConfigException as exc:
         fail(f"no Kubernetes configuration (not in a pod, and no kubeconfig): {exc}")
     server = None

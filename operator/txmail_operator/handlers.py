@@ -2,9 +2,9 @@
 
 Handlers are registered into an explicit registry by :func:`register`, with the settings the
 operator was started with (the drift-check interval, the operator's namespace). They are
-async and never block kopf's event loop: a reconcile runs on the operator's work pool
-(reconcile/work.py), URGENT for creations, spec changes and deletions, ROUTINE for resumes
-at startup, fan-outs and periodic checks, each counted and timed in the metrics.
+async, as are the reconciles: a reconcile runs on the operator's work pool (reconcile/work.py:
+worker tasks on kopf's event loop), URGENT for creations, spec changes and deletions, ROUTINE
+for resumes at startup, fan-outs and periodic checks, each counted and timed in the metrics.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ IP, TOKEN, EMAIL = "DedicatedIP", "SmtpToken", "TransactionalEmail"
 # opened 835. Its per-object workers are not limited (queueing.worker_limit): kopf's workers
 # wait for every index to be filled before handling, so with fewer workers than objects a
 # restart deadlocks (measured at 1,000 tokens with a limit of 200). Workers are coroutines;
-# the connections and the work pool's threads are what is bounded.
+# the connections and the work pool's workers are what is bounded.
 KOPF_CONNECTIONS = 24
 # How long an idle kopf worker waits for its object's next event before it exits; kopf's
 # default is 5 s.
@@ -41,7 +41,8 @@ RESUME = kopf.Reason.RESUME
 
 
 def _size(index: kopf.Index[Any, Any], kind: str) -> int:
-    """How many objects an index holds under keys (kind, ...), read from any thread."""
+    """How many objects an index holds under keys (kind, ...), read from any thread (the
+    metrics server's)."""
     for _ in range(3):
         try:
             return sum(len(index[key]) for key in list(index) if key[0] == kind)
@@ -271,14 +272,14 @@ def _register_watch(r: dict[str, Any], settings: Settings) -> None:
         ctx.metrics.count_managed(EMAIL, lambda: _size(emails, "ns"))
         ctx.work.start()
 
-        def run(ip: str, action: reconcile.Action) -> None:
+        async def run(ip: str, action: reconcile.Action) -> None:
             counts = _counts(tokens, emails, ip)
             if action is reconcile.Action.REPAIR:
-                ctx.metrics.measured(IP, reconcile.repair_ip)(ctx, ip, *counts)
+                await ctx.metrics.measured(IP, reconcile.repair_ip)(ctx, ip, *counts)
             else:
-                ctx.metrics.measured(IP, reconcile.refresh_status)(ctx, ip, *counts)
+                await ctx.metrics.measured(IP, reconcile.refresh_status)(ctx, ip, *counts)
 
-        memo.watches = await Watches.from_environment()
+        memo.watches = Watches.of(ctx.kube)
         memo.drift = reconcile.DriftRepair(ctx, run)
         memo.drift.start(memo.watches)
 
@@ -300,8 +301,9 @@ def _register_watch(r: dict[str, Any], settings: Settings) -> None:
             await memo.watches.stop()
         for part in ("sweep", "drift"):
             if memo.get(part) is not None:
-                memo[part].stop()
-        memo.ctx.work.stop()
+                await memo[part].stop()
+        await memo.ctx.work.stop()
+        await memo.ctx.kube.close()
 
 
 def _register_mail(r: dict[str, Any], settings: Settings) -> None:

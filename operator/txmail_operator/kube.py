@@ -10,22 +10,22 @@ other and an apply of the shard's metadata never prunes them.
 from __future__ import annotations
 
 import asyncio
+import copy
 import datetime as dt
 import json
 import logging
+import os
 import random
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
-from kubernetes import client, config
-from kubernetes.client.exceptions import ApiException
 from kubernetes_asyncio import client as aio_client
 from kubernetes_asyncio import config as aio_config
-from kubernetes_asyncio.client.exceptions import ApiException as AioApiException
-from urllib3.exceptions import HTTPError
+from kubernetes_asyncio.client.exceptions import ApiException
+from kubernetes_asyncio.config.kube_config import KUBE_CONFIG_DEFAULT_LOCATION
 
 FIELD_MANAGER = "txmail-operator"
 ENTRY_FIELD_MANAGER = "txmail-operator-entries"
@@ -33,8 +33,8 @@ ENTRY_FIELD_MANAGER = "txmail-operator-entries"
 Obj = dict[str, Any]
 log = logging.getLogger(__name__)
 
-# Connections the reconciles may hold at once (the work pool's threads plus a margin): the
-# client library's pool blocks a request beyond this rather than opening more sockets.
+# Connections the reconciles may hold at once (the work pool's workers plus a margin): the
+# client's aiohttp connector makes a request beyond this wait rather than open more sockets.
 POOL_SIZE = 10
 # 429 (the API server's priority and fairness) and 5xx are retried this many times in all.
 ATTEMPTS = 5
@@ -72,6 +72,11 @@ def _path(api_version: str, kind: str, namespace: str | None, name: str | None =
     return f"{path}/{name}" if name else path
 
 
+def _any_file(paths: str) -> bool:
+    """Whether one of the kubeconfig paths (``os.pathsep``-separated, ``~`` allowed) exists."""
+    return any(Path(p).expanduser().is_file() for p in paths.split(os.pathsep) if p)
+
+
 def _ignore(verb: str) -> None:
     pass
 
@@ -87,140 +92,6 @@ def retry_delay(attempt: int, headers: Any) -> float:
             pass  # an HTTP date: rare from the API server, fall back to backoff
     backoff: float = min(0.25 * 2.0 ** (attempt - 1), 8.0)
     return backoff * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not a secret
-
-
-class Kube:
-    """Typed access to the few API calls the operator makes.
-
-    ``on_error`` hears the verb of every request that failed unexpectedly (a 404 on a read
-    or delete is an answer, not a failure); the operator counts them in its metrics.
-    """
-
-    def __init__(self, api: client.ApiClient, on_error: Callable[[str], None] = _ignore) -> None:
-        self.api = api
-        self.on_error = on_error
-
-    @classmethod
-    def from_environment(cls, on_error: Callable[[str], None] = _ignore) -> Kube:
-        """In-cluster credentials, else the kubeconfig; ``ConfigException`` when neither."""
-        try:
-            config.load_incluster_config()  # type: ignore[no-untyped-call]
-        except config.ConfigException:
-            config.load_kube_config()  # type: ignore[no-untyped-call]
-        configuration = client.Configuration.get_default_copy()
-        configuration.connection_pool_maxsize = POOL_SIZE
-        return cls(client.ApiClient(configuration), on_error)
-
-    def _call(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        query: list[tuple[str, str]] | None = None,
-        content_type: str = "application/json",
-        *,
-        verb: str,
-        missing_ok: bool = False,
-    ) -> Obj:
-        request = self.api.param_serialize(
-            method=method,
-            resource_path=path,
-            query_params=query or [],
-            header_params={"Content-Type": content_type, "Accept": "application/json"},
-            body=body,
-            auth_settings=["BearerToken"],
-        )
-        for attempt in range(1, ATTEMPTS + 1):
-            try:
-                response = self.api.call_api(*request, _request_timeout=30)
-                response.read()  # type: ignore[no-untyped-call]
-                out = self.api.response_deserialize(
-                    response_data=response, response_types_map={"2XX": "object"}
-                ).data
-                return out if isinstance(out, dict) else {}
-            except ApiException as exc:
-                if missing_ok and exc.status == 404:
-                    raise
-                if exc.status not in RETRIED or attempt == ATTEMPTS:
-                    self.on_error(verb)
-                    raise
-                time.sleep(retry_delay(attempt, exc.headers))
-            except HTTPError:  # no answer at all (connection refused, timeout)
-                if attempt == ATTEMPTS:
-                    self.on_error(verb)
-                    raise
-                time.sleep(retry_delay(attempt, None))
-        raise AssertionError("unreachable")  # the loop returns or raises
-
-    def apply(self, obj: Obj) -> Obj:
-        """Server-side apply of a whole object we own."""
-        meta = obj["metadata"]
-        path = _path(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
-        return self._call(
-            "PATCH",
-            path,
-            obj,
-            [("fieldManager", FIELD_MANAGER), ("force", "true")],
-            "application/apply-patch+yaml",
-            verb="apply",
-        )
-
-    def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> Obj | None:
-        try:
-            return self._call(
-                "GET", _path(api_version, kind, namespace, name), verb="get", missing_ok=True
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-
-    def merge_patch(
-        self, api_version: str, kind: str, namespace: str | None, name: str, patch: Obj
-    ) -> Obj:
-        return self._call(
-            "PATCH",
-            _path(api_version, kind, namespace, name),
-            patch,
-            [("fieldManager", ENTRY_FIELD_MANAGER)],
-            "application/merge-patch+json",
-            verb="patch",
-        )
-
-    def patch_status(
-        self, api_version: str, kind: str, namespace: str | None, name: str, status: Obj
-    ) -> Obj | None:
-        """Merge-patch the status subresource; None when the object is gone."""
-        try:
-            return self._call(
-                "PATCH",
-                _path(api_version, kind, namespace, name) + "/status",
-                {"status": status},
-                [("fieldManager", FIELD_MANAGER)],
-                "application/merge-patch+json",
-                verb="patch",
-                missing_ok=True,
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-
-    def delete(self, api_version: str, kind: str, namespace: str | None, name: str) -> None:
-        try:
-            self._call(
-                "DELETE", _path(api_version, kind, namespace, name), verb="delete", missing_ok=True
-            )
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-
-    def event(
-        self, involved: Obj, reason: str, message: str, *, warning: bool = False, now: dt.datetime
-    ) -> None:
-        """Record an Event a user should notice (kubectl describe shows it)."""
-        body = event_body(involved, reason, message, warning=warning, now=now)
-        self._call("POST", _path("v1", "Event", body["metadata"]["namespace"]), body, verb="create")
 
 
 def event_body(involved: Obj, reason: str, message: str, *, warning: bool, now: dt.datetime) -> Obj:
@@ -372,13 +243,11 @@ class AsyncWatch:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # an API error or a connection reset
-                if isinstance(exc, AioApiException) and exc.status == 410:  # too old: list again
+                if isinstance(exc, ApiException) and exc.status == 410:  # too old: list again
                     version = None
                     continue
                 self.on_error("watch")
-                why = (
-                    f"HTTP {exc.status}" if isinstance(exc, AioApiException) else type(exc).__name__
-                )
+                why = f"HTTP {exc.status}" if isinstance(exc, ApiException) else type(exc).__name__
                 log.warning("watching %ss failed (%s), retrying", self.kind, why)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
@@ -423,7 +292,7 @@ class AsyncWatch:
                 event = json.loads(line)
                 obj = event.get("object") or {}
                 if event.get("type") == "ERROR":
-                    raise AioApiException(status=obj.get("code", 500), reason=obj.get("message"))
+                    raise ApiException(status=obj.get("code", 500), reason=obj.get("message"))
                 version = (obj.get("metadata") or {}).get("resourceVersion") or version
                 if event.get("type") in ("ADDED", "MODIFIED", "DELETED"):
                     self.on_event(event["type"], {**obj, "kind": self.kind})
@@ -441,8 +310,11 @@ class Watches:
         self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
-    async def from_environment(cls) -> Watches:
-        return cls(aio_client.ApiClient(await AsyncKube.configuration(WATCH_CONNECTIONS)))
+    def of(cls, kube: Kube) -> Watches:
+        """The watches' client, with the same credentials as ``kube`` (made on the loop)."""
+        configuration = copy.deepcopy(kube.configuration)
+        configuration.connection_pool_maxsize = WATCH_CONNECTIONS
+        return cls(aio_client.ApiClient(configuration))
 
     def start(self, watch: AsyncWatch) -> None:
         self._tasks.append(asyncio.get_running_loop().create_task(watch.run()))
@@ -500,48 +372,63 @@ def owned_watches(
 # --- the asyncio client (kubernetes_asyncio) ------------------------------------------------
 
 
-class AsyncKube:
-    """The same calls as :class:`Kube`, on the event loop (kubernetes_asyncio, aiohttp).
+class Kube:
+    """Typed access to the few API calls the operator makes, on the event loop
+    (kubernetes_asyncio, aiohttp).
 
-    The same field managers, the same retries of 429 and 5xx honouring Retry-After, the same
-    Events; at most ``POOL_SIZE`` connections (the client's aiohttp connector limit). The
-    long-lived watches (:class:`AsyncWatch`) have a client of their own. Errors are
-    kubernetes_asyncio's ``ApiException`` (``status``, ``headers``), 404 answered as None
-    where :class:`Kube` answers it so.
+    Objects are written with server-side apply under one field manager; 429 and 5xx are
+    retried with backoff honouring Retry-After; at most ``POOL_SIZE`` connections (the
+    client's aiohttp connector limit). The long-lived watches (:class:`Watches`) have a
+    client of their own. ``on_error`` hears the verb of every request that failed
+    unexpectedly (a 404 on a read or delete is an answer, not a failure); the operator
+    counts them in its metrics. The client is made on first use, on the running loop.
     """
 
     def __init__(
-        self, api: aio_client.ApiClient, on_error: Callable[[str], None] = _ignore
+        self,
+        configuration: aio_client.Configuration,
+        on_error: Callable[[str], None] = _ignore,
     ) -> None:
-        self.api = api
+        self.configuration = configuration
         self.on_error = on_error
+        self._api: aio_client.ApiClient | None = None
+
+    @property
+    def api(self) -> aio_client.ApiClient:
+        if self._api is None:
+            self._api = aio_client.ApiClient(self.configuration)
+        return self._api
 
     @staticmethod
-    async def configuration(
+    async def load_configuration(
         pool: int = POOL_SIZE, kubeconfig: str | None = None
     ) -> aio_client.Configuration:
         """In-cluster credentials, else the kubeconfig (``ConfigException`` when neither);
         ``kubeconfig`` names the file (default: $KUBECONFIG, ~/.kube/config)."""
         configuration = aio_client.Configuration()
-        try:
-            if kubeconfig is not None:
-                raise aio_config.ConfigException("a kubeconfig was named")
-            aio_config.load_incluster_config(  # type: ignore[no-untyped-call]
-                client_configuration=configuration
-            )
-        except aio_config.ConfigException:
-            await aio_config.load_kube_config(
-                config_file=kubeconfig, client_configuration=configuration, persist_config=False
-            )
+        if kubeconfig is None:
+            try:
+                aio_config.load_incluster_config(  # type: ignore[no-untyped-call]
+                    client_configuration=configuration
+                )
+            except aio_config.ConfigException:
+                pass  # not in a pod: the kubeconfig
+            else:
+                configuration.connection_pool_maxsize = pool
+                return configuration
+        paths = kubeconfig or KUBE_CONFIG_DEFAULT_LOCATION
+        if not _any_file(paths):  # the library would only log this, then fail obscurely
+            raise aio_config.ConfigException(f"no kubeconfig at {paths}")
+        await aio_config.load_kube_config(
+            config_file=kubeconfig, client_configuration=configuration, persist_config=False
+        )
         configuration.connection_pool_maxsize = pool
         return configuration
 
-    @classmethod
-    async def from_environment(cls, on_error: Callable[[str], None] = _ignore) -> AsyncKube:
-        return cls(aio_client.ApiClient(await cls.configuration()), on_error)
-
     async def close(self) -> None:
-        await self.api.close()
+        if self._api is not None:
+            await self._api.close()
+            self._api = None
 
     async def _call(
         self,
@@ -568,7 +455,7 @@ class AsyncKube:
                     _request_timeout=30,
                 )
                 return out if isinstance(out, dict) else {}
-            except AioApiException as exc:
+            except ApiException as exc:
                 if missing_ok and exc.status == 404:
                     raise
                 if exc.status not in RETRIED or attempt == ATTEMPTS:
@@ -602,7 +489,7 @@ class AsyncKube:
             return await self._call(
                 "GET", _path(api_version, kind, namespace, name), verb="get", missing_ok=True
             )
-        except AioApiException as exc:
+        except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
@@ -633,7 +520,7 @@ class AsyncKube:
                 verb="patch",
                 missing_ok=True,
             )
-        except AioApiException as exc:
+        except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
@@ -643,7 +530,7 @@ class AsyncKube:
             await self._call(
                 "DELETE", _path(api_version, kind, namespace, name), verb="delete", missing_ok=True
             )
-        except AioApiException as exc:
+        except ApiException as exc:
             if exc.status != 404:
                 raise
 

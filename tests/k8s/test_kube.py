@@ -18,7 +18,7 @@ from k8s.operator_process import OperatorProcess
 from txmail_operator.kube import (
     ENTRY_FIELD_MANAGER,
     FIELD_MANAGER,
-    AsyncKube,
+    Kube,
     AsyncWatch,
     Watches,
     retry_delay,
@@ -29,10 +29,8 @@ Obj = dict[str, Any]
 
 
 @pytest.fixture
-async def kube(operator: OperatorProcess) -> AsyncIterator[AsyncKube]:
-    api = AsyncKube(
-        aio_client.ApiClient(await AsyncKube.configuration(kubeconfig=str(operator.kubeconfig)))
-    )
+async def kube(operator: OperatorProcess) -> AsyncIterator[Kube]:
+    api = Kube(await Kube.load_configuration(kubeconfig=str(operator.kubeconfig)))
     yield api
     await api.close()
 
@@ -47,7 +45,7 @@ def config_map(namespace: str, name: str, data: dict[str, str]) -> Obj:
 
 
 async def test_apply_patch_get_delete_with_the_fixed_field_managers(
-    kube: AsyncKube, operator_namespace: str
+    kube: Kube, operator_namespace: str
 ) -> None:
     name = f"kube-{uuid.uuid4().hex[:6]}"
     await kube.apply(config_map(operator_namespace, name, {"a": "1"}))
@@ -68,7 +66,7 @@ async def test_apply_patch_get_delete_with_the_fixed_field_managers(
 
 
 async def test_events_name_the_object(
-    kube: AsyncKube, operator_namespace: str, api: client.ApiClient
+    kube: Kube, operator_namespace: str, api: client.ApiClient
 ) -> None:
     name = f"kube-{uuid.uuid4().hex[:6]}"
     obj = await kube.apply(config_map(operator_namespace, name, {}))
@@ -98,7 +96,7 @@ async def test_a_watch_lists_then_carries_changes_of_any_size(
             seen.append((type_, obj["kind"], len((obj.get("data") or {}).get("big", ""))))
 
     watches = Watches(
-        aio_client.ApiClient(await AsyncKube.configuration(kubeconfig=str(operator.kubeconfig)))
+        aio_client.ApiClient(await Kube.load_configuration(kubeconfig=str(operator.kubeconfig)))
     )
     path = f"/api/v1/namespaces/{operator_namespace}/configmaps"
     watches.start(

@@ -70,22 +70,25 @@ def test_each_token_is_due_once_per_interval_even_across_the_wrap() -> None:
     assert max(len(due(refs, k, k + 1.0)) for k in range(10)) < 500 / 10 * 1.5
 
 
-def test_urgent_work_goes_first_and_routine_work_is_queued_once() -> None:
-    work = Work(threads=0, routine_threads=1)  # no threads: the queue is read by hand
+async def test_urgent_work_goes_first_and_routine_work_is_queued_once() -> None:
+    work = Work(workers=0, routine_workers=1)  # no workers: the queue is read by hand
     ran: list[str] = []
-    assert work.submit(("SmtpToken", "a", "resume"), ran.append, "routine-1")
-    assert not work.submit(("SmtpToken", "a", "resume"), ran.append, "routine-dup")
-    assert work.submit(("SmtpToken", "b", "resume"), ran.append, "routine-2")
-    with work._cond:
-        work._push(_Job(URGENT, next(work._seq), lambda: ran.append("delete")), 0.0)
+
+    async def note(what: str) -> None:
+        ran.append(what)
+
+    assert work.submit(("SmtpToken", "a", "resume"), note, "routine-1")
+    assert not work.submit(("SmtpToken", "a", "resume"), note, "routine-dup")
+    assert work.submit(("SmtpToken", "b", "resume"), note, "routine-2")
+    work._push(_Job(URGENT, next(work._seq), lambda: note("delete")), 0.0)
     order = []
     while work.pending():
-        job = work._next()
+        job, _ = work.take()
         assert job is not None
         order.append(job.priority)
-        job.fn()
-        work._finish(job)
+        await job.fn()
+        work.finish(job)
     assert ran == ["delete", "routine-1", "routine-2"]
     assert order == [URGENT, ROUTINE, ROUTINE]
     # once taken, the same key may be queued again (a later change needs a later run)
-    assert work.submit(("SmtpToken", "a", "resume"), ran.append, "again")
+    assert work.submit(("SmtpToken", "a", "resume"), note, "again")

@@ -55,16 +55,20 @@ def test_a_revocation_or_reconcile_done_is_known_by_uid() -> None:
     assert not handled.revoked("u1") and handled.generation("u1") is None
 
 
-def test_urgent_work_replaces_the_same_job_waiting_as_routine() -> None:
-    work = Work(threads=0)
+async def test_urgent_work_replaces_the_same_job_waiting_as_routine() -> None:
+    work = Work(workers=0)
     ran: list[str] = []
-    assert work.submit(("t", "a"), ran.append, "routine")
-    assert work.submit(("t", "a"), ran.append, "urgent", priority=URGENT)
-    assert not work.submit(("t", "a"), ran.append, "again", priority=URGENT)
-    assert not work.submit(("t", "a"), ran.append, "routine-again", priority=ROUTINE)
-    job = work._next()
+
+    async def note(what: str) -> None:
+        ran.append(what)
+
+    assert work.submit(("t", "a"), note, "routine")
+    assert work.submit(("t", "a"), note, "urgent", priority=URGENT)
+    assert not work.submit(("t", "a"), note, "again", priority=URGENT)
+    assert not work.submit(("t", "a"), note, "routine-again", priority=ROUTINE)
+    job, _ = work.take()
     assert job is not None and job.priority == URGENT
-    job.fn()
-    work._finish(job)
+    await job.fn()
+    work.finish(job)
     assert ran == ["urgent"]
-    assert all(waiting.dropped for waiting in work._ready)  # the routine one never runs
+    assert work.take() == (None, None)  # the routine one was dropped: it never runs

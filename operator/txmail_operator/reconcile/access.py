@@ -23,15 +23,15 @@ class Attachment:
         return self.spec is not None and self.reason == "Attached"
 
 
-def attach(ctx: Context, ip_name: str, namespace: str) -> Attachment:
-    ip = ctx.cache.ip(ip_name)
+async def attach(ctx: Context, ip_name: str, namespace: str) -> Attachment:
+    ip = await ctx.cache.ip(ip_name)
     if ip is None or ip["metadata"].get("deletionTimestamp"):
         return Attachment(
             None, None, "DedicatedIPNotFound", f"DedicatedIP {ip_name} does not exist"
         )
     spec = DedicatedIPSpec.model_validate(ip["spec"])
     if spec.allowed_namespaces is not None:
-        labels = ctx.cache.namespace_labels(namespace) or {}
+        labels = await ctx.cache.namespace_labels(namespace) or {}
         if not spec.allowed_namespaces.matches(labels):
             return Attachment(
                 ip,

@@ -13,6 +13,7 @@ App Secrets (in app namespaces) are not here: the operator may not list or watch
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Mapping
@@ -48,10 +49,7 @@ def _version(obj: Obj) -> int | None:
 
 
 def _first(index: Mapping[Any, Any] | None, key: tuple[str, ...]) -> Any:
-    """The first value under ``key`` of a kopf index, read from a worker thread.
-
-    kopf changes its indexes on the event loop; a read that meets a change retries.
-    """
+    """The first value under ``key`` of a kopf index (a read that meets a change retries)."""
     if index is None:
         return None
     for _ in range(5):
@@ -68,7 +66,7 @@ class Cache:
         self.kube, self.namespace = kube, namespace
         self._guard = threading.Lock()
         self._objects: dict[tuple[str, str], Obj] = {}
-        self._synced = {kind: threading.Event() for kind in OWNED_KINDS}
+        self._synced = {kind: asyncio.Event() for kind in OWNED_KINDS}
         self._waited: set[str] = set()
         self.ips: Mapping[Any, Any] | None = None
         self.tokens: Mapping[Any, Any] | None = None
@@ -113,77 +111,80 @@ class Cache:
 
     # --- reads --------------------------------------------------------------------------
 
-    def synced(self, kind: str) -> bool:
+    async def synced(self, kind: str) -> bool:
         """Whether ``kind`` has been listed; waits for the first listing once, briefly."""
         event = self._synced[kind]
         if event.is_set():
             return True
         if kind in self._waited:
             return False
-        ok = event.wait(SYNC_WAIT)
+        try:
+            await asyncio.wait_for(event.wait(), SYNC_WAIT)
+            ok = True
+        except TimeoutError:
+            ok = False
         if not ok:
             self._waited.add(kind)
             log.warning("no listing of %ss yet: reading them from the API", kind)
         return ok
 
-    def known(self, kind: str, name: str) -> Obj | None:
+    async def known(self, kind: str, name: str) -> Obj | None:
         """The object as last seen, without asking the API (None: unknown or absent).
 
         Waits for the kind's first listing (once, briefly): at startup the DedicatedIPs
         resume while the shards are still being listed.
         """
-        if kind not in self._synced or not self.synced(kind):
+        if kind not in self._synced or not await self.synced(kind):
             return None
         with self._guard:
             return self._objects.get((kind, name))
 
-    def owned(self, kind: str, name: str) -> Obj | None:
+    async def owned(self, kind: str, name: str) -> Obj | None:
         """An object of the operator's namespace, as last seen (None: it does not exist)."""
-        if self.synced(kind):
+        if await self.synced(kind):
             with self._guard:
                 found = self._objects.get((kind, name))
             if found is not None:
                 return found
-        api_version = "apps/v1" if kind == "Deployment" else "v1"
-        if kind in ("Role", "RoleBinding"):
-            api_version = "rbac.authorization.k8s.io/v1"
-        obj = self.kube.get(api_version, kind, self.namespace, name)
+        obj = await self.kube.get(OWNED_KINDS[kind], kind, self.namespace, name)
         if obj is not None:
             self.put({**obj, "kind": kind})
         return obj
 
-    def read(self, api_version: str, kind: str, namespace: str | None, name: str) -> Obj | None:
+    async def read(
+        self, api_version: str, kind: str, namespace: str | None, name: str
+    ) -> Obj | None:
         """``Kube.get`` from memory where the object is one the cache holds."""
         if namespace == self.namespace and kind in OWNED_KINDS:
-            return self.owned(kind, name)
-        return self.kube.get(api_version, kind, namespace, name)
+            return await self.owned(kind, name)
+        return await self.kube.get(api_version, kind, namespace, name)
 
-    def ip(self, name: str) -> Obj | None:
+    async def ip(self, name: str) -> Obj | None:
         """A DedicatedIP (not being deleted), from kopf's index; one GET when not in it."""
         found = _first(self.ips, (IP_KEY, name))
         if found is not None:
             return dict(found)
-        body = self.kube.get("txmail.dev/v1alpha1", "DedicatedIP", None, name)
+        body = await self.kube.get("txmail.dev/v1alpha1", "DedicatedIP", None, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None
         return body
 
-    def token(self, namespace: str, name: str) -> Obj | None:
+    async def token(self, namespace: str, name: str) -> Obj | None:
         """An SmtpToken (not being deleted), from kopf's index; one GET when not in it."""
         found = _first(self.tokens, (TOKEN_KEY, namespace, name))
         if found is not None:
             return dict(found)
-        body = self.kube.get("txmail.dev/v1alpha1", "SmtpToken", namespace, name)
+        body = await self.kube.get("txmail.dev/v1alpha1", "SmtpToken", namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None
         return body
 
-    def namespace_labels(self, name: str) -> dict[str, str] | None:
+    async def namespace_labels(self, name: str) -> dict[str, str] | None:
         """A namespace's labels (None: it does not exist), from kopf's index or one GET."""
         found = _first(self.namespaces, (name,))
         if found is not None:
             return dict(found)
-        ns = self.kube.get("v1", "Namespace", None, name)
+        ns = await self.kube.get("v1", "Namespace", None, name)
         if ns is None:
             return None
         return dict((ns.get("metadata") or {}).get("labels") or {})

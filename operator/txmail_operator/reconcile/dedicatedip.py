@@ -8,7 +8,7 @@ import json
 import secrets
 from typing import Any
 
-from kubernetes.client.exceptions import ApiException
+from kubernetes_asyncio.client.exceptions import ApiException
 
 from txmail_relay import contract as c
 
@@ -24,33 +24,33 @@ IP_API = ("txmail.dev/v1alpha1", "DedicatedIP")
 APPLIED_ANNOTATION = "txmail.dev/applied-digest"
 
 
-def _ensure_tls(
+async def _ensure_tls(
     ctx: Context, owner: builders.RelayOwner, spec: DedicatedIPSpec
 ) -> tuple[str, bytes | None, str | None]:
     """The serving certificate's Secret, the CA apps should trust, and a problem if any."""
     name, ns = owner.name, owner.namespace
     ref = spec.tls.certificate_secret_ref
     if ref is not None:
-        secret = ctx.cache.owned("Secret", ref.name)
+        secret = await ctx.cache.owned("Secret", ref.name)
         if secret is None:
             return ref.name, None, f"certificate Secret {ns}/{ref.name} does not exist"
         ca = (secret.get("data") or {}).get("ca.crt")
         return ref.name, base64.b64decode(ca) if ca else None, None
     secret_name = c.tls_secret_name(name)
-    secret = ctx.cache.owned("Secret", secret_name)
+    secret = await ctx.cache.owned("Secret", secret_name)
     if secret is not None and (secret.get("data") or {}).get("ca.crt"):
         return secret_name, base64.b64decode(secret["data"]["ca.crt"]), None
     dns = builders.service_dns_names(name, ns, ctx.settings.cluster_domain)
     material = pki.issue(name, dns, ctx.now())
     ctx.cache.put(
-        ctx.kube.apply(
+        await ctx.kube.apply(
             builders.relay_tls_secret(owner, material.ca_pem, material.cert_pem, material.key_pem)
         )
     )
     return secret_name, material.ca_pem, None
 
 
-def _ensure_tracking_keys(
+async def _ensure_tracking_keys(
     ctx: Context, owner: builders.RelayOwner, spec: DedicatedIPSpec
 ) -> str | None:
     """The tracking keys Secret to mount, created with one random key when tracking is on.
@@ -60,23 +60,25 @@ def _ensure_tracking_keys(
     keep verifying.
     """
     secret_name = c.tracking_secret_name(owner.name)
-    secret = ctx.cache.owned("Secret", secret_name)
+    secret = await ctx.cache.owned("Secret", secret_name)
     if secret is not None and (secret.get("data") or {}).get(c.TRACKING_KEYS_KEY):
         return secret_name
     if spec.tracking.base_url is None:
         return None
-    ctx.cache.put(ctx.kube.apply(builders.relay_tracking_secret(owner, secrets.token_bytes(32))))
+    ctx.cache.put(
+        await ctx.kube.apply(builders.relay_tracking_secret(owner, secrets.token_bytes(32)))
+    )
     return secret_name
 
 
-def relay_ca(ctx: Context, ip: str, spec: DedicatedIPSpec) -> bytes | None:
+async def relay_ca(ctx: Context, ip: str, spec: DedicatedIPSpec) -> bytes | None:
     """The CA an app should trust for this IP's relay (None when unknown)."""
     secret_name = (
         spec.tls.certificate_secret_ref.name
         if spec.tls.certificate_secret_ref
         else c.tls_secret_name(ip)
     )
-    secret = ctx.cache.owned("Secret", secret_name)
+    secret = await ctx.cache.owned("Secret", secret_name)
     ca = ((secret or {}).get("data") or {}).get("ca.crt")
     return base64.b64decode(ca) if ca else None
 
@@ -100,17 +102,17 @@ def availability(deployment: Obj | None) -> tuple[bool, str, str]:
     )
 
 
-def reconcile_ip(ctx: Context, body: Obj, tokens: int, emails: int) -> None:
+async def reconcile_ip(ctx: Context, body: Obj, tokens: int, emails: int) -> None:
     """Apply every child of the DedicatedIP, then record its status."""
     meta = body["metadata"]
     name = meta["name"]
     spec = DedicatedIPSpec.model_validate(body["spec"])
     owner = builders.RelayOwner.of(body, ctx.settings.namespace)
-    with ctx.locks.hold(f"dedicatedip/{name}"):
-        if _namespace_missing(ctx, body, spec, tokens, emails):
+    async with ctx.locks.hold(f"dedicatedip/{name}"):
+        if await _namespace_missing(ctx, body, spec, tokens, emails):
             return
-        tls_secret, _ca, tls_problem = _ensure_tls(ctx, owner, spec)
-        tracking_secret = _ensure_tracking_keys(ctx, owner, spec)
+        tls_secret, _ca, tls_problem = await _ensure_tls(ctx, owner, spec)
+        tracking_secret = await _ensure_tracking_keys(ctx, owner, spec)
         config = builders.relay_config(name, spec)
         children: list[Obj | None] = [
             builders.relay_service_account(owner),
@@ -127,18 +129,18 @@ def reconcile_ip(ctx: Context, body: Obj, tokens: int, emails: int) -> None:
         ]
         for child in children:
             if child is not None:
-                _apply(ctx, child)
-        deployment = _apply(
+                await _apply(ctx, child)
+        deployment = await _apply(
             ctx,
             builders.relay_deployment(
                 owner, spec, ctx.settings.relay_image, tls_secret, tracking_secret
             ),
         )
-        problem = tls_problem or _smarthost_problem(ctx, spec)  # TLS was just checked
-        _write_status(ctx, body, spec, deployment, tokens, emails, problem)
+        problem = tls_problem or await _smarthost_problem(ctx, spec)  # TLS was just checked
+        await _write_status(ctx, body, spec, deployment, tokens, emails, problem)
 
 
-def _apply(ctx: Context, obj: Obj) -> Obj:
+async def _apply(ctx: Context, obj: Obj) -> Obj:
     """Server-side apply, remembering the version written so the drift watch skips it.
 
     A Service's ports are a list keyed by port: a port someone changed is a new entry that an
@@ -147,17 +149,17 @@ def _apply(ctx: Context, obj: Obj) -> Obj:
     """
     obj = _stamped(obj)
     meta = obj["metadata"]
-    live = ctx.cache.known(obj["kind"], meta["name"])
+    live = await ctx.cache.known(obj["kind"], meta["name"])
     if live is not None and _unchanged(live, obj):
         return live  # as applied, and nobody changed what we set: no write
     try:
-        out = ctx.kube.apply(obj)
+        out = await ctx.kube.apply(obj)
     except ApiException as exc:
         if obj["kind"] != "Service" or exc.status != 422:
             raise
-        out = _reset_ports(ctx, obj)
+        out = await _reset_ports(ctx, obj)
     if obj["kind"] == "Service" and _ports(out) != _ports(obj):
-        out = _reset_ports(ctx, obj)
+        out = await _reset_ports(ctx, obj)
     written = out.get("metadata") or {}
     if written.get("resourceVersion"):
         ctx.written.record(
@@ -195,11 +197,11 @@ def _covers(live: object, want: object) -> bool:
     return want is None or live == want
 
 
-def _reset_ports(ctx: Context, service: Obj) -> Obj:
+async def _reset_ports(ctx: Context, service: Obj) -> Obj:
     meta = service["metadata"]
     ports = {"spec": {"ports": service["spec"]["ports"]}}
-    ctx.kube.merge_patch("v1", "Service", meta["namespace"], meta["name"], ports)
-    return ctx.kube.apply(service)
+    await ctx.kube.merge_patch("v1", "Service", meta["namespace"], meta["name"], ports)
+    return await ctx.kube.apply(service)
 
 
 def _ports(service: Obj) -> list[tuple[object, ...]]:
@@ -210,35 +212,36 @@ def _ports(service: Obj) -> list[tuple[object, ...]]:
     )
 
 
-def repair_ip(ctx: Context, name: str, tokens: int, emails: int) -> None:
+async def repair_ip(ctx: Context, name: str, tokens: int, emails: int) -> None:
     """Re-apply the children of DedicatedIP ``name`` (drift repair); nothing when it is gone."""
-    body = ctx.cache.ip(name)
+    body = await ctx.cache.ip(name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return
-    reconcile_ip(ctx, body, tokens, emails)
+    await reconcile_ip(ctx, body, tokens, emails)
 
 
-def refresh_status(ctx: Context, name: str, tokens: int, emails: int) -> None:
+async def refresh_status(ctx: Context, name: str, tokens: int, emails: int) -> None:
     """Re-read the relay Deployment and update the DedicatedIP's status (no writes to children)."""
-    body = ctx.cache.ip(name)
+    body = await ctx.cache.ip(name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return
     if name in ctx.waiting_for_namespace:  # it may exist now: then the relay can be made
-        reconcile_ip(ctx, body, tokens, emails)
+        await reconcile_ip(ctx, body, tokens, emails)
         return
-    with ctx.locks.hold(f"dedicatedip/{name}"):
+    async with ctx.locks.hold(f"dedicatedip/{name}"):
         spec = DedicatedIPSpec.model_validate(body["spec"])
-        deployment = ctx.cache.owned("Deployment", c.relay_name(name))
-        _write_status(ctx, body, spec, deployment, tokens, emails, _config_problem(ctx, spec))
+        deployment = await ctx.cache.owned("Deployment", c.relay_name(name))
+        problem = await _config_problem(ctx, spec)
+        await _write_status(ctx, body, spec, deployment, tokens, emails, problem)
 
 
-def _namespace_missing(
+async def _namespace_missing(
     ctx: Context, body: Obj, spec: DedicatedIPSpec, tokens: int, emails: int
 ) -> bool:
     """When the operator's own namespace does not exist, say so in the status (the relay is
     made once it exists: the namespace handler and the recheck timer come back here)."""
     ns, name = ctx.settings.namespace, body["metadata"]["name"]
-    if ctx.cache.namespace_labels(ns) is not None:
+    if await ctx.cache.namespace_labels(ns) is not None:
         ctx.waiting_for_namespace.discard(name)
         return False
     ctx.waiting_for_namespace.add(name)
@@ -247,31 +250,31 @@ def _namespace_missing(
         f"create it (kubectl create namespace {ns}) or set TXMAIL_NAMESPACE (the chart's "
         "release namespace) to the namespace the operator runs in"
     )
-    _write_status(
+    await _write_status(
         ctx, body, spec, None, tokens, emails, None, blocked=("OperatorNamespaceMissing", message)
     )
     return True
 
 
-def _config_problem(ctx: Context, spec: DedicatedIPSpec) -> str | None:
+async def _config_problem(ctx: Context, spec: DedicatedIPSpec) -> str | None:
     """A Secret the DedicatedIP names that does not exist (yet), or None."""
     ns = ctx.settings.namespace
     ref = spec.tls.certificate_secret_ref
-    if ref is not None and ctx.cache.owned("Secret", ref.name) is None:
+    if ref is not None and await ctx.cache.owned("Secret", ref.name) is None:
         return f"certificate Secret {ns}/{ref.name} does not exist"
-    return _smarthost_problem(ctx, spec)
+    return await _smarthost_problem(ctx, spec)
 
 
-def _smarthost_problem(ctx: Context, spec: DedicatedIPSpec) -> str | None:
+async def _smarthost_problem(ctx: Context, spec: DedicatedIPSpec) -> str | None:
     ns = ctx.settings.namespace
     sh = spec.delivery.smarthost
     creds = sh.credentials_secret_ref if sh is not None else None
-    if creds is not None and ctx.cache.owned("Secret", creds.name) is None:
+    if creds is not None and await ctx.cache.owned("Secret", creds.name) is None:
         return f"smarthost credentials Secret {ns}/{creds.name} does not exist"
     return None
 
 
-def _write_status(
+async def _write_status(
     ctx: Context,
     body: Obj,
     spec: DedicatedIPSpec,
@@ -316,4 +319,4 @@ def _write_status(
     }
     patch = builders.status_patch(body.get("status"), status)
     if patch is not None:  # timers tick often: write only what changed
-        ctx.kube.patch_status(*IP_API, None, name, patch)
+        await ctx.kube.patch_status(*IP_API, None, name, patch)

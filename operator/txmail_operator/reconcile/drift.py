@@ -10,11 +10,12 @@ DedicatedIP is repaired at most once per ``spacing`` seconds, so repairs never f
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from enum import Enum
 
 from txmail_relay import contract as c
@@ -61,7 +62,7 @@ def classify(change: Change, written: Written) -> tuple[str, Action] | None:
 
 
 class Repairs:
-    """Debounced work per DedicatedIP, on one worker thread.
+    """Debounced work per DedicatedIP, in one task on the event loop.
 
     A request runs after ``delay`` (so a burst of events is one run), never sooner than
     ``spacing`` after the previous run for the same DedicatedIP; a repair wins over a status
@@ -70,66 +71,66 @@ class Repairs:
 
     def __init__(
         self,
-        run: Callable[[str, Action], None],
+        run: Callable[[str, Action], Awaitable[None]],
         *,
         delay: float = 0.2,
         spacing: float = 1.0,
         retry: float = 5.0,
     ) -> None:
         self.run, self.delay, self.spacing, self.retry = run, delay, spacing, retry
-        self._cond = threading.Condition()
+        self._wake = asyncio.Event()
         self._due: dict[str, tuple[float, Action]] = {}
         self._last: dict[str, float] = {}
-        self._stopping = False
-        self._thread = threading.Thread(target=self._work, name="drift-repairs", daemon=True)
+        self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._thread.start()
+        self._task = asyncio.get_running_loop().create_task(self._work(), name="drift-repairs")
 
-    def stop(self, timeout: float = 5.0) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
 
     def request(self, ip: str, action: Action, after: float | None = None) -> None:
-        with self._cond:
+        """Called on the event loop."""
+        now = time.monotonic()
+        due = max(
+            now + (self.delay if after is None else after),
+            self._last.get(ip, -math.inf) + self.spacing,
+        )
+        if ip in self._due:
+            old_due, old_action = self._due[ip]
+            due = min(old_due, due)
+            if old_action is Action.REPAIR:
+                action = Action.REPAIR
+        self._due[ip] = (due, action)
+        self._wake.set()
+
+    async def _next(self) -> tuple[str, Action]:
+        while True:
+            self._wake.clear()
+            if not self._due:
+                await self._wake.wait()
+                continue
+            ip, (due, action) = min(self._due.items(), key=lambda item: item[1][0])
             now = time.monotonic()
-            due = max(
-                now + (self.delay if after is None else after),
-                self._last.get(ip, -math.inf) + self.spacing,
-            )
-            if ip in self._due:
-                old_due, old_action = self._due[ip]
-                due = min(old_due, due)
-                if old_action is Action.REPAIR:
-                    action = Action.REPAIR
-            self._due[ip] = (due, action)
-            self._cond.notify_all()
+            if due > now:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), due - now)
+                continue
+            del self._due[ip]
+            self._last = {k: t for k, t in self._last.items() if t > now - self.spacing}
+            self._last[ip] = now
+            return ip, action
 
-    def _next(self) -> tuple[str, Action] | None:
-        with self._cond:
-            while not self._stopping:
-                if not self._due:
-                    self._cond.wait()
-                    continue
-                ip, (due, action) = min(self._due.items(), key=lambda item: item[1][0])
-                now = time.monotonic()
-                if due > now:
-                    self._cond.wait(due - now)
-                    continue
-                del self._due[ip]
-                self._last = {k: t for k, t in self._last.items() if t > now - self.spacing}
-                self._last[ip] = now
-                return ip, action
-            return None
-
-    def _work(self) -> None:
-        while (job := self._next()) is not None:
-            ip, action = job
+    async def _work(self) -> None:
+        while True:
+            ip, action = await self._next()
             try:
-                self.run(ip, action)
+                await self.run(ip, action)
+            except asyncio.CancelledError:
+                raise
             except Exception as exc:  # the API may be briefly away: try again later
                 log.warning(
                     "DedicatedIP %s: %s failed (%s), retrying", ip, action.value, type(exc).__name__
@@ -140,7 +141,7 @@ class Repairs:
 class DriftRepair:
     """The watch on the operator's own objects, wired to the repairs it calls for."""
 
-    def __init__(self, ctx: Context, run: Callable[[str, Action], None]) -> None:
+    def __init__(self, ctx: Context, run: Callable[[str, Action], Awaitable[None]]) -> None:
         self.ctx = ctx
         self.repairs = Repairs(run)
 
@@ -152,7 +153,7 @@ class DriftRepair:
             self.repairs.request(*what)
 
     def start(self, watches: Watches) -> None:
-        """The repairs' thread, and the watches (tasks on the running event loop)."""
+        """The repairs and the watches: tasks on the running event loop."""
         self.repairs.start()
         owned_watches(
             watches,
@@ -163,5 +164,5 @@ class DriftRepair:
             on_list=self.ctx.cache.on_list,
         )
 
-    def stop(self) -> None:
-        self.repairs.stop()
+    async def stop(self) -> None:
+        await self.repairs.stop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from kubernetes.client.exceptions import ApiException
+from kubernetes_asyncio.client.exceptions import ApiException
 
 from txmail_relay import contract as c
 from txmail_relay.templates.policy import validate
@@ -31,15 +31,15 @@ def assign_email_id(uid: str, current: int | None, taken: IdTaken) -> int:
     return candidate
 
 
-def reconcile_email(ctx: Context, namespace: str, name: str, taken: IdTaken) -> None:
-    with ctx.locks.hold(f"transactionalemail/{namespace}/{name}"):
-        body = ctx.kube.get(*EMAIL_API, namespace, name)
+async def reconcile_email(ctx: Context, namespace: str, name: str, taken: IdTaken) -> None:
+    async with ctx.locks.hold(f"transactionalemail/{namespace}/{name}"):
+        body = await ctx.kube.get(*EMAIL_API, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
-        _reconcile(ctx, body, taken)
+        await _reconcile(ctx, body, taken)
 
 
-def _reconcile(ctx: Context, body: Obj, taken: IdTaken) -> None:
+async def _reconcile(ctx: Context, body: Obj, taken: IdTaken) -> None:
     meta, status = body["metadata"], body.get("status") or {}
     name, namespace, generation = meta["name"], meta["namespace"], meta.get("generation", 0)
     spec = TransactionalEmailSpec.model_validate(body["spec"])
@@ -71,7 +71,7 @@ def _reconcile(ctx: Context, body: Obj, taken: IdTaken) -> None:
             now,
         )
 
-    attachment = attach(ctx, ip_name, namespace)
+    attachment = await attach(ctx, ip_name, namespace)
     sender_domain = spec.sender.address.rsplit("@", 1)[-1].lower()
     if not attachment.ok:
         ready = (False, attachment.reason, attachment.message)
@@ -97,7 +97,7 @@ def _reconcile(ctx: Context, body: Obj, taken: IdTaken) -> None:
             if ready[0]
             else None
         )
-        _publish(ctx, ip_name, email_id, entry)
+        await _publish(ctx, ip_name, email_id, entry)
     new_status = {
         "emailId": email_id,
         "observedGeneration": generation,
@@ -105,14 +105,14 @@ def _reconcile(ctx: Context, body: Obj, taken: IdTaken) -> None:
     }
     patch = builders.status_patch(status, new_status)
     if patch is not None:
-        ctx.kube.patch_status(*EMAIL_API, namespace, name, patch)
+        await ctx.kube.patch_status(*EMAIL_API, namespace, name, patch)
 
 
-def _publish(ctx: Context, ip: str, email_id: int, entry: c.TemplateEntry | None) -> None:
+async def _publish(ctx: Context, ip: str, email_id: int, entry: c.TemplateEntry | None) -> None:
     key = str(email_id)
     shard = c.templates_config_map_name(ip, c.shard_of(key, c.TEMPLATE_SHARDS))
     ns = ctx.settings.namespace
-    current = ctx.cache.owned("ConfigMap", shard)
+    current = await ctx.cache.owned("ConfigMap", shard)
     if current is None:
         return  # the relay is being set up; its reconcile fans out to us again
     have = (current.get("data") or {}).get(key)
@@ -121,7 +121,7 @@ def _publish(ctx: Context, ip: str, email_id: int, entry: c.TemplateEntry | None
         return
     try:
         ctx.cache.put(
-            ctx.kube.merge_patch(
+            await ctx.kube.merge_patch(
                 "v1", "ConfigMap", ns, shard, builders.shard_patch(key, want, secret=False)
             )
         )
@@ -130,9 +130,9 @@ def _publish(ctx: Context, ip: str, email_id: int, entry: c.TemplateEntry | None
             raise
 
 
-def withdraw_email(ctx: Context, body: Obj) -> None:
+async def withdraw_email(ctx: Context, body: Obj) -> None:
     """Before the email goes: remove its template from the relay."""
     status = body.get("status") or {}
     if status.get("emailId"):
         spec = TransactionalEmailSpec.model_validate(body["spec"])
-        _publish(ctx, spec.dedicated_ip_ref.name, int(status["emailId"]), None)
+        await _publish(ctx, spec.dedicated_ip_ref.name, int(status["emailId"]), None)

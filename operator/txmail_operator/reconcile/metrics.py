@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import kopf
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -80,13 +80,15 @@ class Metrics:
             self.duration.labels(kind).observe(time.monotonic() - start)
             self.reconciles.labels(kind, _result(error)).inc()
 
-    def measured(self, kind: str, fn: Callable[P, R]) -> Callable[P, R]:
+    def measured(
+        self, kind: str, fn: Callable[P, Awaitable[R]]
+    ) -> Callable[P, Coroutine[Any, Any, R]]:
         """``fn``, counted and timed as one reconcile of ``kind`` each time it runs."""
 
         @functools.wraps(fn)
-        def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        async def run(*args: P.args, **kwargs: P.kwargs) -> R:
             with self.reconcile(kind):
-                return fn(*args, **kwargs)
+                return await fn(*args, **kwargs)
 
         return run
 

@@ -8,6 +8,7 @@ status.send; a send that completed or was canceled only runs again when sendGene
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import csv
 import io
@@ -36,17 +37,17 @@ class _Waiting(Exception):  # noqa: N818 - a state, not an error
     """The send cannot start yet; the message says what it waits for."""
 
 
-def reconcile_send(ctx: Context, namespace: str, name: str) -> None:
-    with ctx.locks.hold(f"transactionalemail/{namespace}/{name}"):
-        body = ctx.kube.get(*EMAIL_API, namespace, name)
+async def reconcile_send(ctx: Context, namespace: str, name: str) -> None:
+    async with ctx.locks.hold(f"transactionalemail/{namespace}/{name}"):
+        body = await ctx.kube.get(*EMAIL_API, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
         spec = TransactionalEmailSpec.model_validate(body["spec"])
         if spec.send is not None:
-            _reconcile(ctx, body, spec, spec.send, ctx.relay)
+            await _reconcile(ctx, body, spec, spec.send, ctx.relay)
 
 
-def _reconcile(
+async def _reconcile(
     ctx: Context, body: Obj, spec: TransactionalEmailSpec, send: OneOffSend, relay: RelayClient
 ) -> None:
     meta, status = body["metadata"], body.get("status") or {}
@@ -59,25 +60,27 @@ def _reconcile(
         k: current[k] for k in ("total", "accepted", "failed", "startedAt") if same and k in current
     }
     if send.suspend:
-        _write(ctx, body, SendPhase.CANCELED, generation, message="suspended", **progress)
+        await _write(ctx, body, SendPhase.CANCELED, generation, message="suspended", **progress)
         return
     now = ctx.now()
     if send.at is not None and now < send.at:
-        _write(ctx, body, SendPhase.SCHEDULED, generation, message=f"sends at {stamp(send.at)}")
+        await _write(
+            ctx, body, SendPhase.SCHEDULED, generation, message=f"sends at {stamp(send.at)}"
+        )
         return
     try:
-        email_id, url, password = _prepare(ctx, body, spec)
-        recipients = _recipients(ctx, meta["namespace"], send)
+        email_id, url, password = await _prepare(ctx, body, spec)
+        recipients = await _recipients(ctx, meta["namespace"], send)
     except _Waiting as wait:
-        _write(ctx, body, SendPhase.SCHEDULED, generation, message=str(wait))
+        await _write(ctx, body, SendPhase.SCHEDULED, generation, message=str(wait))
         return
     started = progress.get("startedAt") or stamp(now)
     counts = {"total": len(recipients), "accepted": 0, "failed": 0}
-    _write(ctx, body, SendPhase.SENDING, generation, startedAt=started, **counts)
+    await _write(ctx, body, SendPhase.SENDING, generation, startedAt=started, **counts)
     problem: str | None = None
     for index, recipient in enumerate(recipients):
-        if index and index % RECHECK_EVERY == 0 and _stopped(ctx, meta, generation):
-            _write(
+        if index and index % RECHECK_EVERY == 0 and await _stopped(ctx, meta, generation):
+            await _write(
                 ctx,
                 body,
                 SendPhase.CANCELED,
@@ -97,7 +100,7 @@ def _reconcile(
             "customProperties": send.custom_properties or {},
         }
         try:
-            reply = relay.send(url, password, payload)
+            reply = await asyncio.to_thread(relay.send, url, password, payload)
         except RelayUnavailable as exc:
             raise kopf.TemporaryError(
                 f"the relay is unreachable ({exc}); will retry", delay=5
@@ -110,7 +113,7 @@ def _reconcile(
         else:  # 401 while the relay learns the credential, 429, 5xx: all temporary
             raise kopf.TemporaryError(f"the relay answered {reply.status}; will retry", delay=5)
     phase = SendPhase.FAILED if counts["failed"] and not counts["accepted"] else SendPhase.COMPLETE
-    _write(
+    await _write(
         ctx,
         body,
         phase,
@@ -122,17 +125,17 @@ def _reconcile(
     )
 
 
-def _prepare(ctx: Context, body: Obj, spec: TransactionalEmailSpec) -> tuple[int, str, str]:
+async def _prepare(ctx: Context, body: Obj, spec: TransactionalEmailSpec) -> tuple[int, str, str]:
     """The emailId, the relay's URL and the scheduler password, or why the send waits."""
     status = body.get("status") or {}
     ready = next((x for x in status.get("conditions") or [] if x.get("type") == "Ready"), None)
     if not status.get("emailId") or not ready or ready.get("status") != "True":
         reason = ready.get("message") if ready else "not reconciled yet"
         raise _Waiting(f"waiting for the email to be Ready: {reason}")
-    attachment = attach(ctx, spec.dedicated_ip_ref.name, body["metadata"]["namespace"])
+    attachment = await attach(ctx, spec.dedicated_ip_ref.name, body["metadata"]["namespace"])
     if attachment.ip is None or attachment.spec is None:
         raise _Waiting(attachment.message)
-    password = _scheduler_credential(ctx, attachment.ip, list(attachment.spec.domains))
+    password = await _scheduler_credential(ctx, attachment.ip, list(attachment.spec.domains))
     url = builders.relay_api_url(
         attachment.ip["metadata"]["name"],
         ctx.settings.namespace,
@@ -142,16 +145,18 @@ def _prepare(ctx: Context, body: Obj, spec: TransactionalEmailSpec) -> tuple[int
     return int(status["emailId"]), url, password
 
 
-def _scheduler_credential(ctx: Context, ip: Obj, domains: list[str]) -> str:
+async def _scheduler_credential(ctx: Context, ip: Obj, domains: list[str]) -> str:
     """The operator's credential for this relay: created once, its digest published."""
     name, uid = ip["metadata"]["name"], ip["metadata"]["uid"]
     ns = ctx.settings.namespace
-    secret = ctx.cache.owned("Secret", c.scheduler_secret_name(name))
+    secret = await ctx.cache.owned("Secret", c.scheduler_secret_name(name))
     encoded = ((secret or {}).get("data") or {}).get("password")
     password = base64.b64decode(encoded).decode() if encoded else ctx.password()
     if not encoded:
         ctx.cache.put(
-            ctx.kube.apply(builders.scheduler_secret(builders.RelayOwner.of(ip, ns), password))
+            await ctx.kube.apply(
+                builders.scheduler_secret(builders.RelayOwner.of(ip, ns), password)
+            )
         )
     username = c.SCHEDULER_USERNAME_PREFIX + name
     wanted = c.CredentialEntry(
@@ -163,21 +168,21 @@ def _scheduler_credential(ctx: Context, ip: Obj, domains: list[str]) -> str:
         email_campaign_id=builders.stable_id(f"{uid}/scheduler"),
         scheduler=True,
     )
-    exists, entry = current_entry(ctx, name, username)
+    exists, entry = await current_entry(ctx, name, username)
     if not exists:
         raise _Waiting(f"the relay of DedicatedIP {name} is being set up")
     if entry != wanted:
-        put_entry(ctx, name, username, wanted)
+        await put_entry(ctx, name, username, wanted)
     return password
 
 
-def _recipients(ctx: Context, namespace: str, send: OneOffSend) -> list[Recipient]:
+async def _recipients(ctx: Context, namespace: str, send: OneOffSend) -> list[Recipient]:
     if send.recipients is not None:
         return list(send.recipients)
     ref = send.recipients_from
     if ref is None:
         return []
-    config_map = ctx.kube.get("v1", "ConfigMap", namespace, ref.name)
+    config_map = await ctx.kube.get("v1", "ConfigMap", namespace, ref.name)
     text = ((config_map or {}).get("data") or {}).get(ref.key)
     if text is None:
         raise _Waiting(f"ConfigMap {namespace}/{ref.name} has no key {ref.key}")
@@ -196,16 +201,16 @@ def _recipients(ctx: Context, namespace: str, send: OneOffSend) -> list[Recipien
     ]
 
 
-def _stopped(ctx: Context, meta: Obj, generation: int) -> bool:
+async def _stopped(ctx: Context, meta: Obj, generation: int) -> bool:
     """Re-read the object mid-send: suspended, deleted or re-generated means stop."""
-    body = ctx.kube.get(*EMAIL_API, meta["namespace"], meta["name"])
+    body = await ctx.kube.get(*EMAIL_API, meta["namespace"], meta["name"])
     if body is None or body["metadata"].get("deletionTimestamp"):
         return True
     send = (body.get("spec") or {}).get("send") or {}
     return bool(send.get("suspend")) or send.get("sendGeneration", 1) != generation
 
 
-def _write(ctx: Context, body: Obj, phase: SendPhase, generation: int, **fields: Any) -> None:
+async def _write(ctx: Context, body: Obj, phase: SendPhase, generation: int, **fields: Any) -> None:
     new = {
         "phase": phase.value,
         "generation": generation,
@@ -217,5 +222,7 @@ def _write(ctx: Context, body: Obj, phase: SendPhase, generation: int, **fields:
     meta = body["metadata"]
     # A merge patch replaces status.send as a whole (null clears fields of an earlier phase).
     cleared = {k: None for k in (current or {}) if k not in new}
-    ctx.kube.patch_status(*EMAIL_API, meta["namespace"], meta["name"], {"send": {**new, **cleared}})
+    await ctx.kube.patch_status(
+        *EMAIL_API, meta["namespace"], meta["name"], {"send": {**new, **cleared}}
+    )
     body.setdefault("status", {})["send"] = new

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import kopf
-from kubernetes.client.exceptions import ApiException
+from kubernetes_asyncio.client.exceptions import ApiException
 
 from txmail_relay import contract as c
 
@@ -43,8 +43,10 @@ def _decode(secret: Obj | None, key: str) -> str | None:
     return base64.b64decode(value).decode() if value else None
 
 
-def current_entry(ctx: Context, ip: str, username: str) -> tuple[bool, c.CredentialEntry | None]:
-    shard = ctx.cache.owned("Secret", _shard_name(ip, username))
+async def current_entry(
+    ctx: Context, ip: str, username: str
+) -> tuple[bool, c.CredentialEntry | None]:
+    shard = await ctx.cache.owned("Secret", _shard_name(ip, username))
     if shard is None:
         return False, None
     raw = _decode(shard, username)
@@ -94,7 +96,7 @@ def _choose_password(
     return ctx.password(), None
 
 
-def reconcile_token(
+async def reconcile_token(
     ctx: Context, namespace: str, name: str, body: Obj | None = None, *, changed: bool = False
 ) -> None:
     """Reconcile one SmtpToken: ``body`` as handed over, else as kopf's index holds it.
@@ -104,9 +106,9 @@ def reconcile_token(
     first). A view older than what was done, or of a token already revoked, is skipped too.
     """
     key = f"smtptoken/{namespace}/{name}"
-    with ctx.locks.hold(key):
+    async with ctx.locks.hold(key):
         if body is None:
-            body = ctx.cache.token(namespace, name)
+            body = await ctx.cache.token(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
         uid, generation = body["metadata"]["uid"], body["metadata"].get("generation", 0)
@@ -115,12 +117,12 @@ def reconcile_token(
         done = ctx.handled.generation(uid)
         if done is not None and (done > generation or (changed and done == generation)):
             return
-        _reconcile(ctx, body)
+        await _reconcile(ctx, body)
         ctx.handled.reconciled(uid, generation)
         ctx.checked.mark(key)
 
 
-def _reconcile(ctx: Context, body: Obj) -> None:
+async def _reconcile(ctx: Context, body: Obj) -> None:
     meta, status = body["metadata"], body.get("status") or {}
     name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
     spec = SmtpTokenSpec.model_validate(body["spec"])
@@ -135,13 +137,13 @@ def _reconcile(ctx: Context, body: Obj) -> None:
         "createdAt": status.get("createdAt") or stamp(now),
         "observedGeneration": meta.get("generation", 0),
     }
-    attachment = attach(ctx, ip_name, namespace)
+    attachment = await attach(ctx, ip_name, namespace)
     expired = spec.expires_at is not None and now >= spec.expires_at
     ip_spec = attachment.spec
     no_domain = _no_allowed_domain(spec, ip_name, ip_spec)
     if not attachment.ok or expired or ip_spec is None or no_domain:
         if attachment.ip is not None:
-            _remove_entry(ctx, ip_name, username)
+            await _remove_entry(ctx, ip_name, username)
         reason, message = (
             ("Expired", f"the token expired at {stamp(spec.expires_at)}")
             if expired and spec.expires_at is not None
@@ -149,13 +151,13 @@ def _reconcile(ctx: Context, body: Obj) -> None:
             if attachment.ok and no_domain
             else (attachment.reason, attachment.message)
         )
-        _write_status(ctx, body, base, False, reason, message)
+        await _write_status(ctx, body, base, False, reason, message)
         return
 
-    exists, entry = current_entry(ctx, ip_name, username)
+    exists, entry = await current_entry(ctx, ip_name, username)
     if not exists:
         raise kopf.TemporaryError(f"the relay of DedicatedIP {ip_name} is being set up", delay=2)
-    secret = ctx.kube.get("v1", "Secret", namespace, secret_name)
+    secret = await ctx.kube.get("v1", "Secret", namespace, secret_name)
     password, issue = _choose_password(
         ctx, spec, secret, entry, issued_before=status.get("passwordGeneration") is not None
     )
@@ -178,10 +180,10 @@ def _reconcile(ctx: Context, body: Obj) -> None:
         password,
         host,
         builders.submission_port(ip_spec),
-        relay_ca(ctx, ip_name, ip_spec),
+        await relay_ca(ctx, ip_name, ip_spec),
     )
     if secret is None or _drifted(secret, desired):
-        ctx.kube.apply(desired)  # first the Secret: it is the only copy of the password
+        await ctx.kube.apply(desired)  # first the Secret: it is the only copy of the password
     wanted = builders.credential_entry(
         name,
         namespace,
@@ -192,15 +194,15 @@ def _reconcile(ctx: Context, body: Obj) -> None:
         base["emailCampaignId"],
     )
     if entry != wanted:
-        put_entry(ctx, ip_name, username, wanted)
+        await put_entry(ctx, ip_name, username, wanted)
     if issue is not None:
-        ctx.kube.event(body, issue.reason, issue.message, warning=issue.warning, now=now)
+        await ctx.kube.event(body, issue.reason, issue.message, warning=issue.warning, now=now)
     elif secret is not None and _drifted(secret, desired):
-        ctx.kube.event(
+        await ctx.kube.event(
             body, "SecretRestored", f"put back the edited app Secret {secret_name}", now=now
         )
     base["passwordGeneration"] = spec.password_generation
-    _write_status(
+    await _write_status(
         ctx,
         body,
         base,
@@ -238,50 +240,54 @@ def _drifted(actual: Obj, desired: Obj) -> bool:
     return want["ownerReferences"][0]["uid"] not in owners
 
 
-def put_entry(ctx: Context, ip: str, username: str, entry: c.CredentialEntry) -> None:
+async def put_entry(ctx: Context, ip: str, username: str, entry: c.CredentialEntry) -> None:
     patch = builders.shard_patch(username, entry.to_json(), secret=True)
     shard = _shard_name(ip, username)
-    ctx.cache.put(ctx.kube.merge_patch("v1", "Secret", ctx.settings.namespace, shard, patch))
+    ctx.cache.put(await ctx.kube.merge_patch("v1", "Secret", ctx.settings.namespace, shard, patch))
 
 
-def _remove_entry(ctx: Context, ip: str, username: str, *, always: bool = False) -> None:
+async def _remove_entry(ctx: Context, ip: str, username: str, *, always: bool = False) -> None:
     """Remove the token's entry; unless ``always``, only when the cached shard has one
     (a token that is not attached is checked periodically: that must cost no write)."""
     patch = builders.shard_patch(username, None, secret=True)
     shard = _shard_name(ip, username)
     if not always:
-        current = ctx.cache.owned("Secret", shard)
+        current = await ctx.cache.owned("Secret", shard)
         if current is None or username not in (current.get("data") or {}):
             return
     try:
-        ctx.cache.put(ctx.kube.merge_patch("v1", "Secret", ctx.settings.namespace, shard, patch))
+        ctx.cache.put(
+            await ctx.kube.merge_patch("v1", "Secret", ctx.settings.namespace, shard, patch)
+        )
     except ApiException as exc:
         if exc.status != 404:  # no shard: the relay (and every entry) is gone already
             raise
 
 
-def _write_status(ctx: Context, body: Obj, base: Obj, ok: bool, reason: str, message: str) -> None:
+async def _write_status(
+    ctx: Context, body: Obj, base: Obj, ok: bool, reason: str, message: str
+) -> None:
     meta = body["metadata"]
     previous = (body.get("status") or {}).get("conditions")
     ready = condition(previous, "Ready", ok, reason, message, meta.get("generation", 0), ctx.now())
     patch = builders.status_patch(body.get("status"), {**base, "conditions": [ready]})
     if patch is not None:
-        ctx.kube.patch_status(*TOKEN_API, meta["namespace"], meta["name"], patch)
+        await ctx.kube.patch_status(*TOKEN_API, meta["namespace"], meta["name"], patch)
 
 
-def revoke_token(ctx: Context, body: Obj) -> None:
+async def revoke_token(ctx: Context, body: Obj) -> None:
     """Before the token goes: remove its credential from the relay (the Secret goes by GC).
 
     Once per token: the urgent watch and kopf's deletion handler both call this.
     """
     meta = body["metadata"]
     key = f"smtptoken/{meta['namespace']}/{meta['name']}"
-    with ctx.locks.hold(key):
+    async with ctx.locks.hold(key):
         ctx.checked.forget(key)
         if ctx.handled.revoked(meta["uid"]):
             return
         spec = SmtpTokenSpec.model_validate(body["spec"])
-        _remove_entry(
+        await _remove_entry(
             ctx, spec.dedicated_ip_ref.name, builders.username_for(meta["uid"]), always=True
         )
         ctx.handled.revoke(meta["uid"])

@@ -17,9 +17,9 @@ Ref = tuple[str, str]
 TOKEN_API = ("txmail.dev/v1alpha1", "SmtpToken")
 
 
-def publish_stats(ctx: Context, ip: str, token_of: Callable[[str], Ref | None]) -> int:
+async def publish_stats(ctx: Context, ip: str, token_of: Callable[[str], Ref | None]) -> int:
     """Copy the relay's figures into token statuses; returns how many tokens were updated."""
-    config_map = ctx.cache.owned("ConfigMap", c.stats_config_map_name(ip))
+    config_map = await ctx.cache.owned("ConfigMap", c.stats_config_map_name(ip))
     raw = ((config_map or {}).get("data") or {}).get(c.STATS_KEY)
     if not raw:
         return 0
@@ -32,7 +32,7 @@ def publish_stats(ctx: Context, ip: str, token_of: Callable[[str], Ref | None]) 
         stats = figures.model_dump(mode="json", by_alias=True)
         if not ctx.stats.changed(username, stats):
             continue
-        shown = dict(((ctx.cache.token(*ref) or {}).get("status") or {}).get("stats") or {})
+        shown = dict(((await ctx.cache.token(*ref) or {}).get("status") or {}).get("stats") or {})
         shown.pop("updatedAt", None)
         # After a restart the memory above is empty: the status may show these figures
         # already (a null in a merge patch removes the field, so None is absent there).
@@ -41,6 +41,6 @@ def publish_stats(ctx: Context, ip: str, token_of: Callable[[str], Ref | None]) 
         # A new dict: the one remembered above must stay without updatedAt (which changes with
         # every report), or every report would look changed.
         stamped = {**stats, "updatedAt": report.model_dump(mode="json", by_alias=True)["updatedAt"]}
-        if ctx.kube.patch_status(*TOKEN_API, ref[0], ref[1], {"stats": stamped}) is not None:
+        if await ctx.kube.patch_status(*TOKEN_API, ref[0], ref[1], {"stats": stamped}) is not None:
             updated += 1
     return updated

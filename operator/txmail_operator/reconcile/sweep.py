@@ -3,14 +3,14 @@
 Each token has its own offset in the interval (from its uid), so 5,000 tokens are 5,000
 checks spread over the interval rather than a burst each time kopf's timers fire together
 (they all start at once at startup). A token reconciled for another reason less than half an
-interval ago is skipped. One thread; the checks themselves are ROUTINE work.
+interval ago is skipped. One task; the checks themselves are ROUTINE work.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable
 
@@ -41,20 +41,21 @@ class Sweep:
     ) -> None:
         self.interval, self.tokens, self.check, self.clock = interval, tokens, check, clock
         self.tick = min(1.0, interval / 4)
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sweep", daemon=True)
+        self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._thread.start()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="sweep")
 
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stopping.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
 
-    def _run(self) -> None:
+    async def _run(self) -> None:
         last = self.clock() % self.interval
-        while not self._stopping.wait(self.tick):
+        while True:
+            await asyncio.sleep(self.tick)
             now = self.clock() % self.interval
             try:
                 refs = [(ref, offset(uid, self.interval)) for ref, uid in self.tokens()]

@@ -103,19 +103,19 @@ class UrgentTokens:
         else:
             work.submit(("gone", uid), self._gone, slim(obj), priority=URGENT)
 
-    def _reconcile_latest(self, namespace: str, name: str) -> None:
+    async def _reconcile_latest(self, namespace: str, name: str) -> None:
         """Reconcile the newest body seen; kept for the retry when this fails."""
         key = (namespace, name)
         with self._guard:
             body = self._bodies.get(key)
         if body is None:
             return
-        reconcile_token(self.ctx, namespace, name, body, changed=True)
+        await reconcile_token(self.ctx, namespace, name, body, changed=True)
         with self._guard:
             if self._bodies.get(key) is body:
                 del self._bodies[key]
 
-    def _gone(self, body: Obj) -> None:
+    async def _gone(self, body: Obj) -> None:
         """Deleted: revoked if kopf's handler did not (a token that never had the finalizer)."""
-        revoke_token(self.ctx, body)
+        await revoke_token(self.ctx, body)
         self.ctx.handled.forget(body["metadata"]["uid"])
