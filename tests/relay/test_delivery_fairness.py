@@ -244,3 +244,33 @@ def test_a_message_to_both_domains_reaches_the_healthy_one(
     assert relay is not None
     # Each message waits for its other recipient: none is finished, none is lost.
     assert env.threads[-1].call(relay.queue.depth) == GOOD_MESSAGES
+
+
+def test_after_a_restart_only_the_undelivered_part_is_sent(
+    env: RelayEnv, dns: DnsServer, peer_factory: Callable[[str, int], MisbehavingPeer]
+) -> None:
+    """Split attempts keep delivery's guarantee: the healthy part delivered before a restart
+    is not sent again after it, and the hanging part is delivered once its server works."""
+    peer_factory("tarpit", env.sink.port)
+    recorder = Recorder()
+    env.start(_direct(env, dns, env.sink.port), listeners=[recorder])
+    with env.client(env.threads[-1]) as smtp:
+        for seq in range(GOOD_MESSAGES):
+            smtp.sendmail(
+                "app@example.com", [f"user{seq}@bad.test", f"user{seq}@good.test"], message(seq)
+            )
+    env.sink.wait(GOOD_MESSAGES, timeout=DEADLINE)
+    wait_for(
+        lambda: all(recorder.outcomes(f"user{s}@good.test") for s in range(GOOD_MESSAGES)),
+        what="the healthy recipients' outcomes",
+    )
+    env.threads[-1].stop()  # the tarpit attempts are still hanging: cancelled
+    dns.records["bad.test"] = {"A": ["127.0.0.1"]}  # bad.test now reaches smtp-sink too
+    relay = env.start(_direct(env, dns, env.sink.port))
+    assert relay.relay is not None
+    queue = relay.relay.queue
+    wait_for(lambda: relay.call(queue.depth) == 0, timeout=15, what="the queue to empty")
+    rcpts = sorted(r for m in env.sink.messages() for r in m.rcpts)
+    assert rcpts == sorted(
+        f"<user{s}@{domain}.test>" for s in range(GOOD_MESSAGES) for domain in ("bad", "good")
+    )
