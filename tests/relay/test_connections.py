@@ -9,6 +9,7 @@ open-file tests run the relay as a process, as the pod does.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import http.client
@@ -373,6 +374,27 @@ def test_an_upload_longer_than_the_data_bound_gets_421(env: RelayEnv) -> None:
         with pytest.raises(smtplib.SMTPServerDisconnected):
             client.noop()
     assert env.sink.messages() == []
+
+
+class SlowSpool:
+    """The relay's spool behind a disk that takes 2 s per message (longer than idleTimeout)."""
+
+    def __init__(self, spool: Any) -> None:
+        self._spool = spool
+
+    async def append(self, *args: Any) -> Any:
+        await asyncio.sleep(2.0)
+        return await self._spool.append(*args)
+
+
+def test_the_relays_own_work_is_not_the_clients_silence(env: RelayEnv) -> None:
+    relay = start(env)  # idle timeout 1 s
+    assert relay.relay is not None
+    sends = relay.relay.sends
+    relay.call(lambda: setattr(sends, "_spool", SlowSpool(sends._spool)))
+    with logged_in(env, relay.port) as client:
+        client.sendmail("app@example.com", ["user@dest.test"], message(1))  # no 421 meanwhile
+    env.sink.wait(1)
 
 
 def test_idle_sessions_are_told_before_they_are_closed(env: RelayEnv) -> None:

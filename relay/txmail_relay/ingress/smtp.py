@@ -293,6 +293,7 @@ class SubmissionProtocol(SMTP):
         self._server_tls = tls_context if implicit_tls else None
         self._handshake_timeout = min(limits.tls_handshake_timeout, limits.idle_timeout)
         self._upload_timeout = limits.data_upload_timeout
+        self._hook_timeout = limits.data_timeout + limits.idle_timeout
         self._max_junk = limits.max_junk_commands
         self._ticket: Ticket | None = None
         # The TCP connection. Stream transports, typed as such: uvloop's do not subclass
@@ -494,8 +495,8 @@ class SubmissionProtocol(SMTP):
 
     def _timeout_cb(self) -> None:
         """aiosmtpd's idle timer: a 421 before closing, except in a handshake (no reply
-        possible in clear text) and while the relay itself is working (the timer is paused
-        then, see _call_handler_hook)."""
+        possible in clear text). While the relay itself works it runs longer (see
+        _call_handler_hook)."""
         if self.transport is None:
             return
         log.info("idle timeout", extra={"peer": self._peer_ip()})
@@ -511,13 +512,13 @@ class SubmissionProtocol(SMTP):
         self.goodbye(REPLY_UPLOAD_TOO_LONG)
 
     async def _call_handler_hook(self, command: str, *args: Any) -> Any:
-        """The handler's time is the relay's, not the client's silence: no idle timer then."""
+        """The handler's time is the relay's, not the client's silence: the idle timer waits
+        longer then, beyond the spooling bound (dataTimeout), so only a hung relay hits it."""
         if command == "DATA":  # the upload is complete
             self._in_data = False
             if self._upload_deadline is not None:
                 self._upload_deadline.cancel()
-        if self._timeout_handle is not None:
-            self._timeout_handle.cancel()
+        self._reset_timeout(self._hook_timeout)
         try:
             return await super()._call_handler_hook(command, *args)
         finally:
