@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -19,6 +20,7 @@ import smtplib
 import socket
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +40,7 @@ from relay.relaykit import (
     template_doc,
     wait_for,
 )
+from relay.test_crash import Submitter
 from txmail_relay.http.api import SEND_PATH
 
 MIB = 1024 * 1024
@@ -447,3 +450,49 @@ def test_a_relay_stopped_cleanly_starts_again_on_a_full_disk(
     with relay.client() as smtp:
         assert send(smtp, 5, 16 * KIB) == 250
     wait_for(lambda: delivered(env.sink)[5], 15, "the new message delivered")
+
+
+@pytest.mark.slow
+def test_sigkill_on_a_full_disk_loses_no_acknowledged_message(
+    env: RelayEnv, volume: Volume, relays: list[Relay]
+) -> None:
+    """The spool's promise on a full disk: clients keep sending while the volume fills up to
+    the last byte and frees again, the relay is killed (SIGKILL) at random moments and
+    restarted; every message that got a 250 reaches the upstream, and the duplicates stay
+    within the kill windows."""
+    relay = Relay(env, volume, upstream=env.sink.port)
+    relays.append(relay)
+    submitter = Submitter(env, relay.port)
+    rng = random.Random()
+    rounds = 6
+    for _ in range(rounds):
+        relay.start()
+        submitter.start()
+        time.sleep(rng.uniform(0.1, 0.4))  # the moments are random on purpose
+        volume.fill(leave=0)  # commits and DONE records fail with ENOSPC from here
+        time.sleep(rng.uniform(0.1, 0.4))
+        if rng.random() < 0.5:
+            volume.fill(leave=16 * MIB)  # space comes back before the kill, or only after
+            time.sleep(rng.uniform(0.0, 0.3))
+        relay.kill()
+        submitter.stop()
+        volume.fill(leave=16 * MIB)
+    assert len(submitter.acked) > rounds, "the clients should have got some 250s"
+    relay.start()
+    seqs = re.compile(r"Subject: seq (\d+)")
+
+    def counts() -> Counter[int]:
+        return Counter(
+            int(m.group(1)) for c in env.sink.messages() if (m := seqs.search(c.content))
+        )
+
+    found = wait_for(
+        lambda: c if submitter.acked <= set(c := counts()) else None,
+        30,
+        "every acknowledged message at smtp-sink",
+    )
+    duplicates = sum(found.values()) - len(found)
+    assert duplicates <= rounds * 8 * 2, f"{duplicates} duplicates"
+    relay.stop()
+    assert relay.process is not None and relay.process.returncode == 0
+    print(f"acked={len(submitter.acked)} delivered={len(found)} duplicates={duplicates}")
