@@ -228,6 +228,14 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
         key = ("ip", name)
         reconcile.fan_out(memo.ctx, _refs(tokens, key), _refs(emails, key), _taken(emails))
 
+    _register_namespaces(r)
+    _register_mail(r, settings)
+    _register_watch(r, settings)
+
+
+def _register_namespaces(r: dict[str, Any]) -> None:
+    """Namespace labels (allowedNamespaces) and the operator's own namespace appearing."""
+
     @kopf.on.event("", "v1", "namespaces", id="namespace", **r)
     async def namespace(
         event: kopf.RawEvent,
@@ -239,6 +247,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
         **_: Any,
     ) -> None:
         ctx: reconcile.Context = memo.ctx
+        ctx.indexed.set()  # kopf runs handlers only once every index is filled
         gone = event["type"] == "DELETED"
         if name == ctx.settings.namespace and not gone:
             for ip in sorted(ctx.waiting_for_namespace):  # now their relays can be made
@@ -247,9 +256,6 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
             reconcile.fan_out(
                 ctx, _refs(tokens, ("ns", name)), _refs(emails, ("ns", name)), _taken(emails)
             )
-
-    _register_mail(r, settings)
-    _register_watch(r, settings)
 
 
 def _register_watch(r: dict[str, Any], settings: Settings) -> None:

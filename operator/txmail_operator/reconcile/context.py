@@ -170,6 +170,9 @@ class Context:
     cache: Cache = field(init=False)
     # DedicatedIPs whose relay waits for the operator's namespace to be created.
     waiting_for_namespace: set[str] = field(default_factory=set)
+    # Set once kopf runs its first handler, which it does only when every index is filled:
+    # before that a DedicatedIP's token and email counts would read as 0 (and be written).
+    indexed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self.cache = Cache(self.kube, self.settings.namespace)

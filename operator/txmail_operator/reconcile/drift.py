@@ -76,8 +76,10 @@ class Repairs:
         delay: float = 0.2,
         spacing: float = 1.0,
         retry: float = 5.0,
+        ready: asyncio.Event | None = None,
     ) -> None:
         self.run, self.delay, self.spacing, self.retry = run, delay, spacing, retry
+        self.ready = ready  # no run before it is set (requests are kept until then)
         self._wake = asyncio.Event()
         self._due: dict[str, tuple[float, Action]] = {}
         self._last: dict[str, float] = {}
@@ -125,6 +127,8 @@ class Repairs:
             return ip, action
 
     async def _work(self) -> None:
+        if self.ready is not None:
+            await self.ready.wait()
         while True:
             ip, action = await self._next()
             try:
@@ -143,7 +147,7 @@ class DriftRepair:
 
     def __init__(self, ctx: Context, run: Callable[[str, Action], Awaitable[None]]) -> None:
         self.ctx = ctx
-        self.repairs = Repairs(run)
+        self.repairs = Repairs(run, ready=ctx.indexed)
 
     def on_change(self, change: Change) -> None:
         self.ctx.cache.on_change(change)  # first: a repair it calls for reads the cache
