@@ -17,6 +17,7 @@ from typing import Any
 
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 
 from txmail_relay.config.live import DynamicConfig
 from txmail_relay.contract import CredentialEntry, PasswordDigest, RelayConfig
@@ -26,6 +27,8 @@ from txmail_relay.mail.addresses import AddressError, addr_specs, mailboxes
 from txmail_relay.mail.compose import MimeError, address
 from txmail_relay.mail.headers import header_fields
 from txmail_relay.mail.submission import ORIGINATOR_FIELDS, parse_submission
+from txmail_relay.metrics import RelayMetrics
+from txmail_relay.sending.composer import Composer
 from txmail_relay.sending.model import SendRequest
 from txmail_relay.sending.policy import (
     Accepted,
@@ -121,7 +124,8 @@ def _receiver_domains(content: bytes) -> list[str] | None:
             header = email.policy.default.header_factory(name.strip(), raw)
             if isinstance(header, AddressHeader):
                 found += [a.domain.lower() for a in header.addresses]
-            found += [d.rpartition("@")[2].lower() for _, d in getaddresses([str(raw)]) if d]
+            unfolded = re.sub(r"\r\n(?=[ \t])", "", str(raw))
+            found += [a.rpartition("@")[2].lower() for _, a in getaddresses([unfolded]) if "@" in a]
     except Exception:
         return None
     return found
@@ -426,3 +430,62 @@ def test_rewriting_a_message_never_raises(source: str) -> None:
         assume(False)
     result = rewrite_message(msg, "https://t.example.com", KEYS, EVENT_ID)
     assert result.failed or result.message is not msg
+
+
+# -- tracked plain mail: the rewritten copy still passes the From policy -----------------------
+
+TRACKING_CONFIG = DynamicConfig(
+    relay=RelayConfig.model_validate(
+        {
+            **CONFIG.relay.model_dump(by_alias=True),
+            "tracking": {"baseURL": "https://t.example.com"},
+        }
+    )
+)
+
+
+class _Keys:
+    current = KEYS
+
+
+COMPOSER = Composer(TEMPLATES, _Keys(), RelayMetrics(CollectorRegistry()))
+HTML_PART = (
+    "MIME-Version: 1.0\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+    '<p><a href="https://shop.example.com/o/1">order</a></p>\r\n'
+)
+
+
+comment_text = st.lists(
+    st.one_of(
+        st.sampled_from(["x" * 40, " ", "<boss@evil.test>", "boss@evil.test", "\\(", "\\)", ","]),
+        st.sampled_from(["App", "=?utf-8?q?J=C3=B6?=", "\r\n ", ";", ":", "@"]),
+        st.text(
+            st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters="()\\"),
+            max_size=8,
+        ),
+    ),
+    max_size=12,
+).map("".join)
+tracked_head = st.one_of(
+    comment_text.map(lambda c: f"From: app@example.com ({c})\r\n"),
+    comment_text.map(lambda c: f"From: App ({c}) <app@example.com>\r\n"),
+    comment_text.map(lambda c: f'From: "{c}" <app@example.com>\r\n'),
+    header_section,
+)
+
+
+@given(tracked_head)
+@example("From : App <app@example.com>\r\n")
+@example("From: app@example.com (" + "x" * 200 + ")\r\nTo: ada@dest.test\r\n")
+def test_a_tracked_copy_passes_the_from_policy_like_the_original(head: str) -> None:
+    content = (head + "To: ada@dest.test\r\n" + HTML_PART).encode("utf-8", "surrogateescape")
+    submission = parse_submission("app@example.com", ["ada@dest.test"], content)
+    assume(isinstance(check_header_from(CONFIG, ENTRY, submission.headers), Accepted))
+    assume(check_content(content) == Accepted())
+    for copy in COMPOSER.plain(TRACKING_CONFIG, submission):
+        again = parse_submission("app@example.com", list(copy.recipients), copy.body)
+        assert isinstance(check_header_from(CONFIG, ENTRY, again.headers), Accepted), copy.body
+        assert set(again.headers.from_domains or ()) == {ALLOWED}
+        receiver = _receiver_domains(copy.body)
+        if receiver is not None:
+            assert set(receiver) <= {ALLOWED}, (copy.body, receiver)

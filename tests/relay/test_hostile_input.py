@@ -10,6 +10,7 @@ the HTTP API answers 400 with the field named. Every refusal leaves the session 
 from __future__ import annotations
 
 import json
+import re
 import smtplib
 from typing import Any
 
@@ -25,6 +26,7 @@ from relay.relaykit import (
     message,
     parsed,
     template_doc,
+    tracking_keys_file,
     wait_for,
 )
 from txmail_relay.http.api import SEND_PATH
@@ -469,3 +471,48 @@ def test_malformed_command_arguments_get_a_5xx(env: RelayEnv, relay: RelayThread
     for command in ('MAIL FROM:<">', 'RCPT TO:<">'):
         assert answers[command][0] == 553, (command, answers[command])
     assert relay.metric("txmail_relay_smtp_rejections_total", {"reason": "syntax"}) >= 2
+
+
+# -- sibling: tracking rewrites plain mail, and must not rewrite who it is from ---------------
+
+
+def test_tracking_keeps_the_from_fields_as_they_were_checked(env: RelayEnv) -> None:
+    keys = tracking_keys_file(env.directory, 1)
+    relay = env.start(
+        env.settings(
+            overrides={
+                "relay": {"tracking": {"baseURL": "https://t.example.com"}},
+                "trackingKeysFile": str(keys),
+            }
+        )
+    )
+    html = (
+        b"To: user@dest.test\r\nMIME-Version: 1.0\r\nContent-Type: text/html; charset=utf-8\r\n"
+        b'\r\n<html><body><p><a href="https://shop.example.com/o/1">order</a></p></body></html>'
+        b"\r\nEND-OF-MESSAGE "  # after </body>: the open pixel goes before it
+    )
+    heads = {
+        # a long comment the email package used to refold without its parentheses, which
+        # turned it into "app@example.com xxx <boss@evil.test> yyy"
+        "comment": b"From: app@example.com ("
+        + b"x" * 80
+        + b" <boss@evil.test> "
+        + b"y" * 80
+        + b")",
+        # obsolete syntax the email package drops (it reads "From " as an mbox line)
+        "obsolete": b"From : App <app@example.com>",
+    }
+    with env.client(relay) as smtp:
+        for name, head in heads.items():
+            assert _reply(smtp, head + b"\r\n" + html + name.encode() + b"\r\n") == (250, ""), name
+    messages = env.sink.wait(len(heads))
+    for captured in messages:
+        name = captured.content.rsplit("END-OF-MESSAGE ", 1)[1].split()[0]
+        sent = parsed(captured)
+        assert [str(v) for v in sent.get_all("From") or []] or name == "obsolete", name
+        from_lines = re.findall(r"^From\s*:.*(?:\n[ \t].*)*", captured.content, re.MULTILINE)
+        assert len(from_lines) == 1, (name, from_lines)
+        unfolded = re.sub(r"\r?\n(?=[ \t])", "", from_lines[0])
+        assert unfolded.replace("\r", "") == heads[name].decode(), (name, unfolded)
+        if name == "comment":  # tracked: the rewrite ran and kept the field byte for byte
+            assert "https://t.example.com/c/" in captured.content.replace("=\n", "")

@@ -27,7 +27,8 @@ from txmail_relay.mail.compose import (
     build_message,
     to_bytes,
 )
-from txmail_relay.mail.submission import Submission
+from txmail_relay.mail.headers import header_fields
+from txmail_relay.mail.submission import ORIGINATOR_FIELDS, Submission
 from txmail_relay.metrics import RelayMetrics
 from txmail_relay.sending.model import Copy, SendRequest
 from txmail_relay.sending.policy import SendError, sender_allowed
@@ -36,6 +37,22 @@ from txmail_relay.tracking.links import rewrite_message
 from txmail_relay.tracking.tokens import TrackingKeys, new_event_id
 
 log = logging.getLogger(__name__)
+
+
+#: Writes a parsed message's headers back as they came: the email package's refolding of long
+#: address headers drops comment parentheses (``a@example.com (x <b@evil.test>)`` came out
+#: as ``a@example.com x <b@evil.test>``), so a tracked copy must not refold them.
+AS_RECEIVED = POLICY.clone(refold_source="none")
+
+
+def _originators(content: bytes) -> tuple[tuple[str, str], ...]:
+    """The originator fields (From, Sender, Resent-*) as the sender policy reads them."""
+    wanted = {name.lower() for name in ORIGINATOR_FIELDS}
+    return tuple(
+        (name.lower(), value)
+        for name, value in header_fields(content).fields
+        if name.lower() in wanted
+    )
 
 
 class KeySource(Protocol):
@@ -207,7 +224,9 @@ class Composer:
             result = rewrite_message(message, base, keys, event_id)
             if result.failed:
                 raise ValueError(result.error)
-            body = to_bytes(result.message)
+            body = to_bytes(result.message, policy=AS_RECEIVED)
+            if _originators(body) != _originators(submission.content):
+                raise ValueError("tracking would change the originator fields")
             copies.append(Copy(body, submission.mail_from, (rcpt,), headers.message_id, event_id))
         others = tuple(r for r in rcpts if r not in tracked)
         if others:
