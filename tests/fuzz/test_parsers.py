@@ -24,7 +24,7 @@ from txmail_relay.contract import CredentialEntry, PasswordDigest, RelayConfig
 from txmail_relay.http.api import _Invalid, parse_send
 from txmail_relay.ingress.complaints import InvalidReportError, parse_report
 from txmail_relay.mail.addresses import AddressError, addr_specs, mailboxes
-from txmail_relay.mail.compose import MimeError, address
+from txmail_relay.mail.compose import MimeError, address, build_message, to_bytes
 from txmail_relay.mail.headers import header_fields
 from txmail_relay.mail.submission import ORIGINATOR_FIELDS, parse_submission
 from txmail_relay.metrics import RelayMetrics
@@ -39,7 +39,7 @@ from txmail_relay.sending.policy import (
     property_refusal,
 )
 from txmail_relay.sending.smtp_templates import template_request
-from txmail_relay.templates.policy import RenderError, Templates, validate
+from txmail_relay.templates.policy import Rendered, RenderError, Templates, validate
 from txmail_relay.tracking.links import rewrite_html, rewrite_message
 from txmail_relay.tracking.tokens import MAX_URL_BYTES, TrackingKeys, trackable_url
 
@@ -121,10 +121,10 @@ def _receiver_domains(content: bytes) -> list[str] | None:
         for name, raw in msg.raw_items():
             if name.strip().lower() not in {n.lower() for n in ORIGINATOR_FIELDS}:
                 continue
-            header = email.policy.default.header_factory(name.strip(), raw)
+            unfolded = re.sub(r"\r\n(?=[ \t])", "", raw)  # as a reader does
+            header = email.policy.default.header_factory(name.strip(), unfolded)
             if isinstance(header, AddressHeader):
                 found += [a.domain.lower() for a in header.addresses]
-            unfolded = re.sub(r"\r\n(?=[ \t])", "", str(raw))
             found += [a.rpartition("@")[2].lower() for _, a in getaddresses([unfolded]) if "@" in a]
     except Exception:
         return None
@@ -489,3 +489,32 @@ def test_a_tracked_copy_passes_the_from_policy_like_the_original(head: str) -> N
         receiver = _receiver_domains(copy.body)
         if receiver is not None:
             assert set(receiver) <= {ALLOWED}, (copy.body, receiver)
+
+
+# -- composed mail: the From the relay writes reads as exactly the checked sender ------------
+
+display_name = st.one_of(
+    comment_text,
+    st.text(max_size=120),
+    st.lists(st.sampled_from(['"', "<boss@evil.test>", "x" * 30, ", ", "(", ")", " "])).map(
+        "".join
+    ),
+)
+
+
+@given(display_name)
+@example("x" * 80 + " <boss@evil.test> " + "y" * 80)
+@example("=?utf-8?q?boss=40evil.test?= ;" + "z" * 90)
+def test_a_composed_from_reads_as_the_sender_only(name: str) -> None:
+    rendered = Rendered("subject", None, "text")
+    try:
+        out = build_message(
+            rendered, from_address="app@example.com", from_name=name, to=["u@d.test"]
+        )
+    except MimeError:
+        return
+    data = to_bytes(out.message)
+    headers = parse_submission("app@example.com", ["u@d.test"], data).headers
+    assert headers.from_domains == (ALLOWED,), (name, headers.from_problem)
+    receiver = _receiver_domains(data)
+    assert receiver is not None and set(receiver) == {ALLOWED}, (data[:300], receiver)

@@ -516,3 +516,29 @@ def test_tracking_keeps_the_from_fields_as_they_were_checked(env: RelayEnv) -> N
         assert unfolded.replace("\r", "") == heads[name].decode(), (name, unfolded)
         if name == "comment":  # tracked: the rewrite ran and kept the field byte for byte
             assert "https://t.example.com/c/" in captured.content.replace("=\n", "")
+
+
+def test_a_long_from_display_name_cannot_smuggle_an_address(
+    env: RelayEnv, relay: RelayThread
+) -> None:
+    """The email package's folding dropped the quotes of a long display name, so
+    ``"x... <boss@tenant-b.com> y..." <app@example.com>`` went out as a From a receiver
+    reads as boss@tenant-b.com. Over the API and as an SMTP template send."""
+    name = "x" * 80 + " <boss@tenant-b.com> " + "y" * 80
+    sender = f'"{name}" <app@example.com>'
+    assert _api(relay, env, _doc(**{"from": sender})).status == 200
+    with env.client(relay) as smtp:
+        head = f"From: {sender}\r\nTo: ada@dest.test\r\nX-Txmail-Email-Id: {TEMPLATE}\r\n"
+        props = '{"contactProperties": {"firstname": "A"}, "customProperties": {"order_id": "2"}}'
+        content = (head + "X-Txmail-Properties: " + props + "\r\n\r\nx\r\n").encode()
+        assert _reply(smtp, content, ["ada@dest.test"]) == (250, "")
+    for captured in env.sink.wait(2):
+        sent = parsed(captured)
+        [from_field] = sent.get_all("From")
+        assert [a.addr_spec for a in from_field.addresses] == ["app@example.com"]
+        # the name survives (encoded words; a word longer than one is split, and Python's
+        # reader joins the pieces with a space)
+        assert from_field.addresses[0].display_name.replace(" ", "") == name.replace(" ", "")
+        raw = re.search(r"^From:.*(?:\n[ \t].*)*", captured.content, re.MULTILINE)
+        assert raw is not None
+        assert "tenant-b.com" not in raw.group(0), raw.group(0)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.errors import HeaderParseError
+from email.header import Header
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.policy import EmailPolicy
@@ -37,6 +38,8 @@ _NEWLINE_WITHOUT_FWSP = re.compile(r"\r\n[^ \t]|\r[^ \n\t]|\n[^ \t]")
 _HEADER_NAME = re.compile(r"[!-9;-~]+")
 _ID_TOKEN = re.compile(r"[A-Za-z0-9._-]{8,128}")
 _ADDR_SPEC = re.compile(r"[!-~]+@[A-Za-z0-9.-]+")
+_FOLD_AT = 78  # RFC 5322 §2.1.1's recommended line length
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~ -]{1,64}")  # atoms and spaces
 _MANAGED = frozenset(
     {"from", "to", "cc", "bcc", "reply-to", "subject", "date", "message-id", "mime-version"}
 )
@@ -99,6 +102,36 @@ def address(addr_spec: str, display_name: str | None = None) -> Address:
     return parsed
 
 
+def from_value(sender: Address) -> str:
+    """The From field's value, folded here rather than by the email package.
+
+    The email package's folding of a long address header drops the quotes and parentheses
+    of a display name (CPython: ``"x... <b@evil.test> y..." <a@example.com>`` came out as
+    ``x... <b@evil.test> y... <a@example.com>``, which a receiver can read as b@evil.test).
+    So a display name of atoms and spaces is written as it is, any other as RFC 2047 encoded
+    words (which contain no specials), each fold at white space between whole words; the
+    result is checked with the sender policy's parser. Raises :class:`MimeError`.
+    """
+    name, addr = sender.display_name, sender.addr_spec
+    if not name:
+        value = addr
+    else:
+        if _PLAIN_NAME.fullmatch(name):
+            words = " ".join(name.split())
+        else:
+            words = Header(name, "utf-8", maxlinelen=76, header_name="From").encode(linesep="\r\n")
+        last = words.rpartition("\r\n")[2]
+        fits = len("From: ") + len(last) + len(addr) + 3 <= _FOLD_AT
+        value = words + (" <" if fits else "\r\n <") + addr + ">"
+    try:
+        [mailbox] = mailboxes(re.sub(r"\r\n(?=[ \t])", "", value))
+    except (AddressError, ValueError) as e:
+        raise MimeError(f"the From display name cannot be written safely: {e}") from e
+    if mailbox.addr_spec.lower() != addr.lower():
+        raise MimeError("the From display name cannot be written safely")
+    return value
+
+
 def _addresses(values: Sequence[str]) -> list[Address]:
     return [address(v) for v in values]
 
@@ -132,7 +165,7 @@ def build_message(
         raise MimeError("'now' must be timezone-aware")
 
     msg = EmailMessage(policy=POLICY)
-    msg["From"] = sender
+    msg.set_raw("From", from_value(sender))  # written as computed, never refolded
     msg["To"] = to_addrs
     if cc_addrs:
         msg["Cc"] = cc_addrs
