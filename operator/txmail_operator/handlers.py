@@ -64,20 +64,6 @@ def _taken(emails: kopf.Index[Any, Ref], me: Ref | None = None) -> reconcile.IdT
     return lambda email_id: any(ref != me for ref in emails.get(("id", email_id), []))
 
 
-def _token_uids(tokens: kopf.Index[Any, Any]) -> list[tuple[Ref, str]]:
-    """Every SmtpToken the index holds, with its uid (for the periodic check's offsets)."""
-    for _ in range(3):
-        try:
-            return [
-                ((key[1], key[2]), next(iter(tokens[key]))["metadata"]["uid"])
-                for key in list(tokens)
-                if key[0] == TOKEN_KEY
-            ]
-        except (RuntimeError, KeyError, StopIteration):  # changed while we looked
-            continue
-    return []
-
-
 def _bounded_session(info: kopf.ConnectionInfo) -> kopf.AiohttpSession:
     """kopf's session for these credentials, as kopf builds it, with a connection limit."""
     session = aiohttp.ClientSession(
@@ -296,10 +282,12 @@ def _register_watch(r: dict[str, Any], settings: Settings) -> None:
             if ctx.checked.since(f"smtptoken/{ref[0]}/{ref[1]}") >= interval / 2:
                 ctx.work.submit((TOKEN, *ref), job, ctx, *ref)
 
-        memo.sweep = Sweep(interval, lambda: _token_uids(tokens), check)
-        memo.sweep.start()
         memo.urgent = UrgentTokens(ctx)
         memo.urgent.start(memo.watches)
+        # The sweep's tokens come from the urgent watch (no scan of kopf's index each tick),
+        # from when kopf has indexed them all (a check reads the token from kopf's index).
+        memo.sweep = Sweep(interval, memo.urgent.tokens, check, ready=ctx.indexed)
+        memo.sweep.start()
 
     @kopf.on.cleanup(id="stop_watching", **r)
     async def stop_watching(memo: kopf.Memo, **_: Any) -> None:

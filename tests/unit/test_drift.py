@@ -7,7 +7,7 @@ import pytest
 from txmail_operator.kube import Change
 from txmail_operator.reconcile.context import Written
 from txmail_operator.reconcile.drift import Action, classify
-from txmail_operator.reconcile.sweep import due, offset
+from txmail_operator.reconcile.sweep import due, offset, window
 from txmail_operator.reconcile.work import ROUTINE, URGENT, Work, _Job
 from txmail_relay import contract as c
 
@@ -68,6 +68,14 @@ def test_each_token_is_due_once_per_interval_even_across_the_wrap() -> None:
     assert sorted(seen) == sorted(ref for ref, _ in refs)  # each exactly once
     # spread: no tenth of the interval holds more than a fair share and a half
     assert max(len(due(refs, k, k + 1.0)) for k in range(10)) < 500 / 10 * 1.5
+
+
+def test_the_sorted_window_finds_what_the_full_scan_finds() -> None:
+    uids = [f"uid-{i}" for i in range(500)]
+    offsets = sorted((offset(uid, 10.0), uid) for uid in uids)
+    scan = [((uid, ""), at) for at, uid in offsets]
+    for start, end in [(9.5, 2.0), (2.0, 6.0), (6.0, 9.5), (0.0, 10.0), (3.3, 3.3)]:
+        assert sorted(window(offsets, start, end)) == sorted(r[0] for r in due(scan, start, end))
 
 
 async def test_urgent_work_goes_first_and_routine_work_is_queued_once() -> None:

@@ -9,10 +9,11 @@ interval ago is skipped. One task; the checks themselves are ROUTINE work.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 log = logging.getLogger(__name__)
 Ref = tuple[str, str]
@@ -31,16 +32,34 @@ def due(offsets: Iterable[tuple[Ref, float]], start: float, end: float) -> list[
     return [ref for ref, at in offsets if at > start or at <= end]
 
 
+def window(offsets: list[tuple[float, str]], start: float, end: float) -> list[str]:
+    """``due`` over offsets sorted once: the uids in the phase window (start, end]."""
+    lo, hi = (
+        bisect.bisect_right(offsets, (start, "\uffff")),
+        bisect.bisect_right(offsets, (end, "\uffff")),
+    )
+    if start <= end:
+        return [uid for _, uid in offsets[lo:hi]]
+    return [uid for _, uid in offsets[lo:]] + [uid for _, uid in offsets[:hi]]
+
+
 class Sweep:
+    """``tokens()`` is (a version that changes with the set, uid -> ref); the offsets are
+    sorted again only when the version changes, so a tick costs the tokens due, not all."""
+
     def __init__(
         self,
         interval: float,
-        tokens: Callable[[], list[tuple[Ref, str]]],
+        tokens: Callable[[], tuple[int, Mapping[str, Ref]]],
         check: Callable[[Ref], None],
         clock: Callable[[], float] = time.monotonic,
+        ready: asyncio.Event | None = None,
     ) -> None:
         self.interval, self.tokens, self.check, self.clock = interval, tokens, check, clock
         self.tick = min(1.0, interval / 4)
+        self.ready = ready  # the first tick after it is set
+        self._version: int | None = None
+        self._offsets: list[tuple[float, str]] = []
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -52,14 +71,22 @@ class Sweep:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
+    def due(self, start: float, end: float) -> list[Ref]:
+        version, refs = self.tokens()
+        if version != self._version:
+            self._offsets = sorted((offset(uid, self.interval), uid) for uid in refs)
+            self._version = version
+        return [refs[uid] for uid in window(self._offsets, start, end) if uid in refs]
+
     async def _run(self) -> None:
+        if self.ready is not None:
+            await self.ready.wait()
         last = self.clock() % self.interval
         while True:
             await asyncio.sleep(self.tick)
             now = self.clock() % self.interval
             try:
-                refs = [(ref, offset(uid, self.interval)) for ref, uid in self.tokens()]
-                for ref in due(refs, last, now):
+                for ref in self.due(last, now):
                     self.check(ref)
             except Exception:  # never let the sweep die; the next tick tries again
                 log.exception("the periodic check failed")

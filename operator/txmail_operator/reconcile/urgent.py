@@ -64,6 +64,8 @@ class UrgentTokens:
         self._guard = threading.Lock()
         self._seen: dict[str, int] = {}  # uid -> generation
         self._bodies: dict[tuple[str, str], Obj] = {}  # the newest body a queued job reads
+        self.refs: dict[str, tuple[str, str]] = {}  # uid -> (namespace, name), for the sweep
+        self.version = 0  # changes whenever refs does
         self._reconcile = ctx.metrics.measured(TOKEN, self._reconcile_latest)
         self._revoke = ctx.metrics.measured(TOKEN, revoke_token)
 
@@ -85,8 +87,13 @@ class UrgentTokens:
             action = decide(event, obj, self._seen.get(uid))
             if event == "DELETED":
                 self._seen.pop(uid, None)
+                if self.refs.pop(uid, None) is not None:
+                    self.version += 1
             elif not meta.get("deletionTimestamp"):
                 self._seen[uid] = meta.get("generation") or 0
+            if event != "DELETED" and uid not in self.refs:
+                self.refs[uid] = (namespace, name)
+                self.version += 1
             if action is Urgent.RECONCILE:
                 self._bodies[(namespace, name)] = slim(obj)
         if action is None:
@@ -102,6 +109,10 @@ class UrgentTokens:
                 work.submit(("revoke", uid), self._revoke, self.ctx, slim(obj), priority=URGENT)
         else:
             work.submit(("gone", uid), self._gone, slim(obj), priority=URGENT)
+
+    def tokens(self) -> tuple[int, dict[str, tuple[str, str]]]:
+        """Every SmtpToken seen, for the periodic check (sweep.py)."""
+        return self.version, self.refs
 
     async def _reconcile_latest(self, namespace: str, name: str) -> None:
         """Reconcile the newest body seen; kept for the retry when this fails."""
