@@ -209,6 +209,7 @@ def kopf_held_at_startup(kit: Kit, operator: OperatorProcess) -> Iterator[None]:
     operator.log = shared_log.with_name("operator-held.log")
     try:
         rbac.replace_cluster_role(name, held)
+        wait_for(lambda: not may_list_namespaces(kit), 10, "the namespace list withheld")
         operator.start()
         yield
     finally:
@@ -217,7 +218,22 @@ def kopf_held_at_startup(kit: Kit, operator: OperatorProcess) -> Iterator[None]:
         restored = rbac.read_cluster_role(name)
         restored.rules = original.rules
         rbac.replace_cluster_role(name, restored)
+        # the authorizer's cache follows RBAC a moment later: start once it may list again
+        wait_for(lambda: may_list_namespaces(kit), 10, "the operator to list namespaces again")
         operator.start()
+
+
+def may_list_namespaces(kit: Kit) -> bool:
+    (account,) = [o for o in operator_service_account() if o["kind"] == "ServiceAccount"]
+    meta = account["metadata"]
+    review = client.V1SubjectAccessReview(
+        spec=client.V1SubjectAccessReviewSpec(
+            user=f"system:serviceaccount:{meta['namespace']}:{meta['name']}",
+            resource_attributes=client.V1ResourceAttributes(verb="list", resource="namespaces"),
+        )
+    )
+    answer = client.AuthorizationV1Api(kit.api).create_subject_access_review(review)
+    return answer.status is not None and bool(answer.status.allowed)
 
 
 def test_a_token_deleted_while_the_operator_is_starting_is_revoked(

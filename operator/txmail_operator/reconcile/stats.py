@@ -24,6 +24,9 @@ async def publish_stats(ctx: Context, ip: str, token_of: Callable[[str], Ref | N
     if not raw:
         return 0
     report = c.RelayStats.model_validate_json(raw)
+    # Once per report: dumping the whole report for each token was quadratic (5,000 tokens:
+    # a fifth of the operator's CPU while they were being created).
+    updated_at = report.model_dump(mode="json", by_alias=True, include={"updated_at"})
     updated = 0
     for username, figures in sorted(report.tokens.items()):
         ref = token_of(username)
@@ -40,7 +43,7 @@ async def publish_stats(ctx: Context, ip: str, token_of: Callable[[str], Ref | N
             continue
         # A new dict: the one remembered above must stay without updatedAt (which changes with
         # every report), or every report would look changed.
-        stamped = {**stats, "updatedAt": report.model_dump(mode="json", by_alias=True)["updatedAt"]}
+        stamped = {**stats, "updatedAt": updated_at["updatedAt"]}
         if await ctx.kube.patch_status(*TOKEN_API, ref[0], ref[1], {"stats": stamped}) is not None:
             updated += 1
     return updated
