@@ -19,8 +19,9 @@ import kopf
 from . import reconcile
 from .api import GROUP, VERSION
 from .kube import Watches
-from .reconcile.cache import IP_KEY, TOKEN_KEY, slim
+from .reconcile.cache import IP_KEY, slim
 from .reconcile.sweep import Sweep
+from .reconcile.tokens import TokenIndex
 from .reconcile.urgent import UrgentTokens
 from .reconcile.work import ROUTINE
 from .settings import Settings
@@ -55,9 +56,15 @@ def _refs(index: kopf.Index[Any, Ref], key: tuple[str, str]) -> list[Ref]:
     return list(index.get(key, []))
 
 
-def _counts(tokens: kopf.Index[Any, Ref], emails: kopf.Index[Any, Ref], ip: str) -> tuple[int, int]:
+async def _tokens(ctx: reconcile.Context) -> TokenIndex:
+    """The token index once the urgent watch has listed every token (counts are whole)."""
+    await ctx.tokens.synced.wait()
+    return ctx.tokens
+
+
+def _counts(tokens: TokenIndex, emails: kopf.Index[Any, Ref], ip: str) -> tuple[int, int]:
     """How many SmtpTokens and TransactionalEmails use the DedicatedIP ``ip``."""
-    return len(_refs(tokens, ("ip", ip))), len(_refs(emails, ("ip", ip)))
+    return len(tokens.on_ip(ip)), len(_refs(emails, ("ip", ip)))
 
 
 def _taken(emails: kopf.Index[Any, Ref], me: Ref | None = None) -> reconcile.IdTaken:
@@ -114,20 +121,6 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
             return {}
         return {("ip",): name, (IP_KEY, name): slim(body)}
 
-    @kopf.index(GROUP, VERSION, "smtptokens", id="tokens", **r)
-    async def tokens(
-        namespace: str, name: str, uid: str, body: kopf.Body, meta: kopf.Meta, **_: Any
-    ) -> dict[Any, Any]:
-        if meta.get("deletionTimestamp"):  # on its way out: no longer counted or fanned out to
-            return {}
-        ref = (namespace, name)
-        return {
-            ("user", reconcile.username_for(uid)): ref,
-            ("ip", body["spec"]["dedicatedIPRef"]["name"]): ref,
-            ("ns", namespace): ref,
-            (TOKEN_KEY, namespace, name): slim(body),
-        }
-
     @kopf.index(GROUP, VERSION, "transactionalemails", id="emails", **r)
     async def emails(
         namespace: str, name: str, spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, **_: Any
@@ -152,16 +145,16 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
         name: str,
         reason: kopf.Reason,
         memo: kopf.Memo,
-        tokens: kopf.Index[Any, Ref],
         emails: kopf.Index[Any, Ref],
         **_: Any,
     ) -> None:
         ctx: reconcile.Context = memo.ctx
+        tokens = await _tokens(ctx)
         job = ctx.metrics.measured(IP, reconcile.reconcile_ip)
         await ctx.work.call(job, ctx, slim(body), *_counts(tokens, emails, name))
         if reason != RESUME:  # at startup every dependent resumes by itself
             key = ("ip", name)
-            reconcile.fan_out(ctx, _refs(tokens, key), _refs(emails, key), _taken(emails))
+            reconcile.fan_out(ctx, tokens.on_ip(name), _refs(emails, key), _taken(emails))
 
     @kopf.timer(
         GROUP,
@@ -172,15 +165,10 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
         id="stats",
         **r,
     )
-    async def stats(name: str, memo: kopf.Memo, tokens: kopf.Index[Any, Ref], **_: Any) -> None:
+    async def stats(name: str, memo: kopf.Memo, **_: Any) -> None:
         ctx: reconcile.Context = memo.ctx
-        await ctx.work.call(
-            reconcile.publish_stats,
-            ctx,
-            name,
-            lambda user: next(iter(tokens.get(("user", user), [])), None),
-            priority=ROUTINE,
-        )
+        tokens = await _tokens(ctx)
+        await ctx.work.call(reconcile.publish_stats, ctx, name, tokens.user, priority=ROUTINE)
 
     @kopf.timer(
         GROUP,
@@ -194,12 +182,12 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     async def recheck(
         name: str,
         memo: kopf.Memo,
-        tokens: kopf.Index[Any, Ref],
         emails: kopf.Index[Any, Ref],
         **_: Any,
     ) -> None:
         """Referenced Secrets (certificate, smarthost credentials) may appear later."""
         ctx: reconcile.Context = memo.ctx
+        tokens = await _tokens(ctx)
         job = ctx.metrics.measured(IP, reconcile.refresh_status)
         await ctx.work.call(job, ctx, name, *_counts(tokens, emails, name), priority=ROUTINE)
 
@@ -207,12 +195,12 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     async def dedicated_ip_gone(
         name: str,
         memo: kopf.Memo,
-        tokens: kopf.Index[Any, Ref],
         emails: kopf.Index[Any, Ref],
         **_: Any,
     ) -> None:
+        tokens = await _tokens(memo.ctx)
         key = ("ip", name)
-        reconcile.fan_out(memo.ctx, _refs(tokens, key), _refs(emails, key), _taken(emails))
+        reconcile.fan_out(memo.ctx, tokens.on_ip(name), _refs(emails, key), _taken(emails))
 
     _register_namespaces(r)
     _register_mail(r, settings)
@@ -228,7 +216,6 @@ def _register_namespaces(r: dict[str, Any]) -> None:
         name: str,
         labels: kopf.Labels,
         memo: kopf.Memo,
-        tokens: kopf.Index[Any, Ref],
         emails: kopf.Index[Any, Ref],
         **_: Any,
     ) -> None:
@@ -239,8 +226,9 @@ def _register_namespaces(r: dict[str, Any]) -> None:
             for ip in sorted(ctx.waiting_for_namespace):  # now their relays can be made
                 memo.drift.repairs.request(ip, reconcile.Action.REPAIR)
         if ctx.namespaces.changed(name, None if gone else dict(labels)) and not gone:
+            tokens = await _tokens(ctx)
             reconcile.fan_out(
-                ctx, _refs(tokens, ("ns", name)), _refs(emails, ("ns", name)), _taken(emails)
+                ctx, tokens.in_namespace(name), _refs(emails, ("ns", name)), _taken(emails)
             )
 
 
@@ -251,21 +239,20 @@ def _register_watch(r: dict[str, Any], settings: Settings) -> None:
     async def watch_owned(
         memo: kopf.Memo,
         ips: kopf.Index[Any, Any],
-        tokens: kopf.Index[Any, Any],
         emails: kopf.Index[Any, Ref],
         namespace_labels: kopf.Index[Any, Any],
         **_: Any,
     ) -> None:
         """Metrics from the indexes; the watch that keeps the cache and repairs drift."""
         ctx: reconcile.Context = memo.ctx
-        ctx.cache.ips, ctx.cache.tokens, ctx.cache.namespaces = ips, tokens, namespace_labels
+        ctx.cache.ips, ctx.cache.namespaces = ips, namespace_labels
         ctx.metrics.count_managed(IP, lambda: _size(ips, "ip"))
-        ctx.metrics.count_managed(TOKEN, lambda: _size(tokens, "user"))
+        ctx.metrics.count_managed(TOKEN, lambda: len(ctx.tokens))
         ctx.metrics.count_managed(EMAIL, lambda: _size(emails, "ns"))
         ctx.work.start()
 
         async def run(ip: str, action: reconcile.Action) -> None:
-            counts = _counts(tokens, emails, ip)
+            counts = _counts(await _tokens(ctx), emails, ip)
             if action is reconcile.Action.REPAIR:
                 await ctx.metrics.measured(IP, reconcile.repair_ip)(ctx, ip, *counts)
             else:
@@ -286,7 +273,7 @@ def _register_watch(r: dict[str, Any], settings: Settings) -> None:
         memo.urgent.start(memo.watches)
         # The sweep's tokens come from the urgent watch (no scan of kopf's index each tick),
         # from when kopf has indexed them all (a check reads the token from kopf's index).
-        memo.sweep = Sweep(interval, memo.urgent.tokens, check, ready=ctx.indexed)
+        memo.sweep = Sweep(interval, memo.urgent.tokens, check, ready=ctx.tokens.synced)
         memo.sweep.start()
 
     @kopf.on.cleanup(id="stop_watching", **r)

@@ -218,7 +218,8 @@ class AsyncWatch:
 
     The listing is read in pages (one consistent snapshot); ``on_event(type, obj)`` hears
     LISTED for each listed object (the first listing and each re-list, after 410 Gone), then
-    ADDED, MODIFIED, DELETED; ``on_listed(items)``, when given, every complete listing. A
+    ADDED, MODIFIED, DELETED, and SYNCED (an empty object) at the end of each listing;
+    ``on_listed(items)``, when given, every complete listing. A
     watch the server ends resumes from the last resourceVersion seen (bookmarks included);
     errors back off. Callbacks run on the event loop and must be quick. Objects are plain
     dicts with their apiVersion and kind (a list's items carry none).
@@ -297,6 +298,7 @@ class AsyncWatch:
             if not token:
                 if self.on_listed is not None:
                     self.on_listed(items)
+                self.on_event("SYNCED", {})
                 return str(page["metadata"]["resourceVersion"])
 
     async def _watch(self, version: str) -> str:
@@ -368,7 +370,7 @@ def owned_watches(
         listed = False
 
         def on_event(type_: str, obj: Obj, kind: str = kind) -> None:
-            if type_ != "LISTED":
+            if type_ not in ("LISTED", "SYNCED"):
                 on_change(_change(type_, kind, obj))
 
         def on_listed(items: list[Obj], kind: str = kind) -> None:

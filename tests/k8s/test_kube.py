@@ -18,8 +18,8 @@ from k8s.operator_process import OperatorProcess
 from txmail_operator.kube import (
     ENTRY_FIELD_MANAGER,
     FIELD_MANAGER,
-    Kube,
     AsyncWatch,
+    Kube,
     Watches,
     retry_delay,
 )
@@ -92,7 +92,7 @@ async def test_a_watch_lists_then_carries_changes_of_any_size(
     listed: list[int] = []
 
     def on_event(type_: str, obj: Obj) -> None:
-        if obj["metadata"]["name"] == name:
+        if (obj.get("metadata") or {}).get("name") == name:  # SYNCED: an empty object
             seen.append((type_, obj["kind"], len((obj.get("data") or {}).get("big", ""))))
 
     watches = Watches(

@@ -6,7 +6,9 @@ from typing import Any
 
 import pytest
 
+from txmail_operator.builders import username_for
 from txmail_operator.reconcile.context import Handled
+from txmail_operator.reconcile.tokens import TokenIndex
 from txmail_operator.reconcile.urgent import Urgent, decide
 from txmail_operator.reconcile.work import ROUTINE, URGENT, Work
 
@@ -72,3 +74,20 @@ async def test_urgent_work_replaces_the_same_job_waiting_as_routine() -> None:
     work.finish(job)
     assert ran == ["urgent"]
     assert work.take() == (None, None)  # the routine one was dropped: it never runs
+
+
+def test_the_token_index_counts_tokens_not_being_deleted_by_ip_namespace_and_user() -> None:
+    index = TokenIndex()
+    index.put(token(1, 1))
+    other = token(1, 1)
+    other["metadata"] |= {"uid": "u2", "name": "billing"}
+    index.put(other)
+    assert index.on_ip("ip1") == [("app", "billing"), ("app", "shop")]
+    assert index.user(username_for("u2")) == ("app", "billing")
+    moved = token(2, 1)
+    moved["spec"] = {"dedicatedIPRef": {"name": "ip2"}}
+    index.put(moved)  # the same token, now on another IP
+    assert index.on_ip("ip1") == [("app", "billing")] and index.on_ip("ip2") == [("app", "shop")]
+    index.put(token(2, 1, deleting=True))  # on its way out: no longer counted
+    assert index.on_ip("ip2") == [] and index.body("app", "shop") is None
+    assert index.in_namespace("app") == [("app", "billing")] and len(index) == 1

@@ -3,8 +3,8 @@
 - The operator's own namespace (relay objects, credential and template shards, the TLS and
   any other Secret a DedicatedIP names): kept by the drift watch's lists and watches, and by
   the answers to the operator's own writes (so a reconcile sees its write at once).
-- DedicatedIPs, SmtpTokens and namespace labels: kopf's indexes, which kopf fills before any
-  handler runs and keeps current from its watches.
+- DedicatedIPs and namespace labels: kopf's indexes, which kopf fills before any handler
+  runs and keeps current from its watches; SmtpTokens: the urgent watch's index (tokens.py).
 
 A miss falls back to one GET: an object created a moment ago may not have reached the
 watch yet, and nothing may ever be answered wrongly from a cache that is not filled yet.
@@ -20,11 +20,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..kube import OWNED_KINDS, Change, Kube
+from .tokens import TokenIndex
 
 Obj = dict[str, Any]
 log = logging.getLogger(__name__)
 IP_KEY = "body"  # the DedicatedIP index key ("body", name) -> the slim object
-TOKEN_KEY = "token"  # noqa: S105 - the SmtpToken index key ("token", namespace, name) -> the slim object
 SYNC_WAIT = 10.0  # seconds a read waits for the first listing of its kind, once
 
 
@@ -62,14 +62,13 @@ def _first(index: Mapping[Any, Any] | None, key: tuple[str, ...]) -> Any:
 
 
 class Cache:
-    def __init__(self, kube: Kube, namespace: str) -> None:
-        self.kube, self.namespace = kube, namespace
+    def __init__(self, kube: Kube, namespace: str, tokens: TokenIndex) -> None:
+        self.kube, self.namespace, self.token_index = kube, namespace, tokens
         self._guard = threading.Lock()
         self._objects: dict[tuple[str, str], Obj] = {}
         self._synced = {kind: asyncio.Event() for kind in OWNED_KINDS}
         self._waited: set[str] = set()
         self.ips: Mapping[Any, Any] | None = None
-        self.tokens: Mapping[Any, Any] | None = None
         self.namespaces: Mapping[Any, Any] | None = None
 
     # --- fed by the watch and by our own writes -----------------------------------------
@@ -170,8 +169,8 @@ class Cache:
         return body
 
     async def token(self, namespace: str, name: str) -> Obj | None:
-        """An SmtpToken (not being deleted), from kopf's index; one GET when not in it."""
-        found = _first(self.tokens, (TOKEN_KEY, namespace, name))
+        """An SmtpToken (not being deleted), from the token index; one GET when not in it."""
+        found = self.token_index.body(namespace, name)
         if found is not None:
             return dict(found)
         body = await self.kube.get("txmail.dev/v1alpha1", "SmtpToken", namespace, name)

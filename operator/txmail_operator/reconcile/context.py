@@ -17,6 +17,7 @@ from ..relayclient import RelayClient
 from ..settings import Settings
 from .cache import Cache
 from .metrics import Metrics
+from .tokens import TokenIndex
 from .work import Work
 
 
@@ -173,6 +174,7 @@ class Context:
     # Set once kopf runs its first handler, which it does only when every index is filled:
     # before that a DedicatedIP's token and email counts would read as 0 (and be written).
     indexed: asyncio.Event = field(default_factory=asyncio.Event)
+    tokens: TokenIndex = field(default_factory=TokenIndex)
 
     def __post_init__(self) -> None:
-        self.cache = Cache(self.kube, self.settings.namespace)
+        self.cache = Cache(self.kube, self.settings.namespace, self.tokens)

@@ -64,6 +64,8 @@ class UrgentTokens:
         self._guard = threading.Lock()
         self._seen: dict[str, int] = {}  # uid -> generation
         self._bodies: dict[tuple[str, str], Obj] = {}  # the newest body a queued job reads
+        self._unlisted: set[str | None] = set()  # scopes not listed completely yet
+        self._listed: set[tuple[str, str]] = set()  # refs in the listing under way
         self.refs: dict[str, tuple[str, str]] = {}  # uid -> (namespace, name), for the sweep
         self.version = 0  # changes whenever refs does
         self._reconcile = ctx.metrics.measured(TOKEN, self._reconcile_latest)
@@ -71,18 +73,46 @@ class UrgentTokens:
 
     def start(self, watches: Watches) -> None:
         """One watch per watched namespace (one in all when cluster-wide)."""
-        for namespace in self.ctx.settings.watch_namespaces or (None,):
+        scopes: tuple[str | None, ...] = self.ctx.settings.watch_namespaces or (None,)
+        self._unlisted = set(scopes)
+        for namespace in scopes:
             path = f"/apis/{GROUP}/{VERSION}"
             path += f"/namespaces/{namespace}/smtptokens" if namespace else "/smtptokens"
+
+            def on_event(event: str, obj: Obj, scope: str | None = namespace) -> None:
+                if event == "SYNCED":
+                    self.synced(scope)
+                else:
+                    self.on_event(event, obj)
+
             watches.start(
-                AsyncWatch(watches.api, path, TOKEN, self.on_event, on_error=self.ctx.kube.on_error)
+                AsyncWatch(watches.api, path, TOKEN, on_event, on_error=self.ctx.kube.on_error)
             )
+
+    def synced(self, scope: str | None) -> None:
+        """A listing of ``scope`` (a namespace, None: all) ended: tokens it did not list are
+        gone (deleted while a re-list was due); the index is complete once every scope was."""
+        index = self.ctx.tokens
+        listed, self._listed = self._listed, set()
+        for ref in index.refs():
+            if (scope is None or ref[0] == scope) and ref not in listed:
+                index.remove(ref)
+        self._unlisted.discard(scope)
+        if not self._unlisted:
+            index.synced.set()
 
     def on_event(self, event: str, obj: Obj) -> None:
         meta = obj.get("metadata") or {}
         uid, namespace, name = meta.get("uid"), meta.get("namespace"), meta.get("name")
         if not (uid and namespace and name and obj.get("spec")):
             return
+        index = self.ctx.tokens
+        if event == "DELETED":
+            index.remove((namespace, name))
+        else:
+            index.put(slim(obj))
+            if event == "LISTED":
+                self._listed.add((namespace, name))
         with self._guard:
             action = decide(event, obj, self._seen.get(uid))
             if event == "DELETED":
