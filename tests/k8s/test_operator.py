@@ -352,7 +352,7 @@ def test_dedicated_ip_becomes_a_restricted_relay(kit: Kit, ip: str, api: client.
     apps = client.AppsV1Api(api)
     dep = wait_for(
         lambda: read_or_none(lambda: apps.read_namespaced_deployment(name, ns)),
-        10,
+        30,  # the tier's first DedicatedIP: the operator may still be listing at its start
         "the relay Deployment",
     )
     assert dep.spec.replicas == 1
