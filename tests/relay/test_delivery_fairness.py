@@ -216,12 +216,9 @@ def test_a_failing_destination_is_probed_one_attempt_at_a_time(
     _good_ones_arrive(env)
 
 
-def test_a_message_to_both_domains_reaches_the_healthy_one(
-    env: RelayEnv, dns: DnsServer, peer_factory: Callable[[str, int], MisbehavingPeer]
-) -> None:
-    """The recipients of one message at a hanging and at a healthy domain are attempted
-    apart: the healthy ones do not wait for the hanging attempt."""
-    peer_factory("tarpit", env.sink.port)
+def _send_to_both_domains(env: RelayEnv, dns: DnsServer) -> Recorder:
+    """A relay with an outcome recorder; GOOD_MESSAGES messages, each to one recipient at the
+    hanging domain and one at the healthy domain."""
     recorder = Recorder()
     env.start(_direct(env, dns, env.sink.port), listeners=[recorder])
     with env.client(env.threads[-1]) as smtp:
@@ -229,6 +226,16 @@ def test_a_message_to_both_domains_reaches_the_healthy_one(
             smtp.sendmail(
                 "app@example.com", [f"user{seq}@bad.test", f"user{seq}@good.test"], message(seq)
             )
+    return recorder
+
+
+def test_a_message_to_both_domains_reaches_the_healthy_one(
+    env: RelayEnv, dns: DnsServer, peer_factory: Callable[[str, int], MisbehavingPeer]
+) -> None:
+    """The recipients of one message at a hanging and at a healthy domain are attempted
+    apart: the healthy ones do not wait for the hanging attempt."""
+    peer_factory("tarpit", env.sink.port)
+    recorder = _send_to_both_domains(env, dns)
     captured = env.sink.wait(GOOD_MESSAGES, timeout=DEADLINE)
     assert sorted(r for m in captured for r in m.rcpts) == sorted(
         f"<user{seq}@good.test>" for seq in range(GOOD_MESSAGES)
@@ -252,13 +259,7 @@ def test_after_a_restart_only_the_undelivered_part_is_sent(
     """Split attempts keep delivery's guarantee: the healthy part delivered before a restart
     is not sent again after it, and the hanging part is delivered once its server works."""
     peer_factory("tarpit", env.sink.port)
-    recorder = Recorder()
-    env.start(_direct(env, dns, env.sink.port), listeners=[recorder])
-    with env.client(env.threads[-1]) as smtp:
-        for seq in range(GOOD_MESSAGES):
-            smtp.sendmail(
-                "app@example.com", [f"user{seq}@bad.test", f"user{seq}@good.test"], message(seq)
-            )
+    recorder = _send_to_both_domains(env, dns)
     env.sink.wait(GOOD_MESSAGES, timeout=DEADLINE)
     wait_for(
         lambda: all(recorder.outcomes(f"user{s}@good.test") for s in range(GOOD_MESSAGES)),
