@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+import yaml
 from kubernetes import client
 
 from cluster.kubeapi import meta_of, name_of
@@ -493,6 +494,33 @@ def test_changing_the_ip_updates_the_relay_config_in_place(kit: Kit, ip: str) ->
         return cfg if cfg.hostname == "mta9.example.com" else None
 
     wait_for(config, 10, "the new hostname in the relay configuration")
+
+
+def test_relay_limits_reach_the_relays_settings_and_roll_its_pod(kit: Kit, ip: str) -> None:
+    """spec.relay.limits (e.g. a per-address cap raised behind an Ingress) is written into the
+    settings file the relay pod mounts, and marks the pod template so the relay restarts."""
+    kit.objs.patch_cluster_custom_object(
+        GROUP, VERSION, IPS, ip, {"spec": {"relay": {"limits": {"maxConnectionsPerAddress": 500}}}}
+    )
+    ns, name = kit.operator_namespace, c.relay_name(ip)
+
+    def settings() -> c.LimitSettings | None:
+        cm = read_or_none(lambda: kit.core.read_namespaced_config_map(name, ns))
+        if cm is None or cm.data is None:
+            return None
+        limits = c.RelaySettings.model_validate(yaml.safe_load(cm.data["settings.yaml"])).limits
+        return limits if limits.max_connections_per_address == 500 else None
+
+    assert wait_for(settings, 10, "the raised cap in the relay's settings").max_connections == (
+        c.LimitSettings().max_connections
+    )
+
+    def annotated() -> str | None:
+        dep = read_or_none(lambda: client.AppsV1Api(kit.api).read_namespaced_deployment(name, ns))
+        template = dep.spec.template.metadata if dep is not None else None
+        return ((template.annotations or {}) if template else {}).get("txmail.dev/relay-limits")
+
+    wait_for(annotated, 10, "the relay pod template marked with the limits")
 
 
 def test_deleting_the_ip_removes_the_relay_and_unreadies_dependents(

@@ -49,7 +49,9 @@ def relay_objects(spec: DedicatedIPSpec) -> list[dict[str, Any]]:
         builders.relay_service_account(OWNER),
         builders.relay_role(OWNER),
         builders.relay_role_binding(OWNER),
-        builders.relay_config_map(OWNER, config, tracking_keys=tracking is not None),
+        builders.relay_config_map(
+            OWNER, config, tracking_keys=tracking is not None, limits=spec.relay.limits
+        ),
         builders.credential_shard(OWNER, 0),
         builders.template_shard(OWNER, 0),
         builders.stats_config_map(OWNER),
@@ -100,6 +102,7 @@ CASES = {
             tracking={"baseURL": "https://t.example.com"},
             feedback={"complaintsAddress": "fbl@mail.example.com"},
             suppression={"complaints": True, "bounces": True},
+            relay={"limits": {"maxHttpConnectionsPerAddress": 2000}},
         )
     ),
     "smtptoken": token_objects,
@@ -142,6 +145,32 @@ def test_relay_settings_file_is_the_relays_own_model_serialised(
     assert ("trackingKeysFile" in path.read_text()) is tracking_keys
     config_map = builders.relay_config_map(OWNER, builders.relay_config("demo", ip_spec()))
     assert config_map["data"][builders.SETTINGS_KEY] == builders.relay_settings(OWNER)
+
+
+def test_relay_limits_reach_the_relay_and_roll_its_pod(tmp_path: Path) -> None:
+    """spec.relay.limits sets those caps in the settings file the relay loads (the others keep
+    the relay's defaults), and a change of them changes the pod template, so the relay, which
+    reads its settings at start, restarts with them; without limits nothing is added."""
+    spec = ip_spec(relay={"limits": {"maxHttpConnectionsPerAddress": 2000}})
+    config_map = builders.relay_config_map(
+        OWNER, builders.relay_config("demo", spec), limits=spec.relay.limits
+    )
+    path = tmp_path / builders.SETTINGS_KEY
+    path.write_text(config_map["data"][builders.SETTINGS_KEY])
+    loaded = load_settings(path).limits
+    assert loaded.max_http_connections_per_address == 2000
+    assert loaded.max_connections_per_address == c.LimitSettings().max_connections_per_address
+
+    def template(spec: DedicatedIPSpec) -> dict[str, Any]:
+        meta: dict[str, Any] = builders.relay_deployment(OWNER, spec, "img", "tls")["spec"][
+            "template"
+        ]["metadata"]
+        return meta
+
+    raised = ip_spec(relay={"limits": {"maxHttpConnectionsPerAddress": 4000}})
+    assert template(spec)["annotations"] != template(raised)["annotations"]
+    assert "annotations" not in template(ip_spec())
+    assert "annotations" not in template(ip_spec(relay={"limits": {}}))
 
 
 def test_relay_listeners_ports_probes_and_service_agree() -> None:

@@ -182,7 +182,46 @@ class RelayPorts(Model):
     )
 
 
+class RelayLimits(Model):
+    """Connection caps of the relay (docs/relay.md "Limits"); unset fields keep its defaults."""
+
+    max_connections: int | None = Field(
+        default=None,
+        ge=1,
+        le=65536,
+        description="SMTP connections the relay takes at once, both ports together; past it a "
+        "client gets 421. Relay default 1000.",
+    )
+    max_connections_per_address: int | None = Field(
+        default=None,
+        ge=1,
+        le=65536,
+        description="SMTP connections from one client address (IPv6: one /64); past it 421. "
+        "Relay default 50. Raise it when many apps reach the relay through one NAT address.",
+    )
+    max_http_connections: int | None = Field(
+        default=None,
+        ge=1,
+        le=65536,
+        description="Connections each of the tracking and API listeners takes at once; past "
+        "it 503. Relay default 1000.",
+    )
+    max_http_connections_per_address: int | None = Field(
+        default=None,
+        ge=1,
+        le=65536,
+        description="Connections from one address to each of the tracking and API listeners; "
+        "past it 429. Relay default 200. Behind an Ingress every tracking connection comes "
+        "from the controller's pods: raise it to what they may open.",
+    )
+
+
 class Relay(Model):
+    limits: RelayLimits | None = Field(
+        default=None,
+        description="Connection caps of the relay. A change restarts the relay pod (they are "
+        "read at start).",
+    )
     resources: Resources | None = Field(
         default=None, description="Compute resources of the relay container."
     )

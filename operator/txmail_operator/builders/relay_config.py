@@ -9,7 +9,7 @@ import yaml
 from txmail_relay import contract as c
 
 from ..api import DedicatedIPSpec
-from ..api.dedicatedip import EgressMode
+from ..api.dedicatedip import EgressMode, RelayLimits
 from .naming import (
     SETTINGS_KEY,
     SMARTHOST_PATH,
@@ -57,14 +57,19 @@ SETTINGS_HEADER = (
 )
 
 
-def relay_settings_model(owner: RelayOwner, *, tracking_keys: bool = False) -> c.RelaySettings:
+def relay_settings_model(
+    owner: RelayOwner, *, tracking_keys: bool = False, limits: RelayLimits | None = None
+) -> c.RelaySettings:
     """The relay's static settings: where it listens and reads its configuration from.
 
     Filled in the relay's own model, so a file the relay would refuse cannot be built. With
     ``tracking_keys``, the tracking Secret is mounted and the relay signs and verifies with
-    the keys in it (re-read when the kubelet updates the mounted file).
+    the keys in it (re-read when the kubelet updates the mounted file). ``limits`` (the
+    DedicatedIP's ``spec.relay.limits``) sets the connection caps that are set there.
     """
+    caps = limits.model_dump(exclude_none=True) if limits is not None else {}
     return c.RelaySettings(
+        **({"limits": c.LimitSettings(**caps)} if caps else {}),
         kubernetes=c.KubernetesSettings(namespace=owner.namespace, dedicated_ip=owner.name),
         # The container ports relay_deployment declares, by the same constants.
         listen=c.ListenSettings(
@@ -85,14 +90,20 @@ def relay_settings_model(owner: RelayOwner, *, tracking_keys: bool = False) -> c
     )
 
 
-def relay_settings(owner: RelayOwner, *, tracking_keys: bool = False) -> str:
+def relay_settings(
+    owner: RelayOwner, *, tracking_keys: bool = False, limits: RelayLimits | None = None
+) -> str:
     """:func:`relay_settings_model` as the file the relay pod mounts (YAML, what was set)."""
-    document = relay_settings_model(owner, tracking_keys=tracking_keys).to_document()
-    return SETTINGS_HEADER + yaml.safe_dump(document, sort_keys=False)
+    model = relay_settings_model(owner, tracking_keys=tracking_keys, limits=limits)
+    return SETTINGS_HEADER + yaml.safe_dump(model.to_document(), sort_keys=False)
 
 
 def relay_config_map(
-    owner: RelayOwner, config: c.RelayConfig, *, tracking_keys: bool = False
+    owner: RelayOwner,
+    config: c.RelayConfig,
+    *,
+    tracking_keys: bool = False,
+    limits: RelayLimits | None = None,
 ) -> Obj:
     return {
         "apiVersion": "v1",
@@ -100,7 +111,7 @@ def relay_config_map(
         "metadata": owned_meta(owner, c.relay_name(owner.name), "config"),
         "data": {
             c.RELAY_CONFIG_KEY: config.to_json(),
-            SETTINGS_KEY: relay_settings(owner, tracking_keys=tracking_keys),
+            SETTINGS_KEY: relay_settings(owner, tracking_keys=tracking_keys, limits=limits),
         },
     }
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 from txmail_relay import contract as c
 
 from ..api import DedicatedIPSpec
@@ -237,11 +240,28 @@ def relay_deployment(
             "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": {c.LABEL_NAME: c.RELAY_APP_NAME, c.LABEL_INSTANCE: ip}},
             "template": {
-                "metadata": {"labels": {**labels, c.LABEL_COMPONENT: "relay"}},
+                "metadata": {
+                    "labels": {**labels, c.LABEL_COMPONENT: "relay"},
+                    **_limits_annotation(spec),
+                },
                 "spec": pod_spec,
             },
         },
     }
+
+
+LIMITS_ANNOTATION = "txmail.dev/relay-limits"
+
+
+def _limits_annotation(spec: DedicatedIPSpec) -> Obj:
+    """A digest of ``spec.relay.limits`` on the pod template, when any is set: the relay reads
+    its settings file at start only, so a changed limit rolls the pod. Without limits there
+    is no annotation, so relays that set none are not restarted by this."""
+    limits = spec.relay.limits.wire() if spec.relay.limits is not None else {}
+    if not limits:
+        return {}
+    digest = hashlib.sha256(json.dumps(limits, sort_keys=True).encode()).hexdigest()[:16]
+    return {"annotations": {LIMITS_ANNOTATION: digest}}
 
 
 def relay_service(owner: RelayOwner, spec: DedicatedIPSpec) -> Obj:

@@ -118,7 +118,12 @@ async def reconcile_ip(ctx: Context, body: Obj, tokens: int, emails: int) -> Non
             builders.relay_service_account(owner),
             builders.relay_role(owner),
             builders.relay_role_binding(owner),
-            builders.relay_config_map(owner, config, tracking_keys=tracking_secret is not None),
+            builders.relay_config_map(
+                owner,
+                config,
+                tracking_keys=tracking_secret is not None,
+                limits=spec.relay.limits,
+            ),
             *(builders.template_shard(owner, k) for k in range(c.TEMPLATE_SHARDS)),
             builders.stats_config_map(owner),
             # Last of the configuration: a token waits for its shard, so once it is Ready
