@@ -272,7 +272,7 @@ def _register_watch(r: dict[str, Any], settings: Settings) -> None:
         memo.urgent = UrgentTokens(ctx)
         memo.urgent.start(memo.watches)
         # The sweep's tokens come from the urgent watch (no scan of kopf's index each tick),
-        # from when kopf has indexed them all (a check reads the token from kopf's index).
+        # from when the watch has listed them all (a check reads the token from its index).
         memo.sweep = Sweep(interval, memo.urgent.tokens, check, ready=ctx.tokens.synced)
         memo.sweep.start()
 

@@ -366,20 +366,19 @@ def owned_watches(
     change after it (SYNC for an object seen again by a re-list: changes in between may have
     been missed).
     """
+    listed: set[str] = set()  # the kinds listed once: a later listing is a re-list
     for kind, api_version in OWNED_KINDS.items():
-        listed = False
 
         def on_event(type_: str, obj: Obj, kind: str = kind) -> None:
             if type_ not in ("LISTED", "SYNCED"):
                 on_change(_change(type_, kind, obj))
 
         def on_listed(items: list[Obj], kind: str = kind) -> None:
-            nonlocal listed
             on_list(kind, items)
-            if listed:
+            if kind in listed:
                 for item in items:
                     on_change(_change("SYNC", kind, item))
-            listed = True
+            listed.add(kind)
 
         watches.start(
             AsyncWatch(

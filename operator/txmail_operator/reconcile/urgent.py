@@ -65,7 +65,7 @@ class UrgentTokens:
         self._seen: dict[str, int] = {}  # uid -> generation
         self._bodies: dict[tuple[str, str], Obj] = {}  # the newest body a queued job reads
         self._unlisted: set[str | None] = set()  # scopes not listed completely yet
-        self._listed: set[tuple[str, str]] = set()  # refs in the listing under way
+        self._listed: dict[str | None, set[tuple[str, str]]] = {}  # scope -> refs listed so far
         self.refs: dict[str, tuple[str, str]] = {}  # uid -> (namespace, name), for the sweep
         self.version = 0  # changes whenever refs does
         self._reconcile = ctx.metrics.measured(TOKEN, self._reconcile_latest)
@@ -83,7 +83,7 @@ class UrgentTokens:
                 if event == "SYNCED":
                     self.synced(scope)
                 else:
-                    self.on_event(event, obj)
+                    self.on_event(event, obj, scope)
 
             watches.start(
                 AsyncWatch(watches.api, path, TOKEN, on_event, on_error=self.ctx.kube.on_error)
@@ -93,26 +93,32 @@ class UrgentTokens:
         """A listing of ``scope`` (a namespace, None: all) ended: tokens it did not list are
         gone (deleted while a re-list was due); the index is complete once every scope was."""
         index = self.ctx.tokens
-        listed, self._listed = self._listed, set()
-        for ref in index.refs():
-            if (scope is None or ref[0] == scope) and ref not in listed:
-                index.remove(ref)
+        listed = self._listed.pop(scope, set())
+        gone = {r for r in index.refs() if (scope is None or r[0] == scope) and r not in listed}
+        for ref in gone:
+            index.remove(ref)
+        with self._guard:
+            for uid in [uid for uid, ref in self.refs.items() if ref in gone]:
+                del self.refs[uid]  # nor checked by the sweep any longer
+                self._seen.pop(uid, None)
+                self.version += 1
         self._unlisted.discard(scope)
         if not self._unlisted:
             index.synced.set()
 
-    def on_event(self, event: str, obj: Obj) -> None:
+    def on_event(self, event: str, obj: Obj, scope: str | None = None) -> None:
         meta = obj.get("metadata") or {}
         uid, namespace, name = meta.get("uid"), meta.get("namespace"), meta.get("name")
         if not (uid and namespace and name and obj.get("spec")):
             return
         index = self.ctx.tokens
+        body = slim(obj)
         if event == "DELETED":
             index.remove((namespace, name))
         else:
-            index.put(slim(obj))
+            index.put(body)
             if event == "LISTED":
-                self._listed.add((namespace, name))
+                self._listed.setdefault(scope, set()).add((namespace, name))
         with self._guard:
             action = decide(event, obj, self._seen.get(uid))
             if event == "DELETED":
@@ -125,7 +131,7 @@ class UrgentTokens:
                 self.refs[uid] = (namespace, name)
                 self.version += 1
             if action is Urgent.RECONCILE:
-                self._bodies[(namespace, name)] = slim(obj)
+                self._bodies[(namespace, name)] = body
         if action is None:
             return
         work = self.ctx.work
@@ -136,9 +142,9 @@ class UrgentTokens:
             )
         elif action is Urgent.REVOKE:
             if not self.ctx.handled.revoked(uid):
-                work.submit(("revoke", uid), self._revoke, self.ctx, slim(obj), priority=URGENT)
+                work.submit(("revoke", uid), self._revoke, self.ctx, body, priority=URGENT)
         else:
-            work.submit(("gone", uid), self._gone, slim(obj), priority=URGENT)
+            work.submit(("gone", uid), self._gone, body, priority=URGENT)
 
     def tokens(self) -> tuple[int, dict[str, tuple[str, str]]]:
         """Every SmtpToken seen, for the periodic check (sweep.py)."""
