@@ -87,7 +87,6 @@ class _Guarded(asyncio.Protocol):
             self._timer = loop.call_later(LINGER, transport.close)
             return
         self._ticket = verdict
-        self._guard.connections[transport] = self
         self._arm(self._guard.limits.header_timeout, self._headers_late)
         self._inner.connection_made(transport)
 
@@ -111,8 +110,6 @@ class _Guarded(asyncio.Protocol):
         if self._ticket is None:
             return
         self._ticket.release()
-        if self._transport is not None:
-            self._guard.connections.pop(self._transport, None)
         self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -175,14 +172,15 @@ class HttpGuard:
     def __init__(self, gate: ConnectionGate, limits: HttpLimits) -> None:
         self.gate = gate
         self.limits = limits
-        self.connections: dict[asyncio.BaseTransport, _Guarded] = {}
 
     def protocol(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         return lambda: _Guarded(self, factory())
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        guarded = self.connections.get(request.transport) if request.transport else None
+        # The listener's transports carry the _Guarded wrapper as their protocol (protocol()).
+        protocol = request.transport.get_protocol() if request.transport else None
+        guarded = protocol if isinstance(protocol, _Guarded) else None
         if guarded is not None:
             guarded.request_started(request)
         try:

@@ -106,10 +106,6 @@ def _help_of(replaced: Callable[..., Any]) -> Callable[[_F], _F]:
     return copy
 
 
-def _peer(session: Session) -> str:
-    return str(session.peer[0]) if isinstance(session.peer, tuple) else "unknown"
-
-
 class SubmissionHandler:
     """aiosmtpd handler hooks: each asks the policy or the send service, and maps what it
     decides to a reply (5xx for the client's mistakes, 4xx only for our faults)."""
@@ -205,7 +201,7 @@ class SubmissionHandler:
         if isinstance(verdict, Rejected):
             return self._refuse(verdict)
         origin = Origin(
-            peer=_peer(session),
+            peer=peer_ip(session.peer),
             by=server.hostname,
             protocol="ESMTPSA",
             helo=session.host_name or "unknown",
@@ -340,7 +336,7 @@ class SubmissionProtocol(SMTP):
 
     def _peer_ip(self) -> str:
         if self.session is not None:
-            return _peer(self.session)
+            return peer_ip(self.session.peer)
         return peer_ip(self._raw.get_extra_info("peername")) if self._raw else "unknown"
 
     # -- the connection: admission, TLS, the end ------------------------------------------

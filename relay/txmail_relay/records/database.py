@@ -75,6 +75,7 @@ class Database:
         self._wal_bytes = 0  # the WAL's checkpoint size, known once open
         self._room = path.with_name(path.name + "-room")
         self._room_tried = 0.0  # time.monotonic() of the last attempt to take it
+        self._room_held = False  # only this class makes and removes the room file
 
     def headroom(self) -> int:
         """Bytes the database may still add on its volume: the WAL up to its checkpoint
@@ -84,26 +85,30 @@ class Database:
             wal = self._wal.stat().st_size
         except FileNotFoundError:
             wal = 0
-        missing = 0
-        if not self._room.exists():
-            now = time.monotonic()
-            if now - self._room_tried >= ROOM_RETRY:
-                self._room_tried = now
-                self._take_room()
-            missing = 0 if self._room.exists() else ROOM_BYTES
+        if not self._room_held and time.monotonic() - self._room_tried >= ROOM_RETRY:
+            self._room_tried = time.monotonic()
+            self._take_room()
+        missing = 0 if self._room_held else ROOM_BYTES
         return max(0, self._wal_bytes - wal) + self._wal_bytes + missing
 
     def _take_room(self) -> None:
         """Allocate the room if the volume has twice its size free (else try later)."""
         try:
-            st = os.statvfs(self.path.parent)
-            if self._room.exists() or st.f_bavail * st.f_frsize < 2 * ROOM_BYTES:
+            if self._room.stat().st_size >= ROOM_BYTES:  # kept from an earlier run
+                self._room_held = True
                 return
-            fd = os.open(self._room, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError:
+            pass
+        try:
+            st = os.statvfs(self.path.parent)
+            if st.f_bavail * st.f_frsize < 2 * ROOM_BYTES:
+                return
+            fd = os.open(self._room, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         except OSError:
             return
         try:
             os.posix_fallocate(fd, 0, ROOM_BYTES)  # real blocks, not a sparse file
+            self._room_held = True
         except OSError:
             self._room.unlink(missing_ok=True)
         finally:
@@ -112,6 +117,7 @@ class Database:
     def release_room(self) -> bool:
         """Give the room up for the records to use (the volume is full); True if there was
         one."""
+        self._room_held = False
         try:
             self._room.unlink()
         except FileNotFoundError:

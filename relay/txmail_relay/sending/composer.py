@@ -219,13 +219,14 @@ class Composer:
         if not isinstance(message, EmailMessage) or message.get_body(("html",)) is None:
             return None
         copies = []
+        original = _originators(submission.content)
         for rcpt in tracked:
             event_id = self._make_event_id()
             result = rewrite_message(message, base, keys, event_id)
             if result.failed:
                 raise ValueError(result.error)
             body = to_bytes(result.message, policy=AS_RECEIVED)
-            if _originators(body) != _originators(submission.content):
+            if _originators(body) != original:
                 raise ValueError("tracking would change the originator fields")
             copies.append(Copy(body, submission.mail_from, (rcpt,), headers.message_id, event_id))
         others = tuple(r for r in rcpts if r not in tracked)
