@@ -6,11 +6,12 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 # Debian packages the tests and the demo use: Postfix's smtp-sink/smtp-source, swaks (with
-# libnet-ssleay-perl for its TLS); for the node tier and the image: containerd, runc, the CNI
+# libnet-ssleay-perl for its TLS); knot (a real DNS server the tests run on loopback, with dynamic
+# updates: tests/dns_server.py); for the node tier and the image: containerd, runc, the CNI
 # plugins, iptables and conntrack (kube-proxy), mmdebstrap and umoci (make image), gcc and
 # libc6-dev (the static pause binary), iproute2, util-linux and procps (namespaces, ss, sysctl,
 # pgrep).
-DEBS   := postfix swaks libnet-ssleay-perl containerd runc containernetworking-plugins iptables \
+DEBS   := postfix swaks libnet-ssleay-perl knot containerd runc containernetworking-plugins iptables \
           conntrack mmdebstrap umoci gcc libc6-dev iproute2 util-linux procps
 
 .PHONY: help setup debs control-plane crds lint test test-unit test-k8s test-node demo clean image lock \
@@ -47,6 +48,7 @@ debs:
 	    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEBS) >/dev/null; \
 	    service postfix stop >/dev/null 2>&1 || true; service containerd stop >/dev/null 2>&1 || true; \
+	    service knot stop >/dev/null 2>&1 || true; \
 	  else \
 	    echo "Please install the Debian packages $(DEBS) (as root: apt-get install $(DEBS))"; exit 1; \
 	  fi; \

@@ -13,7 +13,6 @@ import json
 import secrets
 import shutil
 import smtplib
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
+from dns_server import DnsServer
 from peers import Captured, Sink, TLSFiles, free_port, make_authority, wait_for
 from txmail_relay.app import Relay
 from txmail_relay.config.file import FileConfigSource
@@ -31,7 +31,7 @@ from txmail_relay.contract import CredentialEntry, PasswordDigest, password_dige
 from txmail_relay.settings import load_settings
 
 # Shared peers and helpers, re-exported for the relay tests.
-__all__ = ["Captured", "Sink", "TLSFiles", "free_port", "make_authority", "wait_for"]
+__all__ = ["Captured", "DnsServer", "Sink", "TLSFiles", "free_port", "make_authority", "wait_for"]
 
 T = TypeVar("T")
 HOSTNAME = "relay.test"
@@ -315,55 +315,6 @@ def swaks_available() -> str:
 
 
 # -- a DNS server ------------------------------------------------------------------------------
-
-
-class DnsServer:
-    """Answers A/AAAA/MX over UDP from a dict; unknown names get NXDOMAIN; queries for a
-    name in ``silent`` get no answer at all (a lookup that hangs)."""
-
-    def __init__(
-        self, records: dict[str, dict[str, list[str]]], *, silent: tuple[str, ...] = ()
-    ) -> None:
-        import dns.message  # noqa: PLC0415
-        import dns.rcode  # noqa: PLC0415
-        import dns.rrset  # noqa: PLC0415
-
-        self._message, self._rcode, self._rrset = dns.message, dns.rcode, dns.rrset
-        self.records = {k.rstrip(".").lower(): v for k, v in records.items()}
-        self.silent = {name.rstrip(".").lower() for name in silent}
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.settimeout(0.2)
-        self.address = f"127.0.0.1:{self._sock.getsockname()[1]}"
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stopped.is_set():
-            try:
-                data, peer = self._sock.recvfrom(4096)
-            except TimeoutError:
-                continue
-            query = self._message.from_wire(data)
-            response = self._message.make_response(query)
-            question = query.question[0]
-            name = question.name.to_text(omit_final_dot=True).lower()
-            if name in self.silent:
-                continue
-            kind = {1: "A", 28: "AAAA", 15: "MX"}.get(int(question.rdtype))
-            if name not in self.records:
-                response.set_rcode(self._rcode.NXDOMAIN)
-            elif kind and self.records[name].get(kind):
-                response.answer.append(
-                    self._rrset.from_text(question.name, 60, "IN", kind, *self.records[name][kind])
-                )
-            self._sock.sendto(response.to_wire(), peer)
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self._thread.join(5)
-        self._sock.close()
 
 
 @dataclass
