@@ -230,6 +230,95 @@ class SuppressionConfig(_Doc):
     bounces: bool = Field(default=False, description="Recipients whose mail hard-bounced.")
 
 
+#: Where the relay pod mounts the DKIM private keys (one folder, e.g. a projected volume of the
+#: operator's generated key Secrets and any bring-your-own Secrets); :attr:`DkimConfig.keys_dir`.
+DKIM_KEYS_PATH = "/etc/txmail/dkim"
+
+_DNS_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
+
+
+class DkimAlgorithm(StrEnum):
+    """A DKIM signing algorithm (the signature's ``a=``, RFC 6376 and RFC 8463)."""
+
+    RSA_SHA256 = "rsa-sha256"
+    ED25519_SHA256 = "ed25519-sha256"
+
+
+class DkimKey(_Doc):
+    """One active signing key of a domain: the relay signs with it, the DNS has its record.
+
+    ``keyFile`` is a file name inside :attr:`DkimConfig.keys_dir` holding the private key,
+    unencrypted, in one of these formats (the relay checks it with ``cryptography``):
+
+    * ``rsa-sha256``: PEM, PKCS#8 (``-----BEGIN PRIVATE KEY-----``, what
+      ``cryptography``'s ``private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())``
+      and ``openssl genpkey -algorithm rsa`` write) or PKCS#1 (``-----BEGIN RSA PRIVATE
+      KEY-----``, what ``dknewkey.py`` writes). At least 1024 bits (RFC 8301); 2048 is the
+      operator's default.
+    * ``ed25519-sha256``: PEM PKCS#8 (``-----BEGIN PRIVATE KEY-----``, as above or
+      ``openssl genpkey -algorithm ed25519``), or dkimpy's own format (``dknewkey.py --ktype
+      ed25519``): the 32-byte private seed (``private_bytes_raw()``), base64, one line.
+
+    The DNS record of the key is ``<selector>._domainkey.<domain>`` TXT ``v=DKIM1; k=rsa;
+    p=<base64 DER SubjectPublicKeyInfo>`` (RSA) or ``v=DKIM1; k=ed25519; p=<base64 of the
+    32-byte raw public key>`` (Ed25519, RFC 8463 section 4.2).
+    """
+
+    selector: Annotated[str, Field(max_length=253, pattern=rf"^{_DNS_LABEL}(?:\.{_DNS_LABEL})*$")]
+    algorithm: DkimAlgorithm = DkimAlgorithm.RSA_SHA256
+    key_file: Annotated[str, Field(alias="keyFile", pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")]
+
+
+class DkimDomain(_Doc):
+    """The signing keys of one header-From domain: one, or two for dual signing (RFC 8463:
+    one ``rsa-sha256`` and one ``ed25519-sha256`` key, two DKIM-Signature headers)."""
+
+    domain: str = Field(description="Signs mail whose header From address is at this domain.")
+    keys: Annotated[list[DkimKey], Field(min_length=1, max_length=2)]
+
+    @field_validator("domain")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.strip().rstrip(".").lower()
+
+    @model_validator(mode="after")
+    def _one_per_algorithm(self) -> DkimDomain:
+        algorithms = [k.algorithm for k in self.keys]
+        if len(set(algorithms)) != len(algorithms):
+            raise ValueError(f"{self.domain}: at most one key per algorithm")
+        return self
+
+
+class DkimConfig(_Doc):
+    """DKIM signing (docs/deliverability.md "Signing"): the active keys per From domain.
+
+    The relay signs each message at delivery time (so a change here, e.g. a rotation that
+    switches the selector, applies to mail already queued) with every key of its header From
+    domain, unless the message already has a DKIM-Signature with ``d=`` that domain. A domain
+    not listed is sent unsigned. Key files are re-read when they change; one that cannot be
+    read sends the mail unsigned (logged, counted), never holds it.
+    """
+
+    keys_dir: str = Field(
+        default=DKIM_KEYS_PATH,
+        alias="keysDir",
+        description="Folder of the key files (the mounted Secret(s)); keyFile is inside it.",
+    )
+    domains: list[DkimDomain] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_domains(self) -> DkimConfig:
+        names = [d.domain for d in self.domains]
+        if len(set(names)) != len(names):
+            raise ValueError("each domain at most once")
+        return self
+
+    def keys_for(self, domain: str) -> list[DkimKey]:
+        """The keys that sign mail from ``domain`` (none: unsigned)."""
+        wanted = domain.rstrip(".").lower()
+        return next((list(d.keys) for d in self.domains if d.domain == wanted), [])
+
+
 class RelayConfig(_Doc):
     """What the relay of one DedicatedIP needs to know: written to ``relay.json``."""
 
@@ -242,6 +331,7 @@ class RelayConfig(_Doc):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
     suppression: SuppressionConfig = Field(default_factory=SuppressionConfig)
+    dkim: DkimConfig = Field(default_factory=DkimConfig)
     credential_shards: int = Field(default=CREDENTIAL_SHARDS, alias="credentialShards")
     template_shards: int = Field(default=TEMPLATE_SHARDS, alias="templateShards")
 
