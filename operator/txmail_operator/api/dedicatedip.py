@@ -21,6 +21,7 @@ from .common import (
     immutable,
     observed_generation_field,
 )
+from .dns import DnsRecordStatus, DnsSpec, DomainStatus
 
 Domain = Annotated[str, Field(min_length=3, max_length=253, pattern=DOMAIN)]
 Quantity = Annotated[
@@ -340,6 +341,7 @@ class DedicatedIPSpec(Model):
         description="Recipients the relay refuses new mail to, from what it recorded itself. "
         "Changes apply to the next message without a restart.",
     )
+    dns: DnsSpec = Field(default_factory=DnsSpec, description="DNS readiness (DNSVerified).")
 
 
 class RelayStatus(Model):
@@ -363,6 +365,12 @@ class DedicatedIPStatus(Model):
     tokens: int | None = Field(default=None, ge=0, description="SmtpTokens attached to this IP.")
     emails: int | None = Field(
         default=None, ge=0, description="TransactionalEmails attached to this IP."
+    )
+    dns_records: list[DnsRecordStatus] | None = Field(
+        default=None, max_length=1024, description="Every DNS record to publish, as checked."
+    )
+    domains: list[DomainStatus] | None = Field(
+        default=None, max_length=100, description="Each sending domain's DNS verdict."
     )
     observed_generation: int | None = observed_generation_field()
 
