@@ -21,6 +21,7 @@ from .common import (
     immutable,
     observed_generation_field,
 )
+from .dkim import DKIM_SPEC_RULES, DkimSpec
 from .dns import DnsRecordStatus, DnsSpec, DomainStatus
 
 Domain = Annotated[str, Field(min_length=3, max_length=253, pattern=DOMAIN)]
@@ -297,6 +298,8 @@ class Suppression(Model):
 
 
 class DedicatedIPSpec(Model):
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [*DKIM_SPEC_RULES]})
+
     address: str = Field(
         max_length=45,
         description="The sending IP address (IPv4 or IPv6). Immutable: a new address is a new "
@@ -342,6 +345,7 @@ class DedicatedIPSpec(Model):
         "Changes apply to the next message without a restart.",
     )
     dns: DnsSpec = Field(default_factory=DnsSpec, description="DNS readiness (DNSVerified).")
+    dkim: DkimSpec = Field(default_factory=DkimSpec, description="DKIM signing keys.")
 
 
 class RelayStatus(Model):

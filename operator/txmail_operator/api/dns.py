@@ -13,6 +13,7 @@ from typing import Annotated
 from pydantic import Field
 
 from .common import DOMAIN, Model
+from .dkim import DomainDkimStatus
 
 DnsDomain = Annotated[str, Field(min_length=3, max_length=253, pattern=DOMAIN)]
 # Condition type on the DedicatedIP.
@@ -135,4 +136,7 @@ class DomainStatus(Model):
         max_length=32,
         description="The DMARC policy that applies to the domain (p=, or sp= when inherited "
         "from a parent domain): none, quarantine or reject.",
+    )
+    dkim: DomainDkimStatus | None = Field(
+        default=None, description="The domain's DKIM selectors: signing, next, retiring."
     )
