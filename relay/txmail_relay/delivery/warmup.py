@@ -1,0 +1,244 @@
+"""IP warm-up: the daily budget in front of the delivery queue (docs/deliverability.md).
+
+The queue asks :meth:`WarmupGate.admit` before it makes a new message's recipients ready.
+While the day's budget (:class:`~txmail_relay.contract.WarmupConfig`) has room they pass and
+are counted; the rest are held here, in arrival order, and stay in the spool: nothing is
+refused or lost, and holding is not an attempt (no backoff, no retry counted). When a new day
+starts, or the configuration raises the budget, the held recipients are released to the queue
+up to the new room, oldest first; once warm-up is off or done every held recipient goes.
+
+What counts: each recipient the first time it is handed to delivery. A retry after a 4xx is
+the same message and is not counted again (its job has attempts); mail recovered from the
+spool after a restart is counted again if it had been attempted but not finished, so a
+restart can only make the day look fuller than it was, never let more out.
+
+The day's count is kept in the records (:mod:`txmail_relay.records.warmup`) and read at
+start, so a restart keeps what the day already used. A charge is written without waiting
+(the queue's scheduling is synchronous): a crash in the few milliseconds before it lands
+forgets those recipients, the spool's own at-least-once window.
+
+Queue lifetime: a held message's ``maxLifetime`` counts from its release, not from its
+reception (:meth:`WarmupGate.lifetime_start`): a message held for days still gets the whole
+retry period once it is allowed out. The release time is kept in memory; after a restart the
+lifetime of a message released before it counts from its reception again.
+
+The clock is a constructor argument (``clock``, seconds since the epoch like ``time.time``):
+tests move it a day instead of sleeping. :meth:`WarmupGate.run` looks at it every
+``check_interval`` seconds (and at each new day's start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from txmail_relay.contract import WarmupConfig, WarmupStats
+from txmail_relay.records.database import background
+from txmail_relay.records.warmup import WarmupCounts
+from txmail_relay.spool.segments import SpooledMessage
+
+log = logging.getLogger(__name__)
+
+Release = Callable[[SpooledMessage, tuple[int, ...]], None]
+_OFF = WarmupConfig()
+
+
+@dataclass(eq=False)
+class _Held:
+    msg: SpooledMessage
+    indices: tuple[int, ...]
+
+
+class WarmupGate:
+    def __init__(
+        self,
+        config: Callable[[], WarmupConfig | None],
+        counts: WarmupCounts,
+        *,
+        clock: Callable[[], float] = time.time,
+        check_interval: float = 30.0,
+    ) -> None:
+        self._config = config
+        self._counts = counts
+        self._clock = clock
+        self._check_interval = check_interval
+        self._key: tuple[str, int] | None = None  # (start, day) that _sent counts
+        self._sent = 0
+        self._held: deque[_Held] = deque()
+        self._held_recipients = 0
+        self._held_messages: dict[str, int] = {}  # spool id -> recipients held
+        self._release: Release | None = None
+        self._lifetime_clock: Callable[[], float] = time.time
+        self._released: weakref.WeakKeyDictionary[SpooledMessage, float] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def bind(self, release: Release, lifetime_clock: Callable[[], float]) -> None:
+        """The queue's entry for released recipients, and its clock (lifetimes)."""
+        self._release = release
+        self._lifetime_clock = lifetime_clock
+
+    # -- the day ------------------------------------------------------------------------
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self._clock(), UTC)
+
+    def _warmup(self) -> WarmupConfig:
+        return self._config() or _OFF
+
+    def _today(self) -> tuple[WarmupConfig, tuple[str, int], int | None]:
+        """The schedule, today's key, today's budget (None: no limit); a new key starts at 0."""
+        cfg = self._warmup()
+        day = cfg.day(self._now())
+        start = cfg.started_at.isoformat() if cfg.started_at is not None else ""
+        key = (start, day)
+        if key != self._key:
+            # The start recorded while day 1 ran keeps what day 1 used before it was known.
+            if not (self._key == ("", 1) and day == 1):
+                self._sent = 0
+            self._key = key
+        return cfg, key, cfg.budget(day)
+
+    async def load(self) -> None:
+        """Read today's count from the records (at start, once the configuration is known)."""
+        cfg, key, _budget = self._today()
+        if cfg.active:
+            self._sent = await self._counts.sent(*key)
+            log.info(
+                "warm-up: day %d, %d sent",
+                key[1],
+                self._sent,
+                extra={"budget": cfg.budget(key[1])},
+            )
+
+    # -- what the queue asks ------------------------------------------------------------
+
+    def admit(self, msg: SpooledMessage, indices: Sequence[int], attempts: int) -> tuple[int, ...]:
+        """The recipients of ``msg`` that may go now; the rest are held (and counted)."""
+        wanted = tuple(indices)
+        if attempts > 0:  # a retry: counted when it was first admitted
+            return wanted
+        _cfg, key, budget = self._today()
+        if budget is None:
+            self._release_all()
+            return wanted
+        if self._held:  # the budget was raised: the waiting ones first
+            self._drain(budget)
+        room = max(0, budget - self._sent)
+        if self._held:  # still waiting: this one queues behind them
+            room = 0
+        take, rest = wanted[:room], wanted[room:]
+        if take:
+            self._charge(key, len(take))
+        if rest:
+            self._held.append(_Held(msg, rest))
+            self._held_recipients += len(rest)
+            self._held_messages[msg.id] = self._held_messages.get(msg.id, 0) + len(rest)
+            if self._held_recipients == len(rest):
+                log.warning(
+                    "warm-up: day %d budget of %d used, holding mail for the next day",
+                    key[1],
+                    budget,
+                )
+        return take
+
+    def lifetime_start(self, msg: SpooledMessage) -> float:
+        """Where ``msg``'s queue lifetime starts (its release, if it was held)."""
+        return self._released.get(msg, msg.received_at)
+
+    def held(self, spool_id: str) -> bool:
+        return spool_id in self._held_messages
+
+    def next_day(self) -> datetime | None:
+        """When the next day's budget starts (None while the start is unknown, or no limit)."""
+        cfg, key, budget = self._today()
+        if budget is None:
+            return None
+        return cfg.day_start(key[1] + 1)
+
+    def snapshot(self) -> WarmupStats | None:
+        """Today's figures; None when warm-up is off and nothing is held."""
+        cfg, key, budget = self._today()
+        if not cfg.active and not self._held:
+            return None
+        return WarmupStats(
+            day=key[1], budget=budget, sent=self._sent, deferred=self._held_recipients
+        )
+
+    def budget_metric(self) -> float:
+        _cfg, _key, budget = self._today()
+        return -1.0 if budget is None else float(budget)
+
+    def sent_metric(self) -> float:
+        self._today()
+        return float(self._sent)
+
+    def deferred_metric(self) -> float:
+        return float(self._held_recipients)
+
+    # -- releasing ----------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Release what today's budget (or its absence) allows."""
+        if not self._held:
+            self._today()
+            return
+        _cfg, _key, budget = self._today()
+        if budget is None:
+            self._release_all()
+        else:
+            self._drain(budget)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                self.tick()
+            except Exception:  # a bug must not stop the releases: try again later
+                log.exception("warm-up release failed")
+            await asyncio.sleep(self._pause())
+
+    def _pause(self) -> float:
+        upcoming = self.next_day()
+        if upcoming is None:
+            return self._check_interval
+        left = (upcoming - self._now()).total_seconds()
+        return max(0.01, min(self._check_interval, left))
+
+    def _charge(self, key: tuple[str, int], n: int) -> None:
+        self._sent += n
+        background(self._counts.add(key[0], key[1], n))
+
+    def _drain(self, budget: int) -> None:
+        key = self._key
+        while self._held and self._sent < budget and key is not None:
+            entry = self._held[0]
+            room = budget - self._sent
+            take, rest = entry.indices[:room], entry.indices[room:]
+            if rest:
+                entry.indices = rest
+            else:
+                self._held.popleft()
+            self._charge(key, len(take))
+            self._let_go(entry.msg, take)
+
+    def _release_all(self) -> None:
+        while self._held:
+            entry = self._held.popleft()
+            self._let_go(entry.msg, entry.indices)
+
+    def _let_go(self, msg: SpooledMessage, indices: tuple[int, ...]) -> None:
+        self._held_recipients -= len(indices)
+        left = self._held_messages.get(msg.id, 0) - len(indices)
+        if left > 0:
+            self._held_messages[msg.id] = left
+        else:
+            self._held_messages.pop(msg.id, None)
+        self._released[msg] = self._lifetime_clock()
+        if self._release is not None:
+            self._release(msg, indices)

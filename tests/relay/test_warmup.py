@@ -1,0 +1,242 @@
+"""IP warm-up end to end: the real relay in a thread, smtp-sink upstream, an injected clock.
+
+A burst over the day's budget delivers the budget and holds the rest in the spool (the send
+status says so); moving the clock to the next day delivers the held mail up to that day's
+budget; a restart in between loses nothing, sends nothing twice and keeps the day's count.
+The clock is the relay's ``clock`` constructor argument: the tests move it a day, never sleep.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from relay.relaykit import (
+    RelayEnv,
+    RelayThread,
+    bearer,
+    http,
+    message,
+    template_doc,
+    wait_for,
+)
+from txmail_relay.contract import WARMUP_DAY_SECONDS
+from txmail_relay.http.api import SEND_PATH
+
+DAY = WARMUP_DAY_SECONDS
+ORDER = 101
+
+
+class Clock:
+    """A wall clock the test moves (the relay reads it from its own thread)."""
+
+    def __init__(self, start: float) -> None:
+        self._now = start
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self._now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._now += seconds
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+def _warmup(volumes: list[int], started: float) -> dict[str, Any]:
+    return {"enabled": True, "dailyVolumes": volumes, "startedAt": _iso(started)}
+
+
+def _start(env: RelayEnv, clock: Clock, warmup: dict[str, Any] | None, **extra: Any) -> RelayThread:
+    overrides: dict[str, Any] = {"templates": [template_doc(ORDER)], **extra}
+    if warmup is not None:
+        overrides["relay"] = {"warmup": warmup}
+    settings = env.settings(overrides=overrides)
+    return env.start(settings, clock=clock, warmup_check_interval=0.05)
+
+
+def _submit(env: RelayEnv, relay: RelayThread, seqs: range) -> None:
+    with env.client(relay) as smtp:
+        for seq in seqs:
+            smtp.sendmail("app@example.com", [f"user{seq}@dest.test"], message(seq))
+
+
+def _seqs(env: RelayEnv) -> list[int]:
+    """The test message numbers smtp-sink received, in any order (duplicates kept)."""
+    found = []
+    for captured in env.sink.messages():
+        match = re.search(r"END-OF-MESSAGE (\S+)", captured.content)
+        assert match is not None
+        found.append(int(match.group(1)) if match.group(1).isdigit() else -1)
+    return sorted(found)
+
+
+def _delivered(env: RelayEnv, count: int) -> list[int]:
+    env.sink.wait(count)
+    return _seqs(env)
+
+
+def _settled(relay: RelayThread, *, sent: float, deferred: float) -> bool:
+    return (
+        relay.metric("txmail_relay_warmup_sent_today") == sent
+        and relay.metric("txmail_relay_warmup_deferred") == deferred
+    )
+
+
+def _status(relay: RelayThread, status_id: str, env: RelayEnv) -> dict[str, Any]:
+    reply = http(
+        relay.api_port,
+        "GET",
+        f"/marketing/v3/email/send-statuses/{status_id}",
+        headers=bearer(env.password),
+    )
+    assert reply.status == 200, reply.body
+    doc: dict[str, Any] = reply.json()
+    return doc
+
+
+def test_a_burst_over_the_budget_is_held_then_delivered_on_the_next_days(env: RelayEnv) -> None:
+    started = time.time()
+    clock = Clock(started + 60)  # day 1
+    stats_file = env.directory / "stats.json"
+    relay = _start(
+        env,
+        clock,
+        _warmup([3, 2, 1000], started),
+        statsFile=str(stats_file),
+        statsInterval=0.1,
+    )
+    assert relay.metric("txmail_relay_warmup_budget") == 3
+
+    _submit(env, relay, range(1, 8))  # 7 messages, one recipient each: 3 go today
+    reply = http(
+        relay.api_port,
+        "POST",
+        SEND_PATH,
+        body={
+            "emailId": ORDER,
+            "message": {"to": "api@dest.test"},
+            "contactProperties": {"firstname": "Ada"},
+            "customProperties": {"order_id": "42"},
+        },
+        headers=bearer(env.password),
+    )
+    assert reply.status == 200, reply.body  # never refused: accepted and held
+    send = reply.json()
+    assert send["status"] == "PROCESSING" and send["sendResult"] == "QUEUED"
+
+    assert _delivered(env, 3) == [1, 2, 3]  # arrival order
+    wait_for(lambda: _settled(relay, sent=3, deferred=5), what="5 recipients held")
+    assert len(env.sink.messages()) == 3
+    assert relay.relay is not None and relay.call(relay.relay.queue.depth) == 5  # still spooled
+    held = _status(relay, send["statusId"], env)
+    next_day = datetime.fromtimestamp(started + DAY, UTC)
+    assert held["status"] == "PROCESSING" and held["sendResult"] == "QUEUED"
+    assert held["deferred"]["reason"] == "WARMUP"
+    assert datetime.fromisoformat(held["deferred"]["notBefore"]) == next_day.replace(
+        microsecond=next_day.microsecond // 1000 * 1000
+    )
+    report = wait_for(
+        lambda: (
+            (
+                (doc := json.loads(stats_file.read_text())).get("warmup", {}).get("deferred") == 5
+                and doc
+            )
+            if stats_file.exists()
+            else None
+        ),
+        what="the stats report's warm-up figures",
+    )
+    assert report["warmup"] == {"day": 1, "budget": 3, "sent": 3, "deferred": 5}
+
+    clock.advance(DAY)  # day 2: a budget of 2, oldest first
+    assert _delivered(env, 5) == [1, 2, 3, 4, 5]
+    wait_for(lambda: _settled(relay, sent=2, deferred=3), what="day 2's budget used")
+    assert len(env.sink.messages()) == 5
+    assert relay.metric("txmail_relay_warmup_budget") == 2
+
+    clock.advance(DAY)  # day 3: room for the rest
+    assert _delivered(env, 8)[:7] == [1, 2, 3, 4, 5, 6, 7]
+    final = wait_for(
+        lambda: (s := _status(relay, send["statusId"], env))["status"] == "COMPLETE" and s,
+        what="the API send COMPLETE",
+    )
+    assert final["sendResult"] == "SENT" and "deferred" not in final
+    wait_for(lambda: _settled(relay, sent=3, deferred=0), what="day 3's count")
+    # Nothing bounced or expired while held: holding is not a failed attempt.
+    for outcome in ("deferred", "bounced", "expired"):
+        assert (
+            relay.metric(
+                "txmail_relay_recipient_outcomes_total", {"token": "app1", "outcome": outcome}
+            )
+            == 0
+        )
+
+
+def test_a_restart_keeps_the_held_mail_and_the_days_count(env: RelayEnv) -> None:
+    started = time.time()
+    clock = Clock(started + 3600)
+    warmup = _warmup([3, 4], started)
+    relay = _start(env, clock, warmup)
+    _submit(env, relay, range(1, 7))
+    assert _delivered(env, 3) == [1, 2, 3]
+    wait_for(lambda: _settled(relay, sent=3, deferred=3), what="3 recipients held")
+    relay.stop()
+
+    relay = _start(env, clock, warmup)  # the same spool and records, still day 1
+    wait_for(lambda: _settled(relay, sent=3, deferred=3), what="the held mail recovered")
+    assert relay.metric("txmail_relay_warmup_budget") == 3
+    _submit(env, relay, range(7, 8))  # today's budget is still used up
+    wait_for(lambda: _settled(relay, sent=3, deferred=4), what="the new mail held too")
+    assert _seqs(env) == [1, 2, 3]
+
+    clock.advance(DAY)  # day 2: 4 more, each once
+    assert _delivered(env, 7) == [1, 2, 3, 4, 5, 6, 7]
+    wait_for(lambda: _settled(relay, sent=4, deferred=0), what="day 2's count")
+    relay.stop()
+
+    relay = _start(env, clock, warmup)  # day 2's count survives too
+    wait_for(lambda: _settled(relay, sent=4, deferred=0), what="day 2's count after a restart")
+    _submit(env, relay, range(8, 9))
+    wait_for(lambda: _settled(relay, sent=4, deferred=1), what="over day 2's budget")
+    assert _seqs(env) == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_after_the_last_day_and_when_off_there_is_no_limit(env: RelayEnv) -> None:
+    started = time.time()
+    clock = Clock(started + 2 * DAY + 5)  # day 3 of a two-day schedule: done
+    relay = _start(env, clock, _warmup([1, 2], started))
+    _submit(env, relay, range(1, 6))
+    assert _delivered(env, 5) == [1, 2, 3, 4, 5]
+    assert relay.metric("txmail_relay_warmup_budget") == -1
+    assert relay.metric("txmail_relay_warmup_deferred") == 0
+    relay.stop()
+    for path in env.sink.directory.glob("dump/*"):
+        path.unlink()
+
+    relay = _start(env, clock, None)  # off (the default)
+    _submit(env, relay, range(1, 6))
+    assert _delivered(env, 5) == [1, 2, 3, 4, 5]
+    assert relay.metric("txmail_relay_warmup_budget") == -1
+
+
+def test_turning_warm_up_off_releases_the_held_mail(env: RelayEnv, tmp_path: Path) -> None:
+    started = time.time()
+    clock = Clock(started + 60)
+    relay = _start(env, clock, _warmup([2, 2], started))
+    _submit(env, relay, range(1, 6))
+    assert _delivered(env, 2) == [1, 2]
+    wait_for(lambda: _settled(relay, sent=2, deferred=3), what="3 recipients held")
+    settings = env.directory / "relay.yaml"
+    settings.write_text(settings.read_text().replace("enabled: true", "enabled: false"))
+    assert _delivered(env, 5) == [1, 2, 3, 4, 5]
+    wait_for(lambda: relay.metric("txmail_relay_warmup_deferred") == 0, what="none held")
