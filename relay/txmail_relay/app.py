@@ -17,6 +17,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from txmail_relay.config.live import ConfigSource, LiveConfig
+from txmail_relay.delivery.dkim import DkimSigner
 from txmail_relay.delivery.queue import DeliveryQueue
 from txmail_relay.delivery.transport import SmtpTransport, Transport
 from txmail_relay.http.api import SendApi, TokenAuth
@@ -85,12 +86,14 @@ class Relay:
             metrics=self.metrics,
         )
         self.transport = transport or SmtpTransport(self.store, settings.retry, settings.outbound)
+        self.dkim = DkimSigner(self.store, self.metrics)
         self.queue = DeliveryQueue(
             self.spool,
             self.transport,
             settings.retry,
             concurrency=settings.outbound.concurrency,
             listeners=[self.metrics, OutcomeRecorder(self.records), *listeners],
+            sign=self.dkim.sign,
         )
         self.spool.subscribe(self.queue.enqueue)
         self.metrics.track_queue(self.queue.depth, self.queue.oldest_age)

@@ -99,6 +99,13 @@ class RelayMetrics:
             ["kind", "result"],
             registry=registry,
         )
+        self.dkim_signatures = Counter(
+            f"{PREFIX}dkim_signatures",
+            "DKIM signatures at delivery, by From domain and result (signed, already_signed: "
+            "the app's own signature left alone, key_unavailable, failed: sent without it)",
+            ["domain", "result"],
+            registry=registry,
+        )
         self.complaint_reports = Counter(
             f"{PREFIX}complaint_reports",
             "ARF feedback reports received, by result (recorded, unknown, invalid)",

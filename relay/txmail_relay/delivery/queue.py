@@ -15,7 +15,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from txmail_relay.delivery.transport import Destination, RecipientResult, Transport
@@ -79,8 +79,10 @@ class DeliveryQueue:
         concurrency: int,
         listeners: Sequence[OutcomeListener] = (),
         clock: Callable[[], float] = time.time,
+        sign: Callable[[bytes], Awaitable[bytes]] | None = None,
     ) -> None:
         self._spool = spool
+        self._sign = sign  # DKIM at delivery time (delivery/dkim.py: why then); never raises
         self._transport = transport
         self._retry = retry
         self._concurrency = concurrency
@@ -246,6 +248,8 @@ class DeliveryQueue:
         msg.attempts = max(msg.attempts, job.attempts)
         try:
             body = await self._spool.read_body(msg)
+            if self._sign is not None:
+                body = await self._sign(body)
             results = await self._transport.deliver(msg.mail_from, recipients, body)
         except asyncio.CancelledError:
             raise
