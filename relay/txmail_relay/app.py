@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -17,9 +18,11 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from txmail_relay.config.live import ConfigSource, LiveConfig
+from txmail_relay.contract import WarmupConfig
 from txmail_relay.delivery.dkim import DkimSigner
 from txmail_relay.delivery.queue import DeliveryQueue
 from txmail_relay.delivery.transport import SmtpTransport, Transport
+from txmail_relay.delivery.warmup import WarmupGate
 from txmail_relay.http.api import SendApi, TokenAuth
 from txmail_relay.http.apps import make_api_app, make_metrics_app, make_tracking_app
 from txmail_relay.http.guard import HttpGuard, HttpLimits
@@ -68,6 +71,8 @@ class Relay:
         listeners: Sequence[OutcomeListener] = (),
         stats_publisher: StatsPublisher | None = None,
         templates: Templates | None = None,
+        clock: Callable[[], float] = time.time,
+        warmup_check_interval: float = 30.0,
     ) -> None:
         self.settings = settings
         self.registry = registry or CollectorRegistry()
@@ -87,12 +92,23 @@ class Relay:
         )
         self.transport = transport or SmtpTransport(self.store, settings.retry, settings.outbound)
         self.dkim = DkimSigner(self.store, self.metrics)
+        # The warm-up day is read from ``clock`` (tests move it a day; nothing else uses it).
+        self.warmup = WarmupGate(
+            self._warmup_config,
+            self.records.warmup,
+            clock=clock,
+            check_interval=warmup_check_interval,
+        )
+        self.metrics.track_warmup(
+            self.warmup.budget_metric, self.warmup.sent_metric, self.warmup.deferred_metric
+        )
         self.queue = DeliveryQueue(
             self.spool,
             self.transport,
             settings.retry,
             concurrency=settings.outbound.concurrency,
             listeners=[self.metrics, OutcomeRecorder(self.records), *listeners],
+            warmup=self.warmup,
             sign=self.dkim.sign,
         )
         self.spool.subscribe(self.queue.enqueue)
@@ -115,7 +131,13 @@ class Relay:
         )
         if stats_publisher is None and settings.stats_file is not None:
             stats_publisher = FileStatsPublisher(settings.stats_file)
-        self.stats = StatsLoop(self.records, self.store, stats_publisher, settings.stats_interval)
+        self.stats = StatsLoop(
+            self.records,
+            self.store,
+            stats_publisher,
+            settings.stats_interval,
+            warmup=self.warmup.snapshot,
+        )
         self.stats.register(self.registry)
         self._api = SendApi(
             TokenAuth(self._checker, self._limiter, self.metrics),
@@ -123,6 +145,7 @@ class Relay:
             self.records,
             self.metrics,
             max_recipients=settings.limits.max_recipients,
+            warmup=self.warmup,
         )
         self._tracking = TrackingEndpoints(keys, self.records, self.metrics)
         self._tls_context = tls_context
@@ -138,6 +161,10 @@ class Relay:
         self.http: dict[str, web.AppRunner] = {}  # listener name -> its aiohttp runner
         self.ports: dict[str, int] = {}
         self._serving = False
+
+    def _warmup_config(self) -> WarmupConfig | None:
+        config = self.store.current
+        return config.relay.warmup if config is not None else None
 
     def ready(self) -> bool:
         return self._serving and self.store.ready and self.spool.healthy
@@ -176,7 +203,9 @@ class Relay:
             ready.cancel()
             source.result()
             raise RuntimeError("the configuration source stopped before it was ready")
+        await self.warmup.load()  # today's count, before recovered mail is admitted
         self.queue.start()
+        self._tasks.append(loop.create_task(self.warmup.run(), name="warmup"))
         self._tasks.append(loop.create_task(self.stats.run(), name="stats"))
         for name, port, implicit in (
             ("submission", settings.listen.submission, False),

@@ -31,7 +31,7 @@ import hashlib
 import hmac
 import json
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
@@ -319,6 +319,67 @@ class DkimConfig(_Doc):
         return next((list(d.keys) for d in self.domains if d.domain == wanted), [])
 
 
+WARMUP_DAY_SECONDS = 86400.0
+
+
+class WarmupConfig(_Doc):
+    """IP warm-up (docs/deliverability.md "Warm-up"): a daily budget of recipients.
+
+    Day 1 is the 24 hours from ``startedAt`` (the moment the operator first saw the IP Ready),
+    day ``n`` the ``n``-th such period; its budget is ``dailyVolumes[n-1]``. Past the last
+    day the schedule is done and there is no limit. Before the operator has recorded the start
+    (``startedAt`` absent) the relay counts against day 1. Off (``enabled`` false) is no limit.
+    The math is here so that the operator's status and the relay's gate agree.
+    """
+
+    enabled: bool = False
+    daily_volumes: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=list,
+        alias="dailyVolumes",
+        description="Recipients per day, day 1 first (the operator resolves the standard "
+        "schedule into this list).",
+    )
+    started_at: datetime | None = Field(default=None, alias="startedAt")
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and bool(self.daily_volumes)
+
+    def day(self, now: datetime) -> int:
+        """The schedule's day at ``now``, 1-based (1 before the start is known or reached)."""
+        if self.started_at is None:
+            return 1
+        elapsed = (now - self.started_at).total_seconds()
+        return max(0, int(elapsed // WARMUP_DAY_SECONDS)) + 1
+
+    def day_start(self, day: int) -> datetime | None:
+        """When ``day`` starts (None while the start is not known)."""
+        if self.started_at is None:
+            return None
+        return self.started_at + timedelta(seconds=(day - 1) * WARMUP_DAY_SECONDS)
+
+    def budget(self, day: int) -> int | None:
+        """Recipients allowed on ``day``; None: no limit (off, or the schedule is done)."""
+        if not self.active or day > len(self.daily_volumes):
+            return None
+        return self.daily_volumes[max(1, day) - 1]
+
+    def done(self, now: datetime) -> bool:
+        """The schedule's last day is over (full volume from now on)."""
+        return (
+            self.active and self.started_at is not None and self.day(now) > len(self.daily_volumes)
+        )
+
+    def percentage(self, now: datetime) -> int:
+        """Days of the schedule completed, in percent (SES's WarmupPercentage is the same
+        idea): 0 on day 1, 100 once done."""
+        if not self.active:
+            return 0
+        total = len(self.daily_volumes)
+        completed = min(total, self.day(now) - 1) if self.started_at is not None else 0
+        return (100 * completed) // total
+
+
 class RelayConfig(_Doc):
     """What the relay of one DedicatedIP needs to know: written to ``relay.json``."""
 
@@ -332,6 +393,7 @@ class RelayConfig(_Doc):
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
     suppression: SuppressionConfig = Field(default_factory=SuppressionConfig)
     dkim: DkimConfig = Field(default_factory=DkimConfig)
+    warmup: WarmupConfig = Field(default_factory=WarmupConfig)
     credential_shards: int = Field(default=CREDENTIAL_SHARDS, alias="credentialShards")
     template_shards: int = Field(default=TEMPLATE_SHARDS, alias="templateShards")
 
@@ -428,10 +490,24 @@ class TokenStats(_Doc):
     contacts: int = 0
 
 
+class WarmupStats(_Doc):
+    """The relay's warm-up figures (``DedicatedIP.status.warmup`` copies budget and sent)."""
+
+    day: int = Field(description="The schedule's day the figures are for (1-based).")
+    budget: int | None = Field(
+        default=None, description="Recipients allowed that day; None: no limit."
+    )
+    sent: int = Field(default=0, description="Recipients handed to delivery that day.")
+    deferred: int = Field(default=0, description="Recipients held for a later day's budget.")
+
+
 class RelayStats(_Doc):
     """The whole document under :data:`STATS_KEY`: stats per token username."""
 
     tokens: dict[str, TokenStats] = Field(default_factory=dict)
+    warmup: WarmupStats | None = Field(
+        default=None, description="Warm-up figures; absent when warm-up is off."
+    )
     updated_at: datetime = Field(alias="updatedAt")
 
     def to_json(self) -> str:

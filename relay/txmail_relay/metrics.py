@@ -106,12 +106,42 @@ class RelayMetrics:
             ["domain", "result"],
             registry=registry,
         )
+        self.warmup_budget = Gauge(
+            f"{PREFIX}warmup_budget",
+            "Recipients today's warm-up budget allows (-1: no limit, warm-up off or done)",
+            registry=registry,
+        )
+        self.warmup_sent = Gauge(
+            f"{PREFIX}warmup_sent_today",
+            "Recipients handed to delivery on the warm-up schedule's current day",
+            registry=registry,
+        )
+        self.warmup_deferred = Gauge(
+            f"{PREFIX}warmup_deferred",
+            "Recipients held (spooled) for a later day's warm-up budget",
+            registry=registry,
+        )
         self.complaint_reports = Counter(
             f"{PREFIX}complaint_reports",
             "ARF feedback reports received, by result (recorded, unknown, invalid)",
             ["result"],
             registry=registry,
         )
+
+    def track_warmup(
+        self,
+        budget: Callable[[], float],
+        sent: Callable[[], float],
+        deferred: Callable[[], float],
+    ) -> None:
+        """IP warm-up (delivery/warmup.py): today's budget (-1: no limit), recipients sent
+        today and recipients held for a later day."""
+        self.warmup_budget.set_function(budget)
+        self.warmup_sent.set_function(sent)
+        self.warmup_deferred.set_function(deferred)
+
+    def track_paused_destinations(self, paused: Callable[[], float]) -> None:
+        self.destinations_paused.set_function(paused)
 
     def track_queue(self, depth: Callable[[], float], oldest_age: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)

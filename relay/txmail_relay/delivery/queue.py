@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from txmail_relay.delivery.transport import Destination, RecipientResult, Transport
+from txmail_relay.delivery.warmup import WarmupGate
 from txmail_relay.outcomes import Outcome, OutcomeEvent, OutcomeListener
 from txmail_relay.settings import RetrySettings
 from txmail_relay.spool.segments import Spool, SpooledMessage
@@ -79,6 +80,7 @@ class DeliveryQueue:
         concurrency: int,
         listeners: Sequence[OutcomeListener] = (),
         clock: Callable[[], float] = time.time,
+        warmup: WarmupGate | None = None,
         sign: Callable[[bytes], Awaitable[bytes]] | None = None,
     ) -> None:
         self._spool = spool
@@ -88,6 +90,9 @@ class DeliveryQueue:
         self._concurrency = concurrency
         self._listeners = list(listeners)
         self._clock = clock
+        self._warmup = warmup  # IP warm-up: holds new mail past the day's budget
+        if warmup is not None:
+            warmup.bind(self._released, clock)
         self._waiting: list[tuple[float, int, _Job]] = []
         self._order = itertools.count()
         self._wakeup = asyncio.Event()
@@ -157,8 +162,12 @@ class DeliveryQueue:
             log.exception("no destination for a recipient")
             return Destination("unknown", 1)
 
-    def _make_ready(self, msg: SpooledMessage, indices: Sequence[int], attempts: int) -> None:
+    def _make_ready(
+        self, msg: SpooledMessage, indices: Sequence[int], attempts: int, *, gated: bool = True
+    ) -> None:
         """Queue ``indices`` of ``msg`` as one job per destination (as configured now)."""
+        if gated and self._warmup is not None:
+            indices = self._warmup.admit(msg, indices, attempts)
         groups: dict[Destination, list[int]] = {}
         for index in indices:
             groups.setdefault(self._destination(msg.recipients[index]), []).append(index)
@@ -171,6 +180,12 @@ class DeliveryQueue:
                 self._rotation.append(dest.key)
             state.ready.append(_Job(msg, tuple(members), attempts, dest.key))
         self._dispatch()
+
+    def _released(self, msg: SpooledMessage, indices: tuple[int, ...]) -> None:
+        """Recipients the warm-up gate held, now within a day's budget."""
+        pending = [i for i in indices if i not in msg.final]
+        if pending and msg.id in self._messages and not self._stopping:
+            self._make_ready(msg, pending, 0, gated=False)
 
     def _next_job(self) -> _Job | None:
         """The next job to start: destinations in turn, skipping those at their limit."""
@@ -259,7 +274,8 @@ class DeliveryQueue:
                 len(recipients)
             )
         now = self._clock()
-        expired = now - msg.received_at >= self._retry.max_lifetime
+        born = msg.received_at if self._warmup is None else self._warmup.lifetime_start(msg)
+        expired = now - born >= self._retry.max_lifetime
         final: dict[int, Outcome] = {}
         events = []
         for index, result in zip(pending, results, strict=True):
@@ -291,9 +307,7 @@ class DeliveryQueue:
             self._publish(event)
         left = tuple(i for i in pending if i not in msg.final)
         if left:
-            due = min(
-                now + backoff(job.attempts, self._retry), msg.received_at + self._retry.max_lifetime
-            )
+            due = min(now + backoff(job.attempts, self._retry), born + self._retry.max_lifetime)
             job.indices = left
             self._defer(job, due)
         elif not msg.pending():

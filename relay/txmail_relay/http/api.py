@@ -19,7 +19,8 @@ from typing import Any
 
 from aiohttp import web
 
-from txmail_relay.contract import CredentialEntry, SendResult
+from txmail_relay.contract import CredentialEntry, SendResult, SendState
+from txmail_relay.delivery.warmup import WarmupGate
 from txmail_relay.ingress.auth import Authenticator, FailureLimiter
 from txmail_relay.mail.addresses import mailboxes
 from txmail_relay.mail.compose import MimeError, address
@@ -270,7 +271,9 @@ class SendApi:
         metrics: RelayMetrics,
         *,
         max_recipients: int,
+        warmup: WarmupGate | None = None,
     ) -> None:
+        self._warmup = warmup
         self._auth = auth
         self._service = service
         self._records = records
@@ -329,7 +332,7 @@ class SendApi:
             self._count(entry, SendResult.IDEMPOTENT_IGNORE)
             return web.json_response(status_view(outcome.status, SendResult.IDEMPOTENT_IGNORE))
         self._count(entry, SendResult.QUEUED)
-        return web.json_response(status_view(outcome.status))
+        return web.json_response(await self._view(outcome.status))
 
     def _refused(
         self, entry: CredentialEntry, send_result: SendResult, field: str, message: str
@@ -352,7 +355,24 @@ class SendApi:
         found = await self._records.sends.get(entry.username, status_id)
         if found is None:
             return error_response(404, "OBJECT_NOT_FOUND", "no send status with this id")
-        return web.json_response(status_view(found))
+        return web.json_response(await self._view(found))
+
+    async def _view(self, status: SendStatus) -> dict[str, Any]:
+        """:func:`status_view`, with ``deferred`` while warm-up holds the send's mail (a
+        txmail field beside HubSpot's: ``status`` stays PROCESSING, ``sendResult`` QUEUED)."""
+        view = status_view(status)
+        gate = self._warmup
+        if gate is None or status.status is not SendState.PROCESSING:
+            return view
+        spooled = await self._records.sends.spool_ids(status.status_id)
+        if any(gate.held(spool_id) for spool_id in spooled):
+            deferred: dict[str, Any] = {"reason": "WARMUP"}
+            upcoming = gate.next_day()
+            if upcoming is not None:
+                deferred["notBefore"] = iso(upcoming.timestamp())
+            view["deferred"] = deferred
+        return view
+
 
     async def contacts(self, request: web.Request) -> web.Response:
         entry = self._auth.authenticate(request)

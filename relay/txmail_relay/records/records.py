@@ -19,6 +19,7 @@ from txmail_relay.records.database import Database, RecordsFullError
 from txmail_relay.records.events import Events
 from txmail_relay.records.sends import Sends, drop_unspooled
 from txmail_relay.records.suppressions import Suppressions
+from txmail_relay.records.warmup import WarmupCounts
 
 DB_NAME = "txmail.db"
 
@@ -33,6 +34,7 @@ class Records:
         self.contacts = Contacts(self._db)
         self.suppressions = Suppressions(self._db)
         self.counters = Counters(self._db)
+        self.warmup = WarmupCounts(self._db)
 
     @property
     def path(self) -> Path:

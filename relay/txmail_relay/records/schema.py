@@ -90,7 +90,17 @@ INSERT OR IGNORE INTO suppressions
     SELECT lower(recipient), 'complained', 0 FROM uniques WHERE kind = 'complained';
 """
 
-MIGRATIONS: tuple[str, ...] = (_SENDS_AND_EVENTS, _SUPPRESSIONS)
+# IP warm-up: recipients handed to delivery per day of the schedule (records/warmup.py).
+_WARMUP = """
+CREATE TABLE warmup (
+    start TEXT NOT NULL,
+    day INTEGER NOT NULL,
+    sent INTEGER NOT NULL,
+    PRIMARY KEY (start, day)
+);
+"""
+
+MIGRATIONS: tuple[str, ...] = (_SENDS_AND_EVENTS, _SUPPRESSIONS, _WARMUP)
 VERSION = len(MIGRATIONS)
 
 

@@ -103,6 +103,17 @@ class Sends:
 
         return self._db.write(write)
 
+    async def spool_ids(self, status_id: str) -> list[str]:
+        """The spooled messages of a send (what the warm-up gate may be holding)."""
+
+        async def read(db: aiosqlite.Connection) -> list[str]:
+            rows = await db.execute_fetchall(
+                "SELECT DISTINCT spool_id FROM messages WHERE status_id = ?", (status_id,)
+            )
+            return [r[0] for r in rows]
+
+        return await self._db.read(read)
+
     async def get(self, username: str, status_id: str) -> SendStatus | None:
         async def read(db: aiosqlite.Connection) -> SendStatus | None:
             rows = await db.execute_fetchall(

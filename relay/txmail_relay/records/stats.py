@@ -27,7 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from txmail_relay.config.live import LiveConfig
-from txmail_relay.contract import RelayStats, TokenStats
+from txmail_relay.contract import RelayStats, TokenStats, WarmupStats
 from txmail_relay.metrics import PREFIX
 from txmail_relay.outcomes import OutcomeEvent
 from txmail_relay.records.database import RecordsFullError
@@ -192,7 +192,9 @@ class StatsLoop:
         interval: float,
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        warmup: Callable[[], WarmupStats | None] = lambda: None,
     ) -> None:
+        self._warmup = warmup  # the warm-up gate's figures (delivery/warmup.py)
         self._records = records
         self._config = config
         self._publisher = publisher
@@ -209,6 +211,9 @@ class StatsLoop:
         names = frozenset(config.credentials) if config is not None else frozenset()
         totals = await self._records.counters.totals()
         stats = relay_stats(totals, names, self._clock())
+        warmup = self._warmup()
+        if warmup is not None:
+            stats = stats.model_copy(update={"warmup": warmup})
         self._counts = {n: dict(totals.counts.get(n, {})) for n in names}
         self._contacts = {n: totals.contacts.get(n, 0) for n in names}
         if self._publisher is not None:
