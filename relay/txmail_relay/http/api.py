@@ -373,7 +373,6 @@ class SendApi:
             view["deferred"] = deferred
         return view
 
-
     async def contacts(self, request: web.Request) -> web.Response:
         entry = self._auth.authenticate(request)
         if isinstance(entry, web.Response):
