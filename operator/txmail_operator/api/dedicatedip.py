@@ -23,6 +23,7 @@ from .common import (
 )
 from .dkim import DKIM_SPEC_RULES, DkimSpec
 from .dns import DnsRecordStatus, DnsSpec, DomainStatus
+from .warmup import WarmupSpec, WarmupStatus
 
 Domain = Annotated[str, Field(min_length=3, max_length=253, pattern=DOMAIN)]
 Quantity = Annotated[
@@ -346,6 +347,7 @@ class DedicatedIPSpec(Model):
     )
     dns: DnsSpec = Field(default_factory=DnsSpec, description="DNS readiness (DNSVerified).")
     dkim: DkimSpec = Field(default_factory=DkimSpec, description="DKIM signing keys.")
+    warmup: WarmupSpec | None = Field(default=None, description="IP warm-up; off when omitted.")
 
 
 class RelayStatus(Model):
@@ -376,6 +378,7 @@ class DedicatedIPStatus(Model):
     domains: list[DomainStatus] | None = Field(
         default=None, max_length=100, description="Each sending domain's DNS verdict."
     )
+    warmup: WarmupStatus | None = Field(default=None, description="IP warm-up progress.")
     observed_generation: int | None = observed_generation_field()
 
 
