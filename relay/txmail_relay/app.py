@@ -335,6 +335,7 @@ class Relay:
         with contextlib.suppress(TimeoutError):  # cancelled spooling unwinds
             await asyncio.wait_for(self.handler.idle.wait(), 1.0)
         await self.queue.stop(max(0.0, deadline - loop.time()))
+        self.dkim.close()
         await self.transport.close()
         await self.spool.close()
         for task in self._tasks:

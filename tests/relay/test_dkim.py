@@ -24,6 +24,7 @@ import dns.resolver
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from pydantic import ValidationError
 
 from dns_server import txt
 from peers import Captured, free_port
@@ -38,7 +39,9 @@ from relay.relaykit import (
     tracking_keys_file,
     wait_for,
 )
+from txmail_relay.contract import DKIM_KEYS_PATH, DkimAlgorithm, DkimConfig
 from txmail_relay.http.api import SEND_PATH
+from txmail_relay.mail.dkim import DkimKeyError, load_private_key
 
 DOMAIN = "example.com"
 BASE = "https://t.example.com"
@@ -512,3 +515,66 @@ def test_no_trace_of_key_material_in_the_spool(
     assert b"END-OF-MESSAGE 1" in spooled
     assert b"DKIM-Signature" not in spooled
     assert not re.search(rb"BEGIN (RSA )?PRIVATE KEY", spooled)
+
+
+# -- the key files and the contract (pure) ------------------------------------------------------
+
+
+def test_key_files_load_in_the_documented_formats(rsa_keys: list[Key]) -> None:
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pkcs1 = rsa_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    for data in (rsa_keys[0].file, pkcs1):
+        assert load_private_key(data, DkimAlgorithm.RSA_SHA256).startswith(
+            b"-----BEGIN RSA PRIVATE KEY-----"
+        )
+    for ed in (Key("ed25519-sha256"), Key("ed25519-sha256", seed_format=True)):
+        seed = base64.b64decode(load_private_key(ed.file, DkimAlgorithm.ED25519_SHA256))
+        assert len(seed) == 32
+
+
+def test_unusable_key_files_say_why_without_their_content(rsa_keys: list[Key]) -> None:
+    encrypted = rsa_keys[0].file
+    encrypted = serialization.load_pem_private_key(encrypted, None).private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"pw"),
+    )
+    ed = Key("ed25519-sha256")
+    secret = secrets.token_hex(16)
+    cases = [
+        (f"-----BEGIN PRIVATE KEY-----\n{secret}\n-----END PRIVATE KEY-----\n".encode(), "rsa"),
+        (secret.encode(), "ed"),
+        (base64.b64encode(secret.encode()[:20]), "ed"),
+        (encrypted, "rsa"),
+        (ed.file, "rsa"),  # an Ed25519 key where RSA is configured
+        (rsa_keys[0].file, "ed"),
+    ]
+    for data, kind in cases:
+        algorithm = DkimAlgorithm.RSA_SHA256 if kind == "rsa" else DkimAlgorithm.ED25519_SHA256
+        with pytest.raises(DkimKeyError) as caught:
+            load_private_key(data, algorithm)
+        assert secret not in str(caught.value)
+        assert data.decode(errors="replace").strip() not in str(caught.value)
+
+
+def test_the_contract_refuses_ambiguous_dkim_configs() -> None:
+    key = {"selector": "s1", "keyFile": "k.pem"}
+    ed = {"selector": "e1", "algorithm": "ed25519-sha256", "keyFile": "e.key"}
+    ok = DkimConfig.model_validate({"domains": [{"domain": "Example.COM.", "keys": [key, ed]}]})
+    assert [k.selector for k in ok.keys_for("example.com")] == ["s1", "e1"]
+    assert ok.keys_dir == DKIM_KEYS_PATH
+    bad: list[dict[str, Any]] = [
+        {"domains": [{"domain": "example.com", "keys": [key, {**key, "selector": "s2"}]}]},
+        {"domains": [{"domain": "example.com", "keys": []}]},
+        {"domains": [{"domain": "a.test", "keys": [key]}, {"domain": "A.test", "keys": [key]}]},
+        {"domains": [{"domain": "a.test", "keys": [{**key, "keyFile": "../etc/passwd"}]}]},
+        {"domains": [{"domain": "a.test", "keys": [{**key, "selector": "bad selector"}]}]},
+        {"domains": [{"domain": "a.test", "keys": [{**key, "algorithm": "rsa-sha1"}]}]},
+    ]
+    for doc in bad:
+        with pytest.raises(ValidationError):
+            DkimConfig.model_validate(doc)
