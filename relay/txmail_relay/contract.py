@@ -106,6 +106,16 @@ def tracking_secret_name(ip: str) -> str:
     return f"{relay_name(ip)}-tracking"
 
 
+def dkim_secret_name(ip: str) -> str:
+    """The Secret with the DKIM private keys of the DedicatedIP's domains (operator-made).
+
+    One key per file, named by :attr:`DkimKey.key_file`; mounted as a folder at
+    :data:`DKIM_KEYS_PATH`. Its annotation ``txmail.dev/dkim-state`` holds the rotation state
+    (selectors and times only). Bring-your-own keys are copied in from the user's Secrets.
+    """
+    return f"{relay_name(ip)}-dkim"
+
+
 def shard_of(key: str, shards: int) -> int:
     """Stable shard of a username or emailId: the same on every run and every platform."""
     return hashlib.sha256(key.encode()).digest()[0] % shards

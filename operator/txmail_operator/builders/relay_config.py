@@ -23,7 +23,10 @@ from .naming import (
 )
 
 
-def relay_config(ip: str, spec: DedicatedIPSpec) -> c.RelayConfig:
+def relay_config(
+    ip: str, spec: DedicatedIPSpec, *, dkim: c.DkimConfig | None = None
+) -> c.RelayConfig:
+    """The RelayConfig; ``dkim`` the active signing keys (reconcile/dkim.py), none if omitted."""
     smarthost = None
     if spec.delivery.mode is c.DeliveryMode.SMARTHOST and spec.delivery.smarthost is not None:
         sh = spec.delivery.smarthost
@@ -48,6 +51,7 @@ def relay_config(ip: str, spec: DedicatedIPSpec) -> c.RelayConfig:
         suppression=c.SuppressionConfig(
             complaints=spec.suppression.complaints, bounces=spec.suppression.bounces
         ),
+        **({"dkim": dkim} if dkim is not None else {}),
     )
 
 

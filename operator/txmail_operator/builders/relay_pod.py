@@ -115,11 +115,14 @@ def relay_deployment(
     image: str,
     tls_secret: str,
     tracking_secret: str | None = None,
+    dkim_secret: str | None = None,
 ) -> Obj:
     """One relay pod per DedicatedIP: one replica, Recreate, Pod Security 'restricted'.
 
     ``tracking_secret`` (the tracking keys Secret, when there is one) is mounted as a folder,
-    not with ``subPath``, so the kubelet updates the file in place after a rotation.
+    not with ``subPath``, so the kubelet updates the file in place after a rotation. So is
+    ``dkim_secret`` (the DKIM key Secret), whole: a next key's file appears in the pod while
+    its record waits to verify, before signing switches to it.
     """
     ip = owner.name
     name = c.relay_name(ip)
@@ -176,6 +179,11 @@ def relay_deployment(
             }
         )
         mounts.append({"name": "tracking", "mountPath": TRACKING_PATH, "readOnly": True})
+    if dkim_secret is not None:
+        volumes.append(
+            {"name": "dkim", "secret": {"secretName": dkim_secret, "defaultMode": 0o440}}
+        )
+        mounts.append({"name": "dkim", "mountPath": c.DKIM_KEYS_PATH, "readOnly": True})
     ports = [
         {"name": "submission", "containerPort": c.SUBMISSION_PORT, "protocol": "TCP"},
         {"name": "submissions", "containerPort": c.SUBMISSIONS_PORT, "protocol": "TCP"},

@@ -1,0 +1,312 @@
+"""DKIM keys of a DedicatedIP: the key Secret, its rotation state and the relay's signing keys.
+
+The pure part (which keys, which selectors, when to switch) is :func:`builders.dkim.step`;
+here it meets the world: the key Secret ``txmail-relay-<ip>-dkim`` (its data the private keys,
+its annotation the rotation state), the user's own key Secrets, key generation with
+``cryptography`` and the Events. reconcile_ip calls :func:`ensure_dkim` (keys for every
+domain, the records to check) and, with the DNS check's verdict, :func:`rotate_dkim` (signing
+switches to a next key once its record verifies).
+
+Nothing here logs, raises or posts key material: problems name the Secret and its key only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from txmail_relay import contract as c
+
+from ..api import DedicatedIPSpec
+from ..api.dkim import BYOK_SECRET_KEY
+from ..builders import RelayOwner
+from ..builders import dkim as b
+from .context import Context
+
+Obj = dict[str, Any]
+RSA_BITS = 2048
+RSA_MIN_BITS = 1024  # RFC 8301: verifiers refuse shorter keys
+# Public halves by the digest of their private PEM: loading an RSA key checks it, which is
+# worth doing once per key, not on every reconcile of every domain.
+_PUBLIC: dict[str, bytes] = {}
+_ALGORITHM: dict[str, str] = {}  # the same for the kind of a user's key
+
+
+@dataclass(frozen=True)
+class DkimPlan:
+    """Where a DedicatedIP's keys stand after this reconcile.
+
+    ``active`` are the records of the keys that sign now (DNSVerified needs them);
+    ``optional`` the listed ones it does not need: next keys waiting for their record, and
+    retiring ones. ``signing`` is the relay's RelayConfig.dkim; ``secret`` the key Secret to
+    mount (None when there is none); ``problem`` what keeps a domain from its wanted keys.
+    """
+
+    state: b.DkimState = field(default_factory=b.DkimState)
+    active: list[b.DkimPublicRecord] = field(default_factory=list)
+    optional: list[b.DkimPublicRecord] = field(default_factory=list)
+    signing: c.DkimConfig = field(default_factory=c.DkimConfig)
+    secret: str | None = None
+    problem: str | None = None
+
+    def domain_status(self, domain: str) -> dict[str, object] | None:
+        """``status.domains[].dkim`` of ``domain`` (None when it has no keys)."""
+        keys = self.state.domain(domain.lower())
+        return keys.status() if keys is not None and keys.all_keys() else None
+
+    def status(self, domains: list[str]) -> dict[str, dict[str, object]]:
+        """Each sending domain's ``dkim`` status, by domain (domains without keys omitted)."""
+        out = {}
+        for domain in domains:
+            found = self.domain_status(domain)
+            if found is not None:
+                out[domain.lower()] = found
+        return out
+
+
+@dataclass(frozen=True)
+class _Brought:
+    algorithm: str
+    pem: bytes
+
+
+def _new_key(algorithm: str) -> bytes:
+    key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+    if algorithm == b.ED25519:
+        key = ed25519.Ed25519PrivateKey.generate()
+    else:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=RSA_BITS)
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _public(algorithm: str, pem: bytes) -> bytes:
+    digest = hashlib.sha256(algorithm.encode() + b"\0" + pem).hexdigest()
+    found = _PUBLIC.get(digest)
+    if found is None:
+        found = _PUBLIC[digest] = b.public_key_bytes(algorithm, pem)
+    return found
+
+
+def _algorithm_of(pem: bytes) -> str:
+    """``rsa`` or ``ed25519``; ValueError (naming no key material) for anything else."""
+    digest = hashlib.sha256(pem).hexdigest()
+    if digest in _ALGORITHM:
+        return _ALGORITHM[digest]
+    _ALGORITHM[digest] = algorithm = _check_algorithm(pem)
+    return algorithm
+
+
+def _check_algorithm(pem: bytes) -> str:
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError):
+        raise ValueError("is not an unencrypted PEM private key") from None
+    if isinstance(key, rsa.RSAPrivateKey):
+        if key.key_size < RSA_MIN_BITS:
+            raise ValueError(f"is an RSA key of {key.key_size} bits (at least {RSA_MIN_BITS})")
+        return b.RSA
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return b.ED25519
+    raise ValueError("is neither an RSA nor an Ed25519 private key")
+
+
+async def _brought_keys(
+    ctx: Context, spec: DedicatedIPSpec
+) -> tuple[dict[tuple[str, str], _Brought], list[str]]:
+    """The user's keys (spec.dkim.keys) that can be read, and what is wrong with the others."""
+    ns = ctx.settings.namespace
+    found: dict[tuple[str, str], _Brought] = {}
+    problems: list[str] = []
+    per_domain: dict[str, list[str]] = {}
+    for ref in spec.dkim.keys or []:
+        name = ref.secret_ref.name
+        where = f"DKIM key Secret {ns}/{name} (for {ref.domain}, selector {ref.selector})"
+        secret = await ctx.cache.owned("Secret", name)
+        if secret is None:
+            problems.append(f"{where} does not exist")
+            continue
+        data = (secret.get("data") or {}).get(BYOK_SECRET_KEY)
+        if not data:
+            problems.append(f"{where} has no key '{BYOK_SECRET_KEY}'")
+            continue
+        pem = base64.b64decode(data)
+        try:
+            algorithm = await asyncio.to_thread(_algorithm_of, pem)
+        except ValueError as exc:
+            problems.append(f"{where}: '{BYOK_SECRET_KEY}' {exc}")
+            continue
+        algorithms = per_domain.setdefault(ref.domain.lower(), [])
+        if algorithm in algorithms:
+            problems.append(f"{where}: {ref.domain} has two {algorithm} keys (one of each kind)")
+            continue
+        algorithms.append(algorithm)
+        found[(ref.domain.lower(), ref.selector)] = _Brought(algorithm, pem)
+    # A domain keeps its keys as they are until every one of its own keys can be read.
+    for ref in spec.dkim.keys or []:
+        if (ref.domain.lower(), ref.selector) not in found:
+            found = {k: v for k, v in found.items() if k[0] != ref.domain.lower()}
+    return found, problems
+
+
+def _stored_state(secret: Obj | None) -> b.DkimState:
+    """The rotation state in the key Secret (ValueError when it is unreadable)."""
+    annotations = ((secret or {}).get("metadata") or {}).get("annotations") or {}
+    text = annotations.get(b.STATE_ANNOTATION)
+    return b.DkimState() if not text else b.DkimState.from_json(text)
+
+
+def _status_serial(body: Obj) -> int:
+    """The highest serial the DedicatedIP's status names: should the key Secret (and the
+    state in it) be deleted, new keys still never take a selector used before."""
+    serial = 0
+    for domain in (body.get("status") or {}).get("domains") or []:
+        dkim = domain.get("dkim") or {}
+        selectors = [*(dkim.get("active") or []), *(dkim.get("next") or [])]
+        selectors += [r.get("selector", "") for r in dkim.get("retiring") or []]
+        serial = max([serial, *(b.selector_serial(s) for s in selectors)])
+    return serial
+
+
+async def ensure_dkim(
+    ctx: Context, owner: RelayOwner, body: Obj, spec: DedicatedIPSpec
+) -> DkimPlan:
+    """Keys for every sending domain, a next key where a rotation is due, retired keys gone;
+    signing does not switch here (that waits for the DNS check: :func:`rotate_dkim`)."""
+    return await _reconcile(ctx, owner, body, spec, lambda _domain, _selector: False)
+
+
+async def rotate_dkim(
+    ctx: Context,
+    owner: RelayOwner,
+    body: Obj,
+    spec: DedicatedIPSpec,
+    verified: Callable[[str, str], bool],
+) -> DkimPlan:
+    """:func:`ensure_dkim`, and signing switches to each next key whose record verifies
+    (``verified(domain, selector)``: the DNS check, DnsReport.dkim_verified)."""
+    return await _reconcile(ctx, owner, body, spec, verified)
+
+
+async def _reconcile(
+    ctx: Context,
+    owner: RelayOwner,
+    body: Obj,
+    spec: DedicatedIPSpec,
+    verified: Callable[[str, str], bool],
+) -> DkimPlan:
+    name = c.dkim_secret_name(owner.name)
+    ns = ctx.settings.namespace
+    secret = await ctx.cache.owned("Secret", name)
+    try:
+        state = _stored_state(secret)
+    except ValueError as exc:
+        problem = (
+            f"the DKIM key Secret {ns}/{name} has an annotation {b.STATE_ANNOTATION} the "
+            f"operator cannot read ({exc}): restore it, or delete the Secret to make new keys"
+        )
+        return DkimPlan(secret=name, problem=problem)
+    if not spec.dkim.enabled:
+        return DkimPlan(state=state, secret=name if secret is not None else None)
+    files = {k: base64.b64decode(v) for k, v in ((secret or {}).get("data") or {}).items()}
+    brought, problems = await _brought_keys(ctx, spec)
+    lost = [
+        (domain, key)
+        for domain, keys in state.domains
+        for key in keys.all_keys()
+        if b.key_file(domain, key.selector) not in files and (domain, key.selector) not in brought
+    ]
+    state = state.without(lost)
+    state = replace(state, serial=max(state.serial, _status_serial(body)))
+    now = ctx.now()
+    wanted = b.wanted_keys(spec.dkim, spec.domains, {k: v.algorithm for k, v in brought.items()})
+    new_state, events = b.step(
+        state,
+        wanted,
+        ip=owner.name,
+        now=now,
+        rotate_after=(
+            timedelta(days=spec.dkim.rotate_after_days) if spec.dkim.rotate_after_days else None
+        ),
+        retire_after=timedelta(days=spec.dkim.retire_after_days),
+        verified=verified,
+    )
+    new_files = await _key_files(new_state, files, brought)
+    old_text = (((secret or {}).get("metadata") or {}).get("annotations") or {}).get(
+        b.STATE_ANNOTATION
+    )
+    if secret is None or new_files != files or old_text != new_state.to_json():
+        ctx.cache.put(await ctx.kube.apply(b.dkim_secret(owner, new_files, new_state)))
+    for event in events:
+        await ctx.kube.event(body, event.reason, event.message, now=now)
+    return _plan(new_state, new_files, name, "; ".join(problems) or None)
+
+
+async def _key_files(
+    state: b.DkimState, files: Mapping[str, bytes], brought: Mapping[tuple[str, str], _Brought]
+) -> dict[str, bytes]:
+    """The key Secret's files for ``state``: kept, copied from the user's Secret, or new."""
+    out: dict[str, bytes] = {}
+    for domain, keys in state.domains:
+        for key in keys.all_keys():
+            file = b.key_file(domain, key.selector)
+            own = brought.get((domain, key.selector))
+            if own is not None:
+                out[file] = own.pem  # the user's Secret is the truth: copied on every change
+            elif file in files:
+                out[file] = files[file]  # made once, never regenerated for this selector
+            else:
+                out[file] = await asyncio.to_thread(_new_key, key.algorithm)
+    return out
+
+
+def _plan(
+    state: b.DkimState, files: Mapping[str, bytes], secret: str, problem: str | None
+) -> DkimPlan:
+    active: list[b.DkimPublicRecord] = []
+    optional: list[b.DkimPublicRecord] = []
+    for domain, keys in state.domains:
+        signing = set(keys.active.keys) if keys.active else set()
+        for key in keys.all_keys():
+            pem = files.get(b.key_file(domain, key.selector))
+            if pem is None:
+                continue
+            record = b.public_record(
+                domain, key.selector, key.algorithm, _public(key.algorithm, pem)
+            )
+            (active if key in signing else optional).append(record)
+    signing_config = b.signing_config(state, [d for d, _ in state.domains])
+    return DkimPlan(state, active, optional, signing_config, secret, problem)
+
+
+async def dkim_problem(ctx: Context, spec: DedicatedIPSpec) -> str | None:
+    """What is wrong with the user's own keys (spec.dkim.keys), or None (a status refresh)."""
+    if not spec.dkim.enabled or not spec.dkim.keys:
+        return None
+    _, problems = await _brought_keys(ctx, spec)
+    return "; ".join(problems) or None
+
+
+async def dkim_domains_status(
+    ctx: Context, ip: str, spec: DedicatedIPSpec
+) -> dict[str, dict[str, object]]:
+    """Each domain's ``status.domains[].dkim`` from the stored state (no writes)."""
+    if not spec.dkim.enabled:
+        return {}
+    secret = await ctx.cache.owned("Secret", c.dkim_secret_name(ip))
+    try:
+        state = _stored_state(secret)
+    except ValueError:
+        return {}
+    return DkimPlan(state=state).status(list(spec.domains))
