@@ -4,7 +4,8 @@
 # stdout (progress goes to stderr).
 #   image/build.sh        ghcr.io/txmail/txmail:<version in pyproject.toml>: a Debian bookworm root
 #                         made by mmdebstrap with the Containerfile's packages, wheels and steps
-#                         (image/packages, requirements.lock, image/install.sh), packed by umoci
+#                         (image/packages, requirements.lock, image/wheels.py, image/install.sh),
+#                         packed by umoci
 #                         with the Containerfile's user, environment, command and labels
 #   image/build.sh pause  localhost/txmail/pause:3.10: the pod sandbox image of the node tier, the
 #                         static pause binary built by tests/cluster/build.sh
@@ -130,20 +131,24 @@ trap 'rm -rf "$tmp"' EXIT
 stage="$tmp/stage" # copied to /tmp/txmail-build in the root, removed by install.sh finish
 mkdir -p "$stage/wheels" "$tmp/src"
 
-# A build venv on this machine: the locked setuptools builds txmail's wheel, its pip downloads
-# the locked wheels for the image's platform (bookworm: glibc 2.36, CPython 3.11, x86_64).
+# A build venv on this machine: the locked setuptools builds txmail's wheel; image/wheels.py
+# (as in the Containerfile) has its pip download the locked wheels for the image's platform
+# (bookworm: glibc 2.36, CPython 3.11, x86_64), hash-checked, and its setuptools build a wheel of
+# each pure-Python package that has only an sdist, then writes install.lock: every package with
+# the sha256 of its wheel. Cached by lock, build lock and script.
 "$python" -m venv "$tmp/venv"
 pip="$tmp/venv/bin/python -m pip --disable-pip-version-check --no-input"
 $pip install --quiet --require-hashes --no-deps --only-binary=:all: \
   -r image/build-requirements.lock >&2
-wheels="$cache/wheels/$(sha256sum requirements.lock | cut -c1-16)"
+wheels="$cache/wheels/$(cat requirements.lock image/build-requirements.lock image/wheels.py |
+  sha256sum | cut -c1-16)"
 if [ ! -f "$wheels/.complete" ]; then
   rm -rf "$wheels"
   # pip does not widen manylinux_2_36 to the older glibc tags it implies: list them all.
   platforms=(--platform manylinux2014_x86_64 --platform manylinux2010_x86_64 --platform manylinux1_x86_64)
   for glibc in $(seq 5 36); do platforms+=(--platform "manylinux_2_${glibc}_x86_64"); done
-  $pip download --quiet --require-hashes --no-deps --only-binary=:all: "${platforms[@]}" \
-    --python-version 3.11 --implementation cp --abi cp311 -d "$wheels" -r requirements.lock >&2
+  "$tmp/venv/bin/python" image/wheels.py requirements.lock "$wheels" "${platforms[@]}" \
+    --python-version 3.11 --implementation cp --abi cp311 >&2
   touch "$wheels/.complete"
 fi
 cp "$wheels"/*.whl "$stage/wheels/"
@@ -152,7 +157,7 @@ tar -cf - --exclude=__pycache__ --exclude='*.pyc' --exclude='*.egg-info' \
 $pip wheel --quiet --no-deps --no-build-isolation --no-cache-dir -w "$stage" "$tmp/src" >&2
 wheel=$(cd "$stage" && echo txmail-*.whl)
 [ -f "$stage/$wheel" ] || die "no txmail wheel was built"
-cp requirements.lock image/install.sh "$stage/"
+cp "$wheels/install.lock" image/install.sh "$stage/"
 say "wheels ready after $(($(date +%s) - start)) s"
 
 # The root: the packages of image/packages (and python3-venv to make the venv, purged after),
@@ -169,7 +174,7 @@ mmdebstrap --variant=essential --include="$packages,python3-venv" \
   --setup-hook="sync-in '$debs' /var/cache/apt/archives" \
   --customize-hook="sync-out /var/cache/apt/archives '$debs'" \
   --customize-hook="mkdir -p \"\$1$in\"" --customize-hook="sync-in '$stage' $in" \
-  --customize-hook="chroot \"\$1\" $clean sh $in/install.sh venv $in/requirements.lock $in/$wheel --no-index --find-links $in/wheels" \
+  --customize-hook="chroot \"\$1\" $clean sh $in/install.sh venv $in/install.lock $in/$wheel --no-index --find-links $in/wheels" \
   --customize-hook="chroot \"\$1\" $clean dpkg --purge python3-venv python3.11-venv python3-pip-whl python3-setuptools-whl" \
   --customize-hook="chroot \"\$1\" $clean sh $in/install.sh finish" \
   bookworm "$tmp/rootfs.tar" \

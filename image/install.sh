@@ -3,8 +3,11 @@
 # in its stages, image/build.sh in the mmdebstrap root (chroot). Keeping them here keeps the two
 # images the same.
 #   install.sh venv LOCK WHEEL [PIP_OPTION...]  /opt/txmail: a venv of the system python3 with the
-#                                               locked wheels (hashes checked, no resolution),
-#                                               then txmail's own wheel, compiled to .pyc
+#                                               wheels of LOCK (hashes checked, no resolution),
+#                                               then txmail's own wheel, compiled to .pyc. Both
+#                                               builds pass the install.lock of image/wheels.py
+#                                               and --no-index --find-links its folder: the image
+#                                               root fetches nothing and builds nothing
 #   install.sh finish                           the txmail user (65532); caches, logs, apt lists
 set -eu
 venv=/opt/txmail
