@@ -29,9 +29,11 @@ from txmail_relay.contract import DkimAlgorithm, DkimConfig, DkimKey
 from txmail_relay.mail.dkim import (
     DkimKeyError,
     SigningKey,
+    crlf,
     from_domain,
+    include_headers,
     load_private_key,
-    sign_message,
+    signature,
     signed_for,
 )
 from txmail_relay.metrics import RelayMetrics
@@ -152,20 +154,14 @@ class DkimSigner:
         return usable
 
     def _sign(self, message: bytes, domain: str, keys: list[SigningKey]) -> bytes:
-        """All keys together; if that fails, each key alone, so one bad key (or a missing
-        library for Ed25519) costs only its own signature."""
-        try:
-            signed = sign_message(message, domain, keys)
-        except Exception:  # retried key by key below
-            signed = None
-        if signed is not None:
-            for _ in keys:
-                self._count(domain, SIGNED)
-            return signed
-        good = []
+        """Each key on its own, so one that cannot sign (or Ed25519 without PyNaCl) costs
+        only its own signature."""
+        canonical = crlf(message)
+        headers = include_headers(canonical)
+        fields = []
         for key in keys:
             try:
-                sign_message(message, domain, [key])
+                fields.append(signature(canonical, domain, key, headers))
             except Exception as e:  # dkimpy's errors hold no key material; logged by name
                 self._count(domain, FAILED)
                 reason = type(e).__name__
@@ -177,12 +173,8 @@ class DkimSigner:
                         extra={"domain": domain, "selector": key.selector},
                     )
             else:
-                good.append(key)
-        if not good:
-            return message
-        for _ in good:
-            self._count(domain, SIGNED)
-        return sign_message(message, domain, good)
+                self._count(domain, SIGNED)
+        return b"".join(fields) + canonical if fields else message
 
     def _count(self, domain: str, result: str) -> None:
         self._metrics.dkim_signatures.labels(domain, result).inc()

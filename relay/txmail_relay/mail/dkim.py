@@ -1,10 +1,11 @@
 """DKIM signing of an outgoing message (RFC 6376, RFC 8463), with dkimpy (pure).
 
-:func:`sign_message` adds one DKIM-Signature per key (two for dual RSA + Ed25519 signing)
-for the message's header From domain, relaxed/relaxed, over :data:`SIGNED_HEADERS` where
-present, From signed one time more than it occurs (oversigned: a From added later breaks
-the signature instead of being shown as the author). Each signature covers the message as
-it is before any of them (``h=`` never lists DKIM-Signature), so their order is free.
+:func:`signature` makes one DKIM-Signature field per key (two for dual RSA + Ed25519
+signing) for the message's header From domain (:func:`from_domain`), relaxed/relaxed, over
+:data:`SIGNED_HEADERS` where present, From signed one time more than it occurs (oversigned:
+a From added later breaks the signature instead of being shown as the author). Each covers
+the message as it is before any of them (``h=`` never lists DKIM-Signature), so they are
+all made over the same bytes and put in front in any order.
 
 Line endings are made CRLF first, exactly as aiosmtplib does on the way out (bare CR and
 bare LF become CRLF): what is signed is byte for byte what the upstream receives.
@@ -144,26 +145,21 @@ def crlf(message: bytes) -> bytes:
     return _LINE_ENDINGS.sub(b"\r\n", message)
 
 
-def sign_message(message: bytes, domain: str, keys: Sequence[SigningKey]) -> bytes:
-    """``message`` (CRLF line endings) with one DKIM-Signature per key in front.
+def signature(message: bytes, domain: str, key: SigningKey, headers: Sequence[bytes]) -> bytes:
+    """The DKIM-Signature field (CRLF-terminated) of ``key`` over ``message``, which has CRLF
+    line endings already (:func:`crlf`), signing ``headers`` (:func:`include_headers`).
 
-    Raises dkimpy's ``DKIMException`` (or :class:`DkimKeyError`) if a key cannot sign; the
-    caller decides what to send then.
+    Raises dkimpy's ``DKIMException`` if the key cannot sign (e.g. NaClNotFoundError for
+    Ed25519 without PyNaCl).
     """
-    message = crlf(message)
-    headers = include_headers(message)
-    d = domain.encode("idna")  # the A-label form DNS holds (ASCII stays as it is)
-    signatures = [
-        dkim.sign(
-            message,
-            key.selector.encode("ascii"),
-            d,
-            key.private,
-            canonicalize=_CANONICALIZE,
-            signature_algorithm=key.algorithm.value.encode("ascii"),
-            include_headers=headers,
-            linesep=b"\r\n",
-        )
-        for key in keys
-    ]
-    return b"".join(signatures) + message
+    header: bytes = dkim.sign(
+        message,
+        key.selector.encode("ascii"),
+        domain.encode("idna"),  # the A-label form DNS holds (ASCII stays as it is)
+        key.private,
+        canonicalize=_CANONICALIZE,
+        signature_algorithm=key.algorithm.value.encode("ascii"),
+        include_headers=list(headers),
+        linesep=b"\r\n",
+    )
+    return header
