@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
 import yaml
@@ -21,12 +22,18 @@ from .naming import (
     b64,
     owned_meta,
 )
+from .warmup import warmup_config
 
 
 def relay_config(
-    ip: str, spec: DedicatedIPSpec, *, dkim: c.DkimConfig | None = None
+    ip: str,
+    spec: DedicatedIPSpec,
+    *,
+    dkim: c.DkimConfig | None = None,
+    warmup_started: datetime | None = None,
 ) -> c.RelayConfig:
-    """The RelayConfig; ``dkim`` the active signing keys (reconcile/dkim.py), none if omitted."""
+    """The RelayConfig; ``dkim`` the active signing keys (reconcile/dkim.py), none if omitted;
+    ``warmup_started`` the warm-up start recorded in the status (builders/warmup.py)."""
     smarthost = None
     if spec.delivery.mode is c.DeliveryMode.SMARTHOST and spec.delivery.smarthost is not None:
         sh = spec.delivery.smarthost
@@ -52,6 +59,7 @@ def relay_config(
             complaints=spec.suppression.complaints, bounces=spec.suppression.bounces
         ),
         **({"dkim": dkim} if dkim is not None else {}),
+        warmup=warmup_config(spec.warmup, warmup_started),
     )
 
 

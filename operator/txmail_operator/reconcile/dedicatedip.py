@@ -14,9 +14,11 @@ from txmail_relay import contract as c
 
 from .. import builders
 from ..api import DedicatedIPSpec
+from ..builders.warmup import recorded_start, start_recorded, with_status
 from . import pki
 from .conditions import condition
 from .context import Context
+from .warmup import status_block as warmup_status
 
 Obj = dict[str, Any]
 IP_API = ("txmail.dev/v1alpha1", "DedicatedIP")
@@ -113,7 +115,8 @@ async def reconcile_ip(ctx: Context, body: Obj, tokens: int, emails: int) -> Non
             return
         tls_secret, _ca, tls_problem = await _ensure_tls(ctx, owner, spec)
         tracking_secret = await _ensure_tracking_keys(ctx, owner, spec)
-        config = builders.relay_config(name, spec)
+        started = recorded_start(body.get("status"), spec.warmup)  # warm-up's, if any
+        config = builders.relay_config(name, spec, warmup_started=started)
         children: list[Obj | None] = [
             builders.relay_service_account(owner),
             builders.relay_role(owner),
@@ -142,7 +145,9 @@ async def reconcile_ip(ctx: Context, body: Obj, tokens: int, emails: int) -> Non
             ),
         )
         problem = tls_problem or await _smarthost_problem(ctx, spec)  # TLS was just checked
-        await _write_status(ctx, body, spec, deployment, tokens, emails, problem)
+        status = await _write_status(ctx, body, spec, deployment, tokens, emails, problem)
+    if start_recorded(body.get("status"), status):  # first Ready: the relay needs the start
+        await reconcile_ip(ctx, with_status(body, status), tokens, emails)
 
 
 async def _apply(ctx: Context, obj: Obj) -> Obj:
@@ -237,7 +242,9 @@ async def refresh_status(ctx: Context, name: str, tokens: int, emails: int) -> N
         spec = DedicatedIPSpec.model_validate(body["spec"])
         deployment = await ctx.cache.owned("Deployment", c.relay_name(name))
         problem = await _config_problem(ctx, spec)
-        await _write_status(ctx, body, spec, deployment, tokens, emails, problem)
+        status = await _write_status(ctx, body, spec, deployment, tokens, emails, problem)
+    if start_recorded(body.get("status"), status):  # first Ready: the relay needs the start
+        await reconcile_ip(ctx, with_status(body, status), tokens, emails)
 
 
 async def _namespace_missing(
@@ -289,7 +296,7 @@ async def _write_status(
     problem: str | None,
     *,
     blocked: tuple[str, str] | None = None,
-) -> None:
+) -> Obj:
     meta = body["metadata"]
     name, generation = meta["name"], meta.get("generation", 0)
     previous = (body.get("status") or {}).get("conditions")
@@ -322,6 +329,8 @@ async def _write_status(
         "emails": emails,
         "observedGeneration": generation,
     }
+    status["warmup"] = await warmup_status(ctx, body, spec, ready["status"] == "True")
     patch = builders.status_patch(body.get("status"), status)
     if patch is not None:  # timers tick often: write only what changed
         await ctx.kube.patch_status(*IP_API, None, name, patch)
+    return status
