@@ -39,6 +39,10 @@ KOPF_CONNECTIONS = 24
 # default is 5 s.
 IDLE_TIMEOUT = 1.0
 RESUME = kopf.Reason.RESUME
+# How often each DedicatedIP's DNS report is looked at; it is re-checked once older than its
+# spec.dns.checkIntervalSeconds (default 300, at least 5).
+DNS_TICK = 2.0
+DNS_DEFAULT_INTERVAL = 300
 
 
 def _size(index: kopf.Index[Any, Any], kind: str) -> int:
@@ -198,13 +202,35 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
         emails: kopf.Index[Any, Ref],
         **_: Any,
     ) -> None:
+        memo.ctx.dns.forget(name)
         tokens = await _tokens(memo.ctx)
         key = ("ip", name)
         reconcile.fan_out(memo.ctx, tokens.on_ip(name), _refs(emails, key), _taken(emails))
 
     _register_namespaces(r)
+    _register_dns(r)
     _register_mail(r, settings)
     _register_watch(r, settings)
+
+
+def _register_dns(r: dict[str, Any]) -> None:
+    """The DNS readiness re-check of each DedicatedIP (reconcile/dns.py)."""
+
+    @kopf.timer(
+        GROUP, VERSION, "dedicatedips", interval=DNS_TICK, initial_delay=DNS_TICK, id="dns", **r
+    )
+    async def dns(
+        name: str, spec: kopf.Spec, memo: kopf.Memo, emails: kopf.Index[Any, Ref], **_: Any
+    ) -> None:
+        """Re-check the DNS records once spec.dns.checkIntervalSeconds have passed (a full
+        reconcile: a DKIM rotation waits for its record to verify)."""
+        ctx: reconcile.Context = memo.ctx
+        interval = (spec.get("dns") or {}).get("checkIntervalSeconds", DNS_DEFAULT_INTERVAL)
+        if not ctx.dns.stale(name, float(interval)):
+            return
+        tokens = await _tokens(ctx)
+        job = ctx.metrics.measured(IP, reconcile.repair_ip)
+        await ctx.work.call(job, ctx, name, *_counts(tokens, emails, name), priority=ROUTINE)
 
 
 def _register_namespaces(r: dict[str, Any]) -> None:

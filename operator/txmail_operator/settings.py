@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -36,6 +37,26 @@ class SettingsError(ValueError):
         self.variable, self.value, self.problem = variable, value, problem
         shown = variable if value is None else f"{variable}={value!r}"
         super().__init__(f"{shown}: {problem}")
+
+
+def parse_nameservers(text: str) -> tuple[tuple[str, int], ...]:
+    """``host[:port]`` items (comma or space separated; IPv6 as ``[::1]:53`` or bare) as
+    (address, port); ValueError for anything else (a nameserver is asked by address)."""
+    out: list[tuple[str, int]] = []
+    for item in text.replace(",", " ").split():
+        host, port = item, 53
+        if item.startswith("["):
+            host, _, rest = item[1:].partition("]")
+            if rest:
+                port = int(rest.removeprefix(":"))
+        elif item.count(":") == 1:
+            host, _, number = item.partition(":")
+            port = int(number)
+        host = str(ipaddress.ip_address(host))
+        if not 0 < port < 65536:
+            raise ValueError(f"port {port} of nameserver {item!r} is out of range")
+        out.append((host, port))
+    return tuple(out)
 
 
 class Settings(BaseModel):
@@ -75,6 +96,18 @@ class Settings(BaseModel):
         allow_inf_nan=False,
         description="Seconds between checks of TransactionalEmail spec.send (due, suspended).",
     )
+    dns_nameservers: tuple[str, ...] = Field(
+        default=(),
+        description="Nameservers the DNS readiness check asks, host[:port] (comma list; IPv6 "
+        "as [::1]:53); empty: the system's resolv.conf.",
+    )
+    dns_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        le=60,
+        allow_inf_nan=False,
+        description="Seconds one DNS lookup of the readiness check may take.",
+    )
     health_port: int = Field(
         default=8080,
         ge=0,
@@ -103,6 +136,16 @@ class Settings(BaseModel):
                 raise ValueError(f"{ns!r} is not a namespace name (a DNS label)")
         return value
 
+    @field_validator("dns_nameservers")
+    @classmethod
+    def _dns_nameservers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            try:
+                parse_nameservers(item)
+            except ValueError:
+                raise ValueError(f"{item!r} is not a nameserver address[:port]") from None
+        return value
+
     @field_validator("metrics_port")
     @classmethod
     def _distinct_ports(cls, value: int, info: ValidationInfo) -> int:
@@ -118,7 +161,7 @@ class Settings(BaseModel):
         for var, field in ENV.items():
             if not env.get(var):
                 continue
-            if field == "watch_namespaces":
+            if field in ("watch_namespaces", "dns_nameservers"):
                 values[field] = tuple(ns.strip() for ns in env[var].split(",") if ns.strip())
             else:
                 values[field] = env[var]
@@ -142,6 +185,8 @@ ENV: dict[str, str] = {
     "TXMAIL_DRIFT_CHECK_INTERVAL": "drift_check_interval",
     "TXMAIL_STATS_INTERVAL": "stats_interval",
     "TXMAIL_SEND_CHECK_INTERVAL": "send_check_interval",
+    "TXMAIL_DNS_NAMESERVERS": "dns_nameservers",
+    "TXMAIL_DNS_TIMEOUT": "dns_timeout",
     "TXMAIL_HEALTH_PORT": "health_port",
     "TXMAIL_METRICS_PORT": "metrics_port",
 }

@@ -16,6 +16,7 @@ from ..kube import Kube
 from ..relayclient import RelayClient
 from ..settings import Settings
 from .cache import Cache
+from .dns import DnsChecks, Resolver
 from .metrics import Metrics
 from .tokens import TokenIndex
 from .work import Work
@@ -169,6 +170,7 @@ class Context:
     checked: Checked = field(default_factory=Checked)
     handled: Handled = field(default_factory=Handled)
     cache: Cache = field(init=False)
+    dns: DnsChecks = field(init=False)  # the DNS readiness reports, per DedicatedIP
     # DedicatedIPs whose relay waits for the operator's namespace to be created.
     waiting_for_namespace: set[str] = field(default_factory=set)
     # Set once kopf runs its first handler, which it does only when every index is filled:
@@ -178,3 +180,4 @@ class Context:
 
     def __post_init__(self) -> None:
         self.cache = Cache(self.kube, self.settings.namespace, self.tokens)
+        self.dns = DnsChecks(Resolver.of(self.settings))

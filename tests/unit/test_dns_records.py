@@ -1,0 +1,394 @@
+"""The records a DedicatedIP needs (builders/dns_records.py, pure; pinned by a golden file)
+and the checker (reconcile/dns.py) against a real DNS server (Knot on loopback).
+
+Regenerate the golden file after an intended change with ``TXMAIL_UPDATE_GOLDEN=1``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from dns_server import DnsServer, ptr_name, txt
+from txmail_operator.api import DedicatedIPSpec
+from txmail_operator.api.dns import RecordPurpose, RecordResult, RecordType
+from txmail_operator.builders.dkim import DkimPublicRecord, public_record
+from txmail_operator.builders.dns_records import (
+    DnsRecord,
+    records_to_publish,
+    reverse_name,
+    spf_value,
+    txt_strings,
+)
+from txmail_operator.reconcile.dns import (
+    DnsChecks,
+    DnsReport,
+    Resolver,
+    carried,
+    check_records,
+    dkim_tags,
+)
+from txmail_operator.settings import Settings, SettingsError, parse_nameservers
+
+GOLDEN = Path(__file__).parent / "golden" / "dns-records.yaml"
+ADDRESS, HOSTNAME = "203.0.113.5", "mail.example.com"
+
+
+def spec(**overrides: Any) -> DedicatedIPSpec:
+    base = {"address": ADDRESS, "hostname": HOSTNAME, "domains": ["example.com", "example.org"]}
+    return DedicatedIPSpec.model_validate({**base, **overrides})
+
+
+def rsa_record(domain: str, selector: str) -> DkimPublicRecord:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return public_record(domain, selector, "rsa", der)
+
+
+def ed25519_record(domain: str, selector: str) -> DkimPublicRecord:
+    raw = (
+        ed25519.Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    )
+    return public_record(domain, selector, "ed25519", raw)
+
+
+# Fixed DKIM records for the golden file (the value's key is only data here).
+GOLDEN_DKIM = DkimPublicRecord(
+    "example.com", "txmail-202612", "rsa", "v=DKIM1; k=rsa; p=" + "MIIBIjANBgkqhkiG9w0B" * 20
+)
+GOLDEN_NEXT = DkimPublicRecord(
+    "example.com", "txmail-202701", "ed25519", "v=DKIM1; k=ed25519; p=" + "A" * 43 + "="
+)
+
+
+# --- the pure builder ----------------------------------------------------------------------------
+
+
+def test_records_to_publish_match_the_golden_file() -> None:
+    records = records_to_publish(
+        spec(dns={"returnPathDomain": "bounces.example.net"}), [GOLDEN_DKIM], [GOLDEN_NEXT]
+    )
+    got = [r.wire() for r in records]
+    if os.environ.get("TXMAIL_UPDATE_GOLDEN"):
+        GOLDEN.write_text(yaml.safe_dump(got, sort_keys=False, width=100))
+    assert got == yaml.safe_load(GOLDEN.read_text())
+
+
+def test_every_purpose_is_listed_once_in_a_stable_order() -> None:
+    records = records_to_publish(
+        spec(dns={"returnPathDomain": "bounces.example.net"}), [GOLDEN_DKIM]
+    )
+    assert [(r.purpose, r.name) for r in records] == [
+        (RecordPurpose.PTR, "5.113.0.203.in-addr.arpa"),
+        (RecordPurpose.HOSTNAME, HOSTNAME),
+        (RecordPurpose.SPF, "example.com"),
+        (RecordPurpose.DMARC, "_dmarc.example.com"),
+        (RecordPurpose.DKIM, "txmail-202612._domainkey.example.com"),
+        (RecordPurpose.SPF, "example.org"),
+        (RecordPurpose.DMARC, "_dmarc.example.org"),
+        (RecordPurpose.RETURN_PATH_SPF, "bounces.example.net"),
+    ]
+    assert records[0].value == HOSTNAME and records[1].type is RecordType.A
+    assert all(r.required for r in records)
+
+
+def test_a_return_path_that_is_a_sending_domain_is_not_listed_twice() -> None:
+    records = records_to_publish(spec(dns={"returnPathDomain": "example.org"}))
+    assert [r.purpose for r in records].count(RecordPurpose.RETURN_PATH_SPF) == 0
+
+
+def test_ipv6_gets_an_aaaa_record_an_ip6_arpa_ptr_and_an_ip6_spf() -> None:
+    records = records_to_publish(spec(address="2001:DB8::0:5"))
+    assert records[0].name == ptr_name("2001:db8::5") == reverse_name("2001:db8::5")
+    assert records[0].name.endswith(".ip6.arpa")
+    assert (records[1].type, records[1].value) == (RecordType.AAAA, "2001:db8::5")
+    assert records[2].value == "v=spf1 ip6:2001:db8::5 ~all"
+    assert spf_value(ADDRESS) == "v=spf1 ip4:203.0.113.5 ~all"
+
+
+def test_dkim_keys_in_rotation_are_listed_but_not_required() -> None:
+    records = records_to_publish(spec(), [GOLDEN_DKIM], [GOLDEN_NEXT])
+    dkim = {r.name: r.required for r in records if r.purpose is RecordPurpose.DKIM}
+    assert dkim == {GOLDEN_DKIM.name: True, GOLDEN_NEXT.name: False}
+
+
+def test_txt_values_are_split_into_255_byte_strings_without_splitting_a_character() -> None:
+    assert txt_strings("v=spf1 -all") == ["v=spf1 -all"]
+    long = "p=" + "x" * 600
+    parts = txt_strings(long)
+    assert [len(p) for p in parts] == [255, 255, 92] and "".join(parts) == long
+    wide = "é" * 200  # 2 bytes each in UTF-8
+    parts = txt_strings(wide)
+    assert all(len(p.encode()) <= 255 for p in parts) and "".join(parts) == wide
+    record = records_to_publish(spec(), [GOLDEN_DKIM])[4]
+    assert record.wire()["value"] == txt_strings(GOLDEN_DKIM.value)
+    assert len(record.strings) == 2
+
+
+def test_dkim_tags_tolerate_whitespace_and_splits() -> None:
+    assert dkim_tags(" v = DKIM1 ;k=rsa;\n p = MIIB AAA\tBBB ; ") == {
+        "v": "DKIM1",
+        "k": "rsa",
+        "p": "MIIBAAABBB",
+    }
+
+
+def test_nameserver_settings() -> None:
+    assert parse_nameservers("127.0.0.1:5353, 10.0.0.10 [::1]:53 2001:db8::1") == (
+        ("127.0.0.1", 5353),
+        ("10.0.0.10", 53),
+        ("::1", 53),
+        ("2001:db8::1", 53),
+    )
+    settings = Settings.from_env({"TXMAIL_DNS_NAMESERVERS": "127.0.0.1:5353,[::1]:53"})
+    assert settings.dns_nameservers == ("127.0.0.1:5353", "[::1]:53")
+    assert Resolver.of(settings).nameservers == (("127.0.0.1", 5353), ("::1", 53))
+    with pytest.raises(SettingsError, match="TXMAIL_DNS_NAMESERVERS"):
+        Settings.from_env({"TXMAIL_DNS_NAMESERVERS": "dns.example.com"})
+    with pytest.raises(SettingsError, match="TXMAIL_DNS_TIMEOUT"):
+        Settings.from_env({"TXMAIL_DNS_TIMEOUT": "0"})
+
+
+def test_spec_dns_defaults_and_bounds() -> None:
+    dns = spec().dns
+    assert (dns.require_verified, dns.check_interval_seconds, dns.return_path_domain) == (
+        True,
+        300,
+        None,
+    )
+    with pytest.raises(ValueError, match=r"checkIntervalSeconds|check_interval_seconds"):
+        spec(dns={"checkIntervalSeconds": 1})
+
+
+# --- the checker, against Knot -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[DnsServer]:
+    with DnsServer() as s:
+        yield s
+
+
+def check(server: DnsServer, records: list[DnsRecord], domains: list[str]) -> DnsReport:
+    resolver = Resolver(parse_nameservers(server.address), timeout=2.0)
+    return asyncio.run(
+        check_records(resolver, records, address=ADDRESS, hostname=HOSTNAME, domains=domains)
+    )
+
+
+def publish_all(server: DnsServer, domain: str, dkim: list[DkimPublicRecord]) -> None:
+    server.update(
+        {
+            ptr_name(ADDRESS): {"PTR": [f"{HOSTNAME}."]},
+            HOSTNAME: {"A": [ADDRESS]},
+            domain: {"TXT": [txt(spf_value(ADDRESS))]},
+            f"_dmarc.{domain}": {"TXT": [txt("v=DMARC1; p=reject; rua=mailto:d@example.com")]},
+            **{r.name: {"TXT": [txt(r.value)]} for r in dkim},
+        }
+    )
+
+
+def by_name(report: DnsReport) -> dict[str, tuple[RecordResult, str]]:
+    return {c.record.name: (c.result, c.reason) for c in report.checks}
+
+
+def test_correct_records_verify(server: DnsServer) -> None:
+    domain = "ok.example.com"
+    dkim = [rsa_record(domain, "txmail-a"), ed25519_record(domain, "txmail-b")]
+    publish_all(server, domain, dkim)
+    report = check(server, records_to_publish(spec(domains=[domain]), dkim), [domain])
+    assert report.verified, report.condition()
+    assert report.condition()[:2] == (True, "Verified")
+    assert report.dkim_verified(domain, "txmail-a") and report.dkim_verified(domain, "txmail-b")
+    (verdict,) = report.domain_verdicts()
+    assert (verdict.verified, verdict.dmarc_policy) == (True, "reject")
+
+
+def test_a_wrong_ptr_says_what_it_is_and_what_to_publish(server: DnsServer) -> None:
+    domain = "ptr.example.com"
+    publish_all(server, domain, [])
+    server.set(ptr_name(ADDRESS), "PTR", "mail.other.example.")
+    try:
+        report = check(server, records_to_publish(spec(domains=[domain])), [domain])
+        ok, reason, message = report.condition()
+        assert (ok, reason) == (False, "PTRMismatch")
+        assert f"the PTR of {ADDRESS} is mail.other.example" in message
+        assert f"publish PTR 5.113.0.203.in-addr.arpa -> {HOSTNAME}" in message
+        ptr = report.checks[0]
+        assert (ptr.result, ptr.found) == (RecordResult.WRONG, ("mail.other.example",))
+        assert ptr.wire()["found"] == ["mail.other.example"]
+        # the domain's own records verify: its verdict is not the IP's PTR
+        assert report.domain_verdicts()[0].verified
+        server.delete(ptr_name(ADDRESS), "PTR")
+        report = check(server, records_to_publish(spec(domains=[domain])), [domain])
+        assert report.condition()[1] == "PTRMissing"
+    finally:
+        server.set(ptr_name(ADDRESS), "PTR", f"{HOSTNAME}.")
+
+
+def test_the_hostname_must_resolve_back_to_the_address(server: DnsServer) -> None:
+    domain = "fcrdns.example.com"
+    publish_all(server, domain, [])
+    server.set(HOSTNAME, "A", "203.0.113.99")
+    try:
+        report = check(server, records_to_publish(spec(domains=[domain])), [domain])
+        ok, reason, message = report.condition()
+        assert (ok, reason) == (False, "HostnameAddressMismatch")
+        assert f"publish A {HOSTNAME} -> {ADDRESS}" in message
+    finally:
+        server.set(HOSTNAME, "A", ADDRESS)
+
+
+def test_a_missing_or_other_dkim_record_is_named_exactly(server: DnsServer) -> None:
+    domain = "dkim.example.com"
+    active = rsa_record(domain, "txmail-202612")
+    publish_all(server, domain, [])
+    records = records_to_publish(spec(domains=[domain]), [active])
+    report = check(server, records, [domain])
+    ok, reason, message = report.condition()
+    assert (ok, reason) == (False, "DKIMRecordMissing")
+    quoted = " ".join(f'"{s}"' for s in txt_strings(active.value))
+    assert f"publish {active.name} TXT {quoted}" in message
+    assert not report.dkim_verified(domain, "txmail-202612")
+    (verdict,) = report.domain_verdicts()
+    assert (verdict.verified, verdict.reason) == (False, "DKIMRecordMissing")
+    # another key at the name: Wrong, with what was found
+    other = rsa_record(domain, "txmail-202612")
+    server.set(active.name, "TXT", txt(other.value))
+    report = check(server, records, [domain])
+    assert report.condition()[1] == "DKIMKeyMismatch"
+    assert report.check(active.name) is not None
+    # the right key, split differently and with spaces: it verifies
+    tags = dkim_tags(active.value)
+    key = tags["p"]
+    spaced = f"v=DKIM1;  k=rsa ;  p={key[:100]} {key[100:]}"
+    server.set(
+        active.name, "TXT", '"' + spaced[:60] + '" "' + spaced[60:250] + '" "' + spaced[250:] + '"'
+    )
+    report = check(server, records, [domain])
+    assert report.verified, report.condition()
+    assert report.dkim_verified(domain, "txmail-202612")
+
+
+def test_spf_through_includes_verifies_and_past_ten_lookups_is_a_permerror(
+    server: DnsServer,
+) -> None:
+    domain = "spf.example.com"
+    publish_all(server, domain, [])
+    server.set(domain, "TXT", txt("v=spf1 include:_a.spf.example.org -all"))
+    server.set("_a.spf.example.org", "TXT", txt("v=spf1 include:_b.spf.example.org -all"))
+    server.set("_b.spf.example.org", "TXT", txt("v=spf1 ip4:203.0.113.0/24 -all"))
+    records = records_to_publish(spec(domains=[domain]))
+    assert check(server, records, [domain]).verified
+    # a chain of 11 includes: over RFC 7208's limit of 10 DNS lookups
+    server.set(domain, "TXT", txt("v=spf1 include:_l1.spf.example.org -all"))
+    for i in range(1, 12):
+        server.set(
+            f"_l{i}.spf.example.org", "TXT", txt(f"v=spf1 include:_l{i + 1}.spf.example.org -all")
+        )
+    server.set("_l12.spf.example.org", "TXT", txt(f"v=spf1 ip4:{ADDRESS} -all"))
+    ok, reason, message = check(server, records, [domain]).condition()
+    assert (ok, reason) == (False, "SPFPermError")
+    assert "lookup" in message.lower() and domain in message
+    # a policy that does not name the address
+    server.set(domain, "TXT", txt("v=spf1 ip4:198.51.100.1 -all"))
+    ok, reason, message = check(server, records, [domain]).condition()
+    assert (ok, reason) == (False, "SPFNotAuthorized")
+    assert f"add ip4:{ADDRESS}" in message
+    server.delete(domain, "TXT")
+    assert check(server, records, [domain]).condition()[1] == "SPFMissing"
+
+
+def test_dmarc_must_exist_and_is_inherited_from_a_parent(server: DnsServer) -> None:
+    domain = "news.dmarc.example.org"
+    publish_all(server, domain, [])
+    server.delete(f"_dmarc.{domain}", "TXT")
+    records = records_to_publish(spec(domains=[domain]))
+    report = check(server, records, [domain])
+    assert report.condition()[1] == "DMARCMissing"
+    assert f'publish _dmarc.{domain} TXT "v=DMARC1; p=none"' in report.condition()[2]
+    server.set("_dmarc.dmarc.example.org", "TXT", txt("v=DMARC1; p=reject; sp=quarantine"))
+    report = check(server, records, [domain])
+    assert report.verified
+    assert report.domain_verdicts()[0].dmarc_policy == "quarantine"
+    server.set(f"_dmarc.{domain}", "TXT", txt("v=DMARC1; p=nonsense"))
+    assert check(server, records, [domain]).condition()[1] == "DMARCInvalid"
+
+
+def test_the_return_path_domain_needs_spf_too(server: DnsServer) -> None:
+    domain = "rp.example.com"
+    publish_all(server, domain, [])
+    records = records_to_publish(
+        spec(domains=[domain], dns={"returnPathDomain": "bounce.example.org"})
+    )
+    ok, reason, message = check(server, records, [domain]).condition()
+    assert (ok, reason) == (False, "ReturnPathSPFMissing")
+    assert "bounce.example.org" in message
+    server.set("bounce.example.org", "TXT", txt(spf_value(ADDRESS)))
+    assert check(server, records, [domain]).verified
+
+
+def test_a_lookup_that_hangs_fails_in_bounded_time_and_keeps_the_last_verdict() -> None:
+    domain = "hang.example.com"
+    with DnsServer() as server:
+        publish_all(server, domain, [])
+        records = records_to_publish(spec(domains=[domain]))
+        first = check(server, records, [domain])
+        assert first.verified
+        server.drop(f"_dmarc.{domain}")
+        resolver = Resolver(parse_nameservers(server.address), timeout=1.0)
+        fresh = asyncio.run(
+            check_records(resolver, records, address=ADDRESS, hostname=HOSTNAME, domains=[domain])
+        )
+        ok, reason, message = fresh.condition()
+        assert (ok, reason) == (False, "LookupFailed")
+        assert f"_dmarc.{domain}" in message
+        kept = carried(first, fresh)
+        assert kept.verified  # one failed lookup does not undo the last definite verdict
+        for _ in range(3):
+            kept = carried(kept, fresh)
+        assert kept.condition()[1] == "LookupFailed"  # a few in a row do
+
+
+def test_checks_are_kept_until_the_records_change_or_the_interval_passes(
+    server: DnsServer,
+) -> None:
+    domain = "kept.example.com"
+    publish_all(server, domain, [])
+    now = [0.0]
+    checks = DnsChecks(
+        Resolver(parse_nameservers(server.address), timeout=2.0), clock=lambda: now[0]
+    )
+    records = records_to_publish(spec(domains=[domain]))
+
+    async def report(recs: list[DnsRecord]) -> DnsReport:
+        out, _ = await checks.report(
+            "ip", recs, address=ADDRESS, hostname=HOSTNAME, domains=[domain], interval=60
+        )
+        return out
+
+    first = asyncio.run(report(records))
+    assert first.verified
+    server.delete(f"_dmarc.{domain}", "TXT")
+    now[0] = 30.0
+    assert asyncio.run(report(records)) is first  # kept: no lookup
+    assert not checks.stale("ip", 60) and checks.stale("ip", 30)
+    now[0] = 61.0
+    assert asyncio.run(report(records)).condition()[1] == "DMARCMissing"
+    server.set(f"_dmarc.{domain}", "TXT", txt("v=DMARC1; p=none"))
+    assert asyncio.run(report(records[:2])).verified  # other records: checked at once
+    assert checks.kept("ip") is not None
+    checks.forget("ip")
+    assert checks.kept("ip") is None
