@@ -13,6 +13,7 @@ from kubernetes import client
 from cluster.controlplane import control_plane
 from cluster.crds import install_crds
 from cluster.kubeapi import close_api_client, name_of, new_api_client
+from dns_server import DnsServer
 from k8s.operator_process import OperatorProcess, install_operator_identity
 
 
@@ -60,21 +61,35 @@ def operator_namespace(api: client.ApiClient) -> str:
 
 
 @pytest.fixture(scope="session")
+def cluster_dns() -> Iterator[DnsServer]:
+    """The session's real DNS server (Knot): the operator's DNS readiness check asks it."""
+    with DnsServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def operator(
     api: client.ApiClient,
     kubeconfig: Path,
     crds: list[str],
     operator_namespace: str,
+    cluster_dns: DnsServer,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[OperatorProcess]:
     """`txmail-operator` as a real process for the whole session (tests may restart it).
 
     It runs with a token of the chart's own ServiceAccount and exactly the chart's RBAC
-    (release txmail in txmail-system, default values: every namespace), never as admin.
+    (release txmail in txmail-system, default values: every namespace), never as admin. Its
+    DNS readiness check resolves against ``cluster_dns`` only.
     """
     folder = tmp_path_factory.mktemp("op")
     identity = install_operator_identity(api, kubeconfig, folder / "operator.kubeconfig")
-    proc = OperatorProcess(identity, operator_namespace, folder / "operator.log")
+    proc = OperatorProcess(
+        identity,
+        operator_namespace,
+        folder / "operator.log",
+        TXMAIL_DNS_NAMESERVERS=cluster_dns.address,
+    )
     proc.start()
     try:
         proc.wait_ready(api)

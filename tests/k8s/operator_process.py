@@ -181,6 +181,7 @@ class OperatorProcess:
             "TXMAIL_DRIFT_CHECK_INTERVAL": "1",
             "TXMAIL_STATS_INTERVAL": "1",
             "TXMAIL_SEND_CHECK_INTERVAL": "1",
+            "TXMAIL_DNS_TIMEOUT": "2",  # the tests' DNS server is local: a lost query is lost
             "TXMAIL_RELAY_IMAGE": "txmail-relay:test",
             # No fixed listeners: several operators (tests, make demo) may run at once.
             "TXMAIL_HEALTH_PORT": "0",
