@@ -21,6 +21,7 @@ from txmail_relay.config.live import ConfigSource, LiveConfig
 from txmail_relay.contract import WarmupConfig
 from txmail_relay.delivery.dkim import DkimSigner
 from txmail_relay.delivery.queue import DeliveryQueue
+from txmail_relay.delivery.shaping import Clock, Shaper
 from txmail_relay.delivery.transport import SmtpTransport, Transport
 from txmail_relay.delivery.warmup import WarmupGate
 from txmail_relay.http.api import SendApi, TokenAuth
@@ -73,6 +74,7 @@ class Relay:
         templates: Templates | None = None,
         clock: Callable[[], float] = time.time,
         warmup_check_interval: float = 30.0,
+        shaping_clock: Clock | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry or CollectorRegistry()
@@ -90,7 +92,12 @@ class Relay:
             reserved=self.records.headroom,  # the records share the volume
             metrics=self.metrics,
         )
-        self.transport = transport or SmtpTransport(self.store, settings.retry, settings.outbound)
+        # Per-destination shaping; ``shaping_clock`` (monotonic seconds, and sleeping) is the
+        # tests' to move its rate limits.
+        self.shaper = Shaper(self.store, clock=shaping_clock, metrics=self.metrics)
+        self.transport = transport or SmtpTransport(
+            self.store, settings.retry, settings.outbound, shaper=self.shaper
+        )
         self.dkim = DkimSigner(self.store, self.metrics)
         # The warm-up day is read from ``clock`` (tests move it a day; nothing else uses it).
         self.warmup = WarmupGate(
@@ -137,6 +144,7 @@ class Relay:
             stats_publisher,
             settings.stats_interval,
             warmup=self.warmup.snapshot,
+            destinations=self.shaper.paused,
         )
         self.stats.register(self.registry)
         self._api = SendApi(

@@ -390,6 +390,69 @@ class WarmupConfig(_Doc):
         return (100 * completed) // total
 
 
+SHAPING_RATE = r"^[0-9]+(\.[0-9]+)?/(s|min|h)$"
+
+
+class ShapingLimits(_Doc):
+    """Limits of one destination (docs/deliverability.md "Per-destination shaping"); an unset
+    field keeps the built-in value."""
+
+    connections: int | None = Field(
+        default=None, ge=1, description="Connections open to the destination at once."
+    )
+    messages_per_connection: int | None = Field(
+        default=None,
+        ge=1,
+        alias="messagesPerConnection",
+        description="Messages one connection carries before it is closed.",
+    )
+    rate: str | None = Field(
+        default=None,
+        pattern=SHAPING_RATE,
+        description="Messages per second, minute or hour: 'N/s', 'N/min', 'N/h'.",
+    )
+    burst: int | None = Field(
+        default=None, ge=1, description="Messages that may go at once after a quiet spell."
+    )
+
+
+class ShapingSite(ShapingLimits):
+    """A destination: the recipient domains whose MX hosts match one of ``mx`` (or a built-in
+    destination of the same ``name``, whose limits the set fields override)."""
+
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$")
+    mx: list[str] = Field(
+        default_factory=list,
+        description="MX host patterns ('*.google.com'); empty keeps the built-in ones.",
+    )
+
+
+class ShapingPause(_Doc):
+    """When a destination is paused, and for how long."""
+
+    after_failures: int = Field(
+        default=5,
+        ge=1,
+        alias="afterFailures",
+        description="Attempts in a row that got only 4xx or no connection: then a pause "
+        "(a 421 to a new connection pauses at once).",
+    )
+    initial_seconds: float = Field(default=60.0, gt=0, alias="initialSeconds")
+    max_seconds: float = Field(default=3600.0, gt=0, alias="maxSeconds")
+
+
+class ShapingConfig(_Doc):
+    """Per-destination shaping: overrides of the relay's built-in defaults."""
+
+    enabled: bool = True
+    default: ShapingLimits = Field(
+        default_factory=ShapingLimits,
+        description="Limits of destinations that match no pattern.",
+    )
+    sites: list[ShapingSite] = Field(default_factory=list)
+    pause: ShapingPause = Field(default_factory=ShapingPause)
+
+
 class RelayConfig(_Doc):
     """What the relay of one DedicatedIP needs to know: written to ``relay.json``."""
 
@@ -404,6 +467,7 @@ class RelayConfig(_Doc):
     suppression: SuppressionConfig = Field(default_factory=SuppressionConfig)
     dkim: DkimConfig = Field(default_factory=DkimConfig)
     warmup: WarmupConfig = Field(default_factory=WarmupConfig)
+    shaping: ShapingConfig = Field(default_factory=ShapingConfig)
     credential_shards: int = Field(default=CREDENTIAL_SHARDS, alias="credentialShards")
     template_shards: int = Field(default=TEMPLATE_SHARDS, alias="templateShards")
 
@@ -511,12 +575,24 @@ class WarmupStats(_Doc):
     deferred: int = Field(default=0, description="Recipients held for a later day's budget.")
 
 
+class PausedDestination(_Doc):
+    """A destination the relay does not connect to until ``until`` (it answered 421, or
+    only 4xx several times in a row); its mail stays queued."""
+
+    name: str
+    until: datetime
+    reason: str = Field(description="The reply that paused it.")
+
+
 class RelayStats(_Doc):
     """The whole document under :data:`STATS_KEY`: stats per token username."""
 
     tokens: dict[str, TokenStats] = Field(default_factory=dict)
     warmup: WarmupStats | None = Field(
         default=None, description="Warm-up figures; absent when warm-up is off."
+    )
+    destinations: list[PausedDestination] = Field(
+        default_factory=list, description="Destinations paused now (shaping), soonest end first."
     )
     updated_at: datetime = Field(alias="updatedAt")
 

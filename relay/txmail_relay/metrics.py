@@ -127,6 +127,32 @@ class RelayMetrics:
             ["result"],
             registry=registry,
         )
+        # Per-destination shaping (delivery/shaping.py). The destination label is a named
+        # destination (gmail, outlook, ..., smarthost, or one of spec.shaping.sites) or
+        # "other" for every destination named only by its MX hosts (bounded labels).
+        self.destinations_paused = Gauge(
+            f"{PREFIX}destinations_paused",
+            "Destinations paused now (a 421, or only 4xx several attempts in a row)",
+            registry=registry,
+        )
+        self.destination_connections = Counter(
+            f"{PREFIX}destination_connections",
+            "Outbound connections opened, by destination",
+            ["destination"],
+            registry=registry,
+        )
+        self.destination_deliveries = Counter(
+            f"{PREFIX}destination_deliveries",
+            "Recipients delivered, by destination",
+            ["destination"],
+            registry=registry,
+        )
+        self.destination_throttle_waits = Counter(
+            f"{PREFIX}destination_throttle_waits",
+            "Messages that waited for their destination's rate limit, by destination",
+            ["destination"],
+            registry=registry,
+        )
 
     def track_warmup(
         self,

@@ -172,6 +172,11 @@ class DeliveryQueue:
         for index in indices:
             groups.setdefault(self._destination(msg.recipients[index]), []).append(index)
         for dest, members in groups.items():
+            now = self._clock()
+            due = min(now + dest.delay, msg.received_at + self._retry.max_lifetime)
+            if due > now:  # a paused destination (shaping): wait outside the workers
+                self._defer(_Job(msg, tuple(members), attempts, dest.key), due)
+                continue
             state = self._destinations.get(dest.key)
             if state is None:
                 state = self._destinations[dest.key] = _Destination(dest.concurrency)
@@ -259,6 +264,7 @@ class DeliveryQueue:
         msg = job.msg
         pending = [i for i in job.indices if i not in msg.final]
         recipients = [msg.recipients[i] for i in pending]
+        counted = msg.attempts
         job.attempts += 1
         msg.attempts = max(msg.attempts, job.attempts)
         try:
@@ -276,6 +282,14 @@ class DeliveryQueue:
         now = self._clock()
         born = msg.received_at if self._warmup is None else self._warmup.lifetime_start(msg)
         expired = now - born >= self._retry.max_lifetime
+        if results and not expired and not any(r.attempted for r in results):
+            # Its destination is paused (shaping): nothing was sent, so no attempt counts and
+            # no outcome is published; the job waits for the pause to end (at least 1 s).
+            job.attempts -= 1
+            msg.attempts = counted
+            pause = self._destination(recipients[0]).delay
+            self._defer(job, min(now + max(1.0, pause), born + self._retry.max_lifetime))
+            return
         final: dict[int, Outcome] = {}
         events = []
         for index, result in zip(pending, results, strict=True):

@@ -34,6 +34,7 @@ import dns.resolver
 
 from txmail_relay.config.live import LiveConfig
 from txmail_relay.contract import DeliveryMode, RelayConfig, SmarthostConfig, SmarthostTLS
+from txmail_relay.delivery.shaping import Shaper, SiteState
 from txmail_relay.outcomes import Outcome
 from txmail_relay.settings import OutboundSettings, RetrySettings
 
@@ -46,6 +47,9 @@ MAX_MX_ADDRESSES = 5  # Postfix smtp_mx_address_limit
 class RecipientResult:
     outcome: Outcome
     reply: str
+    # False: nothing was sent because the destination is paused (shaping): the queue keeps
+    # the mail without counting an attempt.
+    attempted: bool = True
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,8 @@ class Destination:
 
     key: str
     concurrency: int
+    # Seconds before an attempt may start (a paused destination); not part of its identity.
+    delay: float = field(default=0.0, compare=False)
 
 
 class Transport(Protocol):
@@ -115,10 +121,14 @@ class Connection:
     reused: bool = False
     uses: int = 0
     idle_since: float = 0.0
+    site: SiteState | None = None  # the destination whose connection count it holds
 
 
 class ConnectionPool:
-    """Idle connections per route, reused for up to ``max_uses`` transactions."""
+    """Idle connections per route, reused for up to ``max_uses`` transactions (or the
+    destination's messages per connection). With a ``site``, a new connection waits for room
+    under the destination's connection limit (idle or in use, on any of its routes; an idle
+    one on another route is closed to make room)."""
 
     def __init__(
         self,
@@ -127,34 +137,72 @@ class ConnectionPool:
         idle_timeout: float,
         max_uses: int,
         clock: Callable[[], float] = time.monotonic,
+        shaper: Shaper | None = None,
     ) -> None:
         self._connect = connect
         self._idle_timeout = idle_timeout
         self._max_uses = max_uses
         self._clock = clock
+        self._shaper = shaper
         self._idle: dict[Route, list[Connection]] = defaultdict(list)
 
-    async def acquire(self, route: Route, *, fresh: bool = False) -> Connection:
-        self._prune()
-        idle = self._idle.get(route)
-        while idle and not fresh:
-            conn = idle.pop()
-            if conn.client.is_connected:
-                conn.reused = True
-                return conn
-            conn.client.close()
-        return Connection(route, await self._connect(route))
+    async def acquire(
+        self, route: Route, *, fresh: bool = False, site: SiteState | None = None
+    ) -> Connection:
+        while True:
+            self._prune()
+            idle = self._idle.get(route)
+            while idle and not fresh:
+                conn = idle.pop()
+                if conn.client.is_connected:
+                    conn.reused = True
+                    return conn
+                self._close(conn)
+            if site is None or self._shaper is None or site.has_room():
+                break
+            if not self._close_idle(site):
+                await self._shaper.wait_for_room(site)
+        if site is not None and self._shaper is not None:
+            self._shaper.opened(site)
+        try:
+            client = await self._connect(route)
+        except BaseException:
+            if site is not None and self._shaper is not None:
+                self._shaper.closed(site)
+            raise
+        return Connection(route, client, site=site if self._shaper is not None else None)
 
     def release(self, conn: Connection, *, reusable: bool) -> None:
         conn.uses += 1
-        if reusable and conn.uses < self._max_uses and conn.client.is_connected:
+        max_uses = (conn.site.max_uses if conn.site else None) or self._max_uses
+        if reusable and conn.uses < max_uses and conn.client.is_connected:
             conn.idle_since = self._clock()
             self._idle[conn.route].append(conn)
+            if conn.site is not None and self._shaper is not None:
+                self._shaper.notify(conn.site)  # a waiter may close it to make room
         else:
-            conn.client.close()
+            self._close(conn)
 
     def discard(self, conn: Connection) -> None:
+        self._close(conn)
+
+    def _close(self, conn: Connection) -> None:
         conn.client.close()
+        if conn.site is not None and self._shaper is not None:
+            self._shaper.closed(conn.site)
+        conn.site = None  # counted once
+
+    def _close_idle(self, site: SiteState) -> bool:
+        """Close one idle connection of ``site`` (on any route); whether there was one."""
+        for route, conns in self._idle.items():
+            for conn in conns:
+                if conn.site is site:
+                    conns.remove(conn)
+                    if not conns:
+                        del self._idle[route]
+                    self._close(conn)
+                    return True
+        return False
 
     def _prune(self) -> None:
         horizon = self._clock() - self._idle_timeout
@@ -164,7 +212,7 @@ class ConnectionPool:
                 if conn.idle_since > horizon:
                     keep.append(conn)
                 else:
-                    conn.client.close()
+                    self._close(conn)
             if keep:
                 self._idle[route] = keep
             else:
@@ -173,7 +221,7 @@ class ConnectionPool:
     def close(self) -> None:
         for conns in self._idle.values():
             for conn in conns:
-                conn.client.close()
+                self._close(conn)
         self._idle.clear()
 
 
@@ -212,6 +260,11 @@ class MxResolver:
         self._resolver = resolver
 
     async def addresses(self, domain: str) -> list[str]:
+        return (await self.lookup(domain))[1]
+
+    async def lookup(self, domain: str) -> tuple[list[str], list[str]]:
+        """The MX hosts of ``domain`` (the destination is rolled up by them) and their
+        addresses."""
         hosts = await self._mx_hosts(domain)
         found: list[str] = []
         temporary = False
@@ -230,7 +283,7 @@ class MxResolver:
             raise LookupFailedError(
                 f"451 4.4.3 mail exchanger of {domain} {reason}", permanent=False
             )
-        return found
+        return hosts, found
 
     async def _mx_hosts(self, domain: str) -> list[str]:
         try:
@@ -285,8 +338,10 @@ class SmtpTransport:
         outbound: OutboundSettings,
         *,
         resolver_factory: Callable[[Sequence[str]], MxResolver] = MxResolver,
+        shaper: Shaper | None = None,
     ) -> None:
         self._store = store
+        self.shaper = shaper or Shaper(store)
         self._retry = retry
         self._ca_file = outbound.ca_file
         self._concurrency = outbound.concurrency
@@ -300,6 +355,7 @@ class SmtpTransport:
             self._connect,
             idle_timeout=outbound.pool_idle_timeout,
             max_uses=outbound.messages_per_connection,
+            shaper=self.shaper,
         )
 
     async def close(self) -> None:
@@ -310,15 +366,32 @@ class SmtpTransport:
         next-hop domain): it is known before any DNS lookup, so a hanging MX lookup is held
         to the domain's share too, and it is how :meth:`deliver` groups a transaction. The
         smarthost, when all mail goes there, is one destination with all the workers: there
-        is nothing to be fair to."""
+        is nothing to be fair to.
+
+        Shaping (:mod:`.shaping`): once a lookup has told the domain's destination (its MX
+        hosts rolled up), the domain is scheduled as that destination, within its connection
+        limit (one while it is probed after a pause), and not before its pause ends."""
         config = self._store.current
         if config is None:
             return Destination("unconfigured", self._concurrency)
         delivery = config.relay.delivery
+        shaper = self.shaper
         if delivery.mode is DeliveryMode.SMARTHOST and delivery.smarthost is not None:
             smarthost = delivery.smarthost
-            return Destination(f"smarthost {smarthost.host}:{smarthost.port}", self._concurrency)
-        return Destination(f"domain {_domain(recipient)}", self._per_domain)
+            key = f"smarthost {smarthost.host}:{smarthost.port}"
+            if not shaper.enabled:
+                return Destination(key, self._concurrency)
+            site = shaper.smarthost()
+            return Destination(key, _cap(site, self._concurrency), shaper.paused_for(site))
+        domain = _domain(recipient)
+        known = shaper.known(domain) if shaper.enabled else None
+        if known is None:
+            return Destination(f"domain {domain}", self._per_domain)
+        # A named destination (gmail, ...) is scheduled as one, so its many domains share one
+        # share of the workers; one named by its MX hosts keeps the domain's share (its
+        # connections are still counted together).
+        key = f"site {known.name}" if known.named else f"domain {domain}"
+        return Destination(key, _cap(known, self._per_domain), shaper.paused_for(known))
 
     async def deliver(
         self, mail_from: str, recipients: Sequence[str], body: bytes
@@ -350,28 +423,45 @@ class SmtpTransport:
         self, relay: RelayConfig, domain: str, rcpts: list[str], mail_from: str, body: bytes
     ) -> dict[str, RecipientResult]:
         try:
-            routes = await self._routes(relay, domain)
+            routes, site = await self._routes(relay, domain)
         except LookupFailedError as exc:
             outcome = Outcome.BOUNCED if exc.permanent else Outcome.DEFERRED
             return dict.fromkeys(rcpts, RecipientResult(outcome, exc.reply))
         except OSError as exc:  # unreadable smarthost credentials
             return dict.fromkeys(rcpts, RecipientResult(Outcome.DEFERRED, _describe(exc)))
-        return await self._via(routes, rcpts, mail_from, body)
+        if site is None:
+            return await self._via(routes, rcpts, mail_from, body)
+        if self.shaper.paused_for(site) > 0.0:  # not even a connection: the queue waits
+            reply = f"451 4.4.5 destination {site.name} paused after: {site.reason}"
+            return dict.fromkeys(rcpts, RecipientResult(Outcome.DEFERRED, reply, attempted=False))
+        await self.shaper.throttle(site)
+        results = await self._via(routes, rcpts, mail_from, body, site)
+        self.shaper.record(
+            site, [(r.outcome is Outcome.DELIVERED, r.reply) for r in results.values()]
+        )
+        return results
 
-    async def _routes(self, relay: RelayConfig, domain: str) -> list[Route]:
+    async def _routes(
+        self, relay: RelayConfig, domain: str
+    ) -> tuple[list[Route], SiteState | None]:
+        """The routes to try, and the destination they belong to (None: shaping is off)."""
         delivery = relay.delivery
         source = delivery.bind_address
+        shaping = self.shaper.enabled
         if delivery.mode is DeliveryMode.SMARTHOST and delivery.smarthost is not None:
-            return [self._smarthost_route(delivery.smarthost, source, relay.hostname)]
+            route = self._smarthost_route(delivery.smarthost, source, relay.hostname)
+            return [route], self.shaper.smarthost() if shaping else None
         key = tuple(delivery.resolver)
         resolver = self._resolvers.get(key)
         if resolver is None:
             resolver = self._resolvers[key] = self._resolver_factory(delivery.resolver)
-        addresses = [a for a in await resolver.addresses(domain) if _same_family(a, source)]
-        return [
+        hosts, found = await resolver.lookup(domain)
+        addresses = [a for a in found if _same_family(a, source)]
+        routes = [
             Route(a, delivery.mx_port, TLSMode.OPPORTUNISTIC, False, source, relay.hostname)
             for a in addresses[:MAX_MX_ADDRESSES]
         ]
+        return routes, self.shaper.site(domain, hosts) if shaping else None
 
     @staticmethod
     def _smarthost_route(smarthost: SmarthostConfig, source: str | None, helo: str) -> Route:
@@ -419,16 +509,23 @@ class SmtpTransport:
         return client
 
     async def _via(
-        self, routes: list[Route], rcpts: list[str], mail_from: str, body: bytes
+        self,
+        routes: list[Route],
+        rcpts: list[str],
+        mail_from: str,
+        body: bytes,
+        site: SiteState | None = None,
     ) -> dict[str, RecipientResult]:
         last = "451 4.4.1 no mail exchanger reachable"
         for route in routes:
             fresh = False
             while True:
                 try:
-                    conn = await self._pool.acquire(route, fresh=fresh)
+                    conn = await self._pool.acquire(route, fresh=fresh, site=site)
                 except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                     last = _describe(exc)
+                    if site is not None and last.startswith("421"):  # refuses connections
+                        self.shaper.refused(site, last)
                     log.info("connection failed", extra={"host": route.host, "reply": last})
                     break
                 try:
@@ -439,6 +536,8 @@ class SmtpTransport:
                         fresh = True
                         continue
                     last = str(exc) or "451 4.4.2 connection closed before MAIL"
+                    if site is not None and last.startswith("421"):  # 421 to a new one's MAIL
+                        self.shaper.refused(site, last)
                     break
                 except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                     self._pool.discard(conn)
@@ -479,6 +578,12 @@ class SmtpTransport:
         reply = f"{response.code} {response.message}"
         results.update(dict.fromkeys(accepted, RecipientResult(Outcome.DELIVERED, reply)))
         return results, True
+
+
+def _cap(site: SiteState, share: int) -> int:
+    """A destination's attempts in flight: its share, within its connection limit."""
+    limit = site.connection_limit
+    return share if limit is None else max(1, min(share, limit))
 
 
 async def _reset(client: aiosmtplib.SMTP) -> bool:

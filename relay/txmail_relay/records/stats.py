@@ -27,7 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from txmail_relay.config.live import LiveConfig
-from txmail_relay.contract import RelayStats, TokenStats, WarmupStats
+from txmail_relay.contract import PausedDestination, RelayStats, TokenStats, WarmupStats
 from txmail_relay.metrics import PREFIX
 from txmail_relay.outcomes import OutcomeEvent
 from txmail_relay.records.database import RecordsFullError
@@ -193,7 +193,9 @@ class StatsLoop:
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         warmup: Callable[[], WarmupStats | None] = lambda: None,
+        destinations: Callable[[], list[PausedDestination]] = list,
     ) -> None:
+        self._destinations = destinations  # paused destinations (delivery/shaping.py)
         self._warmup = warmup  # the warm-up gate's figures (delivery/warmup.py)
         self._records = records
         self._config = config
@@ -214,6 +216,7 @@ class StatsLoop:
         warmup = self._warmup()
         if warmup is not None:
             stats = stats.model_copy(update={"warmup": warmup})
+        stats = stats.model_copy(update={"destinations": self._destinations()})
         self._counts = {n: dict(totals.counts.get(n, {})) for n in names}
         self._contacts = {n: totals.contacts.get(n, 0) for n in names}
         if self._publisher is not None:

@@ -1,0 +1,438 @@
+"""Per-destination shaping: MX rollup, connection and rate limits, pauses (docs/deliverability.md
+"Per-destination shaping").
+
+A *destination* (KumoMTA's "site") is where mail physically goes: in Direct mode the
+recipient domains whose MX hosts match one pattern of a named destination (``*.google.com``
+and ``*.googlemail.com`` are ``gmail``) share it, and a domain that matches none has a
+destination of its own, named by its MX host set (so domains with the same MX hosts share it
+too); in Smarthost mode the smarthost is the one destination. Each has limits: connections
+open at once, messages per connection, a message rate (a token bucket). A destination that
+answers 421, or only 4xx (or no connection) ``pause.afterFailures`` attempts in a row, is
+paused: no new connection until the pause ends (doubling from ``pause.initialSeconds`` to
+``pause.maxSeconds`` while it keeps failing), then one probe at a time until one delivers.
+
+The queue (:mod:`.queue`) schedules per domain until the domain's destination is known (a
+lookup learnt it), then per destination; :mod:`.transport` enforces the limits on its
+connections. Time comes from an injectable :class:`Clock`.
+
+Written by hand: the matching, the bucket and the backoff are a few lines each, and no
+maintained library does MX rollup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import math
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Protocol
+
+from txmail_relay.config.live import LiveConfig
+from txmail_relay.contract import PausedDestination, ShapingConfig, ShapingLimits, ShapingPause
+from txmail_relay.metrics import RelayMetrics
+
+SMARTHOST = "smarthost"
+OTHER = "other"  # the metric label of every destination without a name of its own
+SITE_CACHE_SECONDS = 600.0  # how long a domain's destination (its MX hosts) is remembered
+SITE_CACHE_SIZE = 10_000
+MAX_REPORTED = 50  # paused destinations in the stats document
+
+_RATE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*/\s*(s|min|h)\s*$")
+_PER = {"s": 1.0, "min": 60.0, "h": 3600.0}
+
+
+def parse_rate(text: str) -> float:
+    """``"N/s"``, ``"N/min"`` or ``"N/h"`` as messages per second."""
+    match = _RATE.match(text)
+    if match is None:
+        raise ValueError(f"rate {text!r} is not N/s, N/min or N/h")
+    count = float(match.group(1))
+    if count <= 0:
+        raise ValueError(f"rate {text!r} must be positive")
+    return count / _PER[match.group(2)]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The effective limits of a destination; None: no limit of its own."""
+
+    connections: int | None = None
+    messages_per_connection: int | None = None
+    rate: float | None = None  # messages per second
+    burst: int = 1
+
+    def merged(self, override: ShapingLimits) -> Limits:
+        return Limits(
+            connections=override.connections or self.connections,
+            messages_per_connection=override.messages_per_connection
+            or self.messages_per_connection,
+            rate=parse_rate(override.rate) if override.rate else self.rate,
+            burst=override.burst or self.burst,
+        )
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    patterns: tuple[str, ...]
+    limits: Limits
+
+
+# Built-in destinations. Connections and messages per connection are KumoMTA's shipped
+# shaping file (assets/policy-extras/shaping.toml, KumoCorp/kumomta 016ebf4), which cites the
+# providers' pages: Google support.google.com/mail/answer/81126, Yahoo
+# senders.yahooinc.com/best-practices ("provided by Yahoo directly"), Microsoft
+# sendersupport.olc.protection.outlook.com/pm/Policies, Apple support.apple.com/en-us/102322,
+# Comcast spa.xfinity.com/postmaster, Orange messagerie.orange.fr/postmaster.html; Yahoo's
+# connections are KumoMTA's default (10). The rates are NOT from a provider (none publishes
+# one): conservative guesses, far above what a warming IP sends and below a burst a provider
+# would notice; override them in spec.shaping.
+BUILTIN_SITES: tuple[Site, ...] = (
+    Site("gmail", ("*.google.com", "*.googlemail.com"), Limits(5, 50, 10.0, 10)),
+    Site("outlook", ("*.olc.protection.outlook.com",), Limits(5, 50, 10.0, 10)),
+    Site("office365", ("*.mail.protection.outlook.com", "*.mx.microsoft"), Limits(5, 50, 10.0, 10)),
+    Site("yahoo", ("*.yahoodns.net",), Limits(10, 20, 10.0, 10)),
+    Site("icloud", ("*.icloud.com",), Limits(10, 5, 5.0, 5)),
+    Site("comcast", ("*.comcast.net",), Limits(25, 1000, 10.0, 10)),
+    Site("orange", ("*.orange.fr",), Limits(3, None, 5.0, 5)),
+)
+# Everything else, and the smarthost: no limit beyond the queue's (destinationConcurrency,
+# outbound.messagesPerConnection). KumoMTA's default (10 connections, 100/s) is looser than
+# that share already for connections; a rate for unknown servers would only slow
+# transactional mail to small company servers.
+BUILTIN_DEFAULT = Limits()
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The built-in destinations with a RelayConfig's ``shaping`` applied."""
+
+    enabled: bool
+    sites: tuple[Site, ...]
+    default: Limits
+    smarthost: Limits
+    pause: ShapingPause
+
+    @classmethod
+    def of(cls, config: ShapingConfig | None) -> Policy:
+        config = config or ShapingConfig()
+        builtin = {site.name: site for site in BUILTIN_SITES}
+        own: list[Site] = []
+        for entry in config.sites:
+            base = builtin.pop(entry.name, None)
+            if base is None and entry.name in (SMARTHOST, OTHER):
+                continue  # not pattern sites: see below
+            patterns = tuple(p.lower() for p in entry.mx) or (base.patterns if base else ())
+            limits = (base.limits if base else BUILTIN_DEFAULT).merged(entry)
+            own.append(Site(entry.name, patterns, limits))
+        # The user's destinations match first (theirs win over a built-in pattern).
+        sites = (*own, *(s for s in BUILTIN_SITES if s.name in builtin))
+        default = BUILTIN_DEFAULT.merged(config.default)
+        smarthost = BUILTIN_DEFAULT
+        for entry in config.sites:
+            if entry.name == SMARTHOST:
+                smarthost = smarthost.merged(entry)
+        return cls(config.enabled, sites, default, smarthost, config.pause)
+
+    def site(self, hosts: Iterable[str]) -> Site:
+        """The destination of a domain with these MX hosts (MX rollup)."""
+        names = sorted({h.lower().rstrip(".") for h in hosts})
+        for site in self.sites:
+            if any(fnmatch.fnmatchcase(h, p) for h in names for p in site.patterns):
+                return site
+        return Site("mx " + ",".join(names), (), self.default)
+
+
+class TokenBucket:
+    """``rate`` tokens a second, at most ``burst`` saved up; starts full."""
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate = rate
+        self.burst = max(1, burst)
+        self._tokens = float(self.burst)
+        self._at = now
+
+    def take(self, now: float) -> float:
+        """Take a token: 0.0 when there was one, else the seconds until there is (none taken)."""
+        self._tokens = min(float(self.burst), self._tokens + max(0.0, now - self._at) * self.rate)
+        self._at = max(self._at, now)
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return 0.0
+        return (1.0 - self._tokens) / self.rate
+
+
+@dataclass
+class Backoff:
+    """Pause lengths: ``initial``, doubling each time, at most ``maximum``; reset on success."""
+
+    initial: float
+    maximum: float
+    level: int = 0
+
+    def next(self) -> float:
+        delay = min(self.maximum, self.initial * 2.0 ** min(self.level, 62))
+        self.level += 1
+        return delay
+
+    def reset(self) -> None:
+        self.level = 0
+
+
+class Clock(Protocol):
+    def now(self) -> float:
+        """Seconds on a monotonic scale."""
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class MonotonicClock:
+    def now(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+def _code(reply: str) -> int:
+    head = reply[:3]
+    return int(head) if head.isdigit() else 0
+
+
+@dataclass(eq=False)
+class SiteState:
+    """One destination's counters: open connections, its bucket, its pause."""
+
+    name: str
+    label: str  # for metrics: the name, or OTHER
+    limits: Limits
+    backoff: Backoff
+    bucket: TokenBucket | None = None
+    open: int = 0
+    failures: int = 0  # attempts in a row that got only 4xx / no connection
+    paused_until: float | None = None
+    probing: bool = False  # paused before and not delivered since: one connection at a time
+    reason: str = ""
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    @property
+    def named(self) -> bool:
+        return self.label != OTHER
+
+    @property
+    def connection_limit(self) -> int | None:
+        return 1 if self.probing else self.limits.connections
+
+    @property
+    def max_uses(self) -> int | None:
+        return self.limits.messages_per_connection
+
+    def has_room(self) -> bool:
+        limit = self.connection_limit
+        return limit is None or self.open < limit
+
+    def remaining(self, now: float) -> float:
+        """Seconds the pause still lasts (0.0 when not paused)."""
+        if self.paused_until is None:
+            return 0.0
+        return max(0.0, self.paused_until - now)
+
+
+class Shaper:
+    """The destinations of one relay and their state; see the module's docstring."""
+
+    def __init__(
+        self,
+        store: LiveConfig,
+        *,
+        clock: Clock | None = None,
+        metrics: RelayMetrics | None = None,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self.clock: Clock = clock or MonotonicClock()
+        self._metrics = metrics
+        self._wall = wall
+        self._seen: ShapingConfig | None = None
+        self._policy = Policy.of(None)
+        self._states: dict[str, SiteState] = {}
+        self._domains: dict[str, tuple[str, float]] = {}  # domain -> (destination, until)
+        if metrics is not None:
+            metrics.track_paused_destinations(self.paused_count)
+
+    # -- the policy -----------------------------------------------------------------------
+
+    def policy(self) -> Policy:
+        current = self._store.current
+        config = current.relay.shaping if current is not None else None
+        if config is not self._seen:
+            self._seen, self._policy = config, Policy.of(config)
+            for state in self._states.values():  # limits follow the configuration
+                self._apply(state, self._limits_of(state.name))
+        return self._policy
+
+    @property
+    def enabled(self) -> bool:
+        return self.policy().enabled
+
+    def _limits_of(self, name: str) -> Limits:
+        policy = self._policy
+        if name == SMARTHOST:
+            return policy.smarthost
+        return next((s.limits for s in policy.sites if s.name == name), policy.default)
+
+    def _apply(self, state: SiteState, limits: Limits) -> None:
+        pause = self._policy.pause
+        state.backoff.initial, state.backoff.maximum = pause.initial_seconds, pause.max_seconds
+        if limits == state.limits and (state.bucket is not None) == (limits.rate is not None):
+            return
+        state.limits = limits
+        if limits.rate is None:
+            state.bucket = None
+        elif state.bucket is None or (state.bucket.rate, state.bucket.burst) != (
+            limits.rate,
+            limits.burst,
+        ):
+            state.bucket = TokenBucket(limits.rate, limits.burst, self.clock.now())
+        # More room now? Wake whoever waits for a connection.
+        asyncio.get_running_loop().create_task(self._notify(state))
+
+    def _state(self, name: str, limits: Limits, *, named: bool) -> SiteState:
+        state = self._states.get(name)
+        if state is None:
+            pause = self._policy.pause
+            state = self._states[name] = SiteState(
+                name,
+                name if named else OTHER,
+                replace(limits),
+                Backoff(pause.initial_seconds, pause.max_seconds),
+                TokenBucket(limits.rate, limits.burst, self.clock.now()) if limits.rate else None,
+            )
+        return state
+
+    # -- which destination ----------------------------------------------------------------
+
+    def smarthost(self) -> SiteState:
+        policy = self.policy()
+        return self._state(SMARTHOST, policy.smarthost, named=True)
+
+    def known(self, domain: str) -> SiteState | None:
+        """The destination of ``domain`` if a lookup learnt it lately, else None."""
+        entry = self._domains.get(domain)
+        if entry is None:
+            return None
+        if entry[1] <= self.clock.now():
+            del self._domains[domain]
+            return None
+        self.policy()
+        return self._states.get(entry[0])
+
+    def site(self, domain: str, hosts: Sequence[str]) -> SiteState:
+        """The destination of ``domain``, whose MX hosts are ``hosts`` (remembered)."""
+        site = self.policy().site(hosts)
+        state = self._state(site.name, site.limits, named=bool(site.patterns))
+        self._domains.pop(domain, None)
+        if len(self._domains) >= SITE_CACHE_SIZE:
+            del self._domains[next(iter(self._domains))]
+        self._domains[domain] = (site.name, self.clock.now() + SITE_CACHE_SECONDS)
+        return state
+
+    # -- limits -----------------------------------------------------------------------------
+
+    def paused_for(self, state: SiteState) -> float:
+        return state.remaining(self.clock.now())
+
+    async def throttle(self, state: SiteState) -> None:
+        """Wait for a token of the destination's rate."""
+        while state.bucket is not None:
+            wait = state.bucket.take(self.clock.now())
+            if wait <= 0.0:
+                return
+            if self._metrics is not None:
+                self._metrics.destination_throttle_waits.labels(state.label).inc()
+            await self.clock.sleep(wait)
+
+    async def wait_for_room(self, state: SiteState) -> None:
+        """Wait until a connection closes or goes idle (the caller then looks again)."""
+        async with state.changed:
+            await state.changed.wait()
+
+    def opened(self, state: SiteState) -> None:
+        state.open += 1
+        if self._metrics is not None:
+            self._metrics.destination_connections.labels(state.label).inc()
+
+    def closed(self, state: SiteState) -> None:
+        state.open = max(0, state.open - 1)
+        self.notify(state)
+
+    def notify(self, state: SiteState) -> None:
+        asyncio.get_running_loop().create_task(self._notify(state))
+
+    @staticmethod
+    async def _notify(state: SiteState) -> None:
+        async with state.changed:
+            state.changed.notify_all()
+
+    # -- outcomes -----------------------------------------------------------------------------
+
+    def refused(self, state: SiteState, reply: str) -> None:
+        """A new connection got 421 (greeting, EHLO, or MAIL): the destination refuses
+        connections now; pause it at once."""
+        self._pause(state, reply)
+
+    def record(self, state: SiteState, replies: Sequence[tuple[bool, str]]) -> None:
+        """One attempt's results, ``(delivered, reply)`` per recipient: a delivery ends a
+        pause and the probing; only 4xx or no connection (a 421 closing a transaction
+        included) ``afterFailures`` attempts in a row, or once while probed, pauses."""
+        if not replies:
+            return
+        codes = [_code(reply) for _, reply in replies]
+        delivered = sum(1 for ok, _ in replies if ok)
+        if delivered and self._metrics is not None:
+            self._metrics.destination_deliveries.labels(state.label).inc(delivered)
+        if delivered or any(500 <= c < 600 for c in codes):  # it answers
+            state.failures = 0
+            if delivered:  # another of its servers took it: not refusing after all
+                state.probing = False
+                state.paused_until = None
+                state.backoff.reset()
+                self.notify(state)
+        else:
+            state.failures += 1
+            if state.probing or state.failures >= self._policy.pause.after_failures:
+                self._pause(state, replies[0][1])
+
+    def _pause(self, state: SiteState, reason: str) -> None:
+        now = self.clock.now()
+        if state.remaining(now) > 0.0:  # attempts in flight as it was paused: one pause
+            return
+        state.paused_until = now + state.backoff.next()
+        state.probing = True
+        state.failures = 0
+        state.reason = reason[:200]
+
+    # -- what metrics and stats see -------------------------------------------------------
+
+    def paused(self) -> list[PausedDestination]:
+        now, wall = self.clock.now(), self._wall()
+        found = sorted(
+            (s for s in self._states.values() if s.remaining(now) > 0.0),
+            key=lambda s: s.paused_until or 0.0,
+        )
+        return [
+            PausedDestination(
+                name=s.name,
+                until=datetime.fromtimestamp(math.ceil(wall + s.remaining(now)), UTC),
+                reason=s.reason,
+            )
+            for s in found[:MAX_REPORTED]
+        ]
+
+    def paused_count(self) -> float:
+        now = self.clock.now()
+        return float(sum(1 for s in self._states.values() if s.remaining(now) > 0.0))

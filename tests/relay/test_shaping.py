@@ -1,0 +1,393 @@
+"""Per-destination shaping (delivery/shaping.py, docs/deliverability.md): destinations rolled
+up by MX host pattern, their connection, per-connection and rate limits, and pauses.
+
+Direct delivery routed by the real local DNS server (Knot, tests/dns_server.py): each
+destination is a small aiosmtpd server on its own loopback address, all on one port (the
+relay's ``delivery.mxPort``). They count what a user of shaping relies on: transactions in
+progress at once (across servers of one destination), messages per connection, and the
+connections a refusing server gets. The rate test moves an injected clock, not wall time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from relay.relaykit import DnsServer, Recorder, RelayEnv, RelayThread, free_port, message, wait_for
+
+REFUSAL = "421 4.7.0 Too many connections from your IP, try again later"
+
+
+class Activity:
+    """Transactions in progress at once, across every server that shares it: from MAIL to
+    the end of DATA (counted down before the reply goes out, so the relay cannot have begun
+    the next one yet)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.active = 0
+        self.most = 0
+
+    def enter(self) -> None:
+        with self.lock:
+            self.active += 1
+            self.most = max(self.most, self.active)
+
+    def leave(self) -> None:
+        with self.lock:
+            self.active -= 1
+
+
+class _Handler:
+    def __init__(self, server: MailServer) -> None:
+        self._server = server
+
+    async def handle_MAIL(  # noqa: N802 (aiosmtpd hook name)
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: Any
+    ) -> str:
+        self._server.activity.enter()
+        envelope.mail_from = address
+        return "250 OK"
+
+    async def handle_DATA(  # noqa: N802 (aiosmtpd hook name)
+        self, server: SMTP, session: Session, envelope: Envelope
+    ) -> str:
+        try:
+            await asyncio.sleep(self._server.data_delay)
+            with self._server.lock:
+                connection = getattr(server, "connection_number", -1)
+                self._server.messages.append((connection, list(envelope.rcpt_tos)))
+        finally:
+            self._server.activity.leave()
+        return "250 2.0.0 OK queued"
+
+
+class _SMTP(SMTP):
+    def __init__(self, owner: MailServer, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._owner = owner
+        self._refused = False
+        self.connection_number = -1
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        owner = self._owner
+        with owner.lock:
+            self.connection_number = owner.connections
+            owner.connections += 1
+            refusing = owner.refusing
+            if refusing:
+                owner.refused.append(time.monotonic())
+        if refusing:  # a greeting of 421 (RFC 5321 3.1), then the connection is closed
+            self._refused = True
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(f"{REFUSAL}\r\n".encode())
+            transport.close()
+            return
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if not self._refused:
+            super().connection_lost(error)
+
+
+class _Controller(Controller):
+    def __init__(self, owner: MailServer, **kwargs: Any) -> None:
+        super().__init__(_Handler(owner), **kwargs)
+        self._owner = owner
+
+    def factory(self) -> SMTP:
+        return _SMTP(self._owner, self.handler, **self.SMTP_kwargs)
+
+
+class MailServer:
+    """A destination's SMTP server on ``host:port``; ``refusing`` answers 421 and closes."""
+
+    def __init__(
+        self, host: str, port: int, *, activity: Activity | None = None, data_delay: float = 0.0
+    ) -> None:
+        self.lock = threading.Lock()
+        self.activity = activity or Activity()
+        self.data_delay = data_delay
+        self.refusing = False
+        self.connections = 0
+        self.refused: list[float] = []
+        self.messages: list[tuple[int, list[str]]] = []  # (connection number, recipients)
+        self._controller = _Controller(
+            self, hostname=host, port=port, server_hostname=f"mx.{host}", ready_timeout=10.0
+        )
+        self._controller.start()
+        with self.lock:  # start() connected once to check
+            self.connections = 0
+
+    def recipients(self) -> list[str]:
+        with self.lock:
+            return sorted(r for _, rcpts in self.messages for r in rcpts)
+
+    def per_connection(self) -> dict[int, int]:
+        with self.lock:
+            counts: dict[int, int] = {}
+            for connection, _ in self.messages:
+                counts[connection] = counts.get(connection, 0) + 1
+            return counts
+
+    def stop(self) -> None:
+        self._controller.stop()
+
+
+class FakeClock:
+    """The shaper's clock (delivery/shaping.py ``Clock``): moves only when the test says."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._now = 1000.0
+        self._order = itertools.count()
+        self._sleepers: list[
+            tuple[float, int, asyncio.AbstractEventLoop, asyncio.Future[None]]
+        ] = []
+
+    def now(self) -> float:
+        with self._lock:
+            return self._now
+
+    async def sleep(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            heapq.heappush(self._sleepers, (self._now + seconds, next(self._order), loop, future))
+        await future
+
+    def sleeping(self) -> int:
+        """Sleepers not yet woken: messages waiting for a token."""
+        with self._lock:
+            return len(self._sleepers)
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._now += seconds
+            due = []
+            while self._sleepers and self._sleepers[0][0] <= self._now:
+                due.append(heapq.heappop(self._sleepers))
+        for _, _, loop, future in due:
+            loop.call_soon_threadsafe(_wake, future)
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+PORT = free_port("127.0.0.2")
+
+
+@pytest.fixture
+def servers() -> Iterator[Callable[..., MailServer]]:
+    made: list[MailServer] = []
+
+    def make(host: str, **kwargs: Any) -> MailServer:
+        server = MailServer(host, PORT, **kwargs)
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.stop()
+
+
+@pytest.fixture
+def dns() -> Iterator[DnsServer]:
+    server = DnsServer(
+        {
+            # Two domains whose MX hosts match one pattern: one destination.
+            "alpha.test": {"MX": ["10 mx1.rollup.test."]},
+            "beta.test": {"MX": ["10 mx2.rollup.test."]},
+            "mx1.rollup.test": {"A": ["127.0.0.2"]},
+            "mx2.rollup.test": {"A": ["127.0.0.3"]},
+            # A destination that refuses, and one that works.
+            "down.test": {"MX": ["10 mx.down.test."]},
+            "mx.down.test": {"A": ["127.0.0.4"]},
+            "up.test": {"MX": ["10 mx.up.test."]},
+            "mx.up.test": {"A": ["127.0.0.5"]},
+        }
+    )
+    yield server
+    server.stop()
+
+
+def _start(env: RelayEnv, dns: DnsServer, shaping: dict[str, Any], **kwargs: Any) -> RelayThread:
+    delivery = {"mode": "Direct", "resolver": [dns.address], "mxPort": PORT, "smarthost": None}
+    overrides = {
+        "relay": {"delivery": delivery, "shaping": shaping},
+        "shutdownGrace": 1.0,
+        "statsInterval": 0.2,
+        "statsFile": str(env.directory / "stats.json"),
+    }
+    return env.start(env.settings(overrides=overrides), **kwargs)
+
+
+def _submit(env: RelayEnv, relay: RelayThread, domain: str, count: int, first: int = 0) -> None:
+    with env.client(relay) as smtp:
+        for seq in range(first, first + count):
+            smtp.sendmail("app@example.com", [f"user{seq}@{domain}"], message(seq))
+
+
+def _expected(domain: str, count: int, first: int = 0) -> list[str]:
+    return sorted(f"user{seq}@{domain}" for seq in range(first, first + count))
+
+
+ROLLUP = {"name": "rollup", "mx": ["*.rollup.test"]}
+
+
+def test_domains_rolled_up_by_mx_share_one_connection_limit(
+    env: RelayEnv, dns: DnsServer, servers: Callable[..., MailServer]
+) -> None:
+    """alpha.test and beta.test have different MX hosts matching *.rollup.test: one
+    destination, so their transactions together never exceed its 2 connections (each domain
+    alone would get 2 of the test relay's 8 workers: 4 without the rollup)."""
+    activity = Activity()
+    one = servers("127.0.0.2", activity=activity, data_delay=0.2)
+    two = servers("127.0.0.3", activity=activity, data_delay=0.2)
+    relay = _start(env, dns, {"sites": [{**ROLLUP, "connections": 2}]})
+    _submit(env, relay, "alpha.test", 8)
+    _submit(env, relay, "beta.test", 8, first=8)
+    wait_for(
+        lambda: (
+            one.recipients() == _expected("alpha.test", 8)
+            and two.recipients() == _expected("beta.test", 8, first=8)
+        ),
+        timeout=20,
+        what="every message at its destination's servers",
+    )
+    assert activity.most == 2
+    assert relay.metric(
+        "txmail_relay_destination_deliveries_total", {"destination": "rollup"}
+    ) == pytest.approx(16)
+    opened = relay.metric("txmail_relay_destination_connections_total", {"destination": "rollup"})
+    assert 2 <= opened <= 16
+
+
+def test_messages_per_connection(
+    env: RelayEnv, dns: DnsServer, servers: Callable[..., MailServer]
+) -> None:
+    server = servers("127.0.0.2")
+    relay = _start(env, dns, {"sites": [{**ROLLUP, "connections": 1, "messagesPerConnection": 3}]})
+    _submit(env, relay, "alpha.test", 9)
+    wait_for(lambda: server.recipients() == _expected("alpha.test", 9), what="9 messages")
+    counts = server.per_connection()
+    assert max(counts.values()) <= 3
+    assert sum(counts.values()) == 9
+    assert len(counts) >= 3
+
+
+def test_a_rate_limit_spreads_delivery_on_the_clock(
+    env: RelayEnv, dns: DnsServer, servers: Callable[..., MailServer]
+) -> None:
+    """'2/min' with a burst of 2: two messages at once, then one per 30 s of the (injected)
+    clock, however long the test waits in wall time."""
+    server = servers("127.0.0.2")
+    clock = FakeClock()
+    relay = _start(
+        env, dns, {"sites": [{**ROLLUP, "rate": "2/min", "burst": 2}]}, shaping_clock=clock
+    )
+    _submit(env, relay, "alpha.test", 6)
+
+    def delivered_then_waiting(count: int) -> None:
+        wait_for(lambda: len(server.recipients()) >= count, what=f"{count} delivered")
+        # The next message waits for a token on the clock...
+        wait_for(clock.sleeping, what="a message waiting for the rate")
+        assert len(server.recipients()) == count  # ...and nothing more went
+
+    delivered_then_waiting(2)
+    clock.advance(30)  # one token
+    delivered_then_waiting(3)
+    clock.advance(15)  # half a token: the waiting message sleeps on
+    assert len(server.recipients()) == 3
+    clock.advance(15 + 30)  # the rest of that token and one more
+    delivered_then_waiting(5)
+    clock.advance(30)
+    wait_for(lambda: server.recipients() == _expected("alpha.test", 6), what="the last one")
+    waits = relay.metric("txmail_relay_destination_throttle_waits_total", {"destination": "rollup"})
+    assert waits >= 4
+
+
+def _stats(env: RelayEnv) -> dict[str, Any]:
+    path = env.directory / "stats.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def test_a_destination_answering_421_is_paused_not_hammered_and_recovers(
+    env: RelayEnv, dns: DnsServer, servers: Callable[..., MailServer]
+) -> None:
+    down = servers("127.0.0.4")
+    up = servers("127.0.0.5")
+    down.refusing = True
+    recorder = Recorder()
+    relay = _start(
+        env,
+        dns,
+        {
+            "sites": [{"name": "down", "mx": ["*.down.test"]}],
+            "pause": {"initialSeconds": 0.5, "maxSeconds": 2},
+        },
+        listeners=[recorder],
+    )
+    _submit(env, relay, "down.test", 10)
+    _submit(env, relay, "up.test", 10, first=10)
+    # The other destination keeps flowing while this one is paused.
+    wait_for(lambda: up.recipients() == _expected("up.test", 10, first=10), what="up.test")
+    paused = ("txmail_relay_destinations_paused", None)
+    wait_for(lambda: relay.metric(paused[0]) == 1, what="the paused-destinations gauge")
+    shown = wait_for(lambda: _stats(env).get("destinations"), what="the stats' destinations")
+    assert shown[0]["name"] == "down"
+    assert shown[0]["reason"] == REFUSAL
+    assert "until" in shown[0]
+
+    # Not hammered: after the attempts in flight when the first 421 came (at most the
+    # domain's share, 2), one probe per pause, each pause twice the last (0.5, 1, 2, 2 s).
+    times = wait_for(lambda: t if len(t := list(down.refused)) >= 5 else None, timeout=20)
+    probes = [t for t in times if t > times[0] + 0.3]
+    assert len(times) - len(probes) <= 2
+    gaps = [b - a for a, b in itertools.pairwise([times[0], *probes])]
+    assert all(gap >= 0.45 for gap in gaps), gaps
+    assert gaps[1] >= 0.9 and gaps[2] >= 1.8, gaps
+
+    # Each refused connection is one counted attempt for one message; the mail that waited
+    # for the pause was not attempted (no deferral counted for it).
+    deferred = sum(recorder.outcomes(f"user{seq}@down.test").count("deferred") for seq in range(10))
+    assert deferred == len(down.refused)
+    assert all("delivered" not in recorder.outcomes(f"user{seq}@down.test") for seq in range(10))
+
+    # It recovers: its mail is delivered, nothing lost, and the pause is gone.
+    down.refusing = False
+    wait_for(lambda: down.recipients() == _expected("down.test", 10), timeout=20, what="down.test")
+    wait_for(lambda: relay.metric(paused[0]) == 0, what="no paused destination")
+    wait_for(lambda: _stats(env).get("destinations") == [], what="stats: none paused")
+    queue = relay.relay.queue if relay.relay is not None else None
+    assert queue is not None
+    wait_for(lambda: relay.call(queue.depth) == 0, what="an empty queue")
+
+
+def test_shaping_can_be_turned_off(
+    env: RelayEnv, dns: DnsServer, servers: Callable[..., MailServer]
+) -> None:
+    """enabled: false: domains are scheduled as before (each its share), no pause."""
+    activity = Activity()
+    one = servers("127.0.0.2", activity=activity, data_delay=0.2)
+    two = servers("127.0.0.3", activity=activity, data_delay=0.2)
+    relay = _start(env, dns, {"enabled": False, "sites": [{**ROLLUP, "connections": 1}]})
+    _submit(env, relay, "alpha.test", 6)
+    _submit(env, relay, "beta.test", 6, first=6)
+    wait_for(lambda: len(one.recipients()) + len(two.recipients()) == 12, timeout=20, what="all")
+    assert activity.most > 1
+    assert (
+        relay.metric("txmail_relay_destination_connections_total", {"destination": "rollup"}) == 0
+    )

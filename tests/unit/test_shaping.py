@@ -1,0 +1,219 @@
+"""Per-destination shaping, the pure parts: MX rollup, rates, the token bucket, the backoff,
+and what a destination's attempts do to its pause (delivery/shaping.py)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from txmail_relay.config.live import DynamicConfig, LiveConfig
+from txmail_relay.contract import RelayConfig, ShapingConfig
+from txmail_relay.delivery.shaping import (
+    BUILTIN_SITES,
+    Backoff,
+    Limits,
+    Policy,
+    Shaper,
+    TokenBucket,
+    parse_rate,
+)
+
+
+def policy(**shaping: object) -> Policy:
+    return Policy.of(ShapingConfig.model_validate(shaping))
+
+
+@pytest.mark.parametrize(
+    ("hosts", "site"),
+    [
+        (["gmail-smtp-in.l.google.com", "alt1.gmail-smtp-in.l.google.com"], "gmail"),
+        (["aspmx.l.google.com."], "gmail"),  # Google Workspace: the same servers
+        (["gmail-smtp-in.l.googlemail.com"], "gmail"),
+        (["outlook-com.olc.protection.outlook.com"], "outlook"),
+        (["contoso-com.mail.protection.outlook.com"], "office365"),
+        (["contoso-com.o-v1.mx.microsoft"], "office365"),
+        (["mta5.am0.yahoodns.net", "mta6.am0.yahoodns.net"], "yahoo"),
+        (["mx01.mail.icloud.com"], "icloud"),
+        (["MX1A1.COMCAST.NET"], "comcast"),  # case does not matter
+        (["smtp-in.orange.fr"], "orange"),
+    ],
+)
+def test_the_big_providers_are_rolled_up_by_their_mx_hosts(hosts: list[str], site: str) -> None:
+    assert Policy.of(None).site(hosts).name == site
+
+
+def test_a_domain_matching_no_pattern_is_named_by_its_mx_host_set() -> None:
+    rollup = Policy.of(None)
+    one = rollup.site(["mx2.example.net", "MX1.example.net."])
+    assert one.name == "mx mx1.example.net,mx2.example.net"
+    assert rollup.site(["mx1.example.net", "mx2.example.net"]).name == one.name
+    assert rollup.site(["mx1.example.net"]).name != one.name
+    assert one.limits == Limits()  # the built-in default: nothing beyond the queue's share
+    # google.com itself is not *.google.com, and a suffix is not a match
+    assert rollup.site(["google.com"]).name == "mx google.com"
+    assert rollup.site(["mx.notgoogle.com"]).name == "mx mx.notgoogle.com"
+
+
+def test_every_built_in_destination_has_limits() -> None:
+    for site in BUILTIN_SITES:
+        assert site.patterns
+        assert site.limits.connections is not None
+        assert site.limits.rate is not None
+
+
+def test_overrides_merge_into_a_built_in_destination_and_add_new_ones() -> None:
+    rules = policy(
+        sites=[
+            {"name": "gmail", "connections": 2, "rate": "30/min"},
+            {"name": "corp", "mx": ["*.mx.corp.test"], "messagesPerConnection": 3},
+        ],
+        default={"rate": "5/s"},
+    )
+    gmail = rules.site(["gmail-smtp-in.l.google.com"])
+    assert gmail.limits == Limits(connections=2, messages_per_connection=50, rate=0.5, burst=10)
+    corp = rules.site(["a.mx.corp.test"])
+    assert corp.name == "corp"
+    assert corp.limits == Limits(messages_per_connection=3)
+    assert rules.site(["mx.elsewhere.test"]).limits == Limits(rate=5.0)
+
+
+def test_the_users_patterns_win_over_a_built_in_one() -> None:
+    rules = policy(sites=[{"name": "ours", "mx": ["*.google.com"], "connections": 1}])
+    assert rules.site(["aspmx.l.google.com"]).name == "ours"
+
+
+def test_the_smarthost_has_limits_of_its_own() -> None:
+    assert Policy.of(None).smarthost == Limits()
+    assert policy(sites=[{"name": "smarthost", "connections": 3}]).smarthost == Limits(3)
+
+
+@pytest.mark.parametrize(
+    ("text", "per_second"),
+    [("10/s", 10.0), ("30/min", 0.5), ("7200/h", 2.0), ("1.5/s", 1.5), (" 6 / min ", 0.1)],
+)
+def test_rates(text: str, per_second: float) -> None:
+    assert parse_rate(text) == pytest.approx(per_second)
+
+
+@pytest.mark.parametrize("text", ["10", "10/d", "-1/s", "0/s", "fast", "/s"])
+def test_bad_rates(text: str) -> None:
+    with pytest.raises(ValueError, match="rate"):
+        parse_rate(text)
+
+
+def test_the_token_bucket_spends_its_burst_then_spreads() -> None:
+    bucket = TokenBucket(rate=2.0, burst=3, now=100.0)
+    assert [bucket.take(100.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert bucket.take(100.0) == pytest.approx(0.5)  # none taken: wait half a second
+    assert bucket.take(100.25) == pytest.approx(0.25)
+    assert bucket.take(100.5) == 0.0
+    assert bucket.take(100.5) == pytest.approx(0.5)
+    # a long quiet spell saves up no more than the burst
+    assert [bucket.take(1000.0) for _ in range(4)][-1] == pytest.approx(0.5)
+
+
+def test_the_token_bucket_counts_against_its_clock() -> None:
+    bucket = TokenBucket(rate=1 / 60, burst=1, now=0.0)  # "1/min"
+    sent = 0
+    for second in range(0, 600):
+        if bucket.take(float(second)) == 0.0:
+            sent += 1
+    assert sent == 10  # one a minute over ten minutes
+
+
+def test_the_backoff_doubles_up_to_its_maximum_and_resets() -> None:
+    backoff = Backoff(initial=60.0, maximum=3600.0)
+    assert [backoff.next() for _ in range(8)] == [60, 120, 240, 480, 960, 1920, 3600, 3600]
+    backoff.reset()
+    assert backoff.next() == 60
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.value = 1000.0
+
+    def now(self) -> float:
+        return self.value
+
+    async def sleep(self, seconds: float) -> None:
+        self.value += seconds
+
+
+def _shaper(clock: FakeClock, **shaping: object) -> Shaper:
+    store = LiveConfig()
+    relay = RelayConfig(
+        dedicated_ip="ip",
+        address="127.0.0.1",
+        hostname="relay.test",
+        domains=["example.com"],
+        shaping=ShapingConfig.model_validate(shaping),
+    )
+    store.publish(DynamicConfig(relay))
+    return Shaper(store, clock=clock)
+
+
+OK = (True, "250 2.0.0 ok")
+BUSY = (False, "451 4.3.2 try later")
+CLOSING = (False, "421 4.7.0 too many connections from your IP")
+
+
+async def test_a_421_pauses_with_a_doubling_backoff_until_a_delivery() -> None:
+    clock = FakeClock()
+    shaper = _shaper(clock, pause={"initialSeconds": 10, "maxSeconds": 35})
+    site = shaper.site("gmail.com", ["gmail-smtp-in.l.google.com"])
+    assert shaper.known("gmail.com") is site
+    assert shaper.known("googlemail.com") is None  # not looked up yet
+    assert shaper.site("googlemail.com", ["gmail-smtp-in.l.googlemail.com"]) is site
+    shaper.record(site, [CLOSING])
+    assert shaper.paused_for(site) == 10
+    assert shaper.paused_count() == 1
+    [shown] = shaper.paused()
+    assert (shown.name, shown.reason) == ("gmail", CLOSING[1])
+    shaper.record(site, [CLOSING])  # an attempt in flight as it was paused: the same pause
+    assert shaper.paused_for(site) == 10
+    clock.value += 10
+    assert shaper.paused_for(site) == 0
+    assert site.connection_limit == 1  # probed, one connection at a time
+    shaper.record(site, [BUSY])  # the probe fails: paused again, twice as long
+    assert shaper.paused_for(site) == 20
+    clock.value += 20
+    shaper.record(site, [CLOSING])
+    assert shaper.paused_for(site) == 35  # at most maxSeconds
+    clock.value += 35
+    shaper.record(site, [OK])
+    assert site.connection_limit == 5  # gmail's limit again
+    shaper.record(site, [CLOSING])
+    assert shaper.paused_for(site) == 10  # the backoff starts over
+    await asyncio.sleep(0)
+
+
+async def test_many_4xx_in_a_row_pause_and_an_answer_resets_the_count() -> None:
+    clock = FakeClock()
+    shaper = _shaper(clock, pause={"afterFailures": 3})
+    site = shaper.site("corp.test", ["mx.corp.test"])
+    shaper.record(site, [BUSY])
+    shaper.record(site, [BUSY, BUSY])
+    shaper.record(site, [(False, "550 5.1.1 no such user")])  # it answers: not failing
+    shaper.record(site, [BUSY])
+    shaper.record(site, [BUSY])
+    assert shaper.paused_for(site) == 0
+    shaper.record(site, [BUSY])
+    assert shaper.paused_for(site) == 60  # the default initial pause
+    await asyncio.sleep(0)
+
+
+async def test_throttle_waits_on_the_injected_clock() -> None:
+    clock = FakeClock()
+    shaper = _shaper(clock, sites=[{"name": "corp", "mx": ["*.corp.test"], "rate": "6/min"}])
+    site = shaper.site("corp.test", ["mx.corp.test"])
+    start = clock.value
+    for _ in range(4):
+        await shaper.throttle(site)
+    assert clock.value - start == pytest.approx(30.0)  # burst 1, then one every 10 s
+
+
+async def test_shaping_off_leaves_the_queue_as_it_was() -> None:
+    shaper = _shaper(FakeClock(), enabled=False)
+    assert not shaper.enabled
+    await asyncio.sleep(0)
