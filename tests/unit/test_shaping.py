@@ -4,11 +4,16 @@ and what a destination's attempts do to its pause (delivery/shaping.py)."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 
 import pytest
+from pydantic import ValidationError
 
+from txmail_operator.api.dedicatedip import DedicatedIPSpec, DedicatedIPStatus
+from txmail_operator.builders.relay_config import relay_config
+from txmail_operator.reconcile.shaping import destinations_status
 from txmail_relay.config.live import DynamicConfig, LiveConfig
-from txmail_relay.contract import RelayConfig, ShapingConfig
+from txmail_relay.contract import PausedDestination, RelayConfig, RelayStats, ShapingConfig
 from txmail_relay.delivery.shaping import (
     BUILTIN_SITES,
     Backoff,
@@ -165,12 +170,12 @@ async def test_a_421_pauses_with_a_doubling_backoff_until_a_delivery() -> None:
     assert shaper.known("gmail.com") is site
     assert shaper.known("googlemail.com") is None  # not looked up yet
     assert shaper.site("googlemail.com", ["gmail-smtp-in.l.googlemail.com"]) is site
-    shaper.record(site, [CLOSING])
+    shaper.refused(site, CLOSING[1])  # a 421 to a new connection
     assert shaper.paused_for(site) == 10
     assert shaper.paused_count() == 1
     [shown] = shaper.paused()
     assert (shown.name, shown.reason) == ("gmail", CLOSING[1])
-    shaper.record(site, [CLOSING])  # an attempt in flight as it was paused: the same pause
+    shaper.refused(site, CLOSING[1])  # an attempt in flight as it was paused: the same pause
     assert shaper.paused_for(site) == 10
     clock.value += 10
     assert shaper.paused_for(site) == 0
@@ -178,13 +183,25 @@ async def test_a_421_pauses_with_a_doubling_backoff_until_a_delivery() -> None:
     shaper.record(site, [BUSY])  # the probe fails: paused again, twice as long
     assert shaper.paused_for(site) == 20
     clock.value += 20
-    shaper.record(site, [CLOSING])
+    shaper.record(site, [CLOSING])  # a 421 closing the probe's transaction fails it too
     assert shaper.paused_for(site) == 35  # at most maxSeconds
     clock.value += 35
     shaper.record(site, [OK])
     assert site.connection_limit == 5  # gmail's limit again
-    shaper.record(site, [CLOSING])
+    shaper.refused(site, CLOSING[1])
     assert shaper.paused_for(site) == 10  # the backoff starts over
+    shaper.record(site, [OK])  # another of its servers took mail: the pause ends
+    assert shaper.paused_for(site) == 0
+    await asyncio.sleep(0)
+
+
+async def test_a_421_closing_a_transaction_counts_as_a_4xx() -> None:
+    shaper = _shaper(FakeClock(), pause={"afterFailures": 2})
+    site = shaper.site("corp.test", ["mx.corp.test"])
+    shaper.record(site, [CLOSING])
+    assert shaper.paused_for(site) == 0
+    shaper.record(site, [CLOSING])
+    assert shaper.paused_for(site) == 60
     await asyncio.sleep(0)
 
 
@@ -217,3 +234,74 @@ async def test_shaping_off_leaves_the_queue_as_it_was() -> None:
     shaper = _shaper(FakeClock(), enabled=False)
     assert not shaper.enabled
     await asyncio.sleep(0)
+
+
+# -- the operator's side: spec.shaping -> RelayConfig.shaping, status.destinations -----------
+
+
+def _spec(**shaping: object) -> DedicatedIPSpec:
+    return DedicatedIPSpec.model_validate(
+        {
+            "address": "192.0.2.10",
+            "hostname": "mta1.example.com",
+            "domains": ["example.com"],
+            **({"shaping": shaping} if shaping else {}),
+        }
+    )
+
+
+def test_spec_shaping_reaches_the_relay_config_and_its_policy() -> None:
+    spec = _spec(
+        sites=[
+            {"name": "gmail", "connections": 2, "rate": "30/min"},
+            {"name": "corp", "mx": ["*.mx.corp.example"], "messagesPerConnection": 10},
+        ],
+        default={"rate": "5/s", "burst": 5},
+        pause={"initialSeconds": 30, "afterFailures": 3},
+    )
+    config = relay_config("demo", spec)
+    # The document the relay reads, parsed back as the relay does.
+    shaping = RelayConfig.model_validate_json(config.to_json()).shaping
+    rules = Policy.of(shaping)
+    assert rules.site(["aspmx.l.google.com"]).limits == Limits(2, 50, 0.5, 10)
+    assert rules.site(["a.mx.corp.example"]).limits == Limits(messages_per_connection=10)
+    assert rules.site(["mx.small.example"]).limits == Limits(rate=5.0, burst=5)
+    assert (rules.pause.initial_seconds, rules.pause.after_failures) == (30, 3)
+    assert rules.pause.max_seconds == 3600  # unset: the relay's default
+
+
+def test_without_spec_shaping_the_relay_keeps_its_defaults() -> None:
+    shaping = relay_config("demo", _spec()).shaping
+    assert shaping == ShapingConfig()
+    assert Policy.of(shaping).sites == BUILTIN_SITES
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"sites": [{"name": "gmail", "rate": "10 per second"}]},
+        {"sites": [{"name": "Gmail"}]},
+        {"sites": [{"name": "x", "mx": ["bad pattern"]}]},
+        {"sites": [{"name": "x", "connections": 0}]},
+        {"pause": {"initialSeconds": 0}},
+        {"default": {"unknown": 1}},
+    ],
+)
+def test_spec_shaping_is_validated(bad: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        _spec(**bad)
+
+
+def test_paused_destinations_are_shown_in_the_status() -> None:
+    until = datetime(2026, 12, 1, 18, 30, tzinfo=UTC)
+    report = RelayStats(
+        updated_at=until,
+        destinations=[PausedDestination(name="gmail", until=until, reason="421 4.7.0 later")],
+    )
+    shown = destinations_status(report)
+    assert shown == [
+        {"name": "gmail", "until": "2026-12-01T18:30:00Z", "reason": "421 4.7.0 later"}
+    ]
+    # the API model takes what the operator writes
+    assert DedicatedIPStatus.model_validate({"destinations": shown}).destinations
+    assert destinations_status(RelayStats(updated_at=until)) is None  # none: field removed

@@ -23,6 +23,7 @@ from .common import (
 )
 from .dkim import DKIM_SPEC_RULES, DkimSpec
 from .dns import DnsRecordStatus, DnsSpec, DomainStatus
+from .shaping import PausedDestination, Shaping
 from .warmup import WarmupSpec, WarmupStatus
 
 Domain = Annotated[str, Field(min_length=3, max_length=253, pattern=DOMAIN)]
@@ -348,6 +349,9 @@ class DedicatedIPSpec(Model):
     dns: DnsSpec = Field(default_factory=DnsSpec, description="DNS readiness (DNSVerified).")
     dkim: DkimSpec = Field(default_factory=DkimSpec, description="DKIM signing keys.")
     warmup: WarmupSpec | None = Field(default=None, description="IP warm-up; off when omitted.")
+    shaping: Shaping | None = Field(
+        default=None, description="Per-destination shaping; the relay's defaults when omitted."
+    )
 
 
 class RelayStatus(Model):
@@ -379,6 +383,11 @@ class DedicatedIPStatus(Model):
         default=None, max_length=100, description="Each sending domain's DNS verdict."
     )
     warmup: WarmupStatus | None = Field(default=None, description="IP warm-up progress.")
+    destinations: list[PausedDestination] | None = Field(
+        default=None,
+        description="Destinations the relay has paused (they answered 421 or only 4xx), "
+        "from its last stats report; absent when none is.",
+    )
     observed_generation: int | None = observed_generation_field()
 
 

@@ -22,6 +22,7 @@ from .naming import (
     b64,
     owned_meta,
 )
+from .shaping import shaping_config
 from .warmup import warmup_config
 
 
@@ -60,6 +61,7 @@ def relay_config(
         ),
         **({"dkim": dkim} if dkim is not None else {}),
         warmup=warmup_config(spec.warmup, warmup_started),
+        shaping=shaping_config(spec.shaping),
     )
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from txmail_relay import contract as c
 
 from .context import Context
+from .shaping import copy_destinations
 from .warmup import copy_report
 
 Ref = tuple[str, str]
@@ -26,6 +27,7 @@ async def publish_stats(ctx: Context, ip: str, token_of: Callable[[str], Ref | N
         return 0
     report = c.RelayStats.model_validate_json(raw)
     await copy_report(ctx, ip, report)  # the warm-up figures into the DedicatedIP's status
+    await copy_destinations(ctx, ip, report)  # and its paused destinations (shaping)
     # Once per report: dumping the whole report for each token was quadratic (5,000 tokens:
     # a fifth of the operator's CPU while they were being created).
     updated_at = report.model_dump(mode="json", by_alias=True, include={"updated_at"})
