@@ -40,7 +40,7 @@ async def relay_report(ctx: Context, ip: str) -> c.WarmupStats | None:
 async def status_block(ctx: Context, body: Obj, spec: DedicatedIPSpec, ready: bool) -> Obj:
     """status.warmup for a status write whose Ready condition is ``ready``."""
     previous = (body.get("status") or {}).get("warmup")
-    report = await relay_report(ctx, body["metadata"]["name"])
+    report = None if spec.warmup is None else await relay_report(ctx, body["metadata"]["name"])
     return warmup_status(spec.warmup, previous, ready, ctx.now(), report)
 
 
