@@ -232,7 +232,7 @@ def test_a_key_generation_bump_signs_with_the_next_key_only_once_it_verifies() -
     assert com.active is not None and com.active.selectors == ["txmail-mta1-202612-2"]
     assert com.active.since == T0 + 2 * DAY
     assert com.next is None
-    assert com.retiring == (b.RetiringKey(b.KeyId("txmail-mta1-202612-1", b.RSA), T0 + 9 * DAY),)
+    assert com.retiring == (b.RetiringKey(b.KeyId("txmail-mta1-202612-1", b.RSA), T0 + 2 * DAY),)
     assert org.next is not None and org.active is not None
     assert org.active.selectors == ["txmail-mta1-202612-1"]
     assert b.signing_config(state, DOMAINS).keys_for("example.com")[0].selector.endswith("-2")
@@ -317,6 +317,18 @@ def test_retire_after_zero_drops_the_old_key_at_the_switch() -> None:
     assert reasons(events) == [b.ROTATED, b.RETIRED] and keys_of(state).retiring == ()
 
 
+def test_a_shorter_retirement_applies_to_a_key_already_retiring() -> None:
+    state, _ = run(b.DkimState(), wanted(domains=["example.com"]), T0)
+    bumped = wanted(DkimSpec(key_generation=1), ["example.com"])
+    state, _ = run(state, bumped, T0)
+    state, _ = run(state, bumped, T0 + DAY, always)  # switched: the old key retires in 7 days
+    assert keys_of(state).status(WEEK)["retiring"] == [
+        {"selector": "txmail-mta1-202612-1", "retireAt": "2026-12-09T12:00:00Z"}
+    ]
+    state, events = run(state, bumped, T0 + 3 * DAY, always, retire_after=2 * DAY)
+    assert reasons(events) == [b.RETIRED] and keys_of(state).retiring == ()
+
+
 # --- bring your own key -------------------------------------------------------------------
 
 
@@ -333,7 +345,7 @@ def test_a_brought_key_signs_its_domain_and_the_others_get_generated_ones() -> N
     assert com.active is not None and com.active.source == b.BROUGHT
     assert com.active.selectors == ["brand2026"]
     assert org.active is not None and org.active.source == b.GENERATED
-    assert com.status() == {"active": ["brand2026"], "source": "Secret"}
+    assert com.status(WEEK) == {"active": ["brand2026"], "source": "Secret"}
 
 
 def test_a_brought_key_that_cannot_be_read_leaves_the_domain_as_it_was() -> None:
@@ -357,7 +369,7 @@ def test_switching_to_a_brought_key_is_a_rotation_like_any_other() -> None:
     keys = keys_of(state)
     assert keys.active is not None and keys.active.selectors == ["brand2026"]
     assert [r.key.selector for r in keys.retiring] == ["txmail-mta1-202612-1"]
-    assert keys.status() == {
+    assert keys.status(WEEK) == {
         "active": ["brand2026"],
         "source": "Secret",
         "retiring": [{"selector": "txmail-mta1-202612-1", "retireAt": "2026-12-10T12:00:00Z"}],

@@ -150,8 +150,11 @@ class KeySet:
 
 @dataclass(frozen=True)
 class RetiringKey:
+    """A key that stopped signing at ``since``: kept (and listed) for retireAfterDays more,
+    counted from then with the spec's current value."""
+
     key: KeyId
-    retire_at: datetime
+    since: datetime
 
 
 @dataclass(frozen=True)
@@ -168,7 +171,7 @@ class DomainKeys:
         out += [r.key for r in self.retiring if r.key not in out]
         return out
 
-    def status(self) -> dict[str, object]:
+    def status(self, retire_after: timedelta) -> dict[str, object]:
         """The domain's ``status.domains[].dkim`` (DomainDkimStatus on the wire)."""
         out: dict[str, object] = {}
         if self.active is not None:
@@ -178,7 +181,8 @@ class DomainKeys:
             out["next"] = self.next.selectors
         if self.retiring:
             out["retiring"] = [
-                {"selector": r.key.selector, "retireAt": _stamp(r.retire_at)} for r in self.retiring
+                {"selector": r.key.selector, "retireAt": _stamp(r.since + retire_after)}
+                for r in self.retiring
             ]
         return out
 
@@ -294,7 +298,7 @@ def _domain_doc(k: DomainKeys) -> dict[str, object]:
             {
                 "selector": r.key.selector,
                 "algorithm": r.key.algorithm,
-                "retireAt": _stamp(r.retire_at),
+                "since": _stamp(r.since),
             }
             for r in k.retiring
         ],
@@ -309,7 +313,7 @@ def _domain_of(doc: dict[str, object]) -> DomainKeys:
         active=_set_of(doc.get("active")),  # type: ignore[arg-type]
         next=_set_of(doc.get("next")),  # type: ignore[arg-type]
         retiring=tuple(
-            RetiringKey(KeyId(str(r["selector"]), str(r["algorithm"])), _time(str(r["retireAt"])))
+            RetiringKey(KeyId(str(r["selector"]), str(r["algorithm"])), _time(str(r["since"])))
             for r in retiring
         ),
     )
@@ -446,7 +450,7 @@ class _Step:
         for r in retiring:
             if r.key in in_use or any(r.key == k.key for k in kept):
                 continue
-            if r.retire_at <= self.now:
+            if r.since + self.retire_after <= self.now:
                 self.say(
                     RETIRED,
                     f"DKIM key {r.key.selector} of {domain} retired: its record "
@@ -495,7 +499,7 @@ class _Step:
             f"{', '.join(active.selectors)}): the new record verified in DNS; the old one "
             f"stays listed until {_stamp(until)}",
         )
-        old = [RetiringKey(k, until) for k in active.keys if k not in nxt.keys]
+        old = [RetiringKey(k, self.now) for k in active.keys if k not in nxt.keys]
         return replace(nxt, since=self.now), None, old
 
 

@@ -57,18 +57,14 @@ class DkimPlan:
     secret: str | None = None
     problem: str | None = None
 
-    def domain_status(self, domain: str) -> dict[str, object] | None:
-        """``status.domains[].dkim`` of ``domain`` (None when it has no keys)."""
-        keys = self.state.domain(domain.lower())
-        return keys.status() if keys is not None and keys.all_keys() else None
-
-    def status(self, domains: list[str]) -> dict[str, dict[str, object]]:
-        """Each sending domain's ``dkim`` status, by domain (domains without keys omitted)."""
+    def status(self, spec: DedicatedIPSpec) -> dict[str, dict[str, object]]:
+        """Each sending domain's ``status.domains[].dkim``, by domain (none without keys)."""
+        retire_after = timedelta(days=spec.dkim.retire_after_days)
         out = {}
-        for domain in domains:
-            found = self.domain_status(domain)
-            if found is not None:
-                out[domain.lower()] = found
+        for domain in (d.lower() for d in spec.domains):
+            keys = self.state.domain(domain)
+            if keys is not None and keys.all_keys():
+                out[domain] = keys.status(retire_after)
         return out
 
 
@@ -309,4 +305,27 @@ async def dkim_domains_status(
         state = _stored_state(secret)
     except ValueError:
         return {}
-    return DkimPlan(state=state).status(list(spec.domains))
+    return DkimPlan(state=state).status(spec)
+
+
+async def dkim_outdated(ctx: Context, ip: str, spec: DedicatedIPSpec) -> bool:
+    """Whether one of the user's keys (spec.dkim.keys) is readable now but not in the key
+    Secret as it is: it appeared or changed since the last reconcile (the status refresh
+    then runs a full one; a user's Secret is not the operator's to watch for)."""
+    if not spec.dkim.enabled or not spec.dkim.keys:
+        return False
+    secret = await ctx.cache.owned("Secret", c.dkim_secret_name(ip))
+    try:
+        state = _stored_state(secret)
+    except ValueError:
+        return False
+    files = (secret or {}).get("data") or {}
+    brought, _ = await _brought_keys(ctx, spec)
+    for (domain, selector), own in brought.items():
+        keys = state.domain(domain)
+        if keys is None or selector not in {k.selector for k in keys.all_keys()}:
+            return True
+        stored = files.get(b.key_file(domain, selector))
+        if stored is None or base64.b64decode(stored) != own.pem:
+            return True
+    return False
