@@ -19,6 +19,7 @@ import yaml
 from project import CRDS
 from txmail_operator import builders
 from txmail_operator.api import DedicatedIPSpec, SmtpTokenSpec, TransactionalEmailSpec
+from txmail_operator.builders import dkim
 from txmail_relay import contract as c
 from txmail_relay.settings import Settings, load_settings
 
@@ -42,8 +43,29 @@ def ip_spec(**overrides: Any) -> DedicatedIPSpec:
 TRACKING_KEY = bytes(range(32))  # fixed: builders take key material as an argument
 
 
+def dkim_keys(spec: DedicatedIPSpec) -> tuple[dkim.DkimState, dict[str, bytes]]:
+    """The first keys of every domain, at NOW; the key files are placeholders (fixed bytes)."""
+    state, _ = dkim.step(
+        dkim.DkimState(),
+        dkim.wanted_keys(spec.dkim, spec.domains, {}),
+        ip="demo",
+        now=NOW,
+        rotate_after=None,
+        retire_after=dt.timedelta(days=spec.dkim.retire_after_days),
+        verified=lambda _domain, _selector: False,
+    )
+    files = {
+        dkim.key_file(domain, key.selector): f"key of {key.selector} {domain}\n".encode()
+        for domain, keys in state.domains
+        for key in keys.all_keys()
+    }
+    return state, files
+
+
 def relay_objects(spec: DedicatedIPSpec) -> list[dict[str, Any]]:
-    config = builders.relay_config("demo", spec)
+    keys = dkim_keys(spec) if spec.dkim.enabled else None
+    signing = dkim.signing_config(keys[0], spec.domains) if keys else None
+    config = builders.relay_config("demo", spec, dkim=signing)
     tracking = c.tracking_secret_name("demo") if spec.tracking.base_url else None
     objects = [
         builders.relay_service_account(OWNER),
@@ -57,9 +79,16 @@ def relay_objects(spec: DedicatedIPSpec) -> list[dict[str, Any]]:
         builders.stats_config_map(OWNER),
         builders.relay_service(OWNER, spec),
         builders.relay_deployment(
-            OWNER, spec, "txmail-relay:1.0", c.tls_secret_name("demo"), tracking
+            OWNER,
+            spec,
+            "txmail-relay:1.0",
+            c.tls_secret_name("demo"),
+            tracking,
+            c.dkim_secret_name("demo") if keys else None,
         ),
     ]
+    if keys is not None:
+        objects.append(dkim.dkim_secret(OWNER, keys[1], keys[0]))
     claim = builders.relay_spool_claim(OWNER, spec)
     if tracking is not None:
         objects.append(builders.relay_tracking_secret(OWNER, TRACKING_KEY))
