@@ -144,9 +144,18 @@ wheels="$cache/wheels/$(cat requirements.lock image/build-requirements.lock imag
   sha256sum | cut -c1-16)"
 if [ ! -f "$wheels/.complete" ]; then
   rm -rf "$wheels"
-  # pip does not widen manylinux_2_36 to the older glibc tags it implies: list them all.
-  platforms=(--platform manylinux2014_x86_64 --platform manylinux2010_x86_64 --platform manylinux1_x86_64)
-  for glibc in $(seq 5 36); do platforms+=(--platform "manylinux_2_${glibc}_x86_64"); done
+  # pip does not widen manylinux_2_36 to the older glibc tags it implies: list them all, newest
+  # first with each legacy alias after its glibc, the order pip on bookworm itself prefers (so
+  # the Containerfile's native download picks the same wheel of a package that has several).
+  platforms=()
+  for glibc in $(seq 36 -1 5); do
+    platforms+=(--platform "manylinux_2_${glibc}_x86_64")
+    case $glibc in
+    17) platforms+=(--platform manylinux2014_x86_64) ;;
+    12) platforms+=(--platform manylinux2010_x86_64) ;;
+    5) platforms+=(--platform manylinux1_x86_64) ;;
+    esac
+  done
   "$tmp/venv/bin/python" image/wheels.py requirements.lock "$wheels" "${platforms[@]}" \
     --python-version 3.11 --implementation cp --abi cp311 >&2
   touch "$wheels/.complete"
