@@ -22,6 +22,7 @@ maintained library does MX rollup.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import math
 import re
@@ -334,12 +335,24 @@ class Shaper:
     def site(self, domain: str, hosts: Sequence[str]) -> SiteState:
         """The destination of ``domain``, whose MX hosts are ``hosts`` (remembered)."""
         site = self.policy().site(hosts)
+        if len(self._states) >= SITE_CACHE_SIZE:
+            self._forget_idle()
         state = self._state(site.name, site.limits, named=bool(site.patterns))
         self._domains.pop(domain, None)
         if len(self._domains) >= SITE_CACHE_SIZE:
             del self._domains[next(iter(self._domains))]
         self._domains[domain] = (site.name, self.clock.now() + SITE_CACHE_SECONDS)
         return state
+
+    def _forget_idle(self) -> None:
+        """Drop destinations with no connection, pause, probe or failure to remember (only
+        at SITE_CACHE_SIZE of them; a dropped one's bucket starts full again)."""
+        now = self.clock.now()
+        for name, state in list(self._states.items()):
+            if not (state.open or state.failures or state.probing or state.remaining(now)):
+                del self._states[name]
+        known = set(self._states)
+        self._domains = {d: e for d, e in self._domains.items() if e[0] in known}
 
     # -- limits -----------------------------------------------------------------------------
 
@@ -357,9 +370,11 @@ class Shaper:
             await self.clock.sleep(wait)
 
     async def wait_for_room(self, state: SiteState) -> None:
-        """Wait until a connection closes or goes idle (the caller then looks again)."""
-        async with state.changed:
-            await state.changed.wait()
+        """Wait until a connection closes or goes idle (the caller then looks again; at
+        least once a second, should a wake-up ever be missed)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0), state.changed:
+                await state.changed.wait()
 
     def opened(self, state: SiteState) -> None:
         state.open += 1
