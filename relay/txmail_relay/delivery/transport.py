@@ -124,6 +124,10 @@ class Connection:
     site: SiteState | None = None  # the destination whose connection count it holds
 
 
+class DestinationPausedError(Exception):
+    """The destination was paused while a connection waited for room under its limit."""
+
+
 class ConnectionPool:
     """Idle connections per route, reused for up to ``max_uses`` transactions (or the
     destination's messages per connection). With a ``site``, a new connection waits for room
@@ -162,6 +166,8 @@ class ConnectionPool:
                 break
             if not self._close_idle(site):
                 await self._shaper.wait_for_room(site)
+                if self._shaper.paused_for(site) > 0.0:  # paused while this one waited
+                    raise DestinationPausedError(site.name)
         if site is not None and self._shaper is not None:
             self._shaper.opened(site)
         try:
@@ -432,10 +438,14 @@ class SmtpTransport:
         if site is None:
             return await self._via(routes, rcpts, mail_from, body)
         if self.shaper.paused_for(site) > 0.0:  # not even a connection: the queue waits
-            reply = f"451 4.4.5 destination {site.name} paused after: {site.reason}"
-            return dict.fromkeys(rcpts, RecipientResult(Outcome.DEFERRED, reply, attempted=False))
+            return _not_attempted(site, rcpts)
         await self.shaper.throttle(site)
-        results = await self._via(routes, rcpts, mail_from, body, site)
+        if self.shaper.paused_for(site) > 0.0:  # paused while it waited for the rate
+            return _not_attempted(site, rcpts)
+        try:
+            results = await self._via(routes, rcpts, mail_from, body, site)
+        except DestinationPausedError:
+            return _not_attempted(site, rcpts)
         self.shaper.record(
             site, [(r.outcome is Outcome.DELIVERED, r.reply) for r in results.values()]
         )
@@ -578,6 +588,11 @@ class SmtpTransport:
         reply = f"{response.code} {response.message}"
         results.update(dict.fromkeys(accepted, RecipientResult(Outcome.DELIVERED, reply)))
         return results, True
+
+
+def _not_attempted(site: SiteState, rcpts: list[str]) -> dict[str, RecipientResult]:
+    reply = f"451 4.4.5 destination {site.name} paused after: {site.reason}"
+    return dict.fromkeys(rcpts, RecipientResult(Outcome.DEFERRED, reply, attempted=False))
 
 
 def _cap(site: SiteState, share: int) -> int:
