@@ -391,3 +391,26 @@ def test_shaping_can_be_turned_off(
     assert (
         relay.metric("txmail_relay_destination_connections_total", {"destination": "rollup"}) == 0
     )
+
+
+def test_the_smarthost_is_one_destination_with_limits(
+    env: RelayEnv, servers: Callable[..., MailServer]
+) -> None:
+    """Smarthost mode: every domain goes to the smarthost, shaped as 'smarthost' (without
+    shaping it gets all 8 workers of the test relay)."""
+    smarthost = servers("127.0.0.2", data_delay=0.1)
+    delivery = {
+        "mode": "Smarthost",
+        "smarthost": {"host": "127.0.0.2", "port": PORT, "tls": "None"},
+    }
+    shaping = {"sites": [{"name": "smarthost", "connections": 1, "messagesPerConnection": 2}]}
+    overrides = {"relay": {"delivery": delivery, "shaping": shaping}, "shutdownGrace": 1.0}
+    relay = env.start(env.settings(overrides=overrides))
+    _submit(env, relay, "alpha.test", 4)
+    _submit(env, relay, "up.test", 4, first=4)
+    wait_for(lambda: len(smarthost.recipients()) == 8, what="8 messages at the smarthost")
+    assert smarthost.activity.most == 1
+    assert max(smarthost.per_connection().values()) <= 2
+    assert relay.metric(
+        "txmail_relay_destination_deliveries_total", {"destination": "smarthost"}
+    ) == pytest.approx(8)
