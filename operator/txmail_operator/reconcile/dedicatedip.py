@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import secrets
 from typing import Any
 
@@ -18,9 +19,12 @@ from ..builders.warmup import recorded_start, start_recorded, with_status
 from . import pki
 from .conditions import condition
 from .context import Context
+from .dkim import dkim_domains_status, dkim_outdated, dkim_problem, ensure_dkim, rotate_dkim
+from .dns import DnsReport, announcement, check_dns, dns_status, dns_verified, kept_dns
 from .warmup import status_block as warmup_status
 
 Obj = dict[str, Any]
+log = logging.getLogger(__name__)
 IP_API = ("txmail.dev/v1alpha1", "DedicatedIP")
 # On each object the operator applies: a digest of what it applied (see _unchanged).
 APPLIED_ANNOTATION = "txmail.dev/applied-digest"
@@ -115,8 +119,16 @@ async def reconcile_ip(ctx: Context, body: Obj, tokens: int, emails: int) -> Non
             return
         tls_secret, _ca, tls_problem = await _ensure_tls(ctx, owner, spec)
         tracking_secret = await _ensure_tracking_keys(ctx, owner, spec)
+        dkim = await ensure_dkim(ctx, owner, body, spec)  # keys, and next keys to publish
+        # DNS readiness: the kept report, re-checked on a change of the records or when due.
+        dns = await check_dns(ctx.dns, name, spec, dkim.active, dkim.optional)
+        # Signing switches to a next key once its record verifies (reconcile/dkim.py).
+        switched = await rotate_dkim(ctx, owner, body, spec, dns.dkim_verified)
+        if switched.state != dkim.state:  # which keys sign changed: so do the required records
+            dns = await check_dns(ctx.dns, name, spec, switched.active, switched.optional)
+        dkim = switched
         started = recorded_start(body.get("status"), spec.warmup)  # warm-up's, if any
-        config = builders.relay_config(name, spec, warmup_started=started)
+        config = builders.relay_config(name, spec, warmup_started=started, dkim=dkim.signing)
         children: list[Obj | None] = [
             builders.relay_service_account(owner),
             builders.relay_role(owner),
@@ -141,11 +153,12 @@ async def reconcile_ip(ctx: Context, body: Obj, tokens: int, emails: int) -> Non
         deployment = await _apply(
             ctx,
             builders.relay_deployment(
-                owner, spec, ctx.settings.relay_image, tls_secret, tracking_secret
+                owner, spec, ctx.settings.relay_image, tls_secret, tracking_secret, dkim.secret
             ),
         )
-        problem = tls_problem or await _smarthost_problem(ctx, spec)  # TLS was just checked
-        status = await _write_status(ctx, body, spec, deployment, tokens, emails, problem)
+        # TLS and DKIM were just checked
+        problem = tls_problem or dkim.problem or await _smarthost_problem(ctx, spec)
+        status = await _write_status(ctx, body, spec, deployment, tokens, emails, problem, dns=dns)
     if start_recorded(body.get("status"), status):  # first Ready: the relay needs the start
         await reconcile_ip(ctx, with_status(body, status), tokens, emails)
 
@@ -238,6 +251,9 @@ async def refresh_status(ctx: Context, name: str, tokens: int, emails: int) -> N
     if name in ctx.waiting_for_namespace:  # it may exist now: then the relay can be made
         await reconcile_ip(ctx, body, tokens, emails)
         return
+    if await dkim_outdated(ctx, name, DedicatedIPSpec.model_validate(body["spec"])):
+        await reconcile_ip(ctx, body, tokens, emails)  # a user's DKIM key appeared or changed
+        return
     async with ctx.locks.hold(f"dedicatedip/{name}"):
         spec = DedicatedIPSpec.model_validate(body["spec"])
         deployment = await ctx.cache.owned("Deployment", c.relay_name(name))
@@ -274,7 +290,7 @@ async def _config_problem(ctx: Context, spec: DedicatedIPSpec) -> str | None:
     ref = spec.tls.certificate_secret_ref
     if ref is not None and await ctx.cache.owned("Secret", ref.name) is None:
         return f"certificate Secret {ns}/{ref.name} does not exist"
-    return await _smarthost_problem(ctx, spec)
+    return await dkim_problem(ctx, spec) or await _smarthost_problem(ctx, spec)
 
 
 async def _smarthost_problem(ctx: Context, spec: DedicatedIPSpec) -> str | None:
@@ -296,18 +312,24 @@ async def _write_status(
     problem: str | None,
     *,
     blocked: tuple[str, str] | None = None,
+    dns: DnsReport | None = None,
 ) -> Obj:
     meta = body["metadata"]
     name, generation = meta["name"], meta.get("generation", 0)
     previous = (body.get("status") or {}).get("conditions")
     now = ctx.now()
     up, up_reason, up_message = (False, *blocked) if blocked else availability(deployment)
+    dns = dns or kept_dns(ctx.dns, name, spec)  # a status refresh: no lookups
+    dns_ok, dns_reason, dns_message = dns_verified(dns)
     if problem:
         ready = condition(
             previous, "Ready", False, "ConfigurationInvalid", problem, generation, now
         )
     elif not up:
         ready = condition(previous, "Ready", False, up_reason, up_message, generation, now)
+    elif spec.dns.require_verified and not dns_ok:
+        message = f"the relay runs, but its DNS does not verify ({dns_reason}): {dns_message}"
+        ready = condition(previous, "Ready", False, "DNSNotVerified", message, generation, now)
     else:
         ready = condition(
             previous, "Ready", True, "Ready", "the relay accepts and delivers mail", generation, now
@@ -318,7 +340,9 @@ async def _write_status(
         "conditions": [
             ready,
             condition(previous, "RelayAvailable", up, up_reason, up_message, generation, now),
+            condition(previous, "DNSVerified", dns_ok, dns_reason, dns_message, generation, now),
         ],
+        **dns_status(dns),
         "relay": {
             "deploymentName": c.relay_name(name),
             "serviceName": c.relay_name(name),
@@ -330,7 +354,24 @@ async def _write_status(
         "observedGeneration": generation,
     }
     status["warmup"] = await warmup_status(ctx, body, spec, ready["status"] == "True")
+    dkim = await dkim_domains_status(ctx, name, spec)  # each domain's selectors, beside DNS
+    for domain in status.get("domains") or []:
+        if domain.get("name") in dkim:
+            domain["dkim"] = dkim[domain["name"]]
     patch = builders.status_patch(body.get("status"), status)
     if patch is not None:  # timers tick often: write only what changed
         await ctx.kube.patch_status(*IP_API, None, name, patch)
+    if announcement(ctx.dns, name, previous, dns_ok, dns_reason):
+        await _announce_dns(ctx, body, dns_ok, dns_reason, dns_message)
     return status
+
+
+async def _announce_dns(ctx: Context, body: Obj, ok: bool, reason: str, message: str) -> None:
+    """An Event when DNSVerified changes (kubectl describe dedicatedip shows it)."""
+    try:
+        if ok:
+            await ctx.kube.event(body, "DNSVerified", message, now=ctx.now())
+        else:
+            await ctx.kube.event(body, reason, message, warning=True, now=ctx.now())
+    except ApiException as exc:  # the status says it all the same
+        log.warning("no Event for DedicatedIP %s: %s", body["metadata"]["name"], exc.reason)

@@ -586,8 +586,8 @@ class DnsChecks:
     clock: Callable[[], float] = time.monotonic
     _kept: dict[str, _Kept] = field(default_factory=dict)
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
-    # The DNSVerified status last announced with an Event, per DedicatedIP.
-    announced: dict[str, bool] = field(default_factory=dict)
+    # The DNSVerified status and reason last announced with an Event, per DedicatedIP.
+    announced: dict[str, tuple[bool, str]] = field(default_factory=dict)
 
     def stale(self, name: str, interval: float) -> bool:
         """No report of ``name``, or one older than ``interval`` seconds (the timer's test)."""
@@ -595,29 +595,15 @@ class DnsChecks:
         return kept is None or self.clock() - kept.at >= interval
 
     @staticmethod
-    def _key(records: Sequence[DnsRecord], address: str, hostname: str) -> tuple[object, ...]:
-        return (address, hostname, *records)
+    def _key(
+        records: Sequence[DnsRecord], address: str, hostname: str, spec: str = ""
+    ) -> tuple[object, ...]:
+        return (spec, address, hostname, *records)
 
     def kept(self, name: str) -> DnsReport | None:
         """The last report of ``name`` (no lookup)."""
         kept = self._kept.get(name)
         return kept.report if kept is not None else None
-
-    def due(
-        self,
-        name: str,
-        records: Sequence[DnsRecord],
-        *,
-        address: str,
-        hostname: str,
-        interval: float,
-    ) -> bool:
-        kept = self._kept.get(name)
-        return (
-            kept is None
-            or kept.key != self._key(records, address, hostname)
-            or self.clock() - kept.at >= interval
-        )
 
     async def report(
         self,
@@ -628,12 +614,14 @@ class DnsChecks:
         hostname: str,
         domains: Sequence[str],
         interval: float,
+        spec: str = "",
     ) -> tuple[DnsReport, DnsReport | None]:
-        """The report of ``name`` (re-made if due) and the one before it when it was re-made."""
+        """The report of ``name`` (re-made if due: other records, another ``spec`` (its
+        JSON), or ``interval`` passed) and the one before it when it was re-made."""
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             kept = self._kept.get(name)
-            key = self._key(records, address, hostname)
+            key = self._key(records, address, hostname, spec)
             if kept is not None and kept.key == key and self.clock() - kept.at < interval:
                 return kept.report, None
             fresh = await check_records(
@@ -682,6 +670,7 @@ async def check_dns(
         hostname=spec.hostname.lower(),
         domains=spec.domains,
         interval=spec.dns.check_interval_seconds,
+        spec=spec.model_dump_json(),  # any spec change is checked at once
     )
     return report
 
@@ -706,18 +695,15 @@ def dns_status(report: DnsReport) -> dict[str, object]:
 def announcement(
     checks: DnsChecks, name: str, previous: list[dict[str, Any]] | None, ok: bool, reason: str
 ) -> bool:
-    """Whether DNSVerified's new status ``ok`` is news to announce with an Event (a change
-    from what was last announced, or from the status written before a restart)."""
+    """Whether DNSVerified's new status and reason are news to announce with an Event: they
+    differ from what was last announced (or, after a restart, from the condition written)."""
     if reason == "NotCheckedYet":
         return False
     if name in checks.announced:
-        before: bool | None = checks.announced[name]
+        before: tuple[bool, str] | None = checks.announced[name]
     else:
         old = next((c for c in previous or [] if c.get("type") == DNS_VERIFIED), None)
-        before = (
-            None
-            if old is None or old.get("reason") == "NotCheckedYet"
-            else (old.get("status") == "True")
-        )
-    checks.announced[name] = ok
-    return before != ok
+        known = old is not None and old.get("reason") != "NotCheckedYet"
+        before = (old.get("status") == "True", str(old.get("reason"))) if old and known else None
+    checks.announced[name] = (ok, reason)
+    return before != (ok, reason)

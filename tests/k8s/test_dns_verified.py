@@ -1,0 +1,311 @@
+"""DNSVerified against a real DNS server: the operator resolves against the tier's Knot server
+(``cluster_dns``), a test publishes, breaks and fixes records while the operator runs, and the
+condition and Ready follow.
+
+Every test uses its own address, hostname and domains, so the records of one never answer for
+another in the shared server.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import random
+import uuid
+from typing import Any
+
+import pytest
+
+from cluster.kubeapi import name_of
+from dns_server import DnsServer, ptr_name, txt
+from k8s.kit import GROUP, VERSION, Kit
+from k8s.operator_process import wait_for
+from txmail_relay import contract as c
+
+pytestmark = pytest.mark.k8s
+IPS = "dedicatedips"
+INTERVAL = 5  # spec.dns.checkIntervalSeconds of these tests (the smallest allowed)
+FOLLOW = 40.0  # a re-check within one interval and the operator's tick, on a loaded machine
+
+
+class Names:
+    """An address, hostname and sending domain of this test only."""
+
+    def __init__(self) -> None:
+        tag = uuid.uuid4().hex[:8]
+        self.address = f"198.51.{random.randint(0, 255)}.{random.randint(1, 254)}"
+        self.hostname = f"mta-{tag}.example.com"
+        self.domain = f"d{tag}.example.org"
+
+    @property
+    def ptr(self) -> str:
+        return ptr_name(self.address)
+
+
+@pytest.fixture
+def names() -> Names:
+    return Names()
+
+
+def dedicated_ip(kit: Kit, names: Names, **dns: Any) -> str:
+    return kit.dedicated_ip(
+        address=names.address,
+        hostname=names.hostname,
+        domains=[names.domain],
+        dns={"checkIntervalSeconds": INTERVAL, **dns},
+    )
+
+
+def mark_relay_ready(kit: Kit, ip: str) -> None:
+    """Play the kubelet (none runs here): the relay pod is Running and Ready."""
+    ns = kit.operator_namespace
+    selector = f"{c.LABEL_INSTANCE}={ip},{c.LABEL_NAME}={c.RELAY_APP_NAME}"
+    pod = wait_for(
+        lambda: next(iter(kit.core.list_namespaced_pod(ns, label_selector=selector).items), None),
+        30,
+        "the relay pod",
+    )
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    ready = [
+        {"type": t, "status": "True", "lastTransitionTime": now}
+        for t in ("Ready", "ContainersReady")
+    ]
+    kit.core.patch_namespaced_pod_status(
+        name_of(pod), ns, {"status": {"phase": "Running", "conditions": ready}}
+    )
+    wait_for(
+        lambda: kit.reason(IPS, None, ip, "RelayAvailable") == "RelayAvailable",
+        30,
+        "RelayAvailable",
+    )
+
+
+def dns_condition(kit: Kit, ip: str) -> dict[str, Any] | None:
+    return kit.condition(IPS, None, ip, "DNSVerified")
+
+
+def wait_dns(kit: Kit, ip: str, status: str, reason: str | None = None) -> dict[str, Any]:
+    seen: list[dict[str, Any] | None] = [None]
+
+    def probe() -> dict[str, Any] | None:
+        cond = seen[0] = dns_condition(kit, ip)
+        if cond and cond["status"] == status and reason in (None, cond["reason"]):
+            return cond
+        return None
+
+    try:
+        return wait_for(probe, FOLLOW, f"DNSVerified={status} {reason or ''} on {ip}", every=0.2)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; DNSVerified was {seen[0]}") from None
+
+
+def status(kit: Kit, ip: str) -> dict[str, Any]:
+    return (kit.get(IPS, None, ip) or {}).get("status") or {}
+
+
+def delete(kit: Kit, ip: str) -> None:
+    kit.objs.delete_cluster_custom_object(GROUP, VERSION, IPS, ip)
+
+
+def to_publish(kit: Kit, ip: str) -> list[dict[str, Any]]:
+    """status.dnsRecords once the operator listed the DKIM keys it made too."""
+
+    def listed() -> list[dict[str, Any]] | None:
+        records: list[dict[str, Any]] = status(kit, ip).get("dnsRecords") or []
+        return records if any(r["purpose"] == "DKIM" for r in records) else None
+
+    return wait_for(listed, FOLLOW, f"the records of {ip}, DKIM included", every=0.2)
+
+
+def publish(server: DnsServer, records: list[dict[str, Any]], *skip: str) -> None:
+    """Publish what the status lists, as a person would (but the purposes in ``skip``)."""
+    for record in records:
+        if record["purpose"] in skip:
+            continue
+        if record["type"] == "TXT":
+            data = txt("".join(record["value"]))
+        elif record["type"] == "PTR":
+            data = record["value"][0] + "."
+        else:
+            data = record["value"][0]
+        server.set(record["name"], record["type"], data)
+
+
+def unpublish(server: DnsServer, records: list[dict[str, Any]]) -> None:
+    for record in records:
+        server.delete(record["name"])
+
+
+def test_correct_records_verify_and_the_ip_is_ready(
+    kit: Kit, cluster_dns: DnsServer, names: Names
+) -> None:
+    ip = dedicated_ip(kit, names, requireVerified=True)
+    records = to_publish(kit, ip)
+    try:
+        assert {r["purpose"] for r in records} == {"PTR", "Hostname", "SPF", "DMARC", "DKIM"}
+        mark_relay_ready(kit, ip)
+        cond = wait_dns(kit, ip, "False")
+        assert not kit.is_ready(IPS, None, ip)
+        publish(cluster_dns, records)
+        cond = wait_dns(kit, ip, "True", "Verified")
+        assert names.domain in cond["message"]
+        wait_for(lambda: kit.is_ready(IPS, None, ip), FOLLOW, "Ready", every=0.2)
+        st = status(kit, ip)
+        checked = {(r["purpose"], r["name"]): r for r in st["dnsRecords"]}
+        assert set(checked) >= {
+            ("PTR", names.ptr),
+            ("Hostname", names.hostname),
+            ("SPF", names.domain),
+            ("DMARC", f"_dmarc.{names.domain}"),
+        }
+        assert all(r["result"] == "Verified" for r in checked.values() if r["required"])
+        assert checked[("PTR", names.ptr)]["value"] == [names.hostname]
+        assert checked[("Hostname", names.hostname)]["type"] == "A"
+        (domain,) = st["domains"]
+        assert domain == {
+            "name": names.domain,
+            "verified": True,
+            "reason": "Verified",
+            "message": domain["message"],
+            "dmarcPolicy": "none",
+            **({"dkim": domain["dkim"]} if "dkim" in domain else {}),
+        }
+    finally:
+        delete(kit, ip)
+        unpublish(cluster_dns, records)
+
+
+def test_a_wrong_ptr_names_the_record_then_a_fix_is_followed(
+    kit: Kit, cluster_dns: DnsServer, names: Names
+) -> None:
+    ip = dedicated_ip(kit, names, requireVerified=True)
+    records = to_publish(kit, ip)
+    publish(cluster_dns, records)
+    cluster_dns.set(names.ptr, "PTR", "mail.other.example.")
+    try:
+        mark_relay_ready(kit, ip)
+        cond = wait_dns(kit, ip, "False", "PTRMismatch")
+        assert f"the PTR of {names.address} is mail.other.example" in cond["message"]
+        assert f"publish PTR {names.ptr} -> {names.hostname}" in cond["message"]
+        ready = kit.condition(IPS, None, ip)
+        assert ready is not None and ready["status"] == "False"
+        assert ready["reason"] == "DNSNotVerified" and "PTRMismatch" in ready["message"]
+        ptr = next(r for r in status(kit, ip)["dnsRecords"] if r["purpose"] == "PTR")
+        assert (ptr["result"], ptr["found"]) == ("Wrong", ["mail.other.example"])
+        wait_for(
+            lambda: any(e.reason == "PTRMismatch" for e in kit.events("default", ip)),
+            FOLLOW,
+            "a PTRMismatch Event",
+        )
+        # fixed while the operator runs: the next check sees it
+        cluster_dns.set(names.ptr, "PTR", f"{names.hostname}.")
+        wait_dns(kit, ip, "True", "Verified")
+        wait_for(lambda: kit.is_ready(IPS, None, ip), FOLLOW, "Ready after the fix", every=0.2)
+        wait_for(
+            lambda: any(e.reason == "DNSVerified" for e in kit.events("default", ip)),
+            FOLLOW,
+            "a DNSVerified Event",
+        )
+        # and broken again (the DMARC record removed): it follows back
+        cluster_dns.delete(f"_dmarc.{names.domain}", "TXT")
+        cond = wait_dns(kit, ip, "False", "DMARCMissing")
+        assert f'publish _dmarc.{names.domain} TXT "v=DMARC1; p=none"' in cond["message"]
+        (domain,) = status(kit, ip)["domains"]
+        assert (domain["verified"], domain["reason"]) == (False, "DMARCMissing")
+        wait_for(lambda: not kit.is_ready(IPS, None, ip), FOLLOW, "not Ready", every=0.2)
+    finally:
+        delete(kit, ip)
+        unpublish(cluster_dns, records)
+
+
+def test_a_missing_dkim_record_is_named_exactly_then_published(
+    kit: Kit, cluster_dns: DnsServer, names: Names
+) -> None:
+    ip = dedicated_ip(kit, names)
+    records = to_publish(kit, ip)
+    publish(cluster_dns, records, "DKIM")
+    try:
+        cond = wait_dns(kit, ip, "False", "DKIMRecordMissing")
+        (dkim,) = [r for r in records if r["purpose"] == "DKIM"]
+        quoted = " ".join(f'"{part}"' for part in dkim["value"])
+        assert f"publish {dkim['name']} TXT {quoted}" in cond["message"]
+        assert dkim["name"].endswith(f"._domainkey.{names.domain}")
+        assert all(len(part.encode()) <= 255 for part in dkim["value"])
+        listed = next(r for r in status(kit, ip)["dnsRecords"] if r["purpose"] == "DKIM")
+        assert listed["result"] == "Missing" and listed["required"] is True
+        (domain,) = status(kit, ip)["domains"]
+        assert (domain["verified"], domain["reason"]) == (False, "DKIMRecordMissing")
+        publish(cluster_dns, [dkim])
+        wait_dns(kit, ip, "True", "Verified")
+    finally:
+        delete(kit, ip)
+        unpublish(cluster_dns, records)
+
+
+def test_spf_past_the_ten_lookup_limit_is_a_permerror(
+    kit: Kit, cluster_dns: DnsServer, names: Names
+) -> None:
+    ip = dedicated_ip(kit, names)
+    records = to_publish(kit, ip)
+    publish(cluster_dns, records)
+    chain = [f"_l{i}.{names.domain}" for i in range(12)]
+    cluster_dns.set(names.domain, "TXT", txt(f"v=spf1 include:{chain[0]} ~all"))
+    for here, there in itertools.pairwise(chain):
+        cluster_dns.set(here, "TXT", txt(f"v=spf1 include:{there} -all"))
+    cluster_dns.set(chain[-1], "TXT", txt(f"v=spf1 ip4:{names.address} -all"))
+    try:
+        cond = wait_dns(kit, ip, "False", "SPFPermError")
+        assert names.domain in cond["message"] and "lookup" in cond["message"].lower()
+        # a shorter chain (two includes) authorizes the address
+        cluster_dns.set(names.domain, "TXT", txt(f"v=spf1 include:{chain[-3]} ~all"))
+        wait_dns(kit, ip, "True", "Verified")
+    finally:
+        delete(kit, ip)
+        unpublish(cluster_dns, records)
+        for name in chain:
+            cluster_dns.delete(name)
+
+
+def test_without_require_verified_the_ip_is_ready_without_dns(kit: Kit, names: Names) -> None:
+    ip = dedicated_ip(kit, names, requireVerified=False)  # nothing published
+    try:
+        mark_relay_ready(kit, ip)
+        wait_for(lambda: kit.is_ready(IPS, None, ip), FOLLOW, "Ready without DNS", every=0.2)
+        cond = wait_dns(kit, ip, "False")
+        assert cond["reason"] in ("PTRMissing", "HostnameAddressMissing", "SPFMissing")
+        results = {r["purpose"]: r["result"] for r in status(kit, ip)["dnsRecords"]}
+        assert results == {
+            "PTR": "Missing",
+            "Hostname": "Missing",
+            "SPF": "Missing",
+            "DMARC": "Missing",
+            "DKIM": "Missing",
+        }
+    finally:
+        delete(kit, ip)
+
+
+def test_a_spec_change_is_checked_at_once(kit: Kit, cluster_dns: DnsServer, names: Names) -> None:
+    ip = kit.dedicated_ip(
+        address=names.address,
+        hostname=names.hostname,
+        domains=[names.domain],
+        dns={"checkIntervalSeconds": 86400},  # the timer would not re-check within the test
+    )
+    records = to_publish(kit, ip)
+    publish(cluster_dns, records)
+    kit.objs.patch_cluster_custom_object(  # a spec change: checked at once
+        GROUP, VERSION, IPS, ip, {"spec": {"dns": {"checkIntervalSeconds": 86399}}}
+    )
+    try:
+        wait_dns(kit, ip, "True", "Verified")
+        other = f"o{uuid.uuid4().hex[:8]}.example.org"
+        kit.objs.patch_cluster_custom_object(
+            GROUP, VERSION, IPS, ip, {"spec": {"domains": [names.domain, other]}}
+        )
+        cond = wait_dns(kit, ip, "False", "SPFMissing")
+        assert other in cond["message"]
+        assert other in {d["name"] for d in status(kit, ip)["domains"]}
+    finally:
+        delete(kit, ip)
+        unpublish(cluster_dns, records)
