@@ -92,18 +92,23 @@ class WarmupGate:
     def _warmup(self) -> WarmupConfig:
         return self._config() or _OFF
 
-    def _today(self) -> tuple[WarmupConfig, tuple[str, int], int | None]:
-        """The schedule, today's key, today's budget (None: no limit); a new key starts at 0."""
+    def _current(self) -> tuple[WarmupConfig, tuple[str, int], int | None]:
+        """The schedule, today's key and today's budget (None: no limit); changes nothing."""
         cfg = self._warmup()
         day = cfg.day(self._now())
         start = cfg.started_at.isoformat() if cfg.started_at is not None else ""
-        key = (start, day)
+        return cfg, (start, day), cfg.budget(day)
+
+    def _today(self) -> tuple[WarmupConfig, tuple[str, int], int | None]:
+        """:meth:`_current`, moving the count to a new day (which starts at 0)."""
+        cfg, key, budget = self._current()
+        day = key[1]
         if key != self._key:
             # The start recorded while day 1 ran keeps what day 1 used before it was known.
             if not (self._key == ("", 1) and day == 1):
                 self._sent = 0
             self._key = key
-        return cfg, key, cfg.budget(day)
+        return cfg, key, budget
 
     async def load(self) -> None:
         """Read today's count from the records (at start, once the configuration is known)."""
@@ -171,13 +176,16 @@ class WarmupGate:
             day=key[1], budget=budget, sent=self._sent, deferred=self._held_recipients
         )
 
+    # The metrics read without changing anything: a scrape may come from another thread.
+
     def budget_metric(self) -> float:
-        _cfg, _key, budget = self._today()
+        _cfg, _key, budget = self._current()
         return -1.0 if budget is None else float(budget)
 
     def sent_metric(self) -> float:
-        self._today()
-        return float(self._sent)
+        _cfg, key, _budget = self._current()
+        same = key == self._key or (self._key == ("", 1) and key[1] == 1)
+        return float(self._sent) if same else 0.0
 
     def deferred_metric(self) -> float:
         return float(self._held_recipients)
