@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
@@ -86,7 +87,7 @@ def public_key_bytes(algorithm: str, private_pem: bytes) -> bytes:
     """
     try:
         key = serialization.load_pem_private_key(private_pem, password=None)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         raise ValueError(f"not an unencrypted PEM private key ({algorithm})") from None
     if algorithm == RSA and isinstance(key, rsa.RSAPrivateKey):
         return key.public_key().public_bytes(

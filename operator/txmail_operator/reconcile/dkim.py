@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
@@ -95,6 +96,17 @@ def _public(algorithm: str, pem: bytes) -> bytes:
     return found
 
 
+def _usable(algorithm: str, pem: bytes | None) -> bool:
+    """Whether a stored key file holds a key of ``algorithm`` (one edited by hand may not)."""
+    if pem is None:
+        return False
+    try:
+        _public(algorithm, pem)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return False
+    return True
+
+
 def _algorithm_of(pem: bytes) -> str:
     """``rsa`` or ``ed25519``; ValueError (naming no key material) for anything else."""
     digest = hashlib.sha256(pem).hexdigest()
@@ -107,7 +119,7 @@ def _algorithm_of(pem: bytes) -> str:
 def _check_algorithm(pem: bytes) -> str:
     try:
         key = serialization.load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         raise ValueError("is not an unencrypted PEM private key") from None
     if isinstance(key, rsa.RSAPrivateKey):
         if key.key_size < RSA_MIN_BITS:
@@ -221,7 +233,8 @@ async def _reconcile(
         (domain, key)
         for domain, keys in state.domains
         for key in keys.all_keys()
-        if b.key_file(domain, key.selector) not in files and (domain, key.selector) not in brought
+        if (domain, key.selector) not in brought
+        and not _usable(key.algorithm, files.get(b.key_file(domain, key.selector)))
     ]
     state = state.without(lost)
     state = replace(state, serial=max(state.serial, _status_serial(body)))
@@ -243,7 +256,15 @@ async def _reconcile(
         b.STATE_ANNOTATION
     )
     if secret is None or new_files != files or old_text != new_state.to_json():
-        ctx.cache.put(await ctx.kube.apply(b.dkim_secret(owner, new_files, new_state)))
+        out = await ctx.kube.apply(b.dkim_secret(owner, new_files, new_state))
+        # A file someone else wrote (kubectl edit) is theirs to the apply, which leaves it:
+        # keys that are no longer wanted are removed explicitly.
+        extra = sorted(set(out.get("data") or {}) - set(new_files))
+        if extra:
+            out = await ctx.kube.merge_patch(
+                "v1", "Secret", ns, name, {"data": dict.fromkeys(extra)}
+            )
+        ctx.cache.put(out)
     for event in events:
         await ctx.kube.event(body, event.reason, event.message, now=now)
     return _plan(new_state, new_files, name, "; ".join(problems) or None)
@@ -295,12 +316,22 @@ async def dkim_problem(ctx: Context, spec: DedicatedIPSpec) -> str | None:
 
 
 async def dkim_domains_status(
-    ctx: Context, ip: str, spec: DedicatedIPSpec
+    ctx: Context, ip: str, spec: DedicatedIPSpec, previous: Obj | None
 ) -> dict[str, dict[str, object]]:
-    """Each domain's ``status.domains[].dkim`` from the stored state (no writes)."""
+    """Each domain's ``status.domains[].dkim`` from the stored state (no writes).
+
+    Without the key Secret (deleted, or not made yet) the ``previous`` status's selectors
+    stay: they are what keeps new keys off the selectors used before (:func:`_status_serial`).
+    """
     if not spec.dkim.enabled:
         return {}
     secret = await ctx.cache.owned("Secret", c.dkim_secret_name(ip))
+    if secret is None:
+        return {
+            d["name"]: d["dkim"]
+            for d in (previous or {}).get("domains") or []
+            if d.get("name") and d.get("dkim")
+        }
     try:
         state = _stored_state(secret)
     except ValueError:
