@@ -354,7 +354,7 @@ async def _write_status(
         "observedGeneration": generation,
     }
     status["warmup"] = await warmup_status(ctx, body, spec, ready["status"] == "True")
-    dkim = await dkim_domains_status(ctx, name, spec)  # each domain's selectors, beside DNS
+    dkim = await dkim_domains_status(ctx, name, spec, body.get("status"))  # beside DNS
     for domain in status.get("domains") or []:
         if domain.get("name") in dkim:
             domain["dkim"] = dkim[domain["name"]]
