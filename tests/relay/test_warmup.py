@@ -240,3 +240,21 @@ def test_turning_warm_up_off_releases_the_held_mail(env: RelayEnv, tmp_path: Pat
     settings.write_text(settings.read_text().replace("enabled: true", "enabled: false"))
     assert _delivered(env, 5) == [1, 2, 3, 4, 5]
     wait_for(lambda: relay.metric("txmail_relay_warmup_deferred") == 0, what="none held")
+
+
+def test_a_message_over_the_budget_goes_out_in_parts_to_every_recipient(env: RelayEnv) -> None:
+    started = time.time()
+    clock = Clock(started + 60)
+    relay = _start(env, clock, _warmup([3, 3], started))
+    recipients = [f"user{n}@dest.test" for n in range(5)]
+    with env.client(relay) as smtp:
+        smtp.sendmail("app@example.com", recipients, message(1))
+    [first] = env.sink.wait(1)
+    wait_for(lambda: _settled(relay, sent=3, deferred=2), what="2 recipients held")
+    clock.advance(DAY)
+    both = env.sink.wait(2)
+    rcpts = sorted(r for captured in both for r in captured.rcpts)
+    assert rcpts == sorted(f"<{r}>" for r in recipients)  # each once
+    assert sorted(len(captured.rcpts) for captured in both) == [2, 3]
+    assert len(first.rcpts) == 3
+    wait_for(lambda: _settled(relay, sent=2, deferred=0), what="day 2's count")
