@@ -35,6 +35,9 @@ from txmail_operator.reconcile.dns import (
     carried,
     check_records,
     dkim_tags,
+    dns_status,
+    dns_verified,
+    unchecked,
 )
 from txmail_operator.settings import Settings, SettingsError, parse_nameservers
 
@@ -392,3 +395,19 @@ def test_checks_are_kept_until_the_records_change_or_the_interval_passes(
     assert checks.kept("ip") is not None
     checks.forget("ip")
     assert checks.kept("ip") is None
+
+
+def test_before_the_first_check_the_written_verdict_stays() -> None:
+    """A status refresh right after a restart (nothing checked yet) keeps what was written."""
+    records = records_to_publish(spec())
+    fresh = unchecked(records, spec().domains)
+    assert dns_verified(fresh) == (False, "NotCheckedYet", "the DNS records are checked shortly")
+    written = {"type": "DNSVerified", "status": "True", "reason": "Verified", "message": "ok"}
+    assert dns_verified(fresh, [written]) == (True, "Verified", "ok")
+    before = {"dnsRecords": [{"name": "x"}], "domains": [{"name": "example.com"}]}
+    out = dns_status(fresh, before)
+    domains = out["domains"]
+    assert out == before and isinstance(domains, list) and domains[0] is not before["domains"][0]
+    assert dns_status(fresh, {})["dnsRecords"] == [
+        r.wire() | {"result": "Unknown", "message": "not checked yet"} for r in records
+    ]

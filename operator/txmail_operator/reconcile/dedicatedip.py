@@ -320,7 +320,7 @@ async def _write_status(
     now = ctx.now()
     up, up_reason, up_message = (False, *blocked) if blocked else availability(deployment)
     dns = dns or kept_dns(ctx.dns, name, spec)  # a status refresh: no lookups
-    dns_ok, dns_reason, dns_message = dns_verified(dns)
+    dns_ok, dns_reason, dns_message = dns_verified(dns, previous)
     if problem:
         ready = condition(
             previous, "Ready", False, "ConfigurationInvalid", problem, generation, now
@@ -342,7 +342,7 @@ async def _write_status(
             condition(previous, "RelayAvailable", up, up_reason, up_message, generation, now),
             condition(previous, "DNSVerified", dns_ok, dns_reason, dns_message, generation, now),
         ],
-        **dns_status(dns),
+        **dns_status(dns, body.get("status")),
         "relay": {
             "deploymentName": c.relay_name(name),
             "serviceName": c.relay_name(name),

@@ -680,15 +680,29 @@ def kept_dns(checks: DnsChecks, name: str, spec: DedicatedIPSpec) -> DnsReport:
     return checks.kept(name) or unchecked(records_of(spec), spec.domains)
 
 
-def dns_verified(report: DnsReport) -> tuple[bool, str, str]:
-    """DNSVerified's (status, reason, message)."""
-    if report.checks and all(c.reason == "NotCheckedYet" for c in report.checks):
+def _unchecked(report: DnsReport) -> bool:
+    return bool(report.checks) and all(c.reason == "NotCheckedYet" for c in report.checks)
+
+
+def dns_verified(
+    report: DnsReport, previous: list[dict[str, Any]] | None = None
+) -> tuple[bool, str, str]:
+    """DNSVerified's (status, reason, message). Before this process checked (a status refresh
+    right after a restart) the condition written before stays: Ready does not flap."""
+    if _unchecked(report):
+        old = next((c for c in previous or [] if c.get("type") == DNS_VERIFIED), None)
+        if old is not None:
+            return old.get("status") == "True", str(old["reason"]), str(old.get("message", ""))
         return False, "NotCheckedYet", "the DNS records are checked shortly"
     return report.condition()
 
 
-def dns_status(report: DnsReport) -> dict[str, object]:
-    """status.dnsRecords and status.domains."""
+def dns_status(report: DnsReport, previous: dict[str, Any] | None = None) -> dict[str, object]:
+    """status.dnsRecords and status.domains (before a check: as written before, if any)."""
+    have = previous or {}
+    if _unchecked(report) and have.get("dnsRecords"):
+        domains = [dict(d) for d in have.get("domains") or []]  # copies: others add to them
+        return {"dnsRecords": have["dnsRecords"], "domains": domains}
     return {"dnsRecords": report.records_status(), "domains": report.domains_status()}
 
 
