@@ -8,7 +8,8 @@ starts, or the configuration raises the budget, the held recipients are released
 up to the new room, oldest first; once warm-up is off or done every held recipient goes.
 
 What counts: each recipient the first time it is handed to delivery. A retry after a 4xx is
-the same message and is not counted again (its job has attempts); mail recovered from the
+the same message and is not counted again (its job has attempts), nor is a recipient that
+comes back without an attempt (a destination paused by shaping); mail recovered from the
 spool after a restart is counted again if it had been attempted but not finished, so a
 restart can only make the day look fuller than it was, never let more out.
 
@@ -78,6 +79,10 @@ class WarmupGate:
         self._released: weakref.WeakKeyDictionary[SpooledMessage, float] = (
             weakref.WeakKeyDictionary()
         )
+        # Recipients already counted, per message (kept while the message is).
+        self._admitted: weakref.WeakKeyDictionary[SpooledMessage, set[int]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def bind(self, release: Release, lifetime_clock: Callable[[], float]) -> None:
         """The queue's entry for released recipients, and its clock (lifetimes)."""
@@ -126,13 +131,19 @@ class WarmupGate:
 
     def admit(self, msg: SpooledMessage, indices: Sequence[int], attempts: int) -> tuple[int, ...]:
         """The recipients of ``msg`` that may go now; the rest are held (and counted)."""
-        wanted = tuple(indices)
         if attempts > 0:  # a retry: counted when it was first admitted
-            return wanted
+            return tuple(indices)
+        # Admitted before and back without an attempt (a destination paused by shaping, say):
+        # counted already.
+        seen = self._admitted.get(msg, set())
+        again = tuple(i for i in indices if i in seen)
+        wanted = tuple(i for i in indices if i not in seen)
+        if not wanted:
+            return again
         _cfg, key, budget = self._today()
         if budget is None:
             self._release_all()
-            return wanted
+            return (*again, *wanted)
         if self._held:  # the budget was raised: the waiting ones first
             self._drain(budget)
         room = max(0, budget - self._sent)
@@ -141,6 +152,7 @@ class WarmupGate:
         take, rest = wanted[:room], wanted[room:]
         if take:
             self._charge(key, len(take))
+            self._admitted.setdefault(msg, set()).update(take)
         if rest:
             self._held.append(_Held(msg, rest))
             self._held_recipients += len(rest)
@@ -151,7 +163,7 @@ class WarmupGate:
                     key[1],
                     budget,
                 )
-        return take
+        return (*again, *take)
 
     def lifetime_start(self, msg: SpooledMessage) -> float:
         """Where ``msg``'s queue lifetime starts (its release, if it was held)."""
@@ -248,5 +260,6 @@ class WarmupGate:
         else:
             self._held_messages.pop(msg.id, None)
         self._released[msg] = self._lifetime_clock()
+        self._admitted.setdefault(msg, set()).update(indices)
         if self._release is not None:
             self._release(msg, indices)
