@@ -28,6 +28,7 @@ from cluster.controlplane import control_plane
 from cluster.crds import install_crds
 from cluster.kubeapi import custom_object, name_of, new_api_client
 from cluster.node import can_run_node
+from dns_server import DnsServer, txt
 from k8s.kit import GROUP, VERSION, Kit
 from k8s.operator_process import OperatorProcess
 from peers import RelayProcess, Sink, auth_accepted, free_port, submit, wait_for
@@ -124,6 +125,23 @@ def mark_relay_pod_ready(api: client.ApiClient, ip: str) -> None:
     )
 
 
+def publish_dns(kit: Kit, dns: DnsServer, ip: str) -> None:
+    """Publish what the DedicatedIP's status.dnsRecords lists in the demo's DNS server, as a
+    person would in the example names' zones, and wait for DNSVerified."""
+    body = kit.get("dedicatedips", None, ip) or {}
+    for record in (body.get("status") or {}).get("dnsRecords") or []:
+        value = "".join(record["value"])
+        data = txt(value) if record["type"] == "TXT" else value
+        dns.set(record["name"], record["type"], data + ("." if record["type"] == "PTR" else ""))
+        info(f"{record['name']} {record['type']} {value[:60]}{'...' if len(value) > 60 else ''}")
+
+    def verified() -> dict[str, Any] | None:
+        cond = kit.condition("dedicatedips", None, ip, "DNSVerified")
+        return cond if cond and cond["status"] == "True" else None
+
+    info(f"DNSVerified: {wait_for(verified, 30, 'DNSVerified', every=0.2)['message']}")
+
+
 def order_mail(n: int) -> bytes:
     return (
         f"From: Example Shop <orders@example.com>\r\nTo: Ann <ann@example.net>\r\n"
@@ -150,12 +168,14 @@ def run(workdir: Path) -> None:
         app_meta = client.V1ObjectMeta(name=APP_NAMESPACE, labels={"txmail.dev/sending": "allowed"})
         core.create_namespace(client.V1Namespace(metadata=app_meta))
 
-        step("Starting the operator (txmail-operator)")
+        step("Starting the operator (txmail-operator), asking a local DNS server (Knot)")
+        dns = DnsServer()  # the example names' zones, on loopback: the readiness check asks it
         operator = OperatorProcess(
             cp.kubeconfig,
             OPERATOR_NAMESPACE,
             workdir / "operator.log",
             TXMAIL_DRIFT_CHECK_INTERVAL="5",
+            TXMAIL_DNS_NAMESERVERS=dns.address,
         )
         sink = Sink()
         relay: RelayProcess | None = None
@@ -172,6 +192,7 @@ def run(workdir: Path) -> None:
             ip["spec"]["delivery"]["smarthost"]["port"] = sink.port
             # HostNetwork: the relay binds every outbound connection to the dedicated address.
             ip["spec"]["egress"] = {"mode": "HostNetwork"}
+            ip["spec"]["dns"]["checkIntervalSeconds"] = 5  # the demo publishes, then waits
             client.CustomObjectsApi(api).create_cluster_custom_object(
                 GROUP, VERSION, "dedicatedips", ip
             )
@@ -272,6 +293,9 @@ def run(workdir: Path) -> None:
                 ) or line.startswith("\t"):
                     info(f"  | {line}")
 
+            step("Publishing the DNS records status.dnsRecords lists (SPF, DKIM, DMARC, PTR, A)")
+            publish_dns(kit, dns, ip_name)
+
             step("kubectl get dip,smtpt,temail -A")
             wait_for(
                 lambda: kit.is_ready("dedicatedips", None, ip_name), 20, "the DedicatedIP Ready"
@@ -320,6 +344,7 @@ def run(workdir: Path) -> None:
                 relay.stop()
             operator.stop()
             sink.stop()
+            dns.stop()
 
 
 def main() -> int:
