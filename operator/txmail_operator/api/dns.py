@@ -42,6 +42,7 @@ class DnsSpec(Model):
     )
     external_dns: bool = Field(
         default=False,
+        alias="externalDNS",
         description="Reserved: write the records as external-dns DNSEndpoint objects. Not "
         "implemented yet; leave false.",
     )
