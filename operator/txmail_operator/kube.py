@@ -57,6 +57,12 @@ _RESOURCES: dict[tuple[str, str], tuple[str, str, bool]] = {
         True,
     ),
     ("txmail.dev/v1alpha1", "DedicatedIP"): ("/apis/txmail.dev/v1alpha1", "dedicatedips", False),
+    # external-dns's CRD source (DedicatedIP spec.dns.externalDNS), when it is installed.
+    ("externaldns.k8s.io/v1alpha1", "DNSEndpoint"): (
+        "/apis/externaldns.k8s.io/v1alpha1",
+        "dnsendpoints",
+        True,
+    ),
     ("txmail.dev/v1alpha1", "SmtpToken"): ("/apis/txmail.dev/v1alpha1", "smtptokens", True),
     ("txmail.dev/v1alpha1", "TransactionalEmail"): (
         "/apis/txmail.dev/v1alpha1",

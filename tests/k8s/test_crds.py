@@ -66,6 +66,13 @@ def test_crds_are_established_with_names_and_category(
     }
 
 
+def _covers(stored: Any, sent: Any) -> bool:
+    """Every value of the sample is stored as sent (the API server adds defaults beside)."""
+    if isinstance(sent, dict):
+        return isinstance(stored, dict) and all(_covers(stored.get(k), v) for k, v in sent.items())
+    return bool(stored == sent)
+
+
 @pytest.mark.parametrize("kind", ["dedicatedip", "smtptoken", "transactionalemail"])
 def test_shipped_samples_are_accepted(
     api: client.ApiClient, crds: list[str], namespace: str, kind: str
@@ -74,7 +81,7 @@ def test_shipped_samples_are_accepted(
     if kind == "dedicatedip":
         body = unique_ip(body)
     out = create(api, body, namespace)
-    assert out["spec"] == {**out["spec"], **body["spec"]}
+    assert _covers(out["spec"], body["spec"]), (out["spec"], body["spec"])
     if kind == "dedicatedip":
         client.CustomObjectsApi(api).delete_cluster_custom_object(
             GROUP, VERSION, "dedicatedips", out["metadata"]["name"]

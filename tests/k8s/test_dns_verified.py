@@ -8,6 +8,7 @@ another in the shared server.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
 import random
@@ -15,8 +16,10 @@ import uuid
 from typing import Any
 
 import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 
-from cluster.kubeapi import name_of
+from cluster.kubeapi import custom_object, name_of
 from dns_server import DnsServer, ptr_name, txt
 from k8s.kit import GROUP, VERSION, Kit
 from k8s.operator_process import wait_for
@@ -309,3 +312,128 @@ def test_a_spec_change_is_checked_at_once(kit: Kit, cluster_dns: DnsServer, name
     finally:
         delete(kit, ip)
         unpublish(cluster_dns, records)
+
+
+# external-dns's CRD as external-dns ships it (the fields the operator writes).
+DNSENDPOINT_CRD: dict[str, Any] = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {
+        "name": "dnsendpoints.externaldns.k8s.io",
+        # *.k8s.io groups need it; external-dns's own CRD carries this one
+        "annotations": {
+            "api-approved.kubernetes.io": "https://github.com/kubernetes-sigs/external-dns/pull/2007"
+        },
+    },
+    "spec": {
+        "group": "externaldns.k8s.io",
+        "scope": "Namespaced",
+        "names": {
+            "kind": "DNSEndpoint",
+            "listKind": "DNSEndpointList",
+            "plural": "dnsendpoints",
+            "singular": "dnsendpoint",
+        },
+        "versions": [
+            {
+                "name": "v1alpha1",
+                "served": True,
+                "storage": True,
+                "subresources": {"status": {}},
+                "schema": {
+                    "openAPIV3Schema": {
+                        "type": "object",
+                        "properties": {
+                            "spec": {
+                                "type": "object",
+                                "properties": {
+                                    "endpoints": {
+                                        "type": "array",
+                                        "items": {
+                                            "type": "object",
+                                            "properties": {
+                                                "dnsName": {"type": "string"},
+                                                "recordType": {"type": "string"},
+                                                "recordTTL": {"type": "integer"},
+                                                "targets": {
+                                                    "type": "array",
+                                                    "items": {"type": "string"},
+                                                },
+                                            },
+                                        },
+                                    }
+                                },
+                            },
+                            "status": {
+                                "type": "object",
+                                "x-kubernetes-preserve-unknown-fields": True,
+                            },
+                        },
+                    }
+                },
+            }
+        ],
+    },
+}
+
+
+def dns_endpoint(kit: Kit, ip: str) -> dict[str, Any] | None:
+    try:
+        out = kit.objs.get_namespaced_custom_object(
+            "externaldns.k8s.io",
+            "v1alpha1",
+            kit.operator_namespace,
+            "dnsendpoints",
+            f"{c.relay_name(ip)}-dns",
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return custom_object(out)
+
+
+def test_external_dns_gets_the_hostname_and_dkim_records_when_its_crd_is_installed(
+    kit: Kit, names: Names
+) -> None:
+    ext = client.ApiextensionsV1Api(kit.api)
+    ip = dedicated_ip(kit, names, externalDNS=True)
+    try:
+        cond = wait_dns(kit, ip, "False")
+        wait_for(
+            lambda: "DNSEndpoint kind" in (dns_condition(kit, ip) or {}).get("message", ""),
+            FOLLOW,
+            "the missing DNSEndpoint kind noted",
+            every=0.2,
+        )
+        cond = dns_condition(kit, ip) or {}
+        assert "is not installed" in cond["message"] and "externalDNS" in cond["message"]
+        ext.create_custom_resource_definition(
+            client.V1CustomResourceDefinition.model_validate(DNSENDPOINT_CRD)
+        )
+        endpoint = wait_for(lambda: dns_endpoint(kit, ip), FOLLOW, "the DNSEndpoint", every=0.2)
+        records = to_publish(kit, ip)
+        dkim = next(r for r in records if r["purpose"] == "DKIM")
+        by_name = {e["dnsName"]: e for e in endpoint["spec"]["endpoints"]}
+        assert set(by_name) == {names.hostname, dkim["name"]}  # SPF and DMARC stay yours
+        assert (by_name[names.hostname]["recordType"], by_name[names.hostname]["targets"]) == (
+            "A",
+            [names.address],
+        )
+        assert by_name[dkim["name"]]["targets"] == ["".join(dkim["value"])]
+        (owner,) = endpoint["metadata"]["ownerReferences"]
+        assert (owner["kind"], owner["name"]) == ("DedicatedIP", ip)
+        wait_for(
+            lambda: "DNSEndpoint" not in (dns_condition(kit, ip) or {}).get("message", "x"),
+            FOLLOW,
+            "the note gone",
+            every=0.2,
+        )
+        kit.objs.patch_cluster_custom_object(
+            GROUP, VERSION, IPS, ip, {"spec": {"dns": {"externalDNS": False}}}
+        )
+        wait_for(lambda: dns_endpoint(kit, ip) is None, FOLLOW, "the DNSEndpoint deleted")
+    finally:
+        delete(kit, ip)
+        with contextlib.suppress(ApiException):
+            ext.delete_custom_resource_definition(DNSENDPOINT_CRD["metadata"]["name"])

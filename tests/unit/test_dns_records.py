@@ -23,11 +23,13 @@ from txmail_operator.api.dns import RecordPurpose, RecordResult, RecordType
 from txmail_operator.builders.dkim import DkimPublicRecord, public_record
 from txmail_operator.builders.dns_records import (
     DnsRecord,
+    dns_endpoint,
     records_to_publish,
     reverse_name,
     spf_value,
     txt_strings,
 )
+from txmail_operator.builders.naming import RelayOwner
 from txmail_operator.reconcile.dns import (
     DnsChecks,
     DnsReport,
@@ -410,4 +412,24 @@ def test_before_the_first_check_the_written_verdict_stays() -> None:
     assert out == before and isinstance(domains, list) and domains[0] is not before["domains"][0]
     assert dns_status(fresh, {})["dnsRecords"] == [
         r.wire() | {"result": "Unknown", "message": "not checked yet"} for r in records
+    ]
+
+
+def test_the_external_dns_endpoint_carries_the_hostname_and_every_dkim_key_only() -> None:
+    owner = RelayOwner("mta1", "00000000-0000-4000-8000-000000000001", "txmail-system")
+    records = records_to_publish(spec(), [GOLDEN_DKIM], [GOLDEN_NEXT])
+    endpoint = dns_endpoint(owner, records)
+    assert (endpoint["apiVersion"], endpoint["kind"]) == (
+        "externaldns.k8s.io/v1alpha1",
+        "DNSEndpoint",
+    )
+    assert endpoint["metadata"]["name"] == "txmail-relay-mta1-dns"
+    assert endpoint["metadata"]["namespace"] == "txmail-system"
+    assert endpoint["metadata"]["ownerReferences"][0]["uid"] == owner.uid
+    assert endpoint["spec"]["endpoints"] == [
+        {"dnsName": HOSTNAME, "recordType": "A", "targets": [ADDRESS], "recordTTL": 300},
+        *(
+            {"dnsName": r.name, "recordType": "TXT", "targets": [r.value], "recordTTL": 300}
+            for r in (GOLDEN_DKIM, GOLDEN_NEXT)
+        ),
     ]

@@ -43,8 +43,10 @@ class DnsSpec(Model):
     external_dns: bool = Field(
         default=False,
         alias="externalDNS",
-        description="Reserved: write the records as external-dns DNSEndpoint objects. Not "
-        "implemented yet; leave false.",
+        description="Write the hostname's A/AAAA and every DKIM key's TXT record as an "
+        "external-dns DNSEndpoint (txmail-relay-<name>-dns in the operator's namespace), for "
+        "an external-dns with the CRD source. SPF, DMARC and the PTR stay yours to publish. "
+        "Without the DNSEndpoint CRD, DNSVerified's message says so.",
     )
 
 

@@ -21,9 +21,12 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from txmail_relay import contract as c
+
 from ..api import DedicatedIPSpec
 from ..api.dns import RecordPurpose, RecordType
 from .dkim import DkimPublicRecord
+from .naming import Obj, RelayOwner, owned_meta
 
 # RFC 1035 3.3: a TXT record is a sequence of character-strings of at most 255 bytes each.
 TXT_STRING_MAX = 255
@@ -36,6 +39,16 @@ SPF_ALL = "~all"
 # DMARC where the domain has none: monitor first (p=none), then tighten to quarantine or
 # reject once the reports show only this IP and your other senders (docs/deliverability.md).
 DMARC_SUGGESTED = "v=DMARC1; p=none"
+
+# external-dns's CRD source (spec.dns.externalDNS): one DNSEndpoint per DedicatedIP.
+EXTERNAL_DNS_API_VERSION = "externaldns.k8s.io/v1alpha1"
+EXTERNAL_DNS_KIND = "DNSEndpoint"
+EXTERNAL_DNS_TTL = 300
+# What the DNSEndpoint carries: the names that are the IP's alone. external-dns owns a whole
+# record set (every TXT of a name), so a domain's SPF at its apex and its _dmarc record, which
+# hold the user's other senders and policy, stay the user's to edit; a PTR belongs to whoever
+# holds the address.
+EXTERNAL_DNS_PURPOSES = (RecordPurpose.HOSTNAME, RecordPurpose.DKIM)
 
 
 @dataclass(frozen=True)
@@ -169,3 +182,29 @@ def records_to_publish(
             )
         )
     return out
+
+
+def dns_endpoint_name(ip: str) -> str:
+    return f"{c.relay_name(ip)}-dns"
+
+
+def dns_endpoint(owner: RelayOwner, records: Iterable[DnsRecord]) -> Obj:
+    """external-dns's DNSEndpoint with the IP's hostname and every DKIM key's record (a next
+    key's too, so a rotation publishes itself), in the operator's namespace, owned by the
+    DedicatedIP. A TXT target is the whole value: external-dns's providers write it."""
+    endpoints = [
+        {
+            "dnsName": r.name,
+            "recordType": r.type.value,
+            "targets": [r.value],
+            "recordTTL": EXTERNAL_DNS_TTL,
+        }
+        for r in records
+        if r.purpose in EXTERNAL_DNS_PURPOSES
+    ]
+    return {
+        "apiVersion": EXTERNAL_DNS_API_VERSION,
+        "kind": EXTERNAL_DNS_KIND,
+        "metadata": owned_meta(owner, dns_endpoint_name(owner.name), "dns"),
+        "spec": {"endpoints": endpoints},
+    }

@@ -20,7 +20,15 @@ from . import pki
 from .conditions import condition
 from .context import Context
 from .dkim import dkim_domains_status, dkim_outdated, dkim_problem, ensure_dkim, rotate_dkim
-from .dns import DnsReport, announcement, check_dns, dns_status, dns_verified, kept_dns
+from .dns import (
+    DnsReport,
+    announcement,
+    check_dns,
+    dns_status,
+    dns_verified,
+    kept_dns,
+    sync_external_dns,
+)
 from .warmup import status_block as warmup_status
 
 Obj = dict[str, Any]
@@ -127,6 +135,7 @@ async def reconcile_ip(ctx: Context, body: Obj, tokens: int, emails: int) -> Non
         if switched.state != dkim.state:  # which keys sign changed: so do the required records
             dns = await check_dns(ctx.dns, name, spec, switched.active, switched.optional)
         dkim = switched
+        await sync_external_dns(ctx.kube, ctx.dns, owner, spec, dns)  # spec.dns.externalDNS
         started = recorded_start(body.get("status"), spec.warmup)  # warm-up's, if any
         config = builders.relay_config(name, spec, warmup_started=started, dkim=dkim.signing)
         children: list[Obj | None] = [
@@ -320,7 +329,7 @@ async def _write_status(
     now = ctx.now()
     up, up_reason, up_message = (False, *blocked) if blocked else availability(deployment)
     dns = dns or kept_dns(ctx.dns, name, spec)  # a status refresh: no lookups
-    dns_ok, dns_reason, dns_message = dns_verified(dns, previous)
+    dns_ok, dns_reason, dns_message = dns_verified(dns, previous, ctx.dns.notes.get(name))
     if problem:
         ready = condition(
             previous, "Ready", False, "ConfigurationInvalid", problem, generation, now

@@ -39,11 +39,23 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 import spf
+from kubernetes_asyncio.client.exceptions import ApiException
 
 from ..api import DedicatedIPSpec
 from ..api.dns import DNS_VERIFIED, RecordPurpose, RecordResult, RecordType
 from ..builders.dkim import DkimPublicRecord
-from ..builders.dns_records import DnsRecord, dmarc_name, normalized_address, records_to_publish
+from ..builders.dns_records import (
+    EXTERNAL_DNS_API_VERSION,
+    EXTERNAL_DNS_KIND,
+    DnsRecord,
+    dmarc_name,
+    dns_endpoint,
+    dns_endpoint_name,
+    normalized_address,
+    records_to_publish,
+)
+from ..builders.naming import Obj, RelayOwner
+from ..kube import Kube
 from ..settings import Settings, parse_nameservers
 
 log = logging.getLogger(__name__)
@@ -588,6 +600,11 @@ class DnsChecks:
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     # The DNSVerified status and reason last announced with an Event, per DedicatedIP.
     announced: dict[str, tuple[bool, str]] = field(default_factory=dict)
+    # spec.dns.externalDNS: the DNSEndpoint applied for which report, per DedicatedIP; the
+    # ones whose leftover endpoint was deleted once; why an endpoint could not be written.
+    endpoints: dict[str, tuple[Obj, DnsReport]] = field(default_factory=dict)
+    cleaned: set[str] = field(default_factory=set)
+    notes: dict[str, str] = field(default_factory=dict)
 
     def stale(self, name: str, interval: float) -> bool:
         """No report of ``name``, or one older than ``interval`` seconds (the timer's test)."""
@@ -636,6 +653,9 @@ class DnsChecks:
         self._kept.pop(name, None)
         self._locks.pop(name, None)
         self.announced.pop(name, None)
+        self.endpoints.pop(name, None)
+        self.cleaned.discard(name)
+        self.notes.pop(name, None)
 
 
 # --- what reconcile_ip calls ---------------------------------------------------------------------
@@ -685,10 +705,14 @@ def _unchecked(report: DnsReport) -> bool:
 
 
 def dns_verified(
-    report: DnsReport, previous: list[dict[str, Any]] | None = None
+    report: DnsReport, previous: list[dict[str, Any]] | None = None, note: str | None = None
 ) -> tuple[bool, str, str]:
-    """DNSVerified's (status, reason, message). Before this process checked (a status refresh
-    right after a restart) the condition written before stays: Ready does not flap."""
+    """DNSVerified's (status, reason, message), with ``note`` (external-dns) after it. Before
+    this process checked (a status refresh right after a restart) the condition written
+    before stays: Ready does not flap."""
+    if note:
+        ok, reason, message = dns_verified(report, previous)
+        return ok, reason, f"{message}; {note}" if note not in message else message
     if _unchecked(report):
         old = next((c for c in previous or [] if c.get("type") == DNS_VERIFIED), None)
         if old is not None:
@@ -721,3 +745,49 @@ def announcement(
         before = (old.get("status") == "True", str(old.get("reason"))) if old and known else None
     checks.announced[name] = (ok, reason)
     return before != (ok, reason)
+
+
+EXTERNAL_DNS_UNAVAILABLE = (
+    "spec.dns.externalDNS: the DNSEndpoint kind ({api}) {why}: install external-dns with its "
+    "CRD source (--source=crd), or set spec.dns.externalDNS to false"
+)
+
+
+async def sync_external_dns(
+    kube: Kube, checks: DnsChecks, owner: RelayOwner, spec: DedicatedIPSpec, report: DnsReport
+) -> None:
+    """spec.dns.externalDNS: the IP's DNSEndpoint for external-dns (its hostname and DKIM
+    records), applied once per DNS check; deleted when the option is turned off. A cluster
+    without the DNSEndpoint kind is noted in DNSVerified's message, nothing fails."""
+    name = owner.name
+    if spec.dns.external_dns:
+        desired = dns_endpoint(owner, [c.record for c in report.checks])
+        applied = checks.endpoints.get(name)
+        if applied is not None and applied[0] == desired and applied[1] is report:
+            return
+        try:
+            await kube.apply(desired)
+        except ApiException as exc:
+            if exc.status not in (403, 404):
+                raise
+            why = "is not installed" if exc.status == 404 else "may not be written by the operator"
+            checks.notes[name] = EXTERNAL_DNS_UNAVAILABLE.format(
+                api=EXTERNAL_DNS_API_VERSION, why=why
+            )
+            checks.endpoints.pop(name, None)
+            return
+        checks.notes.pop(name, None)
+        checks.endpoints[name] = (desired, report)
+        checks.cleaned.discard(name)
+        return
+    checks.notes.pop(name, None)
+    if name in checks.cleaned:
+        return
+    try:  # once per process, or after it was on: a leftover endpoint goes
+        await kube.delete(
+            EXTERNAL_DNS_API_VERSION, EXTERNAL_DNS_KIND, owner.namespace, dns_endpoint_name(name)
+        )
+    except ApiException as exc:  # the kind is not installed, or not ours to delete: nothing to do
+        log.debug("no DNSEndpoint of %s deleted: %s", name, exc.reason)
+    checks.endpoints.pop(name, None)
+    checks.cleaned.add(name)
