@@ -217,6 +217,9 @@ def dns() -> Iterator[DnsServer]:
             "mx.down.test": {"A": ["127.0.0.4"]},
             "up.test": {"MX": ["10 mx.up.test."]},
             "mx.up.test": {"A": ["127.0.0.5"]},
+            # A destination whose server is not up yet (its connections are refused).
+            "late.test": {"MX": ["10 mx.late.test."]},
+            "mx.late.test": {"A": ["127.0.0.6"]},
         }
     )
     yield server
@@ -374,6 +377,38 @@ def test_a_destination_answering_421_is_paused_not_hammered_and_recovers(
     queue = relay.relay.queue if relay.relay is not None else None
     assert queue is not None
     wait_for(lambda: relay.call(queue.depth) == 0, what="an empty queue")
+
+
+def test_refused_connections_are_retried_on_schedule_not_paused(
+    env: RelayEnv, dns: DnsServer, servers: Callable[..., MailServer]
+) -> None:
+    """Nothing listens at late.test's MX yet: its connections are refused, which is no
+    answer, so shaping does not pause it (afterFailures 2, a 600 s pause here); the queue
+    retries it on its schedule (the test relay's backoff, 0.2 s to 1 s), and once its server
+    is up the mail is delivered at the next retries."""
+    recorder = Recorder()
+    relay = _start(
+        env,
+        dns,
+        {
+            "sites": [{"name": "late", "mx": ["*.late.test"]}],
+            "pause": {"afterFailures": 2, "initialSeconds": 600},
+        },
+        listeners=[recorder],
+    )
+    _submit(env, relay, "late.test", 6)
+
+    def deferrals() -> int:
+        return sum(recorder.outcomes(f"user{seq}@late.test").count("deferred") for seq in range(6))
+
+    wait_for(lambda: deferrals() >= 8, timeout=20, what="refused attempts, retried")
+    assert relay.metric("txmail_relay_destinations_paused") == 0
+    assert not _stats(env).get("destinations")
+    server = servers("127.0.0.6")  # the server comes up
+    wait_for(lambda: server.recipients() == _expected("late.test", 6), timeout=15, what="late.test")
+    assert relay.metric(
+        "txmail_relay_destination_deliveries_total", {"destination": "late"}
+    ) == pytest.approx(6)
 
 
 def test_shaping_can_be_turned_off(

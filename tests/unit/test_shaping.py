@@ -158,9 +158,12 @@ def _shaper(clock: FakeClock, **shaping: object) -> Shaper:
     return Shaper(store, clock=clock)
 
 
-OK = (True, "250 2.0.0 ok")
-BUSY = (False, "451 4.3.2 try later")
-CLOSING = (False, "421 4.7.0 too many connections from your IP")
+# (delivered, reply, answered): as SmtpTransport reports an attempt's recipients
+OK = (True, "250 2.0.0 ok", True)
+BUSY = (False, "451 4.3.2 try later", True)
+CLOSING = (False, "421 4.7.0 too many connections from your IP", True)
+UNREACHABLE = (False, "451 4.4.1 SMTPConnectError: [Errno 111] Connection refused", False)
+TIMED_OUT = (False, "451 4.4.1 SMTPConnectTimeoutError: Timed out connecting", False)
 
 
 async def test_a_421_pauses_with_a_doubling_backoff_until_a_delivery() -> None:
@@ -211,12 +214,40 @@ async def test_many_4xx_in_a_row_pause_and_an_answer_resets_the_count() -> None:
     site = shaper.site("corp.test", ["mx.corp.test"])
     shaper.record(site, [BUSY])
     shaper.record(site, [BUSY, BUSY])
-    shaper.record(site, [(False, "550 5.1.1 no such user")])  # it answers: not failing
+    shaper.record(site, [(False, "550 5.1.1 no such user", True)])  # it answers: not failing
     shaper.record(site, [BUSY])
     shaper.record(site, [BUSY])
     assert shaper.paused_for(site) == 0
     shaper.record(site, [BUSY])
     assert shaper.paused_for(site) == 60  # the default initial pause
+    await asyncio.sleep(0)
+
+
+async def test_connections_that_fail_neither_pause_nor_count_nor_reset() -> None:
+    """Refused, timed out, TLS failure, lost: no answer, so no pause (the queue's retry
+    schedule and probe handle a dead server); the 4xx streak around them goes on."""
+    clock = FakeClock()
+    shaper = _shaper(clock, pause={"afterFailures": 3})
+    site = shaper.site("corp.test", ["mx.corp.test"])
+    for _ in range(20):
+        shaper.record(site, [UNREACHABLE])
+        shaper.record(site, [TIMED_OUT, TIMED_OUT])
+    assert shaper.paused_for(site) == 0
+    assert site.connection_limit is None  # not probed either: the queue's own schedule
+    shaper.record(site, [BUSY])
+    shaper.record(site, [UNREACHABLE])
+    shaper.record(site, [BUSY])
+    shaper.record(site, [UNREACHABLE])
+    assert shaper.paused_for(site) == 0
+    shaper.record(site, [BUSY])  # the third 4xx answer in a row
+    assert shaper.paused_for(site) == 60
+    assert shaper.paused()[0].reason == BUSY[1]
+    clock.value += 60
+    shaper.record(site, [UNREACHABLE])  # a probe without an answer: not paused again
+    assert shaper.paused_for(site) == 0
+    assert site.connection_limit == 1  # still probed, one connection at a time
+    shaper.record(site, [OK])
+    assert site.connection_limit is None
     await asyncio.sleep(0)
 
 

@@ -6,10 +6,17 @@ recipient domains whose MX hosts match one pattern of a named destination (``*.g
 and ``*.googlemail.com`` are ``gmail``) share it, and a domain that matches none has a
 destination of its own, named by its MX host set (so domains with the same MX hosts share it
 too); in Smarthost mode the smarthost is the one destination. Each has limits: connections
-open at once, messages per connection, a message rate (a token bucket). A destination that
-answers 421, or only 4xx (or no connection) ``pause.afterFailures`` attempts in a row, is
-paused: no new connection until the pause ends (doubling from ``pause.initialSeconds`` to
-``pause.maxSeconds`` while it keeps failing), then one probe at a time until one delivers.
+open at once, messages per connection, a message rate (a token bucket).
+
+A pause is caused by what a destination *answers*: ``421`` to a new connection (greeting,
+EHLO or MAIL), or ``4xx`` replies only (a ``421`` closing a transaction included)
+``pause.afterFailures`` attempts in a row. Paused: no new connection until the pause ends
+(doubling from ``pause.initialSeconds`` to ``pause.maxSeconds`` while it keeps answering so),
+then one probe at a time until one delivers. A connection that fails (refused, timed out, a
+TLS failure, lost before an answer) is no answer: it neither pauses, nor counts toward the
+streak, nor resets it; the queue's retry backoff and its one-attempt-at-a-time probe of a
+destination that delivered nothing handle a dead server, as without shaping. A delivery ends
+a pause; a ``5xx`` answer resets the streak.
 
 The queue (:mod:`.queue`) schedules per domain until the domain's destination is known (a
 lookup learnt it), then per destination; :mod:`.transport` enforces the limits on its
@@ -214,7 +221,7 @@ class SiteState:
     backoff: Backoff
     bucket: TokenBucket | None = None
     open: int = 0
-    failures: int = 0  # attempts in a row that got only 4xx / no connection
+    failures: int = 0  # answered attempts in a row that got only 4xx
     paused_until: float | None = None
     probing: bool = False  # paused before and not delivered since: one connection at a time
     reason: str = ""
@@ -400,27 +407,32 @@ class Shaper:
         connections now; pause it at once."""
         self._pause(state, reply)
 
-    def record(self, state: SiteState, replies: Sequence[tuple[bool, str]]) -> None:
-        """One attempt's results, ``(delivered, reply)`` per recipient: a delivery ends a
-        pause and the probing; only 4xx or no connection (a 421 closing a transaction
-        included) ``afterFailures`` attempts in a row, or once while probed, pauses."""
+    def record(self, state: SiteState, replies: Sequence[tuple[bool, str, bool]]) -> None:
+        """One attempt's results, ``(delivered, reply, answered)`` per recipient (answered:
+        the reply is the destination's, not one the relay wrote for a failed connection).
+        A delivery ends a pause and the probing; a 5xx answer resets the streak; 4xx answers
+        only (a 421 closing a transaction included) ``afterFailures`` attempts in a row, or
+        once while probed, pause. An attempt without an answer changes nothing here."""
         if not replies:
             return
-        codes = [_code(reply) for _, reply in replies]
-        delivered = sum(1 for ok, _ in replies if ok)
+        answers = [_code(reply) for _, reply, answered in replies if answered]
+        delivered = sum(1 for ok, _, _ in replies if ok)
         if delivered and self._metrics is not None:
             self._metrics.destination_deliveries.labels(state.label).inc(delivered)
-        if delivered or any(500 <= c < 600 for c in codes):  # it answers
+        if delivered or any(500 <= c < 600 for c in answers):  # it answers
             state.failures = 0
             if delivered:  # another of its servers took it: not refusing after all
                 state.probing = False
                 state.paused_until = None
                 state.backoff.reset()
                 self.notify(state)
-        else:
+        elif any(400 <= c < 500 for c in answers):  # it says: try later
             state.failures += 1
             if state.probing or state.failures >= self._policy.pause.after_failures:
-                self._pause(state, replies[0][1])
+                reason = next(r for _, r, answered in replies if answered)
+                self._pause(state, reason)
+        # else no answer at all (refused, timed out, TLS failure, lost): not the destination
+        # pushing back; the queue's retry schedule and probe cover a dead server.
 
     def _pause(self, state: SiteState, reason: str) -> None:
         now = self.clock.now()

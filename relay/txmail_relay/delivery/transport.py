@@ -50,6 +50,10 @@ class RecipientResult:
     # False: nothing was sent because the destination is paused (shaping): the queue keeps
     # the mail without counting an attempt.
     attempted: bool = True
+    # True: ``reply`` is the destination's own SMTP reply; False: the relay wrote it, as
+    # there was no answer (refused, timed out, TLS failure, connection lost). Shaping pauses
+    # on answers only (delivery/shaping.py).
+    answered: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,7 @@ class Route:
 
 def _result(code: int, message: str) -> RecipientResult:
     outcome = Outcome.BOUNCED if 500 <= code < 600 else Outcome.DEFERRED
-    return RecipientResult(outcome, f"{code} {message}")
+    return RecipientResult(outcome, f"{code} {message}", answered=True)
 
 
 def _domain(recipient: str) -> str:
@@ -447,7 +451,8 @@ class SmtpTransport:
         except DestinationPausedError:
             return _not_attempted(site, rcpts)
         self.shaper.record(
-            site, [(r.outcome is Outcome.DELIVERED, r.reply) for r in results.values()]
+            site,
+            [(r.outcome is Outcome.DELIVERED, r.reply, r.answered) for r in results.values()],
         )
         return results
 
@@ -527,6 +532,7 @@ class SmtpTransport:
         site: SiteState | None = None,
     ) -> dict[str, RecipientResult]:
         last = "451 4.4.1 no mail exchanger reachable"
+        answered = False  # whether ``last`` is a server's reply
         for route in routes:
             fresh = False
             while True:
@@ -534,6 +540,7 @@ class SmtpTransport:
                     conn = await self._pool.acquire(route, fresh=fresh, site=site)
                 except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                     last = _describe(exc)
+                    answered = isinstance(exc, aiosmtplib.SMTPResponseException)
                     if site is not None and last.startswith("421"):  # refuses connections
                         self.shaper.refused(site, last)
                     log.info("connection failed", extra={"host": route.host, "reply": last})
@@ -546,16 +553,19 @@ class SmtpTransport:
                         fresh = True
                         continue
                     last = str(exc) or "451 4.4.2 connection closed before MAIL"
+                    answered = bool(str(exc))  # a 421 to MAIL, else the connection was lost
                     if site is not None and last.startswith("421"):  # 421 to a new one's MAIL
                         self.shaper.refused(site, last)
                     break
                 except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                     self._pool.discard(conn)
                     reply = _describe(exc)
-                    return dict.fromkeys(rcpts, RecipientResult(Outcome.DEFERRED, reply))
+                    answered = isinstance(exc, aiosmtplib.SMTPResponseException)
+                    result = RecipientResult(Outcome.DEFERRED, reply, answered=answered)
+                    return dict.fromkeys(rcpts, result)
                 self._pool.release(conn, reusable=reusable)
                 return results
-        return dict.fromkeys(rcpts, RecipientResult(Outcome.DEFERRED, last))
+        return dict.fromkeys(rcpts, RecipientResult(Outcome.DEFERRED, last, answered=answered))
 
     async def _transaction(
         self, client: aiosmtplib.SMTP, rcpts: list[str], mail_from: str, body: bytes
@@ -586,7 +596,8 @@ class SmtpTransport:
             results.update(dict.fromkeys(accepted, _result(exc.code, exc.message)))
             return results, await _reset(client)
         reply = f"{response.code} {response.message}"
-        results.update(dict.fromkeys(accepted, RecipientResult(Outcome.DELIVERED, reply)))
+        delivered = RecipientResult(Outcome.DELIVERED, reply, answered=True)
+        results.update(dict.fromkeys(accepted, delivered))
         return results, True
 
 
