@@ -292,3 +292,23 @@ async def test_a_database_from_a_newer_relay_is_refused(tmp_path: Path) -> None:
     assert str(path) in message
     assert f"version {VERSION + 1} is newer than this relay knows ({VERSION})" in message
     assert _user_version(path) == VERSION + 1  # left as it was
+
+
+@pytest.mark.parametrize("script", [None, UNVERSIONED_FIRST + UNVERSIONED_SUPPRESSIONS + OLD_ROWS])
+async def test_a_sends_messages_are_found_by_index(tmp_path: Path, script: str | None) -> None:
+    """The send API's look-up of a send's spooled messages (is warm-up holding one?) reads
+    an index, in a new database and in one migrated from an older schema, not every row."""
+    path = tmp_path / "txmail.db"
+    if script is not None:
+        _write_db(path, script)
+    async with opened(tmp_path) as records:
+        assert await records.sends.spool_ids("nothing") == []
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        plan = " ".join(
+            str(row[-1])
+            for row in db.execute(
+                "EXPLAIN QUERY PLAN SELECT DISTINCT spool_id FROM messages WHERE status_id = ?",
+                ("st1",),
+            )
+        )
+    assert "USING INDEX messages_status_id" in plan, plan

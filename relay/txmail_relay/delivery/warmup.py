@@ -169,6 +169,10 @@ class WarmupGate:
         """Where ``msg``'s queue lifetime starts (its release, if it was held)."""
         return self._released.get(msg, msg.received_at)
 
+    def holding(self) -> bool:
+        """Whether anything is held now (the send API looks a send's messages up only then)."""
+        return bool(self._held_messages)
+
     def held(self, spool_id: str) -> bool:
         return spool_id in self._held_messages
 

@@ -362,8 +362,8 @@ class SendApi:
         txmail field beside HubSpot's: ``status`` stays PROCESSING, ``sendResult`` QUEUED)."""
         view = status_view(status)
         gate = self._warmup
-        if gate is None or status.status is not SendState.PROCESSING:
-            return view
+        if gate is None or status.status is not SendState.PROCESSING or not gate.holding():
+            return view  # nothing held: no look-up (the common case, warm-up off or done)
         spooled = await self._records.sends.spool_ids(status.status_id)
         if any(gate.held(spool_id) for spool_id in spooled):
             deferred: dict[str, Any] = {"reason": "WARMUP"}

@@ -100,7 +100,13 @@ CREATE TABLE warmup (
 );
 """
 
-MIGRATIONS: tuple[str, ...] = (_SENDS_AND_EVENTS, _SUPPRESSIONS, _WARMUP)
+# The send API asks which spooled messages belong to a send status (records/sends.py
+# spool_ids: is warm-up holding one of them?); without this index that is a scan of messages.
+_MESSAGES_BY_STATUS = """
+CREATE INDEX messages_status_id ON messages (status_id) WHERE status_id IS NOT NULL;
+"""
+
+MIGRATIONS: tuple[str, ...] = (_SENDS_AND_EVENTS, _SUPPRESSIONS, _WARMUP, _MESSAGES_BY_STATUS)
 VERSION = len(MIGRATIONS)
 
 
