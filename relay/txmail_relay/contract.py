@@ -31,6 +31,8 @@ import hashlib
 import hmac
 import json
 import logging
+import math
+import re
 from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -390,7 +392,22 @@ class WarmupConfig(_Doc):
         return (100 * completed) // total
 
 
-SHAPING_RATE = r"^[0-9]+(\.[0-9]+)?/(s|min|h)$"
+# A positive number of messages per second, minute or hour: zero ("0/s", "0.0/h") is refused
+# here (and so by the API server, whose CRD carries this pattern) as by rate_per_second.
+SHAPING_RATE = r"^([0-9]*[1-9][0-9]*(\.[0-9]+)?|[0-9]+\.[0-9]*[1-9][0-9]*)/(s|min|h)$"
+_RATE_TEXT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*/\s*(s|min|h)\s*$")
+_RATE_PER = {"s": 1.0, "min": 60.0, "h": 3600.0}
+
+
+def rate_per_second(text: str) -> float:
+    """``"N/s"``, ``"N/min"`` or ``"N/h"`` as messages per second (positive and finite)."""
+    match = _RATE_TEXT.match(text)
+    if match is None:
+        raise ValueError(f"rate {text!r} is not N/s, N/min or N/h")
+    count = float(match.group(1))
+    if not 0.0 < count < math.inf:
+        raise ValueError(f"rate {text!r} must be positive")
+    return count / _RATE_PER[match.group(2)]
 
 
 class ShapingLimits(_Doc):
@@ -415,6 +432,13 @@ class ShapingLimits(_Doc):
         default=None, ge=1, description="Messages that may go at once after a quiet spell."
     )
 
+    @field_validator("rate")
+    @classmethod
+    def _positive_rate(cls, value: str | None) -> str | None:
+        if value is not None:
+            rate_per_second(value)  # a ValueError is pydantic's validation error
+        return value
+
 
 class ShapingSite(ShapingLimits):
     """A destination: the recipient domains whose MX hosts match one of ``mx`` (or a built-in
@@ -434,8 +458,9 @@ class ShapingPause(_Doc):
         default=5,
         ge=1,
         alias="afterFailures",
-        description="Attempts in a row that got only 4xx or no connection: then a pause "
-        "(a 421 to a new connection pauses at once).",
+        description="Answered attempts in a row that got only 4xx replies: then a pause "
+        "(a 421 to a new connection pauses at once; a connection that fails is no answer and "
+        "does not count).",
     )
     initial_seconds: float = Field(default=60.0, gt=0, alias="initialSeconds")
     max_seconds: float = Field(default=3600.0, gt=0, alias="maxSeconds")

@@ -70,6 +70,8 @@ def test_spec_shaping_reaches_the_relay_config_and_follows_changes(kit: Kit) -> 
     "shaping",
     [
         {"sites": [{"name": "gmail", "rate": "fast"}]},
+        {"sites": [{"name": "gmail", "rate": "0/s"}]},  # zero would stop it for good
+        {"default": {"rate": "0.0/h"}},
         {"sites": [{"name": "Not A Name"}]},
         {"sites": [{"name": "x", "connections": 0}]},
         {"sites": [{"name": "x"}, {"name": "x"}]},  # a list keyed by name

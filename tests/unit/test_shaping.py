@@ -4,6 +4,8 @@ and what a destination's attempts do to its pause (delivery/shaping.py)."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 from datetime import UTC, datetime
 
 import pytest
@@ -13,7 +15,14 @@ from txmail_operator.api.dedicatedip import DedicatedIPSpec, DedicatedIPStatus
 from txmail_operator.builders.relay_config import relay_config
 from txmail_operator.reconcile.shaping import destinations_status
 from txmail_relay.config.live import DynamicConfig, LiveConfig
-from txmail_relay.contract import PausedDestination, RelayConfig, RelayStats, ShapingConfig
+from txmail_relay.contract import (
+    PausedDestination,
+    RelayConfig,
+    RelayStats,
+    ShapingConfig,
+    ShapingLimits,
+    ShapingPause,
+)
 from txmail_relay.delivery.shaping import (
     BUILTIN_SITES,
     Backoff,
@@ -105,6 +114,49 @@ def test_rates(text: str, per_second: float) -> None:
 def test_bad_rates(text: str) -> None:
     with pytest.raises(ValueError, match="rate"):
         parse_rate(text)
+
+
+@pytest.mark.parametrize("rate", ["0/s", "0/min", "0.0/h", "00.000/s"])
+def test_a_zero_rate_is_refused_by_the_contract_and_the_spec(rate: str) -> None:
+    """A rate of zero would stop a destination for good: neither the relay's contract nor
+    the DedicatedIP's schema (the same pattern goes into the CRD) takes it."""
+    with pytest.raises(ValidationError, match="rate"):
+        ShapingConfig.model_validate({"sites": [{"name": "gmail", "rate": rate}]})
+    with pytest.raises(ValidationError, match="rate"):
+        ShapingConfig.model_validate({"default": {"rate": rate}})
+    with pytest.raises(ValidationError):
+        _spec(sites=[{"name": "gmail", "rate": rate}])
+    schema = DedicatedIPSpec.model_json_schema(by_alias=True)
+    pattern = schema["$defs"]["ShapingLimits"]["properties"]["rate"]["anyOf"][0]["pattern"]
+    assert re.fullmatch(pattern, rate) is None
+    assert re.fullmatch(pattern, "0.5/s") and re.fullmatch(pattern, "10/min")
+
+
+async def test_a_configuration_the_shaper_cannot_use_keeps_the_previous_policy(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Should a configuration it cannot use slip past validation, the shaper keeps the
+    limits it had (and says so once) instead of failing every delivery."""
+    clock = FakeClock()
+    shaper = _shaper(clock, sites=[{"name": "gmail", "connections": 2}])
+    site = shaper.site("gmail.com", ["gmail-smtp-in.l.google.com"])
+    assert site.connection_limit == 2
+    store = shaper._store
+    assert store.current is not None
+    bad = ShapingConfig.model_construct(
+        enabled=True,
+        default=ShapingLimits.model_construct(rate="0/s"),
+        sites=[],
+        pause=ShapingPause(),
+    )
+    store.publish(DynamicConfig(store.current.relay.model_copy(update={"shaping": bad})))
+    with caplog.at_level(logging.ERROR, logger="txmail_relay.delivery.shaping"):
+        for _ in range(3):
+            assert shaper.enabled
+            assert shaper.site("gmail.com", ["gmail-smtp-in.l.google.com"]) is site
+    assert site.connection_limit == 2
+    assert len([r for r in caplog.records if "shaping configuration" in r.message]) == 1
+    await asyncio.sleep(0)
 
 
 def test_the_token_bucket_spends_its_burst_then_spreads() -> None:

@@ -47,8 +47,8 @@ class ShapingLimits(Model):
         max_length=32,
         pattern=SHAPING_RATE,
         description="Messages per second, minute or hour to the destination, e.g. '10/s', "
-        "'300/min', '5000/h'. Unset keeps the built-in value (none for destinations without a "
-        "built-in one).",
+        "'300/min', '5000/h'; more than zero. Unset keeps the built-in value (none for "
+        "destinations without a built-in one).",
     )
     burst: int | None = Field(
         default=None,
@@ -85,9 +85,9 @@ class ShapingPause(Model):
         ge=1,
         le=1000,
         alias="afterFailures",
-        description="Attempts in a row to a destination that got only 4xx replies or no "
-        "connection before it is paused (a 421 to a new connection pauses at once). "
-        "Default 5.",
+        description="Answered attempts in a row to a destination that got only 4xx replies "
+        "before it is paused (a 421 to a new connection pauses at once; a connection that "
+        "fails, refused or timed out, is no answer and does not count). Default 5.",
     )
     initial_seconds: int | None = Field(
         default=None,

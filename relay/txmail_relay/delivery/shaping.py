@@ -31,8 +31,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import logging
 import math
-import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -40,8 +40,16 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from txmail_relay.config.live import LiveConfig
-from txmail_relay.contract import PausedDestination, ShapingConfig, ShapingLimits, ShapingPause
+from txmail_relay.contract import (
+    PausedDestination,
+    ShapingConfig,
+    ShapingLimits,
+    ShapingPause,
+    rate_per_second,
+)
 from txmail_relay.metrics import RelayMetrics
+
+log = logging.getLogger(__name__)
 
 SMARTHOST = "smarthost"
 OTHER = "other"  # the metric label of every destination without a name of its own
@@ -49,19 +57,11 @@ SITE_CACHE_SECONDS = 600.0  # how long a domain's destination (its MX hosts) is 
 SITE_CACHE_SIZE = 10_000
 MAX_REPORTED = 50  # paused destinations in the stats document
 
-_RATE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*/\s*(s|min|h)\s*$")
-_PER = {"s": 1.0, "min": 60.0, "h": 3600.0}
-
 
 def parse_rate(text: str) -> float:
-    """``"N/s"``, ``"N/min"`` or ``"N/h"`` as messages per second."""
-    match = _RATE.match(text)
-    if match is None:
-        raise ValueError(f"rate {text!r} is not N/s, N/min or N/h")
-    count = float(match.group(1))
-    if count <= 0:
-        raise ValueError(f"rate {text!r} must be positive")
-    return count / _PER[match.group(2)]
+    """``"N/s"``, ``"N/min"`` or ``"N/h"`` as messages per second (positive: the contract
+    refuses zero too)."""
+    return rate_per_second(text)
 
 
 @dataclass(frozen=True)
@@ -278,7 +278,13 @@ class Shaper:
         current = self._store.current
         config = current.relay.shaping if current is not None else None
         if config is not self._seen:
-            self._seen, self._policy = config, Policy.of(config)
+            self._seen = config  # tried once: a configuration it cannot use is logged once
+            try:
+                policy = Policy.of(config)
+            except ValueError:  # the contract validates it; should one slip through anyway
+                log.exception("shaping configuration not usable, keeping the previous one")
+                return self._policy
+            self._policy = policy
             for state in self._states.values():  # limits follow the configuration
                 self._apply(state, self._limits_of(state.name))
         return self._policy
