@@ -33,7 +33,7 @@ import json
 import logging
 import math
 import re
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
@@ -352,6 +352,15 @@ class WarmupConfig(_Doc):
         "schedule into this list).",
     )
     started_at: datetime | None = Field(default=None, alias="startedAt")
+
+    @field_validator("started_at")
+    @classmethod
+    def _utc_if_naive(cls, value: datetime | None) -> datetime | None:
+        # A hand-written startedAt without an offset is read as UTC (the day math subtracts
+        # it from an aware "now", which a naive datetime cannot be).
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
 
     @property
     def active(self) -> bool:

@@ -303,3 +303,22 @@ async def test_the_reserve_counts_queued_records_and_other_writers(
     accepted = [r for r in results if isinstance(r, SpooledMessage)]
     assert 0 < len(accepted) < 10
     assert all(isinstance(r, SpoolFullError) for r in results if r not in accepted)
+
+
+async def test_a_failing_subscriber_does_not_stop_the_writer(open_spool: SpoolFactory) -> None:
+    """A subscriber that raises (a bug in whatever it feeds) is logged; the write it came
+    with is still acknowledged, later ones too, and the other subscribers hear of each."""
+    spool = open_spool()
+    await started(spool)
+    heard: list[str] = []
+
+    def broken(msg: SpooledMessage) -> None:
+        raise RuntimeError("subscriber bug")
+
+    spool.subscribe(broken)
+    spool.subscribe(lambda msg: heard.append(msg.id))
+    async with asyncio.timeout(10):
+        first = await spool.append("a@example.com", ["x@d.test"], "app1", b"one")
+        second = await spool.append("a@example.com", ["x@d.test"], "app1", b"two")
+    assert heard == [first.id, second.id]
+    assert spool.healthy

@@ -258,3 +258,17 @@ def test_a_message_over_the_budget_goes_out_in_parts_to_every_recipient(env: Rel
     assert sorted(len(captured.rcpts) for captured in both) == [2, 3]
     assert len(first.rcpts) == 3
     wait_for(lambda: _settled(relay, sent=2, deferred=0), what="day 2's count")
+
+
+def test_a_start_without_an_offset_is_utc_and_delivery_goes_on(env: RelayEnv) -> None:
+    """A hand-written ``startedAt`` without a time zone offset is read as UTC: mail is still
+    accepted (250), delivered within the budget and held past it."""
+    started = time.time()
+    clock = Clock(started + 60)
+    naive = datetime.fromtimestamp(started, UTC).replace(tzinfo=None).isoformat()
+    relay = _start(env, clock, {"enabled": True, "dailyVolumes": [2, 5], "startedAt": naive})
+    _submit(env, relay, range(1, 4))  # 250 for each (a dead spool writer never answers)
+    assert _delivered(env, 2) == [1, 2]
+    wait_for(lambda: _settled(relay, sent=2, deferred=1), what="1 recipient held")
+    clock.advance(DAY)
+    assert _delivered(env, 3) == [1, 2, 3]

@@ -91,6 +91,7 @@ class DeliveryQueue:
         self._listeners = list(listeners)
         self._clock = clock
         self._warmup = warmup  # IP warm-up: holds new mail past the day's budget
+        self._warmup_failed = False  # its failure is logged once
         if warmup is not None:
             warmup.bind(self._released, clock)
         self._waiting: list[tuple[float, int, _Job]] = []
@@ -167,7 +168,12 @@ class DeliveryQueue:
     ) -> None:
         """Queue ``indices`` of ``msg`` as one job per destination (as configured now)."""
         if gated and self._warmup is not None:
-            indices = self._warmup.admit(msg, indices, attempts)
+            try:
+                indices = self._warmup.admit(msg, indices, attempts)
+            except Exception:  # a bug in the gate must not hold mail: let it all go
+                if not self._warmup_failed:
+                    log.exception("warm-up gate failed, delivering without it")
+                self._warmup_failed = True
         groups: dict[Destination, list[int]] = {}
         for index in indices:
             groups.setdefault(self._destination(msg.recipients[index]), []).append(index)

@@ -223,9 +223,11 @@ class WarmupGate:
         while True:
             try:
                 self.tick()
+                pause = self._pause()
             except Exception:  # a bug must not stop the releases: try again later
                 log.exception("warm-up release failed")
-            await asyncio.sleep(self._pause())
+                pause = self._check_interval
+            await asyncio.sleep(pause)
 
     def _pause(self) -> float:
         upcoming = self.next_day()

@@ -744,6 +744,9 @@ class Spool:
                 msg.segment = sid
                 msg.body_offset = offset + w.body_start
                 for callback in self._subscribers:
-                    callback(msg)
+                    try:
+                        callback(msg)
+                    except Exception:  # a subscriber's bug must not stop the writer
+                        log.exception("spool subscriber failed", extra={"msg_id": msg.id})
             if w.future is not None and not w.future.done():
                 w.future.set_result(None)
