@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from txmail_operator import builders
 from txmail_operator.api import DedicatedIPSpec
-from txmail_operator.api.dkim import DkimAlgorithm, DkimSpec
+from txmail_operator.api.dkim import DkimAlgorithm, DkimSpec, DomainDkimStatus
 from txmail_operator.builders import dkim as b
 from txmail_operator.builders.naming import RelayOwner
 from txmail_relay import contract as c
@@ -309,12 +309,80 @@ def test_reverting_the_algorithm_before_the_switch_drops_the_waiting_key() -> No
     assert keys.active is not None and keys.active.selectors == ["txmail-mta1-202612-1"]
 
 
-def test_retire_after_zero_drops_the_old_key_at_the_switch() -> None:
+def test_retire_after_zero_keeps_the_old_key_a_few_minutes_after_the_switch() -> None:
+    # The relay keeps signing with the old key until the kubelet has synced the new key
+    # file into its pod: the old file and record must outlive the apply that switches.
     state, _ = run(b.DkimState(), wanted(domains=["example.com"]), T0)
     bumped = wanted(DkimSpec(key_generation=1), ["example.com"])
     state, _ = run(state, bumped, T0)
     state, events = run(state, bumped, T0, always, retire_after=dt.timedelta(0))
-    assert reasons(events) == [b.ROTATED, b.RETIRED] and keys_of(state).retiring == ()
+    assert reasons(events) == [b.ROTATED]
+    assert [r.key.selector for r in keys_of(state).retiring] == ["txmail-mta1-202612-1"]
+    assert keys_of(state).status(dt.timedelta(0))["retiring"] == [
+        {"selector": "txmail-mta1-202612-1", "retireAt": "2026-12-01T12:10:00Z"}
+    ]
+    later = T0 + b.MIN_RETIRE
+    state, events = run(state, bumped, later, always, retire_after=dt.timedelta(0))
+    assert reasons(events) == [b.RETIRED] and keys_of(state).retiring == ()
+
+
+def test_daily_rotations_keep_the_retiring_keys_within_the_status_limit() -> None:
+    # rotateAfterDays 1 with retireAfterDays 30 and dual signing: two keys retire a day.
+    spec = DkimSpec(algorithm=DkimAlgorithm.RSA_AND_ED25519)
+    want = wanted(spec, ["example.com"])
+    state, _ = run(b.DkimState(), want, T0)
+    retired: list[b.DkimEvent] = []
+    for day in range(1, 21):
+        at = T0 + day * DAY
+        state, _ = run(state, want, at, never, DAY, 30 * DAY)  # the next key is made
+        state, events = run(state, want, at, always, DAY, 30 * DAY)  # and switched to
+        retired += [e for e in events if e.reason == b.RETIRED]
+    keys = keys_of(state)
+    assert len(keys.retiring) == b.MAX_RETIRING
+    # The newest stay, the oldest went early, each said so.
+    assert keys.retiring[-1].since == T0 + 20 * DAY
+    assert len(retired) == 2 * 20 - b.MAX_RETIRING
+    assert all("retired early" in e.message for e in retired)
+    status = keys.status(30 * DAY)
+    DomainDkimStatus.model_validate(status)  # within its maxItems (16), as the API server checks
+
+
+def test_the_state_of_a_hundred_domains_fits_an_annotation() -> None:
+    long_ip = "a" * 40
+    spec = DkimSpec(algorithm=DkimAlgorithm.RSA_AND_ED25519)
+    domains = [f"d{n:03}.{'x' * 50}.example.com" for n in range(100)]
+    want = b.wanted_keys(spec, domains, {})
+    state = b.DkimState()
+    for day in range(20):
+        at = T0 + day * DAY
+        state, _ = b.step(
+            state,
+            want,
+            ip=long_ip,
+            now=at,
+            rotate_after=DAY,
+            retire_after=30 * DAY,
+            verified=never,
+        )
+        state, _ = b.step(
+            state,
+            want,
+            ip=long_ip,
+            now=at,
+            rotate_after=DAY,
+            retire_after=30 * DAY,
+            verified=always,
+        )
+    state, _ = b.step(  # and a next set waiting
+        state,
+        want,
+        ip=long_ip,
+        now=T0 + 21 * DAY,
+        rotate_after=DAY,
+        retire_after=30 * DAY,
+        verified=never,
+    )
+    assert len(state.to_json().encode()) < 200 * 1024  # the limit is 256 KiB for them all
 
 
 def test_a_shorter_retirement_applies_to_a_key_already_retiring() -> None:
@@ -374,6 +442,62 @@ def test_switching_to_a_brought_key_is_a_rotation_like_any_other() -> None:
         "source": "Secret",
         "retiring": [{"selector": "txmail-mta1-202612-1", "retireAt": "2026-12-10T12:00:00Z"}],
     }
+
+
+def test_another_key_under_a_selector_in_use_is_refused_and_the_old_one_keeps_signing() -> None:
+    spec = byok_spec(("example.com", "brand2026"))
+    first = b.wanted_keys(
+        spec,
+        ["example.com"],
+        {("example.com", "brand2026"): b.RSA},
+        {("example.com", "brand2026"): "aa" * 32},
+    )
+    state, _ = run(b.DkimState(), first, T0)
+    stored = b.DkimState.from_json(state.to_json())
+    active = keys_of(stored).active
+    assert active is not None and active.keys[0].fingerprint == "aa" * 32
+    # The user's Secret now holds another key (or secretRef names another Secret).
+    other = b.wanted_keys(
+        spec,
+        ["example.com"],
+        {("example.com", "brand2026"): b.RSA},
+        {("example.com", "brand2026"): "bb" * 32},
+    )
+    assert b.changed_keys(stored.domain("example.com"), other["example.com"]) == [
+        b.KeyId("brand2026", b.RSA)
+    ]
+    new, events = run(stored, other, T0 + DAY, always)
+    assert new == stored and events == []
+    assert keys_of(new).active.keys[0].fingerprint == "aa" * 32  # type: ignore[union-attr]
+    assert b.signing_config(new, ["example.com"]) == b.signing_config(state, ["example.com"])
+    # Under a new selector it is a rotation: it signs once its record verifies.
+    spec = byok_spec(("example.com", "brand2027"))
+    renamed = b.wanted_keys(
+        spec,
+        ["example.com"],
+        {("example.com", "brand2027"): b.RSA},
+        {("example.com", "brand2027"): "bb" * 32},
+    )
+    assert b.changed_keys(stored.domain("example.com"), renamed["example.com"]) == []
+    new, _ = run(stored, renamed, T0 + DAY)
+    assert keys_of(new).next is not None
+
+
+def test_a_state_without_fingerprints_adopts_the_brought_keys_one() -> None:
+    spec = byok_spec(("example.com", "brand2026"))
+    state, _ = run(
+        b.DkimState(), wanted(spec, ["example.com"], {("example.com", "brand2026"): b.RSA}), T0
+    )
+    now = b.wanted_keys(
+        spec,
+        ["example.com"],
+        {("example.com", "brand2026"): b.RSA},
+        {("example.com", "brand2026"): "cc" * 32},
+    )
+    new, events = run(state, now, T0 + DAY)
+    assert events == []
+    assert keys_of(new).active.keys[0].fingerprint == "cc" * 32  # type: ignore[union-attr]
+    assert '"fingerprint":"' + "cc" * 32 in new.to_json()
 
 
 # --- what is stored -----------------------------------------------------------------------

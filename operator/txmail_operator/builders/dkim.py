@@ -116,6 +116,15 @@ SELECTOR_PREFIX: Final = "txmail-"
 STATE_ANNOTATION: Final = f"{GROUP}/dkim-state"
 SECRET_KEY_MAX: Final = 253  # a Secret's data key
 
+# At most this many retiring keys per domain (the oldest go first, early): a rotateAfterDays
+# shorter than retireAfterDays would otherwise pile them up past status.domains[].dkim's
+# limit (16) and the state annotation's (256 KiB over 100 domains).
+MAX_RETIRING: Final = 8
+# A key signing switched away from is kept (file and record) at least this long, whatever
+# retireAfterDays says (0 too): the kubelet syncs a changed Secret into the relay pod within
+# about a minute, and the relay keeps signing with the old key until the new file is there.
+MIN_RETIRE: Final = timedelta(minutes=10)
+
 CREATED: Final = "DKIMKeyCreated"
 ROTATED: Final = "DKIMRotated"
 RETIRED: Final = "DKIMKeyRetired"
@@ -125,10 +134,21 @@ _SERIAL = re.compile(r"-[0-9]{6}-([0-9]+)(?:-ed)?$")
 
 @dataclass(frozen=True)
 class KeyId:
-    """One key of a domain as the state names it: no key material."""
+    """One key of a domain as the state names it: no key material.
+
+    ``fingerprint`` (a user's key only; public data: the sha256 of the public key its record
+    carries) tells a different key brought under the same selector from the one in use; it
+    is not part of the key's identity (equality, hashing).
+    """
 
     selector: str
     algorithm: str  # RSA | ED25519
+    fingerprint: str = field(default="", compare=False)
+
+
+def fingerprint(public_key: bytes) -> str:
+    """The fingerprint of a public key (its record's ``p=`` bytes): hex sha256."""
+    return hashlib.sha256(public_key).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -174,6 +194,7 @@ class DomainKeys:
 
     def status(self, retire_after: timedelta) -> dict[str, object]:
         """The domain's ``status.domains[].dkim`` (DomainDkimStatus on the wire)."""
+        retire_after = max(retire_after, MIN_RETIRE)
         out: dict[str, object] = {}
         if self.active is not None:
             out["active"] = self.active.selectors
@@ -183,7 +204,7 @@ class DomainKeys:
         if self.retiring:
             out["retiring"] = [
                 {"selector": r.key.selector, "retireAt": _stamp(r.since + retire_after)}
-                for r in self.retiring
+                for r in self.retiring[-MAX_RETIRING:]
             ]
         return out
 
@@ -266,11 +287,22 @@ def _time(text: str) -> datetime:
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
 
 
+def _key_doc(k: KeyId) -> dict[str, str]:
+    doc = {"selector": k.selector, "algorithm": k.algorithm}
+    if k.fingerprint:
+        doc["fingerprint"] = k.fingerprint
+    return doc
+
+
+def _key_of(doc: dict[str, object]) -> KeyId:
+    return KeyId(str(doc["selector"]), str(doc["algorithm"]), str(doc.get("fingerprint") or ""))
+
+
 def _set_doc(s: KeySet | None) -> dict[str, object] | None:
     if s is None:
         return None
     return {
-        "keys": [{"selector": k.selector, "algorithm": k.algorithm} for k in s.keys],
+        "keys": [_key_doc(k) for k in s.keys],
         "source": s.source,
         "generation": s.generation,
         "since": _stamp(s.since),
@@ -284,7 +316,7 @@ def _set_of(doc: dict[str, object] | None) -> KeySet | None:
     if not isinstance(keys, list):
         raise TypeError("keys")
     return KeySet(
-        keys=tuple(KeyId(str(k["selector"]), str(k["algorithm"])) for k in keys),
+        keys=tuple(_key_of(k) for k in keys),
         source=str(doc["source"]),
         generation=int(str(doc["generation"])),
         since=_time(str(doc["since"])),
@@ -295,14 +327,7 @@ def _domain_doc(k: DomainKeys) -> dict[str, object]:
     return {
         "active": _set_doc(k.active),
         "next": _set_doc(k.next),
-        "retiring": [
-            {
-                "selector": r.key.selector,
-                "algorithm": r.key.algorithm,
-                "since": _stamp(r.since),
-            }
-            for r in k.retiring
-        ],
+        "retiring": [{**_key_doc(r.key), "since": _stamp(r.since)} for r in k.retiring],
     }
 
 
@@ -313,10 +338,7 @@ def _domain_of(doc: dict[str, object]) -> DomainKeys:
     return DomainKeys(
         active=_set_of(doc.get("active")),  # type: ignore[arg-type]
         next=_set_of(doc.get("next")),  # type: ignore[arg-type]
-        retiring=tuple(
-            RetiringKey(KeyId(str(r["selector"]), str(r["algorithm"])), _time(str(r["since"])))
-            for r in retiring
-        ),
+        retiring=tuple(RetiringKey(_key_of(r), _time(str(r["since"]))) for r in retiring),
     )
 
 
@@ -352,11 +374,16 @@ def key_file(domain: str, selector: str) -> str:
 
 
 def wanted_keys(
-    spec: DkimSpec, domains: Iterable[str], byok_algorithms: Mapping[tuple[str, str], str]
+    spec: DkimSpec,
+    domains: Iterable[str],
+    byok_algorithms: Mapping[tuple[str, str], str],
+    fingerprints: Mapping[tuple[str, str], str] | None = None,
 ) -> dict[str, Wanted | None]:
     """Each sending domain's :class:`Wanted` keys; None for a domain whose own keys
     (spec.dkim.keys) cannot all be read (``byok_algorithms`` has no entry for them): its
-    keys are left as they are."""
+    keys are left as they are. ``fingerprints`` (by domain and selector) are those of the
+    user's keys (:func:`fingerprint`)."""
+    fingerprints = fingerprints or {}
     algorithms = (RSA, ED25519) if spec.algorithm is DkimAlgorithm.RSA_AND_ED25519 else (RSA,)
     out: dict[str, Wanted | None] = {}
     for domain in (d.lower() for d in domains):
@@ -365,7 +392,11 @@ def wanted_keys(
             out[domain] = Wanted(GENERATED, spec.key_generation, algorithms)
             continue
         found = [byok_algorithms.get((domain, k.selector)) for k in refs]
-        keys = tuple(KeyId(k.selector, alg) for k, alg in zip(refs, found, strict=True) if alg)
+        keys = tuple(
+            KeyId(k.selector, alg, fingerprints.get((domain, k.selector), ""))
+            for k, alg in zip(refs, found, strict=True)
+            if alg
+        )
         out[domain] = Wanted(BROUGHT, keys=keys) if len(keys) == len(refs) else None
     return out
 
@@ -451,7 +482,7 @@ class _Step:
         for r in retiring:
             if r.key in in_use or any(r.key == k.key for k in kept):
                 continue
-            if r.since + self.retire_after <= self.now:
+            if r.since + self.keep <= self.now:
                 self.say(
                     RETIRED,
                     f"DKIM key {r.key.selector} of {domain} retired: its record "
@@ -459,7 +490,23 @@ class _Step:
                 )
                 continue
             kept.append(r)
-        return DomainKeys(active, nxt, tuple(kept))
+        kept.sort(key=lambda r: r.since)  # stable: the order they retired in
+        for r in kept[: max(0, len(kept) - MAX_RETIRING)]:
+            self.say(
+                RETIRED,
+                f"DKIM key {r.key.selector} of {domain} retired early: at most "
+                f"{MAX_RETIRING} retiring keys are kept per domain (rotateAfterDays is "
+                f"shorter than retireAfterDays); its record {r.key.selector}._domainkey."
+                f"{domain} can be removed from DNS",
+            )
+        kept = kept[-MAX_RETIRING:]
+        out = DomainKeys(active, nxt, tuple(kept))
+        return _adopted(out, want.keys) if want.source == BROUGHT else out
+
+    @property
+    def keep(self) -> timedelta:
+        """How long a key that stopped signing is kept: retireAfterDays, at least MIN_RETIRE."""
+        return max(self.retire_after, MIN_RETIRE)
 
     def rotate(
         self, domain: str, active: KeySet, nxt: KeySet | None, want: Wanted
@@ -493,7 +540,7 @@ class _Step:
             self.verified(domain, k.selector) for k in nxt.keys if k not in active.keys
         ):
             return active, nxt, []
-        until = self.now + self.retire_after
+        until = self.now + self.keep
         self.say(
             ROTATED,
             f"{domain} is signed with {', '.join(nxt.selectors)} now (was "
@@ -502,6 +549,44 @@ class _Step:
         )
         old = [RetiringKey(k, self.now) for k in active.keys if k not in nxt.keys]
         return replace(nxt, since=self.now), None, old
+
+
+def changed_keys(current: DomainKeys | None, want: Wanted | None) -> list[KeyId]:
+    """The user's keys (``want``) that differ from the key the state has under the same
+    selector: another key brought under a selector in use (a new secretRef, or new content in
+    the user's Secret). Its record would change under the same name, so the first would sign
+    before the DNS has it: refused (the domain keeps its keys), a rotation takes a new selector.
+    """
+    if current is None or want is None or want.source != BROUGHT:
+        return []
+    out = []
+    for key in want.keys:
+        for old in current.all_keys():
+            if old.selector == key.selector and (
+                old.algorithm != key.algorithm
+                or (old.fingerprint and key.fingerprint and old.fingerprint != key.fingerprint)
+            ):
+                out.append(key)
+                break
+    return out
+
+
+def _adopted(keys: DomainKeys, wanted: Iterable[KeyId]) -> DomainKeys:
+    """``keys`` with the fingerprints of ``wanted`` where they had none (a state written
+    before fingerprints were kept, or a key just made from ``wanted``)."""
+    prints = {k: k.fingerprint for k in wanted if k.fingerprint}
+
+    def fill(k: KeyId) -> KeyId:
+        return replace(k, fingerprint=prints[k]) if not k.fingerprint and k in prints else k
+
+    def fill_set(s: KeySet | None) -> KeySet | None:
+        return None if s is None else replace(s, keys=tuple(fill(k) for k in s.keys))
+
+    return DomainKeys(
+        fill_set(keys.active),
+        fill_set(keys.next),
+        tuple(replace(r, key=fill(r.key)) for r in keys.retiring),
+    )
 
 
 def step(
@@ -522,10 +607,12 @@ def step(
     passed since they started signing, other keys brought), a next set is made under new
     selectors; signing switches to it once ``verified(domain, selector)`` holds for each of
     its new keys (the DNS check); the keys it replaces stay listed until ``retire_after``
-    has passed, then go. A next set the spec no longer wants is dropped (it never signed).
-    A domain no longer in ``wanted`` loses its keys; a domain wanted as None (its own keys
-    cannot be read now) keeps its keys as they are. Idempotent: the same inputs again give
-    the same state and no events.
+    (at least :data:`MIN_RETIRE`) has passed, then go; at most :data:`MAX_RETIRING` per
+    domain, the oldest going first. A next set the spec no longer wants is dropped (it never
+    signed). A domain no longer in ``wanted`` loses its keys; a domain wanted as None (its
+    own keys cannot be read now) keeps its keys as they are, and so does a domain whose user
+    brought another key under a selector in use (:func:`changed_keys`). Idempotent: the same
+    inputs again give the same state and no events.
     """
     run = _Step(ip, now, rotate_after, retire_after, verified, state.serial)
     out: list[tuple[str, DomainKeys]] = []
@@ -539,7 +626,7 @@ def step(
                     f"{domain} is no longer a sending domain: its DKIM keys "
                     f"{', '.join(k.selector for k in current.all_keys())} are deleted",
                 )
-        elif want is None:
+        elif want is None or changed_keys(current, want):
             if current != DomainKeys():
                 out.append((domain, current))
         else:
