@@ -18,6 +18,7 @@ from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
+import aiosmtplib.protocol
 import dkim
 import dns.exception
 import dns.resolver
@@ -40,8 +41,17 @@ from relay.relaykit import (
     wait_for,
 )
 from txmail_relay.contract import DKIM_KEYS_PATH, DkimAlgorithm, DkimConfig
+from txmail_relay.delivery.dkim import PROCESS_SIGNING_BYTES, KeyStore, sign_message
 from txmail_relay.http.api import SEND_PATH
-from txmail_relay.mail.dkim import DkimKeyError, load_private_key
+from txmail_relay.mail.dkim import (
+    DkimKeyError,
+    SigningKey,
+    canonical,
+    crlf,
+    dkimpy_from_fields,
+    from_domain,
+    load_private_key,
+)
 
 DOMAIN = "example.com"
 BASE = "https://t.example.com"
@@ -517,7 +527,163 @@ def test_no_trace_of_key_material_in_the_spool(
     assert not re.search(rb"BEGIN (RSA )?PRIVATE KEY", spooled)
 
 
+def _signed_from(message: bytes) -> list[bytes]:
+    """The From fields dkimpy reads in ``message`` (what ``h=from`` covers)."""
+    return [v for name, v in dkim.DKIM(message).headers if name.lower() == b"from"]
+
+
+def test_obsolete_field_names_with_a_space_before_the_colon_are_signed_too(
+    env: RelayEnv, dns_server: DnsServer, rsa_keys: list[Key]
+) -> None:
+    """``From :`` (RFC 5322 4.5, obsolete): dkimpy reads it as an mbox ``From `` line and
+    would sign no From at all; the relay writes it ``From:`` and signs that."""
+    publish(dns_server, "s1", rsa_keys[0])
+    relay = env.start(settings(env, dkim_config(env.directory / "dkim", ("s1", rsa_keys[0]))))
+    content = (
+        b"From : App <app@example.com>\r\nTo: ada@dest.test\r\nSubject : obsolete\r\n"
+        b"Message-ID: <obs-1@example.com>\r\n\r\nHello\r\nEND-OF-MESSAGE 1\r\n"
+    )
+    submit(env, relay, content)
+    delivered = received(env, 1)
+    assert verify_all(delivered, dns_server) == [True]
+    assert b"\nFrom: App <app@example.com>\n" in delivered  # as it was signed
+    assert b"\nSubject: obsolete\n" in delivered
+    assert _signed_from(delivered) == [b" App <app@example.com>\r\n"]
+    # The signature covers that From: another author no longer verifies.
+    spoofed = delivered.replace(b"From: App <app@", b"From: Boss <boss@", 1)
+    assert verify_all(spoofed, dns_server) == [False]
+    assert relay.metric(METRIC, {"domain": DOMAIN, "result": "signed"}) == 1
+
+
+def test_from_with_several_mailboxes_is_signed_only_at_one_domain(
+    env: RelayEnv, dns_server: DnsServer, rsa_keys: list[Key]
+) -> None:
+    publish(dns_server, "s1", rsa_keys[0])
+    relay = env.start(settings(env, dkim_config(env.directory / "dkim", ("s1", rsa_keys[0]))))
+    several = plain(1, Sender="app@example.com")
+    several.replace_header("From", "App <app@example.com>, Ops <ops@example.com>")
+    submit(env, relay, several)
+    assert verify_all(received(env, 1), dns_server) == [True]
+    assert relay.metric(METRIC, {"domain": DOMAIN, "result": "signed"}) == 1
+    # Mailboxes at two domains (the relay's From policy refuses that anyway): which key?
+    # None: unsigned.
+    assert from_domain(b"From: a@example.com, b@example.org\r\n\r\n") is None
+    assert from_domain(b"From: a@example.com\r\nFrom: b@example.com\r\n\r\n") is None
+
+
+def test_dot_lines_and_8bit_bodies_verify(
+    env: RelayEnv, dns_server: DnsServer, rsa_keys: list[Key]
+) -> None:
+    """Lines starting with '.' are dot-stuffed on the wire and unstuffed by the receiver;
+    an 8-bit body goes with BODY=8BITMIME (smtp-sink offers it), unchanged."""
+    publish(dns_server, "s1", rsa_keys[0])
+    relay = env.start(settings(env, dkim_config(env.directory / "dkim", ("s1", rsa_keys[0]))))
+    dots = plain(1)
+    dots.set_content(".hidden\n..two\n.\nEND-OF-MESSAGE 1\n")
+    submit(env, relay, dots)
+    eight = plain(2)
+    eight.set_content("Grüße, déjà vu: 日本語\nEND-OF-MESSAGE 2\n", cte="8bit")
+    submit(env, relay, eight.as_bytes())
+    delivered = received(env, 1)
+    assert b"\n.hidden\n..two\n.\n" in delivered
+    assert verify_all(delivered, dns_server) == [True]
+    captured = arrived(env, 2)
+    delivered = raw(captured)
+    assert "Grüße, déjà vu: 日本語".encode() in delivered
+    assert verify_all(delivered, dns_server) == [True]
+    assert "BODY=8BITMIME" in captured.mail_from  # smtp-sink's X-Mail-Args
+    assert "BODY=8BITMIME" not in arrived(env, 1).mail_from  # 7-bit: no parameter
+
+
+def test_a_new_key_whose_file_is_not_there_yet_signs_with_the_previous_key(
+    env: RelayEnv, dns_server: DnsServer, rsa_keys: list[Key], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ConfigMap names the next key before the kubelet has synced the Secret volume."""
+    old, new = rsa_keys[0], rsa_keys[2]
+    publish(dns_server, "old", old)
+    publish(dns_server, "new", new)
+    keys_dir = env.directory / "dkim"
+    relay = env.start(settings(env, dkim_config(keys_dir, ("old", old))))
+    submit(env, relay, plain(1))
+    assert [s[b"s"] for s in signatures(received(env, 1))] == [b"old"]
+
+    new_block = dkim_config(keys_dir, ("new", new))
+    new_file = keys_dir / new_block["domains"][0]["keys"][0]["keyFile"]
+    new_file.unlink()  # not synced yet
+    settings(env, new_block)
+    wait_for(lambda: _selectors_configured(relay) == {"new"}, what="the new selector")
+    for n in (2, 3):
+        submit(env, relay, plain(n))
+        delivered = received(env, n)
+        assert [s[b"s"] for s in signatures(delivered)] == [b"old"]
+        assert verify_all(delivered, dns_server) == [True]
+    assert relay.metric(METRIC, {"domain": DOMAIN, "result": "previous_key"}) == 2
+    assert relay.metric(METRIC, {"domain": DOMAIN, "result": "key_unavailable"}) == 0
+    assert caplog.text.count("signing with the previous key") == 1
+
+    tmp = new_file.with_suffix(".tmp")  # the file appears (as the kubelet swaps it in)
+    tmp.write_bytes(new.file)
+    tmp.replace(new_file)
+    submit(env, relay, plain(4))
+    delivered = received(env, 4)
+    assert [s[b"s"] for s in signatures(delivered)] == [b"new"]
+    assert verify_all(delivered, dns_server) == [True]
+
+
+def test_big_messages_are_signed_in_a_worker_process(
+    env: RelayEnv, dns_server: DnsServer, rsa_keys: list[Key]
+) -> None:
+    publish(dns_server, "s1", rsa_keys[0])
+    relay = env.start(settings(env, dkim_config(env.directory / "dkim", ("s1", rsa_keys[0]))))
+    big = plain(1)
+    line = "a line of a big report, long enough to count for something at all\n"
+    big.set_content(line * (2 * PROCESS_SIGNING_BYTES // len(line)) + "END-OF-MESSAGE 1\n")
+    submit(env, relay, big)
+    delivered = received(env, 1)
+    assert len(delivered) > 2 * PROCESS_SIGNING_BYTES
+    assert verify_all(delivered, dns_server) == [True]
+    assert relay.relay is not None
+    assert relay.relay.dkim._processes is not None  # it went the process way
+
+
 # -- the key files and the contract (pure) ------------------------------------------------------
+
+
+def test_line_endings_agree_with_aiosmtplib() -> None:
+    """The copy in mail/dkim.py (aiosmtplib.protocol's LINE_ENDINGS_REGEX is not public API)
+    must make the same bytes as aiosmtplib sends, or signatures break."""
+    samples = [
+        b"a\r\nb\nc\rd\r\r\ne\n\rf\r",
+        b"\r\r\n\n\r\n\r",
+        b"From: x\n\nbody\r\n.\r\n",
+        bytes(range(256)) * 3,
+    ]
+    for sample in samples:
+        assert crlf(sample) == aiosmtplib.protocol.LINE_ENDINGS_REGEX.sub(b"\r\n", sample)
+
+
+def test_dkimpy_sees_the_from_that_is_signed() -> None:
+    assert dkimpy_from_fields(canonical(b"From : a@example.com\nTo: b\n\nbody\n")) == 1
+    assert dkimpy_from_fields(b"From a@example.com\r\nTo: b\r\n\r\n") == 0  # mbox line
+    assert dkimpy_from_fields(b"To: b\r\nbad line\r\n\r\n") is None
+    assert (
+        canonical(b"A : 1\n B : folded\n\nC : body\n") == b"A: 1\r\n B : folded\r\n\r\nC : body\r\n"
+    )
+    assert sign_message(b"To: b@example.com\r\n\r\nbody\r\n", "example.com", []) is None
+
+
+def test_no_key_material_in_reprs(rsa_keys: list[Key], tmp_path: Path) -> None:
+    path = tmp_path / "k.pem"
+    path.write_bytes(rsa_keys[0].file)
+    store = KeyStore()
+    private = store.get(path, DkimAlgorithm.RSA_SHA256)
+    assert isinstance(private, bytes)
+    body = [line for line in private.decode().splitlines() if "-----" not in line]
+    texts = [repr(store), str(store), repr(store._keys), str(list(store._keys.values()))]
+    texts.append(repr(SigningKey("s1", DkimAlgorithm.RSA_SHA256, private)))
+    for text in texts:
+        for line in body[:3] + body[-2:]:
+            assert line not in text
 
 
 def test_key_files_load_in_the_documented_formats(rsa_keys: list[Key]) -> None:

@@ -571,8 +571,14 @@ class SmtpTransport:
         self, client: aiosmtplib.SMTP, rcpts: list[str], mail_from: str, body: bytes
     ) -> tuple[dict[str, RecipientResult], bool]:
         """Returns the results and whether the connection can carry another message."""
+        # An 8-bit body says so (RFC 6152) where the server offers 8BITMIME, so no hop converts
+        # it to 7-bit (which would break its DKIM signature, RFC 6376 5.3). A server without
+        # 8BITMIME gets the bytes as they are: RFC 6152 would have the client convert, but a
+        # conversion after signing breaks the signature for certain (docs/deliverability.md).
+        eight_bit = not body.isascii() and client.supports_extension("8bitmime")
+        options = ["BODY=8BITMIME"] if eight_bit else []
         try:
-            await client.mail(mail_from)
+            await client.mail(mail_from, options=options)
         except aiosmtplib.SMTPServerDisconnected as exc:
             raise _StaleConnectionError from exc
         except aiosmtplib.SMTPSenderRefused as exc:

@@ -8,7 +8,10 @@ the message as it is before any of them (``h=`` never lists DKIM-Signature), so 
 all made over the same bytes and put in front in any order.
 
 Line endings are made CRLF first, exactly as aiosmtplib does on the way out (bare CR and
-bare LF become CRLF): what is signed is byte for byte what the upstream receives.
+bare LF become CRLF), and field names written in RFC 5322's obsolete form with white space
+before the colon (``From :``) are written ``From:`` (:func:`canonical`): dkimpy's parser drops
+a ``From :`` line as an mbox ``From`` line (its signature would cover no From) and refuses a
+``Subject :`` line. What is signed is byte for byte what the upstream receives.
 
 :func:`load_private_key` reads a key file in the formats the contract documents
 (:class:`txmail_relay.contract.DkimKey`) with ``cryptography`` and hands dkimpy the form it
@@ -49,7 +52,10 @@ SIGNED_HEADERS = (
     "List-Unsubscribe-Post",
 )
 MIN_RSA_BITS = 1024  # RFC 8301 3.2: verifiers must refuse smaller keys
-_LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")  # aiosmtplib's LINE_ENDINGS_REGEX
+# aiosmtplib's LINE_ENDINGS_REGEX (aiosmtplib.protocol, not public API: tests check they agree)
+_LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")
+# A field line (not a continuation) with white space between its name and the colon.
+_OBS_FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]+:", re.MULTILINE)
 _CANONICALIZE = (b"relaxed", b"relaxed")
 
 
@@ -143,6 +149,28 @@ def include_headers(message: bytes) -> list[bytes]:
 def crlf(message: bytes) -> bytes:
     """Line endings as aiosmtplib sends them."""
     return _LINE_ENDINGS.sub(b"\r\n", message)
+
+
+def canonical(message: bytes) -> bytes:
+    """``message`` as it is signed and sent: CRLF line endings (:func:`crlf`), and field names
+    without white space before the colon (RFC 5322 4.5's obsolete ``From :`` means the same
+    field as ``From:``; dkimpy reads only the latter). The body is not touched."""
+    message = crlf(message)
+    end = message.find(b"\r\n\r\n")
+    head, body = (message, b"") if end < 0 else (message[: end + 2], message[end + 2 :])
+    return _OBS_FIELD_NAME.sub(rb"\1:", head) + body
+
+
+def dkimpy_from_fields(message: bytes) -> int | None:
+    """How many From fields dkimpy sees in ``message`` (:func:`canonical` form), or None if
+    it cannot parse the header section: the signature's ``h=from`` covers exactly these."""
+    end = message.find(b"\r\n\r\n")
+    head = message if end < 0 else message[: end + 4]
+    try:
+        fields, _ = dkim.rfc822_parse(head)
+    except dkim.MessageFormatError:
+        return None
+    return sum(1 for name, _ in fields if name.lower() == b"from")
 
 
 def signature(message: bytes, domain: str, key: SigningKey, headers: Sequence[bytes]) -> bytes:
