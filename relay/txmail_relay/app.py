@@ -184,7 +184,8 @@ class Relay:
         self._size_gates()
         await self.spool_lock.acquire()  # the spool folder holds the SQLite records too
         await self.records.open()
-        for msg in await asyncio.to_thread(self.spool.recover):
+        recovered = await asyncio.to_thread(self.spool.recover)
+        for msg in recovered:
             self.queue.enqueue(msg)
         self.spool.start()
         await self._start_http()
@@ -211,7 +212,9 @@ class Relay:
             ready.cancel()
             source.result()
             raise RuntimeError("the configuration source stopped before it was ready")
-        await self.warmup.load()  # today's count, before recovered mail is admitted
+        # Today's count and what it already counted of the recovered mail, before that mail
+        # is admitted.
+        await self.warmup.load([msg.id for msg in recovered])
         self.queue.start()
         self._tasks.append(loop.create_task(self.warmup.run(), name="warmup"))
         self._tasks.append(loop.create_task(self.stats.run(), name="stats"))

@@ -332,6 +332,8 @@ class DeliveryQueue:
             self._defer(job, due)
         elif not msg.pending():
             self._messages.pop(msg.id, None)
+            if self._warmup is not None:
+                self._warmup.finished(msg)
 
     def _publish(self, event: OutcomeEvent) -> None:
         level = logging.INFO if event.outcome is Outcome.DELIVERED else logging.WARNING

@@ -9,9 +9,8 @@ up to the new room, oldest first; once warm-up is off or done every held recipie
 
 What counts: each recipient the first time it is handed to delivery. A retry after a 4xx is
 the same message and is not counted again (its job has attempts), nor is a recipient that
-comes back without an attempt (a destination paused by shaping); mail recovered from the
-spool after a restart is counted again if it had been attempted but not finished, so a
-restart can only make the day look fuller than it was, never let more out.
+comes back without an attempt (a destination paused by shaping), nor after a restart: the
+recipients counted are kept in the records per spooled message until it is finished.
 
 The day's count is kept in the records (:mod:`txmail_relay.records.warmup`) and read at
 start, so a restart keeps what the day already used. A charge is written without waiting
@@ -20,8 +19,13 @@ forgets those recipients, the spool's own at-least-once window.
 
 Queue lifetime: a held message's ``maxLifetime`` counts from its release, not from its
 reception (:meth:`WarmupGate.lifetime_start`): a message held for days still gets the whole
-retry period once it is allowed out. The release time is kept in memory; after a restart the
-lifetime of a message released before it counts from its reception again.
+retry period once it is allowed out. The release time is kept in the records with the rest,
+so it holds after a restart too (and a message held before one starts its lifetime when the
+restarted relay lets it out).
+
+Until the operator records ``startedAt`` the relay counts days from when it first ran with
+warm-up on (kept in the records; forgotten when warm-up is turned off), so held mail still
+goes out on later days' budgets; the operator's start replaces it once known.
 
 The clock is a constructor argument (``clock``, seconds since the epoch like ``time.time``):
 tests move it a day instead of sleeping. :meth:`WarmupGate.run` looks at it every
@@ -33,15 +37,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from txmail_relay.contract import WarmupConfig, WarmupStats
 from txmail_relay.records.database import background
-from txmail_relay.records.warmup import WarmupCounts
+from txmail_relay.records.warmup import AdmittedMessage, WarmupCounts
 from txmail_relay.spool.segments import SpooledMessage
 
 log = logging.getLogger(__name__)
@@ -76,13 +79,10 @@ class WarmupGate:
         self._held_messages: dict[str, int] = {}  # spool id -> recipients held
         self._release: Release | None = None
         self._lifetime_clock: Callable[[], float] = time.time
-        self._released: weakref.WeakKeyDictionary[SpooledMessage, float] = (
-            weakref.WeakKeyDictionary()
-        )
-        # Recipients already counted, per message (kept while the message is).
-        self._admitted: weakref.WeakKeyDictionary[SpooledMessage, set[int]] = (
-            weakref.WeakKeyDictionary()
-        )
+        # Per spool id: recipients already counted, held or not, released when (kept in the
+        # records too, until the queue says the message is finished).
+        self._messages: dict[str, AdmittedMessage] = {}
+        self._local_start: float | None = None  # day 1 while startedAt is unknown
 
     def bind(self, release: Release, lifetime_clock: Callable[[], float]) -> None:
         """The queue's entry for released recipients, and its clock (lifetimes)."""
@@ -98,14 +98,34 @@ class WarmupGate:
         return self._config() or _OFF
 
     def _current(self) -> tuple[WarmupConfig, tuple[str, int], int | None]:
-        """The schedule, today's key and today's budget (None: no limit); changes nothing."""
+        """The schedule, today's key and today's budget (None: no limit); changes nothing.
+
+        Without the operator's ``startedAt`` the relay's own start stands in for it (the
+        key's start stays ``""``)."""
         cfg = self._warmup()
-        day = cfg.day(self._now())
         start = cfg.started_at.isoformat() if cfg.started_at is not None else ""
+        if cfg.started_at is None and cfg.active and self._local_start is not None:
+            own = datetime.fromtimestamp(self._local_start, UTC)
+            cfg = cfg.model_copy(update={"started_at": own})
+        day = cfg.day(self._now())
         return cfg, (start, day), cfg.budget(day)
+
+    def _own_clock(self) -> None:
+        """Start the relay's own day 1 (warm-up on, no startedAt), or forget it (off)."""
+        configured = self._config()
+        if configured is None:
+            return  # not configured yet: nothing to decide
+        if configured.active and configured.started_at is None:
+            if self._local_start is None:
+                self._local_start = self._clock()
+                background(self._counts.set_clock(self._local_start))
+        elif not configured.active and self._local_start is not None:
+            self._local_start = None
+            background(self._counts.set_clock(None))
 
     def _today(self) -> tuple[WarmupConfig, tuple[str, int], int | None]:
         """:meth:`_current`, moving the count to a new day (which starts at 0)."""
+        self._own_clock()
         cfg, key, budget = self._current()
         day = key[1]
         if key != self._key:
@@ -115,8 +135,15 @@ class WarmupGate:
             self._key = key
         return cfg, key, budget
 
-    async def load(self) -> None:
-        """Read today's count from the records (at start, once the configuration is known)."""
+    async def load(self, queued: Collection[str] = ()) -> None:
+        """Read today's count and what is known of the ``queued`` messages (the spool's)
+        from the records, at start once the configuration is known; forget the others."""
+        self._local_start = await self._counts.clock()
+        known = await self._counts.messages()
+        self._messages = {i: known[i] for i in queued if i in known}
+        gone = [i for i in known if i not in self._messages]
+        if gone:
+            await self._counts.forget(gone)
         cfg, key, _budget = self._today()
         if cfg.active:
             self._sent = await self._counts.sent(*key)
@@ -135,7 +162,8 @@ class WarmupGate:
             return tuple(indices)
         # Admitted before and back without an attempt (a destination paused by shaping, say):
         # counted already.
-        seen = self._admitted.get(msg, set())
+        state = self._messages.get(msg.id)
+        seen = state.admitted if state is not None else set()
         again = tuple(i for i in indices if i in seen)
         wanted = tuple(i for i in indices if i not in seen)
         if not wanted:
@@ -150,9 +178,8 @@ class WarmupGate:
         if self._held:  # still waiting: this one queues behind them
             room = 0
         take, rest = wanted[:room], wanted[room:]
-        if take:
-            self._charge(key, len(take))
-            self._admitted.setdefault(msg, set()).update(take)
+        if take or rest:
+            self._note(msg, take, key, held=bool(rest))
         if rest:
             self._held.append(_Held(msg, rest))
             self._held_recipients += len(rest)
@@ -167,7 +194,15 @@ class WarmupGate:
 
     def lifetime_start(self, msg: SpooledMessage) -> float:
         """Where ``msg``'s queue lifetime starts (its release, if it was held)."""
-        return self._released.get(msg, msg.received_at)
+        state = self._messages.get(msg.id)
+        if state is None or state.released_at is None:
+            return msg.received_at
+        return max(msg.received_at, state.released_at)
+
+    def finished(self, msg: SpooledMessage) -> None:
+        """The queue is done with ``msg``: forget what is kept of it."""
+        if self._messages.pop(msg.id, None) is not None:
+            background(self._counts.forget([msg.id]))
 
     def holding(self) -> bool:
         """Whether anything is held now (the send API looks a send's messages up only then)."""
@@ -236,9 +271,24 @@ class WarmupGate:
         left = (upcoming - self._now()).total_seconds()
         return max(0.01, min(self._check_interval, left))
 
-    def _charge(self, key: tuple[str, int], n: int) -> None:
-        self._sent += n
-        background(self._counts.add(key[0], key[1], n))
+    def _note(
+        self,
+        msg: SpooledMessage,
+        counted: Sequence[int],
+        key: tuple[str, int] | None,
+        *,
+        held: bool = False,
+    ) -> None:
+        """Count ``counted`` recipients of ``msg`` on ``key`` (None: no limit, no count) and
+        keep it in the records: a message ever held starts its lifetime when some of it goes."""
+        state = self._messages.setdefault(msg.id, AdmittedMessage())
+        state.admitted.update(counted)
+        if counted and state.held:
+            state.released_at = self._lifetime_clock()
+        state.held = state.held or held
+        if key is not None:
+            self._sent += len(counted)
+        background(self._counts.note(key, len(counted), msg.id, state))
 
     def _drain(self, budget: int) -> None:
         key = self._key
@@ -250,22 +300,22 @@ class WarmupGate:
                 entry.indices = rest
             else:
                 self._held.popleft()
-            self._charge(key, len(take))
-            self._let_go(entry.msg, take)
+            self._let_go(entry.msg, take, key)
 
     def _release_all(self) -> None:
         while self._held:
             entry = self._held.popleft()
-            self._let_go(entry.msg, entry.indices)
+            self._let_go(entry.msg, entry.indices, None)
 
-    def _let_go(self, msg: SpooledMessage, indices: tuple[int, ...]) -> None:
+    def _let_go(
+        self, msg: SpooledMessage, indices: tuple[int, ...], key: tuple[str, int] | None
+    ) -> None:
         self._held_recipients -= len(indices)
         left = self._held_messages.get(msg.id, 0) - len(indices)
         if left > 0:
             self._held_messages[msg.id] = left
         else:
             self._held_messages.pop(msg.id, None)
-        self._released[msg] = self._lifetime_clock()
-        self._admitted.setdefault(msg, set()).update(indices)
+        self._note(msg, indices, key)
         if self._release is not None:
             self._release(msg, indices)

@@ -106,7 +106,30 @@ _MESSAGES_BY_STATUS = """
 CREATE INDEX messages_status_id ON messages (status_id) WHERE status_id IS NOT NULL;
 """
 
-MIGRATIONS: tuple[str, ...] = (_SENDS_AND_EVENTS, _SUPPRESSIONS, _WARMUP, _MESSAGES_BY_STATUS)
+# IP warm-up across restarts (records/warmup.py): per spooled message the recipients already
+# counted and when it was let out after being held (its queue lifetime starts then), deleted
+# when the message is finished; and the relay's own day 1 while the operator has not recorded
+# startedAt (one row at most).
+_WARMUP_MESSAGES = """
+CREATE TABLE warmup_messages (
+    spool_id TEXT PRIMARY KEY,
+    admitted TEXT NOT NULL,
+    held INTEGER NOT NULL,
+    released_at REAL
+);
+CREATE TABLE warmup_clock (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    started_at REAL NOT NULL
+);
+"""
+
+MIGRATIONS: tuple[str, ...] = (
+    _SENDS_AND_EVENTS,
+    _SUPPRESSIONS,
+    _WARMUP,
+    _MESSAGES_BY_STATUS,
+    _WARMUP_MESSAGES,
+)
 VERSION = len(MIGRATIONS)
 
 
