@@ -87,6 +87,11 @@ class _SMTP(SMTP):
             refusing = owner.refusing
             if refusing:
                 owner.refused.append(time.monotonic())
+        if owner.tarpitting:  # accepts and never says a word (the greeting never comes)
+            self._refused = True
+            with owner.lock:
+                owner.held.append(transport)
+            return
         if refusing:  # a greeting of 421 (RFC 5321 3.1), then the connection is closed
             self._refused = True
             assert isinstance(transport, asyncio.WriteTransport)
@@ -119,6 +124,8 @@ class MailServer:
         self.activity = activity or Activity()
         self.data_delay = data_delay
         self.refusing = False
+        self.tarpitting = False  # accepts, then silence
+        self.held: list[asyncio.BaseTransport] = []  # the tarpitted connections
         self.connections = 0
         self.refused: list[float] = []
         self.messages: list[tuple[int, list[str]]] = []  # (connection number, recipients)
@@ -141,6 +148,10 @@ class MailServer:
             return counts
 
     def stop(self) -> None:
+        with self.lock:
+            held, self.held = self.held, []
+        for transport in held:
+            self._controller.loop.call_soon_threadsafe(transport.close)
         self._controller.stop()
 
 
@@ -187,6 +198,7 @@ def _wake(future: asyncio.Future[None]) -> None:
 
 
 PORT = free_port("127.0.0.2")
+TAR_DOMAINS = 16  # twice the test relay's 8 workers
 
 
 @pytest.fixture
@@ -217,6 +229,9 @@ def dns() -> Iterator[DnsServer]:
             "mx.down.test": {"A": ["127.0.0.4"]},
             "up.test": {"MX": ["10 mx.up.test."]},
             "mx.up.test": {"A": ["127.0.0.5"]},
+            # Many domains with one MX host that no pattern names: one destination.
+            **{f"tar{i}.test": {"MX": ["10 mx.tar.test."]} for i in range(TAR_DOMAINS)},
+            "mx.tar.test": {"A": ["127.0.0.7"]},
             # A destination whose server is not up yet (its connections are refused).
             "late.test": {"MX": ["10 mx.late.test."]},
             "mx.late.test": {"A": ["127.0.0.6"]},
@@ -377,6 +392,34 @@ def test_a_destination_answering_421_is_paused_not_hammered_and_recovers(
     queue = relay.relay.queue if relay.relay is not None else None
     assert queue is not None
     wait_for(lambda: relay.call(queue.depth) == 0, what="an empty queue")
+
+
+def test_a_probe_caught_in_a_tarpit_holds_one_worker_not_all(
+    env: RelayEnv, dns: DnsServer, servers: Callable[..., MailServer]
+) -> None:
+    """16 domains share one MX host no pattern names (one destination, named by it). It
+    answers 421, so it is paused; when the pause ends its probe meets a tarpit (no greeting
+    for the relay's 30 s connect timeout). Its other domains' mail must wait in the queue,
+    not in workers waiting for the probe's one connection: mail to another destination
+    still goes at once."""
+    tar = servers("127.0.0.7")
+    up = servers("127.0.0.5")
+    tar.refusing = True
+    relay = _start(env, dns, {"pause": {"initialSeconds": 2, "maxSeconds": 2}})
+    with env.client(relay) as smtp:
+        for seq in range(TAR_DOMAINS):
+            smtp.sendmail("app@example.com", [f"user{seq}@tar{seq}.test"], message(seq))
+    wait_for(lambda: tar.refused, what="a 421 from the destination")
+    tar.refusing, tar.tarpitting = False, True  # before the pause (2 s) ends
+    wait_for(lambda: tar.held, timeout=15, what="the probe in the tarpit")
+    _submit(env, relay, "up.test", 10, first=100)
+    wait_for(
+        lambda: up.recipients() == _expected("up.test", 10, first=100),
+        timeout=8,
+        what="mail to another destination while the probe hangs",
+    )
+    assert len(tar.held) == 1  # one probe, not one per domain
+    assert tar.recipients() == []
 
 
 def test_refused_connections_are_retried_on_schedule_not_paused(

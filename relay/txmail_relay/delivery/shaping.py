@@ -221,6 +221,7 @@ class SiteState:
     backoff: Backoff
     bucket: TokenBucket | None = None
     open: int = 0
+    attempts: int = 0  # deliveries in flight (delivery/transport.py holds them to a cap)
     failures: int = 0  # answered attempts in a row that got only 4xx
     paused_until: float | None = None
     probing: bool = False  # paused before and not delivered since: one connection at a time

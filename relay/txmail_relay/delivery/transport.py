@@ -34,7 +34,7 @@ import dns.resolver
 
 from txmail_relay.config.live import LiveConfig
 from txmail_relay.contract import DeliveryMode, RelayConfig, SmarthostConfig, SmarthostTLS
-from txmail_relay.delivery.shaping import Shaper, SiteState
+from txmail_relay.delivery.shaping import SMARTHOST, Shaper, SiteState
 from txmail_relay.outcomes import Outcome
 from txmail_relay.settings import OutboundSettings, RetrySettings
 
@@ -397,11 +397,14 @@ class SmtpTransport:
         known = shaper.known(domain) if shaper.enabled else None
         if known is None:
             return Destination(f"domain {domain}", self._per_domain)
-        # A named destination (gmail, ...) is scheduled as one, so its many domains share one
-        # share of the workers; one named by its MX hosts keeps the domain's share (its
-        # connections are still counted together).
-        key = f"site {known.name}" if known.named else f"domain {domain}"
-        return Destination(key, _cap(known, self._per_domain), shaper.paused_for(known))
+        # Every known destination (a named one, gmail, ..., or one named by its MX hosts) is
+        # scheduled as one, so its many domains share one share of the workers and its
+        # waiters are capped by the queue, not parked in workers (a probe in a tarpit holds
+        # one worker). A domain not looked up yet keeps its own key: _deliver_group then
+        # holds the destination to the same cap without waiting.
+        return Destination(
+            f"site {known.name}", _cap(known, self._per_domain), shaper.paused_for(known)
+        )
 
     async def deliver(
         self, mail_from: str, recipients: Sequence[str], body: bytes
@@ -419,9 +422,10 @@ class SmtpTransport:
             for rcpt in recipients:
                 groups[_domain(rcpt)].append(rcpt)
         merged: dict[str, RecipientResult] = {}
+        claims: dict[SiteState, int] = {}  # this attempt's groups in flight per destination
         outcomes = await asyncio.gather(
             *(
-                self._deliver_group(relay, domain, rcpts, mail_from, body)
+                self._deliver_group(relay, domain, rcpts, mail_from, body, claims)
                 for domain, rcpts in groups.items()
             )
         )
@@ -430,8 +434,17 @@ class SmtpTransport:
         return [merged[r] for r in recipients]
 
     async def _deliver_group(
-        self, relay: RelayConfig, domain: str, rcpts: list[str], mail_from: str, body: bytes
+        self,
+        relay: RelayConfig,
+        domain: str,
+        rcpts: list[str],
+        mail_from: str,
+        body: bytes,
+        claims: dict[SiteState, int],
     ) -> dict[str, RecipientResult]:
+        known = self.shaper.known(domain) if domain and self.shaper.enabled else None
+        if known is not None and (reply := self._held(known, claims)):  # spare the lookup
+            return _not_attempted(reply, rcpts)
         try:
             routes, site = await self._routes(relay, domain)
         except LookupFailedError as exc:
@@ -441,20 +454,43 @@ class SmtpTransport:
             return dict.fromkeys(rcpts, RecipientResult(Outcome.DEFERRED, _describe(exc)))
         if site is None:
             return await self._via(routes, rcpts, mail_from, body)
-        if self.shaper.paused_for(site) > 0.0:  # not even a connection: the queue waits
-            return _not_attempted(site, rcpts)
-        await self.shaper.throttle(site)
-        if self.shaper.paused_for(site) > 0.0:  # paused while it waited for the rate
-            return _not_attempted(site, rcpts)
+        if reply := self._held(site, claims):  # not even a connection: the queue waits
+            return _not_attempted(reply, rcpts)
+        claims[site] = claims.get(site, 0) + 1
+        if claims[site] == 1:
+            site.attempts += 1
         try:
-            results = await self._via(routes, rcpts, mail_from, body, site)
-        except DestinationPausedError:
-            return _not_attempted(site, rcpts)
+            await self.shaper.throttle(site)
+            if self.shaper.paused_for(site) > 0.0:  # paused while it waited for the rate
+                return _not_attempted(_paused(site), rcpts)
+            try:
+                results = await self._via(routes, rcpts, mail_from, body, site)
+            except DestinationPausedError:
+                return _not_attempted(_paused(site), rcpts)
+        finally:
+            claims[site] -= 1
+            if not claims[site]:
+                del claims[site]
+                site.attempts -= 1
         self.shaper.record(
             site,
             [(r.outcome is Outcome.DELIVERED, r.reply, r.answered) for r in results.values()],
         )
         return results
+
+    def _held(self, site: SiteState, claims: dict[SiteState, int]) -> str | None:
+        """Why an attempt to ``site`` must not start now (None: it may): paused, or as many
+        attempts in flight as the queue gives it (some scheduled under their domain before
+        its lookup was known; this attempt's other domains there count as one). Never a
+        wait: a worker does not sit behind a destination's probe or limit."""
+        if self.shaper.paused_for(site) > 0.0:
+            return _paused(site)
+        if site in claims:
+            return None
+        share = self._concurrency if site.name == SMARTHOST else self._per_domain
+        if site.attempts >= _cap(site, share):
+            return f"451 4.4.5 destination {site.name} busy: {site.attempts} attempts in flight"
+        return None
 
     async def _routes(
         self, relay: RelayConfig, domain: str
@@ -607,8 +643,11 @@ class SmtpTransport:
         return results, True
 
 
-def _not_attempted(site: SiteState, rcpts: list[str]) -> dict[str, RecipientResult]:
-    reply = f"451 4.4.5 destination {site.name} paused after: {site.reason}"
+def _paused(site: SiteState) -> str:
+    return f"451 4.4.5 destination {site.name} paused after: {site.reason}"
+
+
+def _not_attempted(reply: str, rcpts: list[str]) -> dict[str, RecipientResult]:
     return dict.fromkeys(rcpts, RecipientResult(Outcome.DEFERRED, reply, attempted=False))
 
 
