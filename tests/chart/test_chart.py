@@ -220,6 +220,15 @@ def test_operator_deployment_defaults() -> None:
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
 
 
+def test_settings_added_later_may_be_absent() -> None:
+    """``helm upgrade --reuse-values`` from a release older than a setting has no value for
+    it (null here removes the chart's default, as the old release's values lack it)."""
+    env = _env(objects(sets=["operator.dnsNameservers=null", "operator.dnsTimeout=null"]))
+    assert (env["TXMAIL_DNS_NAMESERVERS"], env["TXMAIL_DNS_TIMEOUT"]) == ("", "5")
+    settings = Settings.from_env({k: v for k, v in env.items() if k.startswith("TXMAIL_")})
+    assert (settings.dns_nameservers, settings.dns_timeout) == ((), 5.0)
+
+
 def test_operator_pod_meets_pod_security_restricted() -> None:
     pod = _deployment(objects())["spec"]["template"]["spec"]
     (container,) = pod["containers"]
