@@ -23,6 +23,7 @@ from txmail_relay.contract import (
     ShapingLimits,
     ShapingPause,
 )
+from txmail_relay.delivery import shaping
 from txmail_relay.delivery.shaping import (
     BUILTIN_SITES,
     Backoff,
@@ -300,6 +301,37 @@ async def test_connections_that_fail_neither_pause_nor_count_nor_reset() -> None
     assert site.connection_limit == 1  # still probed, one connection at a time
     shaper.record(site, [OK])
     assert site.connection_limit is None
+    await asyncio.sleep(0)
+
+
+async def test_the_destination_map_forgets_failing_ones_nobody_uses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At its cap the map drops idle destinations, and failing or probed ones unused for
+    longer than the longest pause and retry backoff (their mail is delivered or expired);
+    ones in use, paused or failing lately stay."""
+    monkeypatch.setattr(shaping, "SITE_CACHE_SIZE", 5)
+    clock = FakeClock()
+    shaper = _shaper(clock, pause={"maxSeconds": 100, "afterFailures": 5})
+    shaper.max_backoff = 50
+    failing = shaper.site("fail.test", ["mx.fail.test"])
+    shaper.record(failing, [BUSY])  # one 4xx: a streak to remember
+    probed = shaper.site("probed.test", ["mx.probed.test"])
+    shaper.refused(probed, CLOSING[1])
+    clock.value += 100  # the pause is over: probed, one connection at a time
+    busy = shaper.site("busy.test", ["mx.busy.test"])
+    shaper.opened(busy)
+    shaper.site("idle.test", ["mx.idle.test"])
+    recent = shaper.site("recent.test", ["mx.recent.test"])
+    shaper.record(recent, [BUSY])
+    clock.value += 51  # failing and probed unused for 151 s, longer than 100 + 50 s
+    shaper.site("new.test", ["mx.new.test"])  # at the cap (5): the map is swept
+    assert shaper.known("fail.test") is None
+    assert shaper.known("probed.test") is None
+    assert shaper.known("idle.test") is None
+    assert shaper.known("busy.test") is busy  # a connection open
+    assert shaper.known("recent.test") is recent  # failing, but used lately
+    assert shaper.known("new.test") is not None
     await asyncio.sleep(0)
 
 

@@ -222,6 +222,7 @@ class SiteState:
     bucket: TokenBucket | None = None
     open: int = 0
     attempts: int = 0  # deliveries in flight (delivery/transport.py holds them to a cap)
+    used: float = 0.0  # when a delivery last looked it up (clock time)
     failures: int = 0  # answered attempts in a row that got only 4xx
     paused_until: float | None = None
     probing: bool = False  # paused before and not delivered since: one connection at a time
@@ -261,8 +262,13 @@ class Shaper:
         clock: Clock | None = None,
         metrics: RelayMetrics | None = None,
         wall: Callable[[], float] = time.time,
+        max_backoff: float = 3600.0,
     ) -> None:
         self._store = store
+        # The queue's longest retry backoff: a failing destination's mail comes back within
+        # it (after its pause), so a state unused for longer has no mail left to shape.
+        self.max_backoff = max_backoff
+        self._next_forget = -math.inf
         self.clock: Clock = clock or MonotonicClock()
         self._metrics = metrics
         self._wall = wall
@@ -333,7 +339,9 @@ class Shaper:
 
     def smarthost(self) -> SiteState:
         policy = self.policy()
-        return self._state(SMARTHOST, policy.smarthost, named=True)
+        state = self._state(SMARTHOST, policy.smarthost, named=True)
+        state.used = self.clock.now()
+        return state
 
     def known(self, domain: str) -> SiteState | None:
         """The destination of ``domain`` if a lookup learnt it lately, else None."""
@@ -349,9 +357,13 @@ class Shaper:
     def site(self, domain: str, hosts: Sequence[str]) -> SiteState:
         """The destination of ``domain``, whose MX hosts are ``hosts`` (remembered)."""
         site = self.policy().site(hosts)
-        if len(self._states) >= SITE_CACHE_SIZE:
+        now = self.clock.now()
+        if len(self._states) >= SITE_CACHE_SIZE and now >= self._next_forget:
             self._forget_idle()
+            if len(self._states) >= SITE_CACHE_SIZE:  # all in use: look again in a minute,
+                self._next_forget = now + 60.0  # not on every call
         state = self._state(site.name, site.limits, named=bool(site.patterns))
+        state.used = now
         self._domains.pop(domain, None)
         if len(self._domains) >= SITE_CACHE_SIZE:
             del self._domains[next(iter(self._domains))]
@@ -359,11 +371,16 @@ class Shaper:
         return state
 
     def _forget_idle(self) -> None:
-        """Drop destinations with no connection, pause, probe or failure to remember (only
-        at SITE_CACHE_SIZE of them; a dropped one's bucket starts full again)."""
+        """Drop destinations with no connection, pause, probe or failure to remember, and
+        failing or probed ones no delivery looked up for longer than a pause and a retry
+        backoff (their mail is gone) (only at SITE_CACHE_SIZE of them; a dropped one's
+        bucket starts full again)."""
         now = self.clock.now()
+        stale = now - (self._policy.pause.max_seconds + self.max_backoff)
         for name, state in list(self._states.items()):
-            if not (state.open or state.failures or state.probing or state.remaining(now)):
+            if state.open or state.attempts or state.remaining(now):
+                continue
+            if not (state.failures or state.probing) or state.used < stale:
                 del self._states[name]
         known = set(self._states)
         self._domains = {d: e for d, e in self._domains.items() if e[0] in known}

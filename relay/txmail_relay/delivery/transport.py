@@ -352,6 +352,7 @@ class SmtpTransport:
     ) -> None:
         self._store = store
         self.shaper = shaper or Shaper(store)
+        self.shaper.max_backoff = retry.max_backoff
         self._retry = retry
         self._ca_file = outbound.ca_file
         self._concurrency = outbound.concurrency
