@@ -102,7 +102,8 @@ class RelayMetrics:
         self.dkim_signatures = Counter(
             f"{PREFIX}dkim_signatures",
             "DKIM signatures at delivery, by From domain and result (signed, already_signed: "
-            "the app's own signature left alone, key_unavailable, failed: sent without it)",
+            "the app's own signature left alone, previous_key: the new key's file not there "
+            "yet, key_unavailable, failed, unsignable: sent without it)",
             ["domain", "result"],
             registry=registry,
         )
