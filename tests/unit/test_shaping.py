@@ -70,6 +70,22 @@ def test_a_domain_matching_no_pattern_is_named_by_its_mx_host_set() -> None:
     assert rollup.site(["mx.notgoogle.com"]).name == "mx mx.notgoogle.com"
 
 
+def test_a_destination_named_by_many_mx_hosts_has_a_short_name() -> None:
+    """Its name goes into metrics, the stats ConfigMap and the status: past 100 characters
+    it is the first host, how many more, and a digest that tells sets apart."""
+    rollup = Policy.of(None)
+    hosts = [f"mx{i:02}.{'a' * 30}.example.net" for i in range(40)]
+    name = rollup.site(hosts).name
+    assert len(name) <= 100
+    assert name.startswith(f"mx {hosts[0]} +39 ")
+    assert rollup.site(list(reversed(hosts))).name == name  # the same set
+    assert rollup.site(hosts[:-1]).name != name
+    other = [*hosts[:-1], "mx99.other.example.net"]
+    assert rollup.site(other).name not in (name, rollup.site(hosts[:-1]).name)
+    long_one = "mx." + "b" * 240 + ".example"
+    assert len(rollup.site([long_one, "mx2.example.net"]).name) <= 100
+
+
 def test_every_built_in_destination_has_limits() -> None:
     for site in BUILTIN_SITES:
         assert site.patterns

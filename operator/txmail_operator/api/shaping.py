@@ -132,7 +132,8 @@ class Shaping(Model):
 class PausedDestination(Model):
     name: str = Field(
         description="The destination: a named one, or 'mx ' and its MX hosts (a domain "
-        "matching no pattern), or 'smarthost'."
+        "matching no pattern; past 100 characters the first host, how many more, and a "
+        "digest of them all), or 'smarthost'."
     )
     until: datetime = Field(
         description="When the relay tries it again (one probe connection); its mail waits."

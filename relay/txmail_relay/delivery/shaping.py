@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import hashlib
 import logging
 import math
 import time
@@ -56,6 +57,7 @@ OTHER = "other"  # the metric label of every destination without a name of its o
 SITE_CACHE_SECONDS = 600.0  # how long a domain's destination (its MX hosts) is remembered
 SITE_CACHE_SIZE = 10_000
 MAX_REPORTED = 50  # paused destinations in the stats document
+MAX_NAME = 100  # characters of a destination named by its MX hosts
 
 
 def parse_rate(text: str) -> float:
@@ -152,7 +154,18 @@ class Policy:
         for site in self.sites:
             if any(fnmatch.fnmatchcase(h, p) for h in names for p in site.patterns):
                 return site
-        return Site("mx " + ",".join(names), (), self.default)
+        return Site(mx_name(names), (), self.default)
+
+
+def mx_name(hosts: Sequence[str]) -> str:
+    """The name of a destination no pattern names: ``mx`` and its (sorted) MX hosts; past
+    MAX_NAME characters the first host, how many more, and a digest of them all (so two sets
+    never share a name): it goes into metrics, the stats document and the status."""
+    full = "mx " + ",".join(hosts)
+    if len(full) <= MAX_NAME:
+        return full
+    digest = hashlib.sha256(full.encode()).hexdigest()[:12]
+    return f"mx {hosts[0][:60]} +{len(hosts) - 1} {digest}"
 
 
 class TokenBucket:
