@@ -272,3 +272,22 @@ def test_a_start_without_an_offset_is_utc_and_delivery_goes_on(env: RelayEnv) ->
     wait_for(lambda: _settled(relay, sent=2, deferred=1), what="1 recipient held")
     clock.advance(DAY)
     assert _delivered(env, 3) == [1, 2, 3]
+
+
+def test_a_failing_gate_does_not_stop_acceptance_or_delivery(env: RelayEnv) -> None:
+    """A bug in the warm-up gate (injected: its configuration read raises) must not kill
+    the spool writer nor hold mail: every message still gets its 250 and is delivered."""
+    started = time.time()
+    clock = Clock(started + 60)
+    relay = _start(env, clock, _warmup([1, 5], started))
+    assert relay.relay is not None
+    gate = relay.relay.warmup
+
+    def broken() -> None:
+        raise RuntimeError("warm-up gate bug")
+
+    relay.call(lambda: setattr(gate, "_config", broken))
+    _submit(env, relay, range(1, 4))  # each answered 250 (smtplib raises otherwise)
+    assert _delivered(env, 3) == [1, 2, 3]
+    _submit(env, relay, range(4, 5))  # and the writer is still alive
+    assert _delivered(env, 4) == [1, 2, 3, 4]
