@@ -10,6 +10,7 @@ the user names. No private key material ever shows in status, annotations, Event
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 import json
 import uuid
@@ -175,13 +176,23 @@ def test_each_domain_gets_a_key_its_record_and_the_relay_signs_with_it(
         wait_for(lambda: reasons(kit, ip).count("DKIMKeyCreated") == 2, 20, "two Events")
         assert_no_key_material(kit, ip, list(files.values()), operator)
 
-        # Created once: a restarted operator keeps the keys and their selectors.
+        # Created once: a restarted operator keeps the keys and their selectors. A spec
+        # change after the restart, seen in observedGeneration, proves it reconciled since.
         operator.restart()
         operator.wait_ready(kit.api)
         kit.objs.patch_cluster_custom_object(
-            GROUP, VERSION, IPS, ip, {"metadata": {"labels": {"touched": "yes"}}}
+            GROUP,
+            VERSION,
+            IPS,
+            ip,
+            {"spec": {"dns": {"requireVerified": False, "checkIntervalSeconds": 301}}},
         )
-        wait_for(lambda: dkim_of(kit, ip, domains[0]).get("active"), 20, "status after restart")
+        generation = (kit.get(IPS, None, ip) or {})["metadata"]["generation"]
+        wait_for(
+            lambda: status(kit, ip).get("observedGeneration") == generation,
+            30,
+            "a reconcile after the restart",
+        )
         assert digests(key_files(kit, ip)) == digests(files)
         assert {d: dkim_of(kit, ip, d)["active"] for d in domains} == active
     finally:
@@ -252,17 +263,20 @@ def test_a_rotation_switches_signing_only_once_the_next_record_is_published(
         assert b.key_file(domain, first) in key_files(kit, ip)
         wait_for(lambda: "DKIMRotated" in reasons(kit, ip), 20, "DKIMRotated")
 
-        # retireAfterDays 0: the old key goes, and its record is no longer listed.
+        # retireAfterDays 0: the old key still stays a few minutes (b.MIN_RETIRE), for the
+        # relay pod to get the new key file first (its deletion: the unit tests, with a clock).
+        switched = dt.datetime.strptime(dkim["retiring"][0]["retireAt"], "%Y-%m-%dT%H:%M:%SZ")
         patch_dkim(kit, ip, {"keyGeneration": 1, "retireAfterDays": 0})
+        soon = (switched - dt.timedelta(days=7) + b.MIN_RETIRE).strftime("%Y-%m-%dT%H:%M:%SZ")
         wait_for(
-            lambda: b.key_file(domain, first) not in key_files(kit, ip), 30, "the old key deleted"
-        )
-        wait_for(lambda: "DKIMKeyRetired" in reasons(kit, ip), 20, "DKIMKeyRetired")
-        wait_for(
-            lambda: f"{first}._domainkey.{domain}" not in dkim_records(kit, ip),
+            lambda: (
+                dkim_of(kit, ip, domain).get("retiring") == [{"selector": first, "retireAt": soon}]
+            ),
             30,
-            "the old record unlisted",
+            "the old key retires in minutes",
         )
+        assert b.key_file(domain, first) in key_files(kit, ip)
+        assert f"{first}._domainkey.{domain}" in dkim_records(kit, ip)
         assert signing(kit, ip, domain) == [second]
         assert_no_key_material(kit, ip, list(key_files(kit, ip).values()), operator)
     finally:
@@ -314,7 +328,11 @@ def test_a_brought_key_signs_its_domain(
         pem = pkcs8(rsa.generate_private_key(public_exponent=65537, key_size=2048))
         user_secret(kit, secret, pem)
         wait_for(lambda: signing(kit, ip, own) == ["brand2026"], 30, "the brought key signs")
-        assert dkim_of(kit, ip, own) == {"active": ["brand2026"], "source": "Secret"}
+        wait_for(
+            lambda: dkim_of(kit, ip, own) == {"active": ["brand2026"], "source": "Secret"},
+            30,
+            "the brought key in status",
+        )
         (key,) = relay_config(kit, ip).dkim.keys_for(own)
         copied = key_files(kit, ip)[key.key_file]
         assert sha(copied) == sha(pem)  # copied into the relay's key Secret
@@ -329,6 +347,32 @@ def test_a_brought_key_signs_its_domain(
             "the problem cleared",
         )
         assert_no_key_material(kit, ip, [pem], operator)
+
+        # Another key under the same selector would sign before the DNS has its record:
+        # refused, the first key keeps signing (a rotation takes a new selector).
+        other = pkcs8(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+        kit.core.patch_namespaced_secret(
+            secret, kit.operator_namespace, {"data": {"dkim.key": base64.b64encode(other).decode()}}
+        )
+        ready = wait_for(
+            lambda: (
+                (kit.condition(IPS, None, ip) or {}).get("reason") == "ConfigurationInvalid"
+                and kit.condition(IPS, None, ip)
+            ),
+            FOLLOW,
+            "the changed key refused",
+        )
+        assert (
+            f"the key in Secret {kit.operator_namespace}/{secret} changed under selector "
+            "brand2026" in ready["message"]
+        )
+        assert "use a new selector to rotate" in ready["message"]
+        assert signing(kit, ip, own) == ["brand2026"]
+        assert sha(key_files(kit, ip)[key.key_file]) == sha(pem)  # the old key, kept
+        assert "".join(dkim_records(kit, ip)[f"brand2026._domainkey.{own}"]["value"]) == (
+            expected.value
+        )
+        assert_no_key_material(kit, ip, [pem, other], operator)
     finally:
         delete(kit, ip)
         kit.core.delete_namespaced_secret(secret, kit.operator_namespace)
@@ -385,5 +429,46 @@ def test_a_lost_key_is_replaced_under_a_selector_never_used_before(
         )
         assert third.endswith("-3") and signing(kit, ip, domain) == [third]
         assert list(key_files(kit, ip)) == [b.key_file(domain, third)]
+    finally:
+        delete(kit, ip)
+
+
+def test_an_unreadable_state_keeps_signing_and_no_selector_is_used_twice(
+    kit: Kit, domains: list[str]
+) -> None:
+    domain = domains[0]
+    ip = kit.dedicated_ip(
+        domains=[domain], dns={"requireVerified": False, "checkIntervalSeconds": INTERVAL}
+    )
+    try:
+        (first,) = wait_active(kit, ip, domain)
+        name = c.dkim_secret_name(ip)
+        kit.core.patch_namespaced_secret(
+            name, kit.operator_namespace, {"metadata": {"annotations": {b.STATE_ANNOTATION: "{"}}}
+        )
+        ready = wait_for(
+            lambda: (
+                (kit.condition(IPS, None, ip) or {}).get("reason") == "ConfigurationInvalid"
+                and kit.condition(IPS, None, ip)
+            ),
+            FOLLOW,
+            "the unreadable state reported",
+        )
+        assert "cannot read" in ready["message"]
+        # The relay signs as it did, the status keeps the selectors.
+        assert signing(kit, ip, domain) == [first]
+        assert dkim_of(kit, ip, domain).get("active") == [first]
+        # The user deletes the Secret as the message advises: the new key never takes a
+        # selector used before (this month's -1).
+        kit.core.delete_namespaced_secret(name, kit.operator_namespace)
+        (second,) = wait_for(
+            lambda: (
+                (dkim_of(kit, ip, domain).get("active") or [first]) != [first]
+                and dkim_of(kit, ip, domain)["active"]
+            ),
+            FOLLOW,
+            "a new key for the deleted Secret",
+        )
+        assert second.endswith("-2") and signing(kit, ip, domain) == [second]
     finally:
         delete(kit, ip)

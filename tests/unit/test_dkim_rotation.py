@@ -20,6 +20,7 @@ from txmail_operator.api import DedicatedIPSpec
 from txmail_operator.api.dkim import DkimAlgorithm, DkimSpec, DomainDkimStatus
 from txmail_operator.builders import dkim as b
 from txmail_operator.builders.naming import RelayOwner
+from txmail_operator.reconcile import dkim as glue
 from txmail_relay import contract as c
 
 T0 = dt.datetime(2026, 12, 1, 12, 0, 0, tzinfo=dt.UTC)
@@ -554,3 +555,55 @@ def test_the_relay_pod_mounts_the_whole_key_secret_and_its_config_names_the_acti
     assert [k.key_file for k in parsed.dkim.keys_for("example.org")] == [
         "txmail-mta1-202612-1.example.org.pem"
     ]
+
+
+# --- the glue's keys: off the event loop, never in a repr ---------------------------------
+
+
+def test_key_files_and_brought_keys_never_show_their_bytes_in_a_repr() -> None:
+    pem = glue._new_key(b.ED25519)
+    body = pem.decode().splitlines()[1]
+    brought = glue._Brought(b.ED25519, pem, "ab" * 32)
+    files = glue._Files({"s1.example.com.pem": pem})
+    for shown in (repr(brought), repr(files), str(files), repr([files, brought])):
+        assert body not in shown and "PRIVATE KEY" not in shown
+    assert "s1.example.com.pem" in repr(files)
+    assert files == {"s1.example.com.pem": pem}  # still a plain mapping of the bytes
+
+
+def test_public_halves_come_from_the_cache_filled_in_a_thread() -> None:
+    # A new key (made in a thread) and a stored one (parsed by _warm, in a thread) are not
+    # parsed again on the event loop: _plan and _usable only read the cache.
+    made = glue._new_key(b.RSA)
+    assert glue._digest(b.RSA, made) in glue._PUBLIC
+    stored = ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    assert not glue._usable(b.ED25519, stored)  # not parsed yet: nothing parses it here
+    glue._warm([(b.ED25519, stored), (b.RSA, b"not a key")])
+    assert glue._usable(b.ED25519, stored) and not glue._usable(b.RSA, b"not a key")
+    key = serialization.load_pem_private_key(stored, password=None)
+    assert isinstance(key, ed25519.Ed25519PrivateKey)
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    assert glue._public(b.ED25519, stored) == raw
+
+
+def test_the_last_relay_config_keeps_signing_and_its_selectors_from_reuse() -> None:
+    spec = DedicatedIPSpec.model_validate(
+        {"address": "127.0.0.2", "hostname": "mta1.example.com", "domains": DOMAINS}
+    )
+    owner = RelayOwner("mta1", "00000000-0000-4000-8000-000000000001", "txmail-system")
+    state, _ = run(b.DkimState(), wanted(), T0)
+    state, _ = run(state, wanted(DkimSpec(key_generation=1)), T0, always)
+    signing = b.signing_config(state, DOMAINS)
+    config_map = builders.relay_config_map(owner, builders.relay_config("mta1", spec, dkim=signing))
+    assert glue._last_signing(config_map) == signing
+    assert glue._config_serial(signing) == 2
+    assert glue._last_signing(None) == c.DkimConfig()
+    assert glue._last_signing({"data": {c.RELAY_CONFIG_KEY: "{"}}) == c.DkimConfig()
+    # And the status' selectors: retiring ones count too.
+    dkim = keys_of(state).status(WEEK)
+    assert "retiring" in dkim
+    assert (
+        glue._status_serial({"status": {"domains": [{"name": "example.com", "dkim": dkim}]}}) == 2
+    )

@@ -37,12 +37,15 @@ class DkimKeyRef(Model):
         description=f"A Secret in the operator's namespace whose key '{BYOK_SECRET_KEY}' holds "
         "the unencrypted private key in PEM (PKCS#8 'BEGIN PRIVATE KEY' or PKCS#1 'BEGIN RSA "
         "PRIVATE KEY'): RSA of at least 1024 bits (2048 recommended) or Ed25519. The operator "
-        "copies it into the relay's key Secret and re-reads it on every reconcile.",
+        "copies it into the relay's key Secret and re-reads it on every reconcile (another "
+        "key under the same selector is refused: see selector).",
     )
     selector: Selector = Field(
         description="The DKIM selector its public record is published under "
         "(<selector>._domainkey.<domain>): one DNS label, at most 63 characters. Changing it "
-        "(or the Secret) is a rotation: the new key signs once its record verifies."
+        "is a rotation: the new key signs once its record verifies. Another key under a "
+        "selector in use (new Secret content or secretRef) is refused (Ready False, "
+        "ConfigurationInvalid) and the key it had keeps signing: rotate with a new selector."
     )
 
 

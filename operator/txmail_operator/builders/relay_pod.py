@@ -121,8 +121,10 @@ def relay_deployment(
 
     ``tracking_secret`` (the tracking keys Secret, when there is one) is mounted as a folder,
     not with ``subPath``, so the kubelet updates the file in place after a rotation. So is
-    ``dkim_secret`` (the DKIM key Secret), whole: a next key's file appears in the pod while
-    its record waits to verify, before signing switches to it.
+    ``dkim_secret`` (the DKIM key Secret), whole, so new key files appear in the pod. The
+    kubelet syncs it and the relay's ConfigMap separately, so nothing guarantees the file of
+    a key signing switched to is there first: the relay signs with the previous key until it
+    is, and the operator keeps that key (file and record) a while (builders/dkim.MIN_RETIRE).
     """
     ip = owner.name
     name = c.relay_name(ip)

@@ -266,7 +266,7 @@ async def refresh_status(ctx: Context, name: str, tokens: int, emails: int) -> N
     async with ctx.locks.hold(f"dedicatedip/{name}"):
         spec = DedicatedIPSpec.model_validate(body["spec"])
         deployment = await ctx.cache.owned("Deployment", c.relay_name(name))
-        problem = await _config_problem(ctx, spec)
+        problem = await _config_problem(ctx, spec, name)
         status = await _write_status(ctx, body, spec, deployment, tokens, emails, problem)
     if start_recorded(body.get("status"), status):  # first Ready: the relay needs the start
         await reconcile_ip(ctx, with_status(body, status), tokens, emails)
@@ -293,13 +293,13 @@ async def _namespace_missing(
     return True
 
 
-async def _config_problem(ctx: Context, spec: DedicatedIPSpec) -> str | None:
+async def _config_problem(ctx: Context, spec: DedicatedIPSpec, ip: str) -> str | None:
     """A Secret the DedicatedIP names that does not exist (yet), or None."""
     ns = ctx.settings.namespace
     ref = spec.tls.certificate_secret_ref
     if ref is not None and await ctx.cache.owned("Secret", ref.name) is None:
         return f"certificate Secret {ns}/{ref.name} does not exist"
-    return await dkim_problem(ctx, spec) or await _smarthost_problem(ctx, spec)
+    return await dkim_problem(ctx, spec, ip) or await _smarthost_problem(ctx, spec)
 
 
 async def _smarthost_problem(ctx: Context, spec: DedicatedIPSpec) -> str | None:

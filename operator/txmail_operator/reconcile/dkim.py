@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -35,10 +36,12 @@ from .context import Context
 Obj = dict[str, Any]
 RSA_BITS = 2048
 RSA_MIN_BITS = 1024  # RFC 8301: verifiers refuse shorter keys
-# Public halves by the digest of their private PEM: loading an RSA key checks it, which is
-# worth doing once per key, not on every reconcile of every domain.
+# Public halves by the digest of their private PEM: loading an RSA key checks it (~40 ms for
+# 2048 bits), which is worth doing once per key, not on every reconcile of every domain, and
+# never on the event loop: every parse and every new key runs in a thread (:func:`_warm`,
+# :func:`_inspect`, :func:`_new_key`), the loop only reads these caches.
 _PUBLIC: dict[str, bytes] = {}
-_ALGORITHM: dict[str, str] = {}  # the same for the kind of a user's key
+_ALGORITHM: dict[str, tuple[str, bytes]] = {}  # a user's key: its kind and public half
 
 
 @dataclass(frozen=True)
@@ -72,51 +75,79 @@ class DkimPlan:
 @dataclass(frozen=True)
 class _Brought:
     algorithm: str
-    pem: bytes
+    pem: bytes = field(repr=False)  # a private key: never in a repr (tracebacks, test output)
+    fingerprint: str = ""
+
+
+class _Files(dict[str, bytes]):
+    """The key Secret's files (private keys) by name: its repr names the files only."""
+
+    def __repr__(self) -> str:
+        return f"<DKIM key files: {', '.join(sorted(self))}>"
+
+
+def _public_key(key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
+    if isinstance(key, rsa.RSAPrivateKey):
+        return key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _digest(algorithm: str, pem: bytes) -> str:
+    return hashlib.sha256(algorithm.encode() + b"\0" + pem).hexdigest()
 
 
 def _new_key(algorithm: str) -> bytes:
+    """A new private key (PEM), its public half cached (in a thread: RSA takes 50-200 ms)."""
     key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
     if algorithm == b.ED25519:
         key = ed25519.Ed25519PrivateKey.generate()
     else:
         key = rsa.generate_private_key(public_exponent=65537, key_size=RSA_BITS)
-    return key.private_bytes(
+    pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+    _PUBLIC[_digest(algorithm, pem)] = _public_key(key)
+    return pem
+
+
+def _warm(keys: list[tuple[str, bytes]]) -> None:
+    """Parse the keys not parsed yet (in a thread, once per reconcile); an unusable one is
+    left out (:func:`_usable` then says so)."""
+    for algorithm, pem in keys:
+        digest = _digest(algorithm, pem)
+        if digest not in _PUBLIC:
+            with contextlib.suppress(ValueError, TypeError, UnsupportedAlgorithm):
+                _PUBLIC[digest] = b.public_key_bytes(algorithm, pem)
 
 
 def _public(algorithm: str, pem: bytes) -> bytes:
-    digest = hashlib.sha256(algorithm.encode() + b"\0" + pem).hexdigest()
+    digest = _digest(algorithm, pem)
     found = _PUBLIC.get(digest)
-    if found is None:
+    if found is None:  # not warmed (a caller's mistake): correct, if slow
         found = _PUBLIC[digest] = b.public_key_bytes(algorithm, pem)
     return found
 
 
 def _usable(algorithm: str, pem: bytes | None) -> bool:
-    """Whether a stored key file holds a key of ``algorithm`` (one edited by hand may not)."""
-    if pem is None:
-        return False
-    try:
-        _public(algorithm, pem)
-    except (ValueError, TypeError, UnsupportedAlgorithm):
-        return False
-    return True
+    """Whether a stored key file holds a key of ``algorithm`` (one edited by hand may not):
+    after :func:`_warm`, which parsed it."""
+    return pem is not None and _digest(algorithm, pem) in _PUBLIC
 
 
-def _algorithm_of(pem: bytes) -> str:
-    """``rsa`` or ``ed25519``; ValueError (naming no key material) for anything else."""
+def _inspect(pem: bytes) -> tuple[str, bytes]:
+    """A user's key: ``rsa`` or ``ed25519`` and its public half (cached; run in a thread);
+    ValueError (naming no key material) for anything else."""
     digest = hashlib.sha256(pem).hexdigest()
-    if digest in _ALGORITHM:
-        return _ALGORITHM[digest]
-    _ALGORITHM[digest] = algorithm = _check_algorithm(pem)
-    return algorithm
+    if digest not in _ALGORITHM:
+        _ALGORITHM[digest] = _check_algorithm(pem)
+    return _ALGORITHM[digest]
 
 
-def _check_algorithm(pem: bytes) -> str:
+def _check_algorithm(pem: bytes) -> tuple[str, bytes]:
     try:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
@@ -124,10 +155,14 @@ def _check_algorithm(pem: bytes) -> str:
     if isinstance(key, rsa.RSAPrivateKey):
         if key.key_size < RSA_MIN_BITS:
             raise ValueError(f"is an RSA key of {key.key_size} bits (at least {RSA_MIN_BITS})")
-        return b.RSA
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return b.ED25519
-    raise ValueError("is neither an RSA nor an Ed25519 private key")
+        algorithm = b.RSA
+    elif isinstance(key, ed25519.Ed25519PrivateKey):
+        algorithm = b.ED25519
+    else:
+        raise ValueError("is neither an RSA nor an Ed25519 private key")  # noqa: TRY004
+    public = _public_key(key)
+    _PUBLIC[_digest(algorithm, pem)] = public
+    return algorithm, public
 
 
 async def _brought_keys(
@@ -151,7 +186,7 @@ async def _brought_keys(
             continue
         pem = base64.b64decode(data)
         try:
-            algorithm = await asyncio.to_thread(_algorithm_of, pem)
+            algorithm, public = await asyncio.to_thread(_inspect, pem)
         except ValueError as exc:
             problems.append(f"{where}: '{BYOK_SECRET_KEY}' {exc}")
             continue
@@ -160,12 +195,58 @@ async def _brought_keys(
             problems.append(f"{where}: {ref.domain} has two {algorithm} keys (one of each kind)")
             continue
         algorithms.append(algorithm)
-        found[(ref.domain.lower(), ref.selector)] = _Brought(algorithm, pem)
+        found[(ref.domain.lower(), ref.selector)] = _Brought(algorithm, pem, b.fingerprint(public))
     # A domain keeps its keys as they are until every one of its own keys can be read.
     for ref in spec.dkim.keys or []:
         if (ref.domain.lower(), ref.selector) not in found:
             found = {k: v for k, v in found.items() if k[0] != ref.domain.lower()}
     return found, problems
+
+
+def _wanted(
+    spec: DedicatedIPSpec, brought: Mapping[tuple[str, str], _Brought]
+) -> dict[str, b.Wanted | None]:
+    return b.wanted_keys(
+        spec.dkim,
+        spec.domains,
+        {k: v.algorithm for k, v in brought.items()},
+        {k: v.fingerprint for k, v in brought.items()},
+    )
+
+
+def _refused(
+    ns: str, spec: DedicatedIPSpec, state: b.DkimState, wanted: Mapping[str, b.Wanted | None]
+) -> tuple[set[str], list[str]]:
+    """The domains whose user brought another key under a selector in use (step() leaves
+    their keys as they are: the old key keeps signing), and what to tell the user."""
+    refs = {(k.domain.lower(), k.selector): k.secret_ref.name for k in spec.dkim.keys or []}
+    domains: set[str] = set()
+    problems: list[str] = []
+    for domain, want in wanted.items():
+        for key in b.changed_keys(state.domain(domain), want):
+            domains.add(domain)
+            problems.append(
+                f"the key in Secret {ns}/{refs.get((domain, key.selector), '?')} changed under "
+                f"selector {key.selector} (for {domain}): use a new selector to rotate (its "
+                "record would change under the same name before the DNS has it); "
+                f"{domain} keeps signing with the key it had"
+            )
+    return domains, problems
+
+
+def _last_signing(config_map: Obj | None) -> c.DkimConfig:
+    """The signing keys of the RelayConfig last applied (empty when it cannot be read)."""
+    text = ((config_map or {}).get("data") or {}).get(c.RELAY_CONFIG_KEY)
+    if not text:
+        return c.DkimConfig()
+    try:
+        return c.RelayConfig.model_validate_json(text).dkim
+    except ValueError:
+        return c.DkimConfig()
+
+
+def _config_serial(signing: c.DkimConfig) -> int:
+    return max([0, *(b.selector_serial(k.selector) for d in signing.domains for k in d.keys)])
 
 
 def _stored_state(secret: Obj | None) -> b.DkimState:
@@ -217,18 +298,35 @@ async def _reconcile(
     name = c.dkim_secret_name(owner.name)
     ns = ctx.settings.namespace
     secret = await ctx.cache.owned("Secret", name)
+    last = _last_signing(await ctx.cache.owned("ConfigMap", c.relay_name(owner.name)))
     try:
         state = _stored_state(secret)
     except ValueError as exc:
         problem = (
             f"the DKIM key Secret {ns}/{name} has an annotation {b.STATE_ANNOTATION} the "
-            f"operator cannot read ({exc}): restore it, or delete the Secret to make new keys"
+            f"operator cannot read ({exc}): restore it, or delete the Secret to make new keys "
+            "(under selectors never used before); until then the relay signs as it did"
         )
-        return DkimPlan(secret=name, problem=problem)
+        return DkimPlan(
+            signing=last if spec.dkim.enabled else c.DkimConfig(), secret=name, problem=problem
+        )
     if not spec.dkim.enabled:
         return DkimPlan(state=state, secret=name if secret is not None else None)
-    files = {k: base64.b64decode(v) for k, v in ((secret or {}).get("data") or {}).items()}
+    files = _Files({k: base64.b64decode(v) for k, v in ((secret or {}).get("data") or {}).items()})
     brought, problems = await _brought_keys(ctx, spec)
+    wanted = _wanted(spec, brought)
+    refused, refusals = _refused(ns, spec, state, wanted)
+    problems += refusals
+    brought = {k: v for k, v in brought.items() if k[0] not in refused}  # the old file stays
+    await asyncio.to_thread(
+        _warm,
+        [
+            (key.algorithm, pem)
+            for domain, keys in state.domains
+            for key in keys.all_keys()
+            if (pem := files.get(b.key_file(domain, key.selector))) is not None
+        ],
+    )
     lost = [
         (domain, key)
         for domain, keys in state.domains
@@ -237,9 +335,11 @@ async def _reconcile(
         and not _usable(key.algorithm, files.get(b.key_file(domain, key.selector)))
     ]
     state = state.without(lost)
-    state = replace(state, serial=max(state.serial, _status_serial(body)))
+    # Selectors are never reused: the serial also counts those the status and the last
+    # RelayConfig name (the key Secret, and its state, may have been deleted).
+    serial = max(state.serial, _status_serial(body), _config_serial(last))
+    state = replace(state, serial=serial)
     now = ctx.now()
-    wanted = b.wanted_keys(spec.dkim, spec.domains, {k: v.algorithm for k, v in brought.items()})
     new_state, events = b.step(
         state,
         wanted,
@@ -274,7 +374,7 @@ async def _key_files(
     state: b.DkimState, files: Mapping[str, bytes], brought: Mapping[tuple[str, str], _Brought]
 ) -> dict[str, bytes]:
     """The key Secret's files for ``state``: kept, copied from the user's Secret, or new."""
-    out: dict[str, bytes] = {}
+    out = _Files()
     for domain, keys in state.domains:
         for key in keys.all_keys():
             file = b.key_file(domain, key.selector)
@@ -307,11 +407,18 @@ def _plan(
     return DkimPlan(state, active, optional, signing_config, secret, problem)
 
 
-async def dkim_problem(ctx: Context, spec: DedicatedIPSpec) -> str | None:
-    """What is wrong with the user's own keys (spec.dkim.keys), or None (a status refresh)."""
+async def dkim_problem(ctx: Context, spec: DedicatedIPSpec, ip: str | None = None) -> str | None:
+    """What is wrong with the user's own keys (spec.dkim.keys), or None (a status refresh):
+    with ``ip``, also another key brought under a selector in use."""
     if not spec.dkim.enabled or not spec.dkim.keys:
         return None
-    _, problems = await _brought_keys(ctx, spec)
+    brought, problems = await _brought_keys(ctx, spec)
+    if ip is not None:
+        try:
+            state = _stored_state(await ctx.cache.owned("Secret", c.dkim_secret_name(ip)))
+        except ValueError:
+            state = b.DkimState()
+        problems += _refused(ctx.settings.namespace, spec, state, _wanted(spec, brought))[1]
     return "; ".join(problems) or None
 
 
@@ -320,22 +427,23 @@ async def dkim_domains_status(
 ) -> dict[str, dict[str, object]]:
     """Each domain's ``status.domains[].dkim`` from the stored state (no writes).
 
-    Without the key Secret (deleted, or not made yet) the ``previous`` status's selectors
-    stay: they are what keeps new keys off the selectors used before (:func:`_status_serial`).
+    Without the key Secret (deleted, or not made yet) or with its state unreadable, the
+    ``previous`` status's selectors stay: they are what keeps new keys off the selectors used
+    before (:func:`_status_serial`).
     """
-    if not spec.dkim.enabled:
-        return {}
+    kept = {
+        d["name"]: d["dkim"]
+        for d in (previous or {}).get("domains") or []
+        if d.get("name") and d.get("dkim")
+    }
     secret = await ctx.cache.owned("Secret", c.dkim_secret_name(ip))
     if secret is None:
-        return {
-            d["name"]: d["dkim"]
-            for d in (previous or {}).get("domains") or []
-            if d.get("name") and d.get("dkim")
-        }
+        return kept
     try:
         state = _stored_state(secret)
     except ValueError:
-        return {}
+        return kept  # unreadable: what was known stays (and keeps its selectors from reuse)
+    # enabled: false too: the keys are kept, and so are their selectors in the status.
     return DkimPlan(state=state).status(spec)
 
 
@@ -352,7 +460,10 @@ async def dkim_outdated(ctx: Context, ip: str, spec: DedicatedIPSpec) -> bool:
         return False
     files = (secret or {}).get("data") or {}
     brought, _ = await _brought_keys(ctx, spec)
+    refused, _ = _refused(ctx.settings.namespace, spec, state, _wanted(spec, brought))
     for (domain, selector), own in brought.items():
+        if domain in refused:
+            continue  # refused until the spec changes (dkim_problem says why)
         keys = state.domain(domain)
         if keys is None or selector not in {k.selector for k in keys.all_keys()}:
             return True
