@@ -267,6 +267,25 @@ async def test_a_421_pauses_with_a_doubling_backoff_until_a_delivery() -> None:
     await asyncio.sleep(0)
 
 
+async def test_a_probe_answered_5xx_ends_the_probing() -> None:
+    """A destination that answers only 5xx after a pause is answering, not refusing: it is
+    not held to one connection for good (a 5xx while the pause lasts changes nothing)."""
+    clock = FakeClock()
+    shaper = _shaper(clock, sites=[{"name": "corp", "mx": ["*.corp.test"], "connections": 4}])
+    site = shaper.site("corp.test", ["mx.corp.test"])
+    shaper.refused(site, CLOSING[1])
+    rejected = (False, "550 5.7.1 rejected by policy", True)
+    shaper.record(site, [rejected])  # in flight as it was paused
+    assert shaper.paused_for(site) == 60
+    clock.value += 60
+    assert site.connection_limit == 1
+    shaper.record(site, [rejected])  # the probe's answer
+    assert site.connection_limit == 4
+    shaper.refused(site, CLOSING[1])
+    assert shaper.paused_for(site) == 60  # the backoff started over
+    await asyncio.sleep(0)
+
+
 async def test_a_421_closing_a_transaction_counts_as_a_4xx() -> None:
     shaper = _shaper(FakeClock(), pause={"afterFailures": 2})
     site = shaper.site("corp.test", ["mx.corp.test"])

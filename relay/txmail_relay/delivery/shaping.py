@@ -12,14 +12,18 @@ A pause is caused by what a destination *answers*: ``421`` to a new connection (
 EHLO or MAIL), or ``4xx`` replies only (a ``421`` closing a transaction included)
 ``pause.afterFailures`` attempts in a row. Paused: no new connection until the pause ends
 (doubling from ``pause.initialSeconds`` to ``pause.maxSeconds`` while it keeps answering so),
-then one probe at a time until one delivers. A connection that fails (refused, timed out, a
+then one probe at a time until one gets an answer that is not ``4xx`` (a delivery, or a
+``5xx``: it answers, it is not refusing). A connection that fails (refused, timed out, a
 TLS failure, lost before an answer) is no answer: it neither pauses, nor counts toward the
 streak, nor resets it; the queue's retry backoff and its one-attempt-at-a-time probe of a
 destination that delivered nothing handle a dead server, as without shaping. A delivery ends
 a pause; a ``5xx`` answer resets the streak.
 
 The queue (:mod:`.queue`) schedules per domain until the domain's destination is known (a
-lookup learnt it), then per destination; :mod:`.transport` enforces the limits on its
+lookup learnt it), then per destination (within its connection limit); :mod:`.transport`
+sends back to the queue, unattempted, what would have to wait (a paused destination, or one
+with as many attempts in flight as its share), so no worker waits behind a probe, and
+enforces the limits on its
 connections. Time comes from an injectable :class:`Clock`.
 
 Written by hand: the matching, the bucket and the backoff are a few lines each, and no
@@ -289,6 +293,7 @@ class Shaper:
         self._policy = Policy.of(None)
         self._states: dict[str, SiteState] = {}
         self._domains: dict[str, tuple[str, float]] = {}  # domain -> (destination, until)
+        self._tasks: set[asyncio.Task[None]] = set()  # wake-ups not run yet
         if metrics is not None:
             metrics.track_paused_destinations(self.paused_count)
 
@@ -333,7 +338,7 @@ class Shaper:
         ):
             state.bucket = TokenBucket(limits.rate, limits.burst, self.clock.now())
         # More room now? Wake whoever waits for a connection.
-        asyncio.get_running_loop().create_task(self._notify(state))
+        self.notify(state)
 
     def _state(self, name: str, limits: Limits, *, named: bool) -> SiteState:
         state = self._states.get(name)
@@ -430,7 +435,9 @@ class Shaper:
         self.notify(state)
 
     def notify(self, state: SiteState) -> None:
-        asyncio.get_running_loop().create_task(self._notify(state))
+        task = asyncio.get_running_loop().create_task(self._notify(state))
+        self._tasks.add(task)  # a reference until it ran (the loop keeps only a weak one)
+        task.add_done_callback(self._tasks.discard)
 
     @staticmethod
     async def _notify(state: SiteState) -> None:
@@ -447,9 +454,11 @@ class Shaper:
     def record(self, state: SiteState, replies: Sequence[tuple[bool, str, bool]]) -> None:
         """One attempt's results, ``(delivered, reply, answered)`` per recipient (answered:
         the reply is the destination's, not one the relay wrote for a failed connection).
-        A delivery ends a pause and the probing; a 5xx answer resets the streak; 4xx answers
-        only (a 421 closing a transaction included) ``afterFailures`` attempts in a row, or
-        once while probed, pause. An attempt without an answer changes nothing here."""
+        A delivery ends a pause and the probing; a 5xx answer resets the streak and ends the
+        probing (once the pause is over: it answers, so it is not refusing; a destination
+        that only ever answers 5xx is not held to one connection for good); 4xx answers only
+        (a 421 closing a transaction included) ``afterFailures`` attempts in a row, or once
+        while probed, pause. An attempt without an answer changes nothing here."""
         if not replies:
             return
         answers = [_code(reply) for _, reply, answered in replies if answered]
@@ -459,8 +468,9 @@ class Shaper:
         if delivered or any(500 <= c < 600 for c in answers):  # it answers
             state.failures = 0
             if delivered:  # another of its servers took it: not refusing after all
-                state.probing = False
                 state.paused_until = None
+            if state.probing and not state.remaining(self.clock.now()):  # the probe answered
+                state.probing = False
                 state.backoff.reset()
                 self.notify(state)
         elif any(400 <= c < 500 for c in answers):  # it says: try later
