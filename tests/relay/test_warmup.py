@@ -12,10 +12,12 @@ import json
 import re
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from peers import Sink
 from relay.relaykit import (
     RelayEnv,
     RelayThread,
@@ -291,3 +293,35 @@ def test_a_failing_gate_does_not_stop_acceptance_or_delivery(env: RelayEnv) -> N
     assert _delivered(env, 3) == [1, 2, 3]
     _submit(env, relay, range(4, 5))  # and the writer is still alive
     assert _delivered(env, 4) == [1, 2, 3, 4]
+
+
+def test_a_restart_does_not_count_retrying_mail_against_the_day_again(
+    env: RelayEnv, sink_factory: Callable[..., Sink]
+) -> None:
+    """Mail admitted and retrying (4xx) when the relay restarts is not counted again: the
+    day's count stays, and new mail still has the room the day had left."""
+    started = time.time()
+    clock = Clock(started + 60)
+    warmup = _warmup([2, 5], started)
+    deferring = sink_factory("-r", "RCPT")  # 4xx to every RCPT
+    upstream = {"smarthost": {"port": deferring.port}}
+    relay = _start(env, clock, None, relay={"warmup": warmup, "delivery": upstream})
+    _submit(env, relay, range(1, 2))
+    wait_for(
+        lambda: (
+            relay.metric(
+                "txmail_relay_recipient_outcomes_total", {"token": "app1", "outcome": "deferred"}
+            )
+            == 1
+        ),
+        what="the first attempt deferred",
+    )
+    assert _settled(relay, sent=1, deferred=0)
+    relay.stop()
+
+    relay = _start(env, clock, warmup)  # the working upstream; the same day
+    assert _delivered(env, 1) == [1]
+    wait_for(lambda: _settled(relay, sent=1, deferred=0), what="the count unchanged")
+    _submit(env, relay, range(2, 3))  # the day's second: room for it
+    assert _delivered(env, 2) == [1, 2]
+    wait_for(lambda: _settled(relay, sent=2, deferred=0), what="counted once each")
