@@ -318,15 +318,15 @@ async def _reconcile(
     refused, refusals = _refused(ns, spec, state, wanted)
     problems += refusals
     brought = {k: v for k, v in brought.items() if k[0] not in refused}  # the old file stays
-    await asyncio.to_thread(
-        _warm,
-        [
-            (key.algorithm, pem)
-            for domain, keys in state.domains
-            for key in keys.all_keys()
-            if (pem := files.get(b.key_file(domain, key.selector))) is not None
-        ],
-    )
+    unparsed = [
+        (key.algorithm, pem)
+        for domain, keys in state.domains
+        for key in keys.all_keys()
+        if (pem := files.get(b.key_file(domain, key.selector))) is not None
+        and _digest(key.algorithm, pem) not in _PUBLIC
+    ]
+    if unparsed:  # after a start: every stored key once, in one thread hop
+        await asyncio.to_thread(_warm, unparsed)
     lost = [
         (domain, key)
         for domain, keys in state.domains
