@@ -5,7 +5,8 @@ Direct delivery routed by the real local DNS server (Knot, tests/dns_server.py):
 destination is a small aiosmtpd server on its own loopback address, all on one port (the
 relay's ``delivery.mxPort``). They count what a user of shaping relies on: transactions in
 progress at once (across servers of one destination), messages per connection, and the
-connections a refusing server gets. The rate test moves an injected clock, not wall time.
+connections a refusing server gets. The rate and pause tests move an injected clock, not
+wall time.
 """
 
 from __future__ import annotations
@@ -345,18 +346,22 @@ def _stats(env: RelayEnv) -> dict[str, Any]:
 def test_a_destination_answering_421_is_paused_not_hammered_and_recovers(
     env: RelayEnv, dns: DnsServer, servers: Callable[..., MailServer]
 ) -> None:
+    """Pauses run on the injected shaping clock: each one ends only when the test moves it,
+    so the connections a pause lets through are counted, not timed."""
     down = servers("127.0.0.4")
     up = servers("127.0.0.5")
     down.refusing = True
     recorder = Recorder()
+    clock = FakeClock()
     relay = _start(
         env,
         dns,
         {
             "sites": [{"name": "down", "mx": ["*.down.test"]}],
-            "pause": {"initialSeconds": 0.5, "maxSeconds": 2},
+            "pause": {"initialSeconds": 1, "maxSeconds": 4},
         },
         listeners=[recorder],
+        shaping_clock=clock,
     )
     _submit(env, relay, "down.test", 10)
     _submit(env, relay, "up.test", 10, first=10)
@@ -369,23 +374,40 @@ def test_a_destination_answering_421_is_paused_not_hammered_and_recovers(
     assert shown[0]["reason"] == REFUSAL
     assert "until" in shown[0]
 
+    shaper = relay.relay.shaper if relay.relay is not None else None
+    assert shaper is not None
+
+    def pause_left() -> float:
+        def left() -> float:
+            site = shaper.known("down.test")
+            assert site is not None
+            return shaper.paused_for(site)
+
+        return float(relay.call(left))
+
+    def pause_is(seconds: float) -> Callable[[], bool]:
+        return lambda: pause_left() == seconds
+
+    def deferrals() -> int:
+        return sum(recorder.outcomes(f"user{seq}@down.test").count("deferred") for seq in range(10))
+
     # Not hammered: after the attempts in flight when the first 421 came (at most the
-    # domain's share, 2), one probe per pause, each pause twice the last (0.5, 1, 2, 2 s).
-    times = wait_for(lambda: t if len(t := list(down.refused)) >= 5 else None, timeout=20)
-    probes = [t for t in times if t > times[0] + 0.3]
-    assert len(times) - len(probes) <= 2
-    gaps = [b - a for a, b in itertools.pairwise([times[0], *probes])]
-    assert all(gap >= 0.45 for gap in gaps), gaps
-    assert gaps[1] >= 0.9 and gaps[2] >= 1.8, gaps
+    # destination's share, 2), one probe per pause, each pause twice the last (1, 2, 4, 4 s
+    # of the shaping clock, which stands still between the steps).
+    assert pause_left() == 1
+    for probe, (length, following) in enumerate([(1, 2), (2, 4), (4, 4)], start=1):
+        clock.advance(length)  # the pause is over: one probe, refused, the next pause
+        wait_for(pause_is(following), timeout=15, what=f"a {following} s pause")
+        assert probe + 1 <= len(down.refused) <= probe + 2
 
     # Each refused connection is one counted attempt for one message; the mail that waited
     # for the pause was not attempted (no deferral counted for it).
-    deferred = sum(recorder.outcomes(f"user{seq}@down.test").count("deferred") for seq in range(10))
-    assert deferred == len(down.refused)
+    wait_for(lambda: deferrals() == len(down.refused), what="one deferral per refusal")
     assert all("delivered" not in recorder.outcomes(f"user{seq}@down.test") for seq in range(10))
 
     # It recovers: its mail is delivered, nothing lost, and the pause is gone.
     down.refusing = False
+    clock.advance(4)
     wait_for(lambda: down.recipients() == _expected("down.test", 10), timeout=20, what="down.test")
     wait_for(lambda: relay.metric(paused[0]) == 0, what="no paused destination")
     wait_for(lambda: _stats(env).get("destinations") == [], what="stats: none paused")

@@ -16,9 +16,11 @@ from txmail_operator.builders.relay_config import relay_config
 from txmail_operator.reconcile.shaping import destinations_status
 from txmail_relay.config.live import DynamicConfig, LiveConfig
 from txmail_relay.contract import (
+    OutboundSettings,
     PausedDestination,
     RelayConfig,
     RelayStats,
+    RetrySettings,
     ShapingConfig,
     ShapingLimits,
     ShapingPause,
@@ -33,6 +35,7 @@ from txmail_relay.delivery.shaping import (
     TokenBucket,
     parse_rate,
 )
+from txmail_relay.delivery.transport import Destination, SmtpTransport
 
 
 def policy(**shaping: object) -> Policy:
@@ -381,9 +384,28 @@ async def test_throttle_waits_on_the_injected_clock() -> None:
 
 
 async def test_shaping_off_leaves_the_queue_as_it_was() -> None:
-    shaper = _shaper(FakeClock(), enabled=False)
-    assert not shaper.enabled
-    await asyncio.sleep(0)
+    """enabled: false: each domain is scheduled on its own with the relay's share (a quarter
+    of 8 workers), whatever the shaper knows: no connection limit, no pause. Turned on, the
+    same domains are one destination within its limit, paused."""
+    clock = FakeClock()
+    shaper = _shaper(clock, enabled=False, sites=[{"name": "gmail", "connections": 1}])
+    transport = SmtpTransport(
+        shaper._store, RetrySettings(), OutboundSettings(concurrency=8), shaper=shaper
+    )
+    site = shaper.site("gmail.com", ["gmail-smtp-in.l.google.com"])  # as a lookup tells
+    shaper.site("googlemail.com", ["gmail-smtp-in.l.googlemail.com"])
+    shaper.refused(site, CLOSING[1])
+    off = [transport.destination(r) for r in ("a@gmail.com", "b@googlemail.com")]
+    assert off == [Destination("domain gmail.com", 2), Destination("domain googlemail.com", 2)]
+    assert [d.delay for d in off] == [0.0, 0.0]
+    store = shaper._store
+    assert store.current is not None
+    on = store.current.relay.shaping.model_copy(update={"enabled": True})
+    store.publish(DynamicConfig(store.current.relay.model_copy(update={"shaping": on})))
+    shaped = [transport.destination(r) for r in ("a@gmail.com", "b@googlemail.com")]
+    assert shaped == [Destination("site gmail", 1)] * 2
+    assert [d.delay for d in shaped] == [60.0, 60.0]
+    await transport.close()
 
 
 # -- the operator's side: spec.shaping -> RelayConfig.shaping, status.destinations -----------
