@@ -19,6 +19,7 @@ from txmail_operator.builders.warmup import (
     warmup_status,
     with_status,
 )
+from txmail_operator.reconcile.warmup import known_warmup, remember_start
 from txmail_relay import contract as c
 
 START = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
@@ -156,3 +157,25 @@ def test_a_recorded_start_is_noticed_once() -> None:
     assert recorded_start(body["status"], spec) == START
     assert not start_recorded(body["status"], status)
     assert recorded_start(body["status"], None) is None
+
+
+def test_a_stale_body_never_records_a_second_start() -> None:
+    """kopf's index can lag the operator's own status write: a body without the start it
+    just wrote, with the IP still Ready, keeps the recorded start (reconcile/warmup.py)."""
+    spec = DedicatedIPSpec.model_validate(
+        {"address": "203.0.113.9", "hostname": "m.example.com", "domains": ["example.com"]}
+        | {"warmup": {"schedule": "Standard"}}
+    )
+    body: dict[str, Any] = {"metadata": {"name": "ip", "uid": "u1"}, "status": {}}
+    starts: dict[str, str] = {}
+    first = warmup_status(spec.warmup, known_warmup(starts, body, spec), True, START)
+    remember_start(starts, body, first)
+    later = START + dt.timedelta(minutes=3)
+    again = warmup_status(spec.warmup, known_warmup(starts, body, spec), True, later)  # stale
+    assert again["startedAt"] == first["startedAt"] == "2026-03-01T12:00:00Z"
+    off = spec.model_copy(update={"warmup": None})
+    known_warmup(starts, body, off)  # turned off: forgotten
+    assert (
+        warmup_status(spec.warmup, known_warmup(starts, body, spec), False, later).get("startedAt")
+        is None
+    )

@@ -177,6 +177,9 @@ class Context:
     # before that a DedicatedIP's token and email counts would read as 0 (and be written).
     indexed: asyncio.Event = field(default_factory=asyncio.Event)
     tokens: TokenIndex = field(default_factory=TokenIndex)
+    # status.warmup.startedAt as this process recorded or read it, per DedicatedIP uid: a
+    # body from kopf's index can lag the operator's own status write (reconcile/warmup.py).
+    warmup_starts: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.cache = Cache(self.kube, self.settings.namespace, self.tokens)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -18,7 +19,7 @@ from txmail_relay import contract as c
 
 from ..api import DedicatedIPSpec
 from ..builders import status_patch
-from ..builders.warmup import warmup_status
+from ..builders.warmup import recorded_start, warmup_status
 from .context import Context
 
 Obj = dict[str, Any]
@@ -37,11 +38,42 @@ async def relay_report(ctx: Context, ip: str) -> c.WarmupStats | None:
         return None
 
 
+def known_warmup(starts: dict[str, str], body: Obj, spec: DedicatedIPSpec) -> Obj:
+    """The body's status.warmup, with the start this process recorded or read (``starts``,
+    by uid: Context.warmup_starts) when the body (kopf's index, which can lag the operator's
+    own status write) does not show it yet: a stale body never records a second start.
+    Warm-up turned off forgets it."""
+    uid = str(body["metadata"].get("uid") or body["metadata"]["name"])
+    previous = dict((body.get("status") or {}).get("warmup") or {})
+    if spec.warmup is None:
+        starts.pop(uid, None)
+    elif previous.get("startedAt"):
+        starts[uid] = str(previous["startedAt"])
+    elif uid in starts:
+        previous["startedAt"] = starts[uid]
+    return previous
+
+
+def remember_start(starts: dict[str, str], body: Obj, shown: Obj) -> None:
+    """Keep the start ``shown`` (a status.warmup about to be written) records."""
+    if shown.get("startedAt"):
+        starts[str(body["metadata"].get("uid") or body["metadata"]["name"])] = shown["startedAt"]
+
+
+def started(ctx: Context, body: Obj, spec: DedicatedIPSpec) -> datetime | None:
+    """The warm-up start for the relay's configuration (:func:`recorded_start`, or the one
+    this process recorded when the body lags)."""
+    return recorded_start({"warmup": known_warmup(ctx.warmup_starts, body, spec)}, spec.warmup)
+
+
 async def status_block(ctx: Context, body: Obj, spec: DedicatedIPSpec, ready: bool) -> Obj:
     """status.warmup for a status write whose Ready condition is ``ready``."""
-    previous = (body.get("status") or {}).get("warmup")
+    previous = known_warmup(ctx.warmup_starts, body, spec)
     report = None if spec.warmup is None else await relay_report(ctx, body["metadata"]["name"])
-    return warmup_status(spec.warmup, previous, ready, ctx.now(), report)
+    shown = warmup_status(spec.warmup, previous, ready, ctx.now(), report)
+    if spec.warmup is not None:
+        remember_start(ctx.warmup_starts, body, shown)
+    return shown
 
 
 async def copy_report(ctx: Context, ip: str, report: c.RelayStats) -> bool:
