@@ -20,6 +20,7 @@ from . import reconcile
 from .api import GROUP, VERSION
 from .kube import Watches
 from .reconcile.cache import IP_KEY, slim
+from .reconcile.dns import DnsSchedule
 from .reconcile.sweep import Sweep
 from .reconcile.tokens import TokenIndex
 from .reconcile.urgent import UrgentTokens
@@ -39,9 +40,8 @@ KOPF_CONNECTIONS = 24
 # default is 5 s.
 IDLE_TIMEOUT = 1.0
 RESUME = kopf.Reason.RESUME
-# How often each DedicatedIP's DNS report is looked at; it is re-checked once older than its
-# spec.dns.checkIntervalSeconds (default 300, at least 5).
-DNS_TICK = 2.0
+# A DedicatedIP's DNS report is re-checked once older than its spec.dns.checkIntervalSeconds
+# (default 300, at least 5): the operator's one schedule (reconcile/dns.py DnsSchedule).
 DNS_DEFAULT_INTERVAL = 300
 
 
@@ -54,6 +54,21 @@ def _size(index: kopf.Index[Any, Any], kind: str) -> int:
         except (RuntimeError, KeyError):  # kopf changed the index while we counted
             continue
     return 0
+
+
+def _dns_intervals(index: kopf.Index[Any, Any]) -> list[tuple[str, float]]:
+    """Each DedicatedIP's name and spec.dns.checkIntervalSeconds, from kopf's index."""
+    for _ in range(3):
+        out = []
+        try:
+            for name in list(index.get(("ip",), [])):
+                body: dict[str, Any] = next(iter(index.get((IP_KEY, name), [])), None) or {}
+                dns = (body.get("spec") or {}).get("dns") or {}
+                out.append((name, float(dns.get("checkIntervalSeconds", DNS_DEFAULT_INTERVAL))))
+        except RuntimeError:  # kopf changed the index while we read it
+            continue
+        return out
+    return []
 
 
 def _refs(index: kopf.Index[Any, Ref], key: tuple[str, str]) -> list[Ref]:
@@ -208,29 +223,8 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
         reconcile.fan_out(memo.ctx, tokens.on_ip(name), _refs(emails, key), _taken(emails))
 
     _register_namespaces(r)
-    _register_dns(r)
     _register_mail(r, settings)
     _register_watch(r, settings)
-
-
-def _register_dns(r: dict[str, Any]) -> None:
-    """The DNS readiness re-check of each DedicatedIP (reconcile/dns.py)."""
-
-    @kopf.timer(
-        GROUP, VERSION, "dedicatedips", interval=DNS_TICK, initial_delay=DNS_TICK, id="dns", **r
-    )
-    async def dns(
-        name: str, spec: kopf.Spec, memo: kopf.Memo, emails: kopf.Index[Any, Ref], **_: Any
-    ) -> None:
-        """Re-check the DNS records once spec.dns.checkIntervalSeconds have passed (a full
-        reconcile: a DKIM rotation waits for its record to verify)."""
-        ctx: reconcile.Context = memo.ctx
-        interval = (spec.get("dns") or {}).get("checkIntervalSeconds", DNS_DEFAULT_INTERVAL)
-        if not ctx.dns.stale(name, float(interval)):
-            return
-        tokens = await _tokens(ctx)
-        job = ctx.metrics.measured(IP, reconcile.repair_ip)
-        await ctx.work.call(job, ctx, name, *_counts(tokens, emails, name), priority=ROUTINE)
 
 
 def _register_namespaces(r: dict[str, Any]) -> None:
@@ -302,11 +296,22 @@ def _register_watch(r: dict[str, Any], settings: Settings) -> None:
         memo.sweep = Sweep(interval, memo.urgent.tokens, check, ready=ctx.tokens.synced)
         memo.sweep.start()
 
+        async def dns_check(ip: str) -> None:  # a full reconcile: a rotation waits for DNS
+            counts = _counts(await _tokens(ctx), emails, ip)
+            await ctx.metrics.measured(IP, reconcile.repair_ip)(ctx, ip, *counts)
+
+        memo.dns_schedule = DnsSchedule(
+            ctx.dns,
+            lambda: _dns_intervals(ips),
+            lambda ip: ctx.work.submit((IP, "dns", ip), dns_check, ip),
+        )
+        memo.dns_schedule.start()
+
     @kopf.on.cleanup(id="stop_watching", **r)
     async def stop_watching(memo: kopf.Memo, **_: Any) -> None:
         if memo.get("watches") is not None:
             await memo.watches.stop()
-        for part in ("sweep", "drift"):
+        for part in ("sweep", "dns_schedule", "drift"):
             if memo.get(part) is not None:
                 await memo[part].stop()
         await memo.ctx.work.stop()

@@ -31,14 +31,19 @@ from txmail_operator.builders.dns_records import (
 )
 from txmail_operator.builders.naming import RelayOwner
 from txmail_operator.reconcile.dns import (
+    RETRY_AFTER,
+    Answer,
     DnsChecks,
     DnsReport,
+    DnsSchedule,
     Resolver,
     carried,
+    check_dns,
     check_records,
     dkim_tags,
     dns_status,
     dns_verified,
+    spf_verdict,
     unchecked,
 )
 from txmail_operator.settings import Settings, SettingsError, parse_nameservers
@@ -345,7 +350,7 @@ def test_the_return_path_domain_needs_spf_too(server: DnsServer) -> None:
     assert check(server, records, [domain]).verified
 
 
-def test_a_lookup_that_hangs_fails_in_bounded_time_and_keeps_the_last_verdict() -> None:
+def test_a_lookup_that_hangs_is_a_failed_lookup_that_keeps_the_last_verdict() -> None:
     domain = "hang.example.com"
     with DnsServer() as server:
         publish_all(server, domain, [])
@@ -433,3 +438,103 @@ def test_the_external_dns_endpoint_carries_the_hostname_and_every_dkim_key_only(
             for r in (GOLDEN_DKIM, GOLDEN_NEXT)
         ),
     ]
+
+
+# --- errors, restarts and the schedule ---------------------------------------------------------
+
+
+def test_a_dns_error_inside_spf_is_that_records_failed_lookup(server: DnsServer) -> None:
+    """A third party's include naming what is no DNS name (past 255 bytes: dnspython's
+    NameTooLong, neither a timeout nor SERVFAIL) fails that record's lookup; the check
+    finishes, the other records are checked, and the message names the error's class."""
+    domain = "badinclude.example.com"
+    publish_all(server, domain, [])
+    far = ".".join(["c" * 60] * 5) + ".example.org"
+    server.set(domain, "TXT", txt(f"v=spf1 include:{far} -all"))
+    report = check(server, records_to_publish(spec(domains=[domain])), [domain])
+    spf_check = report.check(domain, RecordPurpose.SPF)
+    assert spf_check is not None
+    assert (spf_check.result, spf_check.reason) == (RecordResult.UNKNOWN, "LookupFailed")
+    assert "NameTooLong" in spf_check.message
+    assert all(c.verified for c in report.checks if c is not spf_check)
+
+
+def test_spf_is_not_missing_when_the_txt_lookup_failed() -> None:
+    """pyspf saw a record that does not pass, but the domain's own TXT lookup failed: what is
+    published is not known, so the result is a failed lookup, not a definite SPFMissing.
+    (Against Knot the two lookups ask the same name of the same server, so one cannot be
+    made to fail alone: the verdict is the pure part.)"""
+    (record,) = [
+        r for r in records_to_publish(spec(domains=["x.example.com"])) if r.name == "x.example.com"
+    ]
+    failed = Answer(failure="no answer for TXT x.example.com within 1 s")
+    out = spf_verdict(record, ADDRESS, failed, "fail", "SPF fail")
+    assert (out.result, out.reason) == (RecordResult.UNKNOWN, "LookupFailed")
+    assert "x.example.com within 1 s" in out.message
+    missing = spf_verdict(record, ADDRESS, Answer(), "none", "")
+    assert missing.reason == "SPFMissing"
+
+
+def test_after_a_restart_the_written_verdict_survives_one_failed_lookup() -> None:
+    """Nothing in memory after a restart: status.dnsRecords' Verified results are carried
+    over a failed lookup like an earlier check's, so Ready does not flap."""
+    domain = "restart.example.com"
+    with DnsServer() as server:
+        publish_all(server, domain, [])
+        the_spec = spec(domains=[domain])
+        resolver = Resolver(parse_nameservers(server.address), timeout=1.0)
+        before = asyncio.run(check_dns(DnsChecks(resolver), "ip", the_spec))
+        assert before.verified
+        written = before.records_status()  # what status.dnsRecords holds
+        server.drop(f"_dmarc.{domain}")
+        fresh = DnsChecks(Resolver(parse_nameservers(server.address), timeout=1.0))
+        after = asyncio.run(check_dns(fresh, "ip", the_spec, written=written))
+        assert after.verified, after.condition()
+        dmarc = after.check(f"_dmarc.{domain}")
+        assert dmarc is not None and dmarc.failures == 1
+        nothing_written = DnsChecks(Resolver(parse_nameservers(server.address), timeout=1.0))
+        unseeded = asyncio.run(check_dns(nothing_written, "ip", the_spec))
+        assert unseeded.condition()[1] == "LookupFailed"
+
+
+def test_a_spec_change_that_leaves_the_records_alone_is_not_checked_again(
+    server: DnsServer,
+) -> None:
+    domain = "samekey.example.com"
+    publish_all(server, domain, [])
+    checks = DnsChecks(Resolver(parse_nameservers(server.address), timeout=2.0))
+    first = asyncio.run(check_dns(checks, "ip", spec(domains=[domain])))
+    other = spec(domains=[domain], dns={"requireVerified": False, "checkIntervalSeconds": 600})
+    assert asyncio.run(check_dns(checks, "ip", other)) is first  # kept: no lookup
+    moved = spec(domains=[domain], dns={"returnPathDomain": "bounce.example.org"})
+    assert asyncio.run(check_dns(checks, "ip", moved)) is not first  # its records changed
+
+
+def test_the_schedule_does_not_queue_an_ip_whose_check_never_finishes_every_tick() -> None:
+    """An IP whose reconcile returns early (its namespace is missing) or fails makes no
+    report: it is queued again RETRY_AFTER after the attempt, not at every tick."""
+    now = [0.0]
+    checks = DnsChecks(Resolver([("127.0.0.1", 9)], timeout=1.0), clock=lambda: now[0])
+    queued: list[str] = []
+    schedule = DnsSchedule(checks, lambda: [("ip", 300.0)], queued.append)
+    for _ in range(50):  # 100 s of ticks
+        now[0] += 2.0
+        schedule.due()
+    # first seen at 2 s (its create or resume handler checks it), queued at 32, 62 and 92 s
+    assert len(queued) == int((100 - 2) // RETRY_AFTER) == 3
+
+
+def test_the_schedule_checks_a_reported_ip_once_per_interval(server: DnsServer) -> None:
+    domain = "sched.example.com"
+    publish_all(server, domain, [])
+    now = [0.0]
+    checks = DnsChecks(
+        Resolver(parse_nameservers(server.address), timeout=2.0), clock=lambda: now[0]
+    )
+    queued: list[str] = []
+    schedule = DnsSchedule(checks, lambda: [("ip", 60.0)], queued.append)
+    asyncio.run(check_dns(checks, "ip", spec(domains=[domain], dns={"checkIntervalSeconds": 60})))
+    for _ in range(40):  # 80 s
+        now[0] += 2.0
+        schedule.due()
+    assert queued == ["ip"]  # at 60 s, and its check still under way at 80 s

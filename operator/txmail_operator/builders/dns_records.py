@@ -191,7 +191,9 @@ def dns_endpoint_name(ip: str) -> str:
 def dns_endpoint(owner: RelayOwner, records: Iterable[DnsRecord]) -> Obj:
     """external-dns's DNSEndpoint with the IP's hostname and every DKIM key's record (a next
     key's too, so a rotation publishes itself), in the operator's namespace, owned by the
-    DedicatedIP. A TXT target is the whole value: external-dns's providers write it."""
+    DedicatedIP. A TXT target is the whole value, unsplit: external-dns hands a target to its
+    provider as it is, and how (whether) a value past 255 bytes is split is the provider's;
+    some refuse it (Route53), which docs/deliverability.md says."""
     endpoints = [
         {
             "dnsName": r.name,

@@ -15,11 +15,18 @@ from txmail_relay import contract as c
 
 from .. import builders
 from ..api import DedicatedIPSpec
-from ..builders.warmup import recorded_start, start_recorded, with_status
+from ..builders.warmup import start_recorded, with_status
 from . import pki
 from .conditions import condition
 from .context import Context
-from .dkim import dkim_domains_status, dkim_outdated, dkim_problem, ensure_dkim, rotate_dkim
+from .dkim import (
+    DkimPlan,
+    dkim_domains_status,
+    dkim_outdated,
+    dkim_problem,
+    ensure_dkim,
+    rotate_dkim,
+)
 from .dns import (
     DnsReport,
     announcement,
@@ -29,6 +36,7 @@ from .dns import (
     kept_dns,
     sync_external_dns,
 )
+from .warmup import started as warmup_started
 from .warmup import status_block as warmup_status
 
 Obj = dict[str, Any]
@@ -128,48 +136,73 @@ async def reconcile_ip(ctx: Context, body: Obj, tokens: int, emails: int) -> Non
         tls_secret, _ca, tls_problem = await _ensure_tls(ctx, owner, spec)
         tracking_secret = await _ensure_tracking_keys(ctx, owner, spec)
         dkim = await ensure_dkim(ctx, owner, body, spec)  # keys, and next keys to publish
+        # The relay's objects first, signing as it does now: DNS (slow, or unreachable) and
+        # the rotation step never hold them back, nor does any error of theirs.
+        deployment = await _apply_children(
+            ctx, owner, body, spec, tls_secret, tracking_secret, dkim
+        )
         # DNS readiness: the kept report, re-checked on a change of the records or when due.
-        dns = await check_dns(ctx.dns, name, spec, dkim.active, dkim.optional)
+        # Lookups do not raise: a failed one is that record's LookupFailed (reconcile/dns.py).
+        written = (body.get("status") or {}).get("dnsRecords")
+        dns = await check_dns(ctx.dns, name, spec, dkim.active, dkim.optional, written=written)
         # Signing switches to a next key once its record verifies (reconcile/dkim.py).
         switched = await rotate_dkim(ctx, owner, body, spec, dns.dkim_verified)
         if switched.state != dkim.state:  # which keys sign changed: so do the required records
-            dns = await check_dns(ctx.dns, name, spec, switched.active, switched.optional)
+            dns = await check_dns(
+                ctx.dns, name, spec, switched.active, switched.optional, written=written
+            )
+        if switched.signing != dkim.signing:  # the relay's configuration names the keys
+            deployment = await _apply_children(
+                ctx, owner, body, spec, tls_secret, tracking_secret, switched
+            )
         dkim = switched
         await sync_external_dns(ctx.kube, ctx.dns, owner, spec, dns)  # spec.dns.externalDNS
-        started = recorded_start(body.get("status"), spec.warmup)  # warm-up's, if any
-        config = builders.relay_config(name, spec, warmup_started=started, dkim=dkim.signing)
-        children: list[Obj | None] = [
-            builders.relay_service_account(owner),
-            builders.relay_role(owner),
-            builders.relay_role_binding(owner),
-            builders.relay_config_map(
-                owner,
-                config,
-                tracking_keys=tracking_secret is not None,
-                limits=spec.relay.limits,
-            ),
-            *(builders.template_shard(owner, k) for k in range(c.TEMPLATE_SHARDS)),
-            builders.stats_config_map(owner),
-            # Last of the configuration: a token waits for its shard, so once it is Ready
-            # the relay's other objects exist too.
-            *(builders.credential_shard(owner, k) for k in range(c.CREDENTIAL_SHARDS)),
-            builders.relay_spool_claim(owner, spec),
-            builders.relay_service(owner, spec),
-        ]
-        for child in children:
-            if child is not None:
-                await _apply(ctx, child)
-        deployment = await _apply(
-            ctx,
-            builders.relay_deployment(
-                owner, spec, ctx.settings.relay_image, tls_secret, tracking_secret, dkim.secret
-            ),
-        )
         # TLS and DKIM were just checked
         problem = tls_problem or dkim.problem or await _smarthost_problem(ctx, spec)
         status = await _write_status(ctx, body, spec, deployment, tokens, emails, problem, dns=dns)
     if start_recorded(body.get("status"), status):  # first Ready: the relay needs the start
         await reconcile_ip(ctx, with_status(body, status), tokens, emails)
+
+
+async def _apply_children(
+    ctx: Context,
+    owner: builders.RelayOwner,
+    body: Obj,
+    spec: DedicatedIPSpec,
+    tls_secret: str,
+    tracking_secret: str | None,
+    dkim: DkimPlan,
+) -> Obj:
+    """Apply the relay's objects (an unchanged one is not written again); its Deployment."""
+    started = warmup_started(ctx, body, spec)  # warm-up's, if any
+    config = builders.relay_config(owner.name, spec, warmup_started=started, dkim=dkim.signing)
+    children: list[Obj | None] = [
+        builders.relay_service_account(owner),
+        builders.relay_role(owner),
+        builders.relay_role_binding(owner),
+        builders.relay_config_map(
+            owner,
+            config,
+            tracking_keys=tracking_secret is not None,
+            limits=spec.relay.limits,
+        ),
+        *(builders.template_shard(owner, k) for k in range(c.TEMPLATE_SHARDS)),
+        builders.stats_config_map(owner),
+        # Last of the configuration: a token waits for its shard, so once it is Ready
+        # the relay's other objects exist too.
+        *(builders.credential_shard(owner, k) for k in range(c.CREDENTIAL_SHARDS)),
+        builders.relay_spool_claim(owner, spec),
+        builders.relay_service(owner, spec),
+    ]
+    for child in children:
+        if child is not None:
+            await _apply(ctx, child)
+    return await _apply(
+        ctx,
+        builders.relay_deployment(
+            owner, spec, ctx.settings.relay_image, tls_secret, tracking_secret, dkim.secret
+        ),
+    )
 
 
 async def _apply(ctx: Context, obj: Obj) -> Obj:

@@ -16,6 +16,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
@@ -24,6 +25,7 @@ from typing import Any
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from kubernetes_asyncio.client.exceptions import ApiException
 
 from txmail_relay import contract as c
 
@@ -34,6 +36,7 @@ from ..builders import dkim as b
 from .context import Context
 
 Obj = dict[str, Any]
+log = logging.getLogger(__name__)
 RSA_BITS = 2048
 RSA_MIN_BITS = 1024  # RFC 8301: verifiers refuse shorter keys
 # Public halves by the digest of their private PEM: loading an RSA key checks it (~40 ms for
@@ -366,7 +369,10 @@ async def _reconcile(
             )
         ctx.cache.put(out)
     for event in events:
-        await ctx.kube.event(body, event.reason, event.message, now=now)
+        try:
+            await ctx.kube.event(body, event.reason, event.message, now=now)
+        except ApiException as exc:  # the status says it all the same; the keys are written
+            log.warning("no DKIM Event for %s: %s", owner.name, exc.reason)
     return _plan(new_state, new_files, name, "; ".join(problems) or None)
 
 

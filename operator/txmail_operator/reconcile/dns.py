@@ -27,7 +27,7 @@ import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -71,6 +71,10 @@ DMARC_POLICIES = ("none", "quarantine", "reject")
 
 VERIFIED = "Verified"
 LOOKUP_FAILED = "LookupFailed"
+# How often the schedule looks for DedicatedIPs due a check, and how soon a check that did not
+# finish (the reconcile returned early or failed) is tried again, at most.
+DNS_TICK = 2.0
+RETRY_AFTER = 30.0
 
 
 # --- resolving ---------------------------------------------------------------------------------
@@ -193,6 +197,8 @@ def _lookup(name: str, qtype: str, strict: object = True, timeout: float = 30) -
         return out
     except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
         raise spf.TempError(f"DNS {exc}") from None
+    except dns.exception.DNSException as exc:  # a bad name in someone's include (IDNA), ...
+        raise spf.TempError(f"DNS lookup of {qtype} {name} failed ({type(exc).__name__})") from None
     for rdata in answers:
         if qtype in ("A", "AAAA"):
             out.append(((name, qtype), rdata.address))
@@ -363,9 +369,21 @@ async def check_records(
 ) -> DnsReport:
     """Look every record up (concurrently) and say whether each verifies."""
     checks = await asyncio.gather(
-        *(_check(resolver, r, address=address, hostname=hostname) for r in records)
+        *(_guarded(resolver, r, address=address, hostname=hostname) for r in records)
     )
     return DnsReport(tuple(checks), tuple(d.lower() for d in domains))
+
+
+async def _guarded(
+    resolver: Resolver, record: DnsRecord, *, address: str, hostname: str
+) -> RecordCheck:
+    """One record's check; whatever it raises is a failed lookup of that record (named by
+    the exception's class only: a message could carry anything), never the reconcile's."""
+    try:
+        return await _check(resolver, record, address=address, hostname=hostname)
+    except Exception as exc:  # any error of one lookup is that record's
+        log.debug("DNS check of %s %s raised %s", record.type.value, record.name, type(exc))
+        return _failed(record, f"{record.type.value} {record.name}: {type(exc).__name__}")
 
 
 async def _check(
@@ -437,10 +455,18 @@ def _spf_records(values: Iterable[str]) -> tuple[str, ...]:
 async def _check_spf(
     resolver: Resolver, record: DnsRecord, address: str, hostname: str
 ) -> RecordCheck:
-    domain = record.name
     txt, (result, explanation) = await asyncio.gather(
-        resolver.lookup(domain, RecordType.TXT), resolver.spf(address, domain, hostname)
+        resolver.lookup(record.name, RecordType.TXT), resolver.spf(address, record.name, hostname)
     )
+    return spf_verdict(record, address, txt, result, explanation)
+
+
+def spf_verdict(
+    record: DnsRecord, address: str, txt: Answer, result: str, explanation: str
+) -> RecordCheck:
+    """The SPF record's check from pyspf's (result, explanation) and the domain's own TXT
+    lookup (``txt``: what to show as found; a failed one leaves nothing definite)."""
+    domain = record.name
     found = _spf_records(txt.values)
     prefix = "ReturnPath" if record.purpose is RecordPurpose.RETURN_PATH_SPF else ""
     what = "the return-path domain " if prefix else ""
@@ -448,6 +474,8 @@ async def _check_spf(
         return RecordCheck(record, RecordResult.VERIFIED, VERIFIED)
     if result == "temperror":
         return _failed(record, f"SPF of {domain}: {explanation}")
+    if txt.failure:  # what pyspf found is not known to be what is published: nothing definite
+        return _failed(record, txt.failure)
     if result == "none" or not found:
         message = f"{what}{domain} has no SPF record; {_publish(record)}"
         return RecordCheck(record, RecordResult.MISSING, f"{prefix}SPFMissing", message)
@@ -561,6 +589,26 @@ async def _check_dmarc(resolver: Resolver, record: DnsRecord) -> RecordCheck:
     return RecordCheck(record, RecordResult.MISSING, "DMARCMissing", message)
 
 
+def written_report(
+    records: Sequence[DnsRecord], written: Iterable[Mapping[str, Any]] | None
+) -> DnsReport | None:
+    """What status.dnsRecords recorded as verified, as a report for :func:`carried` (after a
+    restart nothing is in memory: one failed lookup then keeps the written verdict too). Only
+    Verified is seeded: a record's other reasons are not written, and a failed lookup of a
+    record that did not verify changes nothing for Ready."""
+    verified = {
+        (str(w.get("name", "")).lower(), str(w.get("type")), "".join(map(str, w["value"])))
+        for w in written or []
+        if w.get("result") == RecordResult.VERIFIED.value and isinstance(w.get("value"), list)
+    }
+    checks = tuple(
+        RecordCheck(r, RecordResult.VERIFIED, VERIFIED)
+        for r in records
+        if (r.name, r.type.value, "".join(r.strings)) in verified
+    )
+    return DnsReport(checks) if checks else None
+
+
 def carried(previous: DnsReport | None, report: DnsReport) -> DnsReport:
     """``report`` with each failed lookup replaced by the record's previous definite result,
     for up to KEEP_FAILURES checks in a row."""
@@ -606,16 +654,33 @@ class DnsChecks:
     cleaned: set[str] = field(default_factory=set)
     notes: dict[str, str] = field(default_factory=dict)
 
+    # When a check of each DedicatedIP was last started (by the schedule or a reconcile).
+    _tried: dict[str, float] = field(default_factory=dict)
+
     def stale(self, name: str, interval: float) -> bool:
-        """No report of ``name``, or one older than ``interval`` seconds (the timer's test)."""
-        kept = self._kept.get(name)
-        return kept is None or self.clock() - kept.at >= interval
+        """Whether ``name`` is due a check (the schedule's test): ``interval`` seconds after
+        its last report; when the last attempt made none (the reconcile returned early or
+        failed), min(interval, RETRY_AFTER) after that attempt, never at every tick."""
+        now, kept, tried = self.clock(), self._kept.get(name), self._tried.get(name)
+        if tried is not None and (kept is None or kept.at < tried):
+            return now - tried >= min(interval, RETRY_AFTER)
+        return kept is None or now - kept.at >= interval
+
+    def seen(self, name: str) -> bool:
+        """Whether a check of ``name`` was started or made by this process."""
+        return name in self._tried or name in self._kept
+
+    def attempted(self, name: str) -> None:
+        """A check of ``name`` is under way (queued): :meth:`stale` waits from now."""
+        self._tried[name] = self.clock()
 
     @staticmethod
     def _key(
-        records: Sequence[DnsRecord], address: str, hostname: str, spec: str = ""
+        records: Sequence[DnsRecord], address: str, hostname: str, domains: Sequence[str]
     ) -> tuple[object, ...]:
-        return (spec, address, hostname, *records)
+        # What the results depend on: the records (the sending domains' SPF, DKIM keys and
+        # DMARC, the return path's SPF), the address and the hostname; not the rest of the spec.
+        return (address, hostname, tuple(d.lower() for d in domains), *records)
 
     def kept(self, name: str) -> DnsReport | None:
         """The last report of ``name`` (no lookup)."""
@@ -631,31 +696,87 @@ class DnsChecks:
         hostname: str,
         domains: Sequence[str],
         interval: float,
-        spec: str = "",
+        written: Iterable[Mapping[str, Any]] | None = None,
     ) -> tuple[DnsReport, DnsReport | None]:
-        """The report of ``name`` (re-made if due: other records, another ``spec`` (its
-        JSON), or ``interval`` passed) and the one before it when it was re-made."""
+        """The report of ``name`` (re-made if due: other records, address, hostname or
+        domains, or ``interval`` passed) and the one before it when it was re-made.
+        ``written`` is status.dnsRecords: before this process's first check, what it
+        recorded as verified is carried over one failed lookup (:func:`written_report`)."""
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             kept = self._kept.get(name)
-            key = self._key(records, address, hostname, spec)
+            key = self._key(records, address, hostname, domains)
             if kept is not None and kept.key == key and self.clock() - kept.at < interval:
                 return kept.report, None
+            self.attempted(name)
             fresh = await check_records(
                 self.resolver, records, address=address, hostname=hostname, domains=domains
             )
-            previous = kept.report if kept is not None else None
+            previous = kept.report if kept is not None else written_report(records, written)
             report = carried(previous, fresh)
             self._kept[name] = _Kept(key, report, self.clock())
             return report, previous
 
     def forget(self, name: str) -> None:
         self._kept.pop(name, None)
+        self._tried.pop(name, None)
         self._locks.pop(name, None)
         self.announced.pop(name, None)
         self.endpoints.pop(name, None)
         self.cleaned.discard(name)
         self.notes.pop(name, None)
+
+
+class DnsSchedule:
+    """The periodic DNS re-check of every DedicatedIP: one task of the operator (not a kopf
+    timer per object, which logs each run and is a handler call per IP every tick). Every
+    DNS_TICK it asks :meth:`DnsChecks.stale` of each IP (``ips()``: name and
+    spec.dns.checkIntervalSeconds) and hands the due ones to ``run`` (a full reconcile, queued:
+    a DKIM rotation waits for its record), recording the attempt first, so an IP whose
+    reconcile returns early or fails waits RETRY_AFTER rather than being queued every tick.
+    An IP it has not seen before is left to its create or resume handler's check."""
+
+    def __init__(
+        self,
+        checks: DnsChecks,
+        ips: Callable[[], Iterable[tuple[str, float]]],
+        run: Callable[[str], object],
+        tick: float = DNS_TICK,
+    ) -> None:
+        self.checks, self.ips, self.run, self.tick = checks, ips, run, tick
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="dns-schedule")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    def due(self) -> list[str]:
+        """Queue the check of every IP that is due one; the names queued."""
+        out = []
+        for name, interval in self.ips():
+            if not self.checks.seen(name):
+                # New to this process: its create or resume handler is checking it now; the
+                # schedule steps in only if that makes no report (RETRY_AFTER from now).
+                self.checks.attempted(name)
+                continue
+            if self.checks.stale(name, interval):
+                self.checks.attempted(name)
+                self.run(name)
+                out.append(name)
+        return out
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick)
+            try:
+                self.due()
+            except Exception:  # never let the schedule die; the next tick tries again
+                log.exception("the DNS check schedule failed")
 
 
 # --- what reconcile_ip calls ---------------------------------------------------------------------
@@ -675,9 +796,12 @@ async def check_dns(
     spec: DedicatedIPSpec,
     dkim: Iterable[DkimPublicRecord] = (),
     dkim_optional: Iterable[DkimPublicRecord] = (),
+    *,
+    written: Iterable[Mapping[str, Any]] | None = None,
 ) -> DnsReport:
     """The DNS report of DedicatedIP ``name``: the kept one, or a new check when the records
     changed (a spec change, a new DKIM key) or spec.dns.checkIntervalSeconds have passed.
+    ``written``: the object's status.dnsRecords (seeds the first check after a restart).
 
     ``dkim`` are the keys that sign now, ``dkim_optional`` those listed but not required (a
     next key before the switch, a retired one); ``report.dkim_verified`` answers for both.
@@ -690,7 +814,7 @@ async def check_dns(
         hostname=spec.hostname.lower(),
         domains=spec.domains,
         interval=spec.dns.check_interval_seconds,
-        spec=spec.model_dump_json(),  # any spec change is checked at once
+        written=written,
     )
     return report
 
@@ -753,6 +877,12 @@ EXTERNAL_DNS_UNAVAILABLE = (
 )
 
 
+EXTERNAL_DNS_FAILED = (
+    "spec.dns.externalDNS: the DNSEndpoint {endpoint} could not be written (HTTP {status} "
+    "{reason}); it is tried again at the next check"
+)
+
+
 async def sync_external_dns(
     kube: Kube, checks: DnsChecks, owner: RelayOwner, spec: DedicatedIPSpec, report: DnsReport
 ) -> None:
@@ -767,13 +897,19 @@ async def sync_external_dns(
             return
         try:
             await kube.apply(desired)
-        except ApiException as exc:
-            if exc.status not in (403, 404):
-                raise
-            why = "is not installed" if exc.status == 404 else "may not be written by the operator"
-            checks.notes[name] = EXTERNAL_DNS_UNAVAILABLE.format(
-                api=EXTERNAL_DNS_API_VERSION, why=why
-            )
+        except ApiException as exc:  # said in DNSVerified's message; the relay is unaffected
+            if exc.status in (403, 404):
+                why = (
+                    "is not installed"
+                    if exc.status == 404
+                    else "may not be written by the operator"
+                )
+                note = EXTERNAL_DNS_UNAVAILABLE.format(api=EXTERNAL_DNS_API_VERSION, why=why)
+            else:
+                note = EXTERNAL_DNS_FAILED.format(
+                    endpoint=dns_endpoint_name(name), status=exc.status, reason=exc.reason
+                )
+            checks.notes[name] = note
             checks.endpoints.pop(name, None)
             return
         checks.notes.pop(name, None)
