@@ -15,14 +15,18 @@ import asyncio
 import heapq
 import itertools
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from relay.relaykit import DnsServer, Recorder, RelayEnv, RelayThread, free_port, message, wait_for
 
@@ -65,6 +69,8 @@ class _Handler:
     ) -> str:
         try:
             await asyncio.sleep(self._server.data_delay)
+            if not self._server.release.is_set():  # held until the test lets it go
+                await asyncio.to_thread(self._server.release.wait)
             with self._server.lock:
                 connection = getattr(server, "connection_number", -1)
                 self._server.messages.append((connection, list(envelope.rcpt_tos)))
@@ -124,6 +130,8 @@ class MailServer:
         self.lock = threading.Lock()
         self.activity = activity or Activity()
         self.data_delay = data_delay
+        self.release = threading.Event()  # cleared: transactions wait at DATA until set
+        self.release.set()
         self.refusing = False
         self.tarpitting = False  # accepts, then silence
         self.held: list[asyncio.BaseTransport] = []  # the tarpitted connections
@@ -149,6 +157,7 @@ class MailServer:
             return counts
 
     def stop(self) -> None:
+        self.release.set()
         with self.lock:
             held, self.held = self.held, []
         for transport in held:
@@ -223,6 +232,7 @@ def dns() -> Iterator[DnsServer]:
             # Two domains whose MX hosts match one pattern: one destination.
             "alpha.test": {"MX": ["10 mx1.rollup.test."]},
             "beta.test": {"MX": ["10 mx2.rollup.test."]},
+            "gamma.test": {"MX": ["10 mx2.rollup.test."]},
             "mx1.rollup.test": {"A": ["127.0.0.2"]},
             "mx2.rollup.test": {"A": ["127.0.0.3"]},
             # A destination that refuses, and one that works.
@@ -242,10 +252,20 @@ def dns() -> Iterator[DnsServer]:
     server.stop()
 
 
-def _start(env: RelayEnv, dns: DnsServer, shaping: dict[str, Any], **kwargs: Any) -> RelayThread:
+def _start(
+    env: RelayEnv,
+    dns: DnsServer,
+    shaping: dict[str, Any],
+    *,
+    dkim: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> RelayThread:
     delivery = {"mode": "Direct", "resolver": [dns.address], "mxPort": PORT, "smarthost": None}
+    relay: dict[str, Any] = {"delivery": delivery, "shaping": shaping}
+    if dkim is not None:
+        relay["dkim"] = dkim
     overrides = {
-        "relay": {"delivery": delivery, "shaping": shaping},
+        "relay": relay,
         "shutdownGrace": 1.0,
         "statsInterval": 0.2,
         "statsFile": str(env.directory / "stats.json"),
@@ -292,6 +312,83 @@ def test_domains_rolled_up_by_mx_share_one_connection_limit(
     ) == pytest.approx(16)
     opened = relay.metric("txmail_relay_destination_connections_total", {"destination": "rollup"})
     assert 2 <= opened <= 16
+
+
+class _Part(Activity):
+    """One server's transactions at once, counted in its destination's ``whole`` too."""
+
+    def __init__(self, whole: Activity) -> None:
+        super().__init__()
+        self.whole = whole
+
+    def enter(self) -> None:
+        super().enter()
+        self.whole.enter()
+
+    def leave(self) -> None:
+        super().leave()
+        self.whole.leave()
+
+
+def _dkim_block(directory: Path) -> dict[str, Any]:
+    """A DKIM key for example.com (the test messages' From domain)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    keys_dir = directory / "dkim"
+    keys_dir.mkdir(parents=True)
+    (keys_dir / "example.com.s1.key").write_bytes(pem)
+    key_entry = {"selector": "s1", "algorithm": "rsa-sha256", "keyFile": "example.com.s1.key"}
+    return {"keysDir": str(keys_dir), "domains": [{"domain": "example.com", "keys": [key_entry]}]}
+
+
+def test_mail_sent_back_busy_keeps_full_concurrency_and_is_signed_only_when_sent(
+    env: RelayEnv,
+    dns: DnsServer,
+    servers: Callable[..., MailServer],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """rollup has 2 connections. A message to beta.test and one to gamma.test, each scheduled
+    under its own domain before a lookup told its destination, take both; alpha.test's 2
+    messages (known to be rollup) are then sent back busy, unattempted. That is not a failure:
+    once the others are through, alpha's go 2 at once, not one at a time as to a failing
+    destination. And mail is DKIM-signed only when a transaction carries it: one signature
+    per delivered message, none for an attempt sent back."""
+    caplog.set_level(logging.DEBUG, logger="txmail_relay.delivery.queue")
+    rollup = Activity()
+    alpha, others = _Part(rollup), _Part(rollup)
+    one = servers("127.0.0.2", activity=alpha)
+    two = servers("127.0.0.3", activity=others)
+    relay = _start(
+        env, dns, {"sites": [{**ROLLUP, "connections": 2}]}, dkim=_dkim_block(env.directory)
+    )
+    _submit(env, relay, "alpha.test", 1)  # from now on alpha.test is known to be rollup
+    wait_for(lambda: one.recipients() == _expected("alpha.test", 1), what="alpha.test's first")
+    one.data_delay = 1.0  # alpha.test's next ones overlap if they go together
+    two.release.clear()
+    _submit(env, relay, "beta.test", 1, first=10)
+    wait_for(lambda: others.active == 1, what="beta.test's transaction holding rollup")
+    _submit(env, relay, "gamma.test", 1, first=20)
+    wait_for(lambda: others.active == 2, what="gamma.test's too")
+    _submit(env, relay, "alpha.test", 2, first=1)
+    wait_for(
+        lambda: caplog.text.count("destination rollup busy") >= 2,
+        what="alpha.test's 2 sent back busy",
+    )
+    two.release.set()
+    wait_for(
+        lambda: (
+            one.recipients() == _expected("alpha.test", 3)
+            and two.recipients() == ["user10@beta.test", "user20@gamma.test"]
+        ),
+        timeout=20,
+        what="every message at its destination's servers",
+    )
+    assert rollup.most == 2
+    assert alpha.most == 2  # both at once after being sent back: the full concurrency
+    signed = {"domain": "example.com", "result": "signed"}
+    assert relay.metric("txmail_relay_dkim_signatures_total", signed) == 5  # none sent back
 
 
 def test_messages_per_connection(

@@ -228,14 +228,16 @@ class DeliveryQueue:
     async def _run(self, job: _Job) -> None:
         state = self._destinations[job.key]
         tried = job.indices
+        attempted = True
         try:
-            await self._attempt(job)
+            attempted = await self._attempt(job)
         except Exception:  # a bug must not lose the message: try it again later
             log.exception("delivery attempt failed", extra={"msg_id": job.msg.id})
             self._defer(job, self._clock() + backoff(job.attempts, self._retry))
         finally:
             state.active -= 1
-            state.failing = not any(i in job.msg.final for i in tried)
+            if attempted:  # sent back unattempted (paused, busy): it tells nothing
+                state.failing = not any(i in job.msg.final for i in tried)
             if not (state.active or state.ready or state.failing):
                 self._destinations.pop(job.key, None)
             task = asyncio.current_task()
@@ -266,7 +268,8 @@ class DeliveryQueue:
                 async with asyncio.timeout(timeout):
                     await self._wakeup.wait()
 
-    async def _attempt(self, job: _Job) -> None:
+    async def _attempt(self, job: _Job) -> bool:
+        """One attempt of ``job``; False: the transport sent it back without trying."""
         msg = job.msg
         pending = [i for i in job.indices if i not in msg.final]
         recipients = [msg.recipients[i] for i in pending]
@@ -275,9 +278,11 @@ class DeliveryQueue:
         msg.attempts = max(msg.attempts, job.attempts)
         try:
             body = await self._spool.read_body(msg)
-            if self._sign is not None:
-                body = await self._sign(body)
-            results = await self._transport.deliver(msg.mail_from, recipients, body)
+            # Signed by the transport only when it is about to send it (not for a destination
+            # it finds paused or busy), once per attempt.
+            results = await self._transport.deliver(
+                msg.mail_from, recipients, body, sign=self._sign
+            )
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug must not lose the message: defer it
@@ -291,11 +296,12 @@ class DeliveryQueue:
         if results and not expired and not any(r.attempted for r in results):
             # Its destination is paused (shaping): nothing was sent, so no attempt counts and
             # no outcome is published; the job waits for the pause to end (at least 1 s).
+            log.debug("attempt sent back: %s", results[0].reply, extra={"msg_id": msg.id})
             job.attempts -= 1
             msg.attempts = counted
             pause = self._destination(recipients[0]).delay
             self._defer(job, min(now + max(1.0, pause), born + self._retry.max_lifetime))
-            return
+            return False
         final: dict[int, Outcome] = {}
         events = []
         for index, result in zip(pending, results, strict=True):
@@ -334,6 +340,7 @@ class DeliveryQueue:
             self._messages.pop(msg.id, None)
             if self._warmup is not None:
                 self._warmup.finished(msg)
+        return any(r.attempted for r in results)
 
     def _publish(self, event: OutcomeEvent) -> None:
         level = logging.INFO if event.outcome is Outcome.DELIVERED else logging.WARNING

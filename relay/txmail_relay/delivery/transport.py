@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 MAX_MX_ADDRESSES = 5  # Postfix smtp_mx_address_limit
 
+Sign = Callable[[bytes], Awaitable[bytes]]  # DKIM (delivery/dkim.py); never raises
+
 
 @dataclass(frozen=True)
 class RecipientResult:
@@ -72,9 +74,11 @@ class Transport(Protocol):
         """The destination of ``recipient`` under the current configuration."""
 
     async def deliver(
-        self, mail_from: str, recipients: Sequence[str], body: bytes
+        self, mail_from: str, recipients: Sequence[str], body: bytes, *, sign: Sign | None = None
     ) -> list[RecipientResult]:
-        """One attempt for ``recipients`` (of one destination); one result each, in order."""
+        """One attempt for ``recipients`` (of one destination); one result each, in order.
+        ``sign`` (DKIM) is applied to ``body`` once, only if a transaction is about to carry
+        it: not for an attempt sent back unattempted (``RecipientResult.attempted``)."""
 
     async def close(self) -> None: ...
 
@@ -408,7 +412,7 @@ class SmtpTransport:
         )
 
     async def deliver(
-        self, mail_from: str, recipients: Sequence[str], body: bytes
+        self, mail_from: str, recipients: Sequence[str], body: bytes, *, sign: Sign | None = None
     ) -> list[RecipientResult]:
         config = self._store.current
         if config is None:
@@ -424,9 +428,10 @@ class SmtpTransport:
                 groups[_domain(rcpt)].append(rcpt)
         merged: dict[str, RecipientResult] = {}
         claims: dict[SiteState, int] = {}  # this attempt's groups in flight per destination
+        message = _Body(body, sign)  # signed once for all of this attempt's groups
         outcomes = await asyncio.gather(
             *(
-                self._deliver_group(relay, domain, rcpts, mail_from, body, claims)
+                self._deliver_group(relay, domain, rcpts, mail_from, message, claims)
                 for domain, rcpts in groups.items()
             )
         )
@@ -440,7 +445,7 @@ class SmtpTransport:
         domain: str,
         rcpts: list[str],
         mail_from: str,
-        body: bytes,
+        body: _Body,
         claims: dict[SiteState, int],
     ) -> dict[str, RecipientResult]:
         known = self.shaper.known(domain) if domain and self.shaper.enabled else None
@@ -565,7 +570,7 @@ class SmtpTransport:
         routes: list[Route],
         rcpts: list[str],
         mail_from: str,
-        body: bytes,
+        body: _Body,
         site: SiteState | None = None,
     ) -> dict[str, RecipientResult]:
         last = "451 4.4.1 no mail exchanger reachable"
@@ -583,7 +588,16 @@ class SmtpTransport:
                     log.info("connection failed", extra={"host": route.host, "reply": last})
                     break
                 try:
-                    results, reusable = await self._transaction(conn.client, rcpts, mail_from, body)
+                    # Signed here, with a connection to carry it: not for a destination paused
+                    # or busy (sent back unattempted) nor for one that cannot be reached.
+                    signed = await body.get()
+                except BaseException:
+                    self._pool.discard(conn)
+                    raise
+                try:
+                    results, reusable = await self._transaction(
+                        conn.client, rcpts, mail_from, signed
+                    )
                 except _StaleConnectionError as exc:
                     self._pool.discard(conn)
                     if conn.reused and not fresh:
@@ -642,6 +656,24 @@ class SmtpTransport:
         delivered = RecipientResult(Outcome.DELIVERED, reply, answered=True)
         results.update(dict.fromkeys(accepted, delivered))
         return results, True
+
+
+class _Body:
+    """The message of one attempt, DKIM-signed the first time a transaction is about to carry
+    it (once per attempt, whichever of its groups gets there first; the others share it)."""
+
+    def __init__(self, raw: bytes, sign: Sign | None) -> None:
+        self._raw = raw
+        self._sign = sign
+        self._signed: asyncio.Future[bytes] | None = None
+
+    async def get(self) -> bytes:
+        if self._sign is None:
+            return self._raw
+        if self._signed is None:
+            self._signed = asyncio.ensure_future(self._sign(self._raw))
+        # Shielded: one group cancelled (the relay stopping) does not cancel the others' copy.
+        return await asyncio.shield(self._signed)
 
 
 def _paused(site: SiteState) -> str:
