@@ -8,14 +8,18 @@ The clock is the relay's ``clock`` constructor argument: the tests move it a day
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from peers import Sink
 from relay.relaykit import (
@@ -29,6 +33,7 @@ from relay.relaykit import (
 )
 from txmail_relay.contract import WARMUP_DAY_SECONDS
 from txmail_relay.http.api import SEND_PATH
+from txmail_relay.records.records import DB_NAME
 
 DAY = WARMUP_DAY_SECONDS
 ORDER = 101
@@ -274,6 +279,36 @@ def test_a_start_without_an_offset_is_utc_and_delivery_goes_on(env: RelayEnv) ->
     wait_for(lambda: _settled(relay, sent=2, deferred=1), what="1 recipient held")
     clock.advance(DAY)
     assert _delivered(env, 3) == [1, 2, 3]
+
+
+def test_unreadable_warm_up_records_neither_stop_the_relay_nor_lift_the_budget(
+    env: RelayEnv, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Today's count and a message's counted recipients are odd in the records database
+    (written by hand): the relay still starts, logs it once, and takes the day as full (new
+    mail is held, not sent at full volume for want of a count) until the next day."""
+    started = time.time()
+    clock = Clock(started + 60)
+    warmup = _warmup([3, 5], started)
+    relay = _start(env, clock, warmup)
+    _submit(env, relay, range(1, 2))
+    assert _delivered(env, 1) == [1]
+    wait_for(lambda: _settled(relay, sent=1, deferred=0), what="1 counted")
+    relay.stop()
+    with contextlib.closing(sqlite3.connect(env.directory / "spool" / DB_NAME)) as db, db:
+        db.execute("UPDATE warmup SET sent = 'lots'")
+        db.execute("INSERT INTO warmup_messages VALUES ('odd', 'x,y', 0, NULL)")
+
+    relay = _start(env, clock, warmup)  # started: _start waits for its listeners
+    wait_for(lambda: _settled(relay, sent=3, deferred=0), what="the day taken as full")
+    _submit(env, relay, range(2, 3))  # answered 250, held
+    wait_for(lambda: _settled(relay, sent=3, deferred=1), what="new mail held")
+    logged = [r for r in caplog.records if "warm-up records unreadable" in r.getMessage()]
+    assert len(logged) == 1
+    assert "today's count" in logged[0].getMessage()
+    clock.advance(DAY)  # day 2: a count of its own
+    assert _delivered(env, 2) == [1, 2]
+    wait_for(lambda: _settled(relay, sent=1, deferred=0), what="day 2's count")
 
 
 def test_a_failing_gate_does_not_stop_acceptance_or_delivery(env: RelayEnv) -> None:

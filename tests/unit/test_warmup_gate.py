@@ -7,12 +7,14 @@ oldest first, and the day's count is read back after a restart.
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 
 from txmail_relay.contract import WARMUP_DAY_SECONDS, WarmupConfig
 from txmail_relay.delivery.warmup import WarmupGate
-from txmail_relay.records.records import Records
+from txmail_relay.records.records import DB_NAME, Records
 from txmail_relay.spool.segments import SpooledMessage
 
 START = 1_800_000_000.0
@@ -187,5 +189,37 @@ async def test_without_a_start_the_relay_counts_days_from_its_own(tmp_path: Path
         )
         snapshot = again.gate.snapshot()
         assert snapshot is not None and (snapshot.day, snapshot.budget) == (1, 1)
+    finally:
+        await records.close()
+
+
+async def test_unreadable_records_start_the_gate_with_the_day_taken_as_full(
+    tmp_path: Path,
+) -> None:
+    """Odd rows in every warm-up table (written by hand): load() does not raise (the relay
+    starts); without its own start the relay starts a new day 1, without today's count the
+    day is full, so new mail waits for the next day instead of going at full volume."""
+    records = Records(tmp_path)
+    await records.open()
+    g = Gate(records, [2, 3], started=False)
+    assert g.gate.admit(_message(1), [0], 0) == (0,)
+    await records.close()
+    with contextlib.closing(sqlite3.connect(tmp_path / DB_NAME)) as db, db:
+        db.execute("UPDATE warmup SET sent = 'lots'")
+        db.execute("UPDATE warmup_clock SET started_at = 'soon'")
+        db.execute("INSERT INTO warmup_messages VALUES ('m9', 'x', 0, NULL)")
+
+    records = Records(tmp_path)
+    await records.open()
+    try:
+        again = Gate(records, [2, 3], started=False)
+        again.now += 3600
+        await again.gate.load(["m1", "m9"])
+        snapshot = again.gate.snapshot()
+        assert snapshot is not None and (snapshot.day, snapshot.sent) == (1, 2)
+        assert again.gate.admit(_message(2), [0], 0) == ()  # held: the day is full
+        again.now += WARMUP_DAY_SECONDS
+        again.gate.tick()
+        assert again.released == [("m2", (0,))]  # day 2's budget
     finally:
         await records.close()

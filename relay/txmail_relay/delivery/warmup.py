@@ -137,21 +137,46 @@ class WarmupGate:
 
     async def load(self, queued: Collection[str] = ()) -> None:
         """Read today's count and what is known of the ``queued`` messages (the spool's)
-        from the records, at start once the configuration is known; forget the others."""
-        self._local_start = await self._counts.clock()
-        known = await self._counts.messages()
-        self._messages = {i: known[i] for i in queued if i in known}
-        gone = [i for i in known if i not in self._messages]
-        if gone:
-            await self._counts.forget(gone)
-        cfg, key, _budget = self._today()
-        if cfg.active:
-            self._sent = await self._counts.sent(*key)
-            log.info(
-                "warm-up: day %d, %d sent",
-                key[1],
-                self._sent,
-                extra={"budget": cfg.budget(key[1])},
+        from the records, at start once the configuration is known; forget the others.
+
+        Never raises (the relay must start): what cannot be read (an odd record, a bug) is
+        logged once and the gate runs with the rest, never above the schedule: without the
+        relay's own start it starts a new day 1, without the recipients counted they count
+        again, and without today's count the day is taken as full (new mail is held for the
+        next day's budget)."""
+        failed: list[tuple[str, Exception]] = []
+        try:
+            self._local_start = await self._counts.clock()
+        except Exception as e:
+            failed.append(("the relay's own start", e))
+        try:
+            known = await self._counts.messages()
+        except Exception as e:
+            failed.append(("the recipients counted per message", e))
+        else:
+            self._messages = {i: known[i] for i in queued if i in known}
+            gone = [i for i in known if i not in self._messages]
+            try:
+                if gone:
+                    await self._counts.forget(gone)
+            except Exception as e:
+                failed.append(("forgetting finished messages", e))
+        try:
+            cfg, key, budget = self._today()
+            if cfg.active:
+                try:
+                    self._sent = await self._counts.sent(*key)
+                except Exception as e:
+                    failed.append(("today's count, the day is taken as full", e))
+                    self._sent = max(self._sent, budget or 0)
+                log.info("warm-up: day %d, %d sent", key[1], self._sent, extra={"budget": budget})
+        except Exception as e:  # the day itself: admit() meets the same (the queue's guard)
+            failed.append(("the day", e))
+        if failed:
+            log.error(
+                "warm-up records unreadable, going on without: %s",
+                "; ".join(what for what, _ in failed),
+                exc_info=failed[0][1],
             )
 
     # -- what the queue asks ------------------------------------------------------------
