@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from cluster.kubeapi import name_of
 from peers import wait_for
 from txmail_relay import contract as c
 
@@ -178,6 +179,43 @@ class Kit:
         """What the relay would answer to AUTH with these credentials right now."""
         entry = self.entry(ip, username)
         return entry is not None and entry.accepts(password, dt.datetime.now(dt.UTC))
+
+    def relay_config(self, ip: str) -> c.RelayConfig | None:
+        """The RelayConfig the operator wrote for ``ip``, or None before it did."""
+        try:
+            cm = self.core.read_namespaced_config_map(c.relay_name(ip), self.operator_namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        raw = (cm.data or {}).get(c.RELAY_CONFIG_KEY)
+        return c.RelayConfig.model_validate_json(raw) if raw else None
+
+    def mark_relay_ready(self, ip: str) -> None:
+        """Play the kubelet (none runs in this tier): ``ip``'s relay pod is Running and Ready,
+        and the operator has seen it (RelayAvailable)."""
+        ns = self.operator_namespace
+        selector = f"{c.LABEL_INSTANCE}={ip},{c.LABEL_NAME}={c.RELAY_APP_NAME}"
+        pod = wait_for(
+            lambda: next(
+                iter(self.core.list_namespaced_pod(ns, label_selector=selector).items), None
+            ),
+            30,
+            "the relay pod",
+        )
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        ready = [
+            {"type": t, "status": "True", "lastTransitionTime": now}
+            for t in ("Ready", "ContainersReady")
+        ]
+        self.core.patch_namespaced_pod_status(
+            name_of(pod), ns, {"status": {"phase": "Running", "conditions": ready}}
+        )
+        wait_for(
+            lambda: self.reason("dedicatedips", None, ip, "RelayAvailable") == "RelayAvailable",
+            30,
+            "RelayAvailable",
+        )
 
     def events(self, namespace: str, name: str) -> list[Any]:
         evs = self.core.list_namespaced_event(namespace).items

@@ -80,8 +80,9 @@ def digests(files: dict[str, bytes]) -> dict[str, str]:
 
 
 def relay_config(kit: Kit, ip: str) -> c.RelayConfig:
-    cm = kit.core.read_namespaced_config_map(c.relay_name(ip), kit.operator_namespace)
-    return c.RelayConfig.model_validate_json((cm.data or {})[c.RELAY_CONFIG_KEY])
+    config = kit.relay_config(ip)
+    assert config is not None, f"no RelayConfig for {ip} yet"
+    return config
 
 
 def signing(kit: Kit, ip: str, domain: str) -> list[str]:

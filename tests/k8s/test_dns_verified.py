@@ -9,7 +9,6 @@ another in the shared server.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import itertools
 import random
 import uuid
@@ -19,7 +18,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from cluster.kubeapi import custom_object, name_of
+from cluster.kubeapi import custom_object
 from dns_server import DnsServer, ptr_name, txt
 from k8s.kit import GROUP, VERSION, Kit
 from k8s.operator_process import wait_for
@@ -56,30 +55,6 @@ def dedicated_ip(kit: Kit, names: Names, **dns: Any) -> str:
         hostname=names.hostname,
         domains=[names.domain],
         dns={"checkIntervalSeconds": INTERVAL, **dns},
-    )
-
-
-def mark_relay_ready(kit: Kit, ip: str) -> None:
-    """Play the kubelet (none runs here): the relay pod is Running and Ready."""
-    ns = kit.operator_namespace
-    selector = f"{c.LABEL_INSTANCE}={ip},{c.LABEL_NAME}={c.RELAY_APP_NAME}"
-    pod = wait_for(
-        lambda: next(iter(kit.core.list_namespaced_pod(ns, label_selector=selector).items), None),
-        30,
-        "the relay pod",
-    )
-    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    ready = [
-        {"type": t, "status": "True", "lastTransitionTime": now}
-        for t in ("Ready", "ContainersReady")
-    ]
-    kit.core.patch_namespaced_pod_status(
-        name_of(pod), ns, {"status": {"phase": "Running", "conditions": ready}}
-    )
-    wait_for(
-        lambda: kit.reason(IPS, None, ip, "RelayAvailable") == "RelayAvailable",
-        30,
-        "RelayAvailable",
     )
 
 
@@ -146,7 +121,7 @@ def test_correct_records_verify_and_the_ip_is_ready(
     records = to_publish(kit, ip)
     try:
         assert {r["purpose"] for r in records} == {"PTR", "Hostname", "SPF", "DMARC", "DKIM"}
-        mark_relay_ready(kit, ip)
+        kit.mark_relay_ready(ip)
         cond = wait_dns(kit, ip, "False")
         assert not kit.is_ready(IPS, None, ip)
         publish(cluster_dns, records)
@@ -186,7 +161,7 @@ def test_a_wrong_ptr_names_the_record_then_a_fix_is_followed(
     publish(cluster_dns, records)
     cluster_dns.set(names.ptr, "PTR", "mail.other.example.")
     try:
-        mark_relay_ready(kit, ip)
+        kit.mark_relay_ready(ip)
         cond = wait_dns(kit, ip, "False", "PTRMismatch")
         assert f"the PTR of {names.address} is mail.other.example" in cond["message"]
         assert f"publish PTR {names.ptr} -> {names.hostname}" in cond["message"]
@@ -306,7 +281,7 @@ def test_a_dns_error_that_is_no_timeout_still_gets_the_relay(
 def test_without_require_verified_the_ip_is_ready_without_dns(kit: Kit, names: Names) -> None:
     ip = dedicated_ip(kit, names, requireVerified=False)  # nothing published
     try:
-        mark_relay_ready(kit, ip)
+        kit.mark_relay_ready(ip)
         wait_for(lambda: kit.is_ready(IPS, None, ip), FOLLOW, "Ready without DNS", every=0.2)
         cond = wait_dns(kit, ip, "False")
         assert cond["reason"] in ("PTRMissing", "HostnameAddressMissing", "SPFMissing")

@@ -19,14 +19,8 @@ FOLLOW = 30.0
 
 
 def relay_shaping(kit: Kit, ip: str) -> c.ShapingConfig | None:
-    try:
-        cm = kit.core.read_namespaced_config_map(c.relay_name(ip), kit.operator_namespace)
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-    raw = (cm.data or {}).get(c.RELAY_CONFIG_KEY)
-    return c.RelayConfig.model_validate_json(raw).shaping if raw else None
+    config = kit.relay_config(ip)
+    return config.shaping if config else None
 
 
 def delete(kit: Kit, ip: str) -> None:

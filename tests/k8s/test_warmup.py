@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from cluster.kubeapi import name_of
 from k8s.conftest import ADDRESS, Live
 from k8s.kit import GROUP, VERSION, Kit
 from k8s.operator_process import wait_for
@@ -28,22 +27,7 @@ FOLLOW = 30.0
 
 
 def mark_relay_ready(kit: Kit, ip: str) -> None:
-    """Play the kubelet (none runs here): the relay pod is Running and Ready."""
-    ns = kit.operator_namespace
-    selector = f"{c.LABEL_INSTANCE}={ip},{c.LABEL_NAME}={c.RELAY_APP_NAME}"
-    pod = wait_for(
-        lambda: next(iter(kit.core.list_namespaced_pod(ns, label_selector=selector).items), None),
-        30,
-        "the relay pod",
-    )
-    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    ready = [
-        {"type": t, "status": "True", "lastTransitionTime": now}
-        for t in ("Ready", "ContainersReady")
-    ]
-    kit.core.patch_namespaced_pod_status(
-        name_of(pod), ns, {"status": {"phase": "Running", "conditions": ready}}
-    )
+    kit.mark_relay_ready(ip)
     wait_for(lambda: kit.is_ready(IPS, None, ip), FOLLOW, "the IP Ready", every=0.2)
 
 
@@ -55,14 +39,8 @@ def warmup(kit: Kit, ip: str) -> dict[str, Any]:
 
 
 def relay_warmup(kit: Kit, ip: str) -> c.WarmupConfig | None:
-    try:
-        cm = kit.core.read_namespaced_config_map(c.relay_name(ip), kit.operator_namespace)
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-    raw = (cm.data or {}).get(c.RELAY_CONFIG_KEY)
-    return c.RelayConfig.model_validate_json(raw).warmup if raw else None
+    config = kit.relay_config(ip)
+    return config.warmup if config else None
 
 
 def patch_spec(kit: Kit, ip: str, spec: dict[str, Any]) -> None:
