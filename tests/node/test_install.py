@@ -6,6 +6,7 @@ the API, an app pod that reads the generated Secret, the relay Service, the trac
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import uuid
@@ -13,10 +14,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import dkim
+import dns.exception
+import dns.resolver
 import pytest
+from cryptography.hazmat.primitives import serialization
 from kubernetes import client
 
 from cluster.kubeapi import meta_of, name_of, uid_of
+from dns_server import DnsServer, txt
 from node.kit import (
     CHART,
     NAMESPACE,
@@ -29,7 +35,7 @@ from node.kit import (
     send_script,
     spec_of,
 )
-from peers import wait_for
+from peers import Captured, wait_for
 from txmail_relay import contract as c
 
 pytestmark = pytest.mark.node
@@ -37,6 +43,7 @@ pytestmark = pytest.mark.node
 IP = "shop-ip"
 APP_NS = "shop"
 TOKEN = "shop"
+DOMAIN = "example.com"  # the app's From domain, the DedicatedIP's one sending domain
 LINK = "https://example.com/orders/42"
 RELAY_SELECTOR = f"{c.LABEL_NAME}={c.RELAY_APP_NAME},{c.LABEL_INSTANCE}={IP}"
 OPERATOR_SELECTOR = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=operator"
@@ -145,9 +152,73 @@ def test_a_dedicated_ip_becomes_a_ready_relay_pod(shop: Shop) -> None:
     assert "Traceback" not in log
 
 
+def _dkim_key(cluster: Cluster) -> tuple[str, list[str]]:
+    """The active selector of DOMAIN and its DKIM record's value, once the DedicatedIP's status
+    lists them (the relay's configuration names the selector from then on)."""
+
+    def listed() -> tuple[str, list[str]] | None:
+        status = cluster.get_cluster("dedicatedips", IP).get("status") or {}
+        domain = next((d for d in status.get("domains") or [] if d["name"] == DOMAIN), None)
+        active = ((domain or {}).get("dkim") or {}).get("active") or []
+        if not active:
+            return None
+        name = f"{active[0]}._domainkey.{DOMAIN}"
+        for record in status.get("dnsRecords") or []:
+            if record["purpose"] == "DKIM" and record["name"] == name:
+                return active[0], list(record["value"])
+        return None
+
+    return wait_for(listed, 60, f"{DOMAIN}'s active DKIM selector in the status", every=0.5)
+
+
+def dkim_verifies(message: bytes, name: str, value: list[str]) -> bool:
+    """dkimpy's verdict on ``message``, its key lookups going through dnspython to a Knot
+    server where ``name`` TXT is published as given (one record of these strings)."""
+    with DnsServer() as server:
+        server.set(name, "TXT", " ".join(txt(s) for s in value))
+        resolver = server.resolver()
+
+        def lookup(qname: bytes, timeout: int = 5) -> bytes | None:
+            try:
+                answer = resolver.resolve(qname.decode().rstrip("."), "TXT", lifetime=timeout)
+            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+                return None
+            except dns.exception.DNSException as e:
+                raise dkim.DnsTimeoutError(str(e)) from e
+            return b"".join(next(iter(answer)).strings)
+
+        return bool(dkim.verify(message, dnsfunc=lookup))
+
+
+def _assert_signed(cluster: Cluster, mail: Captured, selector: str, value: list[str]) -> None:
+    """``mail`` carries a DKIM-Signature d=DOMAIN s=``selector`` that verifies against the
+    record the status lists, whose key is the one in the operator's key Secret."""
+    # smtp-sink's own Received header on top: a trace field, not signed.
+    message = ("Received: from " + mail.content).encode()
+    sigs = [
+        dkim.util.parse_tag_value(v)
+        for k, v in dkim.DKIM(message).headers
+        if k.lower() == b"dkim-signature"
+    ]
+    assert [(s[b"d"], s[b"s"]) for s in sigs] == [(DOMAIN.encode(), selector.encode())], sigs
+    name = f"{selector}._domainkey.{DOMAIN}"
+    assert dkim_verifies(message, name, value), f"the signature does not verify:\n{mail.content}"
+    # The record's key is the public half of the key file the operator mounts into the relay.
+    keys = cluster.secret(NAMESPACE, c.dkim_secret_name(IP))
+    assert keys is not None, "no DKIM key Secret"
+    private = serialization.load_pem_private_key(keys[f"{selector}.{DOMAIN}.pem"].encode(), None)
+    der = private.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    assert f"p={base64.b64encode(der).decode()}" in "".join(value)
+
+
 def test_an_app_pod_sends_through_the_relay_and_a_click_is_counted(shop: Shop) -> None:
+    """... and the mail arrives DKIM-signed with the key the operator made, verifying against
+    the record the DedicatedIP's status says to publish."""
     cluster = shop.cluster
     cluster.wait_ready_pod(NAMESPACE, RELAY_SELECTOR, what="the relay pod")
+    selector, record = _dkim_key(cluster)
     shop.send("order 42")
     try:
         mail = next(
@@ -158,6 +229,7 @@ def test_an_app_pod_sends_through_the_relay_and_a_click_is_counted(shop: Shop) -
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{cluster.describe(NAMESPACE, RELAY_SELECTOR)}") from None
     assert mail.rcpts == ["buyer@example.net"] or "buyer@example.net" in mail.rcpts[0]
+    _assert_signed(cluster, mail, selector, record)
     links = re.findall(rf"http://{re.escape(TRACK_HOST)}(/c/[^\"'\s<>]+)", html_of(mail.content))
     assert links, f"no tracked link in:\n{mail.content[:2000]}"
     tracking = cluster.service_ip(NAMESPACE, c.relay_name(IP))
