@@ -19,9 +19,10 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
+import dns.exception
 import dns.message
 import dns.name
 import dns.query
@@ -118,6 +119,24 @@ class DnsServer:
         resolver.port = int(port)
         resolver.lifetime = 5.0
         return resolver
+
+    def txt_lookup(self) -> Callable[..., bytes | None]:
+        """dkimpy's key lookup (``dnsfunc(name, timeout=5)``), asking this server: the TXT
+        record's strings joined, None when there is none."""
+        import dkim  # noqa: PLC0415 - only the DKIM tests need dkimpy
+
+        resolver = self.resolver()
+
+        def lookup(name: bytes, timeout: int = 5) -> bytes | None:
+            try:
+                answer = resolver.resolve(name.decode().rstrip("."), "TXT", lifetime=timeout)
+            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+                return None
+            except dns.exception.DNSException as e:
+                raise dkim.DnsTimeoutError(str(e)) from e
+            return b"".join(next(iter(answer)).strings)
+
+        return lookup
 
     # -- changing records while it runs -------------------------------------------------------
 

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import dkim
-import dns.exception
-import dns.resolver
 import pytest
 from cryptography.hazmat.primitives import serialization
 from kubernetes import client
@@ -176,18 +174,7 @@ def dkim_verifies(message: bytes, name: str, value: list[str]) -> bool:
     server where ``name`` TXT is published as given (one record of these strings)."""
     with DnsServer() as server:
         server.set(name, "TXT", " ".join(txt(s) for s in value))
-        resolver = server.resolver()
-
-        def lookup(qname: bytes, timeout: int = 5) -> bytes | None:
-            try:
-                answer = resolver.resolve(qname.decode().rstrip("."), "TXT", lifetime=timeout)
-            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-                return None
-            except dns.exception.DNSException as e:
-                raise dkim.DnsTimeoutError(str(e)) from e
-            return b"".join(next(iter(answer)).strings)
-
-        return bool(dkim.verify(message, dnsfunc=lookup))
+        return bool(dkim.verify(message, dnsfunc=server.txt_lookup()))
 
 
 def _assert_signed(cluster: Cluster, mail: Captured, selector: str, value: list[str]) -> None:

@@ -20,8 +20,6 @@ from typing import Any
 
 import aiosmtplib.protocol
 import dkim
-import dns.exception
-import dns.resolver
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
@@ -102,19 +100,7 @@ def publish(server: DnsServer, selector: str, key: Key) -> None:
 
 
 def dnsfunc(server: DnsServer) -> Callable[..., bytes | None]:
-    """dkimpy's key lookup (``dnsfunc(name, timeout=5)``), asking the Knot server."""
-    resolver = server.resolver()
-
-    def lookup(name: bytes, timeout: int = 5) -> bytes | None:
-        try:
-            answer = resolver.resolve(name.decode().rstrip("."), "TXT", lifetime=timeout)
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-            return None
-        except dns.exception.DNSException as e:
-            raise dkim.DnsTimeoutError(str(e)) from e
-        return b"".join(next(iter(answer)).strings)
-
-    return lookup
+    return server.txt_lookup()
 
 
 # -- what the upstream received, and its signatures -----------------------------------------------
