@@ -658,6 +658,16 @@ def test_dkimpy_sees_the_from_that_is_signed() -> None:
     assert sign_message(b"To: b@example.com\r\n\r\nbody\r\n", "example.com", []) is None
 
 
+def test_a_header_section_opening_with_a_continuation_line_is_unsignable() -> None:
+    # Found by tests/fuzz/test_deliverability.py: from_domain reads the From, but dkimpy's
+    # parser raised IndexError on the leading folded line (sign_message raised: logged as a
+    # signing bug); it is unsignable, counted and sent as it is.
+    message = b" From:\r\nFrom: a@example.com\r\n\r\nbody\r\n"
+    assert from_domain(message) == "example.com"
+    assert dkimpy_from_fields(canonical(message)) is None
+    assert sign_message(message, "example.com", []) is None
+
+
 def test_no_key_material_in_reprs(rsa_keys: list[Key], tmp_path: Path) -> None:
     path = tmp_path / "k.pem"
     path.write_bytes(rsa_keys[0].file)

@@ -168,7 +168,7 @@ def dkimpy_from_fields(message: bytes) -> int | None:
     head = message if end < 0 else message[: end + 4]
     try:
         fields, _ = dkim.rfc822_parse(head)
-    except dkim.MessageFormatError:
+    except (dkim.MessageFormatError, IndexError):  # IndexError: a continuation line first
         return None
     return sum(1 for name, _ in fields if name.lower() == b"from")
 
