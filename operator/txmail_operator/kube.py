@@ -72,6 +72,26 @@ _RESOURCES: dict[tuple[str, str], tuple[str, str, bool]] = {
 }
 
 
+class NamespaceTerminatingError(ApiException):
+    """A write into a namespace that is being deleted (403, reason NamespaceTerminating).
+
+    Not a missing permission: the API server refuses new objects there while the namespace
+    goes, and what the operator wanted to write goes with it. One line (no HTTP body) where
+    kopf logs it; still an ApiException for the callers that look at ``status``."""
+
+    def __init__(self, exc: ApiException) -> None:
+        super().__init__(status=exc.status, reason=exc.reason)
+        self.body, self.headers = exc.body, exc.headers
+
+    def __str__(self) -> str:
+        return "the namespace is being deleted: the API server refuses new objects in it"
+
+    @staticmethod
+    def matches(exc: ApiException) -> bool:
+        body = exc.body.decode(errors="replace") if isinstance(exc.body, bytes) else exc.body
+        return exc.status == 403 and "NamespaceTerminating" in str(body or "")
+
+
 def _path(api_version: str, kind: str, namespace: str | None, name: str | None = None) -> str:
     prefix, plural, namespaced = _RESOURCES[(api_version, kind)]
     path = f"{prefix}/namespaces/{namespace}/{plural}" if namespaced else f"{prefix}/{plural}"
@@ -488,6 +508,8 @@ class Kube:
             except ApiException as exc:
                 if missing_ok and exc.status == 404:
                     raise
+                if NamespaceTerminatingError.matches(exc):
+                    raise NamespaceTerminatingError(exc) from None
                 if exc.status not in RETRIED or attempt == ATTEMPTS:
                     self.on_error(verb)
                     raise
@@ -570,4 +592,7 @@ class Kube:
         """Record an Event a user should notice (kubectl describe shows it)."""
         body = event_body(involved, reason, message, warning=warning, now=now)
         path = _path("v1", "Event", body["metadata"]["namespace"])
-        await self._call("POST", path, body, verb="create")
+        try:
+            await self._call("POST", path, body, verb="create")
+        except NamespaceTerminatingError:  # the object and its Events go with the namespace
+            log.debug("no Event %s: namespace %s is being deleted", reason, path)

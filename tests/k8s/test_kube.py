@@ -20,6 +20,7 @@ from txmail_operator.kube import (
     FIELD_MANAGER,
     AsyncWatch,
     Kube,
+    NamespaceTerminatingError,
     Watches,
     retry_delay,
 )
@@ -63,6 +64,48 @@ async def test_apply_patch_get_delete_with_the_fixed_field_managers(
         "txmail.dev/v1alpha1", "SmtpToken", operator_namespace, name, {"x": 1}
     )
     assert missing is None
+
+
+async def test_a_namespace_being_deleted_is_no_permission_problem(
+    kube: Kube, api: client.ApiClient
+) -> None:
+    """Writes into a namespace that is being deleted are refused (403 NamespaceTerminating).
+    That is not a missing permission, so it is told apart: one line without the HTTP body
+    (what kopf logs, and tests/k8s/test_rbac.py checks for 403s), and no Event is missed."""
+    core = client.CoreV1Api(api)
+    namespace = f"t-{uuid.uuid4().hex[:10]}"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
+    hold = config_map(namespace, "hold", {})
+    hold["metadata"]["finalizers"] = ["txmail.dev/test-hold"]  # keeps it Terminating
+    core.create_namespaced_config_map(namespace, client.V1ConfigMap.model_validate(hold))
+    core.delete_namespace(namespace)
+
+    def phase() -> str | None:
+        return (core.read_namespace(namespace).status or client.V1NamespaceStatus()).phase
+
+    try:
+        deadline = asyncio.get_running_loop().time() + 30
+        while phase() != "Terminating":
+            assert asyncio.get_running_loop().time() < deadline, "the namespace never terminated"
+            await asyncio.sleep(0.1)
+        with pytest.raises(NamespaceTerminatingError) as refused:
+            # a Secret: what the operator writes into app namespaces (an app Secret put back)
+            await kube.apply(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Secret",
+                    "metadata": {"name": "app-smtp", "namespace": namespace},
+                    "stringData": {"password": "x"},
+                }
+            )
+        assert refused.value.status == 403
+        assert "403" not in str(refused.value) and "Forbidden" not in str(refused.value)
+        # an Event about an object there is dropped, not raised
+        obj = config_map(namespace, "hold", {})
+        obj["metadata"]["uid"] = str(uuid.uuid4())
+        await kube.event(obj, "Tested", "an Event", now=_now())
+    finally:
+        core.patch_namespaced_config_map("hold", namespace, {"metadata": {"finalizers": None}})
 
 
 async def test_events_name_the_object(
