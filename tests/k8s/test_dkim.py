@@ -85,6 +85,16 @@ def relay_config(kit: Kit, ip: str) -> c.RelayConfig:
     return config
 
 
+def replaced(kit: Kit, ip: str, domain: str, old: str, what: str) -> list[str]:
+    """The active selectors of ``domain`` once they are no longer just ``old``."""
+
+    def changed() -> list[str] | None:
+        active: list[str] = dkim_of(kit, ip, domain).get("active") or [old]
+        return active if active != [old] else None
+
+    return wait_for(changed, FOLLOW, what)
+
+
 def signing(kit: Kit, ip: str, domain: str) -> list[str]:
     return [k.selector for k in relay_config(kit, ip).dkim.keys_for(domain)]
 
@@ -407,27 +417,13 @@ def test_a_lost_key_is_replaced_under_a_selector_never_used_before(
         kit.core.patch_namespaced_secret(
             name, kit.operator_namespace, {"data": {b.key_file(domain, first): broken}}
         )
-        (second,) = wait_for(
-            lambda: (
-                (dkim_of(kit, ip, domain).get("active") or [first]) != [first]
-                and dkim_of(kit, ip, domain)["active"]
-            ),
-            FOLLOW,
-            "a new key for the broken one",
-        )
+        (second,) = replaced(kit, ip, domain, first, "a new key for the broken one")
         assert second.endswith("-2") and signing(kit, ip, domain) == [second]
         assert sorted(key_files(kit, ip)) == [b.key_file(domain, second)]
         # The whole Secret deleted (and the state in it): the status still knows the
         # selectors used, so the new key takes the next one.
         kit.core.delete_namespaced_secret(name, kit.operator_namespace)
-        (third,) = wait_for(
-            lambda: (
-                (dkim_of(kit, ip, domain).get("active") or [second]) != [second]
-                and dkim_of(kit, ip, domain)["active"]
-            ),
-            FOLLOW,
-            "a new key for the deleted Secret",
-        )
+        (third,) = replaced(kit, ip, domain, second, "a new key for the deleted Secret")
         assert third.endswith("-3") and signing(kit, ip, domain) == [third]
         assert list(key_files(kit, ip)) == [b.key_file(domain, third)]
     finally:

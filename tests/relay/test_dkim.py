@@ -99,6 +99,13 @@ def publish(server: DnsServer, selector: str, key: Key) -> None:
     server.set(f"{selector}._domainkey.{DOMAIN}", "TXT", txt(key.record))
 
 
+def signing_relay(env: RelayEnv, server: DnsServer, key: Key) -> RelayThread:
+    """A relay signing DOMAIN with ``key`` under selector s1, whose record ``server``
+    publishes."""
+    publish(server, "s1", key)
+    return env.start(settings(env, dkim_config(env.directory / "dkim", ("s1", key))))
+
+
 def dnsfunc(server: DnsServer) -> Callable[..., bytes | None]:
     return server.txt_lookup()
 
@@ -228,8 +235,7 @@ def received(env: RelayEnv, n: int | str) -> bytes:
 def test_plain_mail_is_signed_and_verifies(
     env: RelayEnv, dns_server: DnsServer, rsa_keys: list[Key]
 ) -> None:
-    publish(dns_server, "s1", rsa_keys[0])
-    relay = env.start(settings(env, dkim_config(env.directory / "dkim", ("s1", rsa_keys[0]))))
+    relay = signing_relay(env, dns_server, rsa_keys[0])
     submit(env, relay, plain(1, Cc="cat@dest.test"))
     delivered = received(env, 1)
 
@@ -257,8 +263,7 @@ def test_plain_mail_is_signed_and_verifies(
 def test_tracked_html_in_quoted_printable_and_base64_verifies(
     env: RelayEnv, dns_server: DnsServer, rsa_keys: list[Key]
 ) -> None:
-    publish(dns_server, "s1", rsa_keys[0])
-    relay = env.start(settings(env, dkim_config(env.directory / "dkim", ("s1", rsa_keys[0]))))
+    relay = signing_relay(env, dns_server, rsa_keys[0])
     cases = [
         html(1, html_cte="quoted-printable"),
         html(2, text_cte="quoted-printable", html_cte="base64"),
@@ -280,8 +285,7 @@ def test_tracked_html_in_quoted_printable_and_base64_verifies(
 def test_base64_attachment_verifies(
     env: RelayEnv, dns_server: DnsServer, rsa_keys: list[Key]
 ) -> None:
-    publish(dns_server, "s1", rsa_keys[0])
-    relay = env.start(settings(env, dkim_config(env.directory / "dkim", ("s1", rsa_keys[0]))))
+    relay = signing_relay(env, dns_server, rsa_keys[0])
     encoded = base64.encodebytes(bytes(range(256)) * 8).decode()
     content = (
         "From: App <app@example.com>\nTo: ada@dest.test\nSubject: attachment\n"
@@ -295,8 +299,7 @@ def test_base64_attachment_verifies(
 
 
 def test_api_send_is_signed(env: RelayEnv, dns_server: DnsServer, rsa_keys: list[Key]) -> None:
-    publish(dns_server, "s1", rsa_keys[0])
-    relay = env.start(settings(env, dkim_config(env.directory / "dkim", ("s1", rsa_keys[0]))))
+    relay = signing_relay(env, dns_server, rsa_keys[0])
     reply = http(
         relay.api_port,
         "POST",
@@ -397,8 +400,7 @@ def test_mail_the_app_signed_for_the_domain_is_left_alone(
 ) -> None:
     app_key = Key("rsa-sha256")
     publish(dns_server, "app", app_key)
-    publish(dns_server, "s1", rsa_keys[0])
-    relay = env.start(settings(env, dkim_config(env.directory / "dkim", ("s1", rsa_keys[0]))))
+    relay = signing_relay(env, dns_server, rsa_keys[0])
 
     def app_signed(n: int, domain: str) -> bytes:
         content = html(n).as_bytes().replace(b"\n", b"\r\n")
@@ -523,8 +525,7 @@ def test_obsolete_field_names_with_a_space_before_the_colon_are_signed_too(
 ) -> None:
     """``From :`` (RFC 5322 4.5, obsolete): dkimpy reads it as an mbox ``From `` line and
     would sign no From at all; the relay writes it ``From:`` and signs that."""
-    publish(dns_server, "s1", rsa_keys[0])
-    relay = env.start(settings(env, dkim_config(env.directory / "dkim", ("s1", rsa_keys[0]))))
+    relay = signing_relay(env, dns_server, rsa_keys[0])
     content = (
         b"From : App <app@example.com>\r\nTo: ada@dest.test\r\nSubject : obsolete\r\n"
         b"Message-ID: <obs-1@example.com>\r\n\r\nHello\r\nEND-OF-MESSAGE 1\r\n"
@@ -544,8 +545,7 @@ def test_obsolete_field_names_with_a_space_before_the_colon_are_signed_too(
 def test_from_with_several_mailboxes_is_signed_only_at_one_domain(
     env: RelayEnv, dns_server: DnsServer, rsa_keys: list[Key]
 ) -> None:
-    publish(dns_server, "s1", rsa_keys[0])
-    relay = env.start(settings(env, dkim_config(env.directory / "dkim", ("s1", rsa_keys[0]))))
+    relay = signing_relay(env, dns_server, rsa_keys[0])
     several = plain(1, Sender="app@example.com")
     several.replace_header("From", "App <app@example.com>, Ops <ops@example.com>")
     submit(env, relay, several)
@@ -562,8 +562,7 @@ def test_dot_lines_and_8bit_bodies_verify(
 ) -> None:
     """Lines starting with '.' are dot-stuffed on the wire and unstuffed by the receiver;
     an 8-bit body goes with BODY=8BITMIME (smtp-sink offers it), unchanged."""
-    publish(dns_server, "s1", rsa_keys[0])
-    relay = env.start(settings(env, dkim_config(env.directory / "dkim", ("s1", rsa_keys[0]))))
+    relay = signing_relay(env, dns_server, rsa_keys[0])
     dots = plain(1)
     dots.set_content(".hidden\n..two\n.\nEND-OF-MESSAGE 1\n")
     submit(env, relay, dots)
@@ -619,8 +618,7 @@ def test_a_new_key_whose_file_is_not_there_yet_signs_with_the_previous_key(
 def test_big_messages_are_signed_in_a_worker_process(
     env: RelayEnv, dns_server: DnsServer, rsa_keys: list[Key]
 ) -> None:
-    publish(dns_server, "s1", rsa_keys[0])
-    relay = env.start(settings(env, dkim_config(env.directory / "dkim", ("s1", rsa_keys[0]))))
+    relay = signing_relay(env, dns_server, rsa_keys[0])
     big = plain(1)
     line = "a line of a big report, long enough to count for something at all\n"
     big.set_content(line * (2 * PROCESS_SIGNING_BYTES // len(line)) + "END-OF-MESSAGE 1\n")
