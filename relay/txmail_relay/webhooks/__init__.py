@@ -1,0 +1,1 @@
+"""Webhook deliveries: the events of each subscription, signed (Standard Webhooks), in order."""
