@@ -62,6 +62,10 @@ SUBMISSIONS_PORT = 2465
 TRACKING_PORT = 8080
 API_PORT = 8081
 METRICS_PORT = 9090
+# The inbound listener (DSNs and ARF reports from the outside world to the return path and the
+# complaints address; docs/feedback.md "Return path and bounces"): port 25 on the Service.
+INBOUND_PORT = 2525
+SERVICE_INBOUND_PORT = 25
 SERVICE_SUBMISSION_PORT = 587
 SERVICE_SUBMISSIONS_PORT = 465
 SERVICE_TRACKING_PORT = 80
@@ -235,11 +239,66 @@ class FeedbackConfig(_Doc):
     )
 
 
+class ReturnPathConfig(_Doc):
+    """The envelope sender (return path) of delivery attempts: VERP per message.
+
+    With a ``domain``, each attempt's MAIL FROM is ``<localPart>+<spool id>@<domain>`` (the
+    header From stays the app's), so a DSN sent back later names the message it is about; the
+    domain's MX points at the relay's inbound listener. Without one, the app's sender as is.
+    """
+
+    domain: str | None = Field(
+        default=None, description="Return-path domain (its MX: the relay); None: off."
+    )
+    local_part: str = Field(
+        default="bounces",
+        alias="localPart",
+        min_length=1,
+        max_length=32,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Local part before the '+<id>' tag.",
+    )
+
+    @field_validator("domain")
+    @classmethod
+    def _lower_domain(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        domain = value.strip().rstrip(".").lower()
+        return domain or None
+
+
 class SuppressionConfig(_Doc):
     """Which recipients the relay refuses new mail to (both off: transactional mail goes out)."""
 
     complaints: bool = Field(default=False, description="Recipients who complained.")
     bounces: bool = Field(default=False, description="Recipients whose mail hard-bounced.")
+
+
+class DsnPolicy(StrEnum):
+    """When the relay sends the original sender a delivery status notification (RFC 3464) on
+    giving up on a recipient (a 5xx reply, or the queue lifetime reached).
+
+    ``OnRequest``: as RFC 3461 asks: when RCPT TO had ``NOTIFY=FAILURE`` (alone or with
+    others), or no NOTIFY at all (RFC 3461 §5.1: then the MTA chooses; the relay reads it as
+    FAILURE, never DELAY); never for ``NOTIFY=NEVER``. ``Always``: for every failed recipient of
+    an SMTP submission, NOTIFY=NEVER included. ``Never``: none. API and template sends never get
+    one (their send status and events say what happened); a message sent with the null reverse
+    path ``<>`` (a DSN itself) never does.
+    """
+
+    ON_REQUEST = "OnRequest"
+    ALWAYS = "Always"
+    NEVER = "Never"
+
+
+class DsnConfig(_Doc):
+    """Delivery status notifications the relay itself sends (docs/feedback.md)."""
+
+    notify: DsnPolicy = Field(
+        default=DsnPolicy.ON_REQUEST,
+        description="OnRequest (the sender's NOTIFY), Always or Never.",
+    )
 
 
 #: Where the relay pod mounts the DKIM private keys (one folder, e.g. a projected volume of the
@@ -498,7 +557,9 @@ class RelayConfig(_Doc):
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    return_path: ReturnPathConfig = Field(default_factory=ReturnPathConfig, alias="returnPath")
     suppression: SuppressionConfig = Field(default_factory=SuppressionConfig)
+    dsn: DsnConfig = Field(default_factory=DsnConfig)
     dkim: DkimConfig = Field(default_factory=DkimConfig)
     warmup: WarmupConfig = Field(default_factory=WarmupConfig)
     shaping: ShapingConfig = Field(default_factory=ShapingConfig)
@@ -656,6 +717,11 @@ class ListenSettings(_Settings):
         default=API_PORT, description="The single-send API, send statuses, contacts (auth)"
     )
     metrics: int | None = Field(default=METRICS_PORT, description="/metrics, /healthz, /readyz")
+    inbound: int | None = Field(
+        default=None,
+        description="Inbound SMTP (no AUTH): DSNs and ARF reports to the return path and the "
+        "complaints address; off unless set (the operator sets INBOUND_PORT)",
+    )
 
 
 class TLSSettings(_Settings):
