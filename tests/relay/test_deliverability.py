@@ -140,7 +140,9 @@ def test_bounced_recipients_are_refused_when_the_ip_opts_in(
     wait_for(lambda: recorder.outcomes("gone@dest.test") == ["bounced"], what="the bounce")
     assert relay.relay is not None
     db_path = relay.relay.records.path
-    wait_for(lambda: _reasons(db_path, "gone@dest.test") == ["bounced"], what="the bounce stored")
+    wait_for(
+        lambda: _reasons(db_path, "gone@dest.test") == ["HARD_BOUNCE"], what="the bounce stored"
+    )
 
     # API: HubSpot's sendResult, naming the field; nothing is spooled.
     reply = _send(relay, env.password, _request("Gone@Dest.test"))

@@ -222,8 +222,8 @@ async def test_bounces_and_complaints_suppress_their_recipients(tmp_path: Path) 
         await records.events.outcome("s1", "app1", "bob@dest.test", Outcome.BOUNCED, 1.0)
         await records.events.outcome("s1", "app1", "Ada@Dest.test", Outcome.DEFERRED, 1.0)
         suppressions = records.suppressions
-        assert await suppressions.find(["BOB@dest.test"], [Suppression.BOUNCED]) == {
-            "BOB@dest.test": Suppression.BOUNCED
+        assert await suppressions.find(["BOB@dest.test"], [Suppression.HARD_BOUNCE]) == {
+            "BOB@dest.test": Suppression.HARD_BOUNCE
         }
         assert await suppressions.find(["ada@dest.test"], list(Suppression)) == {}
         ada = await records.events.find_message("<m1@x>", ["ada@dest.test"])
@@ -232,8 +232,8 @@ async def test_bounces_and_complaints_suppress_their_recipients(tmp_path: Path) 
         assert not await records.events.complaint(ada)  # once per message and recipient
         both = await suppressions.find(["ada@dest.test", "bob@dest.test"], list(Suppression))
         assert both == {
-            "ada@dest.test": Suppression.COMPLAINED,
-            "bob@dest.test": Suppression.BOUNCED,
+            "ada@dest.test": Suppression.SPAM_REPORT,
+            "bob@dest.test": Suppression.HARD_BOUNCE,
         }
         assert await suppressions.find(["ada@dest.test"], []) == {}
         [contact, _] = await records.contacts.page("app1")
@@ -267,7 +267,7 @@ async def test_an_unversioned_database_migrates_in_place(tmp_path: Path, script:
         assert not fresh  # the sendId is still known
         # Complaints recorded before the suppressions table are suppressions now.
         assert await records.suppressions.find(["ADA@dest.test"], list(Suppression)) == {
-            "ADA@dest.test": Suppression.COMPLAINED
+            "ADA@dest.test": Suppression.SPAM_REPORT
         }
         await records.events.outcome("s1", "app1", "Ada@Dest.test", Outcome.DELIVERED, 3.0)
         done = await records.sends.get("app1", "st1")

@@ -55,7 +55,7 @@ class Events:
             email_id = row["email_id"] if row else 0
             await bump(db, username, email_id, _OUTCOME_KIND[outcome])
             if outcome is Outcome.BOUNCED:
-                await suppressions.add(db, recipient, Suppression.BOUNCED, at)
+                await suppressions.add(db, recipient, Suppression.HARD_BOUNCE, at)
             if row is None or row["status_id"] is None or not outcome.final:
                 return
             result = "SENT" if outcome is Outcome.DELIVERED else "UNDELIVERABLE"
@@ -117,7 +117,7 @@ class Events:
                 return False
             await bump(db, found.username, found.email_id, Kind.COMPLAINED)
             await bump(db, found.username, found.email_id, Kind.UNSUBSCRIBED)
-            await suppressions.add(db, found.recipient, Suppression.COMPLAINED, self._clock())
+            await suppressions.add(db, found.recipient, Suppression.SPAM_REPORT, self._clock())
             await unsubscribe(db, found.username, found.recipient)
             return True
 

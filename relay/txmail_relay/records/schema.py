@@ -123,12 +123,68 @@ CREATE TABLE warmup_clock (
 );
 """
 
+# Issue 12, the feedback loop.
+# * events: the log of what happened to each recipient (records/events.py, model.Event); seq
+#   is the cursor of the events API and of the webhooks' per-subscription outbox, so it must
+#   never be reused (AUTOINCREMENT). detail is JSON text. Indexes: per namespace and per token
+#   in seq order (the API and the webhooks), a recipient or a statusId within a namespace,
+#   and the time (the API's window, pruning).
+# * messages learn the token (namespace and name) that sent them, so every later event of a
+#   message carries it; mail recorded before has "" (unknown).
+# * statuses: the asynchronous bounce shown in an API send's status view (JSON, or NULL).
+# * suppressions become per namespace with HubSpot-style reasons; the relay-wide entries
+#   recorded before are carried over with namespace "" (relay-wide: they apply to every
+#   namespace and no namespace can remove them).
+_FEEDBACK = """
+CREATE TABLE events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    type TEXT NOT NULL,
+    created REAL NOT NULL,
+    namespace TEXT NOT NULL,
+    token TEXT NOT NULL,
+    username TEXT NOT NULL,
+    email_id INTEGER NOT NULL,
+    status_id TEXT,
+    spool_id TEXT,
+    recipient TEXT NOT NULL,
+    message_id TEXT,
+    reply TEXT,
+    detail TEXT NOT NULL
+);
+CREATE INDEX events_namespace ON events (namespace, seq);
+CREATE INDEX events_username ON events (username, seq);
+CREATE INDEX events_recipient ON events (namespace, recipient COLLATE NOCASE, seq);
+CREATE INDEX events_status_id ON events (status_id, seq) WHERE status_id IS NOT NULL;
+CREATE INDEX events_created ON events (created);
+ALTER TABLE messages ADD COLUMN namespace TEXT NOT NULL DEFAULT '';
+ALTER TABLE messages ADD COLUMN token TEXT NOT NULL DEFAULT '';
+ALTER TABLE statuses ADD COLUMN bounce TEXT;
+CREATE TABLE suppressions_v6 (
+    namespace TEXT NOT NULL,
+    address TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (namespace, address, reason)
+);
+INSERT OR IGNORE INTO suppressions_v6
+    SELECT '', lower(address),
+        CASE reason WHEN 'bounced' THEN 'HARD_BOUNCE' WHEN 'complained' THEN 'SPAM_REPORT'
+        ELSE reason END,
+        at
+    FROM suppressions;
+DROP TABLE suppressions;
+ALTER TABLE suppressions_v6 RENAME TO suppressions;
+CREATE INDEX suppressions_address ON suppressions (address);
+"""
+
 MIGRATIONS: tuple[str, ...] = (
     _SENDS_AND_EVENTS,
     _SUPPRESSIONS,
     _WARMUP,
     _MESSAGES_BY_STATUS,
     _WARMUP_MESSAGES,
+    _FEEDBACK,
 )
 VERSION = len(MIGRATIONS)
 

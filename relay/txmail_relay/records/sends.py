@@ -77,7 +77,8 @@ class Sends:
                 completed_at=None,
             )
             await db.execute(
-                "INSERT INTO statuses VALUES (?, ?, ?, ?, ?, ?, NULL, ?, NULL, NULL)",
+                "INSERT INTO statuses (status_id, username, send_id, email_id, recipient, status,"
+                " requested_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     status.status_id,
                     username,
@@ -141,7 +142,8 @@ class Sends:
         async def write(db: aiosqlite.Connection) -> None:
             now = self._clock()
             await db.executemany(
-                "INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO messages (spool_id, recipient, username, email_id,"
+                " message_id, event_id, status_id, sent_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         c.spool_id,

@@ -14,7 +14,8 @@ from txmail_relay.records.model import Suppression
 async def add(db: aiosqlite.Connection, address: str, reason: Suppression, at: float) -> None:
     """Inside a write."""
     await db.execute(
-        "INSERT OR IGNORE INTO suppressions VALUES (?, ?, ?)", (address.lower(), reason.value, at)
+        "INSERT OR IGNORE INTO suppressions VALUES ('', ?, ?, ?)",
+        (address.lower(), reason.value, at),
     )
 
 
@@ -29,7 +30,7 @@ class Suppressions:
 
         Case-insensitive; a bounce is reported before a complaint.
         """
-        wanted = sorted(set(reasons))  # "bounced" < "complained"
+        wanted = sorted(set(reasons))  # "HARD_BOUNCE" < "MANUAL" < "SPAM_REPORT"
         given = {a.lower(): a for a in addresses}
         if not wanted or not given:
             return {}

@@ -45,12 +45,12 @@ ROLE_LOCAL_PARTS = frozenset(
 
 #: HubSpot ``sendResult`` of a send refused because its recipient is suppressed.
 SUPPRESSED_RESULTS = {
-    Suppression.BOUNCED: SendResult.PREVIOUSLY_BOUNCED,
-    Suppression.COMPLAINED: SendResult.PREVIOUS_SPAM,
+    Suppression.HARD_BOUNCE: SendResult.PREVIOUSLY_BOUNCED,
+    Suppression.SPAM_REPORT: SendResult.PREVIOUS_SPAM,
 }
 SUPPRESSED_REASONS = {
-    Suppression.BOUNCED: "earlier mail to it bounced",
-    Suppression.COMPLAINED: "it reported earlier mail as spam",
+    Suppression.HARD_BOUNCE: "earlier mail to it bounced",
+    Suppression.SPAM_REPORT: "it reported earlier mail as spam",
 }
 
 
@@ -82,8 +82,8 @@ def suppression_reasons(config: DynamicConfig | None) -> list[Suppression]:
     return [
         reason
         for reason, on in (
-            (Suppression.BOUNCED, opted.bounces),
-            (Suppression.COMPLAINED, opted.complaints),
+            (Suppression.HARD_BOUNCE, opted.bounces),
+            (Suppression.SPAM_REPORT, opted.complaints),
         )
         if on
     ]
