@@ -82,8 +82,11 @@ class DeliveryQueue:
         clock: Callable[[], float] = time.time,
         warmup: WarmupGate | None = None,
         sign: Callable[[bytes], Awaitable[bytes]] | None = None,
+        return_path: Callable[[SpooledMessage], str] | None = None,
     ) -> None:
         self._spool = spool
+        # The envelope sender of an attempt (VERP, mail/return_path.py); None: the app's own.
+        self._return_path = return_path
         self._sign = sign  # DKIM at delivery time (delivery/dkim.py: why then); never raises
         self._transport = transport
         self._retry = retry
@@ -280,9 +283,8 @@ class DeliveryQueue:
             body = await self._spool.read_body(msg)
             # Signed by the transport only when it is about to send it (not for a destination
             # it finds paused or busy), once per attempt.
-            results = await self._transport.deliver(
-                msg.mail_from, recipients, body, sign=self._sign
-            )
+            mail_from = self._return_path(msg) if self._return_path else msg.mail_from
+            results = await self._transport.deliver(mail_from, recipients, body, sign=self._sign)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug must not lose the message: defer it
