@@ -27,6 +27,8 @@ a template's subscription type, and the HubSpot ``sendResult`` values of the rel
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import json
@@ -37,8 +39,17 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 API_GROUP = "txmail.dev"
@@ -157,6 +168,84 @@ class PasswordDigest(_Doc):
         return self.not_after is None or now < self.not_after
 
 
+class WebhookEventType(StrEnum):
+    """The event types a webhook subscription may ask for (the relay's events log types,
+    HubSpot's email-event names; ``records.model.EventType`` has the same values)."""
+
+    SENT = "SENT"
+    DELIVERED = "DELIVERED"
+    DEFERRED = "DEFERRED"
+    BOUNCE = "BOUNCE"
+    SPAMREPORT = "SPAMREPORT"
+    OPEN = "OPEN"
+    CLICK = "CLICK"
+    DROPPED = "DROPPED"
+
+
+WEBHOOK_SECRET_PREFIX = "whsec_"  # noqa: S105 - the format's prefix, not a secret
+WEBHOOK_KEY_BYTES = (24, 64)  # what the Standard Webhooks spec asks of a symmetric key
+
+
+def webhook_key_bytes(secret: str) -> bytes:
+    """The key of a Standard Webhooks secret ``whsec_<base64>`` (the prefix is optional, as
+    for the ``standardwebhooks`` library). Raises ValueError without quoting the secret."""
+    text = secret.strip().removeprefix(WEBHOOK_SECRET_PREFIX)
+    try:
+        key = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("the signing key is not base64 (whsec_<base64>)") from None
+    low, high = WEBHOOK_KEY_BYTES
+    if not low <= len(key) <= high:
+        raise ValueError(f"the signing key must be {low} to {high} bytes (whsec_<base64>)")
+    return key
+
+
+class WebhookEndpoint(_Doc):
+    """A webhook subscription of one SmtpToken (its ``spec.webhooks[]``), as its relay sees
+    it: the operator resolves ``secretRef`` into :attr:`secret`.
+
+    The relay POSTs the token's events to :attr:`url`, signed as Standard Webhooks do
+    (docs/feedback.md "Webhooks"). The secret never appears in a repr, a log line or an
+    error: it is a ``SecretStr`` (shown as ``**********``) and only the JSON form of the
+    entry (what the operator writes into the credentials Secret) carries its value.
+    """
+
+    name: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$",
+        description="Unique among the token's webhooks (a DNS label).",
+    )
+    url: str = Field(max_length=2048, description="http(s) URL the events are POSTed to.")
+    event_types: list[WebhookEventType] = Field(
+        default_factory=list, alias="eventTypes", description="Empty: every event type."
+    )
+    secret: SecretStr = Field(
+        repr=False, description="The signing key, whsec_<base64 of 24 to 64 bytes>."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return value
+
+    def key(self) -> bytes:
+        """The signing key; ValueError (not quoting it) when it is not a Standard Webhooks
+        key. Not a validator on purpose: pydantic quotes the input of a failed field in its
+        error when the model is nested (a CredentialEntry), and one unusable key must not
+        invalidate the token's whole entry (its SMTP AUTH): the relay reports that webhook
+        as Failing instead. The operator checks with :func:`webhook_key_bytes` first."""
+        return webhook_key_bytes(self.secret.get_secret_value())
+
+    @field_serializer("secret", when_used="json")
+    def _reveal(self, value: SecretStr) -> str:
+        # The JSON form is the credentials Secret's value: the relay must read the key back.
+        return value.get_secret_value()
+
+
 class CredentialEntry(_Doc):
     """One SmtpToken as its relay sees it (never the password itself)."""
 
@@ -173,6 +262,17 @@ class CredentialEntry(_Doc):
         description="The operator's own credential for TransactionalEmail spec.send: may send "
         "every template published to this relay, whatever its namespace.",
     )
+    webhooks: list[WebhookEndpoint] = Field(
+        default_factory=list, description="The token's webhook subscriptions (unique names)."
+    )
+
+    @field_validator("webhooks")
+    @classmethod
+    def _unique_webhooks(cls, value: list[WebhookEndpoint]) -> list[WebhookEndpoint]:
+        names = [w.name for w in value]
+        if len(set(names)) != len(names):
+            raise ValueError("webhook names must be unique")
+        return value
 
     def accepts(self, password: str, now: datetime) -> bool:
         """Constant-time check of a password against every digest valid at ``now``."""
@@ -679,6 +779,26 @@ class PausedDestination(_Doc):
     reason: str = Field(description="The reply that paused it.")
 
 
+class WebhookStats(_Doc):
+    """One webhook subscription as ``SmtpToken.status.webhooks[]`` shows it."""
+
+    name: str
+    state: Literal["Healthy", "Failing"] = "Healthy"
+    last_error: str | None = Field(
+        default=None,
+        alias="lastError",
+        description="The last failed attempt: status code or error and a short reason.",
+    )
+    last_success_at: datetime | None = Field(default=None, alias="lastSuccessAt")
+    failing_since: datetime | None = Field(
+        default=None, alias="failingSince", description="First failure of the current run."
+    )
+    backlog: int = Field(default=0, description="Events waiting to be delivered.")
+    dropped: int = Field(
+        default=0, description="Events given up on (their batch failed for retryFor)."
+    )
+
+
 class RelayStats(_Doc):
     """The whole document under :data:`STATS_KEY`: stats per token username."""
 
@@ -688,6 +808,9 @@ class RelayStats(_Doc):
     )
     destinations: list[PausedDestination] = Field(
         default_factory=list, description="Destinations paused now (shaping), soonest end first."
+    )
+    webhooks: dict[str, list[WebhookStats]] = Field(
+        default_factory=dict, description="Webhook subscriptions per token username."
     )
     updated_at: datetime = Field(alias="updatedAt")
 
@@ -773,6 +896,27 @@ class RetrySettings(_Settings):
     final_dot_timeout: float = Field(default=600.0, description="RFC 5321 4.5.3.2.6")
 
 
+class WebhookSettings(_Settings):
+    """Webhook deliveries (docs/feedback.md "Webhooks"); tests shrink the times."""
+
+    min_backoff: float = Field(default=10.0, gt=0, description="First retry's backoff cap")
+    max_backoff: float = Field(default=1800.0, gt=0, description="Backoff cap (full jitter)")
+    retry_for: float = Field(
+        default=86400.0,
+        gt=0,
+        description="A batch is retried this long from its first attempt, then dropped",
+    )
+    timeout: float = Field(default=15.0, gt=0, description="One request, connect to response")
+    max_batch: int = Field(default=100, ge=1, le=1000, description="Events per request")
+    failing_after_failures: int = Field(default=3, ge=1, description="In a row: Failing")
+    failing_after: float = Field(
+        default=600.0, gt=0, description="Seconds failing in a row: Failing"
+    )
+    poll_interval: float = Field(
+        default=1.0, gt=0, description="New events are looked for at least this often"
+    )
+
+
 class OutboundSettings(_Settings):
     concurrency: int = Field(default=32, ge=1, description="Messages delivered in parallel")
     destination_concurrency: int | None = Field(
@@ -829,6 +973,7 @@ class RelaySettings(_Settings):
     tls: TLSSettings = Field(default_factory=TLSSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     outbound: OutboundSettings = Field(default_factory=OutboundSettings)
     spool: SpoolSettings = Field(default_factory=SpoolSettings)
     logging: LogSettings = Field(default_factory=LogSettings)
