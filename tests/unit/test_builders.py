@@ -204,7 +204,8 @@ def test_relay_limits_reach_the_relay_and_roll_its_pod(tmp_path: Path) -> None:
 
 def test_relay_listeners_ports_probes_and_service_agree() -> None:
     """What the relay listens on (its mounted settings), what the pod declares and probes, and
-    what the Service exposes are the same five named ports; only 'tracking' is public."""
+    what the Service exposes are the same six named ports; 'tracking' is the public HTTP one,
+    'smtp-in' (port 25) the one the outside world's MTAs send DSNs and ARF reports to."""
     listen = Settings.model_validate(yaml.safe_load(builders.relay_settings(OWNER))).listen
     listening = {
         "submission": listen.submission,
@@ -212,7 +213,9 @@ def test_relay_listeners_ports_probes_and_service_agree() -> None:
         "tracking": listen.tracking,
         "api": listen.api,
         "metrics": listen.metrics,
+        "smtp-in": listen.inbound,
     }
+    assert listen.inbound == c.INBOUND_PORT
     spec = ip_spec()
     [container] = builders.relay_deployment(OWNER, spec, "img", "tls")["spec"]["template"]["spec"][
         "containers"
@@ -229,15 +232,23 @@ def test_relay_listeners_ports_probes_and_service_agree() -> None:
         "tracking": (c.SERVICE_TRACKING_PORT, "tracking"),
         "api": (c.SERVICE_API_PORT, "api"),
         "metrics": (c.SERVICE_METRICS_PORT, "metrics"),
+        "smtp-in": (c.SERVICE_INBOUND_PORT, "smtp-in"),
     }
+    assert c.SERVICE_INBOUND_PORT == 25
     assert (c.SERVICE_TRACKING_PORT, c.SERVICE_API_PORT, c.SERVICE_METRICS_PORT) == (80, 8081, 9090)
     host = builders.smtp_host("demo", NS, "cluster.local")
     assert builders.relay_api_url("demo", NS, "cluster.local", spec) == f"http://{host}:8081"
     custom = ip_spec(relay={"ports": {"tracking": 8000, "api": 9443, "metrics": 9100}})
     ports = {p["name"]: p["port"] for p in builders.relay_service(OWNER, custom)["spec"]["ports"]}
     assert ports == {
-        "submission": 587, "submissions": 465, "tracking": 8000, "api": 9443, "metrics": 9100
+        "submission": 587, "submissions": 465, "tracking": 8000, "api": 9443, "metrics": 9100,
+        "smtp-in": 25,
     }  # fmt: skip
+    moved = ip_spec(relay={"ports": {"inbound": 2525}})
+    [smtp_in] = [
+        p for p in builders.relay_service(OWNER, moved)["spec"]["ports"] if p["name"] == "smtp-in"
+    ]
+    assert (smtp_in["port"], smtp_in["targetPort"]) == (2525, "smtp-in")
     assert builders.relay_api_url("demo", NS, "cluster.local", custom) == f"http://{host}:9443"
 
 
@@ -288,6 +299,26 @@ def test_feedback_and_suppression_reach_the_relay_config() -> None:
     assert config.feedback.complaints_address == "fbl@example.com"
     assert config.suppression.bounces and not config.suppression.complaints
     assert c.RelayConfig.model_validate_json(config.to_json()) == config
+
+
+def test_the_return_path_and_the_dsn_policy_reach_the_relay_config() -> None:
+    """spec.dns.returnPathDomain turns the VERP return path on (off without it);
+    spec.bounces.notifySender is the relay's DSN policy (OnRequest by default)."""
+    off = builders.relay_config("demo", ip_spec())
+    assert off.return_path.domain is None
+    assert off.dsn.notify is c.DsnPolicy.ON_REQUEST
+    on = builders.relay_config(
+        "demo",
+        ip_spec(dns={"returnPathDomain": "bounces.example.net"}, bounces={"notifySender": "Never"}),
+    )
+    assert on.return_path.domain == "bounces.example.net"
+    assert on.return_path.local_part == "bounces"
+    assert on.dsn.notify is c.DsnPolicy.NEVER
+    assert c.RelayConfig.model_validate_json(on.to_json()) == on
+    always = builders.relay_config("demo", ip_spec(bounces={"notifySender": "Always"}))
+    assert always.dsn.notify is c.DsnPolicy.ALWAYS
+    with pytest.raises(ValueError, match="notifySender"):
+        ip_spec(bounces={"notifySender": "Sometimes"})
 
 
 def test_relay_config_round_trips_through_the_contract() -> None:

@@ -109,14 +109,22 @@ def test_every_purpose_is_listed_once_in_a_stable_order() -> None:
         (RecordPurpose.SPF, "example.org"),
         (RecordPurpose.DMARC, "_dmarc.example.org"),
         (RecordPurpose.RETURN_PATH_SPF, "bounces.example.net"),
+        (RecordPurpose.RETURN_PATH_MX, "bounces.example.net"),
     ]
     assert records[0].value == HOSTNAME and records[1].type is RecordType.A
+    assert (records[-1].type, records[-1].strings) == (RecordType.MX, [f"10 {HOSTNAME}"])
     assert all(r.required for r in records)
 
 
 def test_a_return_path_that_is_a_sending_domain_is_not_listed_twice() -> None:
     records = records_to_publish(spec(dns={"returnPathDomain": "example.org"}))
     assert [r.purpose for r in records].count(RecordPurpose.RETURN_PATH_SPF) == 0
+    assert [r.purpose for r in records].count(RecordPurpose.RETURN_PATH_MX) == 1
+
+
+def test_without_a_return_path_domain_no_mx_is_listed() -> None:
+    records = records_to_publish(spec())
+    assert not [r for r in records if r.type is RecordType.MX]
 
 
 def test_ipv6_gets_an_aaaa_record_an_ip6_arpa_ptr_and_an_ip6_spf() -> None:
@@ -347,6 +355,31 @@ def test_the_return_path_domain_needs_spf_too(server: DnsServer) -> None:
     assert (ok, reason) == (False, "ReturnPathSPFMissing")
     assert "bounce.example.org" in message
     server.set("bounce.example.org", "TXT", txt(spf_value(ADDRESS)))
+    assert check(server, records, [domain]).condition()[1] == "ReturnPathMXMissing"
+    server.set("bounce.example.org", "MX", f"10 {HOSTNAME}.")
+    assert check(server, records, [domain]).verified
+
+
+def test_the_return_path_domains_mx_must_name_the_hostname(server: DnsServer) -> None:
+    """DSNs to bounces+<id>@<return-path domain> reach the relay only through that domain's MX:
+    missing, naming another host, or naming the hostname beside others (verified: the relay
+    is one of its exchangers)."""
+    domain, rp = "mx.example.com", "bounces.mx.example.org"
+    publish_all(server, domain, [])
+    server.set(rp, "TXT", txt(spf_value(ADDRESS)))
+    records = records_to_publish(spec(domains=[domain], dns={"returnPathDomain": rp}))
+    ok, reason, message = check(server, records, [domain]).condition()
+    assert (ok, reason) == (False, "ReturnPathMXMissing")
+    assert rp in message and f"publish MX {rp} -> 10 {HOSTNAME}" in message
+    server.set(rp, "MX", "10 mx.elsewhere.example.")
+    report = check(server, records, [domain])
+    ok, reason, message = report.condition()
+    assert (ok, reason) == (False, "ReturnPathMXMismatch")
+    assert "mx.elsewhere.example" in message and HOSTNAME in message
+    mx = report.check(rp, RecordPurpose.RETURN_PATH_MX)
+    assert mx is not None and mx.result is RecordResult.WRONG
+    assert mx.wire()["found"] == ["10 mx.elsewhere.example"]
+    server.set(rp, "MX", f"20 {HOSTNAME.upper()}.")
     assert check(server, records, [domain]).verified
 
 

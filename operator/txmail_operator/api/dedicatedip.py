@@ -9,6 +9,7 @@ from pydantic import ConfigDict, Field
 
 from txmail_relay.contract import DeliveryMode, SmarthostTLS
 
+from .bounces import Bounces
 from .common import (
     DOMAIN,
     EMAIL,
@@ -184,6 +185,15 @@ class RelayPorts(Model):
         description="Service port of /metrics, /healthz and /readyz (Prometheus and the "
         "probes). Keep it inside the cluster.",
     )
+    inbound: int = Field(
+        default=25,
+        ge=1,
+        le=65535,
+        description="Service port 'smtp-in' of the inbound listener (no AUTH): DSNs to the "
+        "return path and ARF reports to feedback.complaintsAddress, from the outside world; "
+        "every other recipient is refused with 550. The MX of spec.dns.returnPathDomain names "
+        "spec.hostname: port 25 of its address must reach this port.",
+    )
 
 
 class RelayLimits(Model):
@@ -278,7 +288,8 @@ class Feedback(Model):
         max_length=320,
         pattern=EMAIL,
         description="Where mailbox providers' ARF feedback reports (RFC 5965) are forwarded "
-        "to, accepted over authenticated submission: a report about a message this relay sent "
+        "to, accepted over authenticated submission and on the inbound listener (Service port "
+        "'smtp-in', from the outside world): a report about a message this relay sent "
         "is recorded as a complaint and an unsubscribe of its token and recipient, never "
         "relayed. Reports are not accepted when omitted.",
     )
@@ -300,7 +311,21 @@ class Suppression(Model):
 
 
 class DedicatedIPSpec(Model):
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [*DKIM_SPEC_RULES]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                *DKIM_SPEC_RULES,
+                cel(
+                    "!has(self.dns) || !has(self.dns.returnPathDomain) || "
+                    "!(self.dns.returnPathDomain in self.domains)",
+                    "dns.returnPathDomain must be a domain of its own, not one of domains (for "
+                    "example bounces.example.com): its MX points at the relay, which takes "
+                    "only bounces and complaints",
+                    field=".dns.returnPathDomain",
+                ),
+            ]
+        }
+    )
 
     address: str = Field(
         max_length=45,
@@ -340,6 +365,10 @@ class DedicatedIPSpec(Model):
     tracking: Tracking = Field(default_factory=Tracking, description="Open and click tracking.")
     feedback: Feedback = Field(
         default_factory=Feedback, description="Feedback loops: where complaints arrive."
+    )
+    bounces: Bounces = Field(
+        default_factory=Bounces,
+        description="DSNs the relay sends to the senders of SMTP submissions it gave up on.",
     )
     suppression: Suppression = Field(
         default_factory=Suppression,

@@ -1,7 +1,7 @@
 """DNS readiness of a DedicatedIP: spec.dns, status.dnsRecords, status.domains.
 
 The operator lists every record the IP's sending needs (SPF, DKIM, DMARC of each domain, the
-address's PTR and the hostname's A/AAAA, the return-path domain's SPF), checks each against
+address's PTR and the hostname's A/AAAA, the return-path domain's SPF and MX), checks each against
 real DNS, and sums it up in the DNSVerified condition (docs/deliverability.md).
 """
 
@@ -37,8 +37,13 @@ class DnsSpec(Model):
     )
     return_path_domain: DnsDomain | None = Field(
         default=None,
-        description="The envelope sender (return-path) domain, when it is not the From "
-        "domain: its SPF must authorize the address too.",
+        description="The return-path (envelope sender) domain of this IP's mail, a domain of "
+        "its own (for example bounces.example.com, not a sending domain): when set, every "
+        "delivery goes out with MAIL FROM bounces+<id>@<this domain> (the header From stays "
+        "the app's), and the DSNs receivers send back reach the relay's inbound listener "
+        "(Service port 25, 'smtp-in'), which ties each to its message. Its SPF must "
+        "authorize the address and its MX must name spec.hostname (both listed in "
+        "status.dnsRecords). Off (the app's sender as the return path) when omitted.",
     )
     external_dns: bool = Field(
         default=False,
@@ -55,6 +60,7 @@ class RecordType(StrEnum):
     PTR = "PTR"
     A = "A"
     AAAA = "AAAA"
+    MX = "MX"
 
 
 class RecordPurpose(StrEnum):
@@ -64,6 +70,7 @@ class RecordPurpose(StrEnum):
     PTR = "PTR"
     HOSTNAME = "Hostname"
     RETURN_PATH_SPF = "ReturnPathSPF"
+    RETURN_PATH_MX = "ReturnPathMX"
 
 
 class RecordResult(StrEnum):
@@ -77,17 +84,18 @@ class DnsRecordStatus(Model):
     name: str = Field(
         max_length=253, description="The record's owner name, fully qualified (no final dot)."
     )
-    type: RecordType = Field(description="TXT, PTR, A or AAAA.")
+    type: RecordType = Field(description="TXT, PTR, A, AAAA or MX.")
     value: list[Annotated[str, Field(max_length=255)]] = Field(
         max_length=64,
         description="The data to publish. For TXT the character-strings of at most 255 bytes "
         "each, in order, as one record (in a zone file: each quoted, separated by spaces); "
-        "otherwise one item (the PTR target or the address).",
+        "otherwise one item (the PTR target, the address, or an MX's 'preference host').",
     )
     purpose: RecordPurpose = Field(
         description="What the record is for: SPF, DKIM, DMARC (of domain), PTR (the "
         "address's reverse name -> hostname), Hostname (the hostname's A/AAAA -> address), "
-        "ReturnPathSPF (SPF of spec.dns.returnPathDomain)."
+        "ReturnPathSPF (SPF of spec.dns.returnPathDomain), ReturnPathMX (its MX -> hostname: "
+        "where DSNs come back)."
     )
     domain: str | None = Field(
         default=None,

@@ -8,7 +8,9 @@ What a receiver checks of mail from the IP, and so what must be published:
 * SPF of each sending domain authorizes the address;
 * DMARC: ``_dmarc.<domain>`` exists (its policy is reported);
 * DKIM: ``<selector>._domainkey.<domain>`` carries each signing key's public half;
-* ReturnPathSPF: the return-path domain's SPF, when spec.dns.returnPathDomain names one.
+* ReturnPathSPF: the return-path domain's SPF, when spec.dns.returnPathDomain names one;
+* ReturnPathMX: that domain's MX names ``spec.hostname``, so that DSNs sent to the VERP return
+  path (``bounces+<id>@<domain>``) reach the relay's inbound listener.
 
 The suggested SPF and DMARC values are what to publish where the domain has none yet; the
 checker (reconcile/dns.py) accepts any record that gives the same verdict (an SPF record that
@@ -39,6 +41,9 @@ SPF_ALL = "~all"
 # DMARC where the domain has none: monitor first (p=none), then tighten to quarantine or
 # reject once the reports show only this IP and your other senders (docs/deliverability.md).
 DMARC_SUGGESTED = "v=DMARC1; p=none"
+
+# The preference of the return-path domain's MX: the relay is its only mail exchanger.
+MX_PREFERENCE = 10
 
 # external-dns's CRD source (spec.dns.externalDNS): one DNSEndpoint per DedicatedIP.
 EXTERNAL_DNS_API_VERSION = "externaldns.k8s.io/v1alpha1"
@@ -171,17 +176,25 @@ def records_to_publish(
                 )
             )
     return_path = spec.dns.return_path_domain
-    if return_path is not None and return_path.lower() not in domains:
+    if return_path is not None:
+        rp = return_path.lower()
+        if rp not in domains:
+            out.append(DnsRecord(rp, RecordType.TXT, spf, RecordPurpose.RETURN_PATH_SPF, rp))
         out.append(
-            DnsRecord(
-                return_path.lower(),
-                RecordType.TXT,
-                spf,
-                RecordPurpose.RETURN_PATH_SPF,
-                return_path.lower(),
-            )
+            DnsRecord(rp, RecordType.MX, mx_value(hostname), RecordPurpose.RETURN_PATH_MX, rp)
         )
     return out
+
+
+def mx_value(host: str) -> str:
+    """An MX record's data as status.dnsRecords lists it: ``<preference> <host>``."""
+    return f"{MX_PREFERENCE} {host.lower().rstrip('.')}"
+
+
+def mx_host(value: str) -> str:
+    """The exchange of MX data ``<preference> <host>`` (lower case, no final dot)."""
+    parts = value.split()
+    return parts[-1].lower().rstrip(".") if parts else ""
 
 
 def dns_endpoint_name(ip: str) -> str:

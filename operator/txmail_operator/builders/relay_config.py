@@ -56,6 +56,10 @@ def relay_config(
         ),
         tracking=c.TrackingConfig(base_url=spec.tracking.base_url),
         feedback=c.FeedbackConfig(complaints_address=spec.feedback.complaints_address),
+        # VERP return path on the IP's return-path domain; off without one (builders/dns_records
+        # lists its MX, which sends the DSNs to the relay's inbound listener).
+        return_path=c.ReturnPathConfig(domain=spec.dns.return_path_domain),
+        dsn=c.DsnConfig(notify=spec.bounces.notify_sender),
         suppression=c.SuppressionConfig(
             complaints=spec.suppression.complaints, bounces=spec.suppression.bounces
         ),
@@ -92,6 +96,9 @@ def relay_settings_model(
             tracking=c.TRACKING_PORT,
             api=c.API_PORT,
             metrics=c.METRICS_PORT,
+            # Always on: it refuses every recipient but the return path's and the complaints
+            # address (550), and switching it would restart the relay (settings are read once).
+            inbound=c.INBOUND_PORT,
         ),
         tls=c.TLSSettings(cert_file=Path(TLS_PATH, "tls.crt"), key_file=Path(TLS_PATH, "tls.key")),
         spool=c.SpoolSettings(directory=Path(SPOOL_PATH)),

@@ -26,6 +26,7 @@ from .naming import (
 )
 
 RELAY_UID = 65532
+INBOUND_PORT_NAME = "smtp-in"  # the inbound listener's container and Service port
 RELAY_COMMAND = "txmail-relay"
 
 
@@ -192,6 +193,7 @@ def relay_deployment(
         {"name": "tracking", "containerPort": c.TRACKING_PORT, "protocol": "TCP"},
         {"name": "api", "containerPort": c.API_PORT, "protocol": "TCP"},
         {"name": "metrics", "containerPort": c.METRICS_PORT, "protocol": "TCP"},
+        {"name": INBOUND_PORT_NAME, "containerPort": c.INBOUND_PORT, "protocol": "TCP"},
     ]
     container: Obj = {
         "name": "relay",
@@ -276,7 +278,9 @@ def _limits_annotation(spec: DedicatedIPSpec) -> Obj:
 
 def relay_service(owner: RelayOwner, spec: DedicatedIPSpec) -> Obj:
     """Each Service port has the name of the container port it reaches: ``tracking`` is the
-    public one (an Ingress targets it by name), ``api`` and ``metrics`` stay in the cluster."""
+    public one (an Ingress targets it by name), ``api`` and ``metrics`` stay in the cluster;
+    ``smtp-in`` (port 25) takes DSNs and ARF reports from the outside world, the return-path
+    domain's MX (a LoadBalancer or a forward of the address's port 25 reaches it)."""
     ports = spec.relay.ports or RelayPorts()
     named = [
         ("submission", ports.submission),
@@ -284,6 +288,7 @@ def relay_service(owner: RelayOwner, spec: DedicatedIPSpec) -> Obj:
         ("tracking", ports.tracking),
         ("api", ports.api),
         ("metrics", ports.metrics),
+        (INBOUND_PORT_NAME, ports.inbound),
     ]
     return {
         "apiVersion": "v1",

@@ -12,7 +12,9 @@ per purpose:
 * DKIM: a TXT at the selector's name carries the same key (``k=`` and ``p=``; tags parsed,
   whitespace and string splits ignored);
 * DMARC: a valid record applies to the domain: ``_dmarc.<domain>``, or, as DMARCbis walks the
-  tree, one of its parents' (its ``p=``, or ``sp=`` when inherited, is reported).
+  tree, one of its parents' (its ``p=``, or ``sp=`` when inherited, is reported);
+* ReturnPathMX: one of the return-path domain's MX records names spec.hostname (any
+  preference: the DSNs a receiver sends back reach the relay).
 
 A report is kept per DedicatedIP (:class:`DnsChecks`) and re-made when its records change (a
 spec change) or when spec.dns.checkIntervalSeconds have passed; a status refresh in between
@@ -51,6 +53,7 @@ from ..builders.dns_records import (
     dmarc_name,
     dns_endpoint,
     dns_endpoint_name,
+    mx_host,
     normalized_address,
     records_to_publish,
 )
@@ -144,6 +147,9 @@ class Resolver:
                 values.append(b"".join(rdata.strings).decode("utf-8", "replace"))
             elif kind == "PTR":
                 values.append(rdata.target.to_text(omit_final_dot=True).lower())
+            elif kind == "MX":
+                host = rdata.exchange.to_text(omit_final_dot=True).lower()
+                values.append(f"{rdata.preference} {host}")
             else:
                 values.append(rdata.to_text())
         return Answer(tuple(values))
@@ -397,6 +403,8 @@ async def _check(
         return await _check_spf(resolver, record, address, hostname)
     if record.purpose is RecordPurpose.DKIM:
         return await _check_dkim(resolver, record)
+    if record.purpose is RecordPurpose.RETURN_PATH_MX:
+        return await _check_mx(resolver, record)
     return await _check_dmarc(resolver, record)
 
 
@@ -445,6 +453,31 @@ async def _check_hostname(resolver: Resolver, record: DnsRecord, address: str) -
     )
     return RecordCheck(
         record, RecordResult.WRONG, "HostnameAddressMismatch", message, tuple(sorted(addresses))
+    )
+
+
+async def _check_mx(resolver: Resolver, record: DnsRecord) -> RecordCheck:
+    """The return-path domain's MX must name the relay's hostname (other MX records may stand
+    beside it: a DSN sent to one of them is not seen by the relay, which the message says)."""
+    answer = await resolver.lookup(record.name, RecordType.MX)
+    if answer.failure:
+        return _failed(record, answer.failure)
+    want = mx_host(record.value)
+    hosts = [mx_host(v) for v in answer.values]
+    why = "DSNs sent to the return path must reach the relay"
+    if want in hosts:
+        return RecordCheck(record, RecordResult.VERIFIED, VERIFIED)
+    if not answer.values:
+        message = (
+            f"the return-path domain {record.name} has no MX record; {_publish(record)} ({why})"
+        )
+        return RecordCheck(record, RecordResult.MISSING, "ReturnPathMXMissing", message)
+    message = (
+        f"the MX of the return-path domain {record.name} is {', '.join(sorted(set(hosts)))}, "
+        f"not {want}; {_publish(record)} ({why})"
+    )
+    return RecordCheck(
+        record, RecordResult.WRONG, "ReturnPathMXMismatch", message, tuple(answer.values)
     )
 
 
