@@ -20,6 +20,19 @@ segments are scanned: a record whose header, length or checksum is wrong is copi
 ``quarantine/`` and reported (metric + log), never delivered; scanning resumes at the next
 valid record. Messages with undelivered recipients are handed back for delivery, with the
 recipients already crossed off by DONE records left out.
+
+A STATE record holds a message's delivery attempts so far and the time of its next attempt;
+the queue appends one to the message's segment whenever it defers the message, and on start
+the latest one of each message wins (so a restart continues the retry schedule instead of
+retrying everything at once). A MESSAGE record may also carry the message's DSN parameters
+(RFC 3461, :class:`~txmail_relay.mail.dsn.DsnEnvelope`); segments written before either
+existed read as before.
+
+:meth:`Spool.reclaim` rewrites the messages of an old segment, held only by mail deferred for
+long, into the current segment (same id, outcomes and attempts carried over), then deletes the
+old segment: otherwise one message that keeps failing for days pins a whole segment of
+delivered mail on the disk. A crash between the copy and the deletion leaves the message twice;
+recovery keeps the newest copy and counts the DONE records of both.
 """
 
 from __future__ import annotations
@@ -41,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from txmail_relay.mail.dsn import DsnEnvelope
 from txmail_relay.metrics import RelayMetrics
 from txmail_relay.outcomes import Outcome
 
@@ -51,7 +65,8 @@ HEADER = struct.Struct(">4sBII")  # magic, kind, payload length, crc32(kind byte
 META_LEN = struct.Struct(">I")
 KIND_MESSAGE = 1
 KIND_DONE = 2
-_KINDS = (KIND_MESSAGE, KIND_DONE)
+KIND_STATE = 3  # attempts and the next attempt's time of a deferred message (issue 12)
+_KINDS = (KIND_MESSAGE, KIND_DONE, KIND_STATE)
 _SEGMENT_GLOB = "seg-*.log"
 # A finished current segment smaller than this is kept for the next messages while there is
 # room (a new segment costs a create and directory syncs); past it, or short of room, it goes.
@@ -109,6 +124,11 @@ class SpooledMessage:
     body_offset: int = 0
     final: dict[int, Outcome] = field(default_factory=dict)
     attempts: int = 0
+    # Not before this time (epoch seconds) is the message tried again: a recovered deferral.
+    next_attempt: float = 0.0
+    # The DSN parameters of an SMTP submission; None: never a DSN (API and template sends,
+    # DSNs themselves, mail spooled before the relay knew DSNs).
+    dsn: DsnEnvelope | None = None
 
     def pending(self) -> list[int]:
         return [i for i in range(len(self.recipients)) if i not in self.final]
@@ -121,6 +141,8 @@ class _Segment:
     fd: int | None = None
     size: int = 0
     live: int = 0
+    # Its messages with recipients still to deliver, by id (what a reclaim copies).
+    messages: dict[str, SpooledMessage] = field(default_factory=dict)
 
     def open_fd(self) -> int:
         if self.fd is None:
@@ -137,6 +159,7 @@ class _Write:
     body_start: int = 0  # offset of the body inside the record
     done: SpooledMessage | None = None  # set for DONE records: whose outcomes
     outcomes: dict[int, Outcome] = field(default_factory=dict)  # the outcomes it records
+    copy: bool = False  # a MESSAGE record that moves a message (reclaim): nobody is told
 
 
 @dataclass
@@ -155,17 +178,22 @@ def _record(kind: int, payload: bytes) -> bytes:
 
 
 def _message_record(msg: SpooledMessage, body: bytes) -> tuple[bytes, int]:
-    meta = json.dumps(
-        {
-            "id": msg.id,
-            "from": msg.mail_from,
-            "rcpt": msg.recipients,
-            "user": msg.username,
-            "at": msg.received_at,
-            "final": {str(i): o.value for i, o in msg.final.items()},
-        },
-        separators=(",", ":"),
-    ).encode()
+    doc: dict[str, Any] = {
+        "id": msg.id,
+        "from": msg.mail_from,
+        "rcpt": msg.recipients,
+        "user": msg.username,
+        "at": msg.received_at,
+        "final": {str(i): o.value for i, o in msg.final.items()},
+    }
+    # Optional keys: a record without them reads as before (and as older relays wrote it).
+    if msg.dsn is not None:
+        doc["dsn"] = msg.dsn.to_json()
+    if msg.attempts:
+        doc["attempts"] = msg.attempts
+    if msg.next_attempt:
+        doc["next"] = msg.next_attempt
+    meta = json.dumps(doc, separators=(",", ":")).encode()
     payload = META_LEN.pack(len(meta)) + meta + body
     return _record(KIND_MESSAGE, payload), HEADER.size + META_LEN.size + len(meta)
 
@@ -173,6 +201,11 @@ def _message_record(msg: SpooledMessage, body: bytes) -> tuple[bytes, int]:
 def _done_record(msg: SpooledMessage, outcomes: Mapping[int, Outcome]) -> bytes:
     doc = {"id": msg.id, "final": {str(i): o.value for i, o in outcomes.items()}}
     return _record(KIND_DONE, json.dumps(doc, separators=(",", ":")).encode())
+
+
+def _state_record(msg: SpooledMessage, attempts: int, next_attempt: float) -> bytes:
+    doc = {"id": msg.id, "attempts": attempts, "next": next_attempt}
+    return _record(KIND_STATE, json.dumps(doc, separators=(",", ":")).encode())
 
 
 def _parse(data: bytes, pos: int) -> tuple[int, dict[str, Any], int, int] | None:
@@ -187,7 +220,7 @@ def _parse(data: bytes, pos: int) -> tuple[int, dict[str, Any], int, int] | None
     if zlib.crc32(payload, zlib.crc32(bytes([kind]))) != crc:
         return None
     try:
-        if kind == KIND_DONE:
+        if kind != KIND_MESSAGE:  # DONE and STATE: JSON only
             return kind, json.loads(bytes(payload)), end, end
         (meta_len,) = META_LEN.unpack_from(payload)
         meta = json.loads(bytes(payload[META_LEN.size : META_LEN.size + meta_len]))
@@ -300,6 +333,7 @@ class Spool:
         self._retry_at = 0.0  # time.monotonic() of the next attempt
         self._flushed = False  # the last attempt on close() was made
         self._failing = False  # in a run of failed commits (logged once)
+        self._reclaiming = False
         self.healthy = True
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -314,10 +348,11 @@ class Spool:
         self._dir_fd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY)
         messages: dict[str, SpooledMessage] = {}
         done: dict[str, dict[int, Outcome]] = defaultdict(dict)
+        states: dict[str, tuple[int, float]] = {}
         bad: list[tuple[_Segment, int, list[tuple[int, bytes]]]] = []
         for path in sorted(self._dir.glob(_SEGMENT_GLOB)):
             sid = int(path.name[4:-4])
-            good_end, spans = self._scan(sid, path, messages, done)
+            good_end, spans = self._scan(sid, path, messages, done, states)
             seg = _Segment(sid, path, os.open(path, os.O_RDWR), good_end)
             self._segments[sid] = seg
             self._current = max(self._current, sid)
@@ -326,9 +361,11 @@ class Spool:
         live = []
         for msg in messages.values():
             msg.final.update(done.get(msg.id, {}))
+            msg.attempts, msg.next_attempt = states.get(msg.id, (0, 0.0))
             if msg.pending():
                 live.append(msg)
                 self._segments[msg.segment].live += 1
+                self._segments[msg.segment].messages[msg.id] = msg
         for seg in list(self._segments.values()):
             if seg.live == 0:
                 self._close_segment(seg)
@@ -350,8 +387,19 @@ class Spool:
         path: Path,
         messages: dict[str, SpooledMessage],
         done: dict[str, dict[int, Outcome]],
+        states: dict[str, tuple[int, float]],
     ) -> tuple[int, list[tuple[int, bytes]]]:
-        """(end of the last valid record, the invalid spans by offset) of one segment."""
+        """(end of the last valid record, the invalid spans by offset) of one segment.
+
+        ``states``: attempts and next attempt of each message, from the record with the most
+        attempts (they only grow; at a tie the later one): a STATE record written to a
+        reclaimed segment after its copy still counts."""
+
+        def state(doc: Mapping[str, Any]) -> None:
+            attempts = int(doc.get("attempts", 0))
+            if attempts and attempts >= states.get(doc["id"], (0, 0.0))[0]:
+                states[doc["id"]] = (attempts, float(doc.get("next", 0.0)))
+
         data = path.read_bytes()
         pos = good_end = 0
         spans: list[tuple[int, bytes]] = []
@@ -365,6 +413,8 @@ class Spool:
             kind, meta, body_offset, end = parsed
             if kind == KIND_DONE:
                 done[meta["id"]].update(_outcomes(meta["final"]))
+            elif kind == KIND_STATE:
+                state(meta)
             else:
                 msg = SpooledMessage(
                     id=meta["id"],
@@ -376,7 +426,9 @@ class Spool:
                     segment=sid,
                     body_offset=body_offset,
                     final=_outcomes(meta["final"]),
+                    dsn=DsnEnvelope.from_json(meta["dsn"]) if "dsn" in meta else None,
                 )
+                state(meta)
                 previous = messages.get(msg.id)
                 if previous is not None:  # a copy: crossed-off recipients accumulate
                     msg.final.update(previous.final)
@@ -473,9 +525,16 @@ class Spool:
         return sum(len(outcomes) for _, outcomes in self._unrecorded.values())
 
     async def append(
-        self, mail_from: str, recipients: list[str], username: str, body: bytes
+        self,
+        mail_from: str,
+        recipients: list[str],
+        username: str,
+        body: bytes,
+        *,
+        dsn: DsnEnvelope | None = None,
     ) -> SpooledMessage:
-        """Make a message durable; raises SpoolFullError or SpoolError."""
+        """Make a message durable; raises SpoolFullError or SpoolError. ``dsn``: its RFC 3461
+        parameters (an SMTP submission's; None: it never gets a DSN)."""
         if self._closing:
             raise SpoolError("spool is closing")
         if not self.has_room(len(body)):
@@ -487,6 +546,7 @@ class Spool:
             username=username,
             received_at=self._clock(),
             body_length=len(body),
+            dsn=dsn,
         )
         record, body_start = _message_record(msg, body)
         await self._submit(_Write(record, self._future(), message=msg, body_start=body_start))
@@ -505,6 +565,7 @@ class Spool:
         if was_live and not msg.pending():
             seg = self._segments.get(msg.segment)
             if seg is not None:
+                seg.messages.pop(msg.id, None)
                 self._release(seg, 1)
         write = _Write(
             _done_record(msg, outcomes),
@@ -518,6 +579,82 @@ class Spool:
         except SpoolError:
             return False
         return True
+
+    async def defer(self, msg: SpooledMessage, next_attempt: float) -> bool:
+        """Record that ``msg`` has had ``msg.attempts`` attempts and waits until
+        ``next_attempt`` (a STATE record in its segment); True once durable. Best effort: on
+        a failed commit the state is only in memory (a restart then retries it early)."""
+        msg.next_attempt = next_attempt
+        if msg.segment not in self._segments or self._closing:
+            return False
+        write = _Write(_state_record(msg, msg.attempts, next_attempt), self._future(), msg.segment)
+        try:
+            await self._submit(write)
+        except SpoolError:
+            return False
+        return True
+
+    async def reclaim(self, older_than: float) -> int:
+        """Move the messages of every old segment held only by mail received more than
+        ``older_than`` seconds ago (deferred that long) into the current segment, then delete
+        the old one; the number of messages moved.
+
+        Each copy keeps the message's id, its crossed-off recipients, attempts, next attempt
+        and DSN parameters; outcomes recorded while the copy was written follow it in a DONE
+        record. A crash before the old segment is gone leaves both copies: recovery keeps the
+        newest and counts the DONE records of both (see :meth:`_scan`)."""
+        if self._reclaiming or self._closing:
+            return 0
+        self._reclaiming = True
+        try:
+            now = self._clock()
+            moved = 0
+            for seg in sorted(self._segments.values(), key=lambda s: s.id):
+                if (
+                    seg.id == self._current
+                    or seg in self._retire
+                    or not seg.messages
+                    or any(now - m.received_at < older_than for m in seg.messages.values())
+                ):
+                    continue
+                moved += await self._move(seg)
+            return moved
+        finally:
+            self._reclaiming = False
+
+    async def _move(self, seg: _Segment) -> int:
+        msgs = list(seg.messages.values())
+        if not self.has_room(sum(m.body_length for m in msgs)):
+            return 0
+        try:
+            bodies = await asyncio.to_thread(lambda: [self._read(m) for m in msgs])
+        except (OSError, SpoolError):
+            log.exception("could not read a segment to reclaim", extra={"segment": seg.id})
+            return 0
+        copies = []
+        for msg, body in zip(msgs, bodies, strict=True):
+            record, body_start = _message_record(msg, body)
+            write = _Write(record, self._future(), message=msg, body_start=body_start, copy=True)
+            copies.append((msg, dict(msg.final), write))
+        results = await asyncio.gather(
+            *(self._submit(w) for _, _, w in copies), return_exceptions=True
+        )
+        failed = [r for r in results if isinstance(r, BaseException)]
+        for msg, copied, _ in copies:
+            later = {i: o for i, o in msg.final.items() if i not in copied}
+            if later and msg.segment != seg.id:  # recorded in the old segment meanwhile
+                await self.record(msg, later)
+        if failed:
+            log.warning(
+                "reclaiming a segment failed; it is tried again later",
+                extra={"segment": seg.id, "error": str(failed[0])},
+            )
+            return len(copies) - len(failed)
+        seg.messages.clear()
+        seg.live = 0
+        self._release(seg, 0)
+        log.info("segment reclaimed", extra={"segment": seg.id, "messages": len(copies)})
+        return len(copies)
 
     def _release(self, seg: _Segment, messages: int, *, idle: bool = False) -> None:
         """``messages`` of ``seg`` have nothing left to deliver; delete it if none has (the
@@ -533,16 +670,34 @@ class Spool:
         self._wakeup.set()
 
     async def read_body(self, msg: SpooledMessage) -> bytes:
-        return await asyncio.to_thread(self._read, msg)
+        # Where the body is, read here on the event loop (a reclaim moves it there too); a
+        # segment deleted after a reclaim moved the message is read again at the copy.
+        for _ in range(2):
+            seg = self._segments.get(msg.segment)
+            if seg is None:
+                break
+            try:
+                return await asyncio.to_thread(
+                    self._pread, seg.path, msg.body_offset, msg.body_length, msg.id
+                )
+            except FileNotFoundError:
+                continue
+        raise SpoolError(f"message {msg.id} is not in the spool")
 
     def _read(self, msg: SpooledMessage) -> bytes:
-        fd = os.open(self._segments[msg.segment].path, os.O_RDONLY)
+        return self._pread(
+            self._segments[msg.segment].path, msg.body_offset, msg.body_length, msg.id
+        )
+
+    @staticmethod
+    def _pread(path: Path, offset: int, length: int, msg_id: str) -> bytes:
+        fd = os.open(path, os.O_RDONLY)
         try:
-            data = os.pread(fd, msg.body_length, msg.body_offset)
+            data = os.pread(fd, length, offset)
         finally:
             os.close(fd)
-        if len(data) != msg.body_length:
-            raise SpoolError(f"short read of message {msg.id}")
+        if len(data) != length:
+            raise SpoolError(f"short read of message {msg_id}")
         return data
 
     # -- group commit ----------------------------------------------------------------------
@@ -741,8 +896,20 @@ class Spool:
         for w, (sid, offset) in zip(batch, plan.offsets, strict=True):
             msg = w.message
             if msg is not None:
+                old = self._segments.get(msg.segment) if w.copy else None
                 msg.segment = sid
                 msg.body_offset = offset + w.body_start
+                seg = self._segments.get(sid)
+                if old is not None and old is not seg:
+                    old.messages.pop(msg.id, None)
+                if seg is not None and msg.pending():
+                    seg.messages[msg.id] = msg
+                elif seg is not None and w.copy:  # finished while it was copied
+                    self._release(seg, 1)
+                if w.copy:  # moved, not new: the queue has it already
+                    if w.future is not None and not w.future.done():
+                        w.future.set_result(None)
+                    continue
                 for callback in self._subscribers:
                     try:
                         callback(msg)
