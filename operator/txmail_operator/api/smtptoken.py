@@ -19,6 +19,7 @@ from .common import (
     immutable,
     observed_generation_field,
 )
+from .webhooks import Webhooks, WebhookStatus, webhooks_field, webhooks_status_field
 
 
 class SecretTemplate(Model):
@@ -99,6 +100,7 @@ class SmtpTokenSpec(Model):
         description="When the credentials stop working (RFC 3339). Tokens never expire when "
         "omitted.",
     )
+    webhooks: Webhooks | None = webhooks_field()
 
 
 class TokenStats(Model):
@@ -106,9 +108,26 @@ class TokenStats(Model):
 
     sent: int = Field(default=0, ge=0, description="Messages accepted for delivery.")
     delivered: int = Field(default=0, ge=0, description="Recipients the next hop accepted.")
-    bounced: int = Field(default=0, ge=0, description="Recipients refused permanently.")
+    bounced: int = Field(
+        default=0,
+        ge=0,
+        description="Hard bounces: recipients refused permanently (a 5xx, a hard DSN, the "
+        "queue lifetime reached).",
+    )
+    soft_bounces: int = Field(
+        default=0, ge=0, description="Asynchronous DSNs that were not hard (soft bounces)."
+    )
     opens: int = Field(default=0, ge=0, description="Open-pixel loads, repeats included.")
     clicks: int = Field(default=0, ge=0, description="Tracked link clicks, repeats included.")
+    machine_opens: int = Field(
+        default=0,
+        ge=0,
+        description="Opens by a machine (a link scanner, a prefetching proxy): not in opens.",
+    )
+    machine_clicks: int = Field(default=0, ge=0, description="Clicks by a machine: not in clicks.")
+    dropped: int = Field(
+        default=0, ge=0, description="Sends refused before spooling (a suppressed address)."
+    )
     unique_opens: int = Field(default=0, ge=0, description="Messages opened at least once.")
     unique_clicks: int = Field(default=0, ge=0, description="Messages clicked at least once.")
     complaints: int = Field(default=0, ge=0, description="Spam complaints (ARF reports).")
@@ -143,6 +162,7 @@ class SmtpTokenStatus(Model):
     stats: TokenStats | None = Field(
         default=None, description="Sent, delivered, bounced, opens, clicks and rates."
     )
+    webhooks: list[WebhookStatus] | None = webhooks_status_field()
     observed_generation: int | None = observed_generation_field()
 
 

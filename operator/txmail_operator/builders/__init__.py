@@ -71,12 +71,16 @@ from .token import (
     PASSWORD_GENERATION_ANNOTATION,
     SECRET_TYPE,
     TOKEN_LABEL,
+    WebhookProblem,
     app_secret,
     app_secret_name,
     credential_entry,
     parse_duration,
     rotated_digests,
     username_for,
+    webhook_endpoints,
+    webhook_secret_names,
+    webhooks_condition,
 )
 
 __all__ = [
@@ -95,6 +99,7 @@ __all__ = [
     "TRACKING_PATH",
     "Obj",
     "RelayOwner",
+    "WebhookProblem",
     "app_secret",
     "app_secret_name",
     "credential_entry",
@@ -132,4 +137,7 @@ __all__ = [
     "tracking_keys_line",
     "username_for",
     "uses_host_network",
+    "webhook_endpoints",
+    "webhook_secret_names",
+    "webhooks_condition",
 ]

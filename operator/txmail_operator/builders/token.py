@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from urllib.parse import quote
+
+from pydantic import SecretStr
 
 from txmail_relay import contract as c
 
@@ -82,9 +87,12 @@ def credential_entry(
     username: str,
     digests: list[c.PasswordDigest],
     campaign_id: int,
+    webhooks: Sequence[c.WebhookEndpoint] = (),
 ) -> c.CredentialEntry:
+    """``webhooks``: the subscriptions whose key could be read (:func:`webhook_endpoints`)."""
     allowed = [d for d in (spec.allowed_from_domains or ip_domains) if d in ip_domains]
     return c.CredentialEntry(
+        webhooks=list(webhooks),
         username=username,
         namespace=namespace,
         token=token,
@@ -94,6 +102,97 @@ def credential_entry(
         email_campaign_id=campaign_id,
         expires_at=spec.expires_at,
     )
+
+
+@dataclass(frozen=True)
+class WebhookProblem:
+    """Why a subscription was left out of the credential entry: a reason and a sentence that
+    name the Secret and key, never their value."""
+
+    webhook: str
+    reason: str
+    message: str
+
+
+def webhook_secret_names(spec: SmtpTokenSpec) -> list[str]:
+    """The Secrets (in the token's namespace) the token's webhooks read, each once."""
+    return sorted({w.secret_ref.name for w in spec.webhooks or []})
+
+
+def webhook_endpoints(
+    namespace: str, spec: SmtpTokenSpec, secrets: Mapping[str, Obj | None]
+) -> tuple[list[c.WebhookEndpoint], list[WebhookProblem]]:
+    """The relay's view of the token's webhooks, with each key read from ``secrets`` (name ->
+    the Secret as the API returned it, None: it does not exist), and the subscriptions left
+    out with why. A key is checked as the relay will use it (:func:`c.webhook_key_bytes`), so
+    a webhook that is listed can sign; nothing here quotes a key."""
+    endpoints: list[c.WebhookEndpoint] = []
+    problems: list[WebhookProblem] = []
+    for hook in spec.webhooks or []:
+        ref = hook.secret_ref
+        where = f"Secret {namespace}/{ref.name}"
+        fix = (
+            f"put a Standard Webhooks signing key (whsec_<base64 of 24 to 64 random bytes>) "
+            f"under key {ref.key!r}; the webhook is left out until then"
+        )
+        secret = secrets.get(ref.name)
+        if secret is None:
+            problems.append(
+                WebhookProblem(
+                    hook.name,
+                    "WebhookSecretMissing",
+                    f"webhook {hook.name}: {where} does not exist: create it and {fix}",
+                )
+            )
+            continue
+        raw = (secret.get("data") or {}).get(ref.key)
+        if not raw:
+            problems.append(
+                WebhookProblem(
+                    hook.name,
+                    "WebhookSecretKeyMissing",
+                    f"webhook {hook.name}: {where} has no key {ref.key!r}: {fix}",
+                )
+            )
+            continue
+        try:
+            text = base64.b64decode(raw).decode("utf-8").strip()
+            c.webhook_key_bytes(text)
+            endpoint = c.WebhookEndpoint(
+                name=hook.name,
+                url=hook.url,
+                event_types=list(hook.event_types or []),
+                secret=SecretStr(text),
+            )
+        except (ValueError, UnicodeDecodeError) as exc:
+            # webhook_key_bytes's messages name no part of the key; anything else (a
+            # validation error may quote its input) is named by its class only.
+            why = str(exc) if type(exc) is ValueError else type(exc).__name__
+            problems.append(
+                WebhookProblem(
+                    hook.name,
+                    "WebhookSecretInvalid",
+                    f"webhook {hook.name}: key {ref.key!r} of {where} is not a usable signing "
+                    f"key ({why}): {fix}",
+                )
+            )
+            continue
+        endpoints.append(endpoint)
+    return endpoints, problems
+
+
+def webhooks_condition(
+    spec: SmtpTokenSpec, problems: Sequence[WebhookProblem]
+) -> tuple[bool, str, str] | None:
+    """The token's WebhooksReady condition (status, reason, message); None without webhooks."""
+    hooks = spec.webhooks or []
+    if not hooks:
+        return None
+    if problems:
+        first = problems[0]
+        return False, first.reason, "; ".join(p.message for p in problems)
+    names = ", ".join(w.name for w in hooks)
+    return True, "WebhooksConfigured", f"the relay signs and sends events to: {names}"
 
 
 def rotated_digests(

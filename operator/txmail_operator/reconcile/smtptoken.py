@@ -23,6 +23,7 @@ from .access import attach
 from .conditions import condition, stamp
 from .context import Context
 from .dedicatedip import relay_ca
+from .webhooks import WEBHOOKS_READY, webhook_endpoints
 
 Obj = dict[str, Any]
 TOKEN_API = ("txmail.dev/v1alpha1", "SmtpToken")
@@ -184,6 +185,7 @@ async def _reconcile(ctx: Context, body: Obj) -> None:
     )
     if secret is None or _drifted(secret, desired):
         await ctx.kube.apply(desired)  # first the Secret: it is the only copy of the password
+    hooks, problems = await webhook_endpoints(ctx, namespace, spec)
     wanted = builders.credential_entry(
         name,
         namespace,
@@ -192,6 +194,7 @@ async def _reconcile(ctx: Context, body: Obj) -> None:
         username,
         digests,
         base["emailCampaignId"],
+        hooks,
     )
     if entry != wanted:
         await put_entry(ctx, ip_name, username, wanted)
@@ -209,6 +212,7 @@ async def _reconcile(ctx: Context, body: Obj) -> None:
         True,
         "Ready",
         f"credentials for DedicatedIP {ip_name} are in Secret {secret_name}",
+        webhooks=builders.webhooks_condition(spec, problems),
     )
 
 
@@ -265,12 +269,24 @@ async def _remove_entry(ctx: Context, ip: str, username: str, *, always: bool = 
 
 
 async def _write_status(
-    ctx: Context, body: Obj, base: Obj, ok: bool, reason: str, message: str
+    ctx: Context,
+    body: Obj,
+    base: Obj,
+    ok: bool,
+    reason: str,
+    message: str,
+    *,
+    webhooks: tuple[bool, str, str] | None = None,
 ) -> None:
+    """Ready, and WebhooksReady when the token has webhooks (``webhooks``: its status,
+    reason and message; a missing signing key leaves Ready alone: the token works on)."""
     meta = body["metadata"]
     previous = (body.get("status") or {}).get("conditions")
-    ready = condition(previous, "Ready", ok, reason, message, meta.get("generation", 0), ctx.now())
-    patch = builders.status_patch(body.get("status"), {**base, "conditions": [ready]})
+    generation, now = meta.get("generation", 0), ctx.now()
+    conditions = [condition(previous, "Ready", ok, reason, message, generation, now)]
+    if webhooks is not None:
+        conditions.append(condition(previous, WEBHOOKS_READY, *webhooks, generation, now))
+    patch = builders.status_patch(body.get("status"), {**base, "conditions": conditions})
     if patch is not None:
         await ctx.kube.patch_status(*TOKEN_API, meta["namespace"], meta["name"], patch)
 

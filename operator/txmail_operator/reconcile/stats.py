@@ -14,6 +14,7 @@ from txmail_relay import contract as c
 from .context import Context
 from .shaping import copy_destinations
 from .warmup import copy_report
+from .webhooks import copy_webhooks
 
 Ref = tuple[str, str]
 TOKEN_API = ("txmail.dev/v1alpha1", "SmtpToken")
@@ -50,4 +51,12 @@ async def publish_stats(ctx: Context, ip: str, token_of: Callable[[str], Ref | N
         stamped = {**stats, "updatedAt": updated_at["updatedAt"]}
         if await ctx.kube.patch_status(*TOKEN_API, ref[0], ref[1], {"stats": stamped}) is not None:
             updated += 1
+    # Each token's webhook subscriptions (status.webhooks, an Event when one starts or stops
+    # failing); a token the report names without webhooks has none left to show.
+    for username in sorted(set(report.tokens) | set(report.webhooks)):
+        ref = token_of(username)
+        if ref is not None:
+            hooks = report.webhooks.get(username, [])
+            if await copy_webhooks(ctx, ref, await ctx.cache.token(*ref), hooks):
+                updated += 1
     return updated
