@@ -128,6 +128,28 @@ class RelayMetrics:
             ["result"],
             registry=registry,
         )
+        # The inbound listener (ingress/inbound.py): DSNs and ARF reports from outside.
+        self.inbound_messages = Counter(
+            f"{PREFIX}inbound_messages",
+            "Messages the inbound listener took, by kind (dsn, bounce: not RFC 3464, arf, "
+            "junk) and result (recorded, untied: nothing it names is ours, failed: 451)",
+            ["kind", "result"],
+            registry=registry,
+        )
+        self.inbound_bounces = Counter(
+            f"{PREFIX}inbound_bounces",
+            "Bounces recorded from inbound mail, by type (HARD, SOFT) and source (dsn, "
+            "detector: flufl.bounce)",
+            ["type", "source"],
+            registry=registry,
+        )
+        self.inbound_refusals = Counter(
+            f"{PREFIX}inbound_refusals",
+            "Inbound RCPTs refused, by reason (recipient: not a return-path or complaints "
+            "address, recipients: too many)",
+            ["reason"],
+            registry=registry,
+        )
         # Per-destination shaping (delivery/shaping.py). The destination label is a named
         # destination (gmail, outlook, ..., smarthost, or one of spec.shaping.sites) or
         # "other" for every destination named only by its MX hosts (bounded labels).

@@ -266,7 +266,7 @@ class SubmissionProtocol(SMTP):
 
     def __init__(
         self,
-        handler: SubmissionHandler,
+        handler: object,  # a SubmissionHandler, or the inbound listener's (ingress/inbound.py)
         *,
         checker: CredentialChecker,
         limiter: FailureLimiter,

@@ -23,6 +23,8 @@ SPOOL_ID = re.compile(r"[0-9a-f]{16}")
 #: The tag separator (Postfix's recipient_delimiter default, and what Sendmail, Exim and most
 #: hosted mailboxes use).
 DELIMITER = "+"
+#: The null reverse path as the spool may hold it (aiosmtpd reads ``MAIL FROM:<>`` as "<>").
+NULL_SENDERS = frozenset({"", "<>"})
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ def envelope_sender(mail_from: str, spool_id: str, return_path: ReturnPath | Non
     """The MAIL FROM of a delivery attempt of the message ``spool_id`` sent as ``mail_from``:
     the VERP address when a return path is configured, else ``mail_from``; ``<>`` (empty)
     stays empty, and an id that cannot be encoded keeps the app's sender."""
-    if return_path is None or not mail_from:
+    if return_path is None or mail_from in NULL_SENDERS:
         return mail_from
     try:
         return return_path.encode(spool_id)
