@@ -128,6 +128,7 @@ class Postfix:
         self._out = (self.directory / "log" / "postfix.out").open("wb")
         self._process: subprocess.Popen[bytes] | None = None
         started = time.monotonic()
+        _RUNNING.add(self)
         try:
             self._start()
         except BaseException:
@@ -194,6 +195,7 @@ class Postfix:
     def stop(self) -> None:
         """SIGTERM to master(8) (it passes it to its process group), wait for it, then for
         every process still working in our queue directory; the directory is removed."""
+        _RUNNING.discard(self)
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
             pid = self._master_pid()
@@ -402,6 +404,15 @@ smtpd_tls_security_level = none
 
 
 _TEMPLATE: Path | None = None
+# Instances not stopped yet: stopped when the test process exits (master runs in a session
+# of its own, so it would outlive an interrupted pytest otherwise).
+_RUNNING: set[Postfix] = set()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for instance in list(_RUNNING):
+        instance.stop()
 
 
 def _cp_a(source: Path, target: Path) -> None:
