@@ -52,6 +52,7 @@ from txmail_relay.settings import Settings
 from txmail_relay.spool.segments import Spool, SpoolIO, SpoolLock
 from txmail_relay.templates.policy import Templates
 from txmail_relay.tracking.endpoints import KeyFile, TrackingEndpoints
+from txmail_relay.webhooks.manager import WebhookManager
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class Relay:
         clock: Callable[[], float] = time.time,
         warmup_check_interval: float = 30.0,
         shaping_clock: Clock | None = None,
+        webhook_clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.registry = registry or CollectorRegistry()
@@ -109,12 +111,18 @@ class Relay:
         self.metrics.track_warmup(
             self.warmup.budget_metric, self.warmup.sent_metric, self.warmup.deferred_metric
         )
+        # Webhook deliveries; ``webhook_clock`` (wall seconds: backoff, the retry period) is
+        # the tests' to move past a day.
+        self.webhooks = WebhookManager(
+            self.records, self.store, settings.webhooks, self.metrics, clock=webhook_clock
+        )
         self.queue = DeliveryQueue(
             self.spool,
             self.transport,
             settings.retry,
             concurrency=settings.outbound.concurrency,
-            listeners=[self.metrics, OutcomeRecorder(self.records), *listeners],
+            # The webhooks after the recorder: the event is written before they look for it.
+            listeners=[self.metrics, OutcomeRecorder(self.records), self.webhooks, *listeners],
             warmup=self.warmup,
             sign=self.dkim.sign,
         )
@@ -145,6 +153,7 @@ class Relay:
             settings.stats_interval,
             warmup=self.warmup.snapshot,
             destinations=self.shaper.paused,
+            webhooks=self.webhooks.stats,
         )
         self.stats.register(self.registry)
         self._api = SendApi(
@@ -215,6 +224,8 @@ class Relay:
         # Today's count and what it already counted of the recovered mail, before that mail
         # is admitted.
         await self.warmup.load([msg.id for msg in recovered])
+        await self.webhooks.start()  # subscriptions known before any new event is written
+        self._tasks.append(loop.create_task(self.webhooks.run(), name="webhooks"))
         self.queue.start()
         self._tasks.append(loop.create_task(self.warmup.run(), name="warmup"))
         self._tasks.append(loop.create_task(self.stats.run(), name="stats"))
@@ -352,6 +363,7 @@ class Relay:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.webhooks.stop()
         for server in self._http_servers:
             server.close()
         for runner in self.http.values():

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import os
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
@@ -27,7 +27,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from txmail_relay.config.live import LiveConfig
-from txmail_relay.contract import PausedDestination, RelayStats, TokenStats, WarmupStats
+from txmail_relay.contract import (
+    PausedDestination,
+    RelayStats,
+    TokenStats,
+    WarmupStats,
+    WebhookStats,
+)
 from txmail_relay.metrics import PREFIX
 from txmail_relay.outcomes import OutcomeEvent
 from txmail_relay.records.database import RecordsFullError
@@ -194,8 +200,10 @@ class StatsLoop:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         warmup: Callable[[], WarmupStats | None] = lambda: None,
         destinations: Callable[[], list[PausedDestination]] = list,
+        webhooks: Callable[[], Awaitable[dict[str, list[WebhookStats]]]] | None = None,
     ) -> None:
         self._destinations = destinations  # paused destinations (delivery/shaping.py)
+        self._webhooks = webhooks  # subscriptions' figures (webhooks/manager.py)
         self._warmup = warmup  # the warm-up gate's figures (delivery/warmup.py)
         self._records = records
         self._config = config
@@ -217,6 +225,8 @@ class StatsLoop:
         if warmup is not None:
             stats = stats.model_copy(update={"warmup": warmup})
         stats = stats.model_copy(update={"destinations": self._destinations()})
+        if self._webhooks is not None:
+            stats = stats.model_copy(update={"webhooks": await self._webhooks()})
         self._counts = {n: dict(totals.counts.get(n, {})) for n in names}
         self._contacts = {n: totals.contacts.get(n, 0) for n in names}
         if self._publisher is not None:
