@@ -75,12 +75,12 @@ class Sink:
     ``END-OF-MESSAGE <n>``: a dump that has it is complete.
     """
 
-    def __init__(self, *options: str, host: str = "127.0.0.1") -> None:
+    def __init__(self, *options: str, host: str = "127.0.0.1", port: int | None = None) -> None:
         # Outside pytest's private tmp tree: as root, smtp-sink must run as another user.
         self.directory = Path(tempfile.mkdtemp(prefix="txmail-sink-"))
         self.directory.chmod(0o777)
         self.host = host
-        self.port = free_port(host)
+        self.port = port or free_port(host)  # one port on several addresses: MX tests
         user = ["-u", "nobody"] if os.geteuid() == 0 else []
         self._log = (self.directory / "stderr.log").open("wb")
         self._process = subprocess.Popen(

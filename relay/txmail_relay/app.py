@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from txmail_relay.config.live import ConfigSource, LiveConfig
 from txmail_relay.contract import WarmupConfig
 from txmail_relay.delivery.dkim import DkimSigner
+from txmail_relay.delivery.dsn import DsnNotifier
 from txmail_relay.delivery.queue import DeliveryQueue
 from txmail_relay.delivery.shaping import Clock, Shaper
 from txmail_relay.delivery.transport import SmtpTransport, Transport
@@ -52,7 +53,6 @@ from txmail_relay.settings import Settings
 from txmail_relay.spool.segments import Spool, SpoolIO, SpoolLock
 from txmail_relay.templates.policy import Templates
 from txmail_relay.tracking.endpoints import KeyFile, TrackingEndpoints
-from txmail_relay.webhooks.manager import WebhookManager
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,6 @@ class Relay:
         clock: Callable[[], float] = time.time,
         warmup_check_interval: float = 30.0,
         shaping_clock: Clock | None = None,
-        webhook_clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.registry = registry or CollectorRegistry()
@@ -111,20 +110,16 @@ class Relay:
         self.metrics.track_warmup(
             self.warmup.budget_metric, self.warmup.sent_metric, self.warmup.deferred_metric
         )
-        # Webhook deliveries; ``webhook_clock`` (wall seconds: backoff, the retry period) is
-        # the tests' to move past a day.
-        self.webhooks = WebhookManager(
-            self.records, self.store, settings.webhooks, self.metrics, clock=webhook_clock
-        )
         self.queue = DeliveryQueue(
             self.spool,
             self.transport,
             settings.retry,
             concurrency=settings.outbound.concurrency,
-            # The webhooks after the recorder: the event is written before they look for it.
-            listeners=[self.metrics, OutcomeRecorder(self.records), self.webhooks, *listeners],
+            listeners=[self.metrics, OutcomeRecorder(self.records), *listeners],
             warmup=self.warmup,
             sign=self.dkim.sign,
+            # RFC 3464 DSNs to SMTP senders (RelayConfig.dsn), spooled like any message.
+            on_failed=DsnNotifier(self.store, self.spool).notify,
         )
         self.spool.subscribe(self.queue.enqueue)
         self.metrics.track_queue(self.queue.depth, self.queue.oldest_age)
@@ -153,7 +148,6 @@ class Relay:
             settings.stats_interval,
             warmup=self.warmup.snapshot,
             destinations=self.shaper.paused,
-            webhooks=self.webhooks.stats,
         )
         self.stats.register(self.registry)
         self._api = SendApi(
@@ -183,6 +177,16 @@ class Relay:
         config = self.store.current
         return config.relay.warmup if config is not None else None
 
+    async def _reclaim(self) -> None:
+        """Now and then, old segments held only by long-deferred mail are rewritten."""
+        spool = self.settings.spool
+        while True:
+            await asyncio.sleep(spool.reclaim_interval)
+            try:
+                await self.spool.reclaim(spool.reclaim_after)
+            except Exception:  # a bug here must not stop the relay; the segments just stay
+                log.exception("spool reclaim failed")
+
     def ready(self) -> bool:
         return self._serving and self.store.ready and self.spool.healthy
 
@@ -197,6 +201,7 @@ class Relay:
         for msg in recovered:
             self.queue.enqueue(msg)
         self.spool.start()
+        self._tasks.append(loop.create_task(self._reclaim(), name="spool-reclaim"))
         await self._start_http()
         source = loop.create_task(self._source.run(self.store), name="config")
         self._tasks.append(source)
@@ -224,8 +229,6 @@ class Relay:
         # Today's count and what it already counted of the recovered mail, before that mail
         # is admitted.
         await self.warmup.load([msg.id for msg in recovered])
-        await self.webhooks.start()  # subscriptions known before any new event is written
-        self._tasks.append(loop.create_task(self.webhooks.run(), name="webhooks"))
         self.queue.start()
         self._tasks.append(loop.create_task(self.warmup.run(), name="warmup"))
         self._tasks.append(loop.create_task(self.stats.run(), name="stats"))
@@ -363,7 +366,6 @@ class Relay:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.webhooks.stop()
         for server in self._http_servers:
             server.close()
         for runner in self.http.values():

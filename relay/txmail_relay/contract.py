@@ -700,7 +700,6 @@ class SendResult(StrEnum):
     TOO_MANY_RECIPIENTS = "TOO_MANY_RECIPIENTS"
     PREVIOUS_SPAM = "PREVIOUS_SPAM"
     PREVIOUSLY_BOUNCED = "PREVIOUSLY_BOUNCED"
-    BLOCKED_ADDRESS = "BLOCKED_ADDRESS"  # suppressed by hand (a MANUAL entry)
 
 
 class Sender(_Doc):
@@ -748,23 +747,9 @@ class TokenStats(_Doc):
 
     sent: int = 0
     delivered: int = 0
-    bounced: int = Field(
-        default=0, description="Hard bounces: a 5xx, a hard DSN, the queue lifetime reached."
-    )
-    soft_bounces: int = Field(
-        default=0, alias="softBounces", description="Asynchronous DSNs that were not hard."
-    )
+    bounced: int = 0
     opens: int = 0
     clicks: int = 0
-    machine_opens: int = Field(
-        default=0,
-        alias="machineOpens",
-        description="Opens by a machine (a scanner, a prefetching proxy): not in opens.",
-    )
-    machine_clicks: int = Field(
-        default=0, alias="machineClicks", description="Clicks by a machine: not in clicks."
-    )
-    dropped: int = Field(default=0, description="Sends refused before spooling (suppressed).")
     unique_opens: int = Field(default=0, alias="uniqueOpens")
     unique_clicks: int = Field(default=0, alias="uniqueClicks")
     complaints: int = 0
@@ -948,6 +933,10 @@ class OutboundSettings(_Settings):
 class SpoolSettings(_Settings):
     directory: Path = Path("/var/spool/txmail")
     segment_bytes: int = 64 * MIB
+    # Reclaim (docs/relay.md "Spool"): an old segment whose live messages were all received
+    # more than reclaimAfter seconds ago has them copied into the current one, then goes.
+    reclaim_after: float = Field(default=3600.0, gt=0)
+    reclaim_interval: float = Field(default=300.0, gt=0)
 
 
 class LogSettings(_Settings):

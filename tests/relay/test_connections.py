@@ -382,9 +382,9 @@ class SlowSpool:
     def __init__(self, spool: Any) -> None:
         self._spool = spool
 
-    async def append(self, *args: Any) -> Any:
+    async def append(self, *args: Any, **kwargs: Any) -> Any:
         await asyncio.sleep(2.0)
-        return await self._spool.append(*args)
+        return await self._spool.append(*args, **kwargs)
 
 
 def test_the_relays_own_work_is_not_the_clients_silence(env: RelayEnv) -> None:

@@ -10,6 +10,7 @@ import smtplib
 import socket
 import subprocess
 import tracemalloc
+from typing import Any
 
 import pytest
 
@@ -296,7 +297,7 @@ class ExplodingSpool:
         return True
 
     async def append(
-        self, mail_from: str, recipients: list[str], username: str, body: bytes
+        self, mail_from: str, recipients: list[str], username: str, body: bytes, **dsn: Any
     ) -> SpooledMessage:
         raise RuntimeError("boom")
 

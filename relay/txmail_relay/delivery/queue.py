@@ -3,7 +3,9 @@
 Every spooled message with undelivered recipients is here, either ready or waiting for its
 next attempt. An attempt sends only the recipients still pending; final outcomes
 (delivered, bounced, expired) are crossed off in the spool before listeners hear of them.
-Bounces are recorded and logged; no DSN message is generated yet.
+Recipients the relay gives up on (bounced, expired) are handed to ``on_failed`` first (the DSN
+to the sender, delivery/dsn.py). A deferred job's attempts and next attempt go into the spool
+(a STATE record), and a recovered message waits for that time (``next_attempt``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 
 from txmail_relay.delivery.transport import Destination, RecipientResult, Transport
 from txmail_relay.delivery.warmup import WarmupGate
+from txmail_relay.mail.dsn import FailedRecipient
 from txmail_relay.outcomes import Outcome, OutcomeEvent, OutcomeListener
 from txmail_relay.settings import RetrySettings
 from txmail_relay.spool.segments import Spool, SpooledMessage
@@ -83,10 +86,17 @@ class DeliveryQueue:
         warmup: WarmupGate | None = None,
         sign: Callable[[bytes], Awaitable[bytes]] | None = None,
         return_path: Callable[[SpooledMessage], str] | None = None,
+        on_failed: Callable[
+            [SpooledMessage, Sequence[FailedRecipient], bytes | None], Awaitable[object]
+        ]
+        | None = None,
     ) -> None:
         self._spool = spool
         # The envelope sender of an attempt (VERP, mail/return_path.py); None: the app's own.
         self._return_path = return_path
+        # Told of the recipients of an attempt the relay gives up on, before they are crossed
+        # off (a DSN spooled then is never lost; a crash in between may send it twice).
+        self._on_failed = on_failed
         self._sign = sign  # DKIM at delivery time (delivery/dkim.py: why then); never raises
         self._transport = transport
         self._retry = retry
@@ -129,7 +139,7 @@ class DeliveryQueue:
             return
         self._messages[msg.id] = msg
         if self._started:
-            self._make_ready(msg, pending, msg.attempts)
+            self._make_ready(msg, pending, msg.attempts, not_before=msg.next_attempt)
         else:  # recovered before the first configuration: destinations are not known yet
             self._early.append(msg)
 
@@ -138,7 +148,8 @@ class DeliveryQueue:
         self._started = True
         early, self._early = self._early, []
         for msg in early:
-            self._make_ready(msg, msg.pending(), msg.attempts)
+            # A recovered deferral waits for its time (a restart does not retry all at once).
+            self._make_ready(msg, msg.pending(), msg.attempts, not_before=msg.next_attempt)
         self._dispatch()
 
     async def stop(self, grace: float) -> None:
@@ -167,9 +178,16 @@ class DeliveryQueue:
             return Destination("unknown", 1)
 
     def _make_ready(
-        self, msg: SpooledMessage, indices: Sequence[int], attempts: int, *, gated: bool = True
+        self,
+        msg: SpooledMessage,
+        indices: Sequence[int],
+        attempts: int,
+        *,
+        gated: bool = True,
+        not_before: float = 0.0,
     ) -> None:
-        """Queue ``indices`` of ``msg`` as one job per destination (as configured now)."""
+        """Queue ``indices`` of ``msg`` as one job per destination (as configured now), not
+        before ``not_before`` (epoch seconds)."""
         if gated and self._warmup is not None:
             try:
                 indices = self._warmup.admit(msg, indices, attempts)
@@ -182,7 +200,8 @@ class DeliveryQueue:
             groups.setdefault(self._destination(msg.recipients[index]), []).append(index)
         for dest, members in groups.items():
             now = self._clock()
-            due = min(now + dest.delay, msg.received_at + self._retry.max_lifetime)
+            lifetime_end = msg.received_at + self._retry.max_lifetime
+            due = min(max(now + dest.delay, not_before), lifetime_end)
             if due > now:  # a paused destination (shaping): wait outside the workers
                 self._defer(_Job(msg, tuple(members), attempts, dest.key), due)
                 continue
@@ -279,6 +298,7 @@ class DeliveryQueue:
         counted = msg.attempts
         job.attempts += 1
         msg.attempts = max(msg.attempts, job.attempts)
+        body: bytes | None = None
         try:
             body = await self._spool.read_body(msg)
             # Signed by the transport only when it is about to send it (not for a destination
@@ -324,6 +344,7 @@ class DeliveryQueue:
                     at=now,
                 )
             )
+        await self._notify_failed(msg, final, dict(zip(pending, results, strict=True)), body, now)
         if final and not await self._spool.record(msg, final):
             # Crossed off in memory; the spool writes them again until they land (or deletes
             # the finished segment). Only a crash before then sends them again.
@@ -338,11 +359,43 @@ class DeliveryQueue:
             due = min(now + backoff(job.attempts, self._retry), born + self._retry.max_lifetime)
             job.indices = left
             self._defer(job, due)
+            # Survives a restart (a STATE record): best effort, the attempt is over anyway.
+            await self._spool.defer(msg, due)
         elif not msg.pending():
             self._messages.pop(msg.id, None)
             if self._warmup is not None:
                 self._warmup.finished(msg)
         return any(r.attempted for r in results)
+
+    async def _notify_failed(
+        self,
+        msg: SpooledMessage,
+        final: dict[int, Outcome],
+        results: dict[int, RecipientResult],
+        body: bytes | None,
+        now: float,
+    ) -> None:
+        """Hand the recipients given up on in one attempt to ``on_failed`` (one DSN), unless
+        the message never gets one (no DSN parameters, or the null reverse path: a DSN)."""
+        if self._on_failed is None or msg.dsn is None or not msg.mail_from:
+            return
+        failed = [
+            FailedRecipient(
+                recipient=msg.recipients[index],
+                reply=results[index].reply,
+                expired=outcome is Outcome.EXPIRED,
+                params=msg.dsn.recipient(index),
+                at=now,
+            )
+            for index, outcome in final.items()
+            if outcome in (Outcome.BOUNCED, Outcome.EXPIRED)
+        ]
+        if not failed:
+            return
+        try:
+            await self._on_failed(msg, failed, body)
+        except Exception:  # the outcomes are recorded whatever happens to the DSN
+            log.exception("DSN not sent", extra={"msg_id": msg.id})
 
     def _publish(self, event: OutcomeEvent) -> None:
         level = logging.INFO if event.outcome is Outcome.DELIVERED else logging.WARNING

@@ -5,12 +5,19 @@ Port 587 style (STARTTLS): before TLS, EHLO lists no AUTH, AUTH gets 538 5.7.11 
 first byte. aiosmtpd >= 1.4.6 ends DATA only on CRLF.CRLF and discards what a client
 pipelines behind STARTTLS; the body is spooled as received and aiosmtplib normalises bare
 CR/LF and dot-stuffs it on the way out, so one DATA is one message upstream.
+
+EHLO offers DSN (RFC 3461). aiosmtpd 1.4 upper-cases every MAIL/RCPT parameter and refuses
+any it does not know with 555, so the DSN parameters (ORCPT and ENVID are case-sensitive
+xtext) are taken out of the command here, as given, before aiosmtpd parses the rest; a
+malformed one gets 501 5.5.4. They are kept on the envelope (:class:`RelayEnvelope`) and
+spooled with the message.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -28,6 +35,13 @@ from txmail_relay.ingress.auth import CredentialChecker, FailureLimiter
 from txmail_relay.ingress.complaints import ComplaintHandler
 from txmail_relay.ingress.connections import ConnectionGate, Refusal, Ticket, peer_ip
 from txmail_relay.logs import install_redaction
+from txmail_relay.mail.dsn import (
+    DsnEnvelope,
+    DsnParamError,
+    RecipientParams,
+    parse_mail_params,
+    parse_rcpt_params,
+)
 from txmail_relay.mail.headers import Origin
 from txmail_relay.mail.submission import parse_submission
 from txmail_relay.metrics import RelayMetrics
@@ -72,6 +86,24 @@ class SpoolRoom(Protocol):
     """The spool's free-space check (MAIL FROM's SIZE=)."""
 
     def has_room(self, size: int = 0) -> bool: ...
+
+
+class RelayEnvelope(Envelope):
+    """aiosmtpd's envelope with the RFC 3461 parameters: ``rcpt_params`` runs along
+    ``rcpt_tos``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ret: str | None = None
+        self.envid: str | None = None
+        self.rcpt_params: list[RecipientParams] = []
+
+    def dsn(self) -> DsnEnvelope:
+        return DsnEnvelope(self.ret, self.envid, tuple(self.rcpt_params))
+
+
+_MAIL_DSN = frozenset({"RET", "ENVID"})
+_RCPT_DSN = frozenset({"NOTIFY", "ORCPT"})
 
 
 class RelaySession(Session):
@@ -143,6 +175,18 @@ class SubmissionHandler:
         live = config.relay.feedback.complaints_address if config is not None else None
         return (live or "").lower() or self._static_complaints_address
 
+    async def handle_EHLO(  # noqa: N802 - aiosmtpd's hook name
+        self,
+        server: SMTP,
+        session: RelaySession,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        """aiosmtpd's EHLO lines plus DSN (RFC 3461), before its last line."""
+        session.host_name = hostname  # aiosmtpd leaves it to a handler with this hook
+        return [*responses[:-1], "250-DSN", *responses[-1:]]
+
     async def handle_MAIL(  # noqa: N802 - aiosmtpd's hook name
         self,
         server: SMTP,
@@ -177,7 +221,7 @@ class SubmissionHandler:
         if isinstance(syntax, Rejected):
             return self._refuse(syntax)
         if address.lower() != self._complaints_address():
-            verdict = await self._sends.check_recipient(address, session.entry)
+            verdict = await self._sends.check_recipient(address)
             if isinstance(verdict, Rejected):
                 return self._refuse(verdict)
         envelope.rcpt_tos.append(address)
@@ -197,6 +241,8 @@ class SubmissionHandler:
         if complaints_address is not None and complaints_address in rcpts:
             return await self._complaint(rcpts, content, complaints_address)
         submission = parse_submission(envelope.mail_from, envelope.rcpt_tos, content)
+        if isinstance(envelope, RelayEnvelope):
+            submission = dataclasses.replace(submission, dsn=envelope.dsn())
         verdict = check_header_from(self._config.current, entry, submission.headers)
         if isinstance(verdict, Rejected):
             return self._refuse(verdict)
@@ -333,6 +379,9 @@ class SubmissionProtocol(SMTP):
 
     def _create_session(self) -> Session:
         return RelaySession(self.loop)
+
+    def _create_envelope(self) -> Envelope:
+        return RelayEnvelope()
 
     def _peer_ip(self) -> str:
         if self.session is not None:
@@ -593,13 +642,70 @@ class SubmissionProtocol(SMTP):
 
     @_help_of(SMTP.smtp_MAIL)
     async def smtp_MAIL(self, arg: str | None) -> None:  # noqa: N802 - aiosmtpd's hook name
-        if not await self._refuse_control_chars(arg):
-            await super().smtp_MAIL(arg)
+        if await self._refuse_control_chars(arg):
+            return
+        arg, taken = self._take_params("FROM:", arg, _MAIL_DSN)
+        try:
+            ret, envid, _ = parse_mail_params(taken)
+        except DsnParamError as e:
+            if await self._dsn_refused(e):
+                return
+            ret = envid = None
+        envelope = self.envelope
+        had_sender = envelope is not None and bool(envelope.mail_from)
+        await super().smtp_MAIL(arg)
+        envelope = self.envelope
+        if isinstance(envelope, RelayEnvelope) and envelope.mail_from and not had_sender:
+            envelope.ret, envelope.envid = ret, envid
 
     @_help_of(SMTP.smtp_RCPT)
     async def smtp_RCPT(self, arg: str | None) -> None:  # noqa: N802 - aiosmtpd's hook name
-        if not await self._refuse_control_chars(arg):
-            await super().smtp_RCPT(arg)
+        if await self._refuse_control_chars(arg):
+            return
+        arg, taken = self._take_params("TO:", arg, _RCPT_DSN)
+        try:
+            params, _ = parse_rcpt_params(taken)
+        except DsnParamError as e:
+            if await self._dsn_refused(e):
+                return
+            params = RecipientParams()
+        envelope = self.envelope
+        before = len(envelope.rcpt_tos) if envelope is not None else 0
+        await super().smtp_RCPT(arg)
+        envelope = self.envelope
+        if isinstance(envelope, RelayEnvelope) and len(envelope.rcpt_tos) > before:
+            envelope.rcpt_params.append(params)
+
+    def _take_params(
+        self, keyword: str, arg: str | None, names: frozenset[str]
+    ) -> tuple[str | None, list[str]]:
+        """(``arg`` without its DSN parameters ``names``, those parameters as given). Only in
+        an EHLO session and after an address that parses: otherwise aiosmtpd's own reply."""
+        session = self.session
+        if arg is None or session is None or not session.extended_smtp:
+            return arg, []
+        after = self._strip_command_keyword(keyword, arg)
+        if after is None:
+            return arg, []
+        address, rest = self._getaddr(after)
+        if not address or not rest:
+            return arg, []
+        tokens = rest.split()
+        taken = [t for t in tokens if t.partition("=")[0].upper() in names]
+        if not taken:
+            return arg, []
+        others = [t for t in tokens if t not in taken]
+        return " ".join([keyword + after[: len(after) - len(rest)].rstrip(), *others]), taken
+
+    async def _dsn_refused(self, error: DsnParamError) -> bool:
+        """Reply to a malformed DSN parameter; False: aiosmtpd replies instead (before AUTH,
+        its 530 comes first)."""
+        session = self.session
+        if session is None or not session.authenticated:
+            return False
+        self._metrics.rejections.labels("syntax").inc()
+        await self.push(error.reply)
+        return True
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's address parser, which catches only HeaderParseError: the stdlib parser

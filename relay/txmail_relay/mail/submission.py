@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from txmail_relay.mail.addresses import AddressError, addr_specs, mailboxes
+from txmail_relay.mail.dsn import DsnEnvelope
 from txmail_relay.mail.headers import HeaderFields, header_fields
 
 TEMPLATE_HEADER = "X-Txmail-Email-Id"  # names a TransactionalEmail: a template send
@@ -57,6 +58,7 @@ class Submission:
     recipients: tuple[str, ...]  # RCPT TO, as given
     content: bytes  # the message as received (without the relay's Received header)
     headers: SubmittedHeaders
+    dsn: DsnEnvelope | None = None  # RFC 3461 parameters (NOTIFY, ORCPT, RET, ENVID)
 
 
 def _originators(fields: HeaderFields) -> tuple[tuple[str, ...] | None, str | None]:

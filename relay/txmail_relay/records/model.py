@@ -129,7 +129,6 @@ class SendStatus:
     requested_at: float
     started_at: float | None
     completed_at: float | None
-    bounce: Mapping[str, Any] | None = None  # an asynchronous hard bounce (bounceType, ...)
 
 
 @dataclass(frozen=True)
@@ -145,16 +144,12 @@ class SentCopy:
 
 @dataclass(frozen=True)
 class Recipient:
-    """What a tracking event id, a Message-ID or a DSN leads back to."""
+    """What a tracking event id or a Message-ID leads back to."""
 
     spool_id: str
     recipient: str
     username: str
     email_id: int
-    namespace: str = ""  # the sending SmtpToken ("" for mail recorded before issue 12)
-    token: str = ""
-    status_id: str | None = None
-    message_id: str | None = None
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ from txmail_relay.records.events import Events
 from txmail_relay.records.sends import Sends, drop_unspooled
 from txmail_relay.records.suppressions import Suppressions
 from txmail_relay.records.warmup import WarmupCounts
-from txmail_relay.records.webhooks import Webhooks
 
 DB_NAME = "txmail.db"
 
@@ -36,7 +35,6 @@ class Records:
         self.suppressions = Suppressions(self._db)
         self.counters = Counters(self._db)
         self.warmup = WarmupCounts(self._db)
-        self.webhooks = Webhooks(self._db, clock)
 
     @property
     def path(self) -> Path:

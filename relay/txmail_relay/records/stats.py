@@ -36,10 +36,6 @@ from txmail_relay.records.records import Records
 
 log = logging.getLogger(__name__)
 
-#: How long the events log keeps an event (the events API's window; the webhooks retry a
-#: delivery for 24 hours, well within it). Older ones are deleted at each stats refresh.
-EVENTS_RETENTION = 30 * 24 * 3600.0
-
 
 class OutcomeRecorder:
     """Writes outcomes as they come; keeps those a full volume refused (at most ``max_kept``,
@@ -69,12 +65,7 @@ class OutcomeRecorder:
     def _write(self, event: OutcomeEvent) -> asyncio.Future[None]:
         return asyncio.ensure_future(
             self._records.events.outcome(
-                event.message_id,
-                event.username,
-                event.recipient,
-                event.outcome,
-                event.at,
-                reply=event.reply,
+                event.message_id, event.username, event.recipient, event.outcome, event.at
             )
         )
 
@@ -126,12 +117,8 @@ def token_stats(counts: Mapping[Kind, int], last_sent: float | None, contacts: i
         sent=counts.get(Kind.SENT, 0),
         delivered=delivered,
         bounced=counts.get(Kind.BOUNCED, 0) + counts.get(Kind.EXPIRED, 0),
-        soft_bounces=counts.get(Kind.SOFT_BOUNCED, 0),
         opens=counts.get(Kind.OPENED, 0),
         clicks=counts.get(Kind.CLICKED, 0),
-        machine_opens=counts.get(Kind.MACHINE_OPENED, 0),
-        machine_clicks=counts.get(Kind.MACHINE_CLICKED, 0),
-        dropped=counts.get(Kind.DROPPED, 0),
         unique_opens=unique_opens,
         unique_clicks=unique_clicks,
         complaints=counts.get(Kind.COMPLAINED, 0),
@@ -191,10 +178,6 @@ _METRIC_KINDS = (
     ("unique_clicked", Kind.UNIQUE_CLICKED),
     ("complained", Kind.COMPLAINED),
     ("unsubscribed", Kind.UNSUBSCRIBED),
-    ("soft_bounced", Kind.SOFT_BOUNCED),
-    ("machine_opened", Kind.MACHINE_OPENED),
-    ("machine_clicked", Kind.MACHINE_CLICKED),
-    ("dropped", Kind.DROPPED),
 )
 
 
@@ -228,13 +211,8 @@ class StatsLoop:
     async def refresh(self) -> RelayStats:
         config = self._config.current
         names = frozenset(config.credentials) if config is not None else frozenset()
-        now = self._clock()
-        try:
-            await self._records.events.prune(now.timestamp() - EVENTS_RETENTION)
-        except RecordsFullError:
-            log.warning("old events not pruned: the records' volume is full")
         totals = await self._records.counters.totals()
-        stats = relay_stats(totals, names, now)
+        stats = relay_stats(totals, names, self._clock())
         warmup = self._warmup()
         if warmup is not None:
             stats = stats.model_copy(update={"warmup": warmup})

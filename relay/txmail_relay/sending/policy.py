@@ -47,26 +47,21 @@ ROLE_LOCAL_PARTS = frozenset(
 SUPPRESSED_RESULTS = {
     Suppression.HARD_BOUNCE: SendResult.PREVIOUSLY_BOUNCED,
     Suppression.SPAM_REPORT: SendResult.PREVIOUS_SPAM,
-    Suppression.MANUAL: SendResult.BLOCKED_ADDRESS,
 }
 SUPPRESSED_REASONS = {
     Suppression.HARD_BOUNCE: "earlier mail to it bounced",
     Suppression.SPAM_REPORT: "it reported earlier mail as spam",
-    Suppression.MANUAL: "it was added to the suppression list",
 }
 
 
 class SendError(Exception):
     """A send refused before spooling: ``send_result`` (HubSpot enum) and the field."""
 
-    def __init__(
-        self, send_result: SendResult, field: str, message: str, *, recipient: str | None = None
-    ) -> None:
+    def __init__(self, send_result: SendResult, field: str, message: str) -> None:
         super().__init__(message)
         self.send_result = send_result
         self.field = field
         self.message = message
-        self.recipient = recipient  # the one refused, when one recipient is the reason
 
     @property
     def rejected(self) -> Rejected:
@@ -80,8 +75,7 @@ def is_role_address(address: str) -> bool:
 
 
 def suppression_reasons(config: DynamicConfig | None) -> list[Suppression]:
-    """The suppression entries enforced: MANUAL ones always, the automatic ones (hard
-    bounces, complaints) only when the DedicatedIP opted in (off by default)."""
+    """What the DedicatedIP opted into suppressing (nothing by default)."""
     if config is None:
         return []
     opted = config.relay.suppression
@@ -89,7 +83,6 @@ def suppression_reasons(config: DynamicConfig | None) -> list[Suppression]:
         reason
         for reason, on in (
             (Suppression.HARD_BOUNCE, opted.bounces),
-            (Suppression.MANUAL, True),
             (Suppression.SPAM_REPORT, opted.complaints),
         )
         if on
@@ -177,7 +170,6 @@ def suppressed_refusal(to: Iterable[str], found: dict[str, Suppression]) -> Send
                 SUPPRESSED_RESULTS[reason],
                 "message.to",
                 f"{rcpt} is suppressed on this relay: {SUPPRESSED_REASONS[reason]}",
-                recipient=rcpt,
             )
     return None
 

@@ -20,17 +20,16 @@ from typing import Protocol
 
 from txmail_relay.config.live import DynamicConfig, LiveConfig
 from txmail_relay.contract import CredentialEntry, SendResult, TemplateEntry
+from txmail_relay.mail.dsn import DsnEnvelope
 from txmail_relay.mail.headers import Origin, received_header
 from txmail_relay.mail.submission import Submission
 from txmail_relay.metrics import RelayMetrics
-from txmail_relay.records.database import background
 from txmail_relay.records.model import SentCopy
 from txmail_relay.records.records import Records
 from txmail_relay.sending.composer import Composer
 from txmail_relay.sending.model import Copy, SendOutcome, SendRequest
 from txmail_relay.sending.policy import (
     ACCEPTED,
-    SUPPRESSED_RESULTS,
     SendError,
     Verdict,
     check_suppressed,
@@ -47,7 +46,13 @@ log = logging.getLogger(__name__)
 
 class Spooler(Protocol):
     async def append(
-        self, mail_from: str, recipients: list[str], username: str, body: bytes
+        self,
+        mail_from: str,
+        recipients: list[str],
+        username: str,
+        body: bytes,
+        *,
+        dsn: DsnEnvelope | None = None,
     ) -> SpooledMessage: ...
 
 
@@ -78,53 +83,16 @@ class SendService:
             raise refused
         return find_template(config, entry, request.email_id)
 
-    async def check_recipient(self, address: str, entry: CredentialEntry | None = None) -> Verdict:
-        """RCPT TO: refused when the address is suppressed in the token's namespace (a
-        DROPPED event); without a token only relay-wide entries apply."""
+    async def check_recipient(self, address: str) -> Verdict:
+        """RCPT TO: refused when the DedicatedIP suppresses the address."""
         reasons = suppression_reasons(self._config.current)
         if not reasons:
             return ACCEPTED
-        namespace = entry.namespace if entry is not None else ""
-        found = await self._records.suppressions.find(namespace, [address], reasons)
-        verdict = check_suppressed(address, found.get(address))
-        reason = found.get(address)
-        if entry is not None and reason is not None:
-            self._dropped(entry, 0, [address], SUPPRESSED_RESULTS[reason], "suppressed at RCPT")
-        return verdict
-
-    def _dropped(
-        self,
-        entry: CredentialEntry,
-        email_id: int,
-        recipients: Sequence[str],
-        result: SendResult,
-        message: str,
-    ) -> None:
-        """Log a refused send (counted as dropped, a DROPPED event per recipient); not
-        awaited: the refusal does not depend on it (a failure is logged)."""
-        background(
-            self._records.sends.dropped(
-                entry.username,
-                email_id,
-                recipients,
-                result.value,
-                message,
-                namespace=entry.namespace,
-                token=entry.token,
-            )
-        )
+        found = await self._records.suppressions.find([address], reasons)
+        return check_suppressed(address, found.get(address))
 
     async def send(self, entry: CredentialEntry, request: SendRequest, peer: str) -> SendOutcome:
-        """An API send: deduplicated by its sendId; raises :class:`SendError` (and logs the
-        refusal as a DROPPED event)."""
-        try:
-            return await self._send(entry, request, peer)
-        except SendError as e:
-            refused = [e.recipient] if e.recipient is not None else list(request.to)
-            self._dropped(entry, request.email_id, refused, e.send_result, e.message)
-            raise
-
-    async def _send(self, entry: CredentialEntry, request: SendRequest, peer: str) -> SendOutcome:
+        """An API send: deduplicated by its sendId; raises :class:`SendError`."""
         self.check(entry, request)  # refuse before reserving
         config = self._config.current
         assert config is not None  # noqa: S101 - check() raised otherwise
@@ -162,28 +130,22 @@ class SendService:
         """
         config = self._config.current
         if isinstance(message, Submission) and message.headers.template is not None:
-            try:
-                request = template_request(message)
-                copies = await self._compose(entry, request)
-            except SendError as e:  # an SMTP template send refused: logged as dropped
-                self._dropped(entry, 0, list(message.recipients), e.send_result, e.message)
-                raise
-            message = request
-        elif isinstance(message, SendRequest):
-            copies = await self._compose(entry, message)
+            message = template_request(message)
+        if isinstance(message, SendRequest):
+            template = self.check(entry, message)
+            assert config is not None  # noqa: S101 - check() raised otherwise
+            copies = await asyncio.to_thread(
+                self._composer.compose, config, entry, template, message
+            )
         elif self._composer.tracks(config):
             copies = await asyncio.to_thread(self._composer.plain, config, message)
         else:
             copies = self._composer.plain(config, message)  # as it came: nothing to compute
-        spooled = await self._spool_copies(entry, copies, received_header(origin))
+        # Plain SMTP mail keeps its DSN parameters (a template send has its send status).
+        plain = message if isinstance(message, Submission) else None
+        spooled = await self._spool_copies(entry, copies, received_header(origin), plain)
         await self._record(entry, message, copies, spooled, status_id)
         return spooled
-
-    async def _compose(self, entry: CredentialEntry, message: SendRequest) -> Sequence[Copy]:
-        template = self.check(entry, message)
-        config = self._config.current
-        assert config is not None  # noqa: S101 - check() raised otherwise
-        return await asyncio.to_thread(self._composer.compose, config, entry, template, message)
 
     async def _without_suppressed(
         self, entry: CredentialEntry, config: DynamicConfig, request: SendRequest
@@ -193,7 +155,7 @@ class SendService:
         if not reasons:
             return request
         everyone = (*request.to, *request.cc, *request.bcc)
-        found = await self._records.suppressions.find(entry.namespace, everyone, reasons)
+        found = await self._records.suppressions.find(everyone, reasons)
         if not found:
             return request
         refused = suppressed_refusal(request.to, found)
@@ -203,10 +165,6 @@ class SendService:
             "suppressed recipients left out",
             extra={"token": entry.username, "recipients": len(found)},
         )
-        for rcpt, reason in found.items():
-            self._dropped(
-                entry, request.email_id, [rcpt], SUPPRESSED_RESULTS[reason], "left out: suppressed"
-            )
         return dataclasses.replace(
             request,
             cc=tuple(r for r in request.cc if r not in found),
@@ -214,13 +172,24 @@ class SendService:
         )
 
     async def _spool_copies(
-        self, entry: CredentialEntry, copies: Sequence[Copy], received: bytes
+        self,
+        entry: CredentialEntry,
+        copies: Sequence[Copy],
+        received: bytes,
+        plain: Submission | None = None,
     ) -> list[SpooledMessage]:
-        """Spool every copy durably (one group commit covers them all), then count them."""
+        """Spool every copy durably (one group commit covers them all), then count them.
+        ``plain``: the SMTP submission, whose DSN parameters go with the copies (each copy
+        its own recipients')."""
+        dsn = plain.dsn if plain is not None else None
         spooled = await asyncio.gather(
             *(
                 self._spool.append(
-                    c.mail_from, list(c.recipients), entry.username, received + c.body
+                    c.mail_from,
+                    list(c.recipients),
+                    entry.username,
+                    received + c.body,
+                    dsn=dsn.select(plain.recipients, c.recipients) if plain and dsn else None,
                 )
                 for c in copies
             )
@@ -260,8 +229,6 @@ class SendService:
             sent,
             contacts=properties if entry.create_contacts else None,
             queued_status=status_id,
-            namespace=entry.namespace,
-            token=entry.token,
         )
         if isinstance(message, SendRequest):
             log.info(
