@@ -36,6 +36,7 @@ from txmail_relay.ingress.connections import (
     raise_open_file_limit,
     share_descriptors,
 )
+from txmail_relay.ingress.inbound import InboundHandler, InboundProtocol, LiveReturnPath
 from txmail_relay.ingress.smtp import SubmissionHandler, SubmissionProtocol
 from txmail_relay.ingress.tls import server_context, watch_certificate
 from txmail_relay.metrics import RelayMetrics
@@ -118,6 +119,7 @@ class Relay:
             listeners=[self.metrics, OutcomeRecorder(self.records), *listeners],
             warmup=self.warmup,
             sign=self.dkim.sign,
+            return_path=LiveReturnPath(self.store).envelope_sender,  # VERP when configured
             # RFC 3464 DSNs to SMTP senders (RelayConfig.dsn), spooled like any message.
             on_failed=DsnNotifier(self.store, self.spool).notify,
         )
@@ -132,6 +134,15 @@ class Relay:
             settings.limits,
             self.metrics,
             sends=self.sends,
+            complaints=self.complaints,
+            complaints_address=settings.complaints_address,
+        )
+        # The inbound listener: DSNs to the return path, ARF reports to the complaints address.
+        self.inbound = InboundHandler(
+            self.store,
+            settings.limits,
+            self.metrics,
+            bounce=self.records.events.bounce,
             complaints=self.complaints,
             complaints_address=settings.complaints_address,
         )
@@ -167,6 +178,9 @@ class Relay:
         self._no_sessions.set()
         limits = settings.limits
         self._smtp_gate = ConnectionGate(limits.max_connections, limits.max_connections_per_address)
+        self._inbound_gate = ConnectionGate(
+            limits.max_connections, limits.max_connections_per_address
+        )
         self._http_gates: dict[str, ConnectionGate] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.http: dict[str, web.AppRunner] = {}  # listener name -> its aiohttp runner
@@ -247,6 +261,12 @@ class Relay:
             )
             self._servers.append(server)
             self.ports[name] = server.sockets[0].getsockname()[1]
+        if settings.listen.inbound is not None:
+            server = await loop.create_server(
+                partial(self._inbound_protocol, tls), settings.listen.host, settings.listen.inbound
+            )
+            self._servers.append(server)
+            self.ports["inbound"] = server.sockets[0].getsockname()[1]
         self._serving = True
         log.info("relay serving", extra={"ports": self.ports})
 
@@ -257,6 +277,8 @@ class Relay:
         caps: dict[str, int] = {}
         if listen.submission is not None or listen.submissions is not None:
             caps["smtp"] = limits.max_connections
+        if listen.inbound is not None:
+            caps["inbound"] = limits.max_connections
         for name in ("tracking", "api"):
             if getattr(listen, name) is not None:
                 caps[name] = limits.max_http_connections
@@ -267,6 +289,7 @@ class Relay:
             in_use=open_files(),
         )
         self._smtp_gate.limit = fitted.get("smtp", limits.max_connections)
+        self._inbound_gate.limit = fitted.get("inbound", limits.max_connections)
         per_address = limits.max_http_connections_per_address
         self._http_gates = {
             name: ConnectionGate(fitted[name], per_address)
@@ -323,6 +346,21 @@ class Relay:
             tls_context=tls,
             implicit_tls=implicit,
             gate=self._smtp_gate,
+            on_open=self._opened,
+            on_close=self._closed,
+        )
+
+    def _inbound_protocol(self, tls: ssl.SSLContext) -> InboundProtocol:
+        config = self.store.current
+        return InboundProtocol(
+            self.inbound,
+            checker=self._checker,
+            limiter=self._limiter,
+            metrics=self.metrics,
+            limits=self.settings.limits,
+            hostname=config.relay.hostname if config is not None else "localhost",
+            tls_context=tls,
+            gate=self._inbound_gate,
             on_open=self._opened,
             on_close=self._closed,
         )

@@ -253,6 +253,12 @@ class RelayThread:
         assert self.relay is not None
         return self.relay.ports["metrics"]
 
+    @property
+    def inbound_port(self) -> int:
+        """The inbound listener (DSNs, ARF reports); on with :func:`return_path_overrides`."""
+        assert self.relay is not None
+        return self.relay.ports["inbound"]
+
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
         assert self.relay is not None
         value = self.relay.registry.get_sample_value(name, labels or {})
@@ -305,6 +311,26 @@ def message(seq: int | str, *, sender: str = "app@example.com", body: str = "hel
         f"Message-ID: <{seq}.{secrets.token_hex(4)}@example.com>\r\n\r\n"
         f"{body}\r\nEND-OF-MESSAGE {seq}\r\n"
     ).encode()
+
+
+RETURN_PATH_DOMAIN = "bounces.example.com"
+
+
+def return_path_overrides(
+    domain: str = RETURN_PATH_DOMAIN, *, local_part: str = "bounces"
+) -> dict[str, Any]:
+    """Settings overrides (``env.settings(overrides=...)``) that turn the VERP return path on
+    and open the inbound listener on a free port (``RelayThread.inbound_port``)."""
+    return {
+        "relay": {"returnPath": {"domain": domain, "localPart": local_part}},
+        "listen": {"inbound": 0},
+    }
+
+
+def verp(spool_id: str, domain: str = RETURN_PATH_DOMAIN, *, local_part: str = "bounces") -> str:
+    """The envelope sender the relay uses for the message ``spool_id`` (and the inbound
+    listener takes DSNs for): ``bounces+<spool id>@<domain>``."""
+    return f"{local_part}+{spool_id}@{domain}"
 
 
 def swaks_available() -> str:
