@@ -54,6 +54,7 @@ from txmail_relay.settings import Settings
 from txmail_relay.spool.segments import Spool, SpoolIO, SpoolLock
 from txmail_relay.templates.policy import Templates
 from txmail_relay.tracking.endpoints import KeyFile, TrackingEndpoints
+from txmail_relay.tracking.machine import Policy
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,12 @@ class Relay:
             max_recipients=settings.limits.max_recipients,
             warmup=self.warmup,
         )
-        self._tracking = TrackingEndpoints(keys, self.records, self.metrics)
+        self._tracking = TrackingEndpoints(
+            keys,
+            self.records,
+            self.metrics,
+            policy=Policy(click_window=settings.tracking.machine_click_window),
+        )
         self._tls_context = tls_context
         self._servers: list[asyncio.base_events.Server] = []
         self._http_servers: list[asyncio.base_events.Server] = []

@@ -917,6 +917,17 @@ class WebhookSettings(_Settings):
     )
 
 
+class TrackingSettings(_Settings):
+    """Machine opens and clicks (docs/feedback.md "Machine opens and clicks")."""
+
+    machine_click_window: float = Field(
+        default=2.0,
+        ge=0,
+        description="A click sooner than this many seconds after its message was spooled or "
+        "delivered is a machine's (a gateway's link scanner); 0: off",
+    )
+
+
 class OutboundSettings(_Settings):
     concurrency: int = Field(default=32, ge=1, description="Messages delivered in parallel")
     destination_concurrency: int | None = Field(
@@ -979,6 +990,7 @@ class RelaySettings(_Settings):
     retry: RetrySettings = Field(default_factory=RetrySettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     outbound: OutboundSettings = Field(default_factory=OutboundSettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     spool: SpoolSettings = Field(default_factory=SpoolSettings)
     logging: LogSettings = Field(default_factory=LogSettings)
     shutdown_grace: float = 20.0

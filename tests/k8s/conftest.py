@@ -103,6 +103,7 @@ def live(kit: Kit, sink: Sink, kubeconfig: Path, tmp_path: Path) -> Iterator[Liv
             "spool": {"directory": str(tmp_path / "spool")},
             "retry": {"minBackoff": 1, "maxBackoff": 2, "maxLifetime": 60},
             "statsInterval": 1,
+            "tracking": {"machineClickWindow": 0},  # the tests click at once, as scanners do
             "trackingKeysFile": str(keys),
             "logging": {"level": "DEBUG"},
         },

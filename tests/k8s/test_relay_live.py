@@ -134,7 +134,10 @@ def get(live: Live, path: str) -> tuple[int, str | None]:
     """GET on the tracking port without following redirects: (status, Location)."""
     conn = http.client.HTTPConnection(ADDRESS, live.tracking_port, timeout=15)
     try:
-        conn.request("GET", path)
+        # A browser's user agent: a click without one is a machine's (not counted in clicks).
+        conn.request(
+            "GET", path, headers={"User-Agent": "Mozilla/5.0 (X11; Linux x86_64) txmail-tests"}
+        )
         response = conn.getresponse()
         response.read()
         return response.status, response.getheader("Location")

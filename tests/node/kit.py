@@ -354,7 +354,11 @@ class Cluster:
         """One GET through a portal to ``ip:port`` inside the node (no redirect followed)."""
         local = self.node.portal(ip, port)
         with socket.create_connection(("127.0.0.1", local), timeout=10) as s:
-            s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            # A browser's user agent: a click without one is a machine's (not counted).
+            agent = "User-Agent: Mozilla/5.0 (X11; Linux x86_64) txmail-tests\r\n"
+            s.sendall(
+                f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{agent}Connection: close\r\n\r\n".encode()
+            )
             data = b""
             while chunk := s.recv(65536):
                 data += chunk

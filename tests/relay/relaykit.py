@@ -136,6 +136,9 @@ def relay_settings(
         "limits": {"spoolMinFreeBytes": 0},
         "retry": {"minBackoff": 0.2, "maxBackoff": 1.0, "maxLifetime": 60.0},
         "outbound": {"concurrency": 8},
+        # Tests click within milliseconds of delivery, as a gateway's scanner would (the
+        # machine-click timing rule): off unless a test turns it on.
+        "tracking": {"machineClickWindow": 0},
         "configPollInterval": 0.1,
         "shutdownGrace": 5.0,
         "logging": {"level": "DEBUG"},
@@ -389,6 +392,9 @@ def template_doc(
     return doc
 
 
+BROWSER = "Mozilla/5.0 (X11; Linux x86_64) txmail-tests"
+
+
 @dataclass(frozen=True)
 class HttpReply:
     status: int
@@ -414,7 +420,8 @@ def http(
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        sent = dict(headers or {})
+        # A browser's user agent: a click without one is a machine's (tracking/machine.py).
+        sent = {"User-Agent": BROWSER, **(headers or {})}
         if data is not None:
             sent.setdefault("Content-Type", "application/json")
         conn.request(method, path, body=data, headers=sent)

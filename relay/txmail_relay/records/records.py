@@ -16,6 +16,7 @@ from pathlib import Path
 from txmail_relay.records.contacts import Contacts
 from txmail_relay.records.counters import Counters
 from txmail_relay.records.database import Database, RecordsFullError
+from txmail_relay.records.engagement import EngagementReads
 from txmail_relay.records.events import Events
 from txmail_relay.records.sends import Sends, drop_unspooled
 from txmail_relay.records.suppressions import Suppressions
@@ -32,6 +33,7 @@ class Records:
         self.sends = Sends(self._db, clock)
         self.events = Events(self._db, clock)
         self.contacts = Contacts(self._db)
+        self.engagement = EngagementReads(self._db)  # tracking's machine rules
         self.suppressions = Suppressions(self._db)
         self.counters = Counters(self._db)
         self.warmup = WarmupCounts(self._db)

@@ -4,6 +4,13 @@ A GET only records an event (link scanners prefetch). The pixel is served whatev
 token, so probing learns nothing; a click with a bad, tampered or unknown-key token gets a
 fixed 400 page, never a redirect. Events are written to the store off the event loop.
 
+Machine hits (:mod:`.machine`: scanners, prefetching proxies, HEAD, a click right after
+delivery, a burst of links) get the same answer as anyone's and are recorded as machine
+engagement. The answer never waits for the verdict: the verdict and the write happen after
+it. A click that looks like a person's is recorded :attr:`Policy.burst_window` after it
+arrived, once the other clicks of its message in that window are known (the first click of
+a scanner's burst is a machine's too); a stopping relay records what is pending at once.
+
 The key file (``trackingKeysFile``, in Kubernetes the mounted tracking Secret) is read at
 start and again whenever it changes (:class:`KeyFile`), so a rotation needs no restart.
 """
@@ -11,8 +18,13 @@ start and again whenever it changes (:class:`KeyFile`), so a rotation needs no r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from pathlib import Path
+from typing import Final
 
 from aiohttp import web
 
@@ -20,10 +32,12 @@ from txmail_relay.metrics import RelayMetrics
 from txmail_relay.records.database import background
 from txmail_relay.records.model import Kind
 from txmail_relay.records.records import Records
+from txmail_relay.tracking.machine import Hit, HitKind, Policy, Verdict, classify
 from txmail_relay.tracking.tokens import (
     CLICK_HEADERS,
     PIXEL_HEADERS,
     TRANSPARENT_GIF,
+    Click,
     TrackingKeys,
 )
 
@@ -37,6 +51,9 @@ BAD_LINK_HEADERS = {
     "Cache-Control": "no-store",
     "Content-Security-Policy": "default-src 'none'",
 }
+MAX_USER_AGENT: Final = 512  # characters of a user agent kept in an event
+MAX_MESSAGES: Final = 10_000  # messages whose recent clicks are remembered (burst rule)
+MAX_WAITING: Final = 10_000  # clicks waiting for their burst window; past it: decided at once
 
 
 def load_keys(path: Path) -> TrackingKeys:
@@ -114,15 +131,60 @@ class KeyFile:
             await asyncio.to_thread(self.refresh)
 
 
+class RecentClicks:
+    """The last clicks of each message (time, link index), for the burst rule; bounded both
+    in messages (the least recently clicked are forgotten) and in time."""
+
+    def __init__(self, keep: float, max_messages: int = MAX_MESSAGES) -> None:
+        self._keep = keep
+        self._max = max_messages
+        self._clicks: OrderedDict[bytes, deque[tuple[float, int]]] = OrderedDict()
+
+    def add(self, event_id: bytes, at: float, link: int) -> None:
+        clicks = self._clicks.pop(event_id, None) or deque(maxlen=64)
+        while clicks and clicks[0][0] < at - self._keep:
+            clicks.popleft()
+        clicks.append((at, link))
+        self._clicks[event_id] = clicks
+        while len(self._clicks) > self._max:
+            self._clicks.popitem(last=False)
+
+    def around(self, event_id: bytes, at: float, link: int) -> list[tuple[float, int]]:
+        """The message's other clicks within ``keep`` of ``at`` (itself left out once)."""
+        found = [c for c in self._clicks.get(event_id, ()) if abs(c[0] - at) <= self._keep]
+        if (at, link) in found:
+            found.remove((at, link))
+        return found
+
+
+def _user_agent(request: web.Request) -> str | None:
+    value = request.headers.get("User-Agent")
+    return value[:MAX_USER_AGENT] if value is not None else None
+
+
 class TrackingEndpoints:
-    def __init__(self, keys: KeyFile, records: Records, metrics: RelayMetrics) -> None:
+    def __init__(
+        self,
+        keys: KeyFile,
+        records: Records,
+        metrics: RelayMetrics,
+        *,
+        policy: Policy | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._keys = keys
         self._records = records
         self._metrics = metrics
+        self._policy = policy or Policy()
+        self._clock = clock
+        self._recent = RecentClicks(2 * self._policy.burst_window)
+        self._waiting: set[asyncio.Task[None]] = set()
+        self._closing = asyncio.Event()
 
     def install(self, app: web.Application) -> None:
-        app.router.add_get("/o/{token}", self.pixel)
+        app.router.add_get("/o/{token}", self.pixel)  # HEAD too (aiohttp's allow_head)
         app.router.add_get("/c/{token}", self.click)
+        app.on_cleanup.append(self._flush)
 
     async def pixel(self, request: web.Request) -> web.Response:
         token = request.match_info["token"]
@@ -134,7 +196,9 @@ class TrackingEndpoints:
             self._metrics.tracking_requests.labels("open", "invalid").inc()
         else:
             self._metrics.tracking_requests.labels("open", "valid").inc()
-            background(self._records.events.engagement(event_id, Kind.OPENED))
+            agent = _user_agent(request)
+            verdict = classify(Hit(HitKind.OPEN, request.method, agent, self._clock()))
+            self._record(event_id, Kind.OPENED, verdict, None, agent)
         return web.Response(body=TRANSPARENT_GIF, headers=dict(PIXEL_HEADERS))
 
     async def click(self, request: web.Request) -> web.Response:
@@ -149,5 +213,54 @@ class TrackingEndpoints:
                 headers=BAD_LINK_HEADERS,
             )
         self._metrics.tracking_requests.labels("click", "valid").inc()
-        background(self._records.events.engagement(found.event_id, Kind.CLICKED))
+        at = self._clock()
+        self._recent.add(found.event_id, at, found.link_index)
+        task = asyncio.ensure_future(self._judge(found, request.method, _user_agent(request), at))
+        self._waiting.add(task)
+        task.add_done_callback(self._waiting.discard)
         return web.Response(status=302, headers={**CLICK_HEADERS, "Location": found.url})
+
+    def _record(
+        self, event_id: bytes, kind: Kind, verdict: Verdict, url: str | None, agent: str | None
+    ) -> None:
+        if verdict.machine:
+            log.debug("machine %s: %s", kind.value, verdict.reason)
+        background(
+            self._records.events.engagement(
+                event_id, kind, machine=verdict.machine, url=url, user_agent=agent
+            )
+        )
+
+    async def _judge(self, click: Click, method: str, agent: str | None, at: float) -> None:
+        """Decide on one click (after its burst window unless a machine's already) and
+        record it; never raises (a failure is logged and the click recorded as a person's)."""
+        policy = self._policy
+        verdict: Verdict | None = None
+        try:
+            delivered = None
+            if policy.click_window > 0:
+                delivered = await self._records.engagement.delivered_at(click.event_id)
+            hit = Hit(HitKind.CLICK, method, agent, at, delivered, click.link_index)
+            verdict = classify(hit, policy)
+            if not verdict.machine and policy.burst_links >= 2:
+                if len(self._waiting) <= MAX_WAITING and not self._closing.is_set():
+                    remaining = at + policy.burst_window - self._clock()
+                    if remaining > 0:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._closing.wait(), remaining)
+                nearby = self._recent.around(click.event_id, at, click.link_index)
+                verdict = classify(
+                    Hit(HitKind.CLICK, method, agent, at, delivered, click.link_index, nearby),
+                    policy,
+                )
+        except Exception:
+            log.exception("classifying a click failed; recorded as a person's")
+        finally:
+            # Recorded even if cancelled: the redirect was answered, the click happened.
+            self._record(click.event_id, Kind.CLICKED, verdict or Verdict(False), click.url, agent)
+
+    async def _flush(self, _app: web.Application | None = None) -> None:
+        """Record the clicks waiting for their burst window now (the relay is stopping)."""
+        self._closing.set()
+        if self._waiting:
+            await asyncio.wait(set(self._waiting))
