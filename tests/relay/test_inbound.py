@@ -26,11 +26,15 @@ from relay.relaykit import (
     RETURN_PATH_DOMAIN,
     RelayEnv,
     RelayThread,
+    bearer,
+    http,
     parsed,
     return_path_overrides,
+    template_doc,
     verp,
     wait_for,
 )
+from txmail_relay.http.api import SEND_PATH, STATUS_PATH
 from txmail_relay.mail.return_path import ReturnPath, envelope_sender
 from txmail_relay.records.model import Event, EventType
 
@@ -38,6 +42,7 @@ CORPUS = Path(__file__).parent / "corpus"
 COMPLAINTS = "fbl@relay.test"
 SENDER = "app@example.com"
 MAX_SIZE = 64_000
+EMAIL_ID = 21
 T = TypeVar("T")
 
 
@@ -45,11 +50,13 @@ T = TypeVar("T")
 def relay(env: RelayEnv) -> RelayThread:
     overrides = return_path_overrides()
     overrides["relay"]["feedback"] = {"complaintsAddress": COMPLAINTS}
+    overrides["relay"]["suppression"] = {"bounces": True}  # hard bounces are enforced
     overrides.update(
         {
             "statsFile": "stats.json",
             "statsInterval": 0.1,
             "limits": {"maxMessageSize": MAX_SIZE, "spoolMinFreeBytes": 0},
+            "templates": [template_doc(EMAIL_ID)],
         }
     )
     return env.start(env.settings(overrides=overrides))
@@ -236,6 +243,46 @@ def test_hard_dsn_is_recorded_against_its_message_and_recipient(
         relay.metric("txmail_relay_inbound_messages_total", {"kind": "dsn", "result": "recorded"})
         == 1
     )
+
+
+def test_api_send_bounced_later_shows_it_in_its_send_status_and_is_suppressed(
+    env: RelayEnv, relay: RelayThread
+) -> None:
+    def send(expected: int = 200) -> Any:
+        doc = {
+            "emailId": EMAIL_ID,
+            "message": {"to": "gone@dest.test"},
+            "contactProperties": {"firstname": "Ada"},
+            "customProperties": {"order_id": "42"},
+        }
+        reply = http(relay.api_port, "POST", SEND_PATH, body=doc, headers=bearer(env.password))
+        assert reply.status == expected, reply.body
+        return reply.json()
+
+    def status(status_id: str) -> Any:
+        path = STATUS_PATH.format(statusId=status_id)
+        return http(relay.api_port, "GET", path, headers=bearer(env.password)).json()
+
+    first = send()
+    [captured] = env.sink.wait(1)
+    wait_for(lambda: status(first["statusId"])["sendResult"] == "SENT", what="SENT")
+    # What the far MTA has of the message: its envelope sender, the VERP address.
+    spool_id = ReturnPath(RETURN_PATH_DOMAIN).decode(captured.mail_from.strip("<>"))
+    assert spool_id is not None
+    dsn = corpus(
+        "dsn-hard-5.1.1.eml",
+        VERP=verp(spool_id),
+        RCPT="gone@dest.test",
+        MESSAGE_ID=parsed(captured)["Message-ID"],
+    )
+    assert inbound(relay, [verp(spool_id)], dsn) == (250, "2.6.0 Report recorded")
+    view = status(first["statusId"])
+    assert (view["status"], view["sendResult"]) == ("COMPLETE", "UNDELIVERABLE")
+    assert (view["bounce"]["bounceType"], view["bounce"]["status"]) == ("HARD", "5.1.1")
+    [event] = bounces(relay)
+    assert (event.status_id, event.email_id) == (first["statusId"], EMAIL_ID)
+    # The DedicatedIP enforces hard-bounce suppression: the next send is refused.
+    assert send(400)["sendResult"] == "PREVIOUSLY_BOUNCED"
 
 
 def test_delayed_dsn_is_a_soft_bounce(env: RelayEnv, relay: RelayThread) -> None:
