@@ -20,13 +20,13 @@ from prometheus_client import CollectorRegistry
 from txmail_relay.config.live import ConfigSource, LiveConfig
 from txmail_relay.contract import WarmupConfig
 from txmail_relay.delivery.dkim import DkimSigner
-from txmail_relay.delivery.dsn import DsnNotifier
 from txmail_relay.delivery.queue import DeliveryQueue
 from txmail_relay.delivery.shaping import Clock, Shaper
 from txmail_relay.delivery.transport import SmtpTransport, Transport
 from txmail_relay.delivery.warmup import WarmupGate
 from txmail_relay.http.api import SendApi, TokenAuth
 from txmail_relay.http.apps import make_api_app, make_metrics_app, make_tracking_app
+from txmail_relay.http.feedback import FeedbackApi
 from txmail_relay.http.guard import HttpGuard, HttpLimits
 from txmail_relay.ingress.auth import Authenticator, FailureLimiter
 from txmail_relay.ingress.complaints import ComplaintHandler
@@ -36,7 +36,6 @@ from txmail_relay.ingress.connections import (
     raise_open_file_limit,
     share_descriptors,
 )
-from txmail_relay.ingress.inbound import InboundHandler, InboundProtocol, LiveReturnPath
 from txmail_relay.ingress.smtp import SubmissionHandler, SubmissionProtocol
 from txmail_relay.ingress.tls import server_context, watch_certificate
 from txmail_relay.metrics import RelayMetrics
@@ -54,7 +53,6 @@ from txmail_relay.settings import Settings
 from txmail_relay.spool.segments import Spool, SpoolIO, SpoolLock
 from txmail_relay.templates.policy import Templates
 from txmail_relay.tracking.endpoints import KeyFile, TrackingEndpoints
-from txmail_relay.tracking.machine import Policy
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +118,6 @@ class Relay:
             listeners=[self.metrics, OutcomeRecorder(self.records), *listeners],
             warmup=self.warmup,
             sign=self.dkim.sign,
-            return_path=LiveReturnPath(self.store).envelope_sender,  # VERP when configured
-            # RFC 3464 DSNs to SMTP senders (RelayConfig.dsn), spooled like any message.
-            on_failed=DsnNotifier(self.store, self.spool).notify,
         )
         self.spool.subscribe(self.queue.enqueue)
         self.metrics.track_queue(self.queue.depth, self.queue.oldest_age)
@@ -135,15 +130,6 @@ class Relay:
             settings.limits,
             self.metrics,
             sends=self.sends,
-            complaints=self.complaints,
-            complaints_address=settings.complaints_address,
-        )
-        # The inbound listener: DSNs to the return path, ARF reports to the complaints address.
-        self.inbound = InboundHandler(
-            self.store,
-            settings.limits,
-            self.metrics,
-            bounce=self.records.events.bounce,
             complaints=self.complaints,
             complaints_address=settings.complaints_address,
         )
@@ -170,12 +156,11 @@ class Relay:
             max_recipients=settings.limits.max_recipients,
             warmup=self.warmup,
         )
-        self._tracking = TrackingEndpoints(
-            keys,
-            self.records,
-            self.metrics,
-            policy=Policy(click_window=settings.tracking.machine_click_window),
+        # The suppression list and the events pull endpoint, beside the send API.
+        self._feedback = FeedbackApi(
+            TokenAuth(self._checker, self._limiter, self.metrics), self.records, self.store
         )
+        self._tracking = TrackingEndpoints(keys, self.records, self.metrics)
         self._tls_context = tls_context
         self._servers: list[asyncio.base_events.Server] = []
         self._http_servers: list[asyncio.base_events.Server] = []
@@ -184,9 +169,6 @@ class Relay:
         self._no_sessions.set()
         limits = settings.limits
         self._smtp_gate = ConnectionGate(limits.max_connections, limits.max_connections_per_address)
-        self._inbound_gate = ConnectionGate(
-            limits.max_connections, limits.max_connections_per_address
-        )
         self._http_gates: dict[str, ConnectionGate] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.http: dict[str, web.AppRunner] = {}  # listener name -> its aiohttp runner
@@ -196,16 +178,6 @@ class Relay:
     def _warmup_config(self) -> WarmupConfig | None:
         config = self.store.current
         return config.relay.warmup if config is not None else None
-
-    async def _reclaim(self) -> None:
-        """Now and then, old segments held only by long-deferred mail are rewritten."""
-        spool = self.settings.spool
-        while True:
-            await asyncio.sleep(spool.reclaim_interval)
-            try:
-                await self.spool.reclaim(spool.reclaim_after)
-            except Exception:  # a bug here must not stop the relay; the segments just stay
-                log.exception("spool reclaim failed")
 
     def ready(self) -> bool:
         return self._serving and self.store.ready and self.spool.healthy
@@ -221,7 +193,6 @@ class Relay:
         for msg in recovered:
             self.queue.enqueue(msg)
         self.spool.start()
-        self._tasks.append(loop.create_task(self._reclaim(), name="spool-reclaim"))
         await self._start_http()
         source = loop.create_task(self._source.run(self.store), name="config")
         self._tasks.append(source)
@@ -267,12 +238,6 @@ class Relay:
             )
             self._servers.append(server)
             self.ports[name] = server.sockets[0].getsockname()[1]
-        if settings.listen.inbound is not None:
-            server = await loop.create_server(
-                partial(self._inbound_protocol, tls), settings.listen.host, settings.listen.inbound
-            )
-            self._servers.append(server)
-            self.ports["inbound"] = server.sockets[0].getsockname()[1]
         self._serving = True
         log.info("relay serving", extra={"ports": self.ports})
 
@@ -283,8 +248,6 @@ class Relay:
         caps: dict[str, int] = {}
         if listen.submission is not None or listen.submissions is not None:
             caps["smtp"] = limits.max_connections
-        if listen.inbound is not None:
-            caps["inbound"] = limits.max_connections
         for name in ("tracking", "api"):
             if getattr(listen, name) is not None:
                 caps[name] = limits.max_http_connections
@@ -295,7 +258,6 @@ class Relay:
             in_use=open_files(),
         )
         self._smtp_gate.limit = fitted.get("smtp", limits.max_connections)
-        self._inbound_gate.limit = fitted.get("inbound", limits.max_connections)
         per_address = limits.max_http_connections_per_address
         self._http_gates = {
             name: ConnectionGate(fitted[name], per_address)
@@ -316,7 +278,7 @@ class Relay:
                 listen.api,
                 partial(
                     make_api_app,
-                    [self._api.install],
+                    [self._api.install, self._feedback.install],
                     client_max_size=self.settings.limits.max_message_size,
                 ),
             ),
@@ -352,21 +314,6 @@ class Relay:
             tls_context=tls,
             implicit_tls=implicit,
             gate=self._smtp_gate,
-            on_open=self._opened,
-            on_close=self._closed,
-        )
-
-    def _inbound_protocol(self, tls: ssl.SSLContext) -> InboundProtocol:
-        config = self.store.current
-        return InboundProtocol(
-            self.inbound,
-            checker=self._checker,
-            limiter=self._limiter,
-            metrics=self.metrics,
-            limits=self.settings.limits,
-            hostname=config.relay.hostname if config is not None else "localhost",
-            tls_context=tls,
-            gate=self._inbound_gate,
             on_open=self._opened,
             on_close=self._closed,
         )

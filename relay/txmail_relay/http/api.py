@@ -52,7 +52,8 @@ def iso(ts: float | None) -> str | None:
 
 
 def status_view(status: SendStatus, send_result: SendResult | None = None) -> dict[str, Any]:
-    """HubSpot's ``EmailSendStatusView``."""
+    """HubSpot's ``EmailSendStatusView``, with ``bounce`` (txmail's) once a DSN reported the
+    recipient's mail undeliverable after it was handed on (``sendResult`` UNDELIVERABLE)."""
     view: dict[str, Any] = {
         "statusId": status.status_id,
         "status": status.status.value,
@@ -66,6 +67,14 @@ def status_view(status: SendStatus, send_result: SendResult | None = None) -> di
     ):
         if value is not None:
             view[key] = value
+    if status.bounce is not None:  # an asynchronous hard bounce (a DSN) after delivery
+        bounce = dict(status.bounce)
+        view["bounce"] = {
+            "bounceType": bounce.get("bounceType"),
+            "status": bounce.get("status"),
+            "reply": bounce.get("reply"),
+            "at": iso(bounce.get("at")),
+        }
     return view
 
 

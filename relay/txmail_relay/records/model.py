@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -102,7 +103,7 @@ class Event:
             id=self.id,
             seq=self.seq,
             type=self.type.value,
-            created=round(self.created * 1000),
+            created=math.floor(self.created * 1000),  # as the API filters it (ms, floor)
             createdAt=iso_time(self.created),
             namespace=self.namespace,
             token=self.token,
@@ -129,6 +130,7 @@ class SendStatus:
     requested_at: float
     started_at: float | None
     completed_at: float | None
+    bounce: Mapping[str, Any] | None = None  # an asynchronous hard bounce (bounceType, ...)
 
 
 @dataclass(frozen=True)
@@ -144,12 +146,16 @@ class SentCopy:
 
 @dataclass(frozen=True)
 class Recipient:
-    """What a tracking event id or a Message-ID leads back to."""
+    """What a tracking event id, a Message-ID or a DSN leads back to."""
 
     spool_id: str
     recipient: str
     username: str
     email_id: int
+    namespace: str = ""  # the sending SmtpToken ("" for mail recorded before issue 12)
+    token: str = ""
+    status_id: str | None = None
+    message_id: str | None = None
 
 
 @dataclass(frozen=True)
