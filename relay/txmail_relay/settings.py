@@ -32,6 +32,7 @@ from txmail_relay.contract import (
     RetrySettings,
     SpoolSettings,
     TLSSettings,
+    WebhookSettings,
 )
 from txmail_relay.contract import RelaySettings as Settings
 
@@ -47,6 +48,7 @@ __all__ = [
     "SettingsError",
     "SpoolSettings",
     "TLSSettings",
+    "WebhookSettings",
     "describe_json",
     "describe_os",
     "describe_validation",
