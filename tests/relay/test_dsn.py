@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import email
 from collections.abc import Iterator
-from email.message import EmailMessage
+from email.message import EmailMessage, Message
 from email.policy import default
 from pathlib import Path
 from typing import Any
@@ -120,7 +120,11 @@ def status_blocks(report: EmailMessage) -> list[dict[str, str]]:
     assert status.get_content_type() == "message/delivery-status"
     payload = status.get_payload()
     assert isinstance(payload, list)
-    return [{k: str(v) for k, v in block.items()} for block in payload]
+    blocks = []
+    for block in payload:
+        assert isinstance(block, Message)
+        blocks.append({k: str(v) for k, v in block.items()})
+    return blocks
 
 
 def submit(

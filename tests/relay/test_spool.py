@@ -4,21 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
+import os
+import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from txmail_relay.mail.dsn import DsnEnvelope, RecipientParams
 from txmail_relay.metrics import RelayMetrics
 from txmail_relay.outcomes import Outcome
 from txmail_relay.spool.segments import (
     HEADER,
+    KIND_DONE,
+    KIND_MESSAGE,
+    META_LEN,
     OsSpoolIO,
     Spool,
     SpooledMessage,
     SpoolError,
     SpoolFullError,
+    _parse,
+    _record,
 )
 
 
@@ -322,3 +331,136 @@ async def test_a_failing_subscriber_does_not_stop_the_writer(open_spool: SpoolFa
         second = await spool.append("a@example.com", ["x@d.test"], "app1", b"two")
     assert heard == [first.id, second.id]
     assert spool.healthy
+
+
+# -- deferral state, DSN parameters and reclaim (issue 12) -------------------------------------
+
+
+def _records(path: Path) -> list[tuple[int, dict[str, object]]]:
+    """(kind, metadata) of every valid record of one segment file."""
+    data, pos, found = path.read_bytes(), 0, []
+    while (parsed := _parse(data, pos)) is not None:
+        kind, meta, _, pos = parsed
+        found.append((kind, meta))
+    return found
+
+
+async def test_deferral_state_survives_a_restart_and_the_latest_wins(
+    open_spool: SpoolFactory,
+) -> None:
+    first = open_spool()
+    await started(first)
+    msg = await first.append("a@example.com", ["x@d.test"], "app1", b"b")
+    other = await first.append("a@example.com", ["y@d.test"], "app1", b"c")
+    msg.attempts = 1
+    assert await first.defer(msg, 1000.0)
+    msg.attempts = 2
+    assert await first.defer(msg, 2000.0)
+    # No close(): as after a crash.
+    second = open_spool()
+    recovered = {m.id: m for m in await started(second)}
+    assert (recovered[msg.id].attempts, recovered[msg.id].next_attempt) == (2, 2000.0)
+    assert (recovered[other.id].attempts, recovered[other.id].next_attempt) == (0, 0.0)
+
+
+async def test_dsn_parameters_are_spooled_and_old_records_read_as_before(
+    open_spool: SpoolFactory, tmp_path: Path
+) -> None:
+    dsn = DsnEnvelope(
+        "HDRS", "env 1", (RecipientParams(frozenset({"FAILURE"}), "rfc822;X@d.test"),)
+    )
+    first = open_spool()
+    await started(first)
+    msg = await first.append("a@example.com", ["x@d.test"], "app1", b"b", dsn=dsn)
+    await first.close()
+    # A segment as a relay before issue 12 wrote it: no dsn, attempts or next keys.
+    meta = json.dumps(
+        {
+            "id": "0123456789abcdef",
+            "from": "a@example.com",
+            "rcpt": ["z@d.test"],
+            "user": "app1",
+            "at": 1.0,
+            "final": {},
+        }
+    ).encode()
+    old = _record(KIND_MESSAGE, META_LEN.pack(len(meta)) + meta + b"old body")
+    (tmp_path / "spool" / "seg-000000000099.log").write_bytes(old)
+    second = open_spool()
+    recovered = {m.id: m for m in await started(second)}
+    assert recovered[msg.id].dsn == dsn
+    legacy = recovered["0123456789abcdef"]
+    assert (legacy.dsn, legacy.attempts, legacy.next_attempt) == (None, 0, 0.0)
+    assert await second.read_body(legacy) == b"old body"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_segment_held_by_long_deferred_mail_is_reclaimed(
+    open_spool: SpoolFactory, tmp_path: Path
+) -> None:
+    clock = Clock()
+    spool = open_spool(segment_bytes=1, clock=clock)  # every commit starts a new segment
+    await started(spool)
+    dsn = DsnEnvelope(None, "e", (RecipientParams(), RecipientParams(frozenset({"NEVER"}))))
+    held = await spool.append("a@example.com", ["x@d.test", "y@d.test"], "app1", b"held", dsn=dsn)
+    await spool.record(held, {0: Outcome.DELIVERED})
+    held.attempts = 7
+    await spool.defer(held, clock.now + 3000)
+    old = tmp_path / "spool" / f"seg-{held.segment:012d}.log"
+    clock.now += 60
+    fresh = await spool.append("a@example.com", ["z@d.test"], "app1", b"fresh")
+    assert await spool.reclaim(older_than=600) == 0  # not deferred long enough yet
+    clock.now += 600
+    assert await spool.reclaim(older_than=600) == 1
+    await _until(lambda: not old.exists(), "the old segment deleted")
+    assert held.segment > fresh.segment  # in the current segment now
+    assert await spool.read_body(held) == b"held"
+    await spool.record(held, {1: Outcome.BOUNCED})  # crossed off in its new segment
+    again = open_spool()
+    [left] = await started(again)
+    assert left.id == fresh.id  # the moved message is finished, the new one is not
+
+
+async def test_recovery_after_a_crash_between_the_copy_and_the_delete(
+    open_spool: SpoolFactory, tmp_path: Path
+) -> None:
+    """The message is then in both segments: recovery keeps one (the newest copy, with its
+    attempts), counts the DONE records of both, and drops the old segment."""
+    clock = Clock()
+    spool = open_spool(segment_bytes=1, clock=clock)
+    await started(spool)
+    held = await spool.append("a@example.com", ["x@d.test", "y@d.test", "z@d.test"], "app1", b"h")
+    await spool.record(held, {0: Outcome.DELIVERED})  # in the old segment only
+    old = tmp_path / "spool" / f"seg-{held.segment:012d}.log"
+    kept = tmp_path / "old-segment"
+    os.link(old, kept)  # the old segment as the crash leaves it (same inode: every append)
+    clock.now += 60
+    await spool.append("a@example.com", ["w@d.test"], "app1", b"new")
+    held.attempts = 3
+    clock.now += 600
+    assert await spool.reclaim(older_than=600) == 1
+    await spool.record(held, {1: Outcome.DELIVERED})  # in the new segment only
+    await _until(lambda: not old.exists(), "the old segment deleted")
+    await spool.close()
+    crashed = tmp_path / "crashed"
+    shutil.copytree(tmp_path / "spool", crashed / "spool", ignore=shutil.ignore_patterns("lock"))
+    shutil.copyfile(kept, crashed / "spool" / old.name)
+    assert [k for k, _ in _records(crashed / "spool" / old.name)] == [KIND_MESSAGE, KIND_DONE]
+    image = Spool(crashed / "spool")
+    recovered = image.recover()
+    try:
+        mine = [m for m in recovered if m.id == held.id]
+        assert len(mine) == 1
+        assert mine[0].pending() == [2]
+        assert mine[0].attempts == 3
+        assert not (crashed / "spool" / old.name).exists()  # nothing of it is needed
+    finally:
+        image.start()
+        await image.close()

@@ -587,6 +587,8 @@ class Spool:
         msg.next_attempt = next_attempt
         if msg.segment not in self._segments or self._closing:
             return False
+        if not self.has_room(HEADER.size + 64):  # short of room: not worth a failed commit
+            return False
         write = _Write(_state_record(msg, msg.attempts, next_attempt), self._future(), msg.segment)
         try:
             await self._submit(write)
@@ -608,16 +610,18 @@ class Spool:
         self._reclaiming = True
         try:
             now = self._clock()
+            old = [  # chosen first: a copy may start a new current segment
+                seg
+                for seg in sorted(self._segments.values(), key=lambda s: s.id)
+                if seg.id != self._current
+                and seg not in self._retire
+                and seg.messages
+                and all(now - m.received_at >= older_than for m in seg.messages.values())
+            ]
             moved = 0
-            for seg in sorted(self._segments.values(), key=lambda s: s.id):
-                if (
-                    seg.id == self._current
-                    or seg in self._retire
-                    or not seg.messages
-                    or any(now - m.received_at < older_than for m in seg.messages.values())
-                ):
-                    continue
-                moved += await self._move(seg)
+            for seg in old:
+                if self._segments.get(seg.id) is seg and seg.messages:
+                    moved += await self._move(seg)
             return moved
         finally:
             self._reclaiming = False
