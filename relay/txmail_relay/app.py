@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from txmail_relay.config.live import ConfigSource, LiveConfig
 from txmail_relay.contract import WarmupConfig
 from txmail_relay.delivery.dkim import DkimSigner
+from txmail_relay.delivery.dsn import DsnNotifier
 from txmail_relay.delivery.queue import DeliveryQueue
 from txmail_relay.delivery.shaping import Clock, Shaper
 from txmail_relay.delivery.transport import SmtpTransport, Transport
@@ -36,6 +37,7 @@ from txmail_relay.ingress.connections import (
     raise_open_file_limit,
     share_descriptors,
 )
+from txmail_relay.ingress.inbound import InboundHandler, InboundProtocol, LiveReturnPath
 from txmail_relay.ingress.smtp import SubmissionHandler, SubmissionProtocol
 from txmail_relay.ingress.tls import server_context, watch_certificate
 from txmail_relay.metrics import RelayMetrics
@@ -53,6 +55,8 @@ from txmail_relay.settings import Settings
 from txmail_relay.spool.segments import Spool, SpoolIO, SpoolLock
 from txmail_relay.templates.policy import Templates
 from txmail_relay.tracking.endpoints import KeyFile, TrackingEndpoints
+from txmail_relay.tracking.machine import Policy
+from txmail_relay.webhooks.manager import WebhookManager
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,7 @@ class Relay:
         clock: Callable[[], float] = time.time,
         warmup_check_interval: float = 30.0,
         shaping_clock: Clock | None = None,
+        webhook_clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.registry = registry or CollectorRegistry()
@@ -110,14 +115,23 @@ class Relay:
         self.metrics.track_warmup(
             self.warmup.budget_metric, self.warmup.sent_metric, self.warmup.deferred_metric
         )
+        # Webhook deliveries; ``webhook_clock`` (wall seconds: backoff, the retry period) is
+        # the tests' to move past a day.
+        self.webhooks = WebhookManager(
+            self.records, self.store, settings.webhooks, self.metrics, clock=webhook_clock
+        )
         self.queue = DeliveryQueue(
             self.spool,
             self.transport,
             settings.retry,
             concurrency=settings.outbound.concurrency,
-            listeners=[self.metrics, OutcomeRecorder(self.records), *listeners],
+            # The webhooks after the recorder: the event is written before they look for it.
+            listeners=[self.metrics, OutcomeRecorder(self.records), self.webhooks, *listeners],
             warmup=self.warmup,
             sign=self.dkim.sign,
+            return_path=LiveReturnPath(self.store).envelope_sender,  # VERP when configured
+            # RFC 3464 DSNs to SMTP senders (RelayConfig.dsn), spooled like any message.
+            on_failed=DsnNotifier(self.store, self.spool).notify,
         )
         self.spool.subscribe(self.queue.enqueue)
         self.metrics.track_queue(self.queue.depth, self.queue.oldest_age)
@@ -130,6 +144,15 @@ class Relay:
             settings.limits,
             self.metrics,
             sends=self.sends,
+            complaints=self.complaints,
+            complaints_address=settings.complaints_address,
+        )
+        # The inbound listener: DSNs to the return path, ARF reports to the complaints address.
+        self.inbound = InboundHandler(
+            self.store,
+            settings.limits,
+            self.metrics,
+            bounce=self.records.events.bounce,
             complaints=self.complaints,
             complaints_address=settings.complaints_address,
         )
@@ -146,6 +169,7 @@ class Relay:
             settings.stats_interval,
             warmup=self.warmup.snapshot,
             destinations=self.shaper.paused,
+            webhooks=self.webhooks.stats,
         )
         self.stats.register(self.registry)
         self._api = SendApi(
@@ -160,7 +184,12 @@ class Relay:
         self._feedback = FeedbackApi(
             TokenAuth(self._checker, self._limiter, self.metrics), self.records, self.store
         )
-        self._tracking = TrackingEndpoints(keys, self.records, self.metrics)
+        self._tracking = TrackingEndpoints(
+            keys,
+            self.records,
+            self.metrics,
+            policy=Policy(click_window=settings.tracking.machine_click_window),
+        )
         self._tls_context = tls_context
         self._servers: list[asyncio.base_events.Server] = []
         self._http_servers: list[asyncio.base_events.Server] = []
@@ -169,6 +198,9 @@ class Relay:
         self._no_sessions.set()
         limits = settings.limits
         self._smtp_gate = ConnectionGate(limits.max_connections, limits.max_connections_per_address)
+        self._inbound_gate = ConnectionGate(
+            limits.max_connections, limits.max_connections_per_address
+        )
         self._http_gates: dict[str, ConnectionGate] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.http: dict[str, web.AppRunner] = {}  # listener name -> its aiohttp runner
@@ -178,6 +210,16 @@ class Relay:
     def _warmup_config(self) -> WarmupConfig | None:
         config = self.store.current
         return config.relay.warmup if config is not None else None
+
+    async def _reclaim(self) -> None:
+        """Now and then, old segments held only by long-deferred mail are rewritten."""
+        spool = self.settings.spool
+        while True:
+            await asyncio.sleep(spool.reclaim_interval)
+            try:
+                await self.spool.reclaim(spool.reclaim_after)
+            except Exception:  # a bug here must not stop the relay; the segments just stay
+                log.exception("spool reclaim failed")
 
     def ready(self) -> bool:
         return self._serving and self.store.ready and self.spool.healthy
@@ -193,6 +235,7 @@ class Relay:
         for msg in recovered:
             self.queue.enqueue(msg)
         self.spool.start()
+        self._tasks.append(loop.create_task(self._reclaim(), name="spool-reclaim"))
         await self._start_http()
         source = loop.create_task(self._source.run(self.store), name="config")
         self._tasks.append(source)
@@ -220,6 +263,8 @@ class Relay:
         # Today's count and what it already counted of the recovered mail, before that mail
         # is admitted.
         await self.warmup.load([msg.id for msg in recovered])
+        await self.webhooks.start()  # subscriptions known before any new event is written
+        self._tasks.append(loop.create_task(self.webhooks.run(), name="webhooks"))
         self.queue.start()
         self._tasks.append(loop.create_task(self.warmup.run(), name="warmup"))
         self._tasks.append(loop.create_task(self.stats.run(), name="stats"))
@@ -238,6 +283,12 @@ class Relay:
             )
             self._servers.append(server)
             self.ports[name] = server.sockets[0].getsockname()[1]
+        if settings.listen.inbound is not None:
+            server = await loop.create_server(
+                partial(self._inbound_protocol, tls), settings.listen.host, settings.listen.inbound
+            )
+            self._servers.append(server)
+            self.ports["inbound"] = server.sockets[0].getsockname()[1]
         self._serving = True
         log.info("relay serving", extra={"ports": self.ports})
 
@@ -248,6 +299,8 @@ class Relay:
         caps: dict[str, int] = {}
         if listen.submission is not None or listen.submissions is not None:
             caps["smtp"] = limits.max_connections
+        if listen.inbound is not None:
+            caps["inbound"] = limits.max_connections
         for name in ("tracking", "api"):
             if getattr(listen, name) is not None:
                 caps[name] = limits.max_http_connections
@@ -258,6 +311,7 @@ class Relay:
             in_use=open_files(),
         )
         self._smtp_gate.limit = fitted.get("smtp", limits.max_connections)
+        self._inbound_gate.limit = fitted.get("inbound", limits.max_connections)
         per_address = limits.max_http_connections_per_address
         self._http_gates = {
             name: ConnectionGate(fitted[name], per_address)
@@ -318,6 +372,21 @@ class Relay:
             on_close=self._closed,
         )
 
+    def _inbound_protocol(self, tls: ssl.SSLContext) -> InboundProtocol:
+        config = self.store.current
+        return InboundProtocol(
+            self.inbound,
+            checker=self._checker,
+            limiter=self._limiter,
+            metrics=self.metrics,
+            limits=self.settings.limits,
+            hostname=config.relay.hostname if config is not None else "localhost",
+            tls_context=tls,
+            gate=self._inbound_gate,
+            on_open=self._opened,
+            on_close=self._closed,
+        )
+
     def _opened(self, session: SubmissionProtocol) -> None:
         """Every accepted SMTP connection, refused ones and TLS handshakes included."""
         self._sessions.add(session)
@@ -357,6 +426,7 @@ class Relay:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.webhooks.stop()
         for server in self._http_servers:
             server.close()
         for runner in self.http.values():

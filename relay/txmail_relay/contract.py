@@ -700,6 +700,7 @@ class SendResult(StrEnum):
     TOO_MANY_RECIPIENTS = "TOO_MANY_RECIPIENTS"
     PREVIOUS_SPAM = "PREVIOUS_SPAM"
     PREVIOUSLY_BOUNCED = "PREVIOUSLY_BOUNCED"
+    BLOCKED_ADDRESS = "BLOCKED_ADDRESS"  # suppressed by hand (a MANUAL entry)
 
 
 class Sender(_Doc):
@@ -747,9 +748,23 @@ class TokenStats(_Doc):
 
     sent: int = 0
     delivered: int = 0
-    bounced: int = 0
+    bounced: int = Field(
+        default=0, description="Hard bounces: a 5xx, a hard DSN, the queue lifetime reached."
+    )
+    soft_bounces: int = Field(
+        default=0, alias="softBounces", description="Asynchronous DSNs that were not hard."
+    )
     opens: int = 0
     clicks: int = 0
+    machine_opens: int = Field(
+        default=0,
+        alias="machineOpens",
+        description="Opens by a machine (a scanner, a prefetching proxy): not in opens.",
+    )
+    machine_clicks: int = Field(
+        default=0, alias="machineClicks", description="Clicks by a machine: not in clicks."
+    )
+    dropped: int = Field(default=0, description="Sends refused before spooling (suppressed).")
     unique_opens: int = Field(default=0, alias="uniqueOpens")
     unique_clicks: int = Field(default=0, alias="uniqueClicks")
     complaints: int = 0

@@ -99,6 +99,12 @@ class RelayMetrics:
             ["kind", "result"],
             registry=registry,
         )
+        self.tracking_machine = Counter(
+            f"{PREFIX}tracking_machine",
+            "Valid opens and clicks judged a machine's (tracking/machine.py), by kind and rule",
+            ["kind", "rule"],
+            registry=registry,
+        )
         self.dkim_signatures = Counter(
             f"{PREFIX}dkim_signatures",
             "DKIM signatures at delivery, by From domain and result (signed, already_signed: "
@@ -176,6 +182,45 @@ class RelayMetrics:
             ["destination"],
             registry=registry,
         )
+
+        # Webhook deliveries (webhooks/): per request and per event, no per-token labels
+        # (a subscription's own figures are in the stats: SmtpToken status.webhooks).
+        self.webhook_requests = Counter(
+            f"{PREFIX}webhook_requests",
+            "Webhook requests, by result (2xx, 3xx: not followed, 4xx, 5xx, timeout, "
+            "connection, key: the signing key is unusable)",
+            ["result"],
+            registry=registry,
+        )
+        self.webhook_events = Counter(
+            f"{PREFIX}webhook_events",
+            "Events given to webhook receivers (delivered) or given up on (dropped)",
+            ["result"],
+            registry=registry,
+        )
+        self.webhook_latency = Histogram(
+            f"{PREFIX}webhook_request_seconds",
+            "Duration of one webhook request",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry,
+        )
+        self.webhook_subscriptions = Gauge(
+            f"{PREFIX}webhook_subscriptions", "Webhook subscriptions configured", registry=registry
+        )
+        self.webhook_failing = Gauge(
+            f"{PREFIX}webhook_failing", "Webhook subscriptions Failing now", registry=registry
+        )
+        self.webhook_backlog = Gauge(
+            f"{PREFIX}webhook_backlog",
+            "Events waiting for webhook delivery, all subscriptions (at the last stats refresh)",
+            registry=registry,
+        )
+
+    def track_webhooks(
+        self, subscriptions: Callable[[], float], failing: Callable[[], float]
+    ) -> None:
+        self.webhook_subscriptions.set_function(subscriptions)
+        self.webhook_failing.set_function(failing)
 
     def track_warmup(
         self,

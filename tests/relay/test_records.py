@@ -14,9 +14,9 @@ import pytest
 
 from txmail_relay.contract import SendState
 from txmail_relay.outcomes import Outcome
-from txmail_relay.records.model import Kind, Recipient, SentCopy, Suppression
+from txmail_relay.records.model import EventType, Kind, Recipient, SentCopy, Suppression
 from txmail_relay.records.records import Records
-from txmail_relay.records.schema import VERSION, SchemaError
+from txmail_relay.records.schema import MIGRATIONS, VERSION, SchemaError
 
 # The schema as the relay wrote it before the suppressions table (commit 576fbf0), and the
 # suppressions table added later (736f49a), both before schema versions: user_version 0.
@@ -187,7 +187,7 @@ async def test_opens_and_clicks_count_once_per_recipient_as_unique(tmp_path: Pat
         await records.sends.record("u", 4, [SentCopy("m1", "a@x", "<m@x>", b"e1")])
         for _ in range(2):
             found = await records.events.engagement(b"e1", Kind.OPENED)
-            assert found == Recipient("m1", "a@x", "u", 4)
+            assert found == Recipient("m1", "a@x", "u", 4, message_id="<m@x>")
         await records.events.engagement(b"e1", Kind.CLICKED)
         assert await records.events.engagement(b"unknown", Kind.CLICKED) is None
         counts = (await records.counters.totals()).counts["u"]
@@ -218,24 +218,26 @@ async def test_contacts_merge_properties_and_page_by_address(tmp_path: Path) -> 
 async def test_bounces_and_complaints_suppress_their_recipients(tmp_path: Path) -> None:
     async with opened(tmp_path) as records:
         copies = [SentCopy("s1", "Ada@Dest.test", "<m1@x>"), SentCopy("s1", "bob@dest.test")]
-        await records.sends.record("app1", 0, copies, contacts={})
+        await records.sends.record("app1", 0, copies, contacts={}, namespace="ns1", token="t1")
         await records.events.outcome("s1", "app1", "bob@dest.test", Outcome.BOUNCED, 1.0)
         await records.events.outcome("s1", "app1", "Ada@Dest.test", Outcome.DEFERRED, 1.0)
         suppressions = records.suppressions
-        assert await suppressions.find(["BOB@dest.test"], [Suppression.HARD_BOUNCE]) == {
+        assert await suppressions.find("ns1", ["BOB@dest.test"], [Suppression.HARD_BOUNCE]) == {
             "BOB@dest.test": Suppression.HARD_BOUNCE
         }
-        assert await suppressions.find(["ada@dest.test"], list(Suppression)) == {}
+        # Only in the sending token's namespace.
+        assert await suppressions.find("ns2", ["BOB@dest.test"], list(Suppression)) == {}
+        assert await suppressions.find("ns1", ["ada@dest.test"], list(Suppression)) == {}
         ada = await records.events.find_message("<m1@x>", ["ada@dest.test"])
-        assert ada == Recipient("s1", "Ada@Dest.test", "app1", 0)
+        assert ada == Recipient("s1", "Ada@Dest.test", "app1", 0, "ns1", "t1", message_id="<m1@x>")
         assert await records.events.complaint(ada)
         assert not await records.events.complaint(ada)  # once per message and recipient
-        both = await suppressions.find(["ada@dest.test", "bob@dest.test"], list(Suppression))
+        both = await suppressions.find("ns1", ["ada@dest.test", "bob@dest.test"], list(Suppression))
         assert both == {
             "ada@dest.test": Suppression.SPAM_REPORT,
             "bob@dest.test": Suppression.HARD_BOUNCE,
         }
-        assert await suppressions.find(["ada@dest.test"], []) == {}
+        assert await suppressions.find("ns1", ["ada@dest.test"], []) == {}
         [contact, _] = await records.contacts.page("app1")
         assert contact.address == "ada@dest.test" and contact.unsubscribed
         counts = (await records.counters.totals()).counts["app1"]
@@ -266,7 +268,7 @@ async def test_an_unversioned_database_migrates_in_place(tmp_path: Path, script:
         _, fresh = await records.sends.reserve("app1", "order-1", 7, "ada@dest.test")
         assert not fresh  # the sendId is still known
         # Complaints recorded before the suppressions table are suppressions now.
-        assert await records.suppressions.find(["ADA@dest.test"], list(Suppression)) == {
+        assert await records.suppressions.find("ns1", ["ADA@dest.test"], list(Suppression)) == {
             "ADA@dest.test": Suppression.SPAM_REPORT
         }
         await records.events.outcome("s1", "app1", "Ada@Dest.test", Outcome.DELIVERED, 3.0)
@@ -280,6 +282,41 @@ async def test_an_unversioned_database_migrates_in_place(tmp_path: Path, script:
     assert _user_version(path) == VERSION
     async with opened(tmp_path) as records:  # and opens again at that version
         assert (await records.counters.totals()).counts == totals.counts
+
+
+# A version-5 database (before issue 12): relay-wide suppressions with the old reasons.
+VERSION_5_ROWS = """
+INSERT INTO messages VALUES ('s1', 'Ada@Dest.test', 'app1', 7, '<m1@x>', NULL, 'st1', 2.0);
+INSERT INTO statuses VALUES ('st1', 'app1', 'order-1', 7, 'Ada@Dest.test', 'PROCESSING',
+    'QUEUED', 1.0, 2.0, NULL);
+INSERT INTO suppressions VALUES ('gone@dest.test', 'bounced', 5.0);
+INSERT INTO suppressions VALUES ('ada@dest.test', 'complained', 6.0);
+"""
+
+
+async def test_a_version_5_database_keeps_its_suppressions_relay_wide(tmp_path: Path) -> None:
+    path = tmp_path / "txmail.db"
+    _write_db(path, "".join(MIGRATIONS[:5]) + VERSION_5_ROWS, user_version=5)
+    async with opened(tmp_path) as records:
+        suppressions = records.suppressions
+        every = list(Suppression)
+        for namespace in ("ns1", "ns2"):  # relay-wide: they apply in every namespace
+            found = await suppressions.find(namespace, ["GONE@dest.test", "ada@dest.test"], every)
+            assert found == {
+                "GONE@dest.test": Suppression.HARD_BOUNCE,
+                "ada@dest.test": Suppression.SPAM_REPORT,
+            }
+        [entry] = await suppressions.get("ns1", "gone@dest.test")
+        assert (entry.reason, entry.at, entry.relay_wide) == (Suppression.HARD_BOUNCE, 5.0, True)
+        assert await suppressions.remove("ns1", "gone@dest.test") == 0  # no namespace can
+        assert await suppressions.get("ns2", "gone@dest.test") == [entry]
+        # The old message is still tied to its status; its token is unknown ("").
+        await records.events.outcome("s1", "app1", "Ada@Dest.test", Outcome.DELIVERED, 7.0)
+        [event] = await records.events.after(0, limit=10)
+        assert (event.type, event.namespace, event.status_id) == (EventType.DELIVERED, "", "st1")
+        done = await records.sends.get("app1", "st1")
+        assert done is not None and done.send_result == "SENT"
+    assert _user_version(path) == VERSION
 
 
 async def test_a_database_from_a_newer_relay_is_refused(tmp_path: Path) -> None:
@@ -312,3 +349,143 @@ async def test_a_sends_messages_are_found_by_index(tmp_path: Path, script: str |
             )
         )
     assert "USING INDEX messages_status_id" in plan, plan
+
+
+# -- the events log ------------------------------------------------------------------------------
+
+
+async def test_every_write_logs_its_event_with_the_token_of_the_message(tmp_path: Path) -> None:
+    ticks = count(100)
+    async with opened(tmp_path, clock=lambda: float(next(ticks))) as records:
+        status, _ = await records.sends.reserve("app1", None, 7, "ada@dest.test")
+        copies = [
+            SentCopy("s1", "ada@dest.test", "<m1@x>", b"e1", status.status_id),
+            SentCopy("s1", "bob@dest.test", "<m1@x>", b"e2"),
+        ]
+        await records.sends.record(
+            "app1", 7, copies, queued_status=status.status_id, namespace="ns1", token="t1"
+        )
+        events = records.events
+        await events.outcome(
+            "s1", "app1", "bob@dest.test", Outcome.DEFERRED, 1.0, reply="451 4.7.1 later"
+        )
+        await events.outcome(
+            "s1", "app1", "bob@dest.test", Outcome.BOUNCED, 2.0, reply="550 5.1.1 no such user"
+        )
+        await events.outcome("s1", "app1", "ada@dest.test", Outcome.DELIVERED, 3.0, reply="250 ok")
+        await events.engagement(b"e1", Kind.OPENED, machine=True, user_agent="Scanner/1")
+        await events.engagement(b"e1", Kind.CLICKED, url="https://x.test/", user_agent="Mo/5")
+        await records.sends.dropped(
+            "app1",
+            7,
+            ["gone@dest.test"],
+            "PREVIOUSLY_BOUNCED",
+            "suppressed",
+            namespace="ns1",
+            token="t1",
+        )
+        logged = await events.after(0, limit=100)
+        assert [(e.type, e.recipient) for e in logged] == [
+            (EventType.SENT, "ada@dest.test"),
+            (EventType.SENT, "bob@dest.test"),
+            (EventType.DEFERRED, "bob@dest.test"),
+            (EventType.BOUNCE, "bob@dest.test"),
+            (EventType.DELIVERED, "ada@dest.test"),
+            (EventType.OPEN, "ada@dest.test"),
+            (EventType.CLICK, "ada@dest.test"),
+            (EventType.DROPPED, "gone@dest.test"),
+        ]
+        assert {(e.namespace, e.token, e.username) for e in logged} == {("ns1", "t1", "app1")}
+        assert [e.seq for e in logged] == sorted({e.seq for e in logged})
+        bounce = logged[3].view()
+        assert bounce["bounceType"] == "HARD" and bounce["source"] == "SMTP"
+        assert (bounce["status"], bounce["category"]) == ("5.1.1", "UNKNOWN_USER")
+        assert bounce["response"] == "550 5.1.1 no such user" and bounce["created"] == 2000
+        assert bounce["createdAt"] == "1970-01-01T00:00:02.000Z"
+        assert logged[0].view()["statusId"] == status.status_id
+        assert logged[0].view()["messageId"] == "<m1@x>"
+        assert logged[5].view()["filteredEvent"] is True
+        assert logged[6].view()["url"] == "https://x.test/"
+        assert logged[6].view()["filteredEvent"] is False
+        assert logged[7].view()["dropReason"] == "PREVIOUSLY_BOUNCED"
+        # Filters, paging by seq, the newest seq.
+        assert await events.after(logged[5].seq, limit=1) == [logged[6]]
+        assert await events.after(0, types=[EventType.BOUNCE], limit=9) == [logged[3]]
+        assert await events.after(0, namespace="ns2", limit=9) == []
+        assert await events.after(0, username="app1", limit=2) == logged[:2]
+        assert await events.last_seq() == logged[-1].seq
+        counts = (await records.counters.totals()).counts["app1"]
+        assert (counts[Kind.MACHINE_OPENED], counts.get(Kind.OPENED, 0)) == (1, 0)
+        assert (counts[Kind.CLICKED], counts[Kind.DROPPED]) == (1, 1)
+        # Pruning by age keeps the seq counting up.
+        assert await events.prune(101.5) == 5  # SENT at 101, the outcomes at 1, 2 and 3
+        assert await events.after(0, limit=100) == logged[5:]
+        assert await events.last_seq() == logged[-1].seq
+
+
+async def test_an_asynchronous_bounce_is_tied_to_its_message(tmp_path: Path) -> None:
+    async with opened(tmp_path) as records:
+        status, _ = await records.sends.reserve("app1", None, 7, "Ada@Dest.test")
+        copies = [SentCopy("s1", "Ada@Dest.test", "<m1@x>", None, status.status_id)]
+        await records.sends.record(
+            "app1", 7, copies, queued_status=status.status_id, namespace="ns1", token="t1"
+        )
+        events = records.events
+        await events.outcome("s1", "app1", "Ada@Dest.test", Outcome.DELIVERED, 3.0)
+        assert (
+            await events.bounce(
+                "nope",
+                "ada@dest.test",
+                hard=True,
+                status="5.1.1",
+                reply="x",
+                category=None,
+                source="DSN",
+                at=4.0,
+            )
+            is None
+        )
+        soft = await events.bounce(
+            "s1",
+            "ada@dest.test",
+            hard=False,
+            status="4.2.2",
+            reply="full",
+            category=None,
+            source="DSN",
+            at=4.0,
+        )
+        assert soft is not None and (soft.namespace, soft.token) == ("ns1", "t1")
+        sent = await records.sends.get("app1", status.status_id)
+        assert sent is not None and sent.send_result == "SENT" and sent.bounce is None
+        for _ in range(2):  # a hard bounce counts once per message and recipient
+            found = await events.bounce(
+                "s1",
+                "ADA@dest.test",
+                hard=True,
+                status="5.1.1",
+                reply="550 5.1.1 unknown",
+                category=None,
+                source="DSN",
+                at=5.0,
+            )
+            assert found is not None and found.status_id == status.status_id
+        bounced = await records.sends.get("app1", status.status_id)
+        assert bounced is not None and bounced.status is SendState.COMPLETE
+        assert bounced.send_result == "UNDELIVERABLE"
+        assert bounced.bounce == {
+            "bounceType": "HARD",
+            "status": "5.1.1",
+            "reply": "550 5.1.1 unknown",
+            "at": 5.0,
+        }
+        assert await records.suppressions.find("ns1", ["ada@dest.test"], [Suppression.HARD_BOUNCE])
+        assert not await records.suppressions.find("ns2", ["ada@dest.test"], list(Suppression))
+        counts = (await records.counters.totals()).counts["app1"]
+        assert (counts[Kind.BOUNCED], counts[Kind.SOFT_BOUNCED]) == (1, 1)
+        logged = await events.after(0, types=[EventType.BOUNCE], limit=9)
+        assert [(e.detail["bounceType"], e.detail["category"]) for e in logged] == [
+            ("SOFT", "MAILBOX_FULL"),
+            ("HARD", "UNKNOWN_USER"),
+            ("HARD", "UNKNOWN_USER"),
+        ]

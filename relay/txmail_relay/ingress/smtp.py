@@ -221,7 +221,7 @@ class SubmissionHandler:
         if isinstance(syntax, Rejected):
             return self._refuse(syntax)
         if address.lower() != self._complaints_address():
-            verdict = await self._sends.check_recipient(address)
+            verdict = await self._sends.check_recipient(address, session.entry)
             if isinstance(verdict, Rejected):
                 return self._refuse(verdict)
         envelope.rcpt_tos.append(address)

@@ -1,21 +1,30 @@
-"""Events: delivery outcomes, opens and clicks, complaints, tied to a spooled recipient.
+"""Events: delivery outcomes, bounces, opens and clicks, complaints, tied to a spooled recipient.
 
-``uniques`` holds (spool id, recipient, kind) for unique opens and clicks and for complaints.
+Every write here counts what happened (:mod:`~txmail_relay.records.counters`) and appends its
+row to the events log (table ``events``, :class:`~txmail_relay.records.model.Event`) in the
+same transaction, so the log (what the events API and the webhooks read) and the figures never
+disagree. ``uniques`` holds (spool id, recipient, kind) for unique opens and clicks, for
+complaints and for hard DSN bounces (each counted once per message and recipient).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+import json
+import re
+import secrets
+import sqlite3
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from typing import Any
 
 import aiosqlite
 
-from txmail_relay.contract import SendState
+from txmail_relay.contract import SendResult, SendState
 from txmail_relay.outcomes import Outcome
 from txmail_relay.records import suppressions
 from txmail_relay.records.contacts import unsubscribe
 from txmail_relay.records.counters import bump
 from txmail_relay.records.database import Database
-from txmail_relay.records.model import Kind, Recipient, Suppression
+from txmail_relay.records.model import Event, EventType, Kind, Recipient, Suppression
 
 _OUTCOME_KIND = {
     Outcome.DELIVERED: Kind.DELIVERED,
@@ -24,13 +33,124 @@ _OUTCOME_KIND = {
     Outcome.EXPIRED: Kind.EXPIRED,
 }
 _UNIQUE = {Kind.OPENED: Kind.UNIQUE_OPENED, Kind.CLICKED: Kind.UNIQUE_CLICKED}
-_RECIPIENT = "SELECT spool_id, recipient, username, email_id FROM messages"
+_MACHINE = {Kind.OPENED: Kind.MACHINE_OPENED, Kind.CLICKED: Kind.MACHINE_CLICKED}
+_ENGAGEMENT = {Kind.OPENED: EventType.OPEN, Kind.CLICKED: EventType.CLICK}
+_DSN_BOUNCED = "dsn_bounced"  # uniques kind: a hard DSN, counted once per message/recipient
+_RECIPIENT = (
+    "SELECT spool_id, recipient, username, email_id, namespace, token, status_id, message_id"
+    " FROM messages"
+)
+_EVENT_COLUMNS = (
+    "seq, id, type, created, namespace, token, username, email_id, status_id, spool_id,"
+    " recipient, message_id, reply, detail"
+)
+# An RFC 3463 enhanced status code at the start of an SMTP reply's text ("550 5.1.1 ...").
+_ENHANCED = re.compile(r"^(?:\d{3}[ -])?([245]\.\d{1,3}\.\d{1,3})\b")
 
 
-async def _first_time(db: aiosqlite.Connection, found: Recipient, kind: Kind) -> bool:
+def status_code(reply: str | None) -> str | None:
+    """The enhanced status code ("5.1.1") an SMTP reply starts with, if any."""
+    if not reply:
+        return None
+    found = _ENHANCED.match(reply.strip())
+    return found.group(1) if found else None
+
+
+def bounce_category(status: str | None, *, expired: bool = False) -> str:
+    """HubSpot's bounce ``category`` from an RFC 3463 status code (its subject and detail)."""
+    if expired:
+        return "TIMEOUT"
+    if not status:
+        return "UNCATEGORIZED"
+    _, subject, detail = [*status.split("."), "", ""][:3]
+    if subject == "1":
+        return "DNS_FAILURE" if detail == "2" else "UNKNOWN_USER"
+    if subject == "2":
+        return "MAILBOX_FULL" if detail == "2" else "MAILBOX_MISCONFIGURATION"
+    if subject == "4":
+        return (
+            "TIMEOUT" if detail == "7" else "DNS_FAILURE" if detail == "4" else "TEMPORARY_PROBLEM"
+        )
+    if subject == "6":
+        return "CONTENT"
+    if subject == "7":
+        return "SPAM" if detail == "1" else "POLICY"
+    return "UNCATEGORIZED"
+
+
+def new_event_id() -> str:
+    return "evt_" + secrets.token_urlsafe(16)
+
+
+async def append(
+    db: aiosqlite.Connection,
+    kind: EventType,
+    found: Recipient,
+    at: float,
+    *,
+    reply: str | None = None,
+    detail: Mapping[str, Any] | None = None,
+) -> None:
+    """One row of the events log for ``found``; inside a write."""
+    await db.execute(
+        f"INSERT INTO events ({_EVENT_COLUMNS.removeprefix('seq, ')})"  # noqa: S608 - constant
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            new_event_id(),
+            kind.value,
+            at,
+            found.namespace,
+            found.token,
+            found.username,
+            found.email_id,
+            found.status_id,
+            found.spool_id or None,
+            found.recipient,
+            found.message_id,
+            reply,
+            json.dumps(dict(detail or {}), separators=(",", ":")),
+        ),
+    )
+
+
+def _event(row: sqlite3.Row) -> Event:
+    return Event(
+        seq=row["seq"],
+        id=row["id"],
+        type=EventType(row["type"]),
+        created=row["created"],
+        namespace=row["namespace"],
+        token=row["token"],
+        username=row["username"],
+        email_id=row["email_id"],
+        status_id=row["status_id"],
+        spool_id=row["spool_id"],
+        recipient=row["recipient"],
+        message_id=row["message_id"],
+        reply=row["reply"],
+        detail=json.loads(row["detail"]),
+    )
+
+
+async def _message(db: aiosqlite.Connection, spool_id: str, recipient: str) -> Recipient | None:
+    rows = await db.execute_fetchall(
+        f"{_RECIPIENT} WHERE spool_id = ? AND recipient = ?",
+        (spool_id, recipient),
+    )
+    found = next((Recipient(*r) for r in rows), None)
+    if found is None:  # a DSN names the recipient as the far side wrote it
+        rows = await db.execute_fetchall(
+            f"{_RECIPIENT} WHERE spool_id = ? AND recipient = ? COLLATE NOCASE",
+            (spool_id, recipient),
+        )
+        found = next((Recipient(*r) for r in rows), None)
+    return found
+
+
+async def _first_time(db: aiosqlite.Connection, found: Recipient, kind: str) -> bool:
     cursor = await db.execute(
         "INSERT OR IGNORE INTO uniques VALUES (?, ?, ?)",
-        (found.spool_id, found.recipient, kind.value),
+        (found.spool_id, found.recipient, kind),
     )
     return bool(cursor.rowcount)
 
@@ -41,22 +161,29 @@ class Events:
         self._clock = clock
 
     def outcome(
-        self, spool_id: str, username: str, recipient: str, outcome: Outcome, at: float
+        self,
+        spool_id: str,
+        username: str,
+        recipient: str,
+        outcome: Outcome,
+        at: float,
+        *,
+        reply: str | None = None,
     ) -> Awaitable[None]:
-        """Counted; a bounce suppresses the recipient; a final outcome completes the send's
-        status (if the recipient has one)."""
+        """Counted and logged (DELIVERED, DEFERRED, or BOUNCE: hard from SMTP, soft when
+        expired); a bounce suppresses the recipient in its namespace; a final outcome completes
+        the send's status (if the recipient has one)."""
 
         async def write(db: aiosqlite.Connection) -> None:
-            rows = await db.execute_fetchall(
-                "SELECT email_id, status_id FROM messages WHERE spool_id = ? AND recipient = ?",
-                (spool_id, recipient),
-            )
-            row = next(iter(rows), None)
-            email_id = row["email_id"] if row else 0
-            await bump(db, username, email_id, _OUTCOME_KIND[outcome])
+            found = await _message(db, spool_id, recipient)
+            if found is None:  # not recorded (a DSN the relay sends, say): still logged
+                found = Recipient(spool_id, recipient, username, 0)
+            await bump(db, username, found.email_id, _OUTCOME_KIND[outcome])
+            kind, detail = _outcome_event(outcome, reply)
+            await append(db, kind, found, at, reply=reply, detail=detail)
             if outcome is Outcome.BOUNCED:
-                await suppressions.add(db, recipient, Suppression.HARD_BOUNCE, at)
-            if row is None or row["status_id"] is None or not outcome.final:
+                await suppressions.add(db, found.namespace, recipient, Suppression.HARD_BOUNCE, at)
+            if found.status_id is None or not outcome.final:
                 return
             result = "SENT" if outcome is Outcome.DELIVERED else "UNDELIVERABLE"
             await db.execute(
@@ -66,27 +193,102 @@ class Events:
                     SendState.COMPLETE.value,
                     result,
                     at,
-                    row["status_id"],
-                    recipient,
+                    found.status_id,
+                    found.recipient,
                     SendState.PROCESSING.value,
                 ),
             )
 
         return self._db.write(write)
 
-    def engagement(self, event_id: bytes, kind: Kind) -> Awaitable[Recipient | None]:
+    def bounce(
+        self,
+        spool_id: str,
+        recipient: str,
+        *,
+        hard: bool,
+        status: str,
+        reply: str,
+        category: str | None,
+        source: str,
+        at: float,
+    ) -> Awaitable[Recipient | None]:
+        """An asynchronous bounce (a DSN that came back, ``source`` "DSN") of a spooled
+        recipient; returns it, or None if the message is unknown (nothing is written).
+
+        Hard: counted as bounced (once per message and recipient), suppressed in the
+        message's namespace, and an API send's status becomes ``sendResult``
+        ``UNDELIVERABLE`` with the bounce in its view. Soft: counted as a soft bounce.
+        Both are a BOUNCE event.
+        """
+
+        async def write(db: aiosqlite.Connection) -> Recipient | None:
+            found = await _message(db, spool_id, recipient)
+            if found is None:
+                return None
+            detail = {
+                "bounceType": "HARD" if hard else "SOFT",
+                "source": source,
+                "status": status,
+                "category": category or bounce_category(status),
+            }
+            await append(db, EventType.BOUNCE, found, at, reply=reply, detail=detail)
+            if not hard:
+                await bump(db, found.username, found.email_id, Kind.SOFT_BOUNCED)
+                return found
+            if await _first_time(db, found, _DSN_BOUNCED):
+                await bump(db, found.username, found.email_id, Kind.BOUNCED)
+            await suppressions.add(
+                db, found.namespace, found.recipient, Suppression.HARD_BOUNCE, at
+            )
+            if found.status_id is not None:
+                shown = {"bounceType": "HARD", "status": status, "reply": reply, "at": at}
+                await db.execute(
+                    "UPDATE statuses SET status = ?, send_result = ?,"
+                    " completed_at = coalesce(completed_at, ?), bounce = ?"
+                    " WHERE status_id = ?",
+                    (
+                        SendState.COMPLETE.value,
+                        SendResult.UNDELIVERABLE.value,
+                        at,
+                        json.dumps(shown),
+                        found.status_id,
+                    ),
+                )
+            return found
+
+        return self._db.write(write)
+
+    def engagement(
+        self,
+        event_id: bytes,
+        kind: Kind,
+        *,
+        machine: bool = False,
+        url: str | None = None,
+        user_agent: str | None = None,
+    ) -> Awaitable[Recipient | None]:
         """An open or a click (``kind``) of a tracked recipient; returns it, or None if
-        unknown."""
-        unique = _UNIQUE[kind]
+        unknown. A ``machine`` one (a scanner, a prefetching proxy) is logged with
+        ``filteredEvent`` and counted only as a machine open/click."""
 
         async def write(db: aiosqlite.Connection) -> Recipient | None:
             rows = await db.execute_fetchall(f"{_RECIPIENT} WHERE event_id = ?", (event_id,))
             found = next((Recipient(*r) for r in rows), None)
             if found is None:
                 return None
+            detail: dict[str, Any] = {"filteredEvent": machine}
+            if url is not None:
+                detail["url"] = url
+            if user_agent is not None:
+                detail["userAgent"] = user_agent
+            await append(db, _ENGAGEMENT[kind], found, self._clock(), detail=detail)
+            if machine:
+                await bump(db, found.username, found.email_id, _MACHINE[kind])
+                return found
             await bump(db, found.username, found.email_id, kind)
-            if await _first_time(db, found, kind):
-                await bump(db, found.username, found.email_id, unique)
+            if await _first_time(db, found, _UNIQUE[kind].value):
+                await bump(db, found.username, found.email_id, _UNIQUE[kind])
             return found
 
         return self._db.write(write)
@@ -99,7 +301,8 @@ class Events:
             rows = [
                 Recipient(*r)
                 for r in await db.execute_fetchall(
-                    f"{_RECIPIENT} WHERE message_id = ? ORDER BY rowid", (message_id,)
+                    f"{_RECIPIENT} WHERE message_id = ? ORDER BY rowid",
+                    (message_id,),
                 )
             ]
             for row in rows:
@@ -109,16 +312,139 @@ class Events:
 
         return await self._db.read(read)
 
+    async def find_spooled(self, spool_id: str, recipient: str) -> Recipient | None:
+        """The recorded recipient of a spooled message (case-insensitive), or None."""
+
+        async def read(db: aiosqlite.Connection) -> Recipient | None:
+            return await _message(db, spool_id, recipient)
+
+        return await self._db.read(read)
+
     def complaint(self, found: Recipient) -> Awaitable[bool]:
         """A complaint and an unsubscribe, once per (message, recipient); True the first time."""
 
         async def write(db: aiosqlite.Connection) -> bool:
-            if not await _first_time(db, found, Kind.COMPLAINED):
+            if not await _first_time(db, found, Kind.COMPLAINED.value):
                 return False
+            now = self._clock()
+            known = await _message(db, found.spool_id, found.recipient) or found
             await bump(db, found.username, found.email_id, Kind.COMPLAINED)
             await bump(db, found.username, found.email_id, Kind.UNSUBSCRIBED)
-            await suppressions.add(db, found.recipient, Suppression.SPAM_REPORT, self._clock())
+            await append(db, EventType.SPAMREPORT, known, now)
+            await suppressions.add(
+                db, known.namespace, found.recipient, Suppression.SPAM_REPORT, now
+            )
             await unsubscribe(db, found.username, found.recipient)
             return True
 
         return self._db.write(write)
+
+    async def after(
+        self,
+        seq: int,
+        *,
+        namespace: str | None = None,
+        username: str | None = None,
+        types: Collection[EventType] = (),
+        limit: int,
+    ) -> list[Event]:
+        """Up to ``limit`` events after ``seq`` (ascending), of a namespace, a token (by its
+        username) and some types if given."""
+        where: list[str] = ["seq > ?"]
+        args: list[Any] = [seq]
+        if namespace is not None:
+            where.append("namespace = ?")
+            args.append(namespace)
+        if username is not None:
+            where.append("username = ?")
+            args.append(username)
+        return await self._select(where, args, types, limit)
+
+    async def search(
+        self,
+        namespace: str,
+        *,
+        after: int = 0,
+        types: Collection[EventType] = (),
+        recipient: str | None = None,
+        status_id: str | None = None,
+        start: float | None = None,
+        end: float | None = None,
+        limit: int,
+    ) -> list[Event]:
+        """The events API: a namespace's events after ``after`` (ascending seq), filtered by
+        types, recipient (case-insensitive), statusId and ``start <= created < end``."""
+        where: list[str] = ["namespace = ?", "seq > ?"]
+        args: list[Any] = [namespace, after]
+        if recipient is not None:
+            where.append("recipient = ? COLLATE NOCASE")
+            args.append(recipient)
+        if status_id is not None:
+            where.append("status_id = ?")
+            args.append(status_id)
+        if start is not None:
+            where.append("created >= ?")
+            args.append(start)
+        if end is not None:
+            where.append("created < ?")
+            args.append(end)
+        return await self._select(where, args, types, limit)
+
+    async def _select(
+        self, where: list[str], args: list[Any], types: Collection[EventType], limit: int
+    ) -> list[Event]:
+        wanted = sorted({EventType(t).value for t in types})
+        if wanted:
+            where = [*where, f"type IN ({','.join('?' * len(wanted))})"]
+            args = [*args, *wanted]
+        sql = (
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)}"  # noqa: S608 - placeholders only
+            " ORDER BY seq LIMIT ?"
+        )
+
+        async def read(db: aiosqlite.Connection) -> list[Event]:
+            return [_event(r) for r in await db.execute_fetchall(sql, (*args, limit))]
+
+        return await self._db.read(read)
+
+    async def last_seq(self) -> int:
+        """The newest event's seq (0 if none was ever written; pruning does not lower it)."""
+
+        async def read(db: aiosqlite.Connection) -> int:
+            rows = await db.execute_fetchall(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'events'"
+            )
+            return next((int(r[0]) for r in rows), 0)
+
+        return await self._db.read(read)
+
+    def prune(self, before: float) -> Awaitable[int]:
+        """Delete the events created before ``before``; returns how many."""
+
+        async def write(db: aiosqlite.Connection) -> int:
+            cursor = await db.execute("DELETE FROM events WHERE created < ?", (before,))
+            return cursor.rowcount
+
+        return self._db.write(write)
+
+
+_OUTCOME_TYPE = {
+    Outcome.DELIVERED: EventType.DELIVERED,
+    Outcome.DEFERRED: EventType.DEFERRED,
+    Outcome.BOUNCED: EventType.BOUNCE,
+    Outcome.EXPIRED: EventType.BOUNCE,
+}
+
+
+def _outcome_event(outcome: Outcome, reply: str | None) -> tuple[EventType, dict[str, Any]]:
+    """The event type of a delivery outcome and its detail: our own 5xx is a HARD bounce
+    (source SMTP), the queue lifetime reached a SOFT one (source EXPIRED, 4.4.7)."""
+    if outcome is Outcome.BOUNCED:
+        status = status_code(reply)
+        detail = {"bounceType": "HARD", "source": "SMTP", "status": status}
+        return EventType.BOUNCE, {**detail, "category": bounce_category(status)}
+    if outcome is Outcome.EXPIRED:
+        status = status_code(reply) or "4.4.7"
+        detail = {"bounceType": "SOFT", "source": "EXPIRED", "status": status}
+        return EventType.BOUNCE, {**detail, "category": bounce_category(status, expired=True)}
+    return _OUTCOME_TYPE[outcome], {}

@@ -21,6 +21,7 @@ from txmail_relay.records.events import Events
 from txmail_relay.records.sends import Sends, drop_unspooled
 from txmail_relay.records.suppressions import Suppressions
 from txmail_relay.records.warmup import WarmupCounts
+from txmail_relay.records.webhooks import Webhooks
 
 DB_NAME = "txmail.db"
 
@@ -32,11 +33,12 @@ class Records:
         self._db = Database(directory / DB_NAME)
         self.sends = Sends(self._db, clock)
         self.events = Events(self._db, clock)
-        self.contacts = Contacts(self._db)
         self.engagement = EngagementReads(self._db)  # tracking's machine rules
+        self.contacts = Contacts(self._db)
         self.suppressions = Suppressions(self._db)
         self.counters = Counters(self._db)
         self.warmup = WarmupCounts(self._db)
+        self.webhooks = Webhooks(self._db, clock)
 
     @property
     def path(self) -> Path:

@@ -178,6 +178,34 @@ ALTER TABLE suppressions_v6 RENAME TO suppressions;
 CREATE INDEX suppressions_address ON suppressions (address);
 """
 
+# Webhook subscriptions (records/webhooks.py): per subscription the cursor over events (the
+# outbox is the events log), the batch in flight (its seq range, webhook-id and filter, written
+# before its first attempt), its attempts, and the failure and success figures of its status.
+_WEBHOOKS = """
+CREATE TABLE webhooks (
+    id TEXT PRIMARY KEY,
+    username TEXT NOT NULL,
+    name TEXT NOT NULL,
+    cursor INTEGER NOT NULL,
+    batch_first INTEGER,
+    batch_last INTEGER,
+    batch_size INTEGER,
+    batch_id TEXT,
+    batch_types TEXT,
+    batch_formed REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL,
+    failures INTEGER NOT NULL DEFAULT 0,
+    failing_since REAL,
+    last_error TEXT,
+    last_success REAL,
+    delivered INTEGER NOT NULL DEFAULT 0,
+    dropped INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    removed REAL
+);
+"""
+
 MIGRATIONS: tuple[str, ...] = (
     _SENDS_AND_EVENTS,
     _SUPPRESSIONS,
@@ -185,6 +213,7 @@ MIGRATIONS: tuple[str, ...] = (
     _MESSAGES_BY_STATUS,
     _WARMUP_MESSAGES,
     _FEEDBACK,
+    _WEBHOOKS,
 )
 VERSION = len(MIGRATIONS)
 

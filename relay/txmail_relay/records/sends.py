@@ -7,11 +7,16 @@
   spool's own at-least-once window.
 * ``messages``: (spool id, recipient) -> token, emailId, Message-ID, tracking event id and
   statusId; what outcomes, opens, clicks and complaints are tied to
-  (:mod:`txmail_relay.records.events`).
+  (:mod:`txmail_relay.records.events`), and the namespace and name of the SmtpToken that sent
+  it, which every later event of the message carries.
+
+Recording copies logs a SENT event per recipient; a refused send logs a DROPPED one
+(:meth:`Sends.dropped`), each in the same transaction as its counters.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -23,7 +28,8 @@ from txmail_relay.contract import SendState
 from txmail_relay.records import counters
 from txmail_relay.records.contacts import upsert as upsert_contacts
 from txmail_relay.records.database import Database
-from txmail_relay.records.model import Kind, SendStatus, SentCopy
+from txmail_relay.records.events import append as append_event
+from txmail_relay.records.model import EventType, Kind, Recipient, SendStatus, SentCopy
 
 
 def _status(row: sqlite3.Row) -> SendStatus:
@@ -38,6 +44,7 @@ def _status(row: sqlite3.Row) -> SendStatus:
         requested_at=row["requested_at"],
         started_at=row["started_at"],
         completed_at=row["completed_at"],
+        bounce=json.loads(row["bounce"]) if row["bounce"] else None,
     )
 
 
@@ -133,8 +140,11 @@ class Sends:
         *,
         contacts: Mapping[str, Any] | None = None,
         queued_status: str | None = None,
+        namespace: str = "",
+        token: str = "",
     ) -> Awaitable[None]:
-        """Spooled copies, counted as sent, in one transaction; with ``contacts``
+        """Spooled copies, counted as sent and logged as SENT events (of the SmtpToken
+        ``token`` in ``namespace``), in one transaction; with ``contacts``
         (createContacts tokens) each recipient becomes or updates a contact with them; with
         ``queued_status`` that reservation is now PROCESSING (queued)."""
         sent = list(copies)
@@ -143,7 +153,8 @@ class Sends:
             now = self._clock()
             await db.executemany(
                 "INSERT OR IGNORE INTO messages (spool_id, recipient, username, email_id,"
-                " message_id, event_id, status_id, sent_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " message_id, event_id, status_id, sent_at, namespace, token)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         c.spool_id,
@@ -154,10 +165,24 @@ class Sends:
                         c.event_id,
                         c.status_id,
                         now,
+                        namespace,
+                        token,
                     )
                     for c in sent
                 ],
             )
+            for c in sent:
+                copy = Recipient(
+                    c.spool_id,
+                    c.recipient,
+                    username,
+                    email_id,
+                    namespace,
+                    token,
+                    c.status_id,
+                    c.message_id,
+                )
+                await append_event(db, EventType.SENT, copy, now)
             if contacts is not None and sent:
                 await upsert_contacts(db, username, (c.recipient for c in sent), contacts, now)
             if sent:
@@ -169,5 +194,31 @@ class Sends:
                     " WHERE status_id = ? AND status = ?",
                     (SendState.PROCESSING.value, now, queued_status, SendState.PENDING.value),
                 )
+
+        return self._db.write(write)
+
+    def dropped(
+        self,
+        username: str,
+        email_id: int,
+        recipients: Iterable[str],
+        reason: str,
+        message: str,
+        *,
+        namespace: str,
+        token: str,
+    ) -> Awaitable[None]:
+        """A send refused before spooling (``reason``: its sendResult, such as
+        ``PREVIOUSLY_BOUNCED``): counted as dropped and a DROPPED event per recipient."""
+        refused = list(recipients)
+
+        async def write(db: aiosqlite.Connection) -> None:
+            now = self._clock()
+            detail = {"dropReason": reason, "dropMessage": message}
+            for rcpt in refused:
+                who = Recipient("", rcpt, username, email_id, namespace, token)
+                await append_event(db, EventType.DROPPED, who, now, detail=detail)
+            if refused:
+                await counters.bump(db, username, email_id, Kind.DROPPED, len(refused))
 
         return self._db.write(write)

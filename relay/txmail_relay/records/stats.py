@@ -17,7 +17,7 @@ import asyncio
 import logging
 import os
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
@@ -27,7 +27,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from txmail_relay.config.live import LiveConfig
-from txmail_relay.contract import PausedDestination, RelayStats, TokenStats, WarmupStats
+from txmail_relay.contract import (
+    PausedDestination,
+    RelayStats,
+    TokenStats,
+    WarmupStats,
+    WebhookStats,
+)
 from txmail_relay.metrics import PREFIX
 from txmail_relay.outcomes import OutcomeEvent
 from txmail_relay.records.database import RecordsFullError
@@ -35,6 +41,10 @@ from txmail_relay.records.model import Kind, Totals
 from txmail_relay.records.records import Records
 
 log = logging.getLogger(__name__)
+
+#: How long the events log keeps an event (the events API's window; the webhooks retry a
+#: delivery for 24 hours, well within it). Older ones are deleted at each stats refresh.
+EVENTS_RETENTION = 30 * 24 * 3600.0
 
 
 class OutcomeRecorder:
@@ -65,7 +75,12 @@ class OutcomeRecorder:
     def _write(self, event: OutcomeEvent) -> asyncio.Future[None]:
         return asyncio.ensure_future(
             self._records.events.outcome(
-                event.message_id, event.username, event.recipient, event.outcome, event.at
+                event.message_id,
+                event.username,
+                event.recipient,
+                event.outcome,
+                event.at,
+                reply=event.reply,
             )
         )
 
@@ -117,8 +132,12 @@ def token_stats(counts: Mapping[Kind, int], last_sent: float | None, contacts: i
         sent=counts.get(Kind.SENT, 0),
         delivered=delivered,
         bounced=counts.get(Kind.BOUNCED, 0) + counts.get(Kind.EXPIRED, 0),
+        soft_bounces=counts.get(Kind.SOFT_BOUNCED, 0),
         opens=counts.get(Kind.OPENED, 0),
         clicks=counts.get(Kind.CLICKED, 0),
+        machine_opens=counts.get(Kind.MACHINE_OPENED, 0),
+        machine_clicks=counts.get(Kind.MACHINE_CLICKED, 0),
+        dropped=counts.get(Kind.DROPPED, 0),
         unique_opens=unique_opens,
         unique_clicks=unique_clicks,
         complaints=counts.get(Kind.COMPLAINED, 0),
@@ -178,6 +197,10 @@ _METRIC_KINDS = (
     ("unique_clicked", Kind.UNIQUE_CLICKED),
     ("complained", Kind.COMPLAINED),
     ("unsubscribed", Kind.UNSUBSCRIBED),
+    ("soft_bounced", Kind.SOFT_BOUNCED),
+    ("machine_opened", Kind.MACHINE_OPENED),
+    ("machine_clicked", Kind.MACHINE_CLICKED),
+    ("dropped", Kind.DROPPED),
 )
 
 
@@ -194,8 +217,10 @@ class StatsLoop:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         warmup: Callable[[], WarmupStats | None] = lambda: None,
         destinations: Callable[[], list[PausedDestination]] = list,
+        webhooks: Callable[[], Awaitable[dict[str, list[WebhookStats]]]] | None = None,
     ) -> None:
         self._destinations = destinations  # paused destinations (delivery/shaping.py)
+        self._webhooks = webhooks  # subscriptions' figures (webhooks/manager.py)
         self._warmup = warmup  # the warm-up gate's figures (delivery/warmup.py)
         self._records = records
         self._config = config
@@ -211,12 +236,19 @@ class StatsLoop:
     async def refresh(self) -> RelayStats:
         config = self._config.current
         names = frozenset(config.credentials) if config is not None else frozenset()
+        now = self._clock()
+        try:
+            await self._records.events.prune(now.timestamp() - EVENTS_RETENTION)
+        except RecordsFullError:
+            log.warning("old events not pruned: the records' volume is full")
         totals = await self._records.counters.totals()
-        stats = relay_stats(totals, names, self._clock())
+        stats = relay_stats(totals, names, now)
         warmup = self._warmup()
         if warmup is not None:
             stats = stats.model_copy(update={"warmup": warmup})
         stats = stats.model_copy(update={"destinations": self._destinations()})
+        if self._webhooks is not None:
+            stats = stats.model_copy(update={"webhooks": await self._webhooks()})
         self._counts = {n: dict(totals.counts.get(n, {})) for n in names}
         self._contacts = {n: totals.contacts.get(n, 0) for n in names}
         if self._publisher is not None:

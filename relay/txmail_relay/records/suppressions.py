@@ -1,22 +1,57 @@
-"""Suppressions: (address, reason) for every recipient that complained or hard-bounced (a 5xx
-outcome), across tokens; consulted only when the DedicatedIP opts into suppression."""
+"""Suppressions: (namespace, address, reason, time), per namespace on this relay (one relay per
+DedicatedIP, so per DedicatedIP and namespace).
+
+Reasons (:class:`~txmail_relay.records.model.Suppression`): ``HARD_BOUNCE`` and
+``SPAM_REPORT`` are recorded automatically for every hard bounce and complaint, and enforced
+only when the DedicatedIP opts in (``spec.suppression``); ``MANUAL`` entries (the API) are
+always enforced. Entries recorded before suppression was per namespace carry namespace ``""``:
+relay-wide, they apply to every namespace, and no namespace can remove them (nor any other
+namespace's entry). Addresses are kept lowercased.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import sqlite3
+from collections.abc import Awaitable, Collection, Iterable
+from dataclasses import dataclass
 
 import aiosqlite
 
 from txmail_relay.records.database import Database
 from txmail_relay.records.model import Suppression
 
+RELAY_WIDE = ""  # the namespace of entries recorded before issue 12
 
-async def add(db: aiosqlite.Connection, address: str, reason: Suppression, at: float) -> None:
-    """Inside a write."""
-    await db.execute(
-        "INSERT OR IGNORE INTO suppressions VALUES ('', ?, ?, ?)",
-        (address.lower(), reason.value, at),
+
+@dataclass(frozen=True)
+class SuppressionEntry:
+    address: str  # lowercased
+    reason: Suppression
+    at: float
+    relay_wide: bool  # recorded before entries were per namespace (namespace "")
+
+
+async def add(
+    db: aiosqlite.Connection, namespace: str, address: str, reason: Suppression, at: float
+) -> bool:
+    """Inside a write; True if the entry is new (an existing one keeps its first time)."""
+    cursor = await db.execute(
+        "INSERT OR IGNORE INTO suppressions VALUES (?, ?, ?, ?)",
+        (namespace, address.lower(), reason.value, at),
     )
+    return bool(cursor.rowcount)
+
+
+def _entry(row: sqlite3.Row) -> SuppressionEntry:
+    return SuppressionEntry(
+        address=row[1],
+        reason=Suppression(row[2]),
+        at=row[3],
+        relay_wide=row[0] == RELAY_WIDE,
+    )
+
+
+_ORDER = " ORDER BY address, reason, namespace DESC"  # a namespace's own entry first
 
 
 class Suppressions:
@@ -24,11 +59,12 @@ class Suppressions:
         self._db = db
 
     async def find(
-        self, addresses: Iterable[str], reasons: Iterable[Suppression]
+        self, namespace: str, addresses: Iterable[str], reasons: Iterable[Suppression]
     ) -> dict[str, Suppression]:
-        """The addresses (as given) recorded for one of ``reasons``, each with its reason.
+        """The addresses (as given) suppressed in ``namespace`` (or relay-wide) for one of
+        ``reasons``, each with its reason.
 
-        Case-insensitive; a bounce is reported before a complaint.
+        Case-insensitive; a bounce is reported before a manual entry, that before a complaint.
         """
         wanted = sorted(set(reasons))  # "HARD_BOUNCE" < "MANUAL" < "SPAM_REPORT"
         given = {a.lower(): a for a in addresses}
@@ -40,12 +76,83 @@ class Suppressions:
             result: dict[str, Suppression] = {}
             for lowered, original in given.items():
                 rows = await db.execute_fetchall(
-                    f"SELECT reason FROM suppressions WHERE address = ? AND reason IN ({marks})"  # noqa: S608 - only placeholders
-                    " ORDER BY reason LIMIT 1",
-                    (lowered, *(r.value for r in wanted)),
+                    "SELECT reason FROM suppressions WHERE namespace IN (?, '') AND address = ?"  # noqa: S608 - only placeholders
+                    f" AND reason IN ({marks}) ORDER BY reason LIMIT 1",
+                    (namespace, lowered, *(r.value for r in wanted)),
                 )
                 for row in rows:
                     result[original] = Suppression(row[0])
             return result
 
         return await self._db.read(read)
+
+    async def get(self, namespace: str, address: str) -> list[SuppressionEntry]:
+        """The entries of one address that apply in ``namespace`` (its own and relay-wide)."""
+
+        async def read(db: aiosqlite.Connection) -> list[SuppressionEntry]:
+            rows = await db.execute_fetchall(
+                "SELECT namespace, address, reason, at FROM suppressions"  # noqa: S608 - constant
+                " WHERE namespace IN (?, '') AND address = ?" + _ORDER,
+                (namespace, address.lower()),
+            )
+            return [_entry(r) for r in rows]
+
+        return await self._db.read(read)
+
+    async def page(
+        self,
+        namespace: str,
+        *,
+        reasons: Collection[Suppression] = (),
+        after: str = "",
+        limit: int,
+    ) -> list[tuple[str, list[SuppressionEntry]]]:
+        """Up to ``limit`` addresses after ``after`` (ascending), each with its entries that
+        apply in ``namespace`` (only those of ``reasons`` if given)."""
+        wanted = sorted({Suppression(r).value for r in reasons})
+        by_reason = f" AND reason IN ({','.join('?' * len(wanted))})" if wanted else ""
+
+        async def read(db: aiosqlite.Connection) -> list[tuple[str, list[SuppressionEntry]]]:
+            addresses = [
+                r[0]
+                for r in await db.execute_fetchall(
+                    "SELECT DISTINCT address FROM suppressions WHERE namespace IN (?, '')"  # noqa: S608 - only placeholders
+                    f" AND address > ?{by_reason} ORDER BY address LIMIT ?",
+                    (namespace, after.lower(), *wanted, limit),
+                )
+            ]
+            if not addresses:
+                return []
+            rows = await db.execute_fetchall(
+                "SELECT namespace, address, reason, at FROM suppressions"  # noqa: S608 - only placeholders
+                " WHERE namespace IN (?, '') AND address >= ? AND address <= ?"
+                f"{by_reason}{_ORDER}",
+                (namespace, addresses[0], addresses[-1], *wanted),
+            )
+            found: dict[str, list[SuppressionEntry]] = {a: [] for a in addresses}
+            for row in rows:
+                found[row[1]].append(_entry(row))
+            return list(found.items())
+
+        return await self._db.read(read)
+
+    def put(self, namespace: str, address: str, reason: Suppression, at: float) -> Awaitable[bool]:
+        """Add an entry to ``namespace``; True if it is new."""
+
+        async def write(db: aiosqlite.Connection) -> bool:
+            return await add(db, namespace, address, reason, at)
+
+        return self._db.write(write)
+
+    def remove(self, namespace: str, address: str) -> Awaitable[int]:
+        """Remove ``namespace``'s own entries of ``address`` (never relay-wide ones, nor
+        another namespace's); returns how many."""
+
+        async def write(db: aiosqlite.Connection) -> int:
+            cursor = await db.execute(
+                "DELETE FROM suppressions WHERE namespace = ? AND address = ?",
+                (namespace, address.lower()),
+            )
+            return cursor.rowcount
+
+        return self._db.write(write)

@@ -47,21 +47,26 @@ ROLE_LOCAL_PARTS = frozenset(
 SUPPRESSED_RESULTS = {
     Suppression.HARD_BOUNCE: SendResult.PREVIOUSLY_BOUNCED,
     Suppression.SPAM_REPORT: SendResult.PREVIOUS_SPAM,
+    Suppression.MANUAL: SendResult.BLOCKED_ADDRESS,
 }
 SUPPRESSED_REASONS = {
     Suppression.HARD_BOUNCE: "earlier mail to it bounced",
     Suppression.SPAM_REPORT: "it reported earlier mail as spam",
+    Suppression.MANUAL: "it was added to the suppression list",
 }
 
 
 class SendError(Exception):
     """A send refused before spooling: ``send_result`` (HubSpot enum) and the field."""
 
-    def __init__(self, send_result: SendResult, field: str, message: str) -> None:
+    def __init__(
+        self, send_result: SendResult, field: str, message: str, *, recipient: str | None = None
+    ) -> None:
         super().__init__(message)
         self.send_result = send_result
         self.field = field
         self.message = message
+        self.recipient = recipient  # the one refused, when one recipient is the reason
 
     @property
     def rejected(self) -> Rejected:
@@ -75,7 +80,8 @@ def is_role_address(address: str) -> bool:
 
 
 def suppression_reasons(config: DynamicConfig | None) -> list[Suppression]:
-    """What the DedicatedIP opted into suppressing (nothing by default)."""
+    """The suppression entries enforced: MANUAL ones always, the automatic ones (hard
+    bounces, complaints) only when the DedicatedIP opted in (off by default)."""
     if config is None:
         return []
     opted = config.relay.suppression
@@ -83,6 +89,7 @@ def suppression_reasons(config: DynamicConfig | None) -> list[Suppression]:
         reason
         for reason, on in (
             (Suppression.HARD_BOUNCE, opted.bounces),
+            (Suppression.MANUAL, True),
             (Suppression.SPAM_REPORT, opted.complaints),
         )
         if on
@@ -170,6 +177,7 @@ def suppressed_refusal(to: Iterable[str], found: dict[str, Suppression]) -> Send
                 SUPPRESSED_RESULTS[reason],
                 "message.to",
                 f"{rcpt} is suppressed on this relay: {SUPPRESSED_REASONS[reason]}",
+                recipient=rcpt,
             )
     return None
 

@@ -24,12 +24,14 @@ from txmail_relay.mail.dsn import DsnEnvelope
 from txmail_relay.mail.headers import Origin, received_header
 from txmail_relay.mail.submission import Submission
 from txmail_relay.metrics import RelayMetrics
+from txmail_relay.records.database import background
 from txmail_relay.records.model import SentCopy
 from txmail_relay.records.records import Records
 from txmail_relay.sending.composer import Composer
 from txmail_relay.sending.model import Copy, SendOutcome, SendRequest
 from txmail_relay.sending.policy import (
     ACCEPTED,
+    SUPPRESSED_RESULTS,
     SendError,
     Verdict,
     check_suppressed,
@@ -83,16 +85,53 @@ class SendService:
             raise refused
         return find_template(config, entry, request.email_id)
 
-    async def check_recipient(self, address: str) -> Verdict:
-        """RCPT TO: refused when the DedicatedIP suppresses the address."""
+    async def check_recipient(self, address: str, entry: CredentialEntry | None = None) -> Verdict:
+        """RCPT TO: refused when the address is suppressed in the token's namespace (a
+        DROPPED event); without a token only relay-wide entries apply."""
         reasons = suppression_reasons(self._config.current)
         if not reasons:
             return ACCEPTED
-        found = await self._records.suppressions.find([address], reasons)
-        return check_suppressed(address, found.get(address))
+        namespace = entry.namespace if entry is not None else ""
+        found = await self._records.suppressions.find(namespace, [address], reasons)
+        verdict = check_suppressed(address, found.get(address))
+        reason = found.get(address)
+        if entry is not None and reason is not None:
+            self._dropped(entry, 0, [address], SUPPRESSED_RESULTS[reason], "suppressed at RCPT")
+        return verdict
+
+    def _dropped(
+        self,
+        entry: CredentialEntry,
+        email_id: int,
+        recipients: Sequence[str],
+        result: SendResult,
+        message: str,
+    ) -> None:
+        """Log a refused send (counted as dropped, a DROPPED event per recipient); not
+        awaited: the refusal does not depend on it (a failure is logged)."""
+        background(
+            self._records.sends.dropped(
+                entry.username,
+                email_id,
+                recipients,
+                result.value,
+                message,
+                namespace=entry.namespace,
+                token=entry.token,
+            )
+        )
 
     async def send(self, entry: CredentialEntry, request: SendRequest, peer: str) -> SendOutcome:
-        """An API send: deduplicated by its sendId; raises :class:`SendError`."""
+        """An API send: deduplicated by its sendId; raises :class:`SendError` (and logs the
+        refusal as a DROPPED event)."""
+        try:
+            return await self._send(entry, request, peer)
+        except SendError as e:
+            refused = [e.recipient] if e.recipient is not None else list(request.to)
+            self._dropped(entry, request.email_id, refused, e.send_result, e.message)
+            raise
+
+    async def _send(self, entry: CredentialEntry, request: SendRequest, peer: str) -> SendOutcome:
         self.check(entry, request)  # refuse before reserving
         config = self._config.current
         assert config is not None  # noqa: S101 - check() raised otherwise
@@ -130,13 +169,15 @@ class SendService:
         """
         config = self._config.current
         if isinstance(message, Submission) and message.headers.template is not None:
-            message = template_request(message)
-        if isinstance(message, SendRequest):
-            template = self.check(entry, message)
-            assert config is not None  # noqa: S101 - check() raised otherwise
-            copies = await asyncio.to_thread(
-                self._composer.compose, config, entry, template, message
-            )
+            try:
+                request = template_request(message)
+                copies = await self._compose(entry, request)
+            except SendError as e:  # an SMTP template send refused: logged as dropped
+                self._dropped(entry, 0, list(message.recipients), e.send_result, e.message)
+                raise
+            message = request
+        elif isinstance(message, SendRequest):
+            copies = await self._compose(entry, message)
         elif self._composer.tracks(config):
             copies = await asyncio.to_thread(self._composer.plain, config, message)
         else:
@@ -147,6 +188,12 @@ class SendService:
         await self._record(entry, message, copies, spooled, status_id)
         return spooled
 
+    async def _compose(self, entry: CredentialEntry, message: SendRequest) -> Sequence[Copy]:
+        template = self.check(entry, message)
+        config = self._config.current
+        assert config is not None  # noqa: S101 - check() raised otherwise
+        return await asyncio.to_thread(self._composer.compose, config, entry, template, message)
+
     async def _without_suppressed(
         self, entry: CredentialEntry, config: DynamicConfig, request: SendRequest
     ) -> SendRequest:
@@ -155,7 +202,7 @@ class SendService:
         if not reasons:
             return request
         everyone = (*request.to, *request.cc, *request.bcc)
-        found = await self._records.suppressions.find(everyone, reasons)
+        found = await self._records.suppressions.find(entry.namespace, everyone, reasons)
         if not found:
             return request
         refused = suppressed_refusal(request.to, found)
@@ -165,6 +212,10 @@ class SendService:
             "suppressed recipients left out",
             extra={"token": entry.username, "recipients": len(found)},
         )
+        for rcpt, reason in found.items():
+            self._dropped(
+                entry, request.email_id, [rcpt], SUPPRESSED_RESULTS[reason], "left out: suppressed"
+            )
         return dataclasses.replace(
             request,
             cc=tuple(r for r in request.cc if r not in found),
@@ -229,6 +280,8 @@ class SendService:
             sent,
             contacts=properties if entry.create_contacts else None,
             queued_status=status_id,
+            namespace=entry.namespace,
+            token=entry.token,
         )
         if isinstance(message, SendRequest):
             log.info(

@@ -1,0 +1,323 @@
+"""Webhook subscriptions' delivery state: the outbox is the events log, this is its cursors.
+
+One row per subscription (id ``<namespace>/<token>/<name>``): ``cursor`` is the seq of the
+last event of the token given to the receiver (or given up on); the batch in flight is its
+range of seqs, its ``webhook-id`` and the event types it was formed with, written BEFORE its
+first attempt, so a retry and a restart send the same events with the same id. A 2xx moves the
+cursor to the batch's end in the same transaction that clears the batch. Alongside: attempts of
+the batch and the next one's time, failures in a row and since when, the last error and the
+last success, and counts delivered and dropped.
+
+A subscription that leaves the configuration keeps its row (marked ``removed``) so that one
+that comes back soon (a Secret briefly missing, say) resumes where it was; a row removed for
+longer than the retry period starts again from the newest event (:meth:`Webhooks.ensure`).
+A new subscription starts at the newest event: it gets what happens from then on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
+
+import aiosqlite
+
+from txmail_relay.records.database import Database
+
+# What stats count of a backlog at most (a count over a long backlog would scan it whole).
+BACKLOG_CAP = 100_000
+
+_COLUMNS = (
+    "id, username, name, cursor, batch_first, batch_last, batch_size, batch_id, batch_types,"
+    " batch_formed, attempts, next_attempt, failures, failing_since, last_error, last_success,"
+    " delivered, dropped, created, removed"
+)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The events ``first..last`` (seqs, inclusive; ``size`` of them matched) sent as one
+    request with ``webhook-id`` ``id``; ``types`` is the filter it was formed with."""
+
+    first: int
+    last: int
+    size: int
+    id: str
+    types: str
+    formed: float  # its first attempt (the body's timestamp; the retry period runs from it)
+    attempts: int  # failed attempts so far
+    next_attempt: float
+
+
+@dataclass(frozen=True)
+class WebhookState:
+    id: str
+    username: str
+    name: str
+    cursor: int
+    batch: Batch | None
+    failures: int  # failed attempts in a row (across batches), 0 after a success
+    failing_since: float | None  # the first failure of that run
+    last_error: str | None
+    last_success: float | None
+    delivered: int
+    dropped: int
+    created: float
+    removed: float | None
+
+
+def types_key(types: Collection[str]) -> str:
+    """The stored form of an event-type filter ("" is every type)."""
+    return ",".join(sorted(set(types)))
+
+
+def _state(row: aiosqlite.Row) -> WebhookState:
+    batch = None
+    if row["batch_id"] is not None:
+        batch = Batch(
+            first=row["batch_first"],
+            last=row["batch_last"],
+            size=row["batch_size"],
+            id=row["batch_id"],
+            types=row["batch_types"],
+            formed=row["batch_formed"],
+            attempts=row["attempts"],
+            next_attempt=row["next_attempt"],
+        )
+    return WebhookState(
+        id=row["id"],
+        username=row["username"],
+        name=row["name"],
+        cursor=row["cursor"],
+        batch=batch,
+        failures=row["failures"],
+        failing_since=row["failing_since"],
+        last_error=row["last_error"],
+        last_success=row["last_success"],
+        delivered=row["delivered"],
+        dropped=row["dropped"],
+        created=row["created"],
+        removed=row["removed"],
+    )
+
+
+async def _get(db: aiosqlite.Connection, sub_id: str) -> WebhookState:
+    rows = await db.execute_fetchall(
+        f"SELECT {_COLUMNS} FROM webhooks WHERE id = ?",  # noqa: S608 - constant columns
+        (sub_id,),
+    )
+    row = next(iter(rows), None)
+    if row is None:
+        raise KeyError(sub_id)
+    return _state(row)
+
+
+async def _newest(db: aiosqlite.Connection) -> int:
+    rows = await db.execute_fetchall("SELECT seq FROM sqlite_sequence WHERE name = 'events'")
+    return next((int(r[0]) for r in rows), 0)
+
+
+_CLEAR_BATCH = (
+    "batch_first = NULL, batch_last = NULL, batch_size = NULL, batch_id = NULL,"
+    " batch_types = NULL, batch_formed = NULL, attempts = 0, next_attempt = NULL"
+)
+
+
+class Webhooks:
+    def __init__(self, db: Database, clock: Callable[[], float]) -> None:
+        self._db = db
+        self._clock = clock
+
+    def ensure(
+        self, sub_id: str, username: str, name: str, *, resume_within: float
+    ) -> Awaitable[WebhookState]:
+        """The row of a configured subscription: created at the newest event if new (or
+        removed more than ``resume_within`` seconds ago), otherwise marked present again."""
+        now = self._clock()
+
+        async def write(db: aiosqlite.Connection) -> WebhookState:
+            rows = list(
+                await db.execute_fetchall("SELECT removed FROM webhooks WHERE id = ?", (sub_id,))
+            )
+            if rows and rows[0]["removed"] is not None and rows[0]["removed"] < now - resume_within:
+                await db.execute("DELETE FROM webhooks WHERE id = ?", (sub_id,))
+                rows = []
+            if not rows:
+                await db.execute(
+                    "INSERT INTO webhooks (id, username, name, cursor, created)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (sub_id, username, name, await _newest(db), now),
+                )
+            else:
+                await db.execute(
+                    "UPDATE webhooks SET removed = NULL, username = ? WHERE id = ?",
+                    (username, sub_id),
+                )
+            return await _get(db, sub_id)
+
+        return self._db.write(write)
+
+    def remove(self, sub_id: str) -> Awaitable[None]:
+        """The subscription left the configuration (its row stays, see the module doc)."""
+        now = self._clock()
+
+        async def write(db: aiosqlite.Connection) -> None:
+            await db.execute(
+                "UPDATE webhooks SET removed = ? WHERE id = ? AND removed IS NULL", (now, sub_id)
+            )
+
+        return self._db.write(write)
+
+    def prune_removed(self, before: float) -> Awaitable[int]:
+        """Forget subscriptions removed before ``before``; returns how many."""
+
+        async def write(db: aiosqlite.Connection) -> int:
+            cursor = await db.execute("DELETE FROM webhooks WHERE removed < ?", (before,))
+            return cursor.rowcount
+
+        return self._db.write(write)
+
+    async def get(self, sub_id: str) -> WebhookState:
+        """The state of ``sub_id`` (KeyError if it has no row)."""
+
+        async def read(db: aiosqlite.Connection) -> WebhookState:
+            return await _get(db, sub_id)
+
+        return await self._db.read(read)
+
+    async def all(self) -> list[WebhookState]:
+        """Every row, removed ones included."""
+
+        async def read(db: aiosqlite.Connection) -> list[WebhookState]:
+            return [
+                _state(r)
+                for r in await db.execute_fetchall(
+                    f"SELECT {_COLUMNS} FROM webhooks ORDER BY id"  # noqa: S608 - constant
+                )
+            ]
+
+        return await self._db.read(read)
+
+    def start_batch(
+        self,
+        sub_id: str,
+        *,
+        first: int,
+        last: int,
+        size: int,
+        batch_id: str,
+        types: str,
+        at: float,
+    ) -> Awaitable[WebhookState]:
+        """Persist a new batch (before its first attempt, which is due at ``at``)."""
+
+        async def write(db: aiosqlite.Connection) -> WebhookState:
+            await db.execute(
+                "UPDATE webhooks SET batch_first = ?, batch_last = ?, batch_size = ?,"
+                " batch_id = ?, batch_types = ?, batch_formed = ?, attempts = 0,"
+                " next_attempt = ? WHERE id = ?",
+                (first, last, size, batch_id, types, at, at, sub_id),
+            )
+            return await _get(db, sub_id)
+
+        return self._db.write(write)
+
+    def drop_batch(self, sub_id: str) -> Awaitable[WebhookState]:
+        """Forget the batch without moving the cursor (its filter changed: formed again)."""
+
+        async def write(db: aiosqlite.Connection) -> WebhookState:
+            await db.execute(f"UPDATE webhooks SET {_CLEAR_BATCH} WHERE id = ?", (sub_id,))  # noqa: S608
+            return await _get(db, sub_id)
+
+        return self._db.write(write)
+
+    def delivered_batch(self, sub_id: str, batch_id: str, at: float) -> Awaitable[WebhookState]:
+        """The receiver took batch ``batch_id`` (a 2xx): the cursor moves past it."""
+
+        async def write(db: aiosqlite.Connection) -> WebhookState:
+            await db.execute(
+                f"UPDATE webhooks SET cursor = max(cursor, batch_last),"  # noqa: S608
+                f" delivered = delivered + batch_size, failures = 0, failing_since = NULL,"
+                f" last_success = ?, {_CLEAR_BATCH} WHERE id = ? AND batch_id = ?",
+                (at, sub_id, batch_id),
+            )
+            return await _get(db, sub_id)
+
+        return self._db.write(write)
+
+    def skip_batch(self, sub_id: str, batch_id: str) -> Awaitable[WebhookState]:
+        """Nothing of batch ``batch_id`` is left to send (its events were pruned): the
+        cursor moves past it, counted neither delivered nor dropped."""
+
+        async def write(db: aiosqlite.Connection) -> WebhookState:
+            await db.execute(
+                f"UPDATE webhooks SET cursor = max(cursor, batch_last), {_CLEAR_BATCH}"  # noqa: S608
+                " WHERE id = ? AND batch_id = ?",
+                (sub_id, batch_id),
+            )
+            return await _get(db, sub_id)
+
+        return self._db.write(write)
+
+    def failed_attempt(
+        self,
+        sub_id: str,
+        batch_id: str,
+        *,
+        error: str,
+        at: float,
+        next_attempt: float | None,
+    ) -> Awaitable[WebhookState]:
+        """An attempt of batch ``batch_id`` failed with ``error``: retried at
+        ``next_attempt``, or, if None, given up on (the cursor moves past it, its events
+        counted dropped)."""
+
+        async def write(db: aiosqlite.Connection) -> WebhookState:
+            await db.execute(
+                "UPDATE webhooks SET failures = failures + 1,"
+                " failing_since = coalesce(failing_since, ?), last_error = ?,"
+                " attempts = attempts + 1, next_attempt = ? WHERE id = ? AND batch_id = ?",
+                (at, error, next_attempt, sub_id, batch_id),
+            )
+            if next_attempt is None:
+                await db.execute(
+                    f"UPDATE webhooks SET cursor = max(cursor, batch_last),"  # noqa: S608
+                    f" dropped = dropped + batch_size, {_CLEAR_BATCH}"
+                    " WHERE id = ? AND batch_id = ?",
+                    (sub_id, batch_id),
+                )
+            return await _get(db, sub_id)
+
+        return self._db.write(write)
+
+    async def backlog(self, username: str, cursor: int, types: Collection[str]) -> int:
+        """Events of ``username`` after ``cursor`` of ``types`` (all if empty), counted up
+        to :data:`BACKLOG_CAP`."""
+        wanted = sorted(set(types))
+        where = "username = ? AND seq > ?"
+        if wanted:
+            where += f" AND type IN ({','.join('?' * len(wanted))})"
+        sql = f"SELECT count(*) FROM (SELECT 1 FROM events WHERE {where} LIMIT ?)"  # noqa: S608
+
+        async def read(db: aiosqlite.Connection) -> int:
+            rows = await db.execute_fetchall(sql, (username, cursor, *wanted, BACKLOG_CAP))
+            return int(next(iter(rows))[0])
+
+        return await self._db.read(read)
+
+    async def new_events(self, after: int) -> tuple[int, set[str]]:
+        """The newest seq after ``after`` and the usernames with events there (what the
+        dispatchers' wake-ups are made from: one query for the whole relay)."""
+
+        async def read(db: aiosqlite.Connection) -> tuple[int, set[str]]:
+            rows = await db.execute_fetchall(
+                "SELECT username, max(seq) FROM events WHERE seq > ? GROUP BY username",
+                (after,),
+            )
+            newest = max((int(r[1]) for r in rows), default=after)
+            return newest, {r[0] for r in rows}
+
+        return await self._db.read(read)
+
+    async def newest(self) -> int:
+        """The newest event's seq (0 if none)."""
+        return await self._db.read(_newest)
