@@ -95,6 +95,7 @@ class Receiver:
     port: int = field(default_factory=free_port)
     status: int = 200
     reply: str = "ok"
+    location: str | None = None  # a Location header to answer with (redirects)
     requests: list[Received] = field(default_factory=list)
     hold: threading.Event = field(default_factory=threading.Event)
     waiting: int = 0
@@ -134,7 +135,8 @@ class Receiver:
         finally:
             self.waiting -= 1
         self.requests.append(Received(request.path, headers, body, verified, status))
-        return web.Response(status=status, text=self.reply)
+        extra = {"Location": self.location} if self.location else None
+        return web.Response(status=status, text=self.reply, headers=extra)
 
     def _run(self, coro: Any) -> Any:
         assert self._loop is not None
@@ -467,6 +469,38 @@ def test_a_batch_failing_for_the_retry_period_is_dropped(env: RelayEnv, receiver
     send(env, relay, 1, first=2)
     wait_for(lambda: all_delivered(receiver, 1, first=2), 20, "the next events")
     assert first_batch not in {r.webhook_id for r in receiver.accepted()}
+
+
+def test_redirects_are_not_followed_and_slow_answers_time_out(
+    env: RelayEnv, receiver: Receiver
+) -> None:
+    receiver.status, receiver.location = 307, receiver.url("/elsewhere")
+    overrides = {**FAST, "webhooks": {**FAST_WEBHOOKS, "timeout": 0.5}}
+    entry = with_webhooks(credential(env.username, env.password), endpoint(receiver))
+    relay = env.start(env.settings(credentials=[entry], overrides=overrides))
+    send(env, relay, 1)
+    failing = wait_for(lambda: stat(env, "state", "Failing"), 20, "Failing on redirects")
+    assert failing["lastError"] == "HTTP 307 Temporary Redirect: redirects are not followed"
+    assert {r.path for r in receiver.requests} == {"/hook"}
+    receiver.status, receiver.location = 200, None
+    receiver.hold.clear()  # answers after the relay's timeout
+    wait_for(
+        lambda: relay.metric("txmail_relay_webhook_requests_total", {"result": "timeout"}) >= 1,
+        20,
+        "a timed-out attempt",
+    )
+    wait_for(
+        lambda: (
+            (found := stat(env, "state", "Failing"))
+            and found["lastError"] == "no response within 0.5 s"
+        ),
+        10,
+        "the timeout as the last error",
+    )
+    receiver.hold.set()
+    # (The requests it held count as answered 200 here, but the relay had given up on them.)
+    wait_for(lambda: stat(env, "state", "Healthy"), 20, "Healthy once it answers in time")
+    wait_for(lambda: stat(env, "backlog", 0), 10, "every event delivered")
 
 
 def test_an_unusable_key_fails_that_webhook_only(env: RelayEnv, receiver: Receiver) -> None:
