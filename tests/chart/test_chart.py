@@ -324,7 +324,13 @@ def test_network_policies_match_the_relay_contract() -> None:
         c.API_PORT,
         c.TRACKING_PORT,
         c.METRICS_PORT,
+        c.INBOUND_PORT,
     }
+    # DSNs and ARF reports come from the outside world's MTAs: the inbound port from anywhere.
+    inbound_rule = next(
+        r for r in relay["ingress"] if r["ports"] == [{"protocol": "TCP", "port": c.INBOUND_PORT}]
+    )
+    assert "from" not in inbound_rule
     tracking_rule = next(
         r for r in relay["ingress"] if r["ports"] == [{"protocol": "TCP", "port": c.TRACKING_PORT}]
     )
@@ -333,6 +339,14 @@ def test_network_policies_match_the_relay_contract() -> None:
     }
     egress_ports = {p["port"] for rule in relay["egress"] for p in rule["ports"]}
     assert {25, 587, 465, 53, 443} <= egress_ports
+    # Webhook receivers (networkPolicy.webhookEgressPorts, HTTPS by default), at any address.
+    assert {"ports": [{"protocol": "TCP", "port": 443}]} in relay["egress"]
+    # A release from before the setting (helm upgrade --reuse-values) renders without it.
+    older = objects([values("everything")], sets=["networkPolicy.webhookEgressPorts=null"])
+    relays = next(
+        p for p in kinds(older, "NetworkPolicy") if p["metadata"]["name"] == "txmail-relays"
+    )
+    assert {"ports": [{"protocol": "TCP", "port": 443}]} not in relays["spec"]["egress"]
     operator = policies["txmail-operator"]
     operator_egress = {p["port"] for rule in operator["egress"] for p in rule["ports"]}
     assert operator_egress == {443, c.API_PORT, 53}
