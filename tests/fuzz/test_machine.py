@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from txmail_relay.tracking.machine import (
     MPP_USER_AGENT,
+    RULES,
     Hit,
     HitKind,
     Policy,
@@ -63,6 +64,7 @@ def test_classify_never_raises_and_always_gives_a_reason(
     verdict = classify(Hit(kind, method, agent, at, delivered, link, nearby), policy)
     assert isinstance(verdict.machine, bool)
     assert (verdict.reason is not None) == verdict.machine
+    assert (verdict.rule in RULES) == verdict.machine
     if method.upper() == "HEAD":
         assert verdict.machine
 

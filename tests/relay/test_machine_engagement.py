@@ -144,6 +144,10 @@ def engagement_events(relay: RelayThread) -> list[Event]:
     return future.result(10)
 
 
+def _machine_metric(relay: RelayThread, kind: str, rule: str) -> float:
+    return relay.metric("txmail_relay_tracking_machine_total", {"kind": kind, "rule": rule})
+
+
 def test_a_scanner_click_redirects_and_is_flagged_a_persons_counts(
     env: RelayEnv, relay: RelayThread
 ) -> None:
@@ -152,6 +156,7 @@ def test_a_scanner_click_redirects_and_is_flagged_a_persons_counts(
     assert status == 302 and headers["Location"] == TARGETS[0]
     stats = wait_stats(env, machineClicks=1)
     assert (stats["clicks"], stats["uniqueClicks"], stats["clickRate"]) == (0, 0, 0.0)
+    assert _machine_metric(relay, "click", "user-agent") == 1
 
     [(status, headers, _)] = fetch(relay, ("GET", clicks[0], CHROME))
     assert status == 302 and headers["Location"] == TARGETS[0]
@@ -177,6 +182,7 @@ def test_head_requests_are_answered_and_flagged(env: RelayEnv, relay: RelayThrea
     assert open_status == 200 and open_headers["Content-Type"] == "image/gif" and body == b""
     assert click_status == 302 and click_headers["Location"] == TARGETS[1]
     stats = wait_stats(env, machineOpens=1, machineClicks=1)
+    assert _machine_metric(relay, "open", "head") == _machine_metric(relay, "click", "head") == 1
     assert (stats["opens"], stats["uniqueOpens"], stats["clicks"], stats["uniqueClicks"]) == (
         0,
         0,
@@ -214,6 +220,7 @@ def test_every_link_of_a_message_clicked_at_once_is_a_burst_of_machine_clicks(
     ]
     stats = wait_stats(env, machineClicks=3, clicks=1)
     assert stats["uniqueClicks"] == 1
+    assert _machine_metric(relay, "click", "burst") == 3
 
 
 def test_a_click_right_after_delivery_is_flagged(env: RelayEnv) -> None:

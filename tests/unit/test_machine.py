@@ -61,6 +61,7 @@ def test_scanner_user_agents_are_machines_on_opens_and_clicks(agent: str, name: 
     for hit in (click(agent), open_(agent)):
         verdict = classify(hit)
         assert verdict.machine and verdict.reason == f"user agent: {name}"
+        assert verdict.rule == "user-agent"
 
 
 def test_every_scanner_entry_says_where_it_comes_from() -> None:
@@ -124,6 +125,7 @@ def test_several_links_clicked_in_the_same_second_are_machines() -> None:
         hit = Hit(HitKind.CLICK, "GET", CHROME, at, link=link, nearby=others)
         verdict = classify(hit, policy)
         assert verdict.machine and verdict.reason == "several links clicked at once"
+        assert verdict.rule == "burst"
 
 
 def test_two_links_or_one_link_again_or_slower_clicks_are_a_persons() -> None:

@@ -225,6 +225,8 @@ class TrackingEndpoints:
     ) -> None:
         if verdict.machine:
             log.debug("machine %s: %s", kind.value, verdict.reason)
+            label = "open" if kind is Kind.OPENED else "click"
+            self._metrics.tracking_machine.labels(label, verdict.rule or "").inc()
         background(
             self._records.events.engagement(
                 event_id, kind, machine=verdict.machine, url=url, user_agent=agent

@@ -86,6 +86,10 @@ class Hit:
 class Verdict:
     machine: bool
     reason: str | None = None  # short, for logs: what made it a machine's
+    rule: str | None = None  # which rule: one of RULES (a metric label)
+
+
+RULES: Final = ("user-agent", "privacy-proxy", "head", "no-user-agent", "after-delivery", "burst")
 
 
 HUMAN: Final = Verdict(False)
@@ -154,22 +158,22 @@ def classify(hit: Hit, policy: Policy = Policy()) -> Verdict:
     """Whether ``hit`` is a machine's, and why. Total: never raises on any field value."""
     user_agent = (hit.user_agent or "").strip()
     if hit.method.upper() == "HEAD":
-        return Verdict(True, "HEAD request")
+        return Verdict(True, "HEAD request", "head")
     named = scanner(user_agent) if user_agent else None
     if named is not None:
-        return Verdict(True, f"user agent: {named}")
+        return Verdict(True, f"user agent: {named}", "user-agent")
     if hit.kind is HitKind.OPEN:
         if user_agent == MPP_USER_AGENT:
-            return Verdict(True, "Apple Mail Privacy Protection")
+            return Verdict(True, "Apple Mail Privacy Protection", "privacy-proxy")
         return HUMAN
     if not user_agent:
-        return Verdict(True, "no user agent")
+        return Verdict(True, "no user agent", "no-user-agent")
     if (
         policy.click_window > 0
         and hit.delivered_at is not None
         and hit.at - hit.delivered_at < policy.click_window
     ):
-        return Verdict(True, "clicked within seconds of delivery")
+        return Verdict(True, "clicked within seconds of delivery", "after-delivery")
     if _burst(hit, policy):
-        return Verdict(True, "several links clicked at once")
+        return Verdict(True, "several links clicked at once", "burst")
     return HUMAN
