@@ -338,7 +338,7 @@ def test_receiver_down_then_back_gets_everything_with_the_persisted_id(
     ((_, batch_id, _),) = db_batches(env)
     assert batch_id is not None, "the batch and its id are written before the first attempt"
     failing = wait_for(lambda: stat(env, "state", "Failing"), 10, "Failing in the stats")
-    assert failing["lastError"].startswith("cannot connect")
+    assert failing["lastError"] == "cannot connect: connection refused"
     assert failing["failingSince"] is not None
     receiver.up()
     wait_for(lambda: all_delivered(receiver, 3), 20, "the events after the receiver came back")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import secrets
 from collections.abc import Sequence
@@ -83,7 +84,11 @@ def describe_error(error: BaseException, timeout: float) -> str:
     if isinstance(error, (aiohttp.ClientSSLError, aiohttp.ClientConnectorCertificateError)):
         return f"TLS failed ({type(error).__name__})"
     if isinstance(error, aiohttp.ClientConnectorError):
-        reason = error.os_error.strerror or type(error.os_error).__name__
+        os_error = error.os_error
+        if isinstance(os_error.errno, int) and os_error.errno > 0:
+            reason = os.strerror(os_error.errno)  # asyncio's strerror quotes the address
+        else:  # a resolver error (gaierror: negative codes) says it in strerror
+            reason = os_error.strerror or type(os_error).__name__
         return f"cannot connect: {reason.lower()}"
     if isinstance(error, aiohttp.ServerDisconnectedError):
         return "the server closed the connection without a response"
