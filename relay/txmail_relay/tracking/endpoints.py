@@ -259,7 +259,12 @@ class TrackingEndpoints:
             log.exception("classifying a click failed; recorded as a person's")
         finally:
             # Recorded even if cancelled: the redirect was answered, the click happened.
-            self._record(click.event_id, Kind.CLICKED, verdict or Verdict(False), click.url, agent)
+            try:
+                self._record(
+                    click.event_id, Kind.CLICKED, verdict or Verdict(False), click.url, agent
+                )
+            except Exception:  # the records are closed already (a bug in the stop order)
+                log.exception("a click could not be recorded")
 
     async def _flush(self, _app: web.Application | None = None) -> None:
         """Record the clicks waiting for their burst window now (the relay is stopping)."""
