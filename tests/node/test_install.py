@@ -228,7 +228,10 @@ def test_an_app_pod_sends_through_the_relay_and_a_click_is_counted(shop: Shop) -
         stats = (cluster.get_namespaced(APP_NS, "smtptokens", TOKEN).get("status") or {}).get(
             "stats"
         ) or {}
-        return stats if stats.get("clicks", 0) >= 1 and stats.get("sent", 0) >= 1 else None
+        # A click within tracking.machineClickWindow (2 s) of delivery is a machine's (a
+        # gateway's scanner clicks that fast, and so may this test): counted in machineClicks.
+        clicks = stats.get("clicks", 0) + stats.get("machineClicks", 0)
+        return stats if clicks >= 1 and stats.get("sent", 0) >= 1 else None
 
     wait_for(clicked, 120, "the click in SmtpToken.status.stats", every=1)
 
