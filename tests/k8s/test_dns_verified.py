@@ -102,7 +102,7 @@ def publish(server: DnsServer, records: list[dict[str, Any]], *skip: str) -> Non
             continue
         if record["type"] == "TXT":
             data = txt("".join(record["value"]))
-        elif record["type"] == "PTR":
+        elif record["type"] in ("PTR", "MX"):  # a host name (MX: after the preference)
             data = record["value"][0] + "."
         else:
             data = record["value"][0]
@@ -148,6 +148,36 @@ def test_correct_records_verify_and_the_ip_is_ready(
             "dmarcPolicy": "none",
             **({"dkim": domain["dkim"]} if "dkim" in domain else {}),
         }
+    finally:
+        delete(kit, ip)
+        unpublish(cluster_dns, records)
+
+
+def test_the_return_paths_mx_must_name_the_hostname_and_a_fix_is_followed(
+    kit: Kit, cluster_dns: DnsServer, names: Names
+) -> None:
+    """With spec.dns.returnPathDomain the DSNs come back through that domain's MX: it is
+    listed (-> spec.hostname), checked, and gates DNSVerified like the other records."""
+    return_path = f"bounces.{names.domain}"
+    ip = dedicated_ip(kit, names, requireVerified=True, returnPathDomain=return_path)
+    records = to_publish(kit, ip)
+    try:
+        (mx,) = [r for r in records if r["purpose"] == "ReturnPathMX"]
+        assert (mx["name"], mx["type"], mx["value"]) == (
+            return_path,
+            "MX",
+            [f"10 {names.hostname}"],
+        )
+        publish(cluster_dns, records, "ReturnPathMX")
+        cond = wait_dns(kit, ip, "False", "ReturnPathMXMissing")
+        assert f"publish MX {return_path} -> 10 {names.hostname}" in cond["message"]
+        cluster_dns.set(return_path, "MX", "10 mx.elsewhere.example.")
+        cond = wait_dns(kit, ip, "False", "ReturnPathMXMismatch")
+        assert "mx.elsewhere.example" in cond["message"]
+        publish(cluster_dns, [mx])
+        wait_dns(kit, ip, "True", "Verified")
+        checked = next(r for r in status(kit, ip)["dnsRecords"] if r["purpose"] == "ReturnPathMX")
+        assert checked["result"] == "Verified"
     finally:
         delete(kit, ip)
         unpublish(cluster_dns, records)
