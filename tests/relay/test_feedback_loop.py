@@ -1,0 +1,299 @@
+"""The issue's "Done means", end to end, with a real far MTA (tests/postfix.py).
+
+An app sends through the single-send API; the relay delivers to a private Postfix (smarthost
+mode: the relay's envelope sender is its VERP return path ``bounces+<spool id>@<domain>``).
+Postfix accepts the mail, then bounces it (unknown user at bounce.test) or keeps deferring it
+(defer.test): the RFC 3464 DSNs its bounce daemon writes go, by transport_maps, to the relay's
+inbound listener. From there: the send status, the token's stats, an event POSTed to the
+token's webhook (an aiohttp receiver verifying it with the standardwebhooks library), the
+namespace's suppression list, and the next send to the address refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import secrets
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiohttp import web
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from postfix import BOUNCE_DOMAIN, DEFER_DOMAIN, Postfix, postfix_factory
+from relay.relaykit import (
+    RETURN_PATH_DOMAIN,
+    HttpReply,
+    RelayEnv,
+    RelayThread,
+    bearer,
+    credential,
+    free_port,
+    http,
+    return_path_overrides,
+    template_doc,
+    verp,
+    wait_for,
+)
+from txmail_relay.contract import WebhookEndpoint
+from txmail_relay.http.api import SEND_PATH
+
+__all__ = ["postfix_factory"]
+
+ORDER = 101
+SUPPRESSIONS = "/txmail/v1/suppressions"
+
+
+# -- a webhook receiver ------------------------------------------------------------------------
+
+
+@dataclass
+class Delivery:
+    webhook_id: str
+    payload: dict[str, Any]
+
+
+@dataclass
+class WebhookReceiver:
+    """An aiohttp server in a thread that verifies every POST with standardwebhooks (as any
+    receiver of Standard Webhooks would) and keeps the verified ones; 204, or 400 when the
+    signature does not verify (kept in ``rejected``)."""
+
+    secret: str
+    port: int = field(default_factory=free_port)
+    deliveries: list[Delivery] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+    _loop: asyncio.AbstractEventLoop | None = None
+    _stop: asyncio.Event | None = None
+    _thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/txmail-events"
+
+    def events(self) -> list[dict[str, Any]]:
+        return [e for d in list(self.deliveries) for e in d.payload["data"]["events"]]
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        try:
+            payload = Webhook(self.secret).verify(body, dict(request.headers))
+        except WebhookVerificationError as e:
+            self.rejected.append(str(e))
+            return web.Response(status=400)
+        self.deliveries.append(Delivery(request.headers["webhook-id"], payload))
+        return web.Response(status=204)
+
+    def start(self) -> WebhookReceiver:
+        ready = threading.Event()
+
+        async def main() -> None:
+            app = web.Application()
+            app.router.add_post("/txmail-events", self._handle)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", self.port).start()
+            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+            ready.set()
+            await self._stop.wait()
+            await runner.cleanup()
+
+        self._thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+        self._thread.start()
+        assert ready.wait(10), "the webhook receiver did not start"
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(10)
+
+
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    key = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+    started = WebhookReceiver(key).start()
+    yield started
+    started.stop()
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Loop:
+    env: RelayEnv
+    relay: RelayThread
+    postfix: Postfix
+    receiver: WebhookReceiver
+
+    def send(self, to: str) -> HttpReply:
+        doc = {
+            "emailId": ORDER,
+            "message": {"to": to},
+            "contactProperties": {"firstname": "Ada"},
+            "customProperties": {"order_id": secrets.token_hex(4)},
+        }
+        return http(self.relay.api_port, "POST", SEND_PATH, body=doc, headers=self.auth)
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return bearer(self.env.password)
+
+    def status(self, status_id: str) -> dict[str, Any]:
+        reply = http(
+            self.relay.api_port,
+            "GET",
+            f"/marketing/v3/email/send-statuses/{status_id}",
+            headers=self.auth,
+        )
+        assert reply.status == 200, reply.body
+        doc: dict[str, Any] = reply.json()
+        return doc
+
+    def token_stats(self) -> dict[str, Any]:
+        path = self.env.directory / "stats.json"
+        if not path.exists():
+            return {}
+        stats: dict[str, Any] = json.loads(path.read_text())["tokens"].get(self.env.username, {})
+        return stats
+
+    def wait(self, probe: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+        """``wait_for`` that shows the far MTA's log and the relay's last events on failure."""
+        try:
+            return wait_for(probe, timeout, what, every=0.05)
+        except AssertionError as e:
+            raise AssertionError(
+                f"{e}\n--- webhook events ---\n{json.dumps(self.receiver.events(), indent=1)}"
+                f"\n--- Postfix log ---\n{self.postfix.log()[-5000:]}"
+            ) from None
+
+    def hook_event(self, recipient: str, kind: str, **fields: Any) -> dict[str, Any] | None:
+        for event in self.receiver.events():
+            if (
+                event["type"] == kind
+                and event["recipient"] == recipient
+                and all(event.get(k) == v for k, v in fields.items())
+            ):
+                return event
+        return None
+
+
+@pytest.fixture
+def loop(env: RelayEnv, postfix_factory: Callable[..., Postfix], receiver: WebhookReceiver) -> Loop:
+    # Deferred mail: a delay warning after 1 s; given up only after the test (one DSN).
+    postfix = postfix_factory(delay_warning=1, lifetime=600)
+    hook = WebhookEndpoint.model_validate(
+        {"name": "events", "url": receiver.url, "secret": receiver.secret}
+    )
+    token = credential(env.username, env.password).model_copy(update={"webhooks": [hook]})
+    overrides = return_path_overrides()
+    overrides["relay"].update(
+        delivery={"smarthost": {"host": postfix.host, "port": postfix.port}},
+        suppression={"bounces": True},  # opted in: hard bounces are enforced
+    )
+    overrides.update(
+        templates=[template_doc(ORDER)],
+        statsFile="stats.json",
+        statsInterval=0.1,
+        webhooks={"pollInterval": 0.1, "minBackoff": 0.1, "maxBackoff": 0.5},
+    )
+    relay = env.start(env.settings(credentials=[token], overrides=overrides))
+    # The DSNs' next hop: the relay's inbound listener (its port is known once it listens).
+    postfix.route(RETURN_PATH_DOMAIN, "127.0.0.1", relay.inbound_port)
+    return Loop(env, relay, postfix, receiver)
+
+
+def test_an_address_the_far_mta_bounces_later_is_bounced_everywhere_and_then_refused(
+    loop: Loop,
+) -> None:
+    address = f"nobody-{secrets.token_hex(4)}@{BOUNCE_DOMAIN}"
+    reply = loop.send(address)
+    assert reply.status == 200, reply.body
+    status_id = reply.json()["statusId"]
+
+    # Postfix accepted it (delivered, as far as the relay's own SMTP session goes) and then
+    # bounced it with a DSN to the VERP return path, which came back to the relay.
+    loop.postfix.wait_log("status=bounced")
+    bounced = loop.wait(lambda: loop.hook_event(address, "BOUNCE"), "a BOUNCE event at the webhook")
+
+    # The webhook event: hard, from a DSN, tied to the message, its token and send status.
+    assert bounced["bounceType"] == "HARD"
+    assert bounced["source"] == "DSN"
+    assert bounced["status"] == "5.1.1"
+    assert bounced["statusId"] == status_id
+    assert bounced["namespace"] == "apps" and bounced["token"] == loop.env.username
+    assert bounced["emailId"] == ORDER
+    # The envelope sender Postfix saw was that message's return path.
+    assert f"from=<{verp(bounced['spoolId'])}>" in loop.postfix.log()
+    assert loop.receiver.rejected == []
+    # Earlier events of the message came in order before it (SENT, DELIVERED, BOUNCE).
+    kinds = [e["type"] for e in loop.receiver.events() if e["recipient"] == address]
+    assert kinds[: kinds.index("BOUNCE") + 1] == ["SENT", "DELIVERED", "BOUNCE"]
+
+    # The send status: COMPLETE, UNDELIVERABLE, with the bounce.
+    status = loop.wait(
+        lambda: s if (s := loop.status(status_id)).get("sendResult") == "UNDELIVERABLE" else None,
+        "the send status to show the bounce",
+    )
+    assert status["status"] == "COMPLETE"
+    assert status["bounce"]["bounceType"] == "HARD"
+    assert status["bounce"]["status"] == "5.1.1"
+
+    # The token's stats count it as a (hard) bounce.
+    loop.wait(lambda: loop.token_stats().get("bounced") == 1, "stats: bounced 1")
+    assert loop.token_stats().get("softBounces", 0) == 0
+
+    # The namespace's suppression list has the address, as a hard bounce.
+    listed = http(loop.relay.api_port, "GET", SUPPRESSIONS, headers=loop.auth)
+    assert listed.status == 200, listed.body
+    [entry] = [r for r in listed.json()["results"] if r["address"] == address]
+    assert entry["suppressed"] and entry["sendResult"] == "PREVIOUSLY_BOUNCED", entry
+    assert [(e["reason"], e["enforced"], e["relayWide"]) for e in entry["entries"]] == [
+        ("HARD_BOUNCE", True, False)
+    ]
+    # The pull API has the very event the webhook got (the same shape, the same id).
+    pulled = http(
+        loop.relay.api_port,
+        "GET",
+        f"/email/public/v1/events?eventType=BOUNCE&recipient={address}",
+        headers=loop.auth,
+    )
+    assert pulled.status == 200, pulled.body
+    assert pulled.json()["events"] == [bounced]
+
+    # The next send to it is refused before spooling, as HubSpot does.
+    again = loop.send(address)
+    assert again.status == 400, again.body
+    assert again.json()["sendResult"] == "PREVIOUSLY_BOUNCED"
+    loop.wait(
+        lambda: loop.hook_event(address, "DROPPED", dropReason="PREVIOUSLY_BOUNCED"),
+        "a DROPPED event at the webhook",
+    )
+
+
+def test_a_deferral_at_the_far_mta_is_a_soft_bounce_from_its_delay_warning(loop: Loop) -> None:
+    address = f"later-{secrets.token_hex(4)}@{DEFER_DOMAIN}"
+    reply = loop.send(address)
+    assert reply.status == 200, reply.body
+    status_id = reply.json()["statusId"]
+
+    soft = loop.wait(lambda: loop.hook_event(address, "BOUNCE"), "a BOUNCE event at the webhook")
+    assert soft["bounceType"] == "SOFT"
+    assert soft["source"] == "DSN"
+    assert soft["status"].startswith("4.")
+    assert soft["statusId"] == status_id
+    assert "status=deferred" in loop.postfix.log()
+
+    loop.wait(lambda: loop.token_stats().get("softBounces") == 1, "stats: softBounces 1")
+    assert loop.token_stats().get("bounced", 0) == 0
+    # A soft bounce neither ends the send nor suppresses the address.
+    assert loop.status(status_id).get("sendResult") != "UNDELIVERABLE"
+    listed = http(loop.relay.api_port, "GET", SUPPRESSIONS, headers=loop.auth)
+    assert listed.status == 200, listed.body
+    assert [r for r in listed.json()["results"] if r["address"] == address] == []
+    assert loop.send(address).status == 200
