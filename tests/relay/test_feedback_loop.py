@@ -15,6 +15,7 @@ import asyncio
 import base64
 import json
 import secrets
+import smtplib
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ import pytest
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from postfix import BOUNCE_DOMAIN, DEFER_DOMAIN, Postfix, postfix_factory
+from postfix import BOUNCE_DOMAIN, DEFER_DOMAIN, KNOWN_USER, Postfix, postfix_factory
 from relay.relaykit import (
     RETURN_PATH_DOMAIN,
     HttpReply,
@@ -45,6 +46,8 @@ from txmail_relay.http.api import SEND_PATH
 __all__ = ["postfix_factory"]
 
 ORDER = 101
+B_USER = "app2"
+B_PASSWORD = secrets.token_urlsafe(32)
 SUPPRESSIONS = "/txmail/v1/suppressions"
 
 
@@ -191,6 +194,8 @@ def loop(env: RelayEnv, postfix_factory: Callable[..., Postfix], receiver: Webho
         {"name": "events", "url": receiver.url, "secret": receiver.secret}
     )
     token = credential(env.username, env.password).model_copy(update={"webhooks": [hook]})
+    # A second token in another namespace, without webhooks (SMTP submission, pull API).
+    other = credential(B_USER, B_PASSWORD).model_copy(update={"namespace": "other"})
     overrides = return_path_overrides()
     overrides["relay"].update(
         delivery={"smarthost": {"host": postfix.host, "port": postfix.port}},
@@ -202,7 +207,7 @@ def loop(env: RelayEnv, postfix_factory: Callable[..., Postfix], receiver: Webho
         statsInterval=0.1,
         webhooks={"pollInterval": 0.1, "minBackoff": 0.1, "maxBackoff": 0.5},
     )
-    relay = env.start(env.settings(credentials=[token], overrides=overrides))
+    relay = env.start(env.settings(credentials=[token, other], overrides=overrides))
     # The DSNs' next hop: the relay's inbound listener (its port is known once it listens).
     postfix.route(RETURN_PATH_DOMAIN, "127.0.0.1", relay.inbound_port)
     return Loop(env, relay, postfix, receiver)
@@ -297,3 +302,55 @@ def test_a_deferral_at_the_far_mta_is_a_soft_bounce_from_its_delay_warning(loop:
     assert listed.status == 200, listed.body
     assert [r for r in listed.json()["results"] if r["address"] == address] == []
     assert loop.send(address).status == 200
+
+
+def test_one_smtp_message_to_a_known_and_an_unknown_user_bounces_only_the_unknown_one(
+    loop: Loop,
+) -> None:
+    """Submitted over SMTP by the token of namespace "other": Postfix delivers one recipient
+    and bounces the other; the DSN is recorded for that recipient and that token only, and
+    suppresses it in that namespace only."""
+    tag = secrets.token_hex(4)
+    known, unknown = f"{KNOWN_USER}@{BOUNCE_DOMAIN}", f"gone-{tag}@{BOUNCE_DOMAIN}"
+    body = (
+        f"From: App <app@example.com>\r\nTo: {known}, {unknown}\r\nSubject: {tag}\r\n"
+        f"Message-ID: <{tag}@example.com>\r\n\r\nhello\r\n"
+    ).encode()
+    with smtplib.SMTP("127.0.0.1", loop.relay.port, timeout=10) as smtp:
+        smtp.starttls(context=loop.env.tls.client_context())
+        smtp.login(B_USER, B_PASSWORD)
+        smtp.sendmail("app@example.com", [known, unknown], body)
+
+    # The far side: the known user has it, with the VERP return path as its Return-Path.
+    [copy] = loop.wait(loop.postfix.delivered, "the known user's copy")
+    assert copy["Message-ID"] == f"<{tag}@example.com>"
+    assert copy["From"] == "App <app@example.com>"  # the header From stays the app's
+    return_path = copy["Return-Path"].strip("<>")
+    assert return_path.startswith("bounces+") and return_path.endswith(f"@{RETURN_PATH_DOMAIN}")
+
+    b_auth = bearer(B_PASSWORD)
+
+    def pulled(recipient: str) -> list[dict[str, Any]]:
+        reply = http(
+            loop.relay.api_port,
+            "GET",
+            f"/email/public/v1/events?eventType=BOUNCE&recipient={recipient}",
+            headers=b_auth,
+        )
+        assert reply.status == 200, reply.body
+        events: list[dict[str, Any]] = reply.json()["events"]
+        return events
+
+    [bounce] = loop.wait(lambda: pulled(unknown), "the BOUNCE event in namespace other")
+    assert (bounce["bounceType"], bounce["source"], bounce["status"]) == ("HARD", "DSN", "5.1.1")
+    assert bounce["token"] == B_USER and bounce["namespace"] == "other"
+    assert bounce["messageId"] == f"<{tag}@example.com>"
+    assert verp(bounce["spoolId"]) == return_path
+    assert pulled(known) == []
+    # Namespace "apps" sees none of it: no event, no webhook delivery, no suppression.
+    assert loop.hook_event(unknown, "BOUNCE") is None
+    apps = http(loop.relay.api_port, "GET", f"{SUPPRESSIONS}/{unknown}", headers=loop.auth)
+    assert apps.status == 404, apps.body  # this address is not suppressed (in "apps")
+    other = http(loop.relay.api_port, "GET", f"{SUPPRESSIONS}/{unknown}", headers=b_auth)
+    assert other.status == 200 and other.json()["suppressed"] is True, other.body
+    assert loop.send(unknown).status == 200  # a token of "apps" may still send to it
