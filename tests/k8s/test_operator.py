@@ -381,6 +381,7 @@ def test_dedicated_ip_becomes_a_restricted_relay(kit: Kit, ip: str, api: client.
         (80, "tracking"),
         (8081, "api"),
         (9090, "metrics"),
+        (25, "smtp-in"),  # DSNs and ARF reports from the outside world (the inbound listener)
     }
     client.CoreV1Api(api).read_namespaced_service_account(name, ns)
     role = client.RbacAuthorizationV1Api(api).read_namespaced_role(name, ns)
