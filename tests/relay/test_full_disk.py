@@ -258,7 +258,10 @@ def delivered(sink: Sink) -> Counter[int]:
 
 @pytest.fixture
 def volume(tmp_path: Path) -> Iterator[Volume]:
-    vol = Volume(tmp_path / "volume", 32 * MIB)
+    # 40 MiB: 12 MiB of deferred mail, the records' room (8 MiB WAL and checkpoint, 1 MiB),
+    # and their events log (a SENT row per recipient, a DEFERRED one per recipient and
+    # attempt: a few MiB while 2,400 recipients are retried every 2 s).
+    vol = Volume(tmp_path / "volume", 40 * MIB)
     try:
         yield vol
     finally:
