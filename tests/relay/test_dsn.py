@@ -10,6 +10,7 @@ and is read with the stdlib ``email`` package as a mail client would.
 from __future__ import annotations
 
 import email
+import json
 from collections.abc import Iterator
 from email.message import EmailMessage, Message
 from email.policy import default
@@ -30,6 +31,7 @@ from relay.relaykit import (
     credential,
     message,
     relay_settings,
+    template_doc,
     wait_for,
 )
 
@@ -73,6 +75,7 @@ def start(
     *,
     policy: str | None = None,
     retry: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> RelayThread:
     relay: dict[str, Any] = {
@@ -83,6 +86,7 @@ def start(
     overrides: dict[str, Any] = {"relay": relay}
     if retry is not None:
         overrides["retry"] = retry
+    overrides.update(extra or {})
     settings = relay_settings(
         env.directory,
         env.tls,
@@ -316,3 +320,25 @@ def test_dsn_parameters_survive_a_restart_in_the_spool(
     per_message, block = status_blocks(report)
     assert per_message["Original-Envelope-Id"] == "again"
     assert block["Original-Recipient"] == "rfc822; X@slow.test"
+
+
+def test_template_sends_get_no_dsn(env: RelayEnv, dns: DnsServer, sinks: dict[str, Sink]) -> None:
+    """An SMTP template send has a send status and events: no DSN, even with Always."""
+    recorder = Recorder()
+    relay = start(
+        env,
+        dns,
+        policy="Always",
+        extra={"templates": [template_doc(7, sender="app@example.com")]},
+        listeners=[recorder],
+    )
+    props = {"contactProperties": {"firstname": "A"}, "customProperties": {"order_id": "1"}}
+    body = (
+        "From: App <app@example.com>\r\nTo: a@dest.test\r\nSubject: x\r\n"
+        f"X-Txmail-Email-Id: 7\r\nX-Txmail-Properties: {json.dumps(props)}\r\n\r\nignored\r\n"
+    ).encode()
+    submit(env, relay, "app@example.com", {"a@dest.test": ["NOTIFY=FAILURE"]}, body=body)
+    wait_for(lambda: drained(relay) and recorder.outcomes("a@dest.test"), what="the bounce")
+    assert recorder.outcomes("a@dest.test") == ["bounced"]
+    assert recorder.outcomes("app@example.com") == []
+    assert reports(sinks["senders"]) == []
