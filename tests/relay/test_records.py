@@ -489,3 +489,22 @@ async def test_an_asynchronous_bounce_is_tied_to_its_message(tmp_path: Path) -> 
             ("HARD", "UNKNOWN_USER"),
             ("HARD", "UNKNOWN_USER"),
         ]
+
+
+async def test_an_expired_recipient_is_a_soft_bounce_counted_as_bounced(tmp_path: Path) -> None:
+    async with opened(tmp_path) as records:
+        await records.sends.record(
+            "app1", 0, [SentCopy("s1", "cy@dest.test")], namespace="ns1", token="t1"
+        )
+        await records.events.outcome("s1", "app1", "cy@dest.test", Outcome.EXPIRED, 9.0)
+        [event] = await records.events.after(0, types=[EventType.BOUNCE], limit=9)
+        assert dict(event.detail) == {
+            "bounceType": "SOFT",
+            "source": "EXPIRED",
+            "status": "4.4.7",
+            "category": "TIMEOUT",
+        }
+        counts = (await records.counters.totals()).counts["app1"]
+        # Not suppressed: only hard bounces are.
+        assert not await records.suppressions.find("ns1", ["cy@dest.test"], list(Suppression))
+    assert counts[Kind.EXPIRED] == 1 and Kind.SOFT_BOUNCED not in counts
