@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 
 from txmail_relay.contract import DeliveryMode, SmarthostTLS
 
@@ -310,6 +310,12 @@ class Suppression(Model):
     )
 
 
+RETURN_PATH_OWN_DOMAIN = (
+    "dns.returnPathDomain must be a domain of its own, not one of domains (for example "
+    "bounces.example.com): its MX points at the relay, which takes only bounces and complaints"
+)
+
+
 class DedicatedIPSpec(Model):
     model_config = ConfigDict(
         json_schema_extra={
@@ -318,9 +324,7 @@ class DedicatedIPSpec(Model):
                 cel(
                     "!has(self.dns) || !has(self.dns.returnPathDomain) || "
                     "!(self.dns.returnPathDomain in self.domains)",
-                    "dns.returnPathDomain must be a domain of its own, not one of domains (for "
-                    "example bounces.example.com): its MX points at the relay, which takes "
-                    "only bounces and complaints",
+                    RETURN_PATH_OWN_DOMAIN,
                     field=".dns.returnPathDomain",
                 ),
             ]
@@ -381,6 +385,15 @@ class DedicatedIPSpec(Model):
     shaping: Shaping | None = Field(
         default=None, description="Per-destination shaping; the relay's defaults when omitted."
     )
+
+    @model_validator(mode="after")
+    def _return_path_of_its_own(self) -> DedicatedIPSpec:
+        """The CEL rule above, for pydantic: the operator would otherwise list (and wait for)
+        an MX that takes the sending domain's mail over to the relay."""
+        rp = self.dns.return_path_domain
+        if rp is not None and rp in self.domains:
+            raise ValueError(RETURN_PATH_OWN_DOMAIN)
+        return self
 
 
 class RelayStatus(Model):
