@@ -206,6 +206,13 @@ CREATE TABLE webhooks (
 );
 """
 
+# The events API and the webhooks filter by type within a token or a namespace: without these a
+# poll for a rare type (eventType=BOUNCE) walks every event of the token after its offset.
+_EVENTS_BY_TYPE = """
+CREATE INDEX events_username_type ON events (username, type, seq);
+CREATE INDEX events_namespace_type ON events (namespace, type, seq);
+"""
+
 MIGRATIONS: tuple[str, ...] = (
     _SENDS_AND_EVENTS,
     _SUPPRESSIONS,
@@ -214,6 +221,7 @@ MIGRATIONS: tuple[str, ...] = (
     _WARMUP_MESSAGES,
     _FEEDBACK,
     _WEBHOOKS,
+    _EVENTS_BY_TYPE,
 )
 VERSION = len(MIGRATIONS)
 
