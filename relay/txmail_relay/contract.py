@@ -869,6 +869,11 @@ class TLSSettings(_Settings):
 
 class LimitSettings(_Settings):
     max_message_size: int = Field(default=10_240_000, description="SIZE; Postfix's default")
+    max_inbound_message_size: int = Field(
+        default=MIB,
+        ge=64 * 1024,
+        description="SIZE of the inbound listener (DSNs, ARF reports): 552 past it",
+    )
     max_recipients: int = Field(default=100, ge=100, description="RFC 5321 4.5.3.1.8")
     idle_timeout: float = 300.0
     max_auth_failures: int = Field(default=5, ge=3, description="Per connection (RFC 4954)")

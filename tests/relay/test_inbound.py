@@ -35,13 +35,15 @@ from relay.relaykit import (
     wait_for,
 )
 from txmail_relay.http.api import SEND_PATH, STATUS_PATH
+from txmail_relay.ingress.inbound import DETECT_BYTES, read_report
 from txmail_relay.mail.return_path import ReturnPath, envelope_sender
 from txmail_relay.records.model import Event, EventType
 
 CORPUS = Path(__file__).parent / "corpus"
 COMPLAINTS = "fbl@relay.test"
 SENDER = "app@example.com"
-MAX_SIZE = 64_000
+MAX_SIZE = 1_000_000  # submission's limit
+INBOUND_MAX_SIZE = 64 * 1024  # the inbound listener's own, smaller
 EMAIL_ID = 21
 T = TypeVar("T")
 
@@ -55,7 +57,11 @@ def relay(env: RelayEnv) -> RelayThread:
         {
             "statsFile": "stats.json",
             "statsInterval": 0.1,
-            "limits": {"maxMessageSize": MAX_SIZE, "spoolMinFreeBytes": 0},
+            "limits": {
+                "maxMessageSize": MAX_SIZE,
+                "maxInboundMessageSize": INBOUND_MAX_SIZE,
+                "spoolMinFreeBytes": 0,
+            },
             "templates": [template_doc(EMAIL_ID)],
         }
     )
@@ -436,15 +442,35 @@ def test_unknown_ids_forged_recipients_and_junk_are_accepted_and_change_nothing(
 
 
 def test_oversized_message_is_refused(env: RelayEnv, relay: RelayThread) -> None:
+    """The inbound listener has its own, small size limit (a report is small; reading a big
+    message is CPU time any host on the internet could spend): far below submission's."""
     spool_id, message_id = submit(env, relay, ["ada@dest.test"])
     dsn = corpus(
         "dsn-hard-5.1.1.eml", VERP=verp(spool_id), RCPT="ada@dest.test", MESSAGE_ID=message_id
     )
-    padded = dsn.replace(b"\r\n\r\nThis is a MIME", b"\r\n\r\n" + b"x" * 78 + b"\r\n", 1)
-    padded = padded.replace(b"x" * 78 + b"\r\n", (b"x" * 78 + b"\r\n") * (MAX_SIZE // 80 + 1), 1)
+    line = b"x" * 78 + b"\r\n"
+    padded = dsn.replace(b"\r\n\r\nThis is a MIME", b"\r\n\r\n" + line, 1)
+    padded = padded.replace(line, line * (INBOUND_MAX_SIZE // 80 + 1), 1)
+    assert INBOUND_MAX_SIZE < len(padded) < MAX_SIZE
+    with smtplib.SMTP("127.0.0.1", relay.inbound_port, timeout=10) as smtp:
+        smtp.ehlo("mx.dest.test")
+        assert smtp.esmtp_features["size"] == str(INBOUND_MAX_SIZE)
+        code, _ = smtp.docmd(f"MAIL FROM:<> SIZE={INBOUND_MAX_SIZE + 1}")
+        assert code == 552
     code, _ = inbound(relay, [verp(spool_id)], padded)
     assert code == 552
     assert not bounces(relay)
+
+
+def test_a_non_standard_bounce_is_read_from_its_first_part_only() -> None:
+    """flufl.bounce's detectors read the first 256 KB: a bounce padded beyond is still read,
+    and what the padding holds is not."""
+    bounce = corpus("qmail-bounce.eml", VERP="x@y.test", RCPT="gone@qmail.test", MESSAGE_ID="<m@x>")
+    padding = b"".join(b"x%06d\r\n" % i for i in range(DETECT_BYTES // 8))
+    late = bounce.replace(b"gone@qmail.test", b"late@qmail.test")
+    report = read_report(bounce + padding + late.partition(b"\r\n\r\n")[2])
+    assert report.kind == "bounce"
+    assert [f.recipients for f in report.failures] == [("gone@qmail.test",)]
 
 
 def test_a_bounce_that_cannot_be_written_gets_451_and_is_recorded_when_sent_again(

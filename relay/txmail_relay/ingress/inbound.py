@@ -8,7 +8,9 @@ address. This listener takes exactly those:
 * no AUTH (none is listed, the command gets 502); STARTTLS offered with the relay's
   certificate, not required (RFC 3207: a public MX must not insist); the submission
   listener's connection caps, size, idle, upload and junk-command limits
-  (:class:`~txmail_relay.ingress.smtp.SubmissionProtocol`, reused);
+  (:class:`~txmail_relay.ingress.smtp.SubmissionProtocol`, reused), but a size limit of
+  its own (``limits.maxInboundMessageSize``, 1 MiB by default: a report is small, Postfix's
+  bounce_size_limit is 50 kB), refused with 552 while the data streams in;
 * RCPT only to a return-path address whose tag is a well-formed spool id, or to the
   complaints address (both case-insensitive), everything else ``550 5.7.1``;
 * DATA: an ARF report goes to the :class:`ComplaintHandler`; an RFC 3464 DSN
@@ -18,6 +20,10 @@ address. This listener takes exactly those:
   non-standard formats (qmail, Exim, Exchange, ...). ``failed`` with a 5.x.x status is a
   hard bounce; ``failed`` with 4.x.x and ``delayed`` are soft; ``delivered``, ``relayed``
   and ``expanded`` are not bounces.
+
+Reading a report is CPU work (the stdlib parser, flufl.bounce's detectors): it runs in a
+worker thread, never on the event loop, and the detectors see only the first
+:data:`DETECT_BYTES` of a message (a bounce names its recipient near the top).
 
 Each bounce is tied to its message by the spool id in the envelope recipient and to its
 recipient by the DSN's fields (``records.events.bounce``, which refuses a recipient the
@@ -29,6 +35,7 @@ nobody) is 250 too, counted and logged once: making a far MTA retry it would gai
 
 from __future__ import annotations
 
+import asyncio
 import email.policy
 import logging
 import re
@@ -69,6 +76,9 @@ REPLY_WRITE_FAILED = "451 4.3.0 Could not record the report, please try again la
 _STATUS = re.compile(r"([245])\.\d{1,3}\.\d{1,3}")
 _SPACE = re.compile(r"\s+")
 MAX_REPLY = 1000  # characters of a Diagnostic-Code kept
+#: flufl.bounce's detectors read at most this much of a message (they run regular expressions
+#: over every line: 10 s for a 10 MB message).
+DETECT_BYTES = 256 * 1024
 
 
 # -- the return path, as configured now -------------------------------------------------------
@@ -216,6 +226,8 @@ def read_report(data: bytes) -> Report:
             failures = _dsn_failures(msg)
             if failures is not None:
                 return Report("dsn", failures) if failures else Report("junk")
+        if len(data) > DETECT_BYTES:
+            msg = _parse(data[:DETECT_BYTES])
         detected = _detected_failures(msg)
     except Exception as e:  # RecursionError, the parser's and the detectors' own errors
         log.debug("inbound message does not parse: %s", type(e).__name__)
@@ -331,7 +343,7 @@ class InboundHandler:
         content = envelope.original_content
         if not isinstance(content, bytes):
             return REPLY_INTERNAL_ERROR
-        report = read_report(content)
+        report = await asyncio.to_thread(read_report, content)  # CPU work: off the loop
         peer = peer_ip(session.peer)
         try:
             if report.kind == "arf":
@@ -422,6 +434,8 @@ class InboundProtocol(SubmissionProtocol):
             on_close=on_close,
         )
         self._auth_required = False  # MAIL and RCPT without AUTH
+        # A report is small: the listener's own limit (EHLO's SIZE, MAIL's SIZE=, DATA's 552).
+        self.data_size_limit = limits.max_inbound_message_size
 
     @_help_of(SMTP.smtp_AUTH)
     async def smtp_AUTH(self, arg: str) -> None:  # noqa: N802 - aiosmtpd's hook name
