@@ -9,13 +9,14 @@ and is read with the stdlib ``email`` package as a mail client would.
 
 from __future__ import annotations
 
+import asyncio
 import email
 import json
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from email.message import EmailMessage, Message
 from email.policy import default
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -34,8 +35,10 @@ from relay.relaykit import (
     template_doc,
     wait_for,
 )
+from txmail_relay.records.model import EventType, Kind
 
 PORT = free_port("127.0.0.2")
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -284,6 +287,25 @@ def test_never_a_dsn_about_a_dsn(env: RelayEnv, dns: DnsServer, sinks: dict[str,
     assert recorder.outcomes("app@tenant-b.com") == ["bounced"]
     assert relay.relay is not None and relay.relay.queue.depth() == 0
     assert reports(sinks["senders"]) == []
+    # The DSN is the relay's own mail (username ""): its bounce counts against no token and
+    # does not suppress the app's own sender.
+    records = relay.relay.records
+    loop = relay._loop
+    assert loop is not None
+
+    def on_loop(make: Callable[[], Awaitable[T]]) -> T:
+        async def run() -> T:
+            return await make()
+
+        return asyncio.run_coroutine_threadsafe(run(), loop).result(10)
+
+    bounced = on_loop(lambda: records.events.after(0, types=[EventType.BOUNCE], limit=100))
+    assert [(e.username, e.recipient) for e in bounced] == [(env.username, "a@dest.test")]
+    assert not [e for e in on_loop(lambda: records.events.after(0, limit=100)) if not e.username]
+    totals = on_loop(records.counters.totals)
+    assert set(totals.counts) == {env.username}
+    assert totals.counts[env.username].get(Kind.BOUNCED) == 1
+    assert on_loop(lambda: records.suppressions.get("apps", "app@tenant-b.com")) == []
 
 
 def test_dsn_parameters_survive_a_restart_in_the_spool(

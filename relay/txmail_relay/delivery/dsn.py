@@ -4,7 +4,10 @@ The queue hands over, per attempt, the recipients of one message it bounced or e
 (:meth:`DsnNotifier.notify`); the DedicatedIP's ``RelayConfig.dsn.notify`` policy and each
 recipient's NOTIFY decide which of them the sender hears of; one report names them all and
 is spooled like any message, from the null reverse path ``<>`` (so no DSN is ever sent about
-it) to the original envelope sender, under the same token. Messages without DSN parameters
+it) to the original envelope sender, under the reserved username ``""`` (:data:`DSN_USERNAME`):
+the relay's own mail is no token's, so the records count nothing and write no event nor
+suppression for it (a DSN that bounces must not suppress the app's own sender, nor count
+against its token); the metrics still count it. Messages without DSN parameters
 (API and template sends: their send status and events say what happened) never get here.
 """
 
@@ -21,6 +24,9 @@ from txmail_relay.mail.dsn import FailedRecipient, build_dsn
 from txmail_relay.spool.segments import SpooledMessage
 
 log = logging.getLogger(__name__)
+
+#: The username of the mail the relay itself spools (its DSNs): no token's.
+DSN_USERNAME = ""
 
 
 class DsnSpool(Protocol):
@@ -57,7 +63,7 @@ class DsnNotifier:
             envelope=msg.dsn,
             now=self._clock(),
         )
-        spooled = await self._spool.append("", [msg.mail_from], msg.username, report)
+        spooled = await self._spool.append("", [msg.mail_from], DSN_USERNAME, report)
         log.info(
             "DSN queued",
             extra={
