@@ -35,6 +35,13 @@ from relay.relaykit import (
     template_doc,
     wait_for,
 )
+from txmail_relay.mail.dsn import (
+    MAX_DIAGNOSTIC,
+    DsnEnvelope,
+    FailedRecipient,
+    RecipientParams,
+    build_dsn,
+)
 from txmail_relay.records.model import EventType, Kind
 
 PORT = free_port("127.0.0.2")
@@ -364,3 +371,40 @@ def test_template_sends_get_no_dsn(env: RelayEnv, dns: DnsServer, sinks: dict[st
     assert recorder.outcomes("a@dest.test") == ["bounced"]
     assert recorder.outcomes("app@example.com") == []
     assert reports(sinks["senders"]) == []
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "550 5.1.1 Benutzer \udcfc\udce9 unbekannt",  # latin-1 bytes (aiosmtplib: surrogates)
+        "550 5.1.1 Benutzer üé unbekannt",  # valid UTF-8
+        "550-5.7.1 " + "\n550-5.7.1 ".join(["x" * 70] * 40) + "\n550 5.7.1 end",  # multi-line
+        "550 5.7.1 " + "y" * 3000,  # one long word
+    ],
+)
+def test_a_far_mtas_reply_is_reported_as_printable_ascii(reply: str) -> None:
+    """Whatever the far MTA answered, the report is written (the DSN is not lost), its
+    Diagnostic-Code is plain ASCII ``smtp; 550 ...`` (no RFC 2047 word), and no line is longer
+    than RFC 5322's 998 characters."""
+    failed = FailedRecipient("a@dest.test", reply, False, RecipientParams(), 1e9, "mx.dest.test")
+    data = build_dsn(
+        hostname="relay.test",
+        sender="app@example.com",
+        failed=[failed],
+        original=b"Subject: hi\r\n\r\nbody\r\n",
+        arrived=1e9,
+        envelope=DsnEnvelope(),
+        now=1e9,
+    )
+    assert data.isascii()
+    assert max(len(line) for line in data.split(b"\r\n")) <= 998
+    report = email.message_from_bytes(data, policy=default)
+    assert isinstance(report, EmailMessage)
+    _, block = status_blocks(report)
+    diagnostic = block["Diagnostic-Code"]
+    assert diagnostic.startswith("smtp; 550")
+    assert "=?" not in diagnostic
+    assert len(diagnostic) <= 6 + MAX_DIAGNOSTIC
+    assert block["Status"] == ("5.7.1" if "5.7.1" in reply else "5.1.1")
+    if "Benutzer" in reply:
+        assert diagnostic == "smtp; 550 5.1.1 Benutzer ?? unbekannt"

@@ -39,6 +39,9 @@ MAX_ORCPT = 500  # RFC 3461 §4.2
 MAX_RETURNED_BYTES = 256 * 1024
 #: The RFC 3463 status when the relay gave up because the queue lifetime was reached.
 EXPIRED_STATUS = "4.4.7"
+#: Characters of a far MTA's reply kept in a report (a multi-line reply can be long; with the
+#: field name this stays far below RFC 5322's 998 per line even unfolded).
+MAX_DIAGNOSTIC = 900
 
 _XTEXT_CHAR = re.compile(r"[!-*,-<>-~]")  # printable ASCII but "+" and "="
 _XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})*")
@@ -237,6 +240,15 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def printable(text: str, limit: int = MAX_DIAGNOSTIC) -> str:
+    """A far MTA's reply as a report may carry it: one line of printable ASCII (RFC 3464
+    §2.3.6: Diagnostic-Code is US-ASCII; RFC 2047 words are not allowed in it), every other
+    character "?" as Postfix's printable() does (aiosmtplib hands 8-bit bytes over as
+    surrogate escapes, which no codec writes), at most ``limit`` characters (ending "...")."""
+    cleaned = _one_line("".join(c if " " <= c <= "~" else "?" for c in _one_line(text)))
+    return cleaned if len(cleaned) <= limit else cleaned[: limit - 3].rstrip() + "..."
+
+
 def header_section(original: bytes) -> bytes:
     """The original's header section, up to its first empty line."""
     for sep in (b"\r\n\r\n", b"\n\n"):
@@ -275,9 +287,9 @@ def build_dsn(
         "",
     ]
     for f in failed:
-        lines.append(f"<{f.recipient}>: {_one_line(f.reply)}")
+        lines.append(f"<{printable(f.recipient)}>: {printable(f.reply)}")
     text = "\r\n".join(lines) + "\r\n"
-    human = MIMEText(text, "plain", "us-ascii" if text.isascii() else "utf-8")
+    human = MIMEText(text, "plain", "us-ascii")
     human["Content-Description"] = "Notification"
 
     per_message = [("Reporting-MTA", f"dns; {hostname}")]
@@ -298,7 +310,7 @@ def build_dsn(
         if f.remote_mta is not None:
             fields.append(("Remote-MTA", f"dns; {f.remote_mta}"))
         if f.reply:
-            fields.append(("Diagnostic-Code", f"smtp; {_one_line(f.reply)}"))
+            fields.append(("Diagnostic-Code", f"smtp; {printable(f.reply)}"))
         fields.append(("Last-Attempt-Date", formatdate(f.at)))
         blocks.append(_field_block(fields))
     status = MIMEBase("message", "delivery-status")
