@@ -171,6 +171,9 @@ def test_ehlo_offers_dsn_and_bad_parameters_are_501(env: RelayEnv, dns: DnsServe
         cases = [
             ("MAIL FROM:<app@example.com> RET=MAYBE", 501),
             ("MAIL FROM:<app@example.com> ENVID=a=b", 501),  # "=" is not xtext
+            ("MAIL FROM:<app@example.com> ENVID=a+0D+0AX:+20y", 501),  # CR LF once decoded
+            ("MAIL FROM:<app@example.com> ENVID=a+00b", 501),  # a NUL once decoded
+            ("MAIL FROM:<app@example.com> ENVID=a+C3+A9", 501),  # not ASCII once decoded
             ("MAIL FROM:<app@example.com> RET=HDRS RET=FULL", 501),
             ("MAIL FROM:<app@example.com> FOO=1", 555),  # not a parameter the relay knows
         ]

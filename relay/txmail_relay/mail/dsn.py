@@ -177,6 +177,8 @@ def parse_mail_params(params: Sequence[str]) -> tuple[str | None, str | None, li
         decoded = xtext_decode(envid)
         if decoded is None or len(envid) > MAX_ENVID:
             raise DsnParamError("501 5.5.4 ENVID must be xtext of at most 100 characters")
+        if any(not " " <= c <= "~" for c in decoded):  # RFC 3461 4.4: printable US-ASCII
+            raise DsnParamError("501 5.5.4 ENVID must decode to printable ASCII")
         envid = decoded
     return ret, envid, others
 
@@ -294,7 +296,8 @@ def build_dsn(
 
     per_message = [("Reporting-MTA", f"dns; {hostname}")]
     if envelope.envid is not None:
-        per_message.append(("Original-Envelope-Id", envelope.envid))
+        # printable(): an ENVID spooled before it was checked must not lose the report.
+        per_message.append(("Original-Envelope-Id", printable(envelope.envid, MAX_ENVID)))
     per_message.append(("Arrival-Date", formatdate(arrived)))
     blocks = [_field_block(per_message)]
     for f in failed:
