@@ -255,7 +255,9 @@ def test_ret_full_returns_the_message_and_expiry_is_4_4_7(
 @pytest.mark.parametrize(
     ("policy", "expected"),
     [
-        ("Always", ["rfc822; n@dest.test", "rfc822; f@dest.test"]),
+        # NOTIFY=NEVER wins over Always (RFC 3461 5.1: MUST NOT); no NOTIFY or SUCCESS alone
+        # get one under Always only.
+        ("Always", ["rfc822; s@dest.test", "rfc822; f@dest.test"]),
         ("Never", []),
         ("OnRequest", ["rfc822; f@dest.test"]),
     ],
@@ -269,13 +271,20 @@ def test_the_dedicated_ips_policy(
         env,
         relay,
         "app@example.com",
-        {"n@dest.test": ["NOTIFY=NEVER"], "f@dest.test": ["NOTIFY=SUCCESS,FAILURE"]},
+        {
+            "n@dest.test": ["NOTIFY=NEVER"],
+            "s@dest.test": ["NOTIFY=SUCCESS"],
+            "f@dest.test": ["NOTIFY=SUCCESS,FAILURE"],
+        },
     )
     # The DSN is spooled before the bounce is recorded: an empty queue after both bounces
     # means any DSN has been delivered too.
     wait_for(
         lambda: (
-            drained(relay) and recorder.outcomes("n@dest.test") and recorder.outcomes("f@dest.test")
+            drained(relay)
+            and recorder.outcomes("n@dest.test")
+            and recorder.outcomes("s@dest.test")
+            and recorder.outcomes("f@dest.test")
         ),
         what="both bounces",
     )

@@ -81,8 +81,10 @@ class RecipientParams:
 
         ``OnRequest``: NOTIFY names FAILURE, or there was no NOTIFY (RFC 3461 §5.1 leaves that
         to the MTA, "as if NOTIFY=FAILURE,DELAY"; the relay sends failures only, never delay
-        notices); NOTIFY=NEVER or SUCCESS/DELAY without FAILURE: none."""
-        if policy is DsnPolicy.NEVER:
+        notices); NOTIFY=NEVER or SUCCESS/DELAY without FAILURE: none. ``Always``: every
+        failure but NOTIFY=NEVER, which wins over every policy (RFC 3461 §5.1: "MUST NOT"
+        send one then)."""
+        if policy is DsnPolicy.NEVER or self.notify == {"NEVER"}:
             return False
         if policy is DsnPolicy.ALWAYS:
             return True
