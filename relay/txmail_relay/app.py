@@ -65,6 +65,12 @@ METRICS_CONNECTIONS = 64
 
 
 class Relay:
+    def _owner(self, username: str) -> tuple[str, str] | None:
+        """A username's (namespace, SmtpToken name) in the live configuration, if any."""
+        config = self.store.current
+        entry = config.credentials.get(username) if config is not None else None
+        return None if entry is None else (entry.namespace, entry.token)
+
     def __init__(
         self,
         settings: Settings,
@@ -87,7 +93,8 @@ class Relay:
         self.metrics = RelayMetrics(self.registry)
         self.store = LiveConfig()
         self.spool_lock = SpoolLock(settings.spool.directory)
-        self.records = Records(settings.spool.directory)
+        # Mail with no namespace on its messages row is its token's (credential entry).
+        self.records = Records(settings.spool.directory, owner=self._owner)
         self.tracking_keys = keys = KeyFile(settings.tracking_keys_file)
         self._source = source
         self.spool = Spool(

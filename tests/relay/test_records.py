@@ -112,8 +112,12 @@ def _user_version(path: Path) -> int:
 
 
 @contextlib.asynccontextmanager
-async def opened(directory: Path, clock: Callable[[], float] = time.time) -> AsyncIterator[Records]:
-    records = Records(directory, clock=clock)
+async def opened(
+    directory: Path,
+    clock: Callable[[], float] = time.time,
+    owner: Callable[[str], tuple[str, str] | None] | None = None,
+) -> AsyncIterator[Records]:
+    records = Records(directory, clock=clock, owner=owner)
     await records.open()
     try:
         yield records
@@ -297,7 +301,7 @@ INSERT INTO suppressions VALUES ('ada@dest.test', 'complained', 6.0);
 async def test_a_version_5_database_keeps_its_suppressions_relay_wide(tmp_path: Path) -> None:
     path = tmp_path / "txmail.db"
     _write_db(path, "".join(MIGRATIONS[:5]) + VERSION_5_ROWS, user_version=5)
-    async with opened(tmp_path) as records:
+    async with opened(tmp_path, owner={"app1": ("ns1", "t1")}.get) as records:
         suppressions = records.suppressions
         every = list(Suppression)
         for namespace in ("ns1", "ns2"):  # relay-wide: they apply in every namespace
@@ -310,10 +314,16 @@ async def test_a_version_5_database_keeps_its_suppressions_relay_wide(tmp_path: 
         assert (entry.reason, entry.at, entry.relay_wide) == (Suppression.HARD_BOUNCE, 5.0, True)
         assert await suppressions.remove("ns1", "gone@dest.test") == 0  # no namespace can
         assert await suppressions.get("ns2", "gone@dest.test") == [entry]
-        # The old message is still tied to its status; its token is unknown ("").
+        # The old message is still tied to its status; its row has no token (""): the event is
+        # of the token the configuration names for its username, never of namespace "".
         await records.events.outcome("s1", "app1", "Ada@Dest.test", Outcome.DELIVERED, 7.0)
         [event] = await records.events.after(0, limit=10)
-        assert (event.type, event.namespace, event.status_id) == (EventType.DELIVERED, "", "st1")
+        assert (event.type, event.namespace, event.token, event.status_id) == (
+            EventType.DELIVERED,
+            "ns1",
+            "t1",
+            "st1",
+        )
         done = await records.sends.get("app1", "st1")
         assert done is not None and done.send_result == "SENT"
     assert _user_version(path) == VERSION
@@ -508,3 +518,60 @@ async def test_an_expired_recipient_is_a_soft_bounce_counted_as_bounced(tmp_path
         # Not suppressed: only hard bounces are.
         assert not await records.suppressions.find("ns1", ["cy@dest.test"], list(Suppression))
     assert counts[Kind.EXPIRED] == 1 and Kind.SOFT_BOUNCED not in counts
+
+
+async def test_the_relays_own_dsns_and_unrecorded_mail_never_suppress_relay_wide(
+    tmp_path: Path,
+) -> None:
+    """A DSN the relay spools (username "") writes nothing; an outcome or a DSN of mail with
+    no namespace recorded (no messages row: spooled just before a crash; or spooled before
+    the upgrade) is its token's, from the live configuration: never namespace "" (relay-wide,
+    which no API can remove), never another token's counts."""
+    tokens = {"app1": ("ns1", "t1")}
+    records = Records(tmp_path, owner=tokens.get)
+    await records.open()
+    try:
+        events = records.events
+        unknown = "550 5.1.1 no such user"
+        await events.outcome("dsn1", "", "sender@app.test", Outcome.BOUNCED, 1.0, reply=unknown)
+        await events.outcome("dsn2", "", "sender@app.test", Outcome.DELIVERED, 1.0)
+        await events.outcome("lost", "app1", "ada@dest.test", Outcome.BOUNCED, 2.0, reply=unknown)
+        await events.outcome("gone", "old", "bob@dest.test", Outcome.BOUNCED, 2.0, reply=unknown)
+        await records.sends.record("app1", 3, [SentCopy("s1", "cy@dest.test", "<m@x>")])
+        found = await events.bounce(
+            "s1",
+            "cy@dest.test",
+            hard=True,
+            status="5.1.1",
+            reply=unknown,
+            category=None,
+            source="DSN",
+            at=3.0,
+        )
+        assert found is not None and (found.namespace, found.token) == ("ns1", "t1")
+        logged = await events.after(0, limit=100)
+        assert {(e.namespace, e.token, e.username) for e in logged} == {("ns1", "t1", "app1")}
+        assert sorted((e.type.value, e.recipient) for e in logged) == [
+            ("BOUNCE", "ada@dest.test"),
+            ("BOUNCE", "cy@dest.test"),
+        ]
+        suppressions = records.suppressions
+        assert await suppressions.get("ns2", "ada@dest.test") == []  # not relay-wide
+        assert await suppressions.get("ns2", "cy@dest.test") == []
+        assert await suppressions.get("ns2", "bob@dest.test") == []
+        assert [e.reason for e in await suppressions.get("ns1", "ada@dest.test")] == [
+            Suppression.HARD_BOUNCE
+        ]
+        assert [e.reason for e in await suppressions.get("ns1", "cy@dest.test")] == [
+            Suppression.HARD_BOUNCE
+        ]
+        counts = (await records.counters.totals()).counts
+        assert "" not in counts
+        assert counts["app1"][Kind.BOUNCED] == 2
+    finally:
+        await records.close()
+    with contextlib.closing(sqlite3.connect(tmp_path / "txmail.db")) as db:
+        assert db.execute("SELECT count(*) FROM events WHERE namespace = ''").fetchone() == (0,)
+        assert db.execute("SELECT count(*) FROM suppressions WHERE namespace = ''").fetchone() == (
+            0,
+        )

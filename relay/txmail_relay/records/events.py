@@ -9,6 +9,7 @@ complaints and for hard DSN bounces (each counted once per message and recipient
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import secrets
@@ -35,6 +36,13 @@ _OUTCOME_KIND = {
 _UNIQUE = {Kind.OPENED: Kind.UNIQUE_OPENED, Kind.CLICKED: Kind.UNIQUE_CLICKED}
 _MACHINE = {Kind.OPENED: Kind.MACHINE_OPENED, Kind.CLICKED: Kind.MACHINE_CLICKED}
 _ENGAGEMENT = {Kind.OPENED: EventType.OPEN, Kind.CLICKED: EventType.CLICK}
+#: The username of the DSNs the relay spools itself (delivery/dsn.py): their outcomes are the
+#: relay's, no token's, so the records write nothing for them (no counter, no event, no
+#: suppression entry).
+RELAY_USERNAME = ""
+#: Who sent a username's mail, from the live configuration's credential entry: (namespace,
+#: SmtpToken name), or None if no token has that username now.
+Owner = Callable[[str], tuple[str, str] | None]
 _DSN_BOUNCED = "dsn_bounced"  # uniques kind: a hard DSN, counted once per message/recipient
 _RECIPIENT = (
     "SELECT spool_id, recipient, username, email_id, namespace, token, status_id, message_id"
@@ -91,7 +99,10 @@ async def append(
     reply: str | None = None,
     detail: Mapping[str, Any] | None = None,
 ) -> None:
-    """One row of the events log for ``found``; inside a write."""
+    """One row of the events log for ``found``; inside a write. Nothing without a namespace:
+    an event belongs to a token's namespace (the caller resolves it, :meth:`Events.owned`)."""
+    if not found.namespace:
+        return
     await db.execute(
         f"INSERT INTO events ({_EVENT_COLUMNS.removeprefix('seq, ')})"  # noqa: S608 - constant
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -155,10 +166,29 @@ async def _first_time(db: aiosqlite.Connection, found: Recipient, kind: str) -> 
     return bool(cursor.rowcount)
 
 
+async def _nothing() -> None:
+    return None
+
+
 class Events:
-    def __init__(self, db: Database, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, db: Database, clock: Callable[[], float], owner: Owner | None = None
+    ) -> None:
         self._db = db
         self._clock = clock
+        self._owner = owner
+
+    def owned(self, found: Recipient) -> Recipient | None:
+        """``found`` with the namespace and token of its sender: its messages row's, or, when
+        that has none (mail spooled before they were recorded, or not recorded at all), the
+        live configuration's credential entry of its username; None if neither knows (then
+        nothing namespaced is written: no event, no suppression entry, never namespace "")."""
+        if found.namespace:
+            return found
+        owner = self._owner(found.username) if self._owner and found.username else None
+        if owner is None or not owner[0]:
+            return None
+        return dataclasses.replace(found, namespace=owner[0], token=owner[1])
 
     def outcome(
         self,
@@ -172,16 +202,23 @@ class Events:
     ) -> Awaitable[None]:
         """Counted and logged (DELIVERED, DEFERRED, or BOUNCE: hard from SMTP, soft when
         expired); a bounce suppresses the recipient in its namespace; a final outcome completes
-        the send's status (if the recipient has one)."""
+        the send's status (if the recipient has one).
+
+        Nothing at all for the relay's own DSNs (username :data:`RELAY_USERNAME`). A message
+        with no messages row (spooled just before a crash) is counted for its username and
+        logged in the namespace of that username's token (see :meth:`owned`)."""
+        if username == RELAY_USERNAME:
+            return _nothing()
 
         async def write(db: aiosqlite.Connection) -> None:
-            found = await _message(db, spool_id, recipient)
-            if found is None:  # not recorded (a DSN the relay sends, say): still logged
-                found = Recipient(spool_id, recipient, username, 0)
-            await bump(db, username, found.email_id, _OUTCOME_KIND[outcome])
+            known = await _message(db, spool_id, recipient)
+            if known is None:  # not recorded: its token from the configuration
+                known = Recipient(spool_id, recipient, username, 0)
+            await bump(db, username, known.email_id, _OUTCOME_KIND[outcome])
+            found = self.owned(known) or known
             kind, detail = _outcome_event(outcome, reply)
             await append(db, kind, found, at, reply=reply, detail=detail)
-            if outcome is Outcome.BOUNCED:
+            if outcome is Outcome.BOUNCED and found.namespace:
                 await suppressions.add(db, found.namespace, recipient, Suppression.HARD_BOUNCE, at)
             if found.status_id is None or not outcome.final:
                 return
@@ -223,9 +260,10 @@ class Events:
         """
 
         async def write(db: aiosqlite.Connection) -> Recipient | None:
-            found = await _message(db, spool_id, recipient)
-            if found is None:
+            known = await _message(db, spool_id, recipient)
+            if known is None or known.username == RELAY_USERNAME:
                 return None
+            found = self.owned(known) or known
             detail = {
                 "bounceType": "HARD" if hard else "SOFT",
                 "source": source,
@@ -238,9 +276,10 @@ class Events:
                 return found
             if await _first_time(db, found, _DSN_BOUNCED):
                 await bump(db, found.username, found.email_id, Kind.BOUNCED)
-            await suppressions.add(
-                db, found.namespace, found.recipient, Suppression.HARD_BOUNCE, at
-            )
+            if found.namespace:
+                await suppressions.add(
+                    db, found.namespace, found.recipient, Suppression.HARD_BOUNCE, at
+                )
             if found.status_id is not None:
                 shown = {"bounceType": "HARD", "status": status, "reply": reply, "at": at}
                 await db.execute(
@@ -274,9 +313,10 @@ class Events:
 
         async def write(db: aiosqlite.Connection) -> Recipient | None:
             rows = await db.execute_fetchall(f"{_RECIPIENT} WHERE event_id = ?", (event_id,))
-            found = next((Recipient(*r) for r in rows), None)
-            if found is None:
+            known = next((Recipient(*r) for r in rows), None)
+            if known is None:
                 return None
+            found = self.owned(known) or known
             detail: dict[str, Any] = {"filteredEvent": machine}
             if url is not None:
                 detail["url"] = url
@@ -327,13 +367,15 @@ class Events:
             if not await _first_time(db, found, Kind.COMPLAINED.value):
                 return False
             now = self._clock()
-            known = await _message(db, found.spool_id, found.recipient) or found
+            stored = await _message(db, found.spool_id, found.recipient) or found
+            known = self.owned(stored) or stored
             await bump(db, found.username, found.email_id, Kind.COMPLAINED)
             await bump(db, found.username, found.email_id, Kind.UNSUBSCRIBED)
             await append(db, EventType.SPAMREPORT, known, now)
-            await suppressions.add(
-                db, known.namespace, found.recipient, Suppression.SPAM_REPORT, now
-            )
+            if known.namespace:
+                await suppressions.add(
+                    db, known.namespace, found.recipient, Suppression.SPAM_REPORT, now
+                )
             await unsubscribe(db, found.username, found.recipient)
             return True
 

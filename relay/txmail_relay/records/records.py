@@ -17,7 +17,7 @@ from txmail_relay.records.contacts import Contacts
 from txmail_relay.records.counters import Counters
 from txmail_relay.records.database import Database, RecordsFullError
 from txmail_relay.records.engagement import EngagementReads
-from txmail_relay.records.events import Events
+from txmail_relay.records.events import Events, Owner
 from txmail_relay.records.sends import Sends, drop_unspooled
 from txmail_relay.records.suppressions import Suppressions
 from txmail_relay.records.warmup import WarmupCounts
@@ -29,10 +29,18 @@ DB_NAME = "txmail.db"
 class Records:
     """``open()`` before use, ``close()`` at the end (it waits for the writes asked for)."""
 
-    def __init__(self, directory: Path, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        owner: Owner | None = None,
+    ) -> None:
         self._db = Database(directory / DB_NAME)
         self.sends = Sends(self._db, clock)
-        self.events = Events(self._db, clock)
+        # ``owner``: a username's (namespace, token) in the live configuration, for mail
+        # whose messages row does not say (records/events.py Events.owned).
+        self.events = Events(self._db, clock, owner)
         self.engagement = EngagementReads(self._db)  # tracking's machine rules
         self.contacts = Contacts(self._db)
         self.suppressions = Suppressions(self._db)
