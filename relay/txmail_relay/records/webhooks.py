@@ -12,19 +12,32 @@ A subscription that leaves the configuration keeps its row (marked ``removed``) 
 that comes back soon (a Secret briefly missing, say) resumes where it was; a row removed for
 longer than the retry period starts again from the newest event (:meth:`Webhooks.ensure`).
 A new subscription starts at the newest event: it gets what happens from then on.
+
+Scans are bounded: :meth:`Webhooks.scan` looks at most :data:`SCAN_WINDOW` seqs past the cursor
+and says how far it looked (``upto``): a subscription filtered by event type whose events do
+not match moves past them (the dispatcher keeps that horizon and writes it now and then with
+:meth:`Webhooks.advance`) instead of reading them again at every wake-up. :meth:`backlog`
+counts within :data:`BACKLOG_CAP` seqs past the cursor.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
+from typing import Any
 
 import aiosqlite
 
 from txmail_relay.records.database import Database
+from txmail_relay.records.events import _EVENT_COLUMNS, _event
+from txmail_relay.records.model import Event, EventType
 
-# What stats count of a backlog at most (a count over a long backlog would scan it whole).
+# What stats count of a backlog at most: the events within this many seqs past the cursor
+# (a count over a long backlog, or over a token's many events of other types, would read
+# them all, on the connection every write waits for).
 BACKLOG_CAP = 100_000
+# What one scan for a new batch looks at, at most: this many seqs past the cursor.
+SCAN_WINDOW = 10_000
 
 _COLUMNS = (
     "id, username, name, cursor, batch_first, batch_last, batch_size, batch_id, batch_types,"
@@ -63,6 +76,23 @@ class WebhookState:
     dropped: int
     created: float
     removed: float | None
+
+
+@dataclass(frozen=True)
+class Scan:
+    """What :meth:`Webhooks.scan` found: ``events`` (ascending seq) are every event of the
+    filter in ``(after, upto]``; ``newest`` is the newest seq when it looked."""
+
+    events: list[Event]
+    upto: int
+    newest: int
+
+
+def _type_filter(types: Collection[EventType | str]) -> tuple[str, list[str]]:
+    wanted = sorted({EventType(t).value for t in types})
+    if not wanted:
+        return "", []
+    return f" AND type IN ({','.join('?' * len(wanted))})", wanted
 
 
 def types_key(types: Collection[str]) -> str:
@@ -290,19 +320,62 @@ class Webhooks:
         return self._db.write(write)
 
     async def backlog(self, username: str, cursor: int, types: Collection[str]) -> int:
-        """Events of ``username`` after ``cursor`` of ``types`` (all if empty), counted up
-        to :data:`BACKLOG_CAP`."""
-        wanted = sorted(set(types))
-        where = "username = ? AND seq > ?"
-        if wanted:
-            where += f" AND type IN ({','.join('?' * len(wanted))})"
-        sql = f"SELECT count(*) FROM (SELECT 1 FROM events WHERE {where} LIMIT ?)"  # noqa: S608
+        """Events of ``username`` after ``cursor`` of ``types`` (all if empty), counted among
+        the :data:`BACKLOG_CAP` seqs after ``cursor`` (so at most that many rows are read)."""
+        filtered, wanted = _type_filter(types)
+        sql = (
+            "SELECT count(*) FROM events WHERE username = ? AND seq > ? AND seq <= ?"  # noqa: S608
+            + filtered
+        )
 
         async def read(db: aiosqlite.Connection) -> int:
-            rows = await db.execute_fetchall(sql, (username, cursor, *wanted, BACKLOG_CAP))
+            rows = await db.execute_fetchall(sql, (username, cursor, cursor + BACKLOG_CAP, *wanted))
             return int(next(iter(rows))[0])
 
         return await self._db.read(read)
+
+    async def scan(
+        self,
+        username: str,
+        after: int,
+        types: Collection[EventType],
+        *,
+        limit: int,
+        window: int = SCAN_WINDOW,
+    ) -> Scan:
+        """Up to ``limit`` events of ``username`` (and ``types``, all if empty) after
+        ``after``, looking at most ``window`` seqs ahead; ``upto`` is how far that covered:
+        the last event's seq when ``limit`` were found, otherwise the end of what was looked
+        at (the newest seq, or ``after + window``). Events are written on the connection this
+        reads on, in seq order, so none can appear later at or below ``upto``."""
+        filtered, wanted = _type_filter(types)
+        sql = (
+            f"SELECT {_EVENT_COLUMNS} FROM events"  # noqa: S608 - placeholders only
+            f" WHERE username = ? AND seq > ? AND seq <= ?{filtered} ORDER BY seq LIMIT ?"
+        )
+
+        async def read(db: aiosqlite.Connection) -> Scan:
+            newest = await _newest(db)
+            end = max(after, min(newest, after + window))
+            args: list[Any] = [username, after, end, *wanted, limit]
+            events = [_event(r) for r in await db.execute_fetchall(sql, args)]
+            upto = events[-1].seq if len(events) >= limit else end
+            return Scan(events, upto, newest)
+
+        return await self._db.read(read)
+
+    def advance(self, sub_id: str, upto: int) -> Awaitable[WebhookState]:
+        """Move the cursor of ``sub_id`` to ``upto`` (a scan found nothing of its filter up
+        to there) unless a batch is in flight (its success moves it)."""
+
+        async def write(db: aiosqlite.Connection) -> WebhookState:
+            await db.execute(
+                "UPDATE webhooks SET cursor = max(cursor, ?) WHERE id = ? AND batch_id IS NULL",
+                (upto, sub_id),
+            )
+            return await _get(db, sub_id)
+
+        return self._db.write(write)
 
     async def new_events(self, after: int) -> tuple[int, set[str]]:
         """The newest seq after ``after`` and the usernames with events there (what the

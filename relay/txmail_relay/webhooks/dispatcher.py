@@ -11,6 +11,14 @@ jitter": receivers coming back are not hit by every relay at once) until ``retry
 passed since the batch's first attempt; the failure after that drops the batch (counted in
 ``dropped``, logged) and the next one is formed. ``failingAfterFailures`` failures in a row
 (or failing for ``failingAfter`` seconds) make the subscription Failing until its next success.
+
+A scan that finds nothing of the subscription's filter (a subscription to BOUNCE events while
+the token sends and delivers) moves past what it looked at: the dispatcher keeps that horizon
+and scans from it next time, and writes it as the cursor at most every
+``HORIZON_SAVE_EVERY`` seconds (not a synced write per wake-up; after a crash the next scan
+starts from the older cursor, which is only work again, never an event lost). A batch formed
+from a scan covers its whole range too (up to what the scan looked at), so its success moves
+the cursor past the non-matching events after its last one.
 """
 
 from __future__ import annotations
@@ -31,12 +39,13 @@ from txmail_relay.metrics import RelayMetrics
 from txmail_relay.records.database import RecordsFullError
 from txmail_relay.records.model import Event, EventType
 from txmail_relay.records.records import Records
-from txmail_relay.records.webhooks import Batch, WebhookState, types_key
+from txmail_relay.records.webhooks import SCAN_WINDOW, Batch, WebhookState, types_key
 from txmail_relay.webhooks import format as fmt
 
 log = logging.getLogger(__name__)
 
 IDLE_FALLBACK = 60.0  # an idle dispatcher looks again this often even without a wake-up
+HORIZON_SAVE_EVERY = 60.0  # seconds between writes of a scan's horizon as the cursor
 USER_AGENT = "txmail-relay (webhooks)"
 
 
@@ -106,6 +115,10 @@ class Dispatcher:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
         self._wake = asyncio.Event()
         self._retry_now = False
+        # Every event of the filter up to this seq is before the cursor: what scans found
+        # nothing in, kept here and written now and then (module doc).
+        self.horizon = 0
+        self._horizon_saved = float("-inf")
 
     def failing(self) -> bool:
         return self.state is not None and is_failing(self.state, self._settings, self._clock())
@@ -123,13 +136,14 @@ class Dispatcher:
         new = subscription.endpoint
         if old.url != new.url or old.secret != new.secret:
             self._retry_now = True
+        if old.event_types != new.event_types:
+            self.horizon = 0  # what it skipped may match the new filter: from the cursor
         self._wake.set()
 
     async def run(self) -> None:
-        self.state = await self._records.webhooks.get(self.subscription.id)
         while True:
             try:
-                await self._round()
+                delay = await self.step()
             except asyncio.CancelledError:
                 raise
             except RecordsFullError:
@@ -137,52 +151,59 @@ class Dispatcher:
                     "webhook waits for space on the records' volume",
                     extra={"webhook": self.subscription.id},
                 )
-                await self._sleep(self._settings.poll_interval)
+                delay = self._settings.poll_interval
             except Exception:
                 log.exception("webhook round failed", extra={"webhook": self.subscription.id})
-                await self._sleep(self._settings.poll_interval)
+                delay = self._settings.poll_interval
+            await self._sleep(delay)
 
     async def _sleep(self, seconds: float) -> None:
         """Until ``seconds`` pass or a wake-up comes, whichever is first."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), max(0.0, seconds))
 
-    async def _round(self) -> None:
+    async def step(self) -> float:
+        """One round: form a batch or try the waiting one when due. Returns the seconds to
+        wait before the next round (a wake-up cuts the wait short)."""
         sub, webhooks = self.subscription, self._records.webhooks
-        state = self.state or await webhooks.get(sub.id)
+        if self.state is None:
+            self.state = await webhooks.get(sub.id)
+        state = self.state
         batch = state.batch
         if batch is not None and batch.types != sub.types_key:
             state = self.state = await webhooks.drop_batch(sub.id)  # formed again below
             batch = None
         self._wake.clear()  # a wake-up from now on makes another round
         if batch is None:
-            events = await self._records.events.after(
-                state.cursor,
-                username=sub.username,
-                types=sub.types,
+            found = await webhooks.scan(
+                sub.username,
+                max(state.cursor, self.horizon),
+                sub.types,
                 limit=self._settings.max_batch,
+                window=SCAN_WINDOW,
             )
-            if not events:
-                await self._sleep(IDLE_FALLBACK)
-                return
+            if not found.events:
+                self.horizon = max(self.horizon, found.upto)
+                await self._save_horizon()
+                # A window with nothing: look at the next one at once.
+                return 0.0 if found.upto < found.newest else IDLE_FALLBACK
+            events = found.events
             state = self.state = await webhooks.start_batch(
                 sub.id,
                 first=events[0].seq,
-                last=events[-1].seq,
+                last=found.upto,
                 size=len(events),
                 batch_id=fmt.new_webhook_id(),
                 types=sub.types_key,
                 at=self._clock(),
             )
             if state.batch is None:  # the row was just removed: the manager stops us
-                await self._sleep(IDLE_FALLBACK)
-                return
+                return IDLE_FALLBACK
             batch = state.batch
         else:
             wait = batch.next_attempt - self._clock()
             if wait > 0 and not self._retry_now:
-                await self._sleep(wait)
-                return
+                return wait
             events = [
                 e
                 for e in await self._records.events.after(
@@ -195,9 +216,20 @@ class Dispatcher:
             ]
             if not events:  # pruned meanwhile: nothing left to send of it
                 self.state = await webhooks.skip_batch(sub.id, batch.id)
-                return
+                return 0.0
         self._retry_now = False
         await self._attempt(batch, events)
+        return 0.0
+
+    async def _save_horizon(self) -> None:
+        """Write the horizon as the cursor if it moved and the last write is old enough."""
+        state, now = self.state, self._clock()
+        if state is None or self.horizon <= state.cursor:
+            return
+        if now - self._horizon_saved < HORIZON_SAVE_EVERY:
+            return
+        self._horizon_saved = now
+        self.state = await self._records.webhooks.advance(self.subscription.id, self.horizon)
 
     async def _attempt(self, batch: Batch, events: list[Event]) -> None:
         sub, webhooks, settings = self.subscription, self._records.webhooks, self._settings

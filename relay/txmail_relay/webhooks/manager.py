@@ -191,7 +191,10 @@ class WebhookManager:
                 continue
             failing = is_failing(state, self._settings, now)
             backlog = await self._records.webhooks.backlog(
-                sub.username, state.cursor, [t.value for t in sub.types]
+                sub.username,
+                # Past what its scans found nothing in: those events are not waiting.
+                max(state.cursor, dispatcher.horizon),
+                [t.value for t in sub.types],
             )
             found.setdefault(sub.username, []).append(
                 WebhookStats(

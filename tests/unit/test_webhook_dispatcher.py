@@ -1,0 +1,205 @@
+"""The webhook Dispatcher and WebhookManager, round by round, on an injected clock and rng.
+
+Real parts only: the relay's records (SQLite in a temporary directory, written through the
+records' own connection), an aiohttp receiver on 127.0.0.1 and aiohttp's client. The
+dispatcher's :meth:`~txmail_relay.webhooks.dispatcher.Dispatcher.step` is driven by hand: it
+returns how long it would wait, so no test sleeps.
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+import secrets
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import aiosqlite
+import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from txmail_relay.contract import WebhookEndpoint, WebhookSettings
+from txmail_relay.metrics import RelayMetrics
+from txmail_relay.records.events import append
+from txmail_relay.records.model import EventType, Recipient
+from txmail_relay.records.records import Records
+from txmail_relay.webhooks.dispatcher import HORIZON_SAVE_EVERY, Dispatcher, Subscription
+
+USERNAME = "txm-unit"
+SUB_ID = "shop/orders/hook"
+
+
+class Clock:
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Receiver:
+    """An HTTP receiver on 127.0.0.1 answering ``status``; ``bodies`` of what it got."""
+
+    status: int = 200
+    reply: str = "ok"
+    bodies: list[bytes] = field(default_factory=list)
+    url: str = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.bodies.append(await request.read())
+        return web.Response(status=self.status, text=self.reply)
+
+    def seqs(self) -> list[int]:
+        import json  # noqa: PLC0415
+
+        return [e["seq"] for b in self.bodies for e in json.loads(b)["data"]["events"]]
+
+
+@dataclass
+class Env:
+    records: Records
+    receiver: Receiver
+    session: aiohttp.ClientSession
+    clock: Clock
+    statements: list[str]
+
+    def dispatcher(
+        self,
+        types: list[str] | None = None,
+        *,
+        rng: random.Random | None = None,
+        **settings: Any,
+    ) -> Dispatcher:
+        endpoint = WebhookEndpoint.model_validate(
+            {
+                "name": "hook",
+                "url": self.receiver.url,
+                "eventTypes": types or [],
+                "secret": "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode(),
+            }
+        )
+        return Dispatcher(
+            Subscription(SUB_ID, USERNAME, endpoint),
+            self.records,
+            self.session,
+            WebhookSettings.model_validate(settings),
+            RelayMetrics(CollectorRegistry()),
+            clock=self.clock,
+            rng=rng or random.Random(1),
+        )
+
+    async def add(self, kind: EventType, count: int = 1, username: str = USERNAME) -> None:
+        """``count`` events of ``kind`` for ``username``, through the records' connection."""
+        found = Recipient("spool1", "user@dest.test", username, 1, "shop", "orders")
+        at = self.clock()
+
+        async def write(db: aiosqlite.Connection) -> None:
+            for _ in range(count):
+                await append(db, kind, found, at)
+
+        await self.records._db.write(write)  # the events' own writer
+
+    def event_queries(self) -> list[str]:
+        return [s for s in self.statements if "FROM events" in s]
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    clock = Clock()
+    records = Records(tmp_path, clock=clock)
+    await records.open()
+    statements: list[str] = []
+    connection = records._db._connection()  # tracing the real connection
+    await connection.set_trace_callback(statements.append)
+    receiver = Receiver()
+    app = web.Application()
+    app.router.add_post("/hook", receiver.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    receiver.url = f"http://127.0.0.1:{sock.getsockname()[1]}/hook"
+    await web.SockSite(runner, sock).start()
+    session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), trust_env=False)
+    try:
+        await records.webhooks.ensure(SUB_ID, USERNAME, "hook", resume_within=60.0)
+        yield Env(records, receiver, session, clock, statements)
+    finally:
+        await session.close()
+        await runner.cleanup()
+        await records.close()
+
+
+async def cursor(env: Env) -> int:
+    return (await env.records.webhooks.get(SUB_ID)).cursor
+
+
+# -- a filtered subscription among many events it does not want ------------------------------
+
+
+async def test_a_filtered_subscription_moves_past_what_it_does_not_want(env: Env) -> None:
+    dispatcher = env.dispatcher(["BOUNCE", "SPAMREPORT"])
+    await env.add(EventType.SENT, 2000)
+    await env.add(EventType.DELIVERED, 2000)
+    assert await dispatcher.step() > 0, "nothing to send: it waits"
+    newest = await env.records.events.last_seq()
+    assert newest == 4000
+    assert await cursor(env) == newest, "the scan's horizon is the cursor now"
+    assert await env.records.webhooks.backlog(USERNAME, dispatcher.horizon, ["BOUNCE"]) == 0
+
+    # More of what it does not want: each scan starts where the last one stopped.
+    env.statements.clear()
+    for _ in range(5):
+        await env.add(EventType.DELIVERED)
+        assert await dispatcher.step() > 0
+    scans = env.event_queries()
+    assert len(scans) == 5
+    for n, sql in enumerate(scans):
+        assert f"seq > {newest + n} " in sql, sql
+    assert dispatcher.horizon == newest + 5
+    # ... and the horizon is written at most every HORIZON_SAVE_EVERY seconds, not per scan.
+    assert await cursor(env) == newest
+    env.clock.now += HORIZON_SAVE_EVERY
+    await env.add(EventType.DELIVERED)
+    await dispatcher.step()
+    assert await cursor(env) == newest + 6
+
+    # A match is sent, and its batch covers the non-matching events after it.
+    await env.add(EventType.BOUNCE)
+    await env.add(EventType.DELIVERED, 3)
+    assert await dispatcher.step() == 0
+    assert env.receiver.seqs() == [newest + 7]
+    assert await cursor(env) == newest + 10
+    assert env.receiver.bodies and env.receiver.status == 200
+
+
+async def test_a_scan_looks_at_a_bounded_window(env: Env) -> None:
+    from txmail_relay.records import webhooks  # noqa: PLC0415
+
+    dispatcher = env.dispatcher(["BOUNCE"])
+    await env.add(EventType.DELIVERED, 30)
+    await env.add(EventType.BOUNCE)
+    found = await env.records.webhooks.scan(USERNAME, 0, [EventType.BOUNCE], limit=10, window=12)
+    assert (found.events, found.upto, found.newest) == ([], 12, 31)
+    assert webhooks.SCAN_WINDOW <= 100_000
+    assert await dispatcher.step() == 0, "more to look at: at once"
+    while not env.receiver.bodies:
+        await dispatcher.step()
+    assert env.receiver.seqs() == [31]
+
+
+async def test_a_new_filter_looks_again_from_the_cursor(env: Env) -> None:
+    dispatcher = env.dispatcher(["BOUNCE"])
+    await env.add(EventType.DELIVERED, 3)
+    await dispatcher.step()
+    assert dispatcher.horizon == 3
+    widened = env.dispatcher(["BOUNCE", "DELIVERED"]).subscription
+    dispatcher.update(widened)
+    assert dispatcher.horizon == 0
+
