@@ -368,6 +368,37 @@ def test_arf_report_to_the_complaints_address_is_a_complaint(
     assert not bounces(relay)
 
 
+def test_only_abuse_and_fraud_reports_are_complaints(env: RelayEnv, relay: RelayThread) -> None:
+    """RFC 5965's other Feedback-Types (not-spam, virus, auth-failure, other) come from the
+    internet unauthenticated too: accepted, counted, and they record nothing."""
+    spool_id, _ = submit(env, relay, ["ada@dest.test", "bea@dest.test"])
+    message_id = parsed(env.sink.wait(1)[0])["Message-ID"]
+
+    def report(feedback_type: str, rcpt: str) -> bytes:
+        data = corpus(
+            "arf-abuse.eml", TO=COMPLAINTS, VERP=verp(spool_id), RCPT=rcpt, MESSAGE_ID=message_id
+        )
+        return data.replace(b"Feedback-Type: abuse", b"Feedback-Type: " + feedback_type.encode())
+
+    for feedback_type in ("not-spam", "virus", "auth-failure", "other", "Not-Spam"):
+        assert inbound(relay, [COMPLAINTS], report(feedback_type, "ada@dest.test")) == (
+            250,
+            "2.6.0 Report received (not a complaint)",
+        ), feedback_type
+    assert (
+        relay.metric("txmail_relay_inbound_messages_total", {"kind": "arf", "result": "ignored"})
+        == 5
+    )
+    assert not events(relay, EventType.SPAMREPORT)
+    assert inbound(relay, [COMPLAINTS], report("fraud", "bea@dest.test")) == (
+        250,
+        "2.6.0 Report recorded",
+    )
+    [event] = wait_for(lambda: events(relay, EventType.SPAMREPORT), what="the complaint")
+    assert event.recipient == "bea@dest.test"
+    wait_stats(env, complaints=1)
+
+
 # -- what is refused, and what changes nothing --------------------------------------------------
 
 

@@ -13,7 +13,10 @@ address. This listener takes exactly those:
   bounce_size_limit is 50 kB), refused with 552 while the data streams in;
 * RCPT only to a return-path address whose tag is a well-formed spool id, or to the
   complaints address (both case-insensitive), everything else ``550 5.7.1``;
-* DATA: an ARF report goes to the :class:`ComplaintHandler`; an RFC 3464 DSN
+* DATA: an ARF report goes to the :class:`ComplaintHandler` when its Feedback-Type is
+  ``abuse`` or ``fraud`` (RFC 5965's complaints; the others, ``not-spam``, ``virus``,
+  ``auth-failure``, ``other``, are counted and recorded as nothing: this port is open to the
+  internet, and a report that is no complaint must not suppress anybody); an RFC 3464 DSN
   (``multipart/report; report-type=delivery-status``) is read with the stdlib ``email``
   package (per recipient ``Action``, ``Status``, ``Diagnostic-Code``, ``Final-`` and
   ``Original-Recipient``); anything else is given to flufl.bounce, which knows the
@@ -27,10 +30,12 @@ worker thread, never on the event loop, and the detectors see only the first
 
 Each bounce is tied to its message by the spool id in the envelope recipient and to its
 recipient by the DSN's fields (``records.events.bounce``, which refuses a recipient the
-message never had: a forged bounce changes nothing). The reply after the dot is 250 only once
-what the message says is recorded (the records' writes are synced); a failed write is 451, so
-the far MTA tries again. A message that ties to nothing (junk, an unknown id, a DSN about
-nobody) is 250 too, counted and logged once: making a far MTA retry it would gain nothing.
+message never had: a forged bounce cannot touch an address the message was not sent to; a
+recipient of the message, who sees its tag, can forge one about a co-recipient: see
+docs/feedback.md). The reply after the dot is 250 only once what the message says is
+recorded (the records' writes are synced); a failed write is 451, so the far MTA tries
+again. A message that ties to nothing (junk, an unknown id, a DSN about nobody) is 250 too,
+counted and logged once: making a far MTA retry it would gain nothing.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ from flufl.bounce import all_failures
 
 from txmail_relay.config.live import LiveConfig
 from txmail_relay.ingress.auth import CredentialChecker, FailureLimiter
-from txmail_relay.ingress.complaints import ComplaintHandler
+from txmail_relay.ingress.complaints import ComplaintHandler, InvalidReportError, parse_report
 from txmail_relay.ingress.connections import ConnectionGate, peer_ip
 from txmail_relay.ingress.smtp import REPLY_INTERNAL_ERROR, SubmissionProtocol, _help_of
 from txmail_relay.mail.addresses import is_smtp_address
@@ -71,6 +76,9 @@ REPLY_NOT_OURS = "550 5.7.1 This address takes no mail (bounces and complaints o
 REPLY_NO_AUTH = "502 5.5.1 AUTH is not available on this port"
 REPLY_RECORDED = "250 2.6.0 Report recorded"
 REPLY_UNTIED = "250 2.6.0 Report received (nothing to record)"
+REPLY_NOT_A_COMPLAINT = "250 2.6.0 Report received (not a complaint)"
+#: The ARF Feedback-Types that are complaints (RFC 5965 7.3: abuse, fraud).
+COMPLAINT_TYPES = frozenset({"abuse", "fraud"})
 REPLY_WRITE_FAILED = "451 4.3.0 Could not record the report, please try again later"
 
 _STATUS = re.compile(r"([245])\.\d{1,3}\.\d{1,3}")
@@ -120,6 +128,7 @@ class Report:
 
     kind: str
     failures: tuple[Failure, ...] = ()
+    feedback_type: str | None = None  # an ARF report's (lower case); None: it does not parse
 
 
 def _parse(data: bytes) -> Message:
@@ -221,7 +230,10 @@ def read_report(data: bytes) -> Report:
         msg = _parse(data)
         kind = _report_type(msg)
         if kind == "feedback-report":
-            return Report("arf")
+            try:
+                return Report("arf", feedback_type=parse_report(data).feedback_type)
+            except InvalidReportError:
+                return Report("arf")  # the complaint handler counts it as invalid
         if kind == "delivery-status":
             failures = _dsn_failures(msg)
             if failures is not None:
@@ -347,6 +359,12 @@ class InboundHandler:
         peer = peer_ip(session.peer)
         try:
             if report.kind == "arf":
+                if report.feedback_type is not None and (
+                    report.feedback_type not in COMPLAINT_TYPES
+                ):
+                    self._metrics.inbound_messages.labels("arf", "ignored").inc()
+                    log.debug("feedback report not a complaint", extra={"peer": peer})
+                    return REPLY_NOT_A_COMPLAINT
                 found = await self._complaints.handle(content)
                 return self._done("arf", 1 if found is not None else 0, peer)
             if report.kind == "junk":
