@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import shutil
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from txmail_relay.spool.segments import (
     SpooledMessage,
     SpoolError,
     SpoolFullError,
+    _done_record,
+    _message_record,
     _parse,
     _record,
 )
@@ -464,3 +467,175 @@ async def test_recovery_after_a_crash_between_the_copy_and_the_delete(
     finally:
         image.start()
         await image.close()
+
+
+# -- reclaim and crashes (fix round) ----------------------------------------------------------
+
+
+async def _settle() -> None:
+    for _ in range(20):  # every callback the last commit scheduled runs first
+        await asyncio.sleep(0)
+
+
+class CrashIO(FaultyIO):
+    """Pictures the spool folder before every write and every directory sync: what a crash
+    at that point leaves on the disk. Each picture is marked with ``acknowledged``, set by
+    the test once the outcome it checks was reported durable (the loop is let run first, so
+    a picture taken after that report is marked). ``hold``: the next pwrite waits for ``go``."""
+
+    def __init__(self, directory: Path, pictures: Path) -> None:
+        super().__init__()
+        self.directory = directory
+        self.root = pictures
+        self.loop = asyncio.get_running_loop()
+        self.loop_thread = threading.get_ident()
+        self.acknowledged = False
+        self.pictures: list[tuple[bool, Path]] = []
+        self.hold = False
+        self.held = threading.Event()
+        self.go = threading.Event()
+
+    def picture(self) -> None:
+        if threading.get_ident() != self.loop_thread:
+            asyncio.run_coroutine_threadsafe(_settle(), self.loop).result(10)
+        target = self.root / f"crash-{len(self.pictures):03d}"
+        shutil.copytree(self.directory, target / "spool", ignore=shutil.ignore_patterns("lock"))
+        self.pictures.append((self.acknowledged, target))
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> None:
+        if self.hold:
+            self.hold = False
+            self.held.set()
+            self.go.wait(10)
+        self.picture()
+        super().pwrite(fd, data, offset)
+
+    def sync_dir(self, fd: int) -> None:
+        self.picture()
+        super().sync_dir(fd)
+
+
+async def _recover_twice(directory: Path) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """Pending recipients by message after a crash, and after a second crash that follows
+    the first recovery (nothing delivered in between)."""
+    seen = []
+    for _ in range(2):
+        image = Spool(directory)
+        seen.append({m.id: m.pending() for m in image.recover()})
+        await image.close()
+    return seen[0], seen[1]
+
+
+async def _mostly_delivered_segment(spool: Spool, rcpts: list[str]) -> SpooledMessage:
+    """A message that shares its segment with a large delivered one (a segment worth
+    reclaiming: most of it is dead)."""
+    held, big = await asyncio.gather(
+        spool.append("a@example.com", rcpts, "app1", b"held"),
+        spool.append("a@example.com", ["b@d.test"], "app1", b"B" * 8192),
+    )
+    assert held.segment == big.segment
+    assert await spool.record(big, {0: Outcome.DELIVERED})
+    return held
+
+
+async def test_a_recipient_finished_during_a_reclaim_is_never_sent_again(
+    tmp_path: Path,
+) -> None:
+    """The last pending recipient of a message finishes while its copy is being written:
+    whenever the relay crashes after that outcome is acknowledged, and however often it
+    crashes again after recovering, the recipient is not pending."""
+    clock = Clock()
+    directory = tmp_path / "spool"
+    io = CrashIO(directory, tmp_path)
+    # The large delivered message fills the first segment; the copy goes where new mail goes.
+    spool = Spool(directory, io=io, segment_bytes=8192, clock=clock)
+    spool.recover()
+    spool.start()
+    try:
+        held = await _mostly_delivered_segment(spool, ["x@d.test", "y@d.test"])
+        assert await spool.record(held, {0: Outcome.DELIVERED})
+        old = directory / f"seg-{held.segment:012d}.log"
+        clock.now += 60
+        await spool.append("a@example.com", ["w@d.test"], "app1", b"new")
+        clock.now += 600
+        io.hold = True  # the copy's commit waits
+        reclaim = asyncio.create_task(spool.reclaim(older_than=600))
+        await asyncio.to_thread(io.held.wait, 10)
+        finish = asyncio.create_task(spool.record(held, {1: Outcome.DELIVERED}))
+        await _settle()
+        io.go.set()
+        assert await finish
+        io.acknowledged = True
+        await reclaim
+        await _until(lambda: not old.exists(), "the old segment deleted")
+        io.picture()
+    finally:
+        io.go.set()
+        await spool.close()
+    checked = 0
+    for acknowledged, picture in io.pictures:
+        first, second = await _recover_twice(picture / "spool")
+        assert second == first, picture.name
+        if acknowledged:
+            checked += 1
+            assert held.id not in first, picture.name
+    assert checked >= 2
+
+
+def _image_segment(path: Path, *records: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join(records))
+
+
+async def test_a_second_crash_after_recovering_a_copied_message_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    """A crash left a message in an old segment, with a DONE record written there after the
+    copy was made, and in the current one: recovery counts that DONE record, and still does
+    after the old segment is gone (a second crash right after the first recovery)."""
+    directory = tmp_path / "spool"
+    msg = SpooledMessage(
+        "00000000000000aa", "a@example.com", ("x@d.test", "y@d.test"), "app1", 1.0, 4
+    )
+    other = SpooledMessage("00000000000000bb", "a@example.com", ("z@d.test",), "app1", 2.0, 5)
+    original, _ = _message_record(msg, b"body")
+    _image_segment(
+        directory / "seg-000000000001.log", original, _done_record(msg, {0: Outcome.DELIVERED})
+    )
+    msg.attempts, msg.next_attempt = 4, 5000.0
+    copy, _ = _message_record(msg, b"body")  # made before the DONE record above
+    _image_segment(directory / "seg-000000000002.log", copy, _message_record(other, b"other")[0])
+    first, second = await _recover_twice(directory)
+    assert first == {msg.id: [1], other.id: [0]}
+    assert not (directory / "seg-000000000001.log").exists()
+    assert second == first
+    image = Spool(directory)
+    again = {m.id: m for m in image.recover()}
+    await image.close()
+    assert (again[msg.id].attempts, again[msg.id].next_attempt) == (4, 5000.0)
+
+
+async def test_an_old_copy_is_kept_when_its_outcomes_cannot_be_carried_over(
+    tmp_path: Path,
+) -> None:
+    """On a full disk at start the merged DONE record cannot be written into the surviving
+    copy's segment: the old segment then stays (its DONE record still counts)."""
+    directory = tmp_path / "spool"
+    msg = SpooledMessage(
+        "00000000000000aa", "a@example.com", ("x@d.test", "y@d.test"), "app1", 1.0, 4
+    )
+    original, _ = _message_record(msg, b"body")
+    copy, _ = _message_record(msg, b"body")
+    _image_segment(
+        directory / "seg-000000000001.log", original, _done_record(msg, {0: Outcome.DELIVERED})
+    )
+    _image_segment(directory / "seg-000000000002.log", copy)
+    io = FaultyIO()
+    io.fail_write = errno.ENOSPC
+    image = Spool(directory, io=io)
+    assert {m.id: m.pending() for m in image.recover()} == {msg.id: [1]}
+    await image.close()
+    assert (directory / "seg-000000000001.log").exists()
+    first, second = await _recover_twice(directory)
+    assert first == second == {msg.id: [1]}
+    assert not (directory / "seg-000000000001.log").exists()

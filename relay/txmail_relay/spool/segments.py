@@ -31,8 +31,11 @@ existed read as before.
 :meth:`Spool.reclaim` rewrites the messages of an old segment, held only by mail deferred for
 long, into the current segment (same id, outcomes and attempts carried over), then deletes the
 old segment: otherwise one message that keeps failing for days pins a whole segment of
-delivered mail on the disk. A crash between the copy and the deletion leaves the message twice;
-recovery keeps the newest copy and counts the DONE records of both.
+delivered mail on the disk. The old segment is held until the outcomes recorded there during
+the move are durable next to the copy too. A crash between the copy and the deletion leaves the
+message twice; recovery keeps the newest copy, counts the DONE records of both and writes them
+(and the latest STATE) next to the copy it keeps before the older one may go, so a second crash
+forgets nothing.
 """
 
 from __future__ import annotations
@@ -349,15 +352,17 @@ class Spool:
         messages: dict[str, SpooledMessage] = {}
         done: dict[str, dict[int, Outcome]] = defaultdict(dict)
         states: dict[str, tuple[int, float]] = {}
-        bad: list[tuple[_Segment, int, list[tuple[int, bytes]]]] = []
+        # Segments holding an older copy of a message (a reclaim interrupted by a crash).
+        older: dict[str, set[int]] = defaultdict(set)
+        bad: list[tuple[_Segment, list[tuple[int, bytes]]]] = []
         for path in sorted(self._dir.glob(_SEGMENT_GLOB)):
             sid = int(path.name[4:-4])
-            good_end, spans = self._scan(sid, path, messages, done, states)
+            good_end, spans = self._scan(sid, path, messages, done, states, older)
             seg = _Segment(sid, path, os.open(path, os.O_RDWR), good_end)
             self._segments[sid] = seg
             self._current = max(self._current, sid)
             if spans:
-                bad.append((seg, good_end, spans))
+                bad.append((seg, spans))
         live = []
         for msg in messages.values():
             msg.final.update(done.get(msg.id, {}))
@@ -366,13 +371,14 @@ class Spool:
                 live.append(msg)
                 self._segments[msg.segment].live += 1
                 self._segments[msg.segment].messages[msg.id] = msg
+        keep = self._carry_over(messages, older)
         for seg in list(self._segments.values()):
-            if seg.live == 0:
+            if seg.live == 0 and seg.id not in keep:
                 self._close_segment(seg)
         # Only now, with the finished segments gone: on a full disk their space is what the
         # copies need.
-        for seg, good_end, spans in bad:
-            self._set_aside(seg, good_end, spans)
+        for seg, spans in bad:
+            self._set_aside(seg, seg.size, spans)
         self._rotate = True  # new messages never go after a possibly torn tail
         live.sort(key=lambda m: m.received_at)
         log.info(
@@ -381,6 +387,44 @@ class Spool:
         )
         return live
 
+    def _carry_over(
+        self, messages: Mapping[str, SpooledMessage], older: Mapping[str, set[int]]
+    ) -> set[int]:
+        """Write what the older copies of each message said (its merged outcomes and state)
+        into the segment of the copy that is kept, durably, before an older copy's segment
+        may go: otherwise a second crash would forget the DONE and STATE records that were only
+        in the deleted segment and send those recipients again. The segments that must stay
+        because that failed (a full disk): they go at a later start."""
+        writes: dict[int, list[tuple[str, bytes]]] = defaultdict(list)
+        for msg_id in older:
+            msg = messages[msg_id]
+            seg = self._segments[msg.segment]
+            if seg.live == 0:  # finished: its segment goes too, nothing to carry
+                continue
+            if msg.final:
+                writes[seg.id].append((msg_id, _done_record(msg, msg.final)))
+            if msg.attempts:
+                writes[seg.id].append((msg_id, _state_record(msg, msg.attempts, msg.next_attempt)))
+        keep: set[int] = set()
+        for sid, records in writes.items():
+            seg = self._segments[sid]
+            data = b"".join(record for _, record in records)
+            try:
+                self._io.pwrite(seg.open_fd(), data, seg.size)
+                self._io.sync(seg.open_fd())
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(seg.open_fd(), seg.size)
+                log.exception(
+                    "could not carry the outcomes of older copies over; they stay",
+                    extra={"segment": sid},
+                )
+                for msg_id, _ in records:
+                    keep |= older[msg_id]
+                continue
+            seg.size += len(data)
+        return keep
+
     def _scan(
         self,
         sid: int,
@@ -388,6 +432,7 @@ class Spool:
         messages: dict[str, SpooledMessage],
         done: dict[str, dict[int, Outcome]],
         states: dict[str, tuple[int, float]],
+        older: dict[str, set[int]],
     ) -> tuple[int, list[tuple[int, bytes]]]:
         """(end of the last valid record, the invalid spans by offset) of one segment.
 
@@ -432,6 +477,7 @@ class Spool:
                 previous = messages.get(msg.id)
                 if previous is not None:  # a copy: crossed-off recipients accumulate
                     msg.final.update(previous.final)
+                    older[msg.id].add(previous.segment)
                 messages[msg.id] = msg
             pos = good_end = end
         return good_end, spans
@@ -640,15 +686,27 @@ class Spool:
             record, body_start = _message_record(msg, body)
             write = _Write(record, self._future(), message=msg, body_start=body_start, copy=True)
             copies.append((msg, dict(msg.final), write))
+        # Held while its messages move: an outcome recorded meanwhile goes to the old segment
+        # (and its last message finishing must not delete it) until that outcome is durable
+        # next to the copy as well; a crash in between finds both and merges them.
+        seg.live += 1
         results = await asyncio.gather(
             *(self._submit(w) for _, _, w in copies), return_exceptions=True
         )
         failed = [r for r in results if isinstance(r, BaseException)]
+        carried = True
         for msg, copied, _ in copies:
             later = {i: o for i, o in msg.final.items() if i not in copied}
             if later and msg.segment != seg.id:  # recorded in the old segment meanwhile
-                await self.record(msg, later)
+                carried = await self.record(msg, later) and carried
+        if not carried:  # the old segment still holds those outcomes: it stays until restart
+            log.warning(
+                "outcomes recorded during a reclaim not carried over; the old segment stays",
+                extra={"segment": seg.id},
+            )
+            return len(copies) - len(failed)
         if failed:
+            self._release(seg, 1)
             log.warning(
                 "reclaiming a segment failed; it is tried again later",
                 extra={"segment": seg.id, "error": str(failed[0])},
