@@ -472,6 +472,27 @@ def test_unknown_ids_forged_recipients_and_junk_are_accepted_and_change_nothing(
     assert found.get("softBounces", 0) == 0
 
 
+def test_junk_is_logged_once_a_minute_not_once_a_message(
+    env: RelayEnv, relay: RelayThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The port is open to the internet: a flood of junk makes one WARNING line a minute."""
+    junk = b"From: someone@else.test\r\nSubject: hi\r\n\r\nhello\r\n"
+    unknown = verp(secrets.token_hex(8))
+    with caplog.at_level("WARNING", logger="txmail_relay.ingress.inbound"):
+        for _ in range(5):
+            assert inbound(relay, [unknown], junk)[0] == 250
+    lines = [
+        r
+        for r in caplog.records
+        if r.name == "txmail_relay.ingress.inbound" and r.levelname == "WARNING"
+    ]
+    assert [r.message for r in lines] == ["inbound messages tied to nothing"]  # within a minute
+    assert (
+        relay.metric("txmail_relay_inbound_messages_total", {"kind": "junk", "result": "untied"})
+        == 5
+    )
+
+
 def test_oversized_message_is_refused(env: RelayEnv, relay: RelayThread) -> None:
     """The inbound listener has its own, small size limit (a report is small; reading a big
     message is CPU time any host on the internet could spend): far below submission's."""

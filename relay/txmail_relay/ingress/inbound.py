@@ -35,7 +35,9 @@ recipient of the message, who sees its tag, can forge one about a co-recipient: 
 docs/feedback.md). The reply after the dot is 250 only once what the message says is
 recorded (the records' writes are synced); a failed write is 451, so the far MTA tries
 again. A message that ties to nothing (junk, an unknown id, a DSN about nobody) is 250 too,
-counted and logged once: making a far MTA retry it would gain nothing.
+counted, and logged at most once a minute (WARNING, with how many came since: the port is
+open to the internet, a flood of junk must not flood the log; each one is a DEBUG line):
+making a far MTA retry it would gain nothing.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ REPLY_WRITE_FAILED = "451 4.3.0 Could not record the report, please try again la
 _STATUS = re.compile(r"([245])\.\d{1,3}\.\d{1,3}")
 _SPACE = re.compile(r"\s+")
 MAX_REPLY = 1000  # characters of a Diagnostic-Code kept
+UNTIED_LOG_INTERVAL = 60.0  # seconds between WARNING lines about messages tied to nothing
 #: flufl.bounce's detectors read at most this much of a message (they run regular expressions
 #: over every line: 10 s for a 10 MB message).
 DETECT_BYTES = 256 * 1024
@@ -289,6 +292,8 @@ class InboundHandler:
         self._complaints = complaints
         self._static_complaints_address = (complaints_address or "").lower() or None
         self._clock = clock
+        self._untied_logged_at: float | None = None
+        self._untied_since = 0  # messages tied to nothing since the last WARNING line
 
     def _complaints_address(self) -> str | None:
         config = self._config.current
@@ -417,7 +422,17 @@ class InboundHandler:
         # Junk, an unknown id, a recipient the message never had: once in the log, counted,
         # and accepted (a refusal would only make the far MTA retry or bounce the bounce).
         self._metrics.inbound_messages.labels(kind, "untied").inc()
-        log.warning("inbound message tied to nothing", extra={"kind": kind, "peer": peer})
+        self._untied_since += 1
+        now = self._clock()
+        last = self._untied_logged_at
+        if last is None or not 0 <= now - last < UNTIED_LOG_INTERVAL:
+            log.warning(
+                "inbound messages tied to nothing",
+                extra={"kind": kind, "peer": peer, "count": self._untied_since},
+            )
+            self._untied_logged_at, self._untied_since = now, 0
+        else:
+            log.debug("inbound message tied to nothing", extra={"kind": kind, "peer": peer})
         return REPLY_UNTIED
 
 
