@@ -381,8 +381,7 @@ def test_dedicated_ip_becomes_a_restricted_relay(kit: Kit, ip: str, api: client.
         (80, "tracking"),
         (8081, "api"),
         (9090, "metrics"),
-        (25, "smtp-in"),  # DSNs and ARF reports from the outside world (the inbound listener)
-    }
+    }  # no 'smtp-in': without a return path or a complaints address no inbound listener runs
     client.CoreV1Api(api).read_namespaced_service_account(name, ns)
     role = client.RbacAuthorizationV1Api(api).read_namespaced_role(name, ns)
     assert role.rules, "the relay's Role grants what it reads"

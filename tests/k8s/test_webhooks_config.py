@@ -346,3 +346,17 @@ def test_a_return_path_domain_that_is_a_sending_domain_is_refused(kit: Kit) -> N
         kit.dedicated_ip(dns={"requireVerified": False, "returnPathDomain": "example.com"})
     assert info.value.status == 422
     assert "dns.returnPathDomain must be a domain of its own" in str(info.value.body)
+
+
+def test_relay_ports_alike_are_refused(kit: Kit) -> None:
+    """smtp-in (port 25 by default, with a return path) beside submission on port 25 would
+    make the relay's Service invalid: refused with the model's message."""
+    with pytest.raises(ApiException) as info:
+        kit.dedicated_ip(
+            dns={"requireVerified": False, "returnPathDomain": "bounces.example.net"},
+            relay={"ports": {"submission": 25}},
+        )
+    assert info.value.status == 422
+    assert "relay.ports must be distinct" in str(info.value.body)
+    ip = kit.dedicated_ip(dns={"requireVerified": False}, relay={"ports": {"submission": 25}})
+    kit.objs.delete_cluster_custom_object(GROUP, VERSION, IPS, ip)  # no smtp-in: accepted

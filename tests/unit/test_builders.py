@@ -19,6 +19,7 @@ import yaml
 from project import CRDS
 from txmail_operator import builders
 from txmail_operator.api import DedicatedIPSpec, SmtpTokenSpec, TransactionalEmailSpec
+from txmail_operator.api.dedicatedip import uses_inbound
 from txmail_operator.builders import dkim
 from txmail_relay import contract as c
 from txmail_relay.settings import Settings, load_settings
@@ -72,7 +73,11 @@ def relay_objects(spec: DedicatedIPSpec) -> list[dict[str, Any]]:
         builders.relay_role(OWNER),
         builders.relay_role_binding(OWNER),
         builders.relay_config_map(
-            OWNER, config, tracking_keys=tracking is not None, limits=spec.relay.limits
+            OWNER,
+            config,
+            tracking_keys=tracking is not None,
+            limits=spec.relay.limits,
+            inbound=uses_inbound(spec),  # as the reconciler passes it
         ),
         builders.credential_shard(OWNER, 0),
         builders.template_shard(OWNER, 0),
@@ -204,9 +209,13 @@ def test_relay_limits_reach_the_relay_and_roll_its_pod(tmp_path: Path) -> None:
 
 def test_relay_listeners_ports_probes_and_service_agree() -> None:
     """What the relay listens on (its mounted settings), what the pod declares and probes, and
-    what the Service exposes are the same six named ports; 'tracking' is the public HTTP one,
-    'smtp-in' (port 25) the one the outside world's MTAs send DSNs and ARF reports to."""
-    listen = Settings.model_validate(yaml.safe_load(builders.relay_settings(OWNER))).listen
+    what the Service exposes are the same named ports; 'tracking' is the public HTTP one,
+    'smtp-in' (port 25, only with a return path or a complaints address) the one the outside
+    world's MTAs send DSNs and ARF reports to."""
+    spec = ip_spec(dns={"returnPathDomain": "bounces.example.net"})
+    listen = Settings.model_validate(
+        yaml.safe_load(builders.relay_settings(OWNER, inbound=True))
+    ).listen
     listening = {
         "submission": listen.submission,
         "submissions": listen.submissions,
@@ -216,7 +225,6 @@ def test_relay_listeners_ports_probes_and_service_agree() -> None:
         "smtp-in": listen.inbound,
     }
     assert listen.inbound == c.INBOUND_PORT
-    spec = ip_spec()
     [container] = builders.relay_deployment(OWNER, spec, "img", "tls")["spec"]["template"]["spec"][
         "containers"
     ]
@@ -238,18 +246,66 @@ def test_relay_listeners_ports_probes_and_service_agree() -> None:
     assert (c.SERVICE_TRACKING_PORT, c.SERVICE_API_PORT, c.SERVICE_METRICS_PORT) == (80, 8081, 9090)
     host = builders.smtp_host("demo", NS, "cluster.local")
     assert builders.relay_api_url("demo", NS, "cluster.local", spec) == f"http://{host}:8081"
-    custom = ip_spec(relay={"ports": {"tracking": 8000, "api": 9443, "metrics": 9100}})
+    custom = ip_spec(
+        relay={"ports": {"tracking": 8000, "api": 9443, "metrics": 9100}},
+        feedback={"complaintsAddress": "abuse@example.com"},  # ARF reports: smtp-in too
+    )
     ports = {p["name"]: p["port"] for p in builders.relay_service(OWNER, custom)["spec"]["ports"]}
     assert ports == {
         "submission": 587, "submissions": 465, "tracking": 8000, "api": 9443, "metrics": 9100,
         "smtp-in": 25,
     }  # fmt: skip
-    moved = ip_spec(relay={"ports": {"inbound": 2525}})
+    moved = ip_spec(
+        relay={"ports": {"inbound": 2525}}, dns={"returnPathDomain": "bounces.example.net"}
+    )
     [smtp_in] = [
         p for p in builders.relay_service(OWNER, moved)["spec"]["ports"] if p["name"] == "smtp-in"
     ]
     assert (smtp_in["port"], smtp_in["targetPort"]) == (2525, "smtp-in")
     assert builders.relay_api_url("demo", NS, "cluster.local", custom) == f"http://{host}:9443"
+
+
+def test_without_a_return_path_or_complaints_address_no_inbound_listener_runs() -> None:
+    """Nothing would reach it: a HostNetwork relay would hold the node's port 2525 for
+    nothing. The reconciler passes uses_inbound(spec) to the settings file."""
+    spec = ip_spec(egress={"mode": "HostNetwork"})
+    assert not uses_inbound(spec)
+    assert (
+        Settings.model_validate(yaml.safe_load(builders.relay_settings(OWNER))).listen.inbound
+        is None
+    )
+    [container] = builders.relay_deployment(OWNER, spec, "img", "tls")["spec"]["template"]["spec"][
+        "containers"
+    ]
+    assert "smtp-in" not in [p["name"] for p in container["ports"]]
+    assert c.INBOUND_PORT not in [p["containerPort"] for p in container["ports"]]
+    service = builders.relay_service(OWNER, spec)["spec"]["ports"]
+    assert [p["name"] for p in service] == [
+        "submission",
+        "submissions",
+        "tracking",
+        "api",
+        "metrics",
+    ]
+    # submission on port 25 is then fine: no smtp-in to collide with
+    assert builders.relay_service(OWNER, ip_spec(relay={"ports": {"submission": 25}}))
+    assert uses_inbound(ip_spec(feedback={"complaintsAddress": "abuse@example.com"}))
+    assert uses_inbound(ip_spec(dns={"returnPathDomain": "bounces.example.net"}))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"relay": {"ports": {"submission": 25}}, "dns": {"returnPathDomain": "b.example.net"}},
+        {"relay": {"ports": {"api": 9090}}},  # metrics' port
+        {"relay": {"ports": {"inbound": 465}}, "feedback": {"complaintsAddress": "a@example.com"}},
+    ],
+)
+def test_two_relay_ports_alike_are_refused_as_the_crd_refuses_them(fields: dict[str, Any]) -> None:
+    """Two Service ports alike would make the relay's Service invalid (it could no longer be
+    applied): the model refuses it with the CEL rule's message (tests/k8s)."""
+    with pytest.raises(ValueError, match=r"relay\.ports must be distinct"):
+        ip_spec(**fields)
 
 
 def test_tracking_keys_reach_the_relay_as_a_mounted_file_it_can_load(tmp_path: Path) -> None:

@@ -191,8 +191,10 @@ class RelayPorts(Model):
         le=65535,
         description="Service port 'smtp-in' of the inbound listener (no AUTH): DSNs to the "
         "return path and ARF reports to feedback.complaintsAddress, from the outside world; "
-        "every other recipient is refused with 550. The MX of spec.dns.returnPathDomain names "
-        "spec.hostname: port 25 of its address must reach this port.",
+        "every other recipient is refused with 550. The listener and the port exist only "
+        "when spec.dns.returnPathDomain or spec.feedback.complaintsAddress is set. The MX of "
+        "spec.dns.returnPathDomain names spec.hostname: port 25 of its address must reach "
+        "this port.",
     )
 
 
@@ -310,6 +312,32 @@ class Suppression(Model):
     )
 
 
+# The inbound listener (Service port 'smtp-in') runs only for what it takes: DSNs to the return
+# path and ARF reports to the complaints address. CEL for "it is in use", beside uses_inbound.
+_INBOUND_USED = (
+    "(has(self.dns) && has(self.dns.returnPathDomain)) || "
+    "(has(self.feedback) && has(self.feedback.complaintsAddress))"
+)
+_PORTS = "self.relay.ports"
+_NAMES = ("submission", "submissions", "tracking", "api", "metrics")
+_FIVE = "[" + ", ".join(f"{_PORTS}.{n}" for n in _NAMES) + "]"
+DISTINCT_PORTS_RULE = (
+    f"!has(self.relay) || !has({_PORTS}) || ({_FIVE}.all(p, {_FIVE}.exists_one(q, q == p)) && "
+    f"(!({_INBOUND_USED}) || !({_PORTS}.inbound in {_FIVE})))"
+)
+DISTINCT_PORTS = (
+    "relay.ports must be distinct: submission, submissions, tracking, api, metrics and (with "
+    "dns.returnPathDomain or feedback.complaintsAddress set) inbound each a port of its own"
+)
+
+
+def uses_inbound(spec: DedicatedIPSpec) -> bool:
+    """Whether the relay runs its inbound listener (and its pod and Service the port
+    'smtp-in'): only with a return-path domain (DSNs) or a complaints address (ARF reports);
+    otherwise nothing would reach it (and a HostNetwork relay would hold the node's port)."""
+    return spec.dns.return_path_domain is not None or spec.feedback.complaints_address is not None
+
+
 RETURN_PATH_OWN_DOMAIN = (
     "dns.returnPathDomain must be a domain of its own, not one of domains (for example "
     "bounces.example.com): its MX points at the relay, which takes only bounces and complaints"
@@ -327,6 +355,7 @@ class DedicatedIPSpec(Model):
                     RETURN_PATH_OWN_DOMAIN,
                     field=".dns.returnPathDomain",
                 ),
+                cel(DISTINCT_PORTS_RULE, DISTINCT_PORTS, field=".relay.ports"),
             ]
         }
     )
@@ -387,12 +416,18 @@ class DedicatedIPSpec(Model):
     )
 
     @model_validator(mode="after")
-    def _return_path_of_its_own(self) -> DedicatedIPSpec:
-        """The CEL rule above, for pydantic: the operator would otherwise list (and wait for)
-        an MX that takes the sending domain's mail over to the relay."""
+    def _cross_field_rules(self) -> DedicatedIPSpec:
+        """The CEL rules above, for pydantic (same messages). A return-path domain that is a
+        sending domain would have the operator list an MX taking that domain's mail over to
+        the relay; two ports alike would make the relay's Service invalid."""
         rp = self.dns.return_path_domain
         if rp is not None and rp in self.domains:
             raise ValueError(RETURN_PATH_OWN_DOMAIN)
+        ports = self.relay.ports
+        if ports is not None:
+            five = [ports.submission, ports.submissions, ports.tracking, ports.api, ports.metrics]
+            if len(set(five)) != len(five) or (uses_inbound(self) and ports.inbound in five):
+                raise ValueError(DISTINCT_PORTS)
         return self
 
 

@@ -76,14 +76,19 @@ SETTINGS_HEADER = (
 
 
 def relay_settings_model(
-    owner: RelayOwner, *, tracking_keys: bool = False, limits: RelayLimits | None = None
+    owner: RelayOwner,
+    *,
+    tracking_keys: bool = False,
+    limits: RelayLimits | None = None,
+    inbound: bool = False,
 ) -> c.RelaySettings:
     """The relay's static settings: where it listens and reads its configuration from.
 
     Filled in the relay's own model, so a file the relay would refuse cannot be built. With
     ``tracking_keys``, the tracking Secret is mounted and the relay signs and verifies with
     the keys in it (re-read when the kubelet updates the mounted file). ``limits`` (the
-    DedicatedIP's ``spec.relay.limits``) sets the connection caps that are set there.
+    DedicatedIP's ``spec.relay.limits``) sets the connection caps that are set there. With
+    ``inbound`` (``api.dedicatedip.uses_inbound``) the inbound listener runs.
     """
     caps = limits.model_dump(exclude_none=True) if limits is not None else {}
     return c.RelaySettings(
@@ -96,9 +101,10 @@ def relay_settings_model(
             tracking=c.TRACKING_PORT,
             api=c.API_PORT,
             metrics=c.METRICS_PORT,
-            # Always on: it refuses every recipient but the return path's and the complaints
-            # address (550), and switching it would restart the relay (settings are read once).
-            inbound=c.INBOUND_PORT,
+            # Only for what it takes (DSNs to the return path, ARF to the complaints address):
+            # a HostNetwork relay would otherwise hold the node's port for nothing. Switching
+            # it changes the pod's ports too, so the relay restarts and reads it (read once).
+            **({"inbound": c.INBOUND_PORT} if inbound else {}),
         ),
         tls=c.TLSSettings(cert_file=Path(TLS_PATH, "tls.crt"), key_file=Path(TLS_PATH, "tls.key")),
         spool=c.SpoolSettings(directory=Path(SPOOL_PATH)),
@@ -112,10 +118,14 @@ def relay_settings_model(
 
 
 def relay_settings(
-    owner: RelayOwner, *, tracking_keys: bool = False, limits: RelayLimits | None = None
+    owner: RelayOwner,
+    *,
+    tracking_keys: bool = False,
+    limits: RelayLimits | None = None,
+    inbound: bool = False,
 ) -> str:
     """:func:`relay_settings_model` as the file the relay pod mounts (YAML, what was set)."""
-    model = relay_settings_model(owner, tracking_keys=tracking_keys, limits=limits)
+    model = relay_settings_model(owner, tracking_keys=tracking_keys, limits=limits, inbound=inbound)
     return SETTINGS_HEADER + yaml.safe_dump(model.to_document(), sort_keys=False)
 
 
@@ -125,6 +135,7 @@ def relay_config_map(
     *,
     tracking_keys: bool = False,
     limits: RelayLimits | None = None,
+    inbound: bool = False,
 ) -> Obj:
     return {
         "apiVersion": "v1",
@@ -132,7 +143,9 @@ def relay_config_map(
         "metadata": owned_meta(owner, c.relay_name(owner.name), "config"),
         "data": {
             c.RELAY_CONFIG_KEY: config.to_json(),
-            SETTINGS_KEY: relay_settings(owner, tracking_keys=tracking_keys, limits=limits),
+            SETTINGS_KEY: relay_settings(
+                owner, tracking_keys=tracking_keys, limits=limits, inbound=inbound
+            ),
         },
     }
 

@@ -8,7 +8,7 @@ import json
 from txmail_relay import contract as c
 
 from ..api import DedicatedIPSpec
-from ..api.dedicatedip import EgressMode, RelayPorts
+from ..api.dedicatedip import EgressMode, RelayPorts, uses_inbound
 from .naming import (
     SETTINGS_KEY,
     SETTINGS_PATH,
@@ -193,8 +193,11 @@ def relay_deployment(
         {"name": "tracking", "containerPort": c.TRACKING_PORT, "protocol": "TCP"},
         {"name": "api", "containerPort": c.API_PORT, "protocol": "TCP"},
         {"name": "metrics", "containerPort": c.METRICS_PORT, "protocol": "TCP"},
-        {"name": INBOUND_PORT_NAME, "containerPort": c.INBOUND_PORT, "protocol": "TCP"},
     ]
+    if uses_inbound(spec):  # the listener runs only then (relay_settings_model)
+        ports.append(
+            {"name": INBOUND_PORT_NAME, "containerPort": c.INBOUND_PORT, "protocol": "TCP"}
+        )
     container: Obj = {
         "name": "relay",
         "image": image,
@@ -280,7 +283,8 @@ def relay_service(owner: RelayOwner, spec: DedicatedIPSpec) -> Obj:
     """Each Service port has the name of the container port it reaches: ``tracking`` is the
     public one (an Ingress targets it by name), ``api`` and ``metrics`` stay in the cluster;
     ``smtp-in`` (port 25) takes DSNs and ARF reports from the outside world, the return-path
-    domain's MX (a LoadBalancer or a forward of the address's port 25 reaches it)."""
+    domain's MX (a LoadBalancer or a forward of the address's port 25 reaches it); it exists
+    only with a return-path domain or a complaints address (``uses_inbound``)."""
     ports = spec.relay.ports or RelayPorts()
     named = [
         ("submission", ports.submission),
@@ -288,7 +292,7 @@ def relay_service(owner: RelayOwner, spec: DedicatedIPSpec) -> Obj:
         ("tracking", ports.tracking),
         ("api", ports.api),
         ("metrics", ports.metrics),
-        (INBOUND_PORT_NAME, ports.inbound),
+        *([(INBOUND_PORT_NAME, ports.inbound)] if uses_inbound(spec) else []),
     ]
     return {
         "apiVersion": "v1",

@@ -15,6 +15,7 @@ from txmail_relay import contract as c
 
 from .. import builders
 from ..api import DedicatedIPSpec
+from ..api.dedicatedip import uses_inbound
 from ..builders.warmup import start_recorded, with_status
 from . import pki
 from .conditions import condition
@@ -185,6 +186,7 @@ async def _apply_children(
             config,
             tracking_keys=tracking_secret is not None,
             limits=spec.relay.limits,
+            inbound=uses_inbound(spec),
         ),
         *(builders.template_shard(owner, k) for k in range(c.TEMPLATE_SHARDS)),
         builders.stats_config_map(owner),
