@@ -203,3 +203,30 @@ async def test_a_new_filter_looks_again_from_the_cursor(env: Env) -> None:
     dispatcher.update(widened)
     assert dispatcher.horizon == 0
 
+
+# -- a batch retried after maxBatch changed ---------------------------------------------------
+
+
+async def test_a_retried_batch_is_the_persisted_range_whatever_maxbatch_is_now(env: Env) -> None:
+    env.receiver.status = 500
+    await env.add(EventType.SENT, 5)
+    await env.add(EventType.BOUNCE)
+    await env.add(EventType.SENT, 2)
+    first = env.dispatcher(["SENT"], maxBatch=5)
+    assert await first.step() == 0
+    batch = (await env.records.webhooks.get(SUB_ID)).batch
+    assert batch is not None and (batch.first, batch.last, batch.size) == (1, 5, 5)
+    # The relay restarts with a smaller maxBatch; the receiver is back.
+    env.receiver.status = 200
+    env.clock.now = batch.next_attempt + 1 if batch.next_attempt else env.clock.now + 3600
+    second = env.dispatcher(["SENT"], maxBatch=2)
+    assert await second.step() == 0
+    failed, retried = env.receiver.bodies
+    assert retried == failed, "the same events, the same body"
+    assert env.receiver.seqs()[5:] == [1, 2, 3, 4, 5]
+    assert await cursor(env) == 5
+    # ... and what follows comes next, in batches of the new size.
+    while await second.step() == 0:
+        pass
+    assert env.receiver.seqs()[10:] == [7, 8]
+    assert await cursor(env) == 8

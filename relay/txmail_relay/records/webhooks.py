@@ -364,6 +364,24 @@ class Webhooks:
 
         return await self._db.read(read)
 
+    async def batch_events(
+        self, username: str, types: Collection[EventType], batch: Batch
+    ) -> list[Event]:
+        """The events of a persisted batch, for a retry: exactly its range (``first..last``)
+        and at most its ``size``, whatever ``maxBatch`` is now (a smaller one must not send
+        part of it and then move the cursor past the rest)."""
+        filtered, wanted = _type_filter(types)
+        sql = (
+            f"SELECT {_EVENT_COLUMNS} FROM events"  # noqa: S608 - placeholders only
+            f" WHERE username = ? AND seq BETWEEN ? AND ?{filtered} ORDER BY seq LIMIT ?"
+        )
+
+        async def read(db: aiosqlite.Connection) -> list[Event]:
+            args: list[Any] = [username, batch.first, batch.last, *wanted, batch.size]
+            return [_event(r) for r in await db.execute_fetchall(sql, args)]
+
+        return await self._db.read(read)
+
     def advance(self, sub_id: str, upto: int) -> Awaitable[WebhookState]:
         """Move the cursor of ``sub_id`` to ``upto`` (a scan found nothing of its filter up
         to there) unless a batch is in flight (its success moves it)."""

@@ -204,16 +204,7 @@ class Dispatcher:
             wait = batch.next_attempt - self._clock()
             if wait > 0 and not self._retry_now:
                 return wait
-            events = [
-                e
-                for e in await self._records.events.after(
-                    batch.first - 1,
-                    username=sub.username,
-                    types=sub.types,
-                    limit=self._settings.max_batch,
-                )
-                if e.seq <= batch.last
-            ]
+            events = await webhooks.batch_events(sub.username, sub.types, batch)
             if not events:  # pruned meanwhile: nothing left to send of it
                 self.state = await webhooks.skip_batch(sub.id, batch.id)
                 return 0.0
