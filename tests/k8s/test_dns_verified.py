@@ -174,10 +174,18 @@ def test_the_return_paths_mx_must_name_the_hostname_and_a_fix_is_followed(
         cluster_dns.set(return_path, "MX", "10 mx.elsewhere.example.")
         cond = wait_dns(kit, ip, "False", "ReturnPathMXMismatch")
         assert "mx.elsewhere.example" in cond["message"]
+        # VERP waits for the MX: DSNs to bounces+<id>@ would go elsewhere until then.
+        config = kit.relay_config(ip)
+        assert config is not None and config.return_path.domain is None
         publish(cluster_dns, [mx])
         wait_dns(kit, ip, "True", "Verified")
         checked = next(r for r in status(kit, ip)["dnsRecords"] if r["purpose"] == "ReturnPathMX")
         assert checked["result"] == "Verified"
+        wait_for(
+            lambda: (kit.relay_config(ip) or config).return_path.domain == return_path,
+            FOLLOW,
+            "the VERP return path once its MX verified",
+        )
     finally:
         delete(kit, ip)
         unpublish(cluster_dns, records)

@@ -363,11 +363,16 @@ def test_the_return_path_and_the_dsn_policy_reach_the_relay_config() -> None:
     off = builders.relay_config("demo", ip_spec())
     assert off.return_path.domain is None
     assert off.dsn.notify is c.DsnPolicy.ON_REQUEST
-    on = builders.relay_config(
-        "demo",
-        ip_spec(dns={"returnPathDomain": "bounces.example.net"}, bounces={"notifySender": "Never"}),
+    returning = ip_spec(
+        dns={"returnPathDomain": "bounces.example.net"}, bounces={"notifySender": "Never"}
     )
+    # Off until the return-path MX verified (reconcile/dns.py return_path_verified): DSNs
+    # to bounces+<id>@ would go nowhere before.
+    assert builders.relay_config("demo", returning).return_path.domain is None
+    on = builders.relay_config("demo", returning, return_path_verified=True)
     assert on.return_path.domain == "bounces.example.net"
+    unchecked = ip_spec(dns={"returnPathDomain": "bounces.example.net", "requireVerified": False})
+    assert builders.relay_config("demo", unchecked).return_path.domain == "bounces.example.net"
     assert on.return_path.local_part == "bounces"
     assert on.dsn.notify is c.DsnPolicy.NEVER
     assert c.RelayConfig.model_validate_json(on.to_json()) == on

@@ -43,6 +43,7 @@ from txmail_operator.reconcile.dns import (
     dkim_tags,
     dns_status,
     dns_verified,
+    return_path_verified,
     spf_verdict,
     unchecked,
 )
@@ -359,8 +360,24 @@ def test_the_return_path_domain_needs_spf_too(server: DnsServer) -> None:
     assert "bounce.example.org" in message
     server.set("bounce.example.org", "TXT", txt(spf_value(ADDRESS)))
     assert check(server, records, [domain]).condition()[1] == "ReturnPathMXMissing"
+    assert not return_path_verified(
+        moved := spec(domains=[domain], dns={"returnPathDomain": "bounce.example.org"}),
+        check(server, records, [domain]),
+    )
     server.set("bounce.example.org", "MX", f"10 {HOSTNAME}.")
-    assert check(server, records, [domain]).verified
+    report = check(server, records, [domain])
+    assert report.verified
+    # The relay's VERP return path goes live now (builders.relay_config), for this hostname.
+    assert return_path_verified(moved, report)
+    assert not return_path_verified(
+        spec(
+            hostname="mta2.example.com",
+            domains=[domain],
+            dns={"returnPathDomain": "bounce.example.org"},
+        ),
+        report,
+    )
+    assert not return_path_verified(spec(domains=[domain]), report)
 
 
 def test_the_return_path_domains_mx_must_name_the_hostname(server: DnsServer) -> None:

@@ -38,11 +38,12 @@ class DnsSpec(Model):
     return_path_domain: DnsDomain | None = Field(
         default=None,
         description="The return-path (envelope sender) domain of this IP's mail, a domain of "
-        "its own (for example bounces.example.com, not a sending domain): when set, every "
-        "delivery goes out with MAIL FROM bounces+<id>@<this domain> (the header From stays "
-        "the app's), and the DSNs receivers send back reach the relay's inbound listener "
-        "(Service port 25, 'smtp-in'), which ties each to its message. Its SPF must "
-        "authorize the address and its MX must name spec.hostname (both listed in "
+        "its own (for example bounces.example.com, not a sending domain): when set, and once "
+        "its MX below verifies (at once with requireVerified false), every delivery goes out "
+        "with MAIL FROM bounces+<id>@<this domain> (the header From stays the app's), and "
+        "the DSNs receivers send back reach the relay's inbound listener (Service port 25, "
+        "'smtp-in'), which ties each to its message. Its SPF must authorize the address and "
+        "its MX must name spec.hostname as its most preferred exchange (both listed in "
         "status.dnsRecords). Off (the app's sender as the return path) when omitted.",
     )
     external_dns: bool = Field(

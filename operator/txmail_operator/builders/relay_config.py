@@ -32,9 +32,12 @@ def relay_config(
     *,
     dkim: c.DkimConfig | None = None,
     warmup_started: datetime | None = None,
+    return_path_verified: bool = False,
 ) -> c.RelayConfig:
     """The RelayConfig; ``dkim`` the active signing keys (reconcile/dkim.py), none if omitted;
-    ``warmup_started`` the warm-up start recorded in the status (builders/warmup.py)."""
+    ``warmup_started`` the warm-up start recorded in the status (builders/warmup.py);
+    ``return_path_verified`` whether the return-path domain's MX verified (reconcile/dns.py
+    ``return_path_verified``)."""
     smarthost = None
     if spec.delivery.mode is c.DeliveryMode.SMARTHOST and spec.delivery.smarthost is not None:
         sh = spec.delivery.smarthost
@@ -57,8 +60,15 @@ def relay_config(
         tracking=c.TrackingConfig(base_url=spec.tracking.base_url),
         feedback=c.FeedbackConfig(complaints_address=spec.feedback.complaints_address),
         # VERP return path on the IP's return-path domain; off without one (builders/dns_records
-        # lists its MX, which sends the DSNs to the relay's inbound listener).
-        return_path=c.ReturnPathConfig(domain=spec.dns.return_path_domain),
+        # lists its MX, which sends the DSNs to the relay's inbound listener), and off until
+        # that MX verifies (as DKIM signs with a key once its record verifies): before, the
+        # DSNs would go nowhere and receivers may refuse a sender domain without an MX.
+        # spec.dns.requireVerified false: at once (that DNS is not ours to check).
+        return_path=c.ReturnPathConfig(
+            domain=spec.dns.return_path_domain
+            if return_path_verified or not spec.dns.require_verified
+            else None
+        ),
         dsn=c.DsnConfig(notify=spec.bounces.notify_sender),
         suppression=c.SuppressionConfig(
             complaints=spec.suppression.complaints, bounces=spec.suppression.bounces

@@ -35,7 +35,10 @@ from .dns import (
     dns_status,
     dns_verified,
     kept_dns,
+    records_of,
+    return_path_verified,
     sync_external_dns,
+    written_report,
 )
 from .warmup import started as warmup_started
 from .warmup import status_block as warmup_status
@@ -137,14 +140,21 @@ async def reconcile_ip(ctx: Context, body: Obj, tokens: int, emails: int) -> Non
         tls_secret, _ca, tls_problem = await _ensure_tls(ctx, owner, spec)
         tracking_secret = await _ensure_tracking_keys(ctx, owner, spec)
         dkim = await ensure_dkim(ctx, owner, body, spec)  # keys, and next keys to publish
+        written = (body.get("status") or {}).get("dnsRecords")
+        # The VERP return path as it is now: on once its MX verified (the kept report, or
+        # after a restart what the status recorded), like signing with a DKIM key.
+        verp = return_path_verified(
+            spec,
+            ctx.dns.kept(name)
+            or written_report(records_of(spec, dkim.active, dkim.optional), written),
+        )
         # The relay's objects first, signing as it does now: DNS (slow, or unreachable) and
         # the rotation step never hold them back, nor does any error of theirs.
         deployment = await _apply_children(
-            ctx, owner, body, spec, tls_secret, tracking_secret, dkim
+            ctx, owner, body, spec, tls_secret, tracking_secret, dkim, return_path=verp
         )
         # DNS readiness: the kept report, re-checked on a change of the records or when due.
         # Lookups do not raise: a failed one is that record's LookupFailed (reconcile/dns.py).
-        written = (body.get("status") or {}).get("dnsRecords")
         dns = await check_dns(ctx.dns, name, spec, dkim.active, dkim.optional, written=written)
         # Signing switches to a next key once its record verifies (reconcile/dkim.py).
         switched = await rotate_dkim(ctx, owner, body, spec, dns.dkim_verified)
@@ -152,9 +162,12 @@ async def reconcile_ip(ctx: Context, body: Obj, tokens: int, emails: int) -> Non
             dns = await check_dns(
                 ctx.dns, name, spec, switched.active, switched.optional, written=written
             )
-        if switched.signing != dkim.signing:  # the relay's configuration names the keys
+        # The relay's configuration names the signing keys and the return path (once its MX
+        # verifies; off again when it no longer does).
+        verified = return_path_verified(spec, dns)
+        if switched.signing != dkim.signing or verified != verp:
             deployment = await _apply_children(
-                ctx, owner, body, spec, tls_secret, tracking_secret, switched
+                ctx, owner, body, spec, tls_secret, tracking_secret, switched, return_path=verified
             )
         dkim = switched
         await sync_external_dns(ctx.kube, ctx.dns, owner, spec, dns)  # spec.dns.externalDNS
@@ -173,10 +186,19 @@ async def _apply_children(
     tls_secret: str,
     tracking_secret: str | None,
     dkim: DkimPlan,
+    *,
+    return_path: bool,
 ) -> Obj:
-    """Apply the relay's objects (an unchanged one is not written again); its Deployment."""
+    """Apply the relay's objects (an unchanged one is not written again); its Deployment.
+    ``return_path``: the return-path domain's MX verified (builders.relay_config)."""
     started = warmup_started(ctx, body, spec)  # warm-up's, if any
-    config = builders.relay_config(owner.name, spec, warmup_started=started, dkim=dkim.signing)
+    config = builders.relay_config(
+        owner.name,
+        spec,
+        warmup_started=started,
+        dkim=dkim.signing,
+        return_path_verified=return_path,
+    )
     children: list[Obj | None] = [
         builders.relay_service_account(owner),
         builders.relay_role(owner),

@@ -54,6 +54,7 @@ from ..builders.dns_records import (
     dns_endpoint,
     dns_endpoint_name,
     mx_host,
+    mx_value,
     normalized_address,
     records_to_publish,
 )
@@ -850,6 +851,16 @@ async def check_dns(
         written=written,
     )
     return report
+
+
+def return_path_verified(spec: DedicatedIPSpec, report: DnsReport | None) -> bool:
+    """Whether the return-path domain's MX (naming spec.hostname as it is now) verified in
+    ``report``: the relay's VERP return path goes live only then (builders.relay_config)."""
+    domain = spec.dns.return_path_domain
+    if domain is None or report is None:
+        return False
+    found = report.check(domain, RecordPurpose.RETURN_PATH_MX)
+    return found is not None and found.verified and found.record.value == mx_value(spec.hostname)
 
 
 def kept_dns(checks: DnsChecks, name: str, spec: DedicatedIPSpec) -> DnsReport:
