@@ -412,7 +412,7 @@ async def test_a_segment_held_by_long_deferred_mail_is_reclaimed(
     spool = open_spool(segment_bytes=1, clock=clock)  # every commit starts a new segment
     await started(spool)
     dsn = DsnEnvelope(None, "e", (RecipientParams(), RecipientParams(frozenset({"NEVER"}))))
-    held = await spool.append("a@example.com", ["x@d.test", "y@d.test"], "app1", b"held", dsn=dsn)
+    held = await _mostly_delivered_segment(spool, ["x@d.test", "y@d.test"], dsn=dsn)
     await spool.record(held, {0: Outcome.DELIVERED})
     held.attempts = 7
     await spool.defer(held, clock.now + 3000)
@@ -439,7 +439,7 @@ async def test_recovery_after_a_crash_between_the_copy_and_the_delete(
     clock = Clock()
     spool = open_spool(segment_bytes=1, clock=clock)
     await started(spool)
-    held = await spool.append("a@example.com", ["x@d.test", "y@d.test", "z@d.test"], "app1", b"h")
+    held = await _mostly_delivered_segment(spool, ["x@d.test", "y@d.test", "z@d.test"])
     await spool.record(held, {0: Outcome.DELIVERED})  # in the old segment only
     old = tmp_path / "spool" / f"seg-{held.segment:012d}.log"
     kept = tmp_path / "old-segment"
@@ -455,7 +455,8 @@ async def test_recovery_after_a_crash_between_the_copy_and_the_delete(
     crashed = tmp_path / "crashed"
     shutil.copytree(tmp_path / "spool", crashed / "spool", ignore=shutil.ignore_patterns("lock"))
     shutil.copyfile(kept, crashed / "spool" / old.name)
-    assert [k for k, _ in _records(crashed / "spool" / old.name)] == [KIND_MESSAGE, KIND_DONE]
+    kinds = [k for k, _ in _records(crashed / "spool" / old.name)]
+    assert kinds == [KIND_MESSAGE, KIND_MESSAGE, KIND_DONE, KIND_DONE]  # held, the big one
     image = Spool(crashed / "spool")
     recovered = image.recover()
     try:
@@ -526,11 +527,13 @@ async def _recover_twice(directory: Path) -> tuple[dict[str, list[int]], dict[st
     return seen[0], seen[1]
 
 
-async def _mostly_delivered_segment(spool: Spool, rcpts: list[str]) -> SpooledMessage:
+async def _mostly_delivered_segment(
+    spool: Spool, rcpts: list[str], dsn: DsnEnvelope | None = None
+) -> SpooledMessage:
     """A message that shares its segment with a large delivered one (a segment worth
     reclaiming: most of it is dead)."""
     held, big = await asyncio.gather(
-        spool.append("a@example.com", rcpts, "app1", b"held"),
+        spool.append("a@example.com", rcpts, "app1", b"held", dsn=dsn),
         spool.append("a@example.com", ["b@d.test"], "app1", b"B" * 8192),
     )
     assert held.segment == big.segment
@@ -639,3 +642,22 @@ async def test_an_old_copy_is_kept_when_its_outcomes_cannot_be_carried_over(
     first, second = await _recover_twice(directory)
     assert first == second == {msg.id: [1]}
     assert not (directory / "seg-000000000001.log").exists()
+
+
+async def test_reclaim_copies_only_what_frees_space(open_spool: SpoolFactory) -> None:
+    """A segment that is mostly pending mail is not copied (nothing to gain), and a copy is
+    not copied again at every later reclaim: each run frees more than it writes."""
+    clock = Clock()
+    spool = open_spool(segment_bytes=1, clock=clock)  # every commit starts a new segment
+    await started(spool)
+    alone = await spool.append("a@example.com", ["x@d.test"], "app1", b"A" * 4096)
+    held = await _mostly_delivered_segment(spool, ["y@d.test"])
+    clock.now += 700
+    await spool.append("a@example.com", ["z@d.test"], "app1", b"new")
+    assert await spool.reclaim(older_than=600) == 1  # held: its segment is mostly dead
+    assert held.segment > alone.segment + 1
+    for _ in range(3):
+        await spool.append("a@example.com", ["z@d.test"], "app1", b"new")  # a new current one
+        clock.now += 700
+        assert await spool.reclaim(older_than=600) == 0
+    assert await spool.read_body(alone) == b"A" * 4096

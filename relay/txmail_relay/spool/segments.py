@@ -74,6 +74,10 @@ _SEGMENT_GLOB = "seg-*.log"
 # A finished current segment smaller than this is kept for the next messages while there is
 # room (a new segment costs a create and directory syncs); past it, or short of room, it goes.
 IDLE_SEGMENT_BYTES = 1024 * 1024
+# A reclaim copies a segment's pending messages only when more than this share of the segment
+# is dead (finished messages, DONE and STATE records): each copy then frees more than it
+# writes, so copying again and again (a copy outliving the segment it went to) stays bounded.
+RECLAIM_DEAD_FRACTION = 0.5
 
 
 class SpoolError(Exception):
@@ -132,6 +136,7 @@ class SpooledMessage:
     # The DSN parameters of an SMTP submission; None: never a DSN (API and template sends,
     # DSNs themselves, mail spooled before the relay knew DSNs).
     dsn: DsnEnvelope | None = None
+    record_length: int = 0  # bytes of its MESSAGE record (what a copy of it writes again)
 
     def pending(self) -> list[int]:
         return [i for i in range(len(self.recipients)) if i not in self.final]
@@ -472,6 +477,7 @@ class Spool:
                     body_offset=body_offset,
                     final=_outcomes(meta["final"]),
                     dsn=DsnEnvelope.from_json(meta["dsn"]) if "dsn" in meta else None,
+                    record_length=end - pos,
                 )
                 state(meta)
                 previous = messages.get(msg.id)
@@ -644,7 +650,8 @@ class Spool:
 
     async def reclaim(self, older_than: float) -> int:
         """Move the messages of every old segment held only by mail received more than
-        ``older_than`` seconds ago (deferred that long) into the current segment, then delete
+        ``older_than`` seconds ago (deferred that long), and mostly dead (more than
+        :data:`RECLAIM_DEAD_FRACTION` of its bytes), into the current segment, then delete
         the old one; the number of messages moved.
 
         Each copy keeps the message's id, its crossed-off recipients, attempts, next attempt
@@ -663,6 +670,7 @@ class Spool:
                 and seg not in self._retire
                 and seg.messages
                 and all(now - m.received_at >= older_than for m in seg.messages.values())
+                and self._dead_fraction(seg) > RECLAIM_DEAD_FRACTION
             ]
             moved = 0
             for seg in old:
@@ -671,6 +679,12 @@ class Spool:
             return moved
         finally:
             self._reclaiming = False
+
+    @staticmethod
+    def _dead_fraction(seg: _Segment) -> float:
+        """The share of ``seg``'s bytes that no pending message needs."""
+        live = sum(m.record_length for m in seg.messages.values())
+        return 1.0 - live / seg.size if seg.size > 0 else 0.0
 
     async def _move(self, seg: _Segment) -> int:
         msgs = list(seg.messages.values())
@@ -961,6 +975,7 @@ class Spool:
                 old = self._segments.get(msg.segment) if w.copy else None
                 msg.segment = sid
                 msg.body_offset = offset + w.body_start
+                msg.record_length = len(w.record)
                 seg = self._segments.get(sid)
                 if old is not None and old is not seg:
                     old.messages.pop(msg.id, None)
