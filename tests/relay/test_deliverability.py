@@ -11,18 +11,19 @@ import contextlib
 import secrets
 import smtplib
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiosmtpd.controller import Controller
 
+from peers import free_port
 from relay.relaykit import (
     HttpReply,
     Recorder,
     RelayEnv,
     RelayThread,
-    Sink,
     arf_report,
     bearer,
     http,
@@ -126,10 +127,30 @@ def test_tracking_keys_are_reloaded_when_the_file_changes(
 # -- suppression: bounces ----------------------------------------------------------------------
 
 
+class _UnknownUsers:
+    """An upstream (aiosmtpd on loopback) that refuses every RCPT as an unknown user, the
+    bounce that suppresses (smtp-sink's 5xx is ``5.3.0``, which does not)."""
+
+    async def handle_RCPT(  # noqa: N802 - aiosmtpd's hook name
+        self, server: object, session: object, envelope: object, address: str, options: object
+    ) -> str:
+        return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
+
+
+@pytest.fixture
+def unknown_users() -> Iterator[Controller]:
+    controller = Controller(_UnknownUsers(), hostname="127.0.0.1", port=free_port())
+    controller.start()
+    try:
+        yield controller
+    finally:
+        controller.stop()
+
+
 def test_bounced_recipients_are_refused_when_the_ip_opts_in(
-    env: RelayEnv, sink_factory: Callable[..., Sink]
+    env: RelayEnv, unknown_users: Controller
 ) -> None:
-    refusing = sink_factory("-f", "RCPT")  # 5xx to every RCPT: every recipient bounces
+    refusing = unknown_users  # 550 5.1.1 to every RCPT: every recipient bounces
     recorder = Recorder()
     upstream = {"delivery": {"smarthost": {"port": refusing.port}}}
     opted_in = {**upstream, "suppression": {"bounces": True}}

@@ -14,6 +14,7 @@ import pytest
 
 from txmail_relay.contract import SendState
 from txmail_relay.outcomes import Outcome
+from txmail_relay.records.events import status_code
 from txmail_relay.records.model import EventType, Kind, Recipient, SentCopy, Suppression
 from txmail_relay.records.records import Records
 from txmail_relay.records.schema import MIGRATIONS, VERSION, SchemaError
@@ -223,7 +224,9 @@ async def test_bounces_and_complaints_suppress_their_recipients(tmp_path: Path) 
     async with opened(tmp_path) as records:
         copies = [SentCopy("s1", "Ada@Dest.test", "<m1@x>"), SentCopy("s1", "bob@dest.test")]
         await records.sends.record("app1", 0, copies, contacts={}, namespace="ns1", token="t1")
-        await records.events.outcome("s1", "app1", "bob@dest.test", Outcome.BOUNCED, 1.0)
+        await records.events.outcome(
+            "s1", "app1", "bob@dest.test", Outcome.BOUNCED, 1.0, reply="550 5.1.1 unknown user"
+        )
         await records.events.outcome("s1", "app1", "Ada@Dest.test", Outcome.DEFERRED, 1.0)
         suppressions = records.suppressions
         assert await suppressions.find("ns1", ["BOB@dest.test"], [Suppression.HARD_BOUNCE]) == {
@@ -575,3 +578,56 @@ async def test_the_relays_own_dsns_and_unrecorded_mail_never_suppress_relay_wide
         assert db.execute("SELECT count(*) FROM suppressions WHERE namespace = ''").fetchone() == (
             0,
         )
+
+
+@pytest.mark.parametrize(
+    ("reply", "suppressed"),
+    [
+        ("550 5.1.1 no such user", True),
+        ("550 5.1.2 no such domain", True),
+        ("550 5.1.10 null MX", True),
+        ("550 5.2.1 mailbox disabled", True),
+        ("554 5.7.1 blocked using zen.spamhaus.org", False),
+        ("550 5.7.26 DMARC policy", False),
+        ("552 5.3.4 message too big", False),
+        ("554 5.6.0 content rejected", False),
+        ("550 5.2.3 message too long for this mailbox", False),
+        ("554 transaction failed", False),
+    ],
+)
+async def test_only_a_bad_address_is_suppressed(
+    tmp_path: Path, reply: str, suppressed: bool
+) -> None:
+    """Every hard bounce is a BOUNCE event and counted, but only one that says the address is
+    bad adds a HARD_BOUNCE entry: a blocklisted IP, a DMARC refusal, a size or a content
+    refusal does not stop the next message to that address."""
+    async with opened(tmp_path) as records:
+        copies = [SentCopy("s1", "ada@dest.test"), SentCopy("s1", "bob@dest.test")]
+        await records.sends.record("app1", 0, copies, namespace="ns1", token="t1")
+        await records.events.outcome(
+            "s1", "app1", "ada@dest.test", Outcome.BOUNCED, 1.0, reply=reply
+        )
+        status = status_code(reply) or "5.0.0"
+        found = await records.events.bounce(
+            "s1",
+            "bob@dest.test",
+            hard=True,
+            status=status,
+            reply=reply,
+            category=None,
+            source="DSN",
+            at=2.0,
+        )
+        assert found is not None
+        logged = await records.events.after(0, types=[EventType.BOUNCE], limit=9)
+        assert [(e.recipient, e.detail["bounceType"]) for e in logged] == [
+            ("ada@dest.test", "HARD"),
+            ("bob@dest.test", "HARD"),
+        ]
+        found_entries = await records.suppressions.find(
+            "ns1", ["ada@dest.test", "bob@dest.test"], list(Suppression)
+        )
+        expected = {"ada@dest.test", "bob@dest.test"} if suppressed else set()
+        assert set(found_entries) == expected
+        counts = (await records.counters.totals()).counts["app1"]
+    assert counts[Kind.BOUNCED] == 2

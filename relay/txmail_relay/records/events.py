@@ -86,6 +86,20 @@ def bounce_category(status: str | None, *, expired: bool = False) -> str:
     return "UNCATEGORIZED"
 
 
+#: The RFC 3463 codes of a hard bounce that say the ADDRESS is bad, the only ones that add a
+#: HARD_BOUNCE suppression entry: 5.1.1 bad mailbox, 5.1.2 bad destination system (no such
+#: domain), 5.1.3 bad mailbox syntax, 5.1.6 mailbox moved, 5.1.10 null MX (RFC 7505), 5.2.1
+#: mailbox disabled. Not the others: a blocklisted IP or a policy refusal (5.7.x), a message
+#: too big (5.3.4, 5.2.3), its content (5.6.x), a routing or network failure (5.4.x): the
+#: next message to that address may well arrive. A reply without a code is not suppressed.
+ADDRESS_FAILURES = frozenset({"5.1.1", "5.1.2", "5.1.3", "5.1.6", "5.1.10", "5.2.1"})
+
+
+def suppresses(status: str | None) -> bool:
+    """Whether a hard bounce with this status code suppresses its recipient."""
+    return status in ADDRESS_FAILURES
+
+
 def new_event_id() -> str:
     return "evt_" + secrets.token_urlsafe(16)
 
@@ -201,7 +215,8 @@ class Events:
         reply: str | None = None,
     ) -> Awaitable[None]:
         """Counted and logged (DELIVERED, DEFERRED, or BOUNCE: hard from SMTP, soft when
-        expired); a bounce suppresses the recipient in its namespace; a final outcome completes
+        expired); a bounce of a bad address (:func:`suppresses`) suppresses the recipient in its
+        namespace; a final outcome completes
         the send's status (if the recipient has one).
 
         Nothing at all for the relay's own DSNs (username :data:`RELAY_USERNAME`). A message
@@ -218,7 +233,7 @@ class Events:
             found = self.owned(known) or known
             kind, detail = _outcome_event(outcome, reply)
             await append(db, kind, found, at, reply=reply, detail=detail)
-            if outcome is Outcome.BOUNCED and found.namespace:
+            if outcome is Outcome.BOUNCED and found.namespace and suppresses(detail["status"]):
                 await suppressions.add(db, found.namespace, recipient, Suppression.HARD_BOUNCE, at)
             if found.status_id is None or not outcome.final:
                 return
@@ -254,8 +269,9 @@ class Events:
         recipient; returns it, or None if the message is unknown (nothing is written).
 
         Hard: counted as bounced (once per message and recipient), suppressed in the
-        message's namespace, and an API send's status becomes ``sendResult``
-        ``UNDELIVERABLE`` with the bounce in its view. Soft: counted as a soft bounce.
+        message's namespace when ``status`` says the address is bad (:func:`suppresses`),
+        and an API send's status becomes ``sendResult`` ``UNDELIVERABLE`` with the bounce in
+        its view. Soft: counted as a soft bounce.
         Both are a BOUNCE event.
         """
 
@@ -276,7 +292,7 @@ class Events:
                 return found
             if await _first_time(db, found, _DSN_BOUNCED):
                 await bump(db, found.username, found.email_id, Kind.BOUNCED)
-            if found.namespace:
+            if found.namespace and suppresses(status):
                 await suppressions.add(
                     db, found.namespace, found.recipient, Suppression.HARD_BOUNCE, at
                 )

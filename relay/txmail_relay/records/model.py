@@ -35,8 +35,9 @@ class Kind(StrEnum):
 class Suppression(StrEnum):
     """Why a recipient is suppressed; the values are the stored reasons and the API's.
 
-    ``HARD_BOUNCE`` and ``SPAM_REPORT`` are recorded automatically (enforced only when the
-    DedicatedIP opts in); ``MANUAL`` entries are added through the API and always enforced.
+    ``HARD_BOUNCE`` (a hard bounce of a bad address, records/events.py ``suppresses``) and
+    ``SPAM_REPORT`` are recorded automatically (enforced only when the DedicatedIP opts in);
+    ``MANUAL`` entries are added through the API and always enforced.
     """
 
     HARD_BOUNCE = "HARD_BOUNCE"

@@ -2,7 +2,8 @@
 DedicatedIP, so per DedicatedIP and namespace).
 
 Reasons (:class:`~txmail_relay.records.model.Suppression`): ``HARD_BOUNCE`` and
-``SPAM_REPORT`` are recorded automatically for every hard bounce and complaint, and enforced
+``SPAM_REPORT`` are recorded automatically for every hard bounce of a bad address
+(:func:`~txmail_relay.records.events.suppresses`) and every complaint, and enforced
 only when the DedicatedIP opts in (``spec.suppression``); ``MANUAL`` entries (the API) are
 always enforced. Entries recorded before suppression was per namespace carry namespace ``""``:
 relay-wide, they apply to every namespace, and no namespace can remove them (nor any other
