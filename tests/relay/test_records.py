@@ -631,3 +631,44 @@ async def test_only_a_bad_address_is_suppressed(
         assert set(found_entries) == expected
         counts = (await records.counters.totals()).counts["app1"]
     assert counts[Kind.BOUNCED] == 2
+
+
+async def test_a_soft_dsn_that_gave_up_completes_the_send_as_undeliverable(tmp_path: Path) -> None:
+    """``Action: failed`` with a 4.x.x status (the far MTA gave up on deferred mail): SOFT, not
+    suppressed, but final: the API send is UNDELIVERABLE with the bounce shown. A soft DSN
+    that is not final (a delay warning) leaves the send as it was."""
+    async with opened(tmp_path) as records:
+        status, _ = await records.sends.reserve("app1", None, 7, "ada@dest.test")
+        copies = [SentCopy("s1", "ada@dest.test", "<m1@x>", None, status.status_id)]
+        await records.sends.record(
+            "app1", 7, copies, queued_status=status.status_id, namespace="ns1", token="t1"
+        )
+        events = records.events
+        await events.outcome("s1", "app1", "ada@dest.test", Outcome.DELIVERED, 3.0)
+        for final, at in ((False, 4.0), (True, 5.0)):
+            found = await events.bounce(
+                "s1",
+                "ada@dest.test",
+                hard=False,
+                status="4.4.7",
+                reply="delivery time expired",
+                category=None,
+                source="DSN",
+                at=at,
+                final=final,
+            )
+            assert found is not None
+            sent = await records.sends.get("app1", status.status_id)
+            assert sent is not None
+            if not final:
+                assert sent.send_result == "SENT" and sent.bounce is None
+        assert sent.status is SendState.COMPLETE and sent.send_result == "UNDELIVERABLE"
+        assert sent.bounce == {
+            "bounceType": "SOFT",
+            "status": "4.4.7",
+            "reply": "delivery time expired",
+            "at": 5.0,
+        }
+        assert not await records.suppressions.find("ns1", ["ada@dest.test"], list(Suppression))
+        counts = (await records.counters.totals()).counts["app1"]
+    assert counts[Kind.SOFT_BOUNCED] == 2 and Kind.BOUNCED not in counts

@@ -67,7 +67,7 @@ def status_view(status: SendStatus, send_result: SendResult | None = None) -> di
     ):
         if value is not None:
             view[key] = value
-    if status.bounce is not None:  # an asynchronous hard bounce (a DSN) after delivery
+    if status.bounce is not None:  # a DSN after delivery: hard, or a final soft one
         bounce = dict(status.bounce)
         view["bounce"] = {
             "bounceType": bounce.get("bounceType"),

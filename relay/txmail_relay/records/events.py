@@ -264,6 +264,7 @@ class Events:
         category: str | None,
         source: str,
         at: float,
+        final: bool | None = None,
     ) -> Awaitable[Recipient | None]:
         """An asynchronous bounce (a DSN that came back, ``source`` "DSN") of a spooled
         recipient; returns it, or None if the message is unknown (nothing is written).
@@ -273,7 +274,13 @@ class Events:
         and an API send's status becomes ``sendResult`` ``UNDELIVERABLE`` with the bounce in
         its view. Soft: counted as a soft bounce.
         Both are a BOUNCE event.
+
+        ``final`` (default: ``hard``): the far side gave up, the message will never arrive.
+        A soft one that is final (``Action: failed`` with a 4.x.x status: an MTA that gave
+        up on deferred mail) stays SOFT (no suppression) but completes an API send's status
+        as ``UNDELIVERABLE`` with the bounce, like a hard one.
         """
+        done = hard if final is None else final
 
         async def write(db: aiosqlite.Connection) -> Recipient | None:
             known = await _message(db, spool_id, recipient)
@@ -289,15 +296,20 @@ class Events:
             await append(db, EventType.BOUNCE, found, at, reply=reply, detail=detail)
             if not hard:
                 await bump(db, found.username, found.email_id, Kind.SOFT_BOUNCED)
-                return found
-            if await _first_time(db, found, _DSN_BOUNCED):
-                await bump(db, found.username, found.email_id, Kind.BOUNCED)
-            if found.namespace and suppresses(status):
-                await suppressions.add(
-                    db, found.namespace, found.recipient, Suppression.HARD_BOUNCE, at
-                )
-            if found.status_id is not None:
-                shown = {"bounceType": "HARD", "status": status, "reply": reply, "at": at}
+            else:
+                if await _first_time(db, found, _DSN_BOUNCED):
+                    await bump(db, found.username, found.email_id, Kind.BOUNCED)
+                if found.namespace and suppresses(status):
+                    await suppressions.add(
+                        db, found.namespace, found.recipient, Suppression.HARD_BOUNCE, at
+                    )
+            if done and found.status_id is not None:
+                shown = {
+                    "bounceType": detail["bounceType"],
+                    "status": status,
+                    "reply": reply,
+                    "at": at,
+                }
                 await db.execute(
                     "UPDATE statuses SET status = ?, send_result = ?,"
                     " completed_at = coalesce(completed_at, ?), bounce = ?"
