@@ -8,11 +8,12 @@ returns how long it would wait, so no test sleeps.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import random
 import secrets
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,21 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from txmail_relay.contract import WebhookEndpoint, WebhookSettings
+from txmail_relay.config.live import DynamicConfig, LiveConfig
+from txmail_relay.contract import (
+    CredentialEntry,
+    PasswordDigest,
+    RelayConfig,
+    WebhookEndpoint,
+    WebhookSettings,
+    password_digest,
+)
 from txmail_relay.metrics import RelayMetrics
 from txmail_relay.records.events import append
 from txmail_relay.records.model import EventType, Recipient
 from txmail_relay.records.records import Records
 from txmail_relay.webhooks.dispatcher import HORIZON_SAVE_EVERY, Dispatcher, Subscription
+from txmail_relay.webhooks.manager import WebhookManager
 
 USERNAME = "txm-unit"
 SUB_ID = "shop/orders/hook"
@@ -69,14 +79,8 @@ class Env:
     clock: Clock
     statements: list[str]
 
-    def dispatcher(
-        self,
-        types: list[str] | None = None,
-        *,
-        rng: random.Random | None = None,
-        **settings: Any,
-    ) -> Dispatcher:
-        endpoint = WebhookEndpoint.model_validate(
+    def endpoint(self, types: list[str] | None = None) -> WebhookEndpoint:
+        return WebhookEndpoint.model_validate(
             {
                 "name": "hook",
                 "url": self.receiver.url,
@@ -84,6 +88,15 @@ class Env:
                 "secret": "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode(),
             }
         )
+
+    def dispatcher(
+        self,
+        types: list[str] | None = None,
+        *,
+        rng: random.Random | None = None,
+        **settings: Any,
+    ) -> Dispatcher:
+        endpoint = self.endpoint(types)
         return Dispatcher(
             Subscription(SUB_ID, USERNAME, endpoint),
             self.records,
@@ -230,3 +243,82 @@ async def test_a_retried_batch_is_the_persisted_range_whatever_maxbatch_is_now(e
         pass
     assert env.receiver.seqs()[10:] == [7, 8]
     assert await cursor(env) == 8
+
+
+# -- the manager and a records error ------------------------------------------------------------
+
+
+class CountingConfig(LiveConfig):
+    """The live configuration, counting how often it is looked at (once per manager tick)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    @property
+    def current(self) -> DynamicConfig | None:
+        self.reads += 1
+        return super().current
+
+
+async def until(check: Callable[[], bool], what: str) -> None:
+    """Polls ``check`` for up to 10 s."""
+    deadline = asyncio.get_running_loop().time() + 10.0
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def test_the_manager_recovers_from_a_records_error_and_restarts_a_dispatcher(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="txmail_relay.webhooks")
+    entry = CredentialEntry(
+        username=USERNAME,
+        namespace="shop",
+        token="orders",
+        digests=[PasswordDigest(sha256=password_digest("pw"), generation=1)],
+        allowed_from_domains=["example.com"],
+        email_campaign_id=1,
+        webhooks=[env.endpoint()],
+    )
+    config = CountingConfig()
+    relay = RelayConfig(
+        dedicated_ip="203.0.113.7",
+        address="203.0.113.7",
+        hostname="mx.example.com",
+        domains=["example.com"],
+    )
+    config.publish(DynamicConfig(relay=relay, credentials={USERNAME: entry}))
+    manager = WebhookManager(
+        env.records,
+        config,
+        WebhookSettings(poll_interval=0.02),
+        RelayMetrics(CollectorRegistry()),
+        clock=env.clock,
+    )
+    await manager.start()
+    await env.records.close()  # the records fail under the manager's first sync
+    task = asyncio.create_task(manager.run())
+    try:
+        reads = config.reads
+        await until(lambda: config.reads >= reads + 6, "a few failed ticks")
+        failed = [r for r in caplog.records if "looking for new events failed" in r.message]
+        assert len(failed) == 1, "logged once, not at every poll"
+        assert not task.done(), "the manager keeps trying"
+        await env.records.open()
+        await env.add(EventType.SENT)
+        await until(lambda: len(env.receiver.bodies) == 1, "the event after the records came back")
+        assert "looking for new events works again" in caplog.text
+        # A dispatcher whose task ended is started again.
+        running = manager._dispatchers[SUB_ID][1]
+        running.cancel()
+        await asyncio.wait({running})
+        await env.add(EventType.DELIVERED)
+        await until(lambda: len(env.receiver.bodies) == 2, "the event after the restart")
+        assert "webhook dispatcher ended: started again" in caplog.text
+        assert env.receiver.seqs() == [1, 2]
+    finally:
+        task.cancel()
+        await asyncio.wait({task})

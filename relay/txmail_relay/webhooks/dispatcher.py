@@ -141,20 +141,27 @@ class Dispatcher:
         self._wake.set()
 
     async def run(self) -> None:
+        """Rounds until cancelled; a round that fails (the records, say) is logged once per
+        run of failures and tried again after ``pollInterval``."""
+        broken = False
         while True:
+            extra = {"webhook": self.subscription.id}
             try:
                 delay = await self.step()
             except asyncio.CancelledError:
                 raise
             except RecordsFullError:
-                log.warning(
-                    "webhook waits for space on the records' volume",
-                    extra={"webhook": self.subscription.id},
-                )
-                delay = self._settings.poll_interval
+                if not broken:
+                    log.warning("webhook waits for space on the records' volume", extra=extra)
+                broken, delay = True, self._settings.poll_interval
             except Exception:
-                log.exception("webhook round failed", extra={"webhook": self.subscription.id})
-                delay = self._settings.poll_interval
+                if not broken:
+                    log.exception("webhook round failed; retrying", extra=extra)
+                broken, delay = True, self._settings.poll_interval
+            else:
+                if broken:
+                    log.info("webhook rounds work again", extra=extra)
+                broken = False
             await self._sleep(delay)
 
     async def _sleep(self, seconds: float) -> None:

@@ -58,7 +58,8 @@ class WebhookManager:
         self._clock = clock
         self._rng = rng
         self._dispatchers: dict[str, tuple[Dispatcher, asyncio.Task[None]]] = {}
-        self._seen_config: DynamicConfig | None = None
+        self._seen_config: DynamicConfig | None = None  # the snapshot sync() last followed
+        self._broken = False  # the last tick failed (logged once)
         self._seen_seq = 0
         self._wake = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
@@ -80,7 +81,7 @@ class WebhookManager:
         call this before mail is taken); rows of subscriptions no longer configured are marked
         removed. Delivery starts with :meth:`run`."""
         self._seen_seq = await self._records.webhooks.newest()
-        wanted = self._wanted()
+        wanted = self._wanted(self._config.current)
         for sub in wanted.values():
             await self._ensure(sub)
         for state in await self._records.webhooks.all():
@@ -96,22 +97,31 @@ class WebhookManager:
             trust_env=False,
         )
         try:
-            await self.sync()
             while True:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._settings.poll_interval)
-                self._wake.clear()
                 try:
                     await self._tick()
                 except asyncio.CancelledError:
                     raise
                 except Exception:
-                    log.exception("webhooks: looking for new events failed")
+                    # Logged once per run of failures (the records unreadable for a while
+                    # would otherwise log every pollInterval); retried at the next poll.
+                    if not self._broken:
+                        log.exception("webhooks: looking for new events failed; retrying")
+                    self._broken = True
+                else:
+                    if self._broken:
+                        log.info("webhooks: looking for new events works again")
+                    self._broken = False
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._settings.poll_interval)
+                self._wake.clear()
         finally:
             await self.stop()
 
     async def _tick(self) -> None:
-        if self._config.current is not self._seen_config:
+        if self._config.current is not self._seen_config or any(
+            task.done() for _, task in self._dispatchers.values()
+        ):
             await self.sync()
         newest, usernames = await self._records.webhooks.new_events(self._seen_seq)
         self._seen_seq = newest
@@ -124,9 +134,7 @@ class WebhookManager:
             self._pruned = now
             await self._records.webhooks.prune_removed(now - self._settings.retry_for)
 
-    def _wanted(self) -> dict[str, Subscription]:
-        config = self._config.current
-        self._seen_config = config
+    def _wanted(self, config: DynamicConfig | None) -> dict[str, Subscription]:
         wanted: dict[str, Subscription] = {}
         if config is not None:
             for entry in config.credentials.values():
@@ -141,22 +149,30 @@ class WebhookManager:
         )
 
     async def sync(self) -> None:
-        """Start, stop and update dispatchers to match the configuration now."""
-        wanted = self._wanted()
+        """Start, stop and update dispatchers to match the configuration now, and start again
+        any that ended. The snapshot counts as followed only once this succeeded (a failure
+        is tried again at the next poll)."""
+        config = self._config.current
+        wanted = self._wanted(config)
         for sub_id in [i for i in self._dispatchers if i not in wanted]:
-            _, task = self._dispatchers.pop(sub_id)
+            _, task = self._dispatchers[sub_id]
             task.cancel()
             await asyncio.wait({task})
             await self._records.webhooks.remove(sub_id)
+            del self._dispatchers[sub_id]
             log.info("webhook stopped", extra={"webhook": sub_id})
         for sub_id, sub in wanted.items():
             running = self._dispatchers.get(sub_id)
-            if running is not None:
+            if running is not None and not running[1].done():
                 if running[0].subscription != sub:
                     running[0].update(sub)
                 continue
+            if running is not None:
+                log.warning("webhook dispatcher ended: started again", extra={"webhook": sub_id})
+                del self._dispatchers[sub_id]
             await self._ensure(sub)
             self._start(sub)
+        self._seen_config = config
 
     def _start(self, sub: Subscription) -> None:
         if self._session is None:
