@@ -127,6 +127,8 @@ class Relay:
         self.webhooks = WebhookManager(
             self.records, self.store, settings.webhooks, self.metrics, clock=webhook_clock
         )
+        # One return path for the queue and the inbound listener: it remembers replaced ones.
+        self.return_path = LiveReturnPath(self.store)
         self.queue = DeliveryQueue(
             self.spool,
             self.transport,
@@ -136,7 +138,7 @@ class Relay:
             listeners=[self.metrics, OutcomeRecorder(self.records), self.webhooks, *listeners],
             warmup=self.warmup,
             sign=self.dkim.sign,
-            return_path=LiveReturnPath(self.store).envelope_sender,  # VERP when configured
+            return_path=self.return_path.envelope_sender,  # VERP when configured
             # RFC 3464 DSNs to SMTP senders (RelayConfig.dsn), spooled like any message.
             on_failed=DsnNotifier(self.store, self.spool).notify,
         )
@@ -162,6 +164,7 @@ class Relay:
             bounce=self.records.events.bounce,
             complaints=self.complaints,
             complaints_address=settings.complaints_address,
+            return_path=self.return_path,
         )
         self._checker = Authenticator(self.store)
         self._limiter = FailureLimiter(

@@ -17,6 +17,7 @@ import smtplib
 import sqlite3
 import ssl
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,8 +35,15 @@ from relay.relaykit import (
     verp,
     wait_for,
 )
+from txmail_relay.config.live import DynamicConfig, LiveConfig
+from txmail_relay.contract import RelayConfig, ReturnPathConfig
 from txmail_relay.http.api import SEND_PATH, STATUS_PATH
-from txmail_relay.ingress.inbound import DETECT_BYTES, read_report
+from txmail_relay.ingress.inbound import (
+    DETECT_BYTES,
+    PREVIOUS_RETURN_PATH_GRACE,
+    LiveReturnPath,
+    read_report,
+)
 from txmail_relay.mail.return_path import ReturnPath, envelope_sender
 from txmail_relay.records.model import Event, EventType
 
@@ -551,3 +559,68 @@ def test_a_bounce_that_cannot_be_written_gets_451_and_is_recorded_when_sent_agai
     assert inbound(relay, [verp(spool_id)], dsn) == (250, "2.6.0 Report recorded")
     assert [e.recipient for e in bounces(relay)] == ["ada@dest.test"]
     wait_stats(env, bounced=1)
+
+
+def test_dsns_to_the_previous_return_path_domain_are_still_taken(
+    env: RelayEnv, relay: RelayThread
+) -> None:
+    """The return-path domain changes while mail sent with the old one is out there: its DSNs
+    still tie (for a week), new mail uses the new domain, other domains stay refused."""
+    old_id, old_message_id = submit(env, relay, ["ada@dest.test"])
+    delivered(env, 1)
+    assert relay.relay is not None and relay.relay.store.current is not None
+    store = relay.relay.store
+    current = store.current
+    assert current is not None
+    new_domain = "rp2.example.com"
+    changed = current.relay.model_copy(update={"return_path": ReturnPathConfig(domain=new_domain)})
+
+    async def publish() -> None:
+        store.publish(replace(current, relay=changed))
+
+    on_loop(relay, publish)
+    new_id, new_message_id = submit(env, relay, ["bea@dest.test"])
+    senders = {parsed(c)["Message-ID"]: c.mail_from for c in env.sink.wait(2)}
+    assert senders == {
+        old_message_id: f"<{verp(old_id)}>",
+        new_message_id: f"<{verp(new_id, new_domain)}>",  # new mail: the new domain
+    }
+    old_dsn = corpus(
+        "dsn-hard-5.1.1.eml", VERP=verp(old_id), RCPT="ada@dest.test", MESSAGE_ID=old_message_id
+    )
+    assert inbound(relay, [verp(old_id)], old_dsn) == (250, "2.6.0 Report recorded")
+    new_dsn = corpus(
+        "dsn-hard-5.1.1.eml",
+        VERP=verp(new_id, new_domain),
+        RCPT="bea@dest.test",
+        MESSAGE_ID=new_message_id,
+    )
+    assert inbound(relay, [verp(new_id, new_domain)], new_dsn) == (250, "2.6.0 Report recorded")
+    assert sorted(e.recipient for e in bounces(relay)) == ["ada@dest.test", "bea@dest.test"]
+    assert inbound(relay, [verp(old_id, "other.example.com")], old_dsn)[0] == 550
+
+
+def test_a_replaced_return_path_is_taken_for_a_week_only() -> None:
+    now = [1000.0]
+    store = LiveConfig()
+    base = RelayConfig.model_validate(
+        {
+            "hostname": "relay.test",
+            "address": "127.0.0.1",
+            "dedicatedIP": "ip1",
+            "domains": [],
+            "returnPath": {"domain": RETURN_PATH_DOMAIN},
+        }
+    )
+    store.publish(DynamicConfig(relay=base))
+    live = LiveReturnPath(store, clock=lambda: now[0])
+    spool_id = "0123456789abcdef"
+    assert live.decode(verp(spool_id)) == spool_id
+    moved = base.model_copy(update={"return_path": ReturnPathConfig(domain="rp2.example.com")})
+    store.publish(DynamicConfig(relay=moved))
+    assert live.decode(verp(spool_id, "rp2.example.com")) == spool_id
+    now[0] += PREVIOUS_RETURN_PATH_GRACE - 1
+    assert live.decode(verp(spool_id)) == spool_id
+    now[0] += 2
+    assert live.decode(verp(spool_id)) is None
+    assert live.decode(verp(spool_id, "rp2.example.com")) == spool_id

@@ -86,6 +86,8 @@ REPLY_WRITE_FAILED = "451 4.3.0 Could not record the report, please try again la
 _STATUS = re.compile(r"([245])\.\d{1,3}\.\d{1,3}")
 _SPACE = re.compile(r"\s+")
 MAX_REPLY = 1000  # characters of a Diagnostic-Code kept
+#: How long a replaced return path still takes DSNs (far MTAs retry and report for days).
+PREVIOUS_RETURN_PATH_GRACE = 7 * 86400.0
 UNTIED_LOG_INTERVAL = 60.0  # seconds between WARNING lines about messages tied to nothing
 #: flufl.bounce's detectors read at most this much of a message (they run regular expressions
 #: over every line: 10 s for a 10 MB message).
@@ -96,14 +98,47 @@ DETECT_BYTES = 256 * 1024
 
 
 class LiveReturnPath:
-    """The DedicatedIP's return path (``RelayConfig.returnPath``) at the moment it is asked."""
+    """The DedicatedIP's return path (``RelayConfig.returnPath``) at the moment it is asked,
+    and the ones it replaced: a DSN about mail sent before the return-path domain (or local
+    part) changed comes to the old address, days later. Those are accepted for
+    :data:`PREVIOUS_RETURN_PATH_GRACE` after the change was first seen. Kept in memory: the
+    delivery queue and the listener share one instance (every VERP address the relay used was
+    made by it, so no change that mattered goes unseen); a restart forgets them
+    (docs/feedback.md)."""
 
-    def __init__(self, config: LiveConfig) -> None:
+    def __init__(self, config: LiveConfig, *, clock: Callable[[], float] = time.time) -> None:
         self._config = config
+        self._clock = clock
+        self._last: ReturnPath | None = None
+        self._previous: dict[ReturnPath, float] = {}  # -> when it stopped being current
 
     def current(self) -> ReturnPath | None:
         config = self._config.current
-        return ReturnPath.of(config.relay.return_path) if config is not None else None
+        found = ReturnPath.of(config.relay.return_path) if config is not None else None
+        if found != self._last:
+            if self._last is not None:
+                self._previous[self._last] = self._clock()
+            if found is not None:
+                self._previous.pop(found, None)
+            self._last = found
+        return found
+
+    def accepted(self) -> list[ReturnPath]:
+        """The current return path, then the previous ones still in their grace period."""
+        current = self.current()
+        now = self._clock()
+        for old, since in list(self._previous.items()):
+            if now - since > PREVIOUS_RETURN_PATH_GRACE:
+                del self._previous[old]
+        return ([current] if current is not None else []) + list(self._previous)
+
+    def decode(self, address: str) -> str | None:
+        """The spool id ``address`` carries under an accepted return path, or None."""
+        for return_path in self.accepted():
+            found = return_path.decode(address)
+            if found is not None:
+                return found
+        return None
 
     def envelope_sender(self, msg: SpooledMessage) -> str:
         """The MAIL FROM of a delivery attempt of ``msg`` (the delivery queue asks)."""
@@ -282,10 +317,12 @@ class InboundHandler:
         bounce: BounceRecorder,
         complaints: ComplaintHandler,
         complaints_address: str | None = None,
+        return_path: LiveReturnPath | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._config = config
-        self._return_path = LiveReturnPath(config)
+        # The delivery queue's (app.py): it sees every return path the relay used.
+        self._return_path = return_path or LiveReturnPath(config, clock=clock)
         self._limits = limits
         self._metrics = metrics
         self._bounce = bounce
@@ -337,8 +374,7 @@ class InboundHandler:
             self._metrics.inbound_refusals.labels("recipients").inc()
             return "452 4.5.3 Too many recipients"
         lowered = address.lower()
-        return_path = self._return_path.current()
-        ours = return_path is not None and return_path.is_ours(lowered)
+        ours = self._return_path.decode(lowered) is not None
         if not ours and lowered != self._complaints_address():
             self._metrics.inbound_refusals.labels("recipient").inc()
             log.debug("inbound recipient refused", extra={"peer": peer_ip(session.peer)})
@@ -348,10 +384,9 @@ class InboundHandler:
         return "250 2.1.5 OK"
 
     def _spool_ids(self, rcpts: list[str]) -> Iterator[str]:
-        return_path = self._return_path.current()
         seen: set[str] = set()
         for rcpt in rcpts:
-            spool_id = return_path.decode(rcpt) if return_path is not None else None
+            spool_id = self._return_path.decode(rcpt)
             if spool_id is not None and spool_id not in seen:
                 seen.add(spool_id)
                 yield spool_id
