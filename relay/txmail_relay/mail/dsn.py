@@ -84,7 +84,7 @@ class RecipientParams:
         notices); NOTIFY=NEVER or SUCCESS/DELAY without FAILURE: none. ``Always``: every
         failure but NOTIFY=NEVER, which wins over every policy (RFC 3461 §5.1: "MUST NOT"
         send one then)."""
-        if policy is DsnPolicy.NEVER or self.notify == {"NEVER"}:
+        if policy is DsnPolicy.NEVER or self.notify == frozenset({"NEVER"}):
             return False
         if policy is DsnPolicy.ALWAYS:
             return True
