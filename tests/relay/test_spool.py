@@ -661,3 +661,36 @@ async def test_reclaim_copies_only_what_frees_space(open_spool: SpoolFactory) ->
         clock.now += 700
         assert await spool.reclaim(older_than=600) == 0
     assert await spool.read_body(alone) == b"A" * 4096
+
+
+async def test_a_cancelled_reclaim_still_lets_the_old_segment_go(tmp_path: Path) -> None:
+    """The reclaim is cancelled (the relay stopping it) while its copy is being written: the
+    copy still lands, the old segment is deleted without waiting for a restart, and the
+    message is there once after one."""
+    clock = Clock()
+    directory = tmp_path / "spool"
+    io = CrashIO(directory, tmp_path)
+    spool = Spool(directory, io=io, segment_bytes=8192, clock=clock)
+    spool.recover()
+    spool.start()
+    try:
+        held = await _mostly_delivered_segment(spool, ["x@d.test"])
+        old = directory / f"seg-{held.segment:012d}.log"
+        clock.now += 60
+        await spool.append("a@example.com", ["w@d.test"], "app1", b"new")
+        clock.now += 600
+        io.hold = True
+        reclaim = asyncio.create_task(spool.reclaim(older_than=600))
+        await asyncio.to_thread(io.held.wait, 10)
+        reclaim.cancel()
+        io.go.set()
+        with pytest.raises(asyncio.CancelledError):
+            await reclaim
+        await _until(lambda: not old.exists(), "the old segment deleted")
+        assert await spool.read_body(held) == b"held"
+    finally:
+        io.go.set()
+        await spool.close()
+    again = Spool(directory)
+    assert [m.id for m in again.recover() if m.id == held.id] == [held.id]
+    await again.close()

@@ -342,6 +342,8 @@ class Spool:
         self._flushed = False  # the last attempt on close() was made
         self._failing = False  # in a run of failed commits (logged once)
         self._reclaiming = False
+        self._reclaim_task: asyncio.Task[int] | None = None
+        self._reclaim_stop = False  # closing: no further segment is moved
         self.healthy = True
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -545,6 +547,11 @@ class Spool:
 
     async def close(self) -> None:
         """Commit what is queued, stop the writer and close the files."""
+        task = self._reclaim_task
+        if task is not None and not task.done():  # the move in hand ends while the writer runs
+            self._reclaim_stop = True
+            with contextlib.suppress(Exception):
+                await asyncio.shield(task)
         self._closing = True
         self._wakeup.set()
         if self._task is not None:
@@ -661,6 +668,13 @@ class Spool:
         if self._reclaiming or self._closing:
             return 0
         self._reclaiming = True
+        # Not stopped half-way when the caller is cancelled: a move ends by carrying over the
+        # outcomes recorded meanwhile and letting the old segment go.
+        task = asyncio.get_running_loop().create_task(self._reclaim(older_than))
+        self._reclaim_task = task
+        return await asyncio.shield(task)
+
+    async def _reclaim(self, older_than: float) -> int:
         try:
             now = self._clock()
             old = [  # chosen first: a copy may start a new current segment
@@ -674,6 +688,8 @@ class Spool:
             ]
             moved = 0
             for seg in old:
+                if self._reclaim_stop:
+                    break
                 if self._segments.get(seg.id) is seg and seg.messages:
                     moved += await self._move(seg)
             return moved
@@ -719,16 +735,13 @@ class Spool:
                 extra={"segment": seg.id},
             )
             return len(copies) - len(failed)
+        self._release(seg, 1)  # each message moved has released it already (_complete)
         if failed:
-            self._release(seg, 1)
             log.warning(
                 "reclaiming a segment failed; it is tried again later",
                 extra={"segment": seg.id, "error": str(failed[0])},
             )
             return len(copies) - len(failed)
-        seg.messages.clear()
-        seg.live = 0
-        self._release(seg, 0)
         log.info("segment reclaimed", extra={"segment": seg.id, "messages": len(copies)})
         return len(copies)
 
@@ -977,8 +990,9 @@ class Spool:
                 msg.body_offset = offset + w.body_start
                 msg.record_length = len(w.record)
                 seg = self._segments.get(sid)
-                if old is not None and old is not seg:
-                    old.messages.pop(msg.id, None)
+                moved = old is not None and old is not seg
+                if moved and old is not None and old.messages.pop(msg.id, None) is not None:
+                    self._release(old, 1)  # moved: the old segment no longer needs it
                 if seg is not None and msg.pending():
                     seg.messages[msg.id] = msg
                 elif seg is not None and w.copy:  # finished while it was copied
