@@ -694,3 +694,40 @@ async def test_a_cancelled_reclaim_still_lets_the_old_segment_go(tmp_path: Path)
     again = Spool(directory)
     assert [m.id for m in again.recover() if m.id == held.id] == [held.id]
     await again.close()
+
+
+async def test_a_deferral_recorded_during_a_reclaim_follows_the_copy(tmp_path: Path) -> None:
+    """An attempt deferred while its message is copied writes its STATE record to the old
+    segment: after the move and a restart the message still has that attempt count and
+    next attempt."""
+    clock = Clock()
+    directory = tmp_path / "spool"
+    io = CrashIO(directory, tmp_path)
+    spool = Spool(directory, io=io, segment_bytes=8192, clock=clock)
+    spool.recover()
+    spool.start()
+    try:
+        held = await _mostly_delivered_segment(spool, ["x@d.test"])
+        held.attempts = 2
+        assert await spool.defer(held, clock.now + 100)
+        old = directory / f"seg-{held.segment:012d}.log"
+        clock.now += 60
+        await spool.append("a@example.com", ["w@d.test"], "app1", b"new")
+        clock.now += 600
+        io.hold = True
+        reclaim = asyncio.create_task(spool.reclaim(older_than=600))
+        await asyncio.to_thread(io.held.wait, 10)
+        held.attempts = 3
+        deferral = asyncio.create_task(spool.defer(held, clock.now + 5000))
+        await _settle()
+        io.go.set()
+        assert await deferral
+        assert await reclaim == 1
+        await _until(lambda: not old.exists(), "the old segment deleted")
+    finally:
+        io.go.set()
+        await spool.close()
+    again = Spool(directory)
+    [recovered] = [m for m in again.recover() if m.id == held.id]
+    await again.close()
+    assert (recovered.attempts, recovered.next_attempt) == (3, clock.now + 5000)

@@ -715,20 +715,26 @@ class Spool:
         for msg, body in zip(msgs, bodies, strict=True):
             record, body_start = _message_record(msg, body)
             write = _Write(record, self._future(), message=msg, body_start=body_start, copy=True)
-            copies.append((msg, dict(msg.final), write))
+            copies.append((msg, dict(msg.final), (msg.attempts, msg.next_attempt), write))
         # Held while its messages move: an outcome recorded meanwhile goes to the old segment
         # (and its last message finishing must not delete it) until that outcome is durable
         # next to the copy as well; a crash in between finds both and merges them.
         seg.live += 1
         results = await asyncio.gather(
-            *(self._submit(w) for _, _, w in copies), return_exceptions=True
+            *(self._submit(w) for *_, w in copies), return_exceptions=True
         )
         failed = [r for r in results if isinstance(r, BaseException)]
         carried = True
-        for msg, copied, _ in copies:
+        for msg, copied, state, _ in copies:
+            if msg.segment == seg.id:  # not moved
+                continue
             later = {i: o for i, o in msg.final.items() if i not in copied}
-            if later and msg.segment != seg.id:  # recorded in the old segment meanwhile
+            if later:  # recorded in the old segment meanwhile
                 carried = await self.record(msg, later) and carried
+            if msg.pending() and (msg.attempts, msg.next_attempt) != state:
+                # Deferred meanwhile (a STATE record in the old segment): best effort, as
+                # every STATE record.
+                await self.defer(msg, msg.next_attempt)
         if not carried:  # the old segment still holds those outcomes: it stays until restart
             log.warning(
                 "outcomes recorded during a reclaim not carried over; the old segment stays",
