@@ -322,3 +322,83 @@ async def test_the_manager_recovers_from_a_records_error_and_restarts_a_dispatch
     finally:
         task.cancel()
         await asyncio.wait({task})
+
+
+# -- backoff and jitter -------------------------------------------------------------------------
+
+
+class Drawn(random.Random):
+    """Answers each ``uniform(a, b)`` with the point ``pick`` of the way from a to b, and
+    keeps the ranges asked for."""
+
+    def __init__(self, pick: float) -> None:
+        super().__init__(0)
+        self.pick = pick
+        self.ranges: list[tuple[float, float]] = []
+
+    def uniform(self, a: float, b: float) -> float:
+        self.ranges.append((a, b))
+        return a + (b - a) * self.pick
+
+
+async def next_attempt(env: Env) -> float:
+    batch = (await env.records.webhooks.get(SUB_ID)).batch
+    assert batch is not None
+    return batch.next_attempt
+
+
+@pytest.mark.parametrize("pick", [1.0, 0.5])
+async def test_retries_back_off_exponentially_with_full_jitter(env: Env, pick: float) -> None:
+    env.receiver.status = 503
+    rng = Drawn(pick)
+    dispatcher = env.dispatcher(rng=rng, minBackoff=10, maxBackoff=100)
+    await env.add(EventType.SENT)
+    caps = [10.0, 20.0, 40.0, 80.0, 100.0, 100.0]
+    for n, cap in enumerate(caps, start=1):
+        assert await dispatcher.step() == 0
+        assert len(env.receiver.bodies) == n
+        assert rng.ranges[-1] == (0.0, cap), "full jitter over [0, min(max, min * 2^n)]"
+        due = await next_attempt(env)
+        assert due - env.clock() == pytest.approx(cap * pick), "the drawn delay is the wait"
+        # Before it is due a round waits (what is left) and sends nothing.
+        env.clock.now += (due - env.clock()) / 2
+        wait = await dispatcher.step()
+        assert wait == pytest.approx(due - env.clock())
+        assert wait > 0
+        assert len(env.receiver.bodies) == n, "no retry before its time"
+        env.clock.now = due
+    env.receiver.status = 200
+    assert await dispatcher.step() == 0
+    assert (await env.records.webhooks.get(SUB_ID)).batch is None
+
+
+async def test_jittered_delays_stay_within_their_bounds(env: Env) -> None:
+    env.receiver.status = 500
+    dispatcher = env.dispatcher(rng=random.Random(7), minBackoff=1, maxBackoff=8)
+    await env.add(EventType.SENT)
+    delays: list[float] = []
+    for attempts in range(12):
+        await dispatcher.step()
+        delay = await next_attempt(env) - env.clock()
+        assert 0 <= delay <= min(8.0, 2.0**attempts)
+        delays.append(delay)
+        env.clock.now += delay
+    assert min(delays[3:]) > 0 and len(set(delays)) == len(delays), "random, not zero"
+
+
+async def test_a_long_retry_period_with_a_small_max_backoff_does_not_overflow(env: Env) -> None:
+    env.receiver.status = 500
+    rng = Drawn(1.0)
+    dispatcher = env.dispatcher(rng=rng, minBackoff=0.05, maxBackoff=0.2, retryFor=1e9)
+    await env.add(EventType.SENT)
+    await dispatcher.step()
+
+    async def many(db: aiosqlite.Connection) -> None:
+        await db.execute("UPDATE webhooks SET attempts = 1100 WHERE id = ?", (SUB_ID,))
+
+    await env.records._db.write(many)  # 1100 failed attempts, as after 2 days of 0.2 s
+    dispatcher.state = None  # read again
+    env.clock.now = await next_attempt(env)
+    assert await dispatcher.step() == 0
+    assert rng.ranges[-1] == (0.0, 0.2)
+    assert await next_attempt(env) - env.clock() == pytest.approx(0.2)

@@ -84,6 +84,17 @@ class Attempt:
     error: str | None = None
 
 
+MAX_DOUBLINGS = 64  # 2.0 ** 1024 overflows; any backoff is at its cap long before 2 ** 64
+
+
+def backoff_cap(settings: WebhookSettings, attempts: int) -> float:
+    """The upper bound of the delay after ``attempts`` failed attempts of a batch (its first
+    failure: 0): ``min(maxBackoff, minBackoff * 2**attempts)``; the delay is drawn from
+    ``[0, cap]`` (full jitter)."""
+    doubled = settings.min_backoff * 2.0 ** min(max(attempts, 0), MAX_DOUBLINGS)
+    return min(settings.max_backoff, doubled)
+
+
 def is_failing(state: WebhookState, settings: WebhookSettings, now: float) -> bool:
     if state.failures >= settings.failing_after_failures:
         return True
@@ -244,8 +255,7 @@ class Dispatcher:
         error = attempt.error or attempt.result
         next_attempt: float | None = None
         if now - batch.formed < settings.retry_for:
-            cap = min(settings.max_backoff, settings.min_backoff * 2.0**batch.attempts)
-            next_attempt = now + self._rng.uniform(0.0, cap)
+            next_attempt = now + self._rng.uniform(0.0, backoff_cap(settings, batch.attempts))
         self.state = await webhooks.failed_attempt(
             sub.id, batch.id, error=error, at=now, next_attempt=next_attempt
         )
