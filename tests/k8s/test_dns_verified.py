@@ -170,7 +170,7 @@ def test_the_return_paths_mx_must_name_the_hostname_and_a_fix_is_followed(
         )
         publish(cluster_dns, records, "ReturnPathMX")
         cond = wait_dns(kit, ip, "False", "ReturnPathMXMissing")
-        assert f"publish MX {return_path} -> 10 {names.hostname}" in cond["message"]
+        assert f"publish {return_path}. MX 10 {names.hostname}." in cond["message"]
         cluster_dns.set(return_path, "MX", "10 mx.elsewhere.example.")
         cond = wait_dns(kit, ip, "False", "ReturnPathMXMismatch")
         assert "mx.elsewhere.example" in cond["message"]

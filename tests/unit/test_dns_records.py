@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from dns_server import DnsServer, ptr_name, txt
 from txmail_operator.api import DedicatedIPSpec
-from txmail_operator.api.dns import RecordPurpose, RecordResult, RecordType
+from txmail_operator.api.dns import DnsRecordStatus, RecordPurpose, RecordResult, RecordType
 from txmail_operator.builders.dkim import DkimPublicRecord, public_record
 from txmail_operator.builders.dns_records import (
     DnsRecord,
@@ -382,15 +382,15 @@ def test_the_return_path_domain_needs_spf_too(server: DnsServer) -> None:
 
 def test_the_return_path_domains_mx_must_name_the_hostname(server: DnsServer) -> None:
     """DSNs to bounces+<id>@<return-path domain> reach the relay only through that domain's MX:
-    missing, naming another host, or naming the hostname beside others (verified: the relay
-    is one of its exchangers)."""
+    missing, naming another host, or a null MX is wrong; among several MX records the relay's
+    hostname must be the most preferred one (far MTAs try the lowest preference first)."""
     domain, rp = "mx.example.com", "bounces.mx.example.org"
     publish_all(server, domain, [])
     server.set(rp, "TXT", txt(spf_value(ADDRESS)))
     records = records_to_publish(spec(domains=[domain], dns={"returnPathDomain": rp}))
     ok, reason, message = check(server, records, [domain]).condition()
     assert (ok, reason) == (False, "ReturnPathMXMissing")
-    assert rp in message and f"publish MX {rp} -> 10 {HOSTNAME}" in message
+    assert f"publish {rp}. MX 10 {HOSTNAME}." in message  # as a zone file reads
     server.set(rp, "MX", "10 mx.elsewhere.example.")
     report = check(server, records, [domain])
     ok, reason, message = report.condition()
@@ -399,8 +399,42 @@ def test_the_return_path_domains_mx_must_name_the_hostname(server: DnsServer) ->
     mx = report.check(rp, RecordPurpose.RETURN_PATH_MX)
     assert mx is not None and mx.result is RecordResult.WRONG
     assert mx.wire()["found"] == ["10 mx.elsewhere.example"]
-    server.set(rp, "MX", f"20 {HOSTNAME.upper()}.")
+
+    # Several records: another host preferred to the relay is wrong, and so is a tie.
+    server.set(rp, "MX", "5 mx.elsewhere.example.", f"20 {HOSTNAME}.")
+    report = check(server, records, [domain])
+    ok, reason, message = report.condition()
+    assert (ok, reason) == (False, "ReturnPathMXNotPreferred")
+    assert f"mx.elsewhere.example (5) at the same or a lower preference than {HOSTNAME} (20)" in (
+        message
+    )
+    mx = report.check(rp, RecordPurpose.RETURN_PATH_MX)
+    assert mx is not None and mx.wire()["found"] == ["5 mx.elsewhere.example", f"20 {HOSTNAME}"]
+    server.set(rp, "MX", "10 mx.elsewhere.example.", f"10 {HOSTNAME}.")
+    assert check(server, records, [domain]).condition()[1] == "ReturnPathMXNotPreferred"
+    # The relay preferred, a backup beside it: verified (the backup's DSNs are its own matter).
+    server.set(rp, "MX", "30 mx.elsewhere.example.", f"20 {HOSTNAME.upper()}.")
     assert check(server, records, [domain]).verified
+
+    # A null MX (RFC 7505: the domain takes no mail) is named as such.
+    server.set(rp, "MX", "0 .")
+    ok, reason, message = check(server, records, [domain]).condition()
+    assert (ok, reason) == (False, "ReturnPathMXMismatch")
+    assert "null MX ('0 .'" in message and f"publish {rp}. MX 10 {HOSTNAME}." in message
+
+
+def test_a_253_character_hostname_fits_every_listed_record_and_message() -> None:
+    """The status write validates against the CRD's limits: an MX value '10 <253 characters>'
+    and the messages naming it must fit."""
+    long = ".".join(["a" * 61, "b" * 61, "c" * 61, "d" * 61, "example"])[:249] + ".com"
+    assert len(long) == 253
+    rp = "bounces." + "r" * 40 + ".example.net"
+    ip = spec(hostname=long, dns={"returnPathDomain": rp})
+    records = records_to_publish(ip)
+    report = unchecked(records, ip.domains)
+    wired = [DnsRecordStatus.model_validate(r) for r in report.records_status()]
+    (mx,) = [r for r in wired if r.purpose is RecordPurpose.RETURN_PATH_MX]
+    assert mx.value == [f"10 {long}"]
 
 
 def test_a_lookup_that_hangs_is_a_failed_lookup_that_keeps_the_last_verdict() -> None:

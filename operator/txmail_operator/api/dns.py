@@ -86,7 +86,8 @@ class DnsRecordStatus(Model):
         max_length=253, description="The record's owner name, fully qualified (no final dot)."
     )
     type: RecordType = Field(description="TXT, PTR, A, AAAA or MX.")
-    value: list[Annotated[str, Field(max_length=255)]] = Field(
+    # 255: a TXT character-string; an MX's "<preference> <host>" may be 6 + 253 characters.
+    value: list[Annotated[str, Field(max_length=259)]] = Field(
         max_length=64,
         description="The data to publish. For TXT the character-strings of at most 255 bytes "
         "each, in order, as one record (in a zone file: each quoted, separated by spaces); "

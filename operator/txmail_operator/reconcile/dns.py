@@ -457,29 +457,57 @@ async def _check_hostname(resolver: Resolver, record: DnsRecord, address: str) -
     )
 
 
+def _mx_hint(record: DnsRecord) -> str:
+    """The MX to publish in a zone file's words: ``bounces.example.com. MX 10 host.``."""
+    return f"publish {record.name}. MX {record.value}."
+
+
+def _mx(value: str) -> tuple[int, str]:
+    """``<preference> <host>`` as (preference, host); a null MX's host is ``.``."""
+    pref, _, host = value.partition(" ")
+    host = host.strip().lower()
+    return (int(pref) if pref.isdigit() else 65536), (host.rstrip(".") or ".")
+
+
 async def _check_mx(resolver: Resolver, record: DnsRecord) -> RecordCheck:
-    """The return-path domain's MX must name the relay's hostname (other MX records may stand
-    beside it: a DSN sent to one of them is not seen by the relay, which the message says)."""
+    """The return-path domain's MX must name the relay's hostname as its most preferred
+    exchange: a far MTA tries the lowest preference first, so a DSN sent to any other host at
+    that preference (or a lower one) is not seen by the relay. A null MX (``0 .``, RFC 7505)
+    says the domain takes no mail at all."""
     answer = await resolver.lookup(record.name, RecordType.MX)
     if answer.failure:
         return _failed(record, answer.failure)
     want = mx_host(record.value)
-    hosts = [mx_host(v) for v in answer.values]
+    found = sorted(_mx(v) for v in answer.values)
+    listed = tuple(f"{p} {h}" for p, h in found)
     why = "DSNs sent to the return path must reach the relay"
-    if want in hosts:
-        return RecordCheck(record, RecordResult.VERIFIED, VERIFIED)
-    if not answer.values:
-        message = (
-            f"the return-path domain {record.name} has no MX record; {_publish(record)} ({why})"
-        )
+    hint = f"{_mx_hint(record)} ({why})"
+    if not found:
+        message = f"the return-path domain {record.name} has no MX record; {hint}"
         return RecordCheck(record, RecordResult.MISSING, "ReturnPathMXMissing", message)
-    message = (
-        f"the MX of the return-path domain {record.name} is {', '.join(sorted(set(hosts)))}, "
-        f"not {want}; {_publish(record)} ({why})"
-    )
-    return RecordCheck(
-        record, RecordResult.WRONG, "ReturnPathMXMismatch", message, tuple(answer.values)
-    )
+    if any(h == "." for _, h in found):
+        message = (
+            f"the return-path domain {record.name} publishes a null MX ('0 .': it accepts no "
+            f"mail, RFC 7505); remove it and {hint}"
+        )
+        return RecordCheck(record, RecordResult.WRONG, "ReturnPathMXMismatch", message, listed)
+    best = found[0][0]
+    first = sorted({h for p, h in found if p == best})
+    if first == [want]:
+        return RecordCheck(record, RecordResult.VERIFIED, VERIFIED)
+    mine = [p for p, h in found if h == want]
+    if mine:
+        others = ", ".join(f"{h} ({p})" for p, h in found if p <= mine[0] and h != want)
+        message = (
+            f"the MX of the return-path domain {record.name} lists {others} at the same or a "
+            f"lower preference than {want} ({mine[0]}): far MTAs try those first and the "
+            f"relay does not see the DSNs they take; give {want} the lowest preference alone, "
+            f"or remove the others; {hint}"
+        )
+        return RecordCheck(record, RecordResult.WRONG, "ReturnPathMXNotPreferred", message, listed)
+    hosts = ", ".join(sorted({h for _, h in found}))
+    message = f"the MX of the return-path domain {record.name} is {hosts}, not {want}; {hint}"
+    return RecordCheck(record, RecordResult.WRONG, "ReturnPathMXMismatch", message, listed)
 
 
 def _spf_records(values: Iterable[str]) -> tuple[str, ...]:
