@@ -53,6 +53,11 @@ def test_https_and_http_to_a_cluster_service_are_accepted(url: str) -> None:
     [
         ({"url": "http://hooks.example.com/x"}, "url must be https://, or http:// to a cluster"),
         ({"url": "http://svc.example.com/x"}, "url must be https://"),
+        # A cluster Service is <name>.<namespace>.svc[.cluster.local], nothing after it.
+        ({"url": "http://a.svc.evil.example.com/x"}, "url must be https://"),
+        ({"url": "http://a.shop.svc.evil.example.com/x"}, "url must be https://"),
+        ({"url": "http://a.shop.svc.cluster.local.evil.example.com/x"}, "url must be https://"),
+        ({"url": "http://receiver.svc/x"}, "url must be https://"),
         ({"url": "ftp://hooks.example.com/x"}, "url"),
         ({"url": "https://user:pw@hooks.example.com/x"}, "url"),
         ({"name": "Not_A_Label"}, "name"),

@@ -25,11 +25,14 @@ from .common import DNS_LABEL, DNS_SUBDOMAIN, Model, cel
 WEBHOOKS_MAX = 8
 # Condition type on the SmtpToken: every subscription's signing key could be read.
 WEBHOOKS_READY = "WebhooksReady"
-# http:// is refused unless the host is a cluster Service name (`<svc>.<ns>.svc[.<cluster
-# domain>]`: the path never leaves the cluster) or the subscription says insecureHTTP. Events
-# carry recipients' addresses and the signature does not hide them.
 HTTP_URL = r"^https?://[^\s/?#@]+([/?#]\S*)?$"
-CLUSTER_HTTP = r"^http://[^\s/?#@:]+\.svc(\.[^\s/?#@:]+)*(:[0-9]+)?([/?#]\S*)?$"
+# http:// is refused unless the host is a cluster Service name, `<name>.<namespace>.svc` or
+# `<name>.<namespace>.svc.cluster.local` (the path never leaves the cluster; the short form
+# resolves under any cluster domain), or the subscription says insecureHTTP. Events carry
+# recipients' addresses and the signature does not hide them. Anything after `.svc` but the
+# default cluster domain (`http://a.svc.evil.example.com/`) is an outside host.
+_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+CLUSTER_HTTP = rf"^http://{_LABEL}\.{_LABEL}\.svc(\.cluster\.local)?(:[0-9]{{1,5}})?([/?#]\S*)?$"
 _HTTPS_OR_INTERNAL = (
     "self.url.startsWith('https://') || (has(self.insecureHTTP) && self.insecureHTTP) || "
     f"self.url.matches('{CLUSTER_HTTP.replace(chr(92), chr(92) * 2)}')"
@@ -66,8 +69,9 @@ class Webhook(Model):
         pattern=HTTP_URL,
         description="Where the events are POSTed, signed as Standard Webhooks do "
         "(webhook-id, webhook-timestamp, webhook-signature). https://; http:// only to a "
-        "cluster Service (<name>.<namespace>.svc...) or with insecureHTTP. No user:password@ "
-        "in it (it is shown in the token's spec): authenticate requests by their signature.",
+        "cluster Service (<name>.<namespace>.svc, or .svc.cluster.local) or with "
+        "insecureHTTP. No user:password@ in it (it is shown in the token's spec): "
+        "authenticate requests by their signature.",
     )
     insecure_http: bool = Field(
         default=False,
