@@ -39,6 +39,7 @@ def secret(**data: str) -> dict[str, Any]:
         "https://hooks.example.com:8443/a?b=c",
         "http://receiver.shop.svc/events",
         "http://receiver.shop.svc.cluster.local:8080/events",
+        "https://[2001:db8::1]:8443/events",
     ],
 )
 def test_https_and_http_to_a_cluster_service_are_accepted(url: str) -> None:
@@ -58,6 +59,10 @@ def test_https_and_http_to_a_cluster_service_are_accepted(url: str) -> None:
         ({"url": "http://a.shop.svc.evil.example.com/x"}, "url must be https://"),
         ({"url": "http://a.shop.svc.cluster.local.evil.example.com/x"}, "url must be https://"),
         ({"url": "http://receiver.svc/x"}, "url must be https://"),
+        # A host is required (these were WebhookSecretInvalid at the builder before).
+        ({"url": "https://:443/x"}, "url"),
+        ({"url": "https://[bad/x"}, "url"),
+        ({"url": "https:///x"}, "url"),
         ({"url": "ftp://hooks.example.com/x"}, "url"),
         ({"url": "https://user:pw@hooks.example.com/x"}, "url"),
         ({"name": "Not_A_Label"}, "name"),
@@ -68,6 +73,22 @@ def test_https_and_http_to_a_cluster_service_are_accepted(url: str) -> None:
 def test_what_the_spec_refuses_is_named(fields: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         spec(hook(**fields))
+
+
+def test_a_url_the_relay_cannot_use_is_named_as_the_url_not_the_secret() -> None:
+    """An object stored before the pattern required a host (the API server keeps it): the
+    webhook is left out as WebhookURLInvalid, never blamed on its signing key."""
+    token = spec(hook("bad"), hook("ok"))
+    hooks = token.webhooks or []
+    bad = hooks[0].model_copy(update={"url": "https://[bad/x"})
+    token = token.model_copy(update={"webhooks": [bad, hooks[1]]})
+    endpoints, problems = builders.webhook_endpoints(NS, token, {"wh": secret(secret=KEY)})
+    assert [e.name for e in endpoints] == ["ok"]
+    assert [(p.webhook, p.reason) for p in problems] == [("bad", "WebhookURLInvalid")]
+    assert "url 'https://[bad/x' is not an http:// or https:// URL with a host" in (
+        problems[0].message
+    )
+    assert KEY not in problems[0].message
 
 
 def test_http_outside_the_cluster_needs_insecure_http_and_names_must_be_unique() -> None:

@@ -25,7 +25,9 @@ from .common import DNS_LABEL, DNS_SUBDOMAIN, Model, cel
 WEBHOOKS_MAX = 8
 # Condition type on the SmtpToken: every subscription's signing key could be read.
 WEBHOOKS_READY = "WebhooksReady"
-HTTP_URL = r"^https?://[^\s/?#@]+([/?#]\S*)?$"
+# A host is required: a name (no userinfo, no brackets) or a bracketed IPv6 address, then an
+# optional port. `https://:443/x` and `https://[bad/x` are refused here, not at the relay.
+HTTP_URL = r"^https?://(\[[0-9a-fA-F:.]+\]|[^\s/?#@:\[\]]+)(:[0-9]{1,5})?([/?#]\S*)?$"
 # http:// is refused unless the host is a cluster Service name, `<name>.<namespace>.svc` or
 # `<name>.<namespace>.svc.cluster.local` (the path never leaves the cluster; the short form
 # resolves under any cluster domain), or the subscription says insecureHTTP. Events carry

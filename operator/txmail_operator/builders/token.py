@@ -158,12 +158,6 @@ def webhook_endpoints(
         try:
             text = base64.b64decode(raw).decode("utf-8").strip()
             c.webhook_key_bytes(text)
-            endpoint = c.WebhookEndpoint(
-                name=hook.name,
-                url=hook.url,
-                event_types=list(hook.event_types or []),
-                secret=SecretStr(text),
-            )
         except (ValueError, UnicodeDecodeError) as exc:
             # webhook_key_bytes's messages name no part of the key; anything else (a
             # validation error may quote its input) is named by its class only.
@@ -174,6 +168,23 @@ def webhook_endpoints(
                     "WebhookSecretInvalid",
                     f"webhook {hook.name}: key {ref.key!r} of {where} is not a usable signing "
                     f"key ({why}): {fix}",
+                )
+            )
+            continue
+        try:  # the key is fine: what fails here is the URL (the spec's pattern lets few by)
+            endpoint = c.WebhookEndpoint(
+                name=hook.name,
+                url=hook.url,
+                event_types=list(hook.event_types or []),
+                secret=SecretStr(text),
+            )
+        except ValueError:  # a ValidationError quotes its input: name the URL, not the error
+            problems.append(
+                WebhookProblem(
+                    hook.name,
+                    "WebhookURLInvalid",
+                    f"webhook {hook.name}: url {hook.url!r} is not an http:// or https:// URL "
+                    f"with a host: fix spec.webhooks[].url; the webhook is left out until then",
                 )
             )
             continue
