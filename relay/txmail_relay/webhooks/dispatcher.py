@@ -295,11 +295,11 @@ class Dispatcher:
             ) as response:
                 if 200 <= response.status < 300:
                     return Attempt(ok=True, result="2xx")
-                data = await response.content.read(fmt.EXCERPT_BYTES)
+                # Its body is not read: nothing of it is shown (format.describe_status).
                 return Attempt(
                     ok=False,
                     result=f"{response.status // 100}xx",
-                    error=fmt.describe_status(response.status, response.reason, data),
+                    error=fmt.describe_status(response.status),
                 )
         except (TimeoutError, aiohttp.ServerTimeoutError) as e:
             return Attempt(

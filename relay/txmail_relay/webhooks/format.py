@@ -1,5 +1,6 @@
 """What one webhook request carries: the body, its Standard Webhooks signature, and the short
-description of a failed attempt (what a status and a log line may say).
+description of a failed attempt (what a status and a log line may say: a status code or a
+fixed phrase, never what the receiver sent).
 
 The body (docs/feedback.md "Webhooks")::
 
@@ -15,9 +16,8 @@ attempt's, so each attempt is signed again (receivers refuse stale timestamps). 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
-import os
-import re
 import secrets
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -28,9 +28,6 @@ from standardwebhooks.webhooks import Webhook
 from txmail_relay.records.model import Event, iso_time
 
 BODY_TYPE = "txmail.events"
-EXCERPT_BYTES = 256  # what is read of a failed response's body, at most
-EXCERPT_CHARS = 80  # what the last error quotes of it
-_UNPRINTABLE = re.compile(r"[^\x20-\x7e]+")
 
 
 def new_webhook_id() -> str:
@@ -61,37 +58,29 @@ def signed_headers(webhook_id: str, key: bytes, payload: bytes, now: float) -> d
     }
 
 
-def excerpt(data: bytes) -> str:
-    """A short, one-line, printable excerpt of a response body."""
-    text = _UNPRINTABLE.sub(" ", data.decode("utf-8", "replace")).strip()
-    text = re.sub(r"\s+", " ", text)
-    return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 3] + "..."
-
-
-def describe_status(status: int, reason: str | None, data: bytes) -> str:
-    """``HTTP 500 Internal Server Error: <excerpt>``; a redirect says it was not followed."""
-    text = f"HTTP {status}" + (f" {reason}" if reason else "")
+def describe_status(status: int) -> str:
+    """``HTTP 500``: the status code only. The receiver's body and reason phrase are never
+    quoted: the last error lands in the SmtpToken's status and a Kubernetes Event, and quoting
+    what a URL answers would let a token's author read internal services through the relay."""
+    text = f"HTTP {status}"
     if 300 <= status < 400:
         return text + ": redirects are not followed"
-    quoted = excerpt(data)
-    return f"{text}: {quoted}" if quoted else text
+    return text
 
 
 def describe_error(error: BaseException, timeout: float) -> str:
-    """A failed request as a short reason: never the URL (it may carry a token) nor a body."""
+    """A failed request as a fixed phrase: never the URL (it may carry a token), an address,
+    a resolver's answer nor anything the far end sent."""
     if isinstance(error, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
         return f"no response within {timeout:g} s"
     if isinstance(error, (aiohttp.ClientSSLError, aiohttp.ClientConnectorCertificateError)):
-        return f"TLS failed ({type(error).__name__})"
+        return "TLS failed"
     if isinstance(error, aiohttp.ClientConnectorError):
-        os_error = error.os_error
-        if isinstance(os_error.errno, int) and os_error.errno > 0:
-            reason = os.strerror(os_error.errno)  # asyncio's strerror quotes the address
-        else:  # a resolver error (gaierror: negative codes) says it in strerror
-            reason = os_error.strerror or type(os_error).__name__
-        return f"cannot connect: {reason.lower()}"
+        if error.os_error.errno == errno.ECONNREFUSED:
+            return "cannot connect: connection refused"
+        return "cannot connect"
     if isinstance(error, aiohttp.ServerDisconnectedError):
         return "the server closed the connection without a response"
     if isinstance(error, aiohttp.InvalidURL):
         return "invalid URL"
-    return f"request failed ({type(error).__name__})"
+    return "request failed"
