@@ -17,11 +17,11 @@ import smtplib
 import sqlite3
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import yaml
 
 from relay.relaykit import (
     RETURN_PATH_DOMAIN,
@@ -568,17 +568,18 @@ def test_dsns_to_the_previous_return_path_domain_are_still_taken(
     still tie (for a week), new mail uses the new domain, other domains stay refused."""
     old_id, old_message_id = submit(env, relay, ["ada@dest.test"])
     delivered(env, 1)
-    assert relay.relay is not None and relay.relay.store.current is not None
+    assert relay.relay is not None
     store = relay.relay.store
-    current = store.current
-    assert current is not None
     new_domain = "rp2.example.com"
-    changed = current.relay.model_copy(update={"return_path": ReturnPathConfig(domain=new_domain)})
-
-    async def publish() -> None:
-        store.publish(replace(current, relay=changed))
-
-    on_loop(relay, publish)
+    # The settings file changes, as a person or the operator changes it; the relay reloads it.
+    path = env.directory / "relay.yaml"
+    doc = yaml.safe_load(path.read_text())
+    doc["relay"]["returnPath"]["domain"] = new_domain
+    path.write_text(yaml.safe_dump(doc))
+    wait_for(
+        lambda: (c := store.current) is not None and c.relay.return_path.domain == new_domain,
+        what="the new return path",
+    )
     new_id, new_message_id = submit(env, relay, ["bea@dest.test"])
     senders = {parsed(c)["Message-ID"]: c.mail_from for c in env.sink.wait(2)}
     assert senders == {
