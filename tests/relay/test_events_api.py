@@ -109,7 +109,16 @@ def test_a_token_pulls_its_namespaces_events_with_filters_and_paging(
     created = [e["created"] for e in everything["events"]]
     late = _events(relay, a, startTimestamp=max(created)).json()
     assert [e["created"] for e in late["events"]] == [c for c in created if c >= max(created)]
-    assert _events(relay, a, endTimestamp=before).json()["events"] == []
+    assert _events(relay, a, endTimestamp=before - 1).json()["events"] == []
+    # Both bounds are inclusive (HubSpot's "at or after", "at or before").
+    early = _events(relay, a, endTimestamp=min(created)).json()
+    assert [e["created"] for e in early["events"]] == [c for c in created if c <= min(created)]
+    assert early["events"]  # the event created at exactly endTimestamp is in
+    # excludeFilteredEvents: the machine opens and clicks left out (there are none here).
+    assert _events(relay, a, excludeFilteredEvents="true").json()["events"] == everything["events"]
+    # A filter that matches nothing moves the offset past what it scanned.
+    none = _events(relay, a, eventType="SPAMREPORT").json()
+    assert none["events"] == [] and int(none["offset"]) >= everything["events"][-1]["seq"]
 
     # Paging: offset is the cursor; an empty page keeps it.
     seen: list[dict[str, Any]] = []
@@ -197,6 +206,7 @@ def test_an_asynchronous_bounce_shows_in_the_send_status(env: RelayEnv, relay: R
         ({"startTimestamp": "yesterday"}, "startTimestamp"),
         ({"endTimestamp": "1.5"}, "endTimestamp"),
         ({"recipient": "not-an-address"}, "recipient"),
+        ({"excludeFilteredEvents": "yes"}, "excludeFilteredEvents"),
     ],
 )
 def test_bad_queries_are_json_errors_naming_the_field(

@@ -662,6 +662,7 @@ async def test_a_soft_dsn_that_gave_up_completes_the_send_as_undeliverable(tmp_p
             assert sent is not None
             if not final:
                 assert sent.send_result == "SENT" and sent.bounce is None
+        assert sent is not None
         assert sent.status is SendState.COMPLETE and sent.send_result == "UNDELIVERABLE"
         assert sent.bounce == {
             "bounceType": "SOFT",
@@ -672,3 +673,56 @@ async def test_a_soft_dsn_that_gave_up_completes_the_send_as_undeliverable(tmp_p
         assert not await records.suppressions.find("ns1", ["ada@dest.test"], list(Suppression))
         counts = (await records.counters.totals()).counts["app1"]
     assert counts[Kind.SOFT_BOUNCED] == 2 and Kind.BOUNCED not in counts
+
+
+async def test_an_events_poll_that_finds_nothing_moves_its_offset_past_what_it_scanned(
+    tmp_path: Path,
+) -> None:
+    """A filtered poll (eventType, startTimestamp) that matches nothing returns the newest seq
+    as the offset to resume from, so the next poll scans only newer events; a type filter
+    reads the (namespace, type, seq) index, one read per type, in seq order."""
+    ticks = count(1000)
+    async with opened(tmp_path, clock=lambda: float(next(ticks))) as records:
+        copies = [SentCopy("s1", f"r{i}@dest.test") for i in range(20)]
+        await records.sends.record("app1", 0, copies, namespace="ns1", token="t1")
+        await records.sends.record(
+            "app2", 0, [SentCopy("s2", "z@dest.test")], namespace="ns2", token="t2"
+        )
+        last = await records.events.last_seq()
+        events = records.events
+        found, scanned = await events.search("ns1", types=[EventType.BOUNCE], limit=10)
+        assert (found, scanned) == ([], last)
+        await events.outcome("s1", "app1", "r3@dest.test", Outcome.DELIVERED, 2000.0)
+        await events.outcome("s1", "app1", "r4@dest.test", Outcome.BOUNCED, 2001.0, reply="550")
+        found, scanned = await events.search(
+            "ns1", after=last, types=[EventType.BOUNCE, EventType.DELIVERED], limit=10
+        )
+        assert [(e.type, e.recipient) for e in found] == [
+            (EventType.DELIVERED, "r3@dest.test"),
+            (EventType.BOUNCE, "r4@dest.test"),
+        ]
+        assert scanned == await events.last_seq() == last + 2
+        # startTimestamp: a seq bound through the created index; nothing since: the newest.
+        assert await events.search("ns1", start=5000.0, limit=10) == ([], last + 2)
+        found, _ = await events.search("ns1", start=2000.5, limit=10)
+        assert [e.recipient for e in found] == ["r4@dest.test"]
+        sql, values = events._query(
+            ["namespace = ?", "seq > ?", "seq <= ?"], ["ns1", 0, 9], [EventType.BOUNCE], 10
+        )
+    with contextlib.closing(sqlite3.connect(tmp_path / "txmail.db")) as db:
+        plan = " ".join(str(r[-1]) for r in db.execute(f"EXPLAIN QUERY PLAN {sql}", values))
+    assert "INDEX events_namespace_type" in plan, plan
+
+
+async def test_the_events_search_can_leave_out_machine_opens_and_clicks(tmp_path: Path) -> None:
+    async with opened(tmp_path) as records:
+        copies = [SentCopy("s1", "ada@dest.test", "<m@x>", b"e1")]
+        await records.sends.record("app1", 0, copies, namespace="ns1", token="t1")
+        await records.events.engagement(b"e1", Kind.OPENED, machine=True)
+        await records.events.engagement(b"e1", Kind.OPENED)
+        every, _ = await records.events.search("ns1", types=[EventType.OPEN], limit=9)
+        people, _ = await records.events.search(
+            "ns1", types=[EventType.OPEN], machine=False, limit=9
+        )
+    assert [e.detail["filteredEvent"] for e in every] == [True, False]
+    assert people == every[1:]

@@ -11,8 +11,9 @@ Errors are the send API's JSON error body, naming the field (``errors[0].in``).
 * ``GET|PUT|DELETE /txmail/v1/suppressions/{address}``: look up, add (body
   ``{"reason": "MANUAL"}``, optional), remove.
 * ``GET /email/public/v1/events?eventType=&recipient=&statusId=&startTimestamp=
-  &endTimestamp=&offset=&limit=``: HubSpot's legacy events API shape
-  (``{hasMore, offset, events}``), oldest first; ``offset`` is the cursor to pass back.
+  &endTimestamp=&excludeFilteredEvents=&offset=&limit=``: HubSpot's legacy events API shape
+  (``{hasMore, offset, events}``), oldest first; ``offset`` is the cursor to pass back;
+  both timestamps are inclusive.
 """
 
 from __future__ import annotations
@@ -75,13 +76,22 @@ def _address(value: str, field: str = "address") -> str:
     return value.lower()
 
 
-def _millis(request: web.Request, name: str) -> float | None:
+def _millis(request: web.Request, name: str) -> int | None:
     raw = request.query.get(name)
     if raw is None:
         return None
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 15:
         raise _Invalid(name, f"{name} must be milliseconds since the epoch")
-    return int(raw) / 1000
+    return int(raw)
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    raw = request.query.get(name)
+    if raw is None or raw.lower() == "false":
+        return False
+    if raw.lower() == "true":
+        return True
+    raise _Invalid(name, f"{name} must be true or false")
 
 
 def _offset(request: web.Request) -> int:
@@ -253,23 +263,30 @@ class FeedbackApi:
             status_id = request.query.get("statusId") or None
             start = _millis(request, "startTimestamp")
             end = _millis(request, "endTimestamp")
+            exclude_filtered = _flag(request, "excludeFilteredEvents")
         except _Invalid as e:
             return _invalid(e)
-        found = await self._records.events.search(
+        # HubSpot's bounds, in its milliseconds (an event's ``created`` is floored to them):
+        # startTimestamp at or after, endTimestamp at or before (inclusive).
+        found, scanned = await self._records.events.search(
             entry.namespace,
             after=offset,
             types=types,
             recipient=recipient,
             status_id=status_id,
-            start=start,
-            end=end,
+            start=None if start is None else start / 1000,
+            end=None if end is None else (end + 1) / 1000,
+            machine=not exclude_filtered,
             limit=limit + 1,
         )
         shown = found[:limit]
+        more = len(found) > limit
+        # No more: the offset is where the scan stopped (the newest event when it began), so
+        # the next poll scans only what is newer, however little of it matched.
         return web.json_response(
             {
-                "hasMore": len(found) > limit,
-                "offset": str(shown[-1].seq if shown else offset),
+                "hasMore": more,
+                "offset": str(shown[-1].seq if more else scanned),
                 "events": [e.view() for e in shown],
             }
         )

@@ -180,6 +180,21 @@ async def _first_time(db: aiosqlite.Connection, found: Recipient, kind: str) -> 
     return bool(cursor.rowcount)
 
 
+#: How much later than its ``created`` time an event may be written (records/events.py
+#: ``search``: ``startTimestamp`` becomes a seq bound through it). Events are written when they
+#: happen; an outcome a full volume refused is written again later with its own time.
+CREATED_SKEW = 3600.0
+
+
+def _type_values(types: Collection[EventType]) -> list[str]:
+    return sorted({EventType(t).value for t in types})
+
+
+async def _last_seq(db: aiosqlite.Connection) -> int:
+    rows = await db.execute_fetchall("SELECT seq FROM sqlite_sequence WHERE name = 'events'")
+    return next((int(r[0]) for r in rows), 0)
+
+
 async def _nothing() -> None:
     return None
 
@@ -440,12 +455,21 @@ class Events:
         status_id: str | None = None,
         start: float | None = None,
         end: float | None = None,
+        machine: bool = True,
         limit: int,
-    ) -> list[Event]:
-        """The events API: a namespace's events after ``after`` (ascending seq), filtered by
-        types, recipient (case-insensitive), statusId and ``start <= created < end``."""
-        where: list[str] = ["namespace = ?", "seq > ?"]
-        args: list[Any] = [namespace, after]
+    ) -> tuple[list[Event], int]:
+        """The events API: up to ``limit`` of a namespace's events after ``after`` (ascending
+        seq), filtered by types, recipient (case-insensitive), statusId, ``start <= created <
+        end``, and without the machine opens and clicks (``filteredEvent``) unless
+        ``machine``; with the seq the scan covered (the newest when the read began), the
+        offset to resume from when fewer than ``limit`` were found (what the scan passed
+        over is never scanned again).
+
+        ``start`` becomes a seq lower bound through the ``created`` index: the first event
+        created at or after ``start`` less :data:`CREATED_SKEW` (an event's ``created`` is
+        when it happened, and it is written at most that much later)."""
+        where: list[str] = ["namespace = ?", "seq > ?", "seq <= ?"]
+        args: list[Any] = [namespace, after, 0]
         if recipient is not None:
             where.append("recipient = ? COLLATE NOCASE")
             args.append(recipient)
@@ -458,35 +482,60 @@ class Events:
         if end is not None:
             where.append("created < ?")
             args.append(end)
-        return await self._select(where, args, types, limit)
+        if not machine:
+            where.append("coalesce(json_extract(detail, '$.filteredEvent'), 0) = 0")
+
+        async def read(db: aiosqlite.Connection) -> tuple[list[Event], int]:
+            bound = await _last_seq(db)
+            lower = after
+            if start is not None:
+                rows = await db.execute_fetchall(
+                    "SELECT seq FROM events WHERE created >= ? ORDER BY created LIMIT 1",
+                    (start - CREATED_SKEW,),
+                )
+                first = next((int(r[0]) for r in rows), None)
+                if first is None:  # nothing created since
+                    return [], max(after, bound)
+                lower = max(after, first - 1)
+            bounded = [namespace, lower, bound, *args[3:]]
+            sql, values = self._query(where, bounded, types, limit)
+            found = [_event(r) for r in await db.execute_fetchall(sql, values)]
+            return found, max(after, bound)
+
+        return await self._db.read(read)
+
+    @staticmethod
+    def _query(
+        where: list[str], args: list[Any], types: Collection[EventType], limit: int
+    ) -> tuple[str, list[Any]]:
+        """The SELECT of ``_select`` and ``search``: one type reads its (namespace|username,
+        type, seq) index in order; several are one such read each (each LIMITed), merged,
+        rather than a walk of every event filtering the type row by row."""
+        wanted = _type_values(types)
+        one = f"SELECT {_EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)}"  # noqa: S608 - placeholders only
+        if not wanted:
+            return f"{one} ORDER BY seq LIMIT ?", [*args, limit]
+        part = f"SELECT * FROM ({one} AND type = ? ORDER BY seq LIMIT ?)"  # noqa: S608 - constant
+        sql = " UNION ALL ".join([part] * len(wanted)) + " ORDER BY seq LIMIT ?"
+        values: list[Any] = []
+        for t in wanted:
+            values += [*args, t, limit]
+        return sql, [*values, limit]
 
     async def _select(
         self, where: list[str], args: list[Any], types: Collection[EventType], limit: int
     ) -> list[Event]:
-        wanted = sorted({EventType(t).value for t in types})
-        if wanted:
-            where = [*where, f"type IN ({','.join('?' * len(wanted))})"]
-            args = [*args, *wanted]
-        sql = (
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)}"  # noqa: S608 - placeholders only
-            " ORDER BY seq LIMIT ?"
-        )
+        sql, values = self._query(where, args, types, limit)
 
         async def read(db: aiosqlite.Connection) -> list[Event]:
-            return [_event(r) for r in await db.execute_fetchall(sql, (*args, limit))]
+            return [_event(r) for r in await db.execute_fetchall(sql, values)]
 
         return await self._db.read(read)
 
     async def last_seq(self) -> int:
         """The newest event's seq (0 if none was ever written; pruning does not lower it)."""
 
-        async def read(db: aiosqlite.Connection) -> int:
-            rows = await db.execute_fetchall(
-                "SELECT seq FROM sqlite_sequence WHERE name = 'events'"
-            )
-            return next((int(r[0]) for r in rows), 0)
-
-        return await self._db.read(read)
+        return await self._db.read(_last_seq)
 
     def prune(self, before: float) -> Awaitable[int]:
         """Delete the events created before ``before``; returns how many."""
