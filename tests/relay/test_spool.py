@@ -731,3 +731,85 @@ async def test_a_deferral_recorded_during_a_reclaim_follows_the_copy(tmp_path: P
     [recovered] = [m for m in again.recover() if m.id == held.id]
     await again.close()
     assert (recovered.attempts, recovered.next_attempt) == (3, clock.now + 5000)
+
+
+class CountingIO(FaultyIO):
+    """Keeps the size of every pwrite; ``fail_after``: that many more succeed, then one fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[int] = []
+        self.fail_after: int | None = None
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> None:
+        self.writes.append(len(data))
+        if self.fail_after is not None:
+            self.fail_after -= 1
+            if self.fail_after < 0:
+                self.fail_after = None
+                raise OSError(errno.EIO, "injected write failure")
+        super().pwrite(fd, data, offset)
+
+
+async def _four_old_messages(spool: Spool, clock: Clock) -> list[SpooledMessage]:
+    """Four pending messages of 3000 bytes in a segment that is mostly delivered mail."""
+    *held, big = await asyncio.gather(
+        *(spool.append("a@example.com", ["x@d.test"], "app1", b"%d" % i * 3000) for i in range(4)),
+        spool.append("a@example.com", ["b@d.test"], "app1", b"B" * 32768),
+    )
+    assert len({m.segment for m in [*held, big]}) == 1
+    assert await spool.record(big, {0: Outcome.DELIVERED})
+    clock.now += 700
+    await spool.append("a@example.com", ["w@d.test"], "app1", b"new")
+    return held
+
+
+async def test_reclaim_copies_a_chunk_at_a_time(tmp_path: Path) -> None:
+    """A reclaim never has a whole segment's bodies in memory: it copies them a few at a
+    time (here one, the chunk being smaller than two)."""
+    clock = Clock()
+    io = CountingIO()
+    spool = Spool(tmp_path / "spool", io=io, segment_bytes=1, clock=clock, reclaim_chunk_bytes=4096)
+    spool.recover()
+    spool.start()
+    try:
+        held = await _four_old_messages(spool, clock)
+        io.writes.clear()
+        assert await spool.reclaim(older_than=600) == 4
+        assert io.writes and max(io.writes) < 2 * 3000
+    finally:
+        await spool.close()
+    again = Spool(tmp_path / "spool")
+    recovered = {m.id: m for m in again.recover()}
+    try:
+        assert all(m.id in recovered for m in held)
+        again.start()
+        for i, msg in enumerate(held):
+            assert await again.read_body(recovered[msg.id]) == b"%d" % i * 3000
+    finally:
+        await again.close()
+
+
+async def test_a_partly_failed_reclaim_lets_the_old_segment_go_once_the_rest_finishes(
+    tmp_path: Path,
+) -> None:
+    """The first chunk is copied, the second fails: the message moved no longer holds the old
+    segment, so it goes as soon as the messages left there finish (no restart needed)."""
+    clock = Clock()
+    io = CountingIO()
+    directory = tmp_path / "spool"
+    spool = Spool(directory, io=io, segment_bytes=1, clock=clock, reclaim_chunk_bytes=4096)
+    spool.recover()
+    spool.start()
+    try:
+        held = await _four_old_messages(spool, clock)
+        old = directory / f"seg-{held[0].segment:012d}.log"
+        io.fail_after = 1
+        assert await spool.reclaim(older_than=600) == 1
+        assert held[0].segment != held[1].segment  # moved; the others stayed
+        for msg in held[1:]:
+            assert await spool.record(msg, {0: Outcome.DELIVERED})
+        await _until(lambda: not old.exists(), "the old segment deleted")
+        assert await spool.read_body(held[0]) == b"0" * 3000
+    finally:
+        await spool.close()

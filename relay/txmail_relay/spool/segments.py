@@ -78,6 +78,7 @@ IDLE_SEGMENT_BYTES = 1024 * 1024
 # is dead (finished messages, DONE and STATE records): each copy then frees more than it
 # writes, so copying again and again (a copy outliving the segment it went to) stays bounded.
 RECLAIM_DEAD_FRACTION = 0.5
+RECLAIM_CHUNK_BYTES = 4 * 1024 * 1024  # copied at a time: bodies read into memory at once
 
 
 class SpoolError(Exception):
@@ -312,10 +313,12 @@ class Spool:
         retry_interval: float = 1.0,
         metrics: RelayMetrics | None = None,
         clock: Callable[[], float] = time.time,
+        reclaim_chunk_bytes: int = RECLAIM_CHUNK_BYTES,
     ) -> None:
         """``reserved``: bytes other writers of the relay (the records' database) may still add
         on this volume; the free-space check counts them as used. ``retry_interval``: how
-        often a DONE record that could not be written is tried again."""
+        often a DONE record that could not be written is tried again. ``reclaim_chunk_bytes``:
+        how much of a segment a reclaim reads and copies at a time."""
         self._dir = directory
         self._io: SpoolIO = io or OsSpoolIO()
         self._segment_bytes = segment_bytes
@@ -324,6 +327,7 @@ class Spool:
         self._retry_interval = retry_interval
         self._metrics = metrics
         self._clock = clock
+        self._reclaim_chunk_bytes = reclaim_chunk_bytes
         self._segments: dict[int, _Segment] = {}
         self._current = 0
         self._rotate = True
@@ -702,54 +706,85 @@ class Spool:
         live = sum(m.record_length for m in seg.messages.values())
         return 1.0 - live / seg.size if seg.size > 0 else 0.0
 
+    def _chunks(self, msgs: list[SpooledMessage]) -> list[list[SpooledMessage]]:
+        """``msgs`` in runs of about ``reclaim_chunk_bytes`` (at least one message each)."""
+        chunks: list[list[SpooledMessage]] = []
+        size = 0
+        for msg in msgs:
+            if not chunks or size + msg.record_length > self._reclaim_chunk_bytes:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(msg)
+            size += msg.record_length
+        return chunks
+
     async def _move(self, seg: _Segment) -> int:
-        msgs = list(seg.messages.values())
-        if not self.has_room(sum(m.body_length for m in msgs)):
-            return 0
-        try:
-            bodies = await asyncio.to_thread(lambda: [self._read(m) for m in msgs])
-        except (OSError, SpoolError):
-            log.exception("could not read a segment to reclaim", extra={"segment": seg.id})
-            return 0
-        copies = []
-        for msg, body in zip(msgs, bodies, strict=True):
-            record, body_start = _message_record(msg, body)
-            write = _Write(record, self._future(), message=msg, body_start=body_start, copy=True)
-            copies.append((msg, dict(msg.final), (msg.attempts, msg.next_attempt), write))
+        """Copy ``seg``'s pending messages into the current segment, a chunk at a time (the
+        bodies of one chunk are in memory at once, never the whole segment's)."""
         # Held while its messages move: an outcome recorded meanwhile goes to the old segment
         # (and its last message finishing must not delete it) until that outcome is durable
         # next to the copy as well; a crash in between finds both and merges them.
         seg.live += 1
-        results = await asyncio.gather(
-            *(self._submit(w) for *_, w in copies), return_exceptions=True
-        )
-        failed = [r for r in results if isinstance(r, BaseException)]
+        moved = 0
         carried = True
-        for msg, copied, state, _ in copies:
-            if msg.segment == seg.id:  # not moved
+        error: BaseException | None = None
+        for planned in self._chunks(list(seg.messages.values())):
+            if self._reclaim_stop:
+                break
+            chunk = [m for m in planned if seg.messages.get(m.id) is m]  # not finished since
+            if not chunk:
                 continue
-            later = {i: o for i, o in msg.final.items() if i not in copied}
-            if later:  # recorded in the old segment meanwhile
-                carried = await self.record(msg, later) and carried
-            if msg.pending() and (msg.attempts, msg.next_attempt) != state:
-                # Deferred meanwhile (a STATE record in the old segment): best effort, as
-                # every STATE record.
-                await self.defer(msg, msg.next_attempt)
+            if not self.has_room(sum(m.record_length for m in chunk)):
+                error = SpoolFullError("spool below its free-space reserve")
+                break
+            try:
+                bodies = await asyncio.to_thread(self._read_all, chunk)
+            except (OSError, SpoolError) as exc:
+                log.exception("could not read a segment to reclaim", extra={"segment": seg.id})
+                error = exc
+                break
+            copies = []
+            for msg, body in zip(chunk, bodies, strict=True):
+                record, body_start = _message_record(msg, body)
+                write = _Write(
+                    record, self._future(), message=msg, body_start=body_start, copy=True
+                )
+                copies.append((msg, dict(msg.final), (msg.attempts, msg.next_attempt), write))
+            del bodies
+            results = await asyncio.gather(
+                *(self._submit(w) for *_, w in copies), return_exceptions=True
+            )
+            for (msg, copied, state, _), result in zip(copies, results, strict=True):
+                if isinstance(result, BaseException):
+                    error = error or result
+                if msg.segment == seg.id:  # not moved
+                    continue
+                moved += 1
+                later = {i: o for i, o in msg.final.items() if i not in copied}
+                if later:  # recorded in the old segment meanwhile
+                    carried = await self.record(msg, later) and carried
+                if msg.pending() and (msg.attempts, msg.next_attempt) != state:
+                    # Deferred meanwhile (a STATE record in the old segment): best effort, as
+                    # every STATE record.
+                    await self.defer(msg, msg.next_attempt)
+            del copies
+            if error is not None:
+                break
         if not carried:  # the old segment still holds those outcomes: it stays until restart
             log.warning(
                 "outcomes recorded during a reclaim not carried over; the old segment stays",
                 extra={"segment": seg.id},
             )
-            return len(copies) - len(failed)
+            return moved
         self._release(seg, 1)  # each message moved has released it already (_complete)
-        if failed:
+        if error is not None:
             log.warning(
                 "reclaiming a segment failed; it is tried again later",
-                extra={"segment": seg.id, "error": str(failed[0])},
+                extra={"segment": seg.id, "error": str(error), "moved": moved},
             )
-            return len(copies) - len(failed)
-        log.info("segment reclaimed", extra={"segment": seg.id, "messages": len(copies)})
-        return len(copies)
+            return moved
+        log.info("segment reclaimed", extra={"segment": seg.id, "messages": moved})
+        return moved
 
     def _release(self, seg: _Segment, messages: int, *, idle: bool = False) -> None:
         """``messages`` of ``seg`` have nothing left to deliver; delete it if none has (the
@@ -778,6 +813,9 @@ class Spool:
             except FileNotFoundError:
                 continue
         raise SpoolError(f"message {msg.id} is not in the spool")
+
+    def _read_all(self, msgs: list[SpooledMessage]) -> list[bytes]:
+        return [self._read(m) for m in msgs]
 
     def _read(self, msg: SpooledMessage) -> bytes:
         return self._pread(
