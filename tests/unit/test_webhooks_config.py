@@ -40,6 +40,7 @@ def secret(**data: str) -> dict[str, Any]:
         "http://receiver.shop.svc/events",
         "http://receiver.shop.svc.cluster.local:8080/events",
         "https://[2001:db8::1]:8443/events",
+        "https://hooks.example.com/" + "p" * 486,  # 512 characters, the most
     ],
 )
 def test_https_and_http_to_a_cluster_service_are_accepted(url: str) -> None:
@@ -63,6 +64,7 @@ def test_https_and_http_to_a_cluster_service_are_accepted(url: str) -> None:
         ({"url": "https://:443/x"}, "url"),
         ({"url": "https://[bad/x"}, "url"),
         ({"url": "https:///x"}, "url"),
+        ({"url": "https://hooks.example.com/" + "p" * 487}, "url"),  # 513 characters
         ({"url": "ftp://hooks.example.com/x"}, "url"),
         ({"url": "https://user:pw@hooks.example.com/x"}, "url"),
         ({"name": "Not_A_Label"}, "name"),
@@ -73,6 +75,13 @@ def test_https_and_http_to_a_cluster_service_are_accepted(url: str) -> None:
 def test_what_the_spec_refuses_is_named(fields: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         spec(hook(**fields))
+
+
+def test_at_most_four_webhooks_a_token() -> None:
+    """Each is in the token's credential entry, in a shard Secret many tokens share (1 MiB)."""
+    assert len(spec(*(hook(f"h{i}") for i in range(4))).webhooks or []) == 4
+    with pytest.raises(ValidationError, match="webhooks"):
+        spec(*(hook(f"h{i}") for i in range(5)))
 
 
 def test_a_url_the_relay_cannot_use_is_named_as_the_url_not_the_secret() -> None:

@@ -22,7 +22,11 @@ from txmail_relay.contract import WebhookEventType
 
 from .common import DNS_LABEL, DNS_SUBDOMAIN, Model, cel
 
-WEBHOOKS_MAX = 8
+# Each subscription is in the token's credential entry, in a credentials shard (a Secret, at
+# most 1 MiB, shared by many tokens): 4 webhooks of 512-character URLs keep an entry small
+# (docs/architecture.md "Size limits").
+WEBHOOKS_MAX = 4
+URL_MAX = 512
 # Condition type on the SmtpToken: every subscription's signing key could be read.
 WEBHOOKS_READY = "WebhooksReady"
 # A host is required: a name (no userinfo, no brackets) or a bracketed IPv6 address, then an
@@ -67,13 +71,13 @@ class Webhook(Model):
         "webhooks: status.webhooks[] and the Events about it use it."
     )
     url: str = Field(
-        max_length=2048,
+        max_length=URL_MAX,
         pattern=HTTP_URL,
         description="Where the events are POSTed, signed as Standard Webhooks do "
         "(webhook-id, webhook-timestamp, webhook-signature). https://; http:// only to a "
         "cluster Service (<name>.<namespace>.svc, or .svc.cluster.local) or with "
         "insecureHTTP. No user:password@ in it (it is shown in the token's spec): "
-        "authenticate requests by their signature.",
+        "authenticate requests by their signature. At most 512 characters.",
     )
     insecure_http: bool = Field(
         default=False,
