@@ -42,6 +42,7 @@ from relay.relaykit import (
 )
 from relay.test_crash import Submitter
 from txmail_relay.http.api import SEND_PATH
+from txmail_relay.http.feedback import SUPPRESSIONS_PATH
 
 MIB = 1024 * 1024
 KIB = 1024
@@ -402,6 +403,35 @@ def test_the_api_answers_503_when_the_records_are_full(
     )
     assert again.status == 200, again.body
     assert "sendResult" not in again.json() or again.json()["sendResult"] != "IDEMPOTENT_IGNORE"
+
+
+def test_the_suppression_api_answers_503_when_the_records_are_full(
+    env: RelayEnv, volume: Volume, relays: list[Relay]
+) -> None:
+    """PUT and DELETE of a suppression entry on a full volume: 503, Retry-After and the JSON
+    error body, never a bare 500; once there is room again they work."""
+    relay = Relay(env, volume, upstream=env.sink.port)
+    relays.append(relay)
+    relay.start()
+    auth = bearer(env.password)
+    kept = f"{SUPPRESSIONS_PATH}/kept@dest.test"
+    assert http(relay.api_port, "PUT", kept, headers=auth).status == 201
+    volume.fill(leave=0)
+    for method, path in (
+        ("PUT", f"{SUPPRESSIONS_PATH}/new1@dest.test"),
+        ("PUT", f"{SUPPRESSIONS_PATH}/new2@dest.test"),
+        ("DELETE", kept),
+    ):
+        reply = http(relay.api_port, method, path, headers=auth)
+        assert reply.status == 503, (method, reply.status, reply.body)
+        assert int(reply.headers["retry-after"]) > 0
+        assert reply.json()["category"] == "RATE_LIMITS"
+    volume.fill(leave=16 * MIB)
+    assert (
+        http(relay.api_port, "PUT", f"{SUPPRESSIONS_PATH}/new1@dest.test", headers=auth).status
+        == 201
+    )
+    assert http(relay.api_port, "DELETE", kept, headers=auth).status == 204
 
 
 def test_a_relay_restarted_on_a_full_disk_delivers_what_it_holds(

@@ -26,8 +26,9 @@ from typing import Any
 from aiohttp import web
 
 from txmail_relay.config.live import LiveConfig
-from txmail_relay.http.api import TokenAuth, error_response, iso
+from txmail_relay.http.api import RETRY_AFTER_STORAGE, TokenAuth, error_response, iso
 from txmail_relay.mail.addresses import is_smtp_address
+from txmail_relay.records.database import RecordsFullError
 from txmail_relay.records.model import EventType, Suppression
 from txmail_relay.records.records import Records
 from txmail_relay.records.suppressions import SuppressionEntry
@@ -51,6 +52,16 @@ class _Invalid(Exception):  # noqa: N818 - internal signal, not an error class
 
 def _invalid(e: _Invalid) -> web.Response:
     return error_response(400, "VALIDATION_ERROR", e.message, field=e.field)
+
+
+def _full() -> web.Response:
+    """The records' volume is full: the relay's fault, retry later (as the send API)."""
+    return error_response(
+        503,
+        "RATE_LIMITS",
+        "insufficient storage, try later",
+        headers={"Retry-After": RETRY_AFTER_STORAGE},
+    )
 
 
 def _limit(request: web.Request) -> int:
@@ -200,9 +211,12 @@ class FeedbackApi:
             reason = await self._body_reason(request)
         except _Invalid as e:
             return _invalid(e)
-        created = await self._records.suppressions.put(
-            entry.namespace, address, reason, self._clock()
-        )
+        try:
+            created = await self._records.suppressions.put(
+                entry.namespace, address, reason, self._clock()
+            )
+        except RecordsFullError:
+            return _full()
         entries = await self._records.suppressions.get(entry.namespace, address)
         return web.json_response(self._view(address, entries), status=201 if created else 200)
 
@@ -233,7 +247,10 @@ class FeedbackApi:
             address = _address(request.match_info["address"])
         except _Invalid as e:
             return _invalid(e)
-        removed = await self._records.suppressions.remove(entry.namespace, address)
+        try:
+            removed = await self._records.suppressions.remove(entry.namespace, address)
+        except RecordsFullError:
+            return _full()
         if removed:
             return web.Response(status=204)
         if await self._records.suppressions.get(entry.namespace, address):
