@@ -8,6 +8,7 @@ in a thread with an outcome recorder. Upstream: smtp-sink answering 4xx to every
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import smtplib
 import socket
@@ -27,7 +28,7 @@ from relay.relaykit import (
     relay_settings,
     wait_for,
 )
-from txmail_relay.spool.segments import KIND_STATE, _parse
+from txmail_relay.spool.segments import KIND_STATE, Spool, _parse
 
 BACKOFF = 4.0  # seconds between attempts: long enough that a restart comes before the next
 
@@ -101,3 +102,40 @@ def test_a_restarted_relay_keeps_the_retry_schedule(
     assert event.outcome.value == "deferred"
     wait_for(lambda: len(states(spool)) >= 2, 10, "the second deferral in the spool")
     assert states(spool)[-1]["attempts"] == 2
+
+
+def test_a_next_attempt_past_the_longest_backoff_is_brought_forward(
+    env: RelayEnv, sink_factory: Callable[..., Sink]
+) -> None:
+    """A next attempt persisted three days ahead (the clock was stepped back since, by days)
+    waits at most retry.maxBackoff after a restart, not until then."""
+    failing = sink_factory("-r", "RCPT")
+    spool_dir = env.directory / "spool"
+
+    async def deferred_far_ahead() -> str:
+        spool = Spool(spool_dir)
+        spool.recover()
+        spool.start()
+        try:
+            msg = await spool.append("app@example.com", ["user@dest.test"], env.username, b"x")
+            msg.attempts = 3
+            assert await spool.defer(msg, time.time() + 3 * 86400)
+            return msg.id
+        finally:
+            await spool.close()
+
+    msg_id = asyncio.run(deferred_far_ahead())
+    settings = relay_settings(
+        env.directory,
+        env.tls,
+        failing.port,
+        credentials=[credential(env.username, env.password)],
+        overrides={"retry": {"minBackoff": 10.0, "maxBackoff": 60.0, "maxLifetime": 5 * 86400.0}},
+    )
+    started = time.time()
+    relay = env.start(settings)
+    queue = relay.relay.queue if relay.relay is not None else None
+    assert queue is not None
+    [(due, waiting_id, attempts)] = wait_for(queue.waiting, 10, "the recovered deferral")
+    assert (waiting_id, attempts) == (msg_id, 3)
+    assert started + 60.0 <= due <= time.time() + 60.0

@@ -139,7 +139,7 @@ class DeliveryQueue:
             return
         self._messages[msg.id] = msg
         if self._started:
-            self._make_ready(msg, pending, msg.attempts, not_before=msg.next_attempt)
+            self._make_ready(msg, pending, msg.attempts, not_before=self._resume_at(msg))
         else:  # recovered before the first configuration: destinations are not known yet
             self._early.append(msg)
 
@@ -149,8 +149,20 @@ class DeliveryQueue:
         early, self._early = self._early, []
         for msg in early:
             # A recovered deferral waits for its time (a restart does not retry all at once).
-            self._make_ready(msg, msg.pending(), msg.attempts, not_before=msg.next_attempt)
+            self._make_ready(msg, msg.pending(), msg.attempts, not_before=self._resume_at(msg))
         self._dispatch()
+
+    def _resume_at(self, msg: SpooledMessage) -> float:
+        """When a recovered message is tried again: its persisted next attempt, but never
+        later than ``retry.maxBackoff`` from now. No backoff is longer, so a later time means
+        the clock was stepped back since it was written (or the settings shrank): without the
+        cap the mail would wait for as long as the step, up to ``retry.maxLifetime``."""
+        return min(msg.next_attempt, self._clock() + self._retry.max_backoff)
+
+    def waiting(self) -> list[tuple[float, str, int]]:
+        """(due, message id, attempts so far) of every job waiting for its time, soonest
+        first."""
+        return [(due, job.msg.id, job.attempts) for due, _, job in sorted(self._waiting)]
 
     async def stop(self, grace: float) -> None:
         """Let attempts in flight finish within ``grace``, then cancel the rest.
