@@ -142,13 +142,12 @@ class Dispatcher:
         """The configuration changed the subscription (same id): a new URL or key is tried
         at once instead of at the batch's next backoff time; a new filter forms the batch
         again."""
-        old = self.subscription.endpoint
-        self.subscription = subscription
-        new = subscription.endpoint
+        before, self.subscription = self.subscription, subscription
+        old, new = before.endpoint, subscription.endpoint
         if old.url != new.url or old.secret != new.secret:
             self._retry_now = True
-        if old.event_types != new.event_types:
-            self.horizon = 0  # what it skipped may match the new filter: from the cursor
+        if old.event_types != new.event_types or before.username != subscription.username:
+            self.horizon = 0  # what it skipped may match now: from the cursor again
         self._wake.set()
 
     async def run(self) -> None:
