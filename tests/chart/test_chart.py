@@ -309,7 +309,7 @@ def test_optional_parts_are_off_by_default() -> None:
     }
 
 
-def test_network_policies_match_the_relay_contract() -> None:
+def test_network_policies_match_the_relay_contract(tmp_path: Path) -> None:
     """Selectors and ports are the ones the operator's relay pods really have."""
     objs = objects([values("everything")])
     policies = {p["metadata"]["name"]: p["spec"] for p in kinds(objs, "NetworkPolicy")}
@@ -339,17 +339,38 @@ def test_network_policies_match_the_relay_contract() -> None:
     }
     egress_ports = {p["port"] for rule in relay["egress"] for p in rule["ports"]}
     assert {25, 587, 465, 53, 443} <= egress_ports
-    # Webhook receivers (networkPolicy.webhookEgressPorts, HTTPS by default), at any address.
-    assert {"ports": [{"protocol": "TCP", "port": 443}]} in relay["egress"]
-    # A release from before the setting (helm upgrade --reuse-values) renders without it.
+    # Webhook receivers (networkPolicy.webhookEgressPorts, HTTPS by default): any address but
+    # link-local ones (a cloud's metadata service), and the cluster's pods.
+    webhooks = {
+        "to": [
+            {"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.0.0/16"]}},
+            {"ipBlock": {"cidr": "::/0", "except": ["fe80::/10"]}},
+            {"namespaceSelector": {}},
+        ],
+        "ports": [{"protocol": "TCP", "port": 443}],
+    }
+    assert webhooks in relay["egress"]
+    # A release from before the setting (helm upgrade --reuse-values: the key is absent, null
+    # here removes it) keeps the default, so webhooks do not silently stop.
     older = objects([values("everything")], sets=["networkPolicy.webhookEgressPorts=null"])
-    relays = next(
-        p for p in kinds(older, "NetworkPolicy") if p["metadata"]["name"] == "txmail-relays"
-    )
-    assert {"ports": [{"protocol": "TCP", "port": 443}]} not in relays["spec"]["egress"]
+    assert webhooks in _relay_policy(older)["egress"]
+    # An explicit [] turns it off.
+    empty = tmp_path / "no-webhooks.yaml"
+    empty.write_text("networkPolicy: {webhookEgressPorts: []}\n")
+    off = objects([values("everything"), empty])
+    assert webhooks["to"][0] not in [
+        peer for r in _relay_policy(off)["egress"] for peer in r.get("to", [])
+    ]
     operator = policies["txmail-operator"]
     operator_egress = {p["port"] for rule in operator["egress"] for p in rule["ports"]}
     assert operator_egress == {443, c.API_PORT, 53}
+
+
+def _relay_policy(objs: list[Obj]) -> Obj:
+    spec: Obj = next(
+        p for p in kinds(objs, "NetworkPolicy") if p["metadata"]["name"] == "txmail-relays"
+    )["spec"]
+    return spec
 
 
 def test_ingress_routes_only_to_the_tracking_port() -> None:
