@@ -180,6 +180,7 @@ class Relay:
             warmup=self.warmup.snapshot,
             destinations=self.shaper.paused,
             webhooks=self.webhooks.stats,
+            retention=settings.records,  # the events log's age and size bounds
         )
         self.stats.register(self.registry)
         self._api = SendApi(

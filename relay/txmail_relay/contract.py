@@ -970,6 +970,23 @@ class SpoolSettings(_Settings):
     reclaim_interval: float = Field(default=300.0, gt=0)
 
 
+class RecordsSettings(_Settings):
+    """The records' events log (docs/relay.md "Full disk"): pruned oldest first at every stats
+    refresh when past either bound, so it cannot grow until the spool volume is full."""
+
+    events_retention: float = Field(
+        default=30 * 86400.0,
+        gt=0,
+        description="Seconds an event is kept (the events API's window; webhooks retry 24 h)",
+    )
+    max_events: int = Field(
+        default=2_000_000,
+        ge=1000,
+        description="Events kept at most (about 300 bytes each on the volume, indexes "
+        "included): the oldest beyond it are deleted",
+    )
+
+
 class LogSettings(_Settings):
     json_format: bool = Field(default=False, alias="json")
     level: str = "INFO"
@@ -1012,6 +1029,7 @@ class RelaySettings(_Settings):
     outbound: OutboundSettings = Field(default_factory=OutboundSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     spool: SpoolSettings = Field(default_factory=SpoolSettings)
+    records: RecordsSettings = Field(default_factory=RecordsSettings)
     logging: LogSettings = Field(default_factory=LogSettings)
     shutdown_grace: float = 20.0
     config_poll_interval: float = 1.0

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from txmail_relay.contract import SendState
+from txmail_relay.contract import RecordsSettings, SendState
 from txmail_relay.outcomes import Outcome
 from txmail_relay.records.events import status_code
 from txmail_relay.records.model import EventType, Kind, Recipient, SentCopy, Suppression
@@ -726,3 +726,20 @@ async def test_the_events_search_can_leave_out_machine_opens_and_clicks(tmp_path
         )
     assert [e.detail["filteredEvent"] for e in every] == [True, False]
     assert people == every[1:]
+
+
+async def test_the_events_log_is_pruned_oldest_first_past_its_size_bound(tmp_path: Path) -> None:
+    """``records.maxEvents`` bounds the events log whatever their age (it shares the spool's
+    volume), oldest first, in small transactions; the seq counts on."""
+    settings = RecordsSettings.model_validate({"eventsRetention": 60, "maxEvents": 1000})
+    assert (settings.events_retention, settings.max_events) == (60, 1000)
+    async with opened(tmp_path, clock=lambda: 100.0) as records:
+        copies = [SentCopy("s1", f"r{i}@dest.test") for i in range(30)]
+        await records.sends.record("app1", 0, copies, namespace="ns1", token="t1")
+        everything = await records.events.after(0, limit=100)
+        last = await records.events.last_seq()
+        assert await records.events.prune(50.0, keep=10, batch=4) == 20
+        assert await records.events.after(0, limit=100) == everything[-10:]
+        assert await records.events.prune(50.0, keep=10, batch=4) == 0
+        assert await records.events.prune(150.0, batch=4) == 10  # by age: every one
+        assert await records.events.last_seq() == last

@@ -537,14 +537,41 @@ class Events:
 
         return await self._db.read(_last_seq)
 
-    def prune(self, before: float) -> Awaitable[int]:
-        """Delete the events created before ``before``; returns how many."""
+    async def prune(self, before: float, *, keep: int | None = None, batch: int = 5000) -> int:
+        """Delete the events created before ``before`` and, with ``keep``, the oldest beyond
+        the newest ``keep`` (by seq); returns how many. In transactions of at most ``batch``
+        rows, so other records' work goes on between them."""
 
-        async def write(db: aiosqlite.Connection) -> int:
-            cursor = await db.execute("DELETE FROM events WHERE created < ?", (before,))
+        async def by_age(db: aiosqlite.Connection) -> int:
+            cursor = await db.execute(
+                "DELETE FROM events WHERE seq IN"
+                " (SELECT seq FROM events WHERE created < ? LIMIT ?)",
+                (before, batch),
+            )
             return cursor.rowcount
 
-        return self._db.write(write)
+        kept = keep or 0
+
+        async def by_count(db: aiosqlite.Connection) -> int:
+            # seq counts up without reuse: the newest ``keep`` are the seqs above last - keep
+            # (fewer where older ones were pruned by age), so no row is counted.
+            cutoff = await _last_seq(db) - kept
+            rows = await db.execute_fetchall("SELECT min(seq) FROM events")
+            first = next((r[0] for r in rows), None)
+            if first is None or first > cutoff:
+                return 0
+            cursor = await db.execute(
+                "DELETE FROM events WHERE seq <= ?", (min(cutoff, first + batch - 1),)
+            )
+            return cursor.rowcount
+
+        total = 0
+        for work in (by_age, *((by_count,) if keep is not None else ())):
+            while (deleted := await self._db.write(work)) > 0:
+                total += deleted
+                if deleted < batch and work is by_age:
+                    break
+        return total
 
 
 _OUTCOME_TYPE = {

@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 from txmail_relay.config.live import LiveConfig
 from txmail_relay.contract import (
     PausedDestination,
+    RecordsSettings,
     RelayStats,
     TokenStats,
     WarmupStats,
@@ -42,9 +43,10 @@ from txmail_relay.records.records import Records
 
 log = logging.getLogger(__name__)
 
-#: How long the events log keeps an event (the events API's window; the webhooks retry a
-#: delivery for 24 hours, well within it). Older ones are deleted at each stats refresh.
-EVENTS_RETENTION = 30 * 24 * 3600.0
+#: How long the events log keeps an event by default (the events API's window; the webhooks
+#: retry a delivery for 24 hours, well within it): ``records.eventsRetention``. Older ones, and
+#: the oldest beyond ``records.maxEvents``, are deleted at each stats refresh.
+EVENTS_RETENTION = RecordsSettings().events_retention
 
 
 class OutcomeRecorder:
@@ -218,7 +220,9 @@ class StatsLoop:
         warmup: Callable[[], WarmupStats | None] = lambda: None,
         destinations: Callable[[], list[PausedDestination]] = list,
         webhooks: Callable[[], Awaitable[dict[str, list[WebhookStats]]]] | None = None,
+        retention: RecordsSettings | None = None,
     ) -> None:
+        self._retention = retention or RecordsSettings()  # the events log's bounds
         self._destinations = destinations  # paused destinations (delivery/shaping.py)
         self._webhooks = webhooks  # subscriptions' figures (webhooks/manager.py)
         self._warmup = warmup  # the warm-up gate's figures (delivery/warmup.py)
@@ -238,7 +242,12 @@ class StatsLoop:
         names = frozenset(config.credentials) if config is not None else frozenset()
         now = self._clock()
         try:
-            await self._records.events.prune(now.timestamp() - EVENTS_RETENTION)
+            retention = self._retention
+            pruned = await self._records.events.prune(
+                now.timestamp() - retention.events_retention, keep=retention.max_events
+            )
+            if pruned:
+                log.info("events pruned", extra={"events": pruned})
         except RecordsFullError:
             log.warning("old events not pruned: the records' volume is full")
         totals = await self._records.counters.totals()
