@@ -165,6 +165,37 @@ def test_relay_wide_entries_apply_everywhere_and_cannot_be_removed(
         refused = _call(relay, "DELETE", _path("old@dest.test"), auth)
         assert refused.status == 409 and _error_field(refused) == "address"
     assert _send(relay, bearer(env.password), ORDER, "old@dest.test").status == 400
+    # The namespace's own entry can go, but the relay-wide one still refuses sends: 200 with
+    # what is left, not 204 (which would say the address is free again).
+    a = bearer(env.password)
+    with contextlib.closing(sqlite3.connect(relay.relay.records.path, timeout=10)) as db:
+        db.execute("INSERT INTO suppressions VALUES ('', 'older@dest.test', 'MANUAL', 1.0)")
+        db.commit()
+    assert (
+        _call(relay, "PUT", _path("older@dest.test"), a, raw=b'{"reason": "SPAM_REPORT"}').status
+        == 201
+    )
+    left = _call(relay, "DELETE", _path("older@dest.test"), a)
+    assert left.status == 200, left.body
+    view = left.json()
+    assert view["suppressed"] is True and view["sendResult"] == "BLOCKED_ADDRESS"
+    assert [(e["reason"], e["relayWide"]) for e in view["entries"]] == [("MANUAL", True)]
+    assert _send(relay, a, ORDER, "older@dest.test").status == 400
+
+
+def test_an_address_with_a_slash_is_reachable(env: RelayEnv, relay: RelayThread) -> None:
+    """``/`` is valid in a local part (RFC 5321): URL-encoded in the path segment (%2F), the
+    address is added, looked up, listed and removed like any other."""
+    a = bearer(env.password)
+    odd = "dept/sales@dest.test"
+    assert _path(odd).endswith("/dept%2Fsales@dest.test")
+    assert _call(relay, "PUT", _path(odd), a).status == 201
+    view = _call(relay, "GET", _path(odd), a).json()
+    assert view["address"] == odd and view["suppressed"] is True
+    listed = _call(relay, "GET", SUPPRESSIONS_PATH, a).json()
+    assert [r["address"] for r in listed["results"]] == [odd]
+    assert _call(relay, "DELETE", _path(odd), a).status == 204
+    assert _call(relay, "GET", _path(odd), a).status == 404
 
 
 @pytest.mark.parametrize(

@@ -252,6 +252,11 @@ class FeedbackApi:
         except RecordsFullError:
             return _full()
         if removed:
+            # The namespace's own entries are gone; a relay-wide one may still apply: then
+            # 200 with what is left (``suppressed`` says whether a send is still refused).
+            left = await self._records.suppressions.get(entry.namespace, address)
+            if left:
+                return web.json_response(self._view(address, left))
             return web.Response(status=204)
         if await self._records.suppressions.get(entry.namespace, address):
             return error_response(
