@@ -18,6 +18,7 @@ from txmail_relay.records.events import status_code
 from txmail_relay.records.model import EventType, Kind, Recipient, SentCopy, Suppression
 from txmail_relay.records.records import Records
 from txmail_relay.records.schema import MIGRATIONS, VERSION, SchemaError
+from txmail_relay.records.suppressions import page_sql
 
 # The schema as the relay wrote it before the suppressions table (commit 576fbf0), and the
 # suppressions table added later (736f49a), both before schema versions: user_version 0.
@@ -743,3 +744,34 @@ async def test_the_events_log_is_pruned_oldest_first_past_its_size_bound(tmp_pat
         assert await records.events.prune(50.0, keep=10, batch=4) == 0
         assert await records.events.prune(150.0, batch=4) == 10  # by age: every one
         assert await records.events.last_seq() == last
+
+
+@pytest.mark.parametrize("reasons", [0, 1])
+async def test_a_namespaces_suppression_list_reads_only_its_own_rows(
+    tmp_path: Path, reasons: int
+) -> None:
+    """Listing a small namespace's suppressions reads its rows (and the relay-wide ones) by the
+    primary key, never a big neighbour's interleaved addresses; the page is right."""
+    async with opened(tmp_path) as records:
+        for i in range(50):
+            await records.suppressions.put("big", f"m{i:03d}@dest.test", Suppression.MANUAL, 1.0)
+        await records.suppressions.put("small", "m010x@dest.test", Suppression.MANUAL, 2.0)
+        await records.suppressions.put("small", "m040x@dest.test", Suppression.HARD_BOUNCE, 2.0)
+        await records.suppressions.put("", "m020x@dest.test", Suppression.MANUAL, 3.0)
+        wanted = [Suppression.MANUAL] if reasons else []
+        page = await records.suppressions.page("small", reasons=wanted, limit=10)
+        expected = ["m010x@dest.test", "m020x@dest.test"] + ([] if reasons else ["m040x@dest.test"])
+        assert [a for a, _ in page] == expected
+        assert [e.relay_wide for _, es in page for e in es] == [a == expected[1] for a in expected]
+    addresses_sql, rows_sql = page_sql(reasons)
+    reason_args = ["MANUAL"] * reasons
+    with contextlib.closing(sqlite3.connect(tmp_path / "txmail.db")) as db:
+        db.execute("ANALYZE")
+        for sql, args in (
+            (addresses_sql, ["small", "", *reason_args, 10, "", "", *reason_args, 10, 10]),
+            (rows_sql, ["small", "a", "z", *reason_args, "", "a", "z", *reason_args]),
+        ):
+            plan = [str(r[-1]) for r in db.execute(f"EXPLAIN QUERY PLAN {sql}", args)]
+            searches = [p for p in plan if p.startswith(("SEARCH", "SCAN suppressions"))]
+            assert len(searches) == 2, plan
+            assert all("sqlite_autoindex_suppressions_1 (namespace=?" in p for p in searches), plan

@@ -55,6 +55,29 @@ def _entry(row: sqlite3.Row) -> SuppressionEntry:
 _ORDER = " ORDER BY address, reason, namespace DESC"  # a namespace's own entry first
 
 
+def page_sql(reasons: int) -> tuple[str, str]:
+    """The two SELECTs of :meth:`Suppressions.page` (``reasons``: how many reasons it filters
+    by): a page's addresses, then their entries. Each namespace (the token's and "") is read
+    on its own through the primary key (namespace, address, reason), so a small namespace
+    never walks a big neighbour's rows (``namespace IN (?, '')`` walks every address by the
+    address index and filters the namespace row by row)."""
+    by_reason = f" AND reason IN ({','.join('?' * reasons)})" if reasons else ""
+    own = (
+        "SELECT DISTINCT address FROM suppressions WHERE namespace = ?"  # noqa: S608 - only placeholders
+        f" AND address > ?{by_reason} ORDER BY address LIMIT ?"
+    )
+    addresses = (
+        f"SELECT address FROM ({own}) UNION SELECT address FROM ({own})"  # noqa: S608 - only placeholders
+        " ORDER BY address LIMIT ?"
+    )
+    ranged = (
+        "SELECT namespace, address, reason, at FROM suppressions"  # noqa: S608 - only placeholders
+        f" WHERE namespace = ? AND address >= ? AND address <= ?{by_reason}"
+    )
+    rows = f"SELECT * FROM ({ranged}) UNION ALL SELECT * FROM ({ranged}){_ORDER}"  # noqa: S608 - only placeholders
+    return addresses, rows
+
+
 class Suppressions:
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -111,25 +134,24 @@ class Suppressions:
         """Up to ``limit`` addresses after ``after`` (ascending), each with its entries that
         apply in ``namespace`` (only those of ``reasons`` if given)."""
         wanted = sorted({Suppression(r).value for r in reasons})
-        by_reason = f" AND reason IN ({','.join('?' * len(wanted))})" if wanted else ""
+        addresses_sql, rows_sql = page_sql(len(wanted))
 
         async def read(db: aiosqlite.Connection) -> list[tuple[str, list[SuppressionEntry]]]:
             addresses = [
                 r[0]
                 for r in await db.execute_fetchall(
-                    "SELECT DISTINCT address FROM suppressions WHERE namespace IN (?, '')"  # noqa: S608 - only placeholders
-                    f" AND address > ?{by_reason} ORDER BY address LIMIT ?",
-                    (namespace, after.lower(), *wanted, limit),
+                    addresses_sql,
+                    (
+                        *(namespace, after.lower(), *wanted, limit),
+                        *(RELAY_WIDE, after.lower(), *wanted, limit),
+                        limit,
+                    ),
                 )
             ]
             if not addresses:
                 return []
-            rows = await db.execute_fetchall(
-                "SELECT namespace, address, reason, at FROM suppressions"  # noqa: S608 - only placeholders
-                " WHERE namespace IN (?, '') AND address >= ? AND address <= ?"
-                f"{by_reason}{_ORDER}",
-                (namespace, addresses[0], addresses[-1], *wanted),
-            )
+            span = (addresses[0], addresses[-1], *wanted)
+            rows = await db.execute_fetchall(rows_sql, (namespace, *span, RELAY_WIDE, *span))
             found: dict[str, list[SuppressionEntry]] = {a: [] for a in addresses}
             for row in rows:
                 found[row[1]].append(_entry(row))
