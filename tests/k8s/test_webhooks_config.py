@@ -221,10 +221,13 @@ def test_the_api_server_refuses_a_plain_http_url_and_twice_the_same_name(
     )
 
 
-def stats(user: str, *hooks: c.WebhookStats) -> str:
+def stats(user: str | None, *hooks: c.WebhookStats, sent: int = 3) -> str:
+    """A relay's report naming ``user`` (None: no token at all)."""
     report = c.RelayStats(
-        tokens={user: c.TokenStats(sent=3, soft_bounces=1, dropped=2, machine_opens=4)},
-        webhooks={user: list(hooks)},
+        tokens={user: c.TokenStats(sent=sent, soft_bounces=1, dropped=2, machine_opens=4)}
+        if user
+        else {},
+        webhooks={user: list(hooks)} if user else {},
         updated_at=dt.datetime.now(dt.UTC),
     )
     return report.to_json()
@@ -239,12 +242,18 @@ def test_the_relays_webhook_report_is_the_tokens_status_with_an_event_on_each_ch
     )
     user = username(kit, namespace, "shop")
 
-    def report(*hooks: c.WebhookStats) -> None:  # as the relay patches its stats ConfigMap
+    def report(*hooks: c.WebhookStats, sent: int = 3, to: str | None = user) -> None:
+        # as the relay patches its stats ConfigMap
         kit.core.patch_namespaced_config_map(
             c.stats_config_map_name(ip),
             kit.operator_namespace,
-            {"data": {c.STATS_KEY: stats(user, *hooks)}},
+            {"data": {c.STATS_KEY: stats(to, *hooks, sent=sent)}},
         )
+
+    def sent() -> int | None:
+        status = (kit.get(TOKENS, namespace, "shop") or {}).get("status") or {}
+        figure: int | None = (status.get("stats") or {}).get("sent")
+        return figure
 
     def shown() -> list[dict[str, Any]]:
         status = (kit.get(TOKENS, namespace, "shop") or {}).get("status") or {}
@@ -280,13 +289,18 @@ def test_the_relays_webhook_report_is_the_tokens_status_with_an_event_on_each_ch
     assert failing[0].type == "Warning"
     assert "events" in failing[0].message and "HTTP 503" in failing[0].message
 
-    # The same report again: no second Event. Then it recovers.
+    # The same webhook state again (one more mail sent): once the operator has read it (the
+    # figure shows), there is no second Event.
     report(
         c.WebhookStats(
             name="events", state="Failing", last_error="HTTP 503 Service Unavailable",
             failing_since=since, backlog=12,
-        )
+        ),
+        sent=4,
     )  # fmt: skip
+    wait_for(lambda: sent() == 4, FOLLOW, "the second report read")
+    assert len(events("WebhookFailing")) == 1
+
     ok_at = dt.datetime(2026, 12, 1, 20, 5, tzinfo=dt.UTC)
     report(c.WebhookStats(name="events", state="Healthy", last_success_at=ok_at))
     wait_for(lambda: shown() and shown()[0]["state"] == "Healthy", FOLLOW, "Healthy in status")
