@@ -794,7 +794,9 @@ async def test_a_partly_failed_reclaim_lets_the_old_segment_go_once_the_rest_fin
     tmp_path: Path,
 ) -> None:
     """The first chunk is copied, the second fails: the message moved no longer holds the old
-    segment, so it goes as soon as the messages left there finish (no restart needed)."""
+    segment, so it goes as soon as the messages left there finish (no restart needed); the
+    moved message's outcomes are recorded in the old segment too, so a crash meanwhile does
+    not send it again from its first copy."""
     clock = Clock()
     io = CountingIO()
     directory = tmp_path / "spool"
@@ -807,9 +809,39 @@ async def test_a_partly_failed_reclaim_lets_the_old_segment_go_once_the_rest_fin
         io.fail_after = 1
         assert await spool.reclaim(older_than=600) == 1
         assert held[0].segment != held[1].segment  # moved; the others stayed
+        copy = directory / f"seg-{held[0].segment:012d}.log"
+        assert await spool.record(held[0], {0: Outcome.DELIVERED})
+        await _until(lambda: not copy.exists(), "the copy's segment deleted (it is finished)")
+        # A crash now: the old segment still has the moved message's first copy.
+        shutil.copytree(
+            directory, tmp_path / "crash" / "spool", ignore=shutil.ignore_patterns("lock")
+        )
+        first, second = await _recover_twice(tmp_path / "crash" / "spool")
+        assert held[0].id not in first
+        assert all(first[m.id] == [0] for m in held[1:])
+        assert second == first
         for msg in held[1:]:
             assert await spool.record(msg, {0: Outcome.DELIVERED})
         await _until(lambda: not old.exists(), "the old segment deleted")
-        assert await spool.read_body(held[0]) == b"0" * 3000
     finally:
         await spool.close()
+
+
+async def test_a_message_finished_in_its_copy_stays_finished_in_an_old_segment_that_stays(
+    tmp_path: Path,
+) -> None:
+    """A crash left a message's first copy in an old segment another message still holds, and
+    its copy, finished since, in a newer one: recovery writes the outcome into the old
+    segment before the newer one goes, so a second crash does not find it pending there."""
+    directory = tmp_path / "spool"
+    msg = SpooledMessage("00000000000000aa", "a@example.com", ("x@d.test",), "app1", 1.0, 4)
+    other = SpooledMessage("00000000000000bb", "a@example.com", ("z@d.test",), "app1", 2.0, 5)
+    original, _ = _message_record(msg, b"body")
+    _image_segment(directory / "seg-000000000001.log", original, _message_record(other, b"o")[0])
+    _image_segment(
+        directory / "seg-000000000002.log",
+        _message_record(msg, b"body")[0],
+        _done_record(msg, {0: Outcome.DELIVERED}),
+    )
+    first, second = await _recover_twice(directory)
+    assert first == second == {other.id: [0]}

@@ -32,10 +32,11 @@ existed read as before.
 long, into the current segment (same id, outcomes and attempts carried over), then deletes the
 old segment: otherwise one message that keeps failing for days pins a whole segment of
 delivered mail on the disk. The old segment is held until the outcomes recorded there during
-the move are durable next to the copy too. A crash between the copy and the deletion leaves the
-message twice; recovery keeps the newest copy, counts the DONE records of both and writes them
-(and the latest STATE) next to the copy it keeps before the older one may go, so a second crash
-forgets nothing.
+the move are durable next to the copy too; while an old segment stays (a move that failed part
+way), the outcomes of the messages moved out of it are recorded there as well. A crash between
+the copy and the deletion leaves the message twice; recovery keeps the newest copy, counts the
+DONE records of both and writes them (and the latest STATE) into every copy's segment that
+stays before another may go, so a second crash forgets nothing.
 """
 
 from __future__ import annotations
@@ -138,6 +139,10 @@ class SpooledMessage:
     # DSNs themselves, mail spooled before the relay knew DSNs).
     dsn: DsnEnvelope | None = None
     record_length: int = 0  # bytes of its MESSAGE record (what a copy of it writes again)
+    # Segments that may still hold an earlier copy of it (a reclaim moved it, and a failed
+    # or unfinished move kept the old segment): its outcomes are recorded there too, so a
+    # crash never finds that copy more pending than the message is.
+    older: set[int] = field(default_factory=set)
 
     def pending(self) -> list[int]:
         return [i for i in range(len(self.recipients)) if i not in self.final]
@@ -386,6 +391,8 @@ class Spool:
         for seg in list(self._segments.values()):
             if seg.live == 0 and seg.id not in keep:
                 self._close_segment(seg)
+        for msg_id, sids in older.items():
+            messages[msg_id].older = {sid for sid in sids if sid in self._segments}
         # Only now, with the finished segments gone: on a full disk their space is what the
         # copies need.
         for seg, spans in bad:
@@ -401,21 +408,22 @@ class Spool:
     def _carry_over(
         self, messages: Mapping[str, SpooledMessage], older: Mapping[str, set[int]]
     ) -> set[int]:
-        """Write what the older copies of each message said (its merged outcomes and state)
-        into the segment of the copy that is kept, durably, before an older copy's segment
-        may go: otherwise a second crash would forget the DONE and STATE records that were only
-        in the deleted segment and send those recipients again. The segments that must stay
-        because that failed (a full disk): they go at a later start."""
+        """Write what all copies of each message said (its merged outcomes and state) into
+        every segment holding a copy that stays, durably, before a segment holding another
+        copy may go: otherwise a second crash would forget the DONE and STATE records that
+        were only in the deleted segment and send those recipients again. The segments that
+        must stay because that failed (a full disk): they go at a later start."""
         writes: dict[int, list[tuple[str, bytes]]] = defaultdict(list)
-        for msg_id in older:
+        for msg_id, sids in older.items():
             msg = messages[msg_id]
-            seg = self._segments[msg.segment]
-            if seg.live == 0:  # finished: its segment goes too, nothing to carry
-                continue
-            if msg.final:
-                writes[seg.id].append((msg_id, _done_record(msg, msg.final)))
-            if msg.attempts:
-                writes[seg.id].append((msg_id, _state_record(msg, msg.attempts, msg.next_attempt)))
+            for sid in {msg.segment, *sids}:
+                if self._segments[sid].live == 0:  # it goes: nothing to carry there
+                    continue
+                if msg.final:
+                    writes[sid].append((msg_id, _done_record(msg, msg.final)))
+                if msg.attempts:
+                    state = _state_record(msg, msg.attempts, msg.next_attempt)
+                    writes[sid].append((msg_id, state))
         keep: set[int] = set()
         for sid, records in writes.items():
             seg = self._segments[sid]
@@ -427,11 +435,11 @@ class Spool:
                 with contextlib.suppress(OSError):
                     os.ftruncate(seg.open_fd(), seg.size)
                 log.exception(
-                    "could not carry the outcomes of older copies over; they stay",
+                    "could not carry the outcomes of other copies over; they stay",
                     extra={"segment": sid},
                 )
                 for msg_id, _ in records:
-                    keep |= older[msg_id]
+                    keep |= {messages[msg_id].segment, *older[msg_id]}
                 continue
             seg.size += len(data)
         return keep
@@ -630,18 +638,23 @@ class Spool:
             if seg is not None:
                 seg.messages.pop(msg.id, None)
                 self._release(seg, 1)
-        write = _Write(
-            _done_record(msg, outcomes),
-            self._future(),
-            msg.segment,
-            done=msg,
-            outcomes=dict(outcomes),
-        )
-        try:
-            await self._submit(write)
-        except SpoolError:
-            return False
-        return True
+        writes = [
+            _Write(
+                _done_record(msg, outcomes), self._future(), sid, done=msg, outcomes=dict(outcomes)
+            )
+            for sid in self._copies(msg)
+        ]
+        results = await asyncio.gather(*(self._submit(w) for w in writes), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, SpoolError):
+                raise result
+        return not any(isinstance(result, SpoolError) for result in results)
+
+    def _copies(self, msg: SpooledMessage) -> list[int]:
+        """The segments holding a copy of ``msg``: where it is, then any older one left."""
+        msg.older &= self._segments.keys()  # those deleted since need nothing
+        msg.older.discard(msg.segment)
+        return [msg.segment, *sorted(msg.older)]
 
     async def defer(self, msg: SpooledMessage, next_attempt: float) -> bool:
         """Record that ``msg`` has had ``msg.attempts`` attempts and waits until
@@ -904,9 +917,10 @@ class Spool:
         """The DONE records to write again: one per message, its outcomes merged."""
         pending, self._unrecorded = self._unrecorded, {}
         return [
-            _Write(_done_record(msg, outcomes), None, msg.segment, done=msg, outcomes=outcomes)
+            _Write(_done_record(msg, outcomes), None, sid, done=msg, outcomes=outcomes)
             for msg, outcomes in pending.values()
-            if msg.segment in self._segments  # else deleted: nothing left to record
+            for sid in self._copies(msg)
+            if sid in self._segments  # else deleted: nothing left to record
         ]
 
     def _plan(self, batch: list[_Write]) -> _Plan:
@@ -1035,8 +1049,10 @@ class Spool:
                 msg.record_length = len(w.record)
                 seg = self._segments.get(sid)
                 moved = old is not None and old is not seg
-                if moved and old is not None and old.messages.pop(msg.id, None) is not None:
-                    self._release(old, 1)  # moved: the old segment no longer needs it
+                if moved and old is not None:
+                    msg.older.add(old.id)  # until it is deleted, its outcomes go there too
+                    if old.messages.pop(msg.id, None) is not None:
+                        self._release(old, 1)  # moved: the old segment no longer needs it
                 if seg is not None and msg.pending():
                     seg.messages[msg.id] = msg
                 elif seg is not None and w.copy:  # finished while it was copied
