@@ -187,7 +187,9 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     async def stats(name: str, memo: kopf.Memo, **_: Any) -> None:
         ctx: reconcile.Context = memo.ctx
         tokens = await _tokens(ctx)
-        await ctx.work.call(reconcile.publish_stats, ctx, name, tokens.user, priority=ROUTINE)
+        await ctx.work.call(
+            reconcile.publish_stats, ctx, name, tokens.user, tokens.on_ip(name), priority=ROUTINE
+        )
 
     @kopf.timer(
         GROUP,

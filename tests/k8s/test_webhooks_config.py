@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from kubernetes import client
+from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
 from k8s.kit import GROUP, VERSION, Kit, read_or_none
@@ -301,13 +301,57 @@ def test_the_relays_webhook_report_is_the_tokens_status_with_an_event_on_each_ch
     wait_for(lambda: sent() == 4, FOLLOW, "the second report read")
     assert len(events("WebhookFailing")) == 1
 
+    # It recovers, and more mail went out: both land in one status write (every version of
+    # the token shows the old figure and state, or the new ones, never one without the other).
+    rv = (kit.get(TOKENS, namespace, "shop") or {})["metadata"]["resourceVersion"]
     ok_at = dt.datetime(2026, 12, 1, 20, 5, tzinfo=dt.UTC)
-    report(c.WebhookStats(name="events", state="Healthy", last_success_at=ok_at))
-    wait_for(lambda: shown() and shown()[0]["state"] == "Healthy", FOLLOW, "Healthy in status")
+    report(c.WebhookStats(name="events", state="Healthy", last_success_at=ok_at), sent=5)
+    versions = token_versions(kit, namespace, "shop", rv, lambda b: sent_of(b) == 5)
+    assert [(sent_of(b), state_of(b)) for b in versions][-1] == (5, "Healthy")
+    assert all((sent_of(b), state_of(b)) in {(4, "Failing"), (5, "Healthy")} for b in versions)
     recovered = wait_for(lambda: events("WebhookRecovered"), FOLLOW, "a WebhookRecovered Event")
     assert recovered[0].type == "Normal"
     assert shown()[0]["lastSuccessAt"] == "2026-12-01T20:05:00Z"
     assert len(events("WebhookFailing")) == 1
+
+    # The relay no longer names the token (its webhooks are gone there): nor does the status.
+    report(to=None)
+    wait_for(lambda: not shown(), FOLLOW, "status.webhooks cleared")
+
+
+def sent_of(body: dict[str, Any]) -> int | None:
+    figure: int | None = ((body.get("status") or {}).get("stats") or {}).get("sent")
+    return figure
+
+
+def state_of(body: dict[str, Any]) -> str | None:
+    hooks = (body.get("status") or {}).get("webhooks") or []
+    return str(hooks[0]["state"]) if hooks else None
+
+
+def token_versions(
+    kit: Kit, namespace: str, name: str, after: str, until: Any
+) -> list[dict[str, Any]]:
+    """Every version of the token written after resourceVersion ``after``, as a watch sees
+    them, up to the first for which ``until`` holds."""
+    seen: list[dict[str, Any]] = []
+    stream = watch.Watch()  # type: ignore[no-untyped-call]
+    for event in stream.stream(  # type: ignore[no-untyped-call]
+        kit.objs.list_namespaced_custom_object,
+        GROUP,
+        VERSION,
+        namespace,
+        TOKENS,
+        field_selector=f"metadata.name={name}",
+        resource_version=after,
+        timeout_seconds=int(FOLLOW),
+    ):
+        body = event["object"]
+        seen.append(body)
+        if until(body):
+            stream.stop()  # type: ignore[no-untyped-call]
+    assert seen and until(seen[-1]), f"no version of {name} came within {FOLLOW} s"
+    return seen
 
 
 def test_the_relay_takes_dsns_on_service_port_25_and_the_return_paths_mx_is_listed(

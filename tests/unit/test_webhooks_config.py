@@ -164,3 +164,32 @@ def test_a_missing_secret_key_or_unusable_key_leaves_that_webhook_out_and_says_w
     for key in (KEY, bad_key, bad_key.removeprefix("whsec_")):
         assert key not in message
     assert builders.webhooks_condition(spec(), []) is None  # no webhooks: no condition
+
+
+def test_a_secret_that_could_not_be_read_keeps_the_key_the_relay_has() -> None:
+    """A passing failure of the Secret's GET (the API server's 500, a timeout) does not fail
+    the token's reconcile: a webhook the relay already has keeps its key (with the spec's URL
+    and types as they are now), a new one waits; the condition says which and why."""
+    token = spec(
+        hook("known", eventTypes=["BOUNCE"], url="https://moved.example.com/x"),
+        hook("new", secretRef={"name": "wh"}),
+        hook("other", secretRef={"name": "fine"}),
+    )
+    had = c.WebhookEndpoint(
+        name="known", url="https://hooks.example.com/txmail", event_types=[], secret=KEY
+    )
+    endpoints, problems = builders.webhook_endpoints(
+        NS, token, {"fine": secret(secret=KEY)}, unreadable={"wh": "HTTP 500"}, previous=[had]
+    )
+    assert [e.name for e in endpoints] == ["known", "other"]
+    assert endpoints[0].secret.get_secret_value() == KEY
+    assert endpoints[0].url == "https://moved.example.com/x"
+    assert endpoints[0].event_types == [c.WebhookEventType.BOUNCE]
+    assert [(p.webhook, p.reason) for p in problems] == [
+        ("known", "WebhookSecretUnreadable"),
+        ("new", "WebhookSecretUnreadable"),
+    ]
+    assert "Secret shop/wh could not be read (HTTP 500)" in problems[0].message
+    assert "keeps signing with the key it has" in problems[0].message
+    assert "left out until then" in problems[1].message
+    assert all(KEY not in p.message for p in problems)

@@ -120,17 +120,51 @@ def webhook_secret_names(spec: SmtpTokenSpec) -> list[str]:
 
 
 def webhook_endpoints(
-    namespace: str, spec: SmtpTokenSpec, secrets: Mapping[str, Obj | None]
+    namespace: str,
+    spec: SmtpTokenSpec,
+    secrets: Mapping[str, Obj | None],
+    *,
+    unreadable: Mapping[str, str] | None = None,
+    previous: Sequence[c.WebhookEndpoint] = (),
 ) -> tuple[list[c.WebhookEndpoint], list[WebhookProblem]]:
     """The relay's view of the token's webhooks, with each key read from ``secrets`` (name ->
     the Secret as the API returned it, None: it does not exist), and the subscriptions left
     out with why. A key is checked as the relay will use it (:func:`c.webhook_key_bytes`), so
-    a webhook that is listed can sign; nothing here quotes a key."""
+    a webhook that is listed can sign; nothing here quotes a key.
+
+    ``unreadable``: Secrets whose read failed for a passing reason (name -> why, an HTTP
+    status or error class): a webhook naming one keeps the key of its endpoint in
+    ``previous`` (the token's current credential entry) with the spec's URL and types, or is
+    left out when it had none; either way a WebhookSecretUnreadable problem says so."""
     endpoints: list[c.WebhookEndpoint] = []
     problems: list[WebhookProblem] = []
+    kept = {e.name: e for e in previous}
     for hook in spec.webhooks or []:
         ref = hook.secret_ref
         where = f"Secret {namespace}/{ref.name}"
+        why = (unreadable or {}).get(ref.name)
+        if why is not None:
+            old = kept.get(hook.name)
+            outcome = (
+                "the relay keeps signing with the key it has"
+                if old is not None
+                else "the webhook is left out until then"
+            )
+            problems.append(
+                WebhookProblem(
+                    hook.name,
+                    "WebhookSecretUnreadable",
+                    f"webhook {hook.name}: {where} could not be read ({why}); it is read "
+                    f"again at the next check; {outcome}",
+                )
+            )
+            if old is not None:
+                endpoints.append(
+                    old.model_copy(
+                        update={"url": hook.url, "event_types": list(hook.event_types or [])}
+                    )
+                )
+            continue
         fix = (
             f"put a Standard Webhooks signing key (whsec_<base64 of 24 to 64 random bytes>) "
             f"under key {ref.key!r}; the webhook is left out until then"

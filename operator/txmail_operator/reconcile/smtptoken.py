@@ -185,7 +185,9 @@ async def _reconcile(ctx: Context, body: Obj) -> None:
     )
     if secret is None or _drifted(secret, desired):
         await ctx.kube.apply(desired)  # first the Secret: it is the only copy of the password
-    hooks, problems = await webhook_endpoints(ctx, namespace, spec)
+    hooks, problems = await webhook_endpoints(
+        ctx, namespace, spec, entry.webhooks if entry is not None else ()
+    )
     wanted = builders.credential_entry(
         name,
         namespace,

@@ -11,9 +11,11 @@ nothing. No key is ever logged, put in a status, an Event or an exception messag
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from txmail_relay import contract as c
@@ -29,21 +31,32 @@ TOKEN_API = ("txmail.dev/v1alpha1", "SmtpToken")
 log = logging.getLogger(__name__)
 FAILING, RECOVERED = "WebhookFailing", "WebhookRecovered"
 
-__all__ = ["WEBHOOKS_READY", "copy_webhooks", "webhook_endpoints"]
+__all__ = ["WEBHOOKS_READY", "webhook_endpoints", "webhook_events", "webhooks_patch"]
 
 
 async def webhook_endpoints(
-    ctx: Context, namespace: str, spec: SmtpTokenSpec
+    ctx: Context,
+    namespace: str,
+    spec: SmtpTokenSpec,
+    previous: Sequence[c.WebhookEndpoint] = (),
 ) -> tuple[list[c.WebhookEndpoint], list[builders.WebhookProblem]]:
-    """The token's subscriptions whose key could be read, and why the others were left out."""
+    """The token's subscriptions whose key could be read, and why the others were left out.
+
+    A Secret that could not be read for another reason than RBAC (the API server failing, a
+    timeout) does not fail the token's reconcile (its SMTP credentials): each webhook naming
+    it keeps the key the relay has (``previous``, the token's current credential entry), or is
+    left out when it had none, as WebhookSecretUnreadable; the next periodic check reads it
+    again."""
     secrets: dict[str, Obj | None] = {}
+    unread: dict[str, str] = {}  # Secret name -> why (no key in it)
     forbidden: list[builders.WebhookProblem] = []
     for name in builders.webhook_secret_names(spec):
         try:
             secrets[name] = await ctx.kube.get("v1", "Secret", namespace, name)
         except ApiException as exc:
             if exc.status != 403:
-                raise
+                unread[name] = f"HTTP {exc.status}"
+                continue
             secrets[name] = {"data": {}}  # not read: reported below, never as missing
             forbidden += [
                 builders.WebhookProblem(
@@ -56,7 +69,11 @@ async def webhook_endpoints(
                 for w in spec.webhooks or []
                 if w.secret_ref.name == name
             ]
-    endpoints, problems = builders.webhook_endpoints(namespace, spec, secrets)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            unread[name] = type(exc).__name__
+    endpoints, problems = builders.webhook_endpoints(
+        namespace, spec, secrets, unreadable=unread, previous=previous
+    )
     refused = {p.webhook for p in forbidden}
     return endpoints, [*forbidden, *(p for p in problems if p.webhook not in refused)]
 
@@ -78,28 +95,32 @@ def _shown(stats: c.WebhookStats) -> Obj:
     return out
 
 
-async def copy_webhooks(
-    ctx: Context,
-    ref: Ref,
-    body: Obj | None,
-    reported: list[c.WebhookStats],
-) -> bool:
-    """Write ``reported`` (the relay's view of the token's subscriptions) into
-    status.webhooks when it differs, and post an Event for each subscription whose state
-    changed since the status last showed it. Whether the status was written."""
-    if body is None:
-        return False
+@dataclass(frozen=True)
+class WebhooksChange:
+    """status.webhooks to write (None: remove it) and the states the status showed before."""
+
+    wanted: list[Obj] | None
+    before: Mapping[str, str]
+    reported: list[c.WebhookStats]
+
+
+def webhooks_patch(body: Obj, reported: list[c.WebhookStats]) -> WebhooksChange | None:
+    """What status.webhooks becomes for ``reported`` (the relay's view of the token's
+    subscriptions), or None when the status shows exactly that already. Written in the same
+    status patch as the token's figures (reconcile/stats.py): one write per report."""
     status = body.get("status") or {}
     shown: list[Obj] = list(status.get("webhooks") or [])
     wanted = [_shown(w) for w in reported]
     if shown == wanted:
-        return False
-    written = await ctx.kube.patch_status(*TOKEN_API, ref[0], ref[1], {"webhooks": wanted})
-    if written is None:
-        return False
-    before: Mapping[str, str] = {w.get("name", ""): w.get("state", "Healthy") for w in shown}
-    for hook in reported:
-        was = before.get(hook.name, "Healthy")
+        return None
+    before = {w.get("name", ""): w.get("state", "Healthy") for w in shown}
+    return WebhooksChange(wanted or None, before, reported)
+
+
+async def webhook_events(ctx: Context, written: Obj, change: WebhooksChange) -> None:
+    """An Event for each subscription whose state changed since the status last showed it."""
+    for hook in change.reported:
+        was = change.before.get(hook.name, "Healthy")
         if hook.state == was:
             continue
         if hook.state == "Failing":
@@ -117,4 +138,3 @@ async def copy_webhooks(
                 False,
             )
         await ctx.kube.event(written, reason, message[:1024], warning=warning, now=ctx.now())
-    return True
