@@ -341,7 +341,7 @@ def test_network_policies_match_the_relay_contract(tmp_path: Path) -> None:
     assert {25, 587, 465, 53, 443} <= egress_ports
     # Webhook receivers (networkPolicy.webhookEgressPorts, HTTPS by default): any address but
     # link-local ones (a cloud's metadata service), and the cluster's pods.
-    webhooks = {
+    webhooks: Obj = {
         "to": [
             {"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.0.0/16"]}},
             {"ipBlock": {"cidr": "::/0", "except": ["fe80::/10"]}},
