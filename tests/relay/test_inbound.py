@@ -299,6 +299,48 @@ def test_api_send_bounced_later_shows_it_in_its_send_status_and_is_suppressed(
     assert send(400)["sendResult"] == "PREVIOUSLY_BOUNCED"
 
 
+def test_a_failed_dsn_with_a_temporary_status_ends_an_api_send_soft_and_unsuppressed(
+    env: RelayEnv, relay: RelayThread
+) -> None:
+    """Postfix giving up on deferred mail says ``Action: failed`` with a 4.x.x status: the
+    message will never arrive (UNDELIVERABLE), but the address is not known to be bad."""
+
+    def send(expected: int = 200) -> Any:
+        doc = {
+            "emailId": EMAIL_ID,
+            "message": {"to": "later@dest.test"},
+            "contactProperties": {"firstname": "Ada"},
+            "customProperties": {"order_id": "42"},
+        }
+        reply = http(relay.api_port, "POST", SEND_PATH, body=doc, headers=bearer(env.password))
+        assert reply.status == expected, reply.body
+        return reply.json()
+
+    def status(status_id: str) -> Any:
+        path = STATUS_PATH.format(statusId=status_id)
+        return http(relay.api_port, "GET", path, headers=bearer(env.password)).json()
+
+    first = send()
+    [captured] = env.sink.wait(1)
+    wait_for(lambda: status(first["statusId"])["sendResult"] == "SENT", what="SENT")
+    spool_id = ReturnPath(RETURN_PATH_DOMAIN).decode(captured.mail_from.strip("<>"))
+    assert spool_id is not None
+    dsn = corpus(
+        "dsn-hard-5.1.1.eml",
+        VERP=verp(spool_id),
+        RCPT="later@dest.test",
+        MESSAGE_ID=parsed(captured)["Message-ID"],
+    ).replace(b"Status: 5.1.1", b"Status: 4.4.1")
+    assert inbound(relay, [verp(spool_id)], dsn) == (250, "2.6.0 Report recorded")
+    view = status(first["statusId"])
+    assert (view["status"], view["sendResult"]) == ("COMPLETE", "UNDELIVERABLE")
+    assert (view["bounce"]["bounceType"], view["bounce"]["status"]) == ("SOFT", "4.4.1")
+    [event] = bounces(relay)
+    assert event.view()["bounceType"] == "SOFT"
+    # Not suppressed: the next send to the address goes out.
+    assert send()["statusId"] != first["statusId"]
+
+
 def test_delayed_dsn_is_a_soft_bounce(env: RelayEnv, relay: RelayThread) -> None:
     spool_id, message_id = submit(env, relay, ["slow@slow.test"])
     delivered(env, 1)

@@ -157,6 +157,9 @@ class Failure:
     status: str  # RFC 3463 "5.1.1"
     reply: str  # the Diagnostic-Code without its type ("550 5.1.1 ..."), or ""
     source: str  # "dsn" (RFC 3464) or "detector" (flufl.bounce)
+    # The reporting MTA gave up (Action: failed, whatever the status class): the message will
+    # not arrive, so an API send is UNDELIVERABLE even when the bounce is soft (4.x.x).
+    final: bool = False
 
 
 @dataclass(frozen=True)
@@ -241,6 +244,7 @@ def _dsn_failures(msg: Message) -> tuple[Failure, ...] | None:
                 status=status,
                 reply=_diagnostic(block.get("Diagnostic-Code")),
                 source="dsn",
+                final=action == "failed",
             )
         )
     return tuple(failures)
@@ -255,7 +259,7 @@ def _detected_failures(msg: Message) -> tuple[Failure, ...]:
             address = raw.decode("ascii", "replace").strip().strip("<>")
             if is_smtp_address(address):
                 failures.append(
-                    Failure((address,), hard, "5.0.0" if hard else "4.0.0", "", "detector")
+                    Failure((address,), hard, "5.0.0" if hard else "4.0.0", "", "detector", hard)
                 )
     return tuple(failures)
 
@@ -302,6 +306,7 @@ class BounceRecorder(Protocol):
         category: str | None,
         source: str,
         at: float,
+        final: bool | None = None,
     ) -> Any: ...
 
 
@@ -433,6 +438,7 @@ class InboundHandler:
                     category=None,  # the records' RFC 3463 -> HubSpot category
                     source="DSN",
                     at=self._clock(),
+                    final=failure.final,
                 )
                 if found is not None:
                     self._metrics.inbound_bounces.labels(
