@@ -259,10 +259,12 @@ def delivered(sink: Sink) -> Counter[int]:
 
 @pytest.fixture
 def volume(tmp_path: Path) -> Iterator[Volume]:
-    # 40 MiB: 12 MiB of deferred mail, the records' room (8 MiB WAL and checkpoint, 1 MiB),
-    # and their events log (a SENT row per recipient, a DEFERRED one per recipient and
-    # attempt: a few MiB while 2,400 recipients are retried every 2 s).
-    vol = Volume(tmp_path / "volume", 40 * MIB)
+    # 64 MiB: 12 MiB of deferred mail, the records' room (8 MiB WAL and checkpoint, 1 MiB),
+    # and their events log: a SENT row per recipient and a DEFERRED one per recipient and
+    # attempt, about 1.5 MiB for each 2 s round of retrying 2,400 recipients, so its size
+    # follows how long the uploads take (a loaded machine: 20 s and more). Every test fills
+    # the volume to what it needs, so its size only bounds that growth.
+    vol = Volume(tmp_path / "volume", 64 * MIB)
     try:
         yield vol
     finally:
