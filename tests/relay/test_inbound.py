@@ -528,13 +528,22 @@ def test_junk_is_logged_once_a_minute_not_once_a_message(
     """The port is open to the internet: a flood of junk makes one WARNING line a minute."""
     junk = b"From: someone@else.test\r\nSubject: hi\r\n\r\nhello\r\n"
     unknown = verp(secrets.token_hex(8))
-    with caplog.at_level("WARNING", logger="txmail_relay.ingress.inbound"):
+    # ARF reports about messages this relay never sent, to the complaints address.
+    report = corpus(
+        "arf-abuse.eml",
+        TO=COMPLAINTS,
+        VERP=unknown,
+        RCPT="nobody@dest.test",
+        MESSAGE_ID=f"<{secrets.token_hex(8)}@example.com>",
+    )
+    with caplog.at_level("WARNING"):
         for _ in range(5):
             assert inbound(relay, [unknown], junk)[0] == 250
+            assert inbound(relay, [COMPLAINTS], report)[0] == 250
     lines = [
         r
         for r in caplog.records
-        if r.name == "txmail_relay.ingress.inbound" and r.levelname == "WARNING"
+        if r.name.startswith("txmail_relay.ingress") and r.levelname == "WARNING"
     ]
     assert [r.message for r in lines] == ["inbound messages tied to nothing"]  # within a minute
     assert (

@@ -92,20 +92,23 @@ class ComplaintHandler:
         self._records = records
         self._metrics = metrics
 
-    async def handle(self, data: bytes) -> Recipient | None:
-        """Record the complaint a report carries; None if it is not ours or not valid."""
+    async def handle(self, data: bytes, *, level: int = logging.WARNING) -> Recipient | None:
+        """Record the complaint a report carries; None if it is not ours or not valid.
+
+        ``level``: of the lines about a report that is refused or ties to nothing (the
+        inbound listener, open to anyone, logs those itself at most once a minute)."""
         try:
             report = parse_report(data)
         except InvalidReportError as e:
             self._metrics.complaint_reports.labels("invalid").inc()
-            log.warning("feedback report refused: %s", e)
+            log.log(level, "feedback report refused: %s", e)
             return None
         found = await self._records.events.find_message(
             report.original_message_id, report.recipients
         )
         if found is None:
             self._metrics.complaint_reports.labels("unknown").inc()
-            log.warning("feedback report about an unknown message")
+            log.log(level, "feedback report about an unknown message")
             return None
         await self._records.events.complaint(found)
         self._metrics.complaint_reports.labels("recorded").inc()

@@ -410,7 +410,7 @@ class InboundHandler:
                     self._metrics.inbound_messages.labels("arf", "ignored").inc()
                     log.debug("feedback report not a complaint", extra={"peer": peer})
                     return REPLY_NOT_A_COMPLAINT
-                found = await self._complaints.handle(content)
+                found = await self._complaints.handle(content, level=logging.DEBUG)
                 return self._done("arf", 1 if found is not None else 0, peer)
             if report.kind == "junk":
                 return self._done("junk", 0, peer)
