@@ -378,6 +378,11 @@ def test_the_return_path_domain_needs_spf_too(server: DnsServer) -> None:
         report,
     )
     assert not return_path_verified(spec(domains=[domain]), report)
+    # A lookup that failed (or none yet) keeps the state as it was: the operator's own DNS
+    # trouble does not switch the return path off.
+    pending = unchecked(records, [domain])
+    assert return_path_verified(moved, pending, unknown=True)
+    assert not return_path_verified(moved, pending, unknown=False)
 
 
 def test_the_return_path_domains_mx_must_name_the_hostname(server: DnsServer) -> None:

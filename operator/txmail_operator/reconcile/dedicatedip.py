@@ -35,10 +35,8 @@ from .dns import (
     dns_status,
     dns_verified,
     kept_dns,
-    records_of,
     return_path_verified,
     sync_external_dns,
-    written_report,
 )
 from .warmup import started as warmup_started
 from .warmup import status_block as warmup_status
@@ -141,13 +139,9 @@ async def reconcile_ip(ctx: Context, body: Obj, tokens: int, emails: int) -> Non
         tracking_secret = await _ensure_tracking_keys(ctx, owner, spec)
         dkim = await ensure_dkim(ctx, owner, body, spec)  # keys, and next keys to publish
         written = (body.get("status") or {}).get("dnsRecords")
-        # The VERP return path as it is now: on once its MX verified (the kept report, or
-        # after a restart what the status recorded), like signing with a DKIM key.
-        verp = return_path_verified(
-            spec,
-            ctx.dns.kept(name)
-            or written_report(records_of(spec, dkim.active, dkim.optional), written),
-        )
+        # The VERP return path as the relay has it now (its MX verified then), like signing
+        # with a DKIM key: what the check below says changes it.
+        verp = await _return_path_live(ctx, owner, spec)
         # The relay's objects first, signing as it does now: DNS (slow, or unreachable) and
         # the rotation step never hold them back, nor does any error of theirs.
         deployment = await _apply_children(
@@ -164,7 +158,9 @@ async def reconcile_ip(ctx: Context, body: Obj, tokens: int, emails: int) -> Non
             )
         # The relay's configuration names the signing keys and the return path (once its MX
         # verifies; off again when it no longer does).
-        verified = return_path_verified(spec, dns)
+        verified = (
+            return_path_verified(spec, dns, unknown=verp) if spec.dns.require_verified else verp
+        )
         if switched.signing != dkim.signing or verified != verp:
             deployment = await _apply_children(
                 ctx, owner, body, spec, tls_secret, tracking_secret, switched, return_path=verified
@@ -176,6 +172,21 @@ async def reconcile_ip(ctx: Context, body: Obj, tokens: int, emails: int) -> Non
         status = await _write_status(ctx, body, spec, deployment, tokens, emails, problem, dns=dns)
     if start_recorded(body.get("status"), status):  # first Ready: the relay needs the start
         await reconcile_ip(ctx, with_status(body, status), tokens, emails)
+
+
+async def _return_path_live(
+    ctx: Context, owner: builders.RelayOwner, spec: DedicatedIPSpec
+) -> bool:
+    """Whether the RelayConfig the relay has now sends with spec.dns.returnPathDomain."""
+    config_map = await ctx.cache.owned("ConfigMap", c.relay_name(owner.name))
+    raw = ((config_map or {}).get("data") or {}).get(c.RELAY_CONFIG_KEY)
+    if not raw or spec.dns.return_path_domain is None:
+        return False
+    try:
+        config = c.RelayConfig.model_validate_json(raw)
+    except ValueError:  # not ours to read: rebuilt below
+        return False
+    return config.return_path.domain == spec.dns.return_path_domain
 
 
 async def _apply_children(

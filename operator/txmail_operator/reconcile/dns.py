@@ -881,14 +881,22 @@ async def check_dns(
     return report
 
 
-def return_path_verified(spec: DedicatedIPSpec, report: DnsReport | None) -> bool:
+def return_path_verified(
+    spec: DedicatedIPSpec, report: DnsReport | None, *, unknown: bool = False
+) -> bool:
     """Whether the return-path domain's MX (naming spec.hostname as it is now) verified in
-    ``report``: the relay's VERP return path goes live only then (builders.relay_config)."""
+    ``report``: the relay's VERP return path goes live only then (builders.relay_config).
+    A failed lookup (Unknown, once the kept verdict ran out) answers ``unknown``: the state
+    as it was, so the operator's own DNS trouble does not switch the return path off."""
     domain = spec.dns.return_path_domain
     if domain is None or report is None:
         return False
     found = report.check(domain, RecordPurpose.RETURN_PATH_MX)
-    return found is not None and found.verified and found.record.value == mx_value(spec.hostname)
+    if found is None or found.record.value != mx_value(spec.hostname):
+        return False
+    if found.result is RecordResult.UNKNOWN:
+        return unknown
+    return found.verified
 
 
 def kept_dns(checks: DnsChecks, name: str, spec: DedicatedIPSpec) -> DnsReport:
