@@ -236,7 +236,21 @@ class Relay:
         return self._serving and self.store.ready and self.spool.healthy
 
     async def start(self) -> None:
-        """Recover the spool, wait for the first configuration, then listen."""
+        """Recover the spool, wait for the first configuration, then listen.
+
+        If it fails (a port in use), the tasks it started are cancelled before the error goes
+        up: left running, they would fail on the records as the process exits, and log it.
+        """
+        try:
+            await self._start()
+        except BaseException:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._tasks.clear()
+            raise
+
+    async def _start(self) -> None:
         settings = self.settings
         loop = asyncio.get_running_loop()
         self._size_gates()
