@@ -112,6 +112,12 @@ INVALID = [
     ("dedicatedip", "spec.domains", [], "spec.domains: Invalid value"),
     ("dedicatedip", "spec.delivery.smarthost", _DELETE, "delivery.smarthost is required"),
     ("dedicatedip", "metadata.name", "x" * 51, "metadata.name must be at most 50 characters"),
+    (
+        "dedicatedip",
+        "spec.relay",
+        {"retry": {"minBackoffSeconds": 600, "maxBackoffSeconds": 60}},
+        "retry.minBackoffSeconds must not exceed retry.maxBackoffSeconds",
+    ),
     ("smtptoken", "spec.passwordGeneration", -1, "should be greater than or equal to 1"),
     ("smtptoken", "spec.rotationGracePeriod", "ten minutes", "spec.rotationGracePeriod"),
     ("smtptoken", "spec.dedicatedIPRef", _DELETE, "spec.dedicatedIPRef: Required value"),

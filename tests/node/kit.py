@@ -84,7 +84,9 @@ def dedicated_ip(name: str, sink: Sink, spool: dict[str, Any] | None = None) -> 
         "tracking": {"baseURL": f"http://{TRACK_HOST}"},
     }
     if spool is not None:
-        spec["relay"] = {"spool": spool}
+        # A short first backoff: the tier waits for mail the relay deferred (its schedule
+        # survives a pod's replacement, so the new pod waits for it too).
+        spec["relay"] = {"spool": spool, "retry": {"minBackoffSeconds": 15}}
     return {
         "apiVersion": "txmail.dev/v1alpha1",
         "kind": "DedicatedIP",

@@ -261,8 +261,9 @@ def test_mail_accepted_before_the_relay_pod_is_deleted_is_delivered_after(shop: 
     shop.sink.stop()  # the upstream is down: the relay answers 250 and keeps the mail
     try:
         shop.send("survives a pod delete")
-        # The old pod retries only after its minimum backoff (minutes): from here on only
-        # the new pod, recovering the spool from the claim, can deliver the mail.
+        # The old pod tried once and retries only after its first backoff (15 s,
+        # spec.relay.retry): it is deleted before then, so only the new pod, recovering the
+        # spool and its retry schedule from the claim, can deliver the mail.
         cluster.core.delete_namespaced_pod(name_of(before), NAMESPACE)
     finally:
         shop.sink = NodeSink(cluster.node)

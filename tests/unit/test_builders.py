@@ -15,6 +15,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from project import CRDS
 from txmail_operator import builders
@@ -205,6 +206,30 @@ def test_relay_limits_reach_the_relay_and_roll_its_pod(tmp_path: Path) -> None:
     assert template(spec)["annotations"] != template(raised)["annotations"]
     assert "annotations" not in template(ip_spec())
     assert "annotations" not in template(ip_spec(relay={"limits": {}}))
+
+
+def test_relay_retry_reaches_the_relay_and_rolls_its_pod(tmp_path: Path) -> None:
+    """spec.relay.retry sets the retry schedule the relay loads (unset fields keep its
+    defaults) and rolls the pod when it changes; a minimum above the maximum is refused."""
+    spec = ip_spec(relay={"retry": {"minBackoffSeconds": 20, "maxLifetimeSeconds": 3600}})
+    config_map = builders.relay_config_map(
+        OWNER, builders.relay_config("demo", spec), retry=spec.relay.retry
+    )
+    path = tmp_path / builders.SETTINGS_KEY
+    path.write_text(config_map["data"][builders.SETTINGS_KEY])
+    loaded = load_settings(path).retry
+    assert (loaded.min_backoff, loaded.max_lifetime) == (20.0, 3600.0)
+    assert loaded.max_backoff == c.RetrySettings().max_backoff
+
+    def annotations(spec: DedicatedIPSpec) -> dict[str, str]:
+        meta = builders.relay_deployment(OWNER, spec, "img", "tls")["spec"]["template"]
+        return dict(meta["metadata"].get("annotations", {}))
+
+    longer = ip_spec(relay={"retry": {"minBackoffSeconds": 60, "maxLifetimeSeconds": 3600}})
+    assert annotations(spec) != annotations(longer)
+    assert annotations(ip_spec()) == {}
+    with pytest.raises(ValidationError, match="minBackoffSeconds must not exceed"):
+        ip_spec(relay={"retry": {"minBackoffSeconds": 600, "maxBackoffSeconds": 60}})
 
 
 def test_relay_listeners_ports_probes_and_service_agree() -> None:

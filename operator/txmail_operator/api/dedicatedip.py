@@ -232,7 +232,62 @@ class RelayLimits(Model):
     )
 
 
+RETRY_ORDER = "retry.minBackoffSeconds must not exceed retry.maxBackoffSeconds"
+
+
+class RelayRetry(Model):
+    """When the relay tries a deferred recipient again (docs/relay.md "Delivery"); unset
+    fields keep its defaults, Postfix's and RFC 5321 4.5.4.1's."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.minBackoffSeconds) || !has(self.maxBackoffSeconds) || "
+                    "self.minBackoffSeconds <= self.maxBackoffSeconds",
+                    RETRY_ORDER,
+                )
+            ]
+        }
+    )
+
+    min_backoff_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        le=86400,
+        description="Wait after the first failed attempt; it doubles after each further one. "
+        "Relay default 300 (RFC 5321 asks for at least 30 minutes between attempts to one "
+        "destination over time; the doubling gets there).",
+    )
+    max_backoff_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        le=86400,
+        description="The longest wait between two attempts. Relay default 4000.",
+    )
+    max_lifetime_seconds: int | None = Field(
+        default=None,
+        ge=60,
+        le=30 * 86400,
+        description="How long the relay keeps trying before it gives up on a recipient (a "
+        "bounce, and a DSN when asked for). Relay default 432000 (5 days; RFC 5321 asks for "
+        "4-5 days).",
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RelayRetry:
+        low, high = self.min_backoff_seconds, self.max_backoff_seconds
+        if low is not None and high is not None and low > high:
+            raise ValueError(RETRY_ORDER)
+        return self
+
+
 class Relay(Model):
+    retry: RelayRetry | None = Field(
+        default=None,
+        description="The retry schedule of deferred mail. A change restarts the relay pod "
+        "(read at start); the schedule of mail already deferred is kept.",
+    )
     limits: RelayLimits | None = Field(
         default=None,
         description="Connection caps of the relay. A change restarts the relay pod (they are "

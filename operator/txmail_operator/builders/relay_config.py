@@ -10,7 +10,7 @@ import yaml
 from txmail_relay import contract as c
 
 from ..api import DedicatedIPSpec
-from ..api.dedicatedip import EgressMode, RelayLimits
+from ..api.dedicatedip import EgressMode, RelayLimits, RelayRetry
 from .naming import (
     SETTINGS_KEY,
     SMARTHOST_PATH,
@@ -91,18 +91,30 @@ def relay_settings_model(
     tracking_keys: bool = False,
     limits: RelayLimits | None = None,
     inbound: bool = False,
+    retry: RelayRetry | None = None,
 ) -> c.RelaySettings:
     """The relay's static settings: where it listens and reads its configuration from.
 
     Filled in the relay's own model, so a file the relay would refuse cannot be built. With
     ``tracking_keys``, the tracking Secret is mounted and the relay signs and verifies with
     the keys in it (re-read when the kubelet updates the mounted file). ``limits`` (the
-    DedicatedIP's ``spec.relay.limits``) sets the connection caps that are set there. With
+    DedicatedIP's ``spec.relay.limits``) sets the connection caps that are set there, ``retry``
+    (``spec.relay.retry``) the retry schedule's fields that are set there. With
     ``inbound`` (``api.dedicatedip.uses_inbound``) the inbound listener runs.
     """
     caps = limits.model_dump(exclude_none=True) if limits is not None else {}
+    schedule = {
+        name: float(value)
+        for name, value in (
+            ("min_backoff", retry.min_backoff_seconds if retry else None),
+            ("max_backoff", retry.max_backoff_seconds if retry else None),
+            ("max_lifetime", retry.max_lifetime_seconds if retry else None),
+        )
+        if value is not None
+    }
     return c.RelaySettings(
         **({"limits": c.LimitSettings(**caps)} if caps else {}),
+        **({"retry": c.RetrySettings(**schedule)} if schedule else {}),
         kubernetes=c.KubernetesSettings(namespace=owner.namespace, dedicated_ip=owner.name),
         # The container ports relay_deployment declares, by the same constants.
         listen=c.ListenSettings(
@@ -133,9 +145,12 @@ def relay_settings(
     tracking_keys: bool = False,
     limits: RelayLimits | None = None,
     inbound: bool = False,
+    retry: RelayRetry | None = None,
 ) -> str:
     """:func:`relay_settings_model` as the file the relay pod mounts (YAML, what was set)."""
-    model = relay_settings_model(owner, tracking_keys=tracking_keys, limits=limits, inbound=inbound)
+    model = relay_settings_model(
+        owner, tracking_keys=tracking_keys, limits=limits, inbound=inbound, retry=retry
+    )
     return SETTINGS_HEADER + yaml.safe_dump(model.to_document(), sort_keys=False)
 
 
@@ -146,6 +161,7 @@ def relay_config_map(
     tracking_keys: bool = False,
     limits: RelayLimits | None = None,
     inbound: bool = False,
+    retry: RelayRetry | None = None,
 ) -> Obj:
     return {
         "apiVersion": "v1",
@@ -154,7 +170,7 @@ def relay_config_map(
         "data": {
             c.RELAY_CONFIG_KEY: config.to_json(),
             SETTINGS_KEY: relay_settings(
-                owner, tracking_keys=tracking_keys, limits=limits, inbound=inbound
+                owner, tracking_keys=tracking_keys, limits=limits, inbound=inbound, retry=retry
             ),
         },
     }

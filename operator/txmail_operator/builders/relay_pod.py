@@ -257,7 +257,7 @@ def relay_deployment(
             "template": {
                 "metadata": {
                     "labels": {**labels, c.LABEL_COMPONENT: "relay"},
-                    **_limits_annotation(spec),
+                    **_restart_annotations(spec),
                 },
                 "spec": pod_spec,
             },
@@ -268,15 +268,24 @@ def relay_deployment(
 LIMITS_ANNOTATION = "txmail.dev/relay-limits"
 
 
-def _limits_annotation(spec: DedicatedIPSpec) -> Obj:
-    """A digest of ``spec.relay.limits`` on the pod template, when any is set: the relay reads
-    its settings file at start only, so a changed limit rolls the pod. Without limits there
-    is no annotation, so relays that set none are not restarted by this."""
-    limits = spec.relay.limits.wire() if spec.relay.limits is not None else {}
-    if not limits:
-        return {}
-    digest = hashlib.sha256(json.dumps(limits, sort_keys=True).encode()).hexdigest()[:16]
-    return {"annotations": {LIMITS_ANNOTATION: digest}}
+RETRY_ANNOTATION = "txmail.dev/relay-retry"
+
+
+def _restart_annotations(spec: DedicatedIPSpec) -> Obj:
+    """Digests of ``spec.relay.limits`` and ``spec.relay.retry`` on the pod template, each
+    when any of its fields is set: the relay reads its settings file at start only, so a
+    change rolls the pod. Without them there is no annotation, so relays that set none are
+    not restarted by this."""
+    annotations = {}
+    for name, part in (
+        (LIMITS_ANNOTATION, spec.relay.limits),
+        (RETRY_ANNOTATION, spec.relay.retry),
+    ):
+        wire = part.wire() if part is not None else {}
+        if wire:
+            digest = hashlib.sha256(json.dumps(wire, sort_keys=True).encode()).hexdigest()[:16]
+            annotations[name] = digest
+    return {"annotations": annotations} if annotations else {}
 
 
 def relay_service(owner: RelayOwner, spec: DedicatedIPSpec) -> Obj:

@@ -220,6 +220,7 @@ async def _apply_children(
             tracking_keys=tracking_secret is not None,
             limits=spec.relay.limits,
             inbound=uses_inbound(spec),
+            retry=spec.relay.retry,
         ),
         *(builders.template_shard(owner, k) for k in range(c.TEMPLATE_SHARDS)),
         builders.stats_config_map(owner),
