@@ -177,6 +177,25 @@ def delivered(env: RelayEnv, count: int) -> None:
 # -- the return path of deliveries --------------------------------------------------------------
 
 
+def api_send(env: RelayEnv, relay: RelayThread, to: str, expected: int = 200) -> Any:
+    """Send template EMAIL_ID to ``to`` through the HTTP API; the reply's JSON body."""
+    doc = {
+        "emailId": EMAIL_ID,
+        "message": {"to": to},
+        "contactProperties": {"firstname": "Ada"},
+        "customProperties": {"order_id": "42"},
+    }
+    reply = http(relay.api_port, "POST", SEND_PATH, body=doc, headers=bearer(env.password))
+    assert reply.status == expected, reply.body
+    return reply.json()
+
+
+def api_status(env: RelayEnv, relay: RelayThread, status_id: str) -> Any:
+    """The HTTP API's send status of ``status_id``."""
+    path = STATUS_PATH.format(statusId=status_id)
+    return http(relay.api_port, "GET", path, headers=bearer(env.password)).json()
+
+
 def test_delivery_envelope_sender_is_the_verp_address_and_header_from_the_apps(
     env: RelayEnv, relay: RelayThread
 ) -> None:
@@ -262,24 +281,9 @@ def test_hard_dsn_is_recorded_against_its_message_and_recipient(
 def test_api_send_bounced_later_shows_it_in_its_send_status_and_is_suppressed(
     env: RelayEnv, relay: RelayThread
 ) -> None:
-    def send(expected: int = 200) -> Any:
-        doc = {
-            "emailId": EMAIL_ID,
-            "message": {"to": "gone@dest.test"},
-            "contactProperties": {"firstname": "Ada"},
-            "customProperties": {"order_id": "42"},
-        }
-        reply = http(relay.api_port, "POST", SEND_PATH, body=doc, headers=bearer(env.password))
-        assert reply.status == expected, reply.body
-        return reply.json()
-
-    def status(status_id: str) -> Any:
-        path = STATUS_PATH.format(statusId=status_id)
-        return http(relay.api_port, "GET", path, headers=bearer(env.password)).json()
-
-    first = send()
+    first = api_send(env, relay, "gone@dest.test")
     [captured] = env.sink.wait(1)
-    wait_for(lambda: status(first["statusId"])["sendResult"] == "SENT", what="SENT")
+    wait_for(lambda: api_status(env, relay, first["statusId"])["sendResult"] == "SENT", what="SENT")
     # What the far MTA has of the message: its envelope sender, the VERP address.
     spool_id = ReturnPath(RETURN_PATH_DOMAIN).decode(captured.mail_from.strip("<>"))
     assert spool_id is not None
@@ -290,13 +294,13 @@ def test_api_send_bounced_later_shows_it_in_its_send_status_and_is_suppressed(
         MESSAGE_ID=parsed(captured)["Message-ID"],
     )
     assert inbound(relay, [verp(spool_id)], dsn) == (250, "2.6.0 Report recorded")
-    view = status(first["statusId"])
+    view = api_status(env, relay, first["statusId"])
     assert (view["status"], view["sendResult"]) == ("COMPLETE", "UNDELIVERABLE")
     assert (view["bounce"]["bounceType"], view["bounce"]["status"]) == ("HARD", "5.1.1")
     [event] = bounces(relay)
     assert (event.status_id, event.email_id) == (first["statusId"], EMAIL_ID)
     # The DedicatedIP enforces hard-bounce suppression: the next send is refused.
-    assert send(400)["sendResult"] == "PREVIOUSLY_BOUNCED"
+    assert api_send(env, relay, "gone@dest.test", 400)["sendResult"] == "PREVIOUSLY_BOUNCED"
 
 
 def test_a_failed_dsn_with_a_temporary_status_ends_an_api_send_soft_and_unsuppressed(
@@ -305,24 +309,9 @@ def test_a_failed_dsn_with_a_temporary_status_ends_an_api_send_soft_and_unsuppre
     """Postfix giving up on deferred mail says ``Action: failed`` with a 4.x.x status: the
     message will never arrive (UNDELIVERABLE), but the address is not known to be bad."""
 
-    def send(expected: int = 200) -> Any:
-        doc = {
-            "emailId": EMAIL_ID,
-            "message": {"to": "later@dest.test"},
-            "contactProperties": {"firstname": "Ada"},
-            "customProperties": {"order_id": "42"},
-        }
-        reply = http(relay.api_port, "POST", SEND_PATH, body=doc, headers=bearer(env.password))
-        assert reply.status == expected, reply.body
-        return reply.json()
-
-    def status(status_id: str) -> Any:
-        path = STATUS_PATH.format(statusId=status_id)
-        return http(relay.api_port, "GET", path, headers=bearer(env.password)).json()
-
-    first = send()
+    first = api_send(env, relay, "later@dest.test")
     [captured] = env.sink.wait(1)
-    wait_for(lambda: status(first["statusId"])["sendResult"] == "SENT", what="SENT")
+    wait_for(lambda: api_status(env, relay, first["statusId"])["sendResult"] == "SENT", what="SENT")
     spool_id = ReturnPath(RETURN_PATH_DOMAIN).decode(captured.mail_from.strip("<>"))
     assert spool_id is not None
     dsn = corpus(
@@ -332,13 +321,13 @@ def test_a_failed_dsn_with_a_temporary_status_ends_an_api_send_soft_and_unsuppre
         MESSAGE_ID=parsed(captured)["Message-ID"],
     ).replace(b"Status: 5.1.1", b"Status: 4.4.1")
     assert inbound(relay, [verp(spool_id)], dsn) == (250, "2.6.0 Report recorded")
-    view = status(first["statusId"])
+    view = api_status(env, relay, first["statusId"])
     assert (view["status"], view["sendResult"]) == ("COMPLETE", "UNDELIVERABLE")
     assert (view["bounce"]["bounceType"], view["bounce"]["status"]) == ("SOFT", "4.4.1")
     [event] = bounces(relay)
     assert event.view()["bounceType"] == "SOFT"
     # Not suppressed: the next send to the address goes out.
-    assert send()["statusId"] != first["statusId"]
+    assert api_send(env, relay, "later@dest.test")["statusId"] != first["statusId"]
 
 
 def test_delayed_dsn_is_a_soft_bounce(env: RelayEnv, relay: RelayThread) -> None:
