@@ -1,5 +1,5 @@
 """Relay fixtures live in relaykit.py (importable by tests); registered here."""
 
-from relay.relaykit import env, sink, sink_factory, tls_files
+from relay.relaykit import b_password, env, sink, sink_factory, tls_files
 
-__all__ = ["env", "sink", "sink_factory", "tls_files"]
+__all__ = ["b_password", "env", "sink", "sink_factory", "tls_files"]

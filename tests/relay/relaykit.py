@@ -28,6 +28,7 @@ from peers import Captured, Sink, TLSFiles, free_port, make_authority, wait_for
 from txmail_relay.app import Relay
 from txmail_relay.config.file import FileConfigSource
 from txmail_relay.contract import CredentialEntry, PasswordDigest, password_digest
+from txmail_relay.http.api import SEND_PATH
 from txmail_relay.settings import load_settings
 
 # Shared peers and helpers, re-exported for the relay tests.
@@ -442,6 +443,56 @@ def basic(username: str, password: str) -> dict[str, str]:
 
     token = base64.b64encode(f"{username}:{password}".encode()).decode()
     return {"Authorization": f"Basic {token}"}
+
+
+# -- two tokens in two namespaces (the HTTP API tests) -----------------------------------------
+
+ORDER = 101  # a template of namespace "apps" (the env's token)
+OTHER = 202  # a template of namespace "other" (B_USER's token)
+B_USER = "app2"
+
+
+@pytest.fixture
+def b_password() -> str:
+    """B_USER's password (namespace "other")."""
+    return secrets.token_urlsafe(32)
+
+
+def two_namespace_credentials(
+    env: RelayEnv, b_password: str, *, b_domains: list[str] | None = None
+) -> list[CredentialEntry]:
+    """The env's token (namespace "apps") and B_USER's (namespace "other")."""
+    return [
+        credential(env.username, env.password),
+        credential(B_USER, b_password, domains=b_domains).model_copy(update={"namespace": "other"}),
+    ]
+
+
+def start_two_namespaces(env: RelayEnv, b_password: str) -> RelayThread:
+    """A relay with two_namespace_credentials and one template in each namespace."""
+    templates = [template_doc(ORDER), template_doc(OTHER, namespace="other")]
+    return env.start(
+        env.settings(
+            credentials=two_namespace_credentials(env, b_password),
+            overrides={"templates": templates},
+        )
+    )
+
+
+def send_request(to: str = "buyer@dest.test", **message: Any) -> dict[str, Any]:
+    """A single-send API request body (HubSpot's shape) for template ORDER."""
+    return {
+        "emailId": ORDER,
+        "message": {"to": to, **message},
+        "contactProperties": {"firstname": "Ada"},
+        "customProperties": {"order_id": "42"},
+    }
+
+
+def api_send(relay: RelayThread, auth: dict[str, str], email_id: int, to: str) -> HttpReply:
+    """POST send_request(to), for template ``email_id``, to the single-send API."""
+    doc = {**send_request(to), "emailId": email_id}
+    return http(relay.api_port, "POST", SEND_PATH, body=doc, headers=auth)
 
 
 def tracking_keys_file(directory: Path, *kids: int) -> Path:

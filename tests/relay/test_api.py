@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 
 from relay.relaykit import (
+    ORDER,
+    OTHER,
     HttpReply,
     RelayEnv,
     RelayThread,
@@ -18,17 +20,15 @@ from relay.relaykit import (
     credential,
     http,
     parsed,
+    send_request,
     template_doc,
+    two_namespace_credentials,
     wait_for,
 )
 from txmail_relay.http.api import SEND_PATH
 
-ORDER = 101  # emailId of the "apps" namespace
-OTHER = 202  # emailId of namespace "other"
 STRICT = 303  # needs contact.firstname and custom.order_id
 ESCAPE = 404  # a sandbox escape attempt
-
-B_USER = "app2"
 
 
 def _templates() -> list[dict[str, Any]]:
@@ -46,33 +46,14 @@ def _templates() -> list[dict[str, Any]]:
     ]
 
 
-@pytest.fixture
-def b_password() -> str:
-    return secrets.token_urlsafe(32)
-
-
 def _start(env: RelayEnv, b_password: str, **overrides: Any) -> RelayThread:
-    creds = [
-        credential(env.username, env.password),
-        credential(B_USER, b_password, domains=["tenant-b.com"]).model_copy(
-            update={"namespace": "other"}
-        ),
-    ]
+    creds = two_namespace_credentials(env, b_password, b_domains=["tenant-b.com"])
     settings = env.settings(credentials=creds, overrides={"templates": _templates(), **overrides})
     return env.start(settings)
 
 
 def _send(relay: RelayThread, doc: Any, headers: dict[str, str]) -> HttpReply:
     return http(relay.api_port, "POST", SEND_PATH, body=doc, headers=headers)
-
-
-def _request(to: str = "buyer@dest.test", **message: Any) -> dict[str, Any]:
-    return {
-        "emailId": ORDER,
-        "message": {"to": to, **message},
-        "contactProperties": {"firstname": "Ada"},
-        "customProperties": {"order_id": "42"},
-    }
 
 
 def _status(relay: RelayThread, status_id: str, headers: dict[str, str]) -> dict[str, Any]:
@@ -131,7 +112,7 @@ def test_hubspot_request_shape_is_rendered_spooled_and_delivered(
 
 def test_basic_auth_and_v1_property_lists(env: RelayEnv, b_password: str) -> None:
     relay = _start(env, b_password)
-    doc = _request()
+    doc = send_request()
     doc["contactProperties"] = [{"name": "firstname", "value": "Bo"}]
     reply = _send(relay, doc, basic(env.username, env.password))
     assert reply.status == 200, reply.body
@@ -141,14 +122,14 @@ def test_basic_auth_and_v1_property_lists(env: RelayEnv, b_password: str) -> Non
 
 def test_send_id_is_idempotent_even_across_a_restart(env: RelayEnv, b_password: str) -> None:
     relay = _start(env, b_password)
-    doc = _request(sendId="once")
+    doc = send_request(sendId="once")
     first = _send(relay, doc, bearer(env.password)).json()
     again = _send(relay, doc, bearer(env.password))
     assert again.status == 200
     assert again.json()["statusId"] == first["statusId"]
     assert again.json()["sendResult"] == "IDEMPOTENT_IGNORE"
     # Another token may use the same sendId for its own send.
-    b_doc = _request(sendId="once", **{"from": "b@tenant-b.com"})
+    b_doc = send_request(sendId="once", **{"from": "b@tenant-b.com"})
     b_doc["emailId"] = OTHER
     b_reply = _send(relay, b_doc, bearer(b_password))
     assert b_reply.status == 200 and b_reply.json()["statusId"] != first["statusId"]
@@ -164,7 +145,7 @@ def test_send_id_is_idempotent_even_across_a_restart(env: RelayEnv, b_password: 
     assert after["statusId"] == first["statusId"]
     assert after["sendResult"] == "IDEMPOTENT_IGNORE" and after["status"] == "COMPLETE"
     # A marker send proves the queue is flowing: exactly one mail per sendId got out.
-    _send(relay, _request(sendId="marker"), bearer(env.password))
+    _send(relay, send_request(sendId="marker"), bearer(env.password))
     messages = env.sink.wait(3)
     assert len(messages) == 3
     assert sum("buyer@dest.test" in "".join(m.rcpts) for m in messages) == 3
@@ -173,7 +154,7 @@ def test_send_id_is_idempotent_even_across_a_restart(env: RelayEnv, b_password: 
 def test_tokens_are_isolated_by_namespace(env: RelayEnv, b_password: str) -> None:
     relay = _start(env, b_password)
     # B cannot use A's email (it looks exactly like an unknown email) ...
-    b_doc = _request(**{"from": "b@tenant-b.com"})
+    b_doc = send_request(**{"from": "b@tenant-b.com"})
     reply = _send(relay, b_doc, bearer(b_password))
     assert reply.status == 400
     assert reply.json()["sendResult"] == "MISSING_CONTENT"
@@ -181,7 +162,7 @@ def test_tokens_are_isolated_by_namespace(env: RelayEnv, b_password: str) -> Non
     unknown = _send(relay, {**b_doc, "emailId": 999_999}, bearer(b_password))
     assert unknown.json()["message"].replace("999999", str(ORDER)) == reply.json()["message"]
     # ... nor A's From domain, nor read A's statuses.
-    a_status = _send(relay, _request(), bearer(env.password)).json()["statusId"]
+    a_status = _send(relay, send_request(), bearer(env.password)).json()["statusId"]
     other = http(
         relay.api_port,
         "GET",
@@ -199,7 +180,7 @@ def test_tokens_are_isolated_by_namespace(env: RelayEnv, b_password: str) -> Non
 
 
 def _mutate(**changes: Any) -> dict[str, Any]:
-    doc = _request()
+    doc = send_request()
     for key, value in changes.items():
         if key.startswith("message_"):
             doc["message"][key.removeprefix("message_").replace("_", "")] = value
@@ -299,10 +280,10 @@ def test_every_validation_error_is_a_400_naming_the_field(env: RelayEnv, b_passw
     )
     assert "contact.firstname" in missing.json()["message"]
     # Nothing was sent, and a refused sendId is not burnt.
-    ok = _send(relay, _request(sendId="retry-me", to="x@dest.test"), bearer(env.password))
+    ok = _send(relay, send_request(sendId="retry-me", to="x@dest.test"), bearer(env.password))
     assert ok.status == 200
     assert (
-        _send(relay, _request(sendId="retry-me"), bearer(env.password)).json()["sendResult"]
+        _send(relay, send_request(sendId="retry-me"), bearer(env.password)).json()["sendResult"]
         == "IDEMPOTENT_IGNORE"
     )
     assert len(env.sink.wait(1)) == 1
@@ -311,9 +292,9 @@ def test_every_validation_error_is_a_400_naming_the_field(env: RelayEnv, b_passw
 def test_authentication_failures_and_throttling(env: RelayEnv, b_password: str) -> None:
     relay = _start(env, b_password, limits={"ipAuthFailures": 3, "ipAuthWindow": 60})
     for headers in ({}, bearer("wrong"), basic(env.username, "wrong"), {"Authorization": "x"}):
-        reply = _send(relay, _request(), headers)
+        reply = _send(relay, send_request(), headers)
         assert reply.status in (401, 429)
-    reply = _send(relay, _request(), bearer(env.password))
+    reply = _send(relay, send_request(), bearer(env.password))
     assert reply.status == 429
     assert reply.json()["sendResult"] == "THROTTLED"
     assert relay.metric("txmail_relay_auth_failures_total") == 3
@@ -336,7 +317,7 @@ def test_no_secrets_or_bodies_in_logs(
     caplog.set_level(logging.DEBUG)
     relay = _start(env, b_password)
     marker = secrets.token_hex(8)
-    doc = _request()
+    doc = send_request()
     doc["customProperties"] = {"order_id": marker}
     assert _send(relay, doc, bearer(env.password)).status == 200
     assert _send(relay, doc, basic(env.username, env.password)).status == 200
@@ -354,13 +335,13 @@ def test_concurrent_repeats_of_a_send_id_send_once(env: RelayEnv, b_password: st
     from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
 
     relay = _start(env, b_password)
-    doc = _request(sendId="race")
+    doc = send_request(sendId="race")
     with ThreadPoolExecutor(8) as pool:
         replies = list(pool.map(lambda _: _send(relay, doc, bearer(env.password)), range(8)))
     assert all(r.status == 200 for r in replies)
     assert len({r.json()["statusId"] for r in replies}) == 1
     assert sum(r.json()["sendResult"] != "IDEMPOTENT_IGNORE" for r in replies) == 1
-    _send(relay, _request(sendId="after-race"), bearer(env.password))
+    _send(relay, send_request(sendId="after-race"), bearer(env.password))
     assert len(env.sink.wait(2)) == 2
 
 
@@ -377,10 +358,10 @@ def test_the_operators_scheduler_credential_sends_every_namespaces_template(
     ]
     relay = env.start(env.settings(credentials=creds, overrides={"templates": _templates()}))
     for email_id, sender in ((ORDER, "s@example.com"), (OTHER, "s@tenant-b.com")):
-        doc = {**_request(sendId=f"s-{email_id}", **{"from": sender}), "emailId": email_id}
+        doc = {**send_request(sendId=f"s-{email_id}", **{"from": sender}), "emailId": email_id}
         reply = _send(relay, doc, bearer(scheduler))
         assert reply.status == 200, reply.body
     # An ordinary token still sees only its own namespace's emails.
-    refused = _send(relay, {**_request(), "emailId": OTHER}, bearer(env.password))
+    refused = _send(relay, {**send_request(), "emailId": OTHER}, bearer(env.password))
     assert refused.json()["sendResult"] == "MISSING_CONTENT"
     assert len(env.sink.wait(2)) == 2

@@ -3,7 +3,6 @@ namespaces."""
 
 from __future__ import annotations
 
-import secrets
 import time
 from typing import Any
 from urllib.parse import urlencode
@@ -11,47 +10,26 @@ from urllib.parse import urlencode
 import pytest
 
 from relay.relaykit import (
+    B_USER,
+    ORDER,
+    OTHER,
     HttpReply,
     RelayEnv,
     RelayThread,
+    api_send,
     basic,
     bearer,
-    credential,
     http,
-    template_doc,
+    start_two_namespaces,
     wait_for,
 )
-from txmail_relay.http.api import SEND_PATH, STATUS_PATH
+from txmail_relay.http.api import STATUS_PATH
 from txmail_relay.http.feedback import EVENTS_PATH, SUPPRESSIONS_PATH
-
-ORDER = 101  # namespace "apps" (the env's token)
-OTHER = 202  # namespace "other" (token B)
-B_USER = "app2"
-
-
-@pytest.fixture
-def b_password() -> str:
-    return secrets.token_urlsafe(32)
 
 
 @pytest.fixture
 def relay(env: RelayEnv, b_password: str) -> RelayThread:
-    creds = [
-        credential(env.username, env.password),
-        credential(B_USER, b_password).model_copy(update={"namespace": "other"}),
-    ]
-    templates = [template_doc(ORDER), template_doc(OTHER, namespace="other")]
-    return env.start(env.settings(credentials=creds, overrides={"templates": templates}))
-
-
-def _send(relay: RelayThread, auth: dict[str, str], email_id: int, to: str) -> HttpReply:
-    doc = {
-        "emailId": email_id,
-        "message": {"to": to},
-        "contactProperties": {"firstname": "Ada"},
-        "customProperties": {"order_id": "42"},
-    }
-    return http(relay.api_port, "POST", SEND_PATH, body=doc, headers=auth)
+    return start_two_namespaces(env, b_password)
 
 
 def _events(relay: RelayThread, auth: dict[str, str], **query: Any) -> HttpReply:
@@ -68,9 +46,9 @@ def test_a_token_pulls_its_namespaces_events_with_filters_and_paging(
 ) -> None:
     a, b = bearer(env.password), basic(B_USER, b_password)
     before = int(time.time() * 1000)
-    first = _send(relay, a, ORDER, "ada@dest.test").json()
-    second = _send(relay, a, ORDER, "bob@dest.test").json()
-    assert _send(relay, b, OTHER, "cy@dest.test").status == 200
+    first = api_send(relay, a, ORDER, "ada@dest.test").json()
+    second = api_send(relay, a, ORDER, "bob@dest.test").json()
+    assert api_send(relay, b, OTHER, "cy@dest.test").status == 200
     env.sink.wait(3)
     everything = wait_for(
         lambda: (body := _events(relay, a).json())["events"][3:] and body,
@@ -141,7 +119,7 @@ def test_a_refused_send_is_a_dropped_event(env: RelayEnv, relay: RelayThread) ->
     a = bearer(env.password)
     path = f"{SUPPRESSIONS_PATH}/gone@dest.test"
     assert http(relay.api_port, "PUT", path, headers=a).status == 201
-    refused = _send(relay, a, ORDER, "Gone@Dest.test")
+    refused = api_send(relay, a, ORDER, "Gone@Dest.test")
     assert refused.json()["sendResult"] == "BLOCKED_ADDRESS"
     [dropped] = wait_for(
         lambda: _events(relay, a, eventType="DROPPED").json()["events"], what="the DROPPED"
@@ -153,7 +131,7 @@ def test_a_refused_send_is_a_dropped_event(env: RelayEnv, relay: RelayThread) ->
 
 def test_an_asynchronous_bounce_shows_in_the_send_status(env: RelayEnv, relay: RelayThread) -> None:
     a = bearer(env.password)
-    sent = _send(relay, a, ORDER, "ada@dest.test").json()
+    sent = api_send(relay, a, ORDER, "ada@dest.test").json()
     status_path = STATUS_PATH.format(statusId=sent["statusId"])
     wait_for(
         lambda: (

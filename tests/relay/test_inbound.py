@@ -31,6 +31,7 @@ from relay.relaykit import (
     http,
     parsed,
     return_path_overrides,
+    send_request,
     template_doc,
     verp,
     wait_for,
@@ -179,12 +180,7 @@ def delivered(env: RelayEnv, count: int) -> None:
 
 def api_send(env: RelayEnv, relay: RelayThread, to: str, expected: int = 200) -> Any:
     """Send template EMAIL_ID to ``to`` through the HTTP API; the reply's JSON body."""
-    doc = {
-        "emailId": EMAIL_ID,
-        "message": {"to": to},
-        "contactProperties": {"firstname": "Ada"},
-        "customProperties": {"order_id": "42"},
-    }
+    doc = {**send_request(to), "emailId": EMAIL_ID}
     reply = http(relay.api_port, "POST", SEND_PATH, body=doc, headers=bearer(env.password))
     assert reply.status == expected, reply.body
     return reply.json()

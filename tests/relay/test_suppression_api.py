@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import secrets
 import sqlite3
 from typing import Any
 from urllib.parse import quote
@@ -11,36 +10,24 @@ from urllib.parse import quote
 import pytest
 
 from relay.relaykit import (
+    B_USER,
+    ORDER,
+    OTHER,
     HttpReply,
     RelayEnv,
     RelayThread,
+    api_send,
     basic,
     bearer,
-    credential,
     http,
-    template_doc,
+    start_two_namespaces,
 )
-from txmail_relay.http.api import SEND_PATH
 from txmail_relay.http.feedback import SUPPRESSIONS_PATH
-
-ORDER = 101  # namespace "apps" (the env's token)
-OTHER = 202  # namespace "other" (token B)
-B_USER = "app2"
-
-
-@pytest.fixture
-def b_password() -> str:
-    return secrets.token_urlsafe(32)
 
 
 @pytest.fixture
 def relay(env: RelayEnv, b_password: str) -> RelayThread:
-    creds = [
-        credential(env.username, env.password),
-        credential(B_USER, b_password).model_copy(update={"namespace": "other"}),
-    ]
-    templates = [template_doc(ORDER), template_doc(OTHER, namespace="other")]
-    return env.start(env.settings(credentials=creds, overrides={"templates": templates}))
+    return start_two_namespaces(env, b_password)
 
 
 def _path(address: str) -> str:
@@ -49,16 +36,6 @@ def _path(address: str) -> str:
 
 def _call(relay: RelayThread, method: str, path: str, auth: dict[str, str], **kw: Any) -> HttpReply:
     return http(relay.api_port, method, path, headers=auth, **kw)
-
-
-def _send(relay: RelayThread, auth: dict[str, str], email_id: int, to: str) -> HttpReply:
-    doc = {
-        "emailId": email_id,
-        "message": {"to": to},
-        "contactProperties": {"firstname": "Ada"},
-        "customProperties": {"order_id": "42"},
-    }
-    return http(relay.api_port, "POST", SEND_PATH, body=doc, headers=auth)
 
 
 def _error_field(reply: HttpReply) -> str:
@@ -88,10 +65,10 @@ def test_each_namespace_manages_its_own_list(
     assert _call(relay, "GET", _path("ada@dest.test"), b).status == 404
     assert _call(relay, "GET", SUPPRESSIONS_PATH, b).json() == {"results": []}
     assert _call(relay, "DELETE", _path("ada@dest.test"), b).status == 404
-    assert _send(relay, b, OTHER, "ada@dest.test").status == 200
+    assert api_send(relay, b, OTHER, "ada@dest.test").status == 200
 
     # A manual entry is always enforced: the API and SMTP refuse it, naming the reason.
-    refused = _send(relay, a, ORDER, "ADA@dest.test")
+    refused = api_send(relay, a, ORDER, "ADA@dest.test")
     assert refused.status == 400
     assert refused.json()["sendResult"] == "BLOCKED_ADDRESS"
     assert _error_field(refused) == "message.to"
@@ -105,7 +82,7 @@ def test_each_namespace_manages_its_own_list(
     assert _call(relay, "DELETE", _path("ADA@dest.test"), a).status == 204
     assert _call(relay, "GET", _path("ada@dest.test"), a).status == 404
     assert _call(relay, "DELETE", _path("ada@dest.test"), a).status == 404
-    assert _send(relay, a, ORDER, "ada@dest.test").status == 200
+    assert api_send(relay, a, ORDER, "ada@dest.test").status == 200
     env.sink.wait(2)  # B's send and A's last one
 
 
@@ -164,7 +141,7 @@ def test_relay_wide_entries_apply_everywhere_and_cannot_be_removed(
         assert view["entries"][0]["createdAt"] == "1970-01-01T00:00:01.000Z"
         refused = _call(relay, "DELETE", _path("old@dest.test"), auth)
         assert refused.status == 409 and _error_field(refused) == "address"
-    assert _send(relay, bearer(env.password), ORDER, "old@dest.test").status == 400
+    assert api_send(relay, bearer(env.password), ORDER, "old@dest.test").status == 400
     # The namespace's own entry can go, but the relay-wide one still refuses sends: 200 with
     # what is left, not 204 (which would say the address is free again).
     a = bearer(env.password)
@@ -180,7 +157,7 @@ def test_relay_wide_entries_apply_everywhere_and_cannot_be_removed(
     view = left.json()
     assert view["suppressed"] is True and view["sendResult"] == "BLOCKED_ADDRESS"
     assert [(e["reason"], e["relayWide"]) for e in view["entries"]] == [("MANUAL", True)]
-    assert _send(relay, a, ORDER, "older@dest.test").status == 400
+    assert api_send(relay, a, ORDER, "older@dest.test").status == 400
 
 
 def test_an_address_with_a_slash_is_reachable(env: RelayEnv, relay: RelayThread) -> None:
