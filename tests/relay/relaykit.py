@@ -12,7 +12,10 @@ import datetime as dt
 import json
 import secrets
 import shutil
+import signal
 import smtplib
+import socket
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,7 +27,7 @@ import pytest
 import yaml
 
 from dns_server import DnsServer
-from peers import Captured, Sink, TLSFiles, free_port, make_authority, wait_for
+from peers import Captured, Sink, TLSFiles, free_port, make_authority, relay_command, wait_for
 from txmail_relay.app import Relay
 from txmail_relay.config.file import FileConfigSource
 from txmail_relay.contract import CredentialEntry, PasswordDigest, password_digest
@@ -315,6 +318,45 @@ def message(seq: int | str, *, sender: str = "app@example.com", body: str = "hel
         f"Message-ID: <{seq}.{secrets.token_hex(4)}@example.com>\r\n\r\n"
         f"{body}\r\nEND-OF-MESSAGE {seq}\r\n"
     ).encode()
+
+
+# -- the relay as a real process (the SIGKILL tests) -------------------------------------------
+
+
+def submission_only(port: int) -> dict[str, Any]:
+    """``listen`` settings that open the submission port ``port`` and no other."""
+    return {"submission": port, "submissions": None, "tracking": None, "api": None, "metrics": None}
+
+
+def start_relay_process(settings: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    """``txmail-relay --config settings`` as a process (its output appended to ``log``),
+    returned once it listens on ``port``."""
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [*relay_command(), "--config", str(settings)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def listening() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"relay exited early, see {log}")
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    try:
+        wait_for(listening, 20, "the relay to listen")
+    except BaseException:
+        kill_relay_process(process)  # never leave a half-started relay behind
+        raise
+    return process
+
+
+def kill_relay_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL, as a crash or the OOM killer would, and reap it."""
+    process.send_signal(signal.SIGKILL)
+    process.wait(10)
 
 
 RETURN_PATH_DOMAIN = "bounces.example.com"

@@ -12,13 +12,9 @@ import random
 import re
 import signal
 import smtplib
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -26,8 +22,11 @@ from relay.relaykit import (
     RelayEnv,
     credential,
     free_port,
+    kill_relay_process,
     message,
     relay_settings,
+    start_relay_process,
+    submission_only,
     wait_for,
 )
 
@@ -78,24 +77,6 @@ class Submitter:
             thread.join(10)
 
 
-def _start(settings: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "txmail_relay", "--config", str(settings)],
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-
-    def listening() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"relay exited early, see {log}")
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0
-
-    wait_for(listening, 15, "the relay to listen")
-    return process
-
-
 @pytest.mark.slow
 def test_sigkill_loses_no_acknowledged_message(env: RelayEnv) -> None:
     port = free_port()
@@ -106,28 +87,21 @@ def test_sigkill_loses_no_acknowledged_message(env: RelayEnv) -> None:
         credentials=[credential(env.username, env.password)],
         overrides={
             "logging": {"level": "INFO", "json": True},
-            "listen": {
-                "submission": port,
-                "submissions": None,
-                "tracking": None,
-                "api": None,
-                "metrics": None,
-            },
+            "listen": submission_only(port),
         },
     )
     log = env.directory / "relay.log"
     submitter = Submitter(env, port)
     rng = random.Random()
     for _ in range(ROUNDS):
-        process = _start(settings, port, log)
+        process = start_relay_process(settings, port, log)
         submitter.start()
         time.sleep(rng.uniform(0.1, 0.6))  # the kill moment is random on purpose
-        process.send_signal(signal.SIGKILL)
-        process.wait(10)
+        kill_relay_process(process)
         submitter.stop()
     assert len(submitter.acked) > ROUNDS, "the clients should have got some 250s"
 
-    process = _start(settings, port, log)
+    process = start_relay_process(settings, port, log)
     seqs = re.compile(r"Subject: seq (\d+)")
 
     def delivered() -> Counter[int]:

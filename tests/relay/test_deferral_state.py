@@ -11,24 +11,23 @@ is read from its queue, not raced against the clock.
 from __future__ import annotations
 
 import asyncio
-import signal
 import smtplib
-import socket
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from peers import relay_command
 from relay.relaykit import (
     Recorder,
     RelayEnv,
     Sink,
     credential,
     free_port,
+    kill_relay_process,
     message,
     relay_settings,
+    start_relay_process,
+    submission_only,
     wait_for,
 )
 from txmail_relay.spool.segments import KIND_STATE, Spool, _parse
@@ -59,29 +58,13 @@ def test_a_restarted_relay_keeps_the_retry_schedule(
         failing.port,
         credentials=[credential(env.username, env.password)],
         overrides={
-            "listen": {
-                "submission": port,
-                "submissions": None,
-                "tracking": None,
-                "api": None,
-                "metrics": None,
-            },
+            "listen": submission_only(port),
             "retry": {"minBackoff": BACKOFF, "maxBackoff": BACKOFF, "maxLifetime": 3600.0},
             "logging": {"level": "INFO", "json": True},
         },
     )
-    with (env.directory / "relay.log").open("ab") as out:
-        process = subprocess.Popen(
-            [*relay_command(), "--config", str(settings)], stdout=out, stderr=subprocess.STDOUT
-        )
+    process = start_relay_process(settings, port, env.directory / "relay.log")
     try:
-
-        def listening() -> bool:
-            assert process.poll() is None, "the relay exited"
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", port)) == 0
-
-        wait_for(listening, 20, "the relay to listen")
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
             smtp.starttls(context=env.tls.client_context())
             smtp.login(env.username, env.password)
@@ -89,8 +72,7 @@ def test_a_restarted_relay_keeps_the_retry_schedule(
         spool = env.directory / "spool"
         [state] = wait_for(lambda: states(spool) or None, 20, "the deferral in the spool")
     finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait(10)
+        kill_relay_process(process)
     assert state["attempts"] == 1
     # Started again long before the next attempt is due: it waits for that very time, and
     # its attempts count on from the one already made.

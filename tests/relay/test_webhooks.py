@@ -14,15 +14,11 @@ import contextlib
 import json
 import secrets
 import signal
-import socket
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,7 +30,10 @@ from relay.relaykit import (
     RelayThread,
     credential,
     free_port,
+    kill_relay_process,
     message,
+    start_relay_process,
+    submission_only,
     wait_for,
     write_credentials,
 )
@@ -525,24 +524,6 @@ def test_an_unusable_key_fails_that_webhook_only(env: RelayEnv, receiver: Receiv
 # -- a relay killed with events in its outbox --------------------------------------------------
 
 
-def _process(settings: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "txmail_relay", "--config", str(settings)],
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-
-    def listening() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"relay exited early, see {log}")
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0
-
-    wait_for(listening, 15, "the relay to listen")
-    return process
-
-
 def test_sigkill_with_events_in_the_outbox(env: RelayEnv, receiver: Receiver) -> None:
     port = free_port()
     receiver.down()
@@ -552,17 +533,11 @@ def test_sigkill_with_events_in_the_outbox(env: RelayEnv, receiver: Receiver) ->
         overrides={
             **FAST,
             "logging": {"level": "DEBUG", "json": True},
-            "listen": {
-                "submission": port,
-                "submissions": None,
-                "tracking": None,
-                "api": None,
-                "metrics": None,
-            },
+            "listen": submission_only(port),
         },
     )
     log = env.directory / "relay.log"
-    process = _process(settings, port, log)
+    process = start_relay_process(settings, port, log)
     try:
         import smtplib  # noqa: PLC0415
 
@@ -575,10 +550,9 @@ def test_sigkill_with_events_in_the_outbox(env: RelayEnv, receiver: Receiver) ->
         wait_for(lambda: db_events(env) == 6, 20, "the events recorded")
         wait_for(lambda: db_batches(env)[0][1], 10, "a batch persisted")
         ((_, batch_id, _),) = db_batches(env)
-        process.send_signal(signal.SIGKILL)
-        process.wait(10)
+        kill_relay_process(process)
         receiver.up()
-        process = _process(settings, port, log)
+        process = start_relay_process(settings, port, log)
         wait_for(lambda: all_delivered(receiver, 3), 30, "the outbox delivered after restart")
         assert receiver.accepted()[0].webhook_id == batch_id
         assert_in_order(receiver.events())
