@@ -320,6 +320,30 @@ def message(seq: int | str, *, sender: str = "app@example.com", body: str = "hel
     ).encode()
 
 
+# -- the published stats file -------------------------------------------------------------------
+
+
+def token_stats(env: RelayEnv) -> dict[str, Any]:
+    """The env token's figures in the stats file (settings ``statsFile: stats.json``); empty
+    until the relay first writes it."""
+    path = env.directory / "stats.json"
+    if not path.exists():
+        return {}
+    token: dict[str, Any] = json.loads(path.read_text())["tokens"].get(env.username, {})
+    return token
+
+
+def wait_token_stats(env: RelayEnv, **expected: Any) -> dict[str, Any]:
+    """token_stats once every ``expected`` figure has its value."""
+
+    def matching() -> dict[str, Any] | None:
+        found = token_stats(env)
+        return found if found and all(found.get(k) == v for k, v in expected.items()) else None
+
+    result: dict[str, Any] = wait_for(matching, what=f"stats {expected} (last {token_stats(env)})")
+    return result
+
+
 # -- the relay as a real process (the SIGKILL tests) -------------------------------------------
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 import smtplib
@@ -22,6 +21,7 @@ from relay.relaykit import (
     template_doc,
     tracking_keys_file,
     wait_for,
+    wait_token_stats,
 )
 from txmail_relay.http.api import SEND_PATH
 from txmail_relay.tracking.tokens import TRANSPARENT_GIF
@@ -70,23 +70,6 @@ def _send(relay: RelayThread, password: str, email_id: int = TRACKED, **message:
     return reply.json()
 
 
-def _stats(env: RelayEnv) -> dict[str, Any]:
-    path = env.directory / "stats.json"
-    if not path.exists():
-        return {}
-    doc: dict[str, Any] = json.loads(path.read_text())
-    token: dict[str, Any] = doc["tokens"].get(env.username, {})
-    return token
-
-
-def _wait_stats(env: RelayEnv, **expected: Any) -> dict[str, Any]:
-    def matching() -> dict[str, Any] | None:
-        stats = _stats(env)
-        return stats if stats and all(stats.get(k) == v for k, v in expected.items()) else None
-
-    return wait_for(matching, what=f"stats {expected} (last {_stats(env)})")
-
-
 def test_tracked_send_opens_clicks_stats_metrics_and_contacts(
     env: RelayEnv, relay: RelayThread
 ) -> None:
@@ -124,7 +107,7 @@ def test_tracked_send_opens_clicks_stats_metrics_and_contacts(
     # Unknown pixels still get the GIF and record nothing.
     assert http(relay.tracking_port, "GET", "/o/nothing.gif").body == TRANSPARENT_GIF
 
-    stats = _wait_stats(
+    stats = wait_token_stats(
         env, sent=2, delivered=2, opens=2, uniqueOpens=1, clicks=2, uniqueClicks=1, contacts=2
     )
     assert stats["openRate"] == 0.5 and stats["clickRate"] == 0.5
@@ -171,12 +154,12 @@ def test_tracked_send_opens_clicks_stats_metrics_and_contacts(
 def test_stats_survive_a_restart(env: RelayEnv, relay: RelayThread) -> None:
     _send(relay, env.password)
     env.sink.wait(1)
-    _wait_stats(env, sent=1, delivered=1)
+    wait_token_stats(env, sent=1, delivered=1)
     relay.stop()
     env.threads.remove(relay)
     (env.directory / "stats.json").unlink()
     again = env.start(relay.settings_path)
-    stats = _wait_stats(env, sent=1, delivered=1)
+    stats = wait_token_stats(env, sent=1, delivered=1)
     assert stats["contacts"] == 1
     assert again.metric("txmail_relay_token_events_total", {"token": "app1", "event": "sent"})
 
@@ -200,7 +183,7 @@ def test_arf_report_records_a_complaint_once(env: RelayEnv, relay: RelayThread) 
     report = arf_report(COMPLAINTS, message_id, "ada@dest.test")
     _submit(env, relay, [COMPLAINTS], report)
     _submit(env, relay, [COMPLAINTS], report)  # the same report again counts once
-    stats = _wait_stats(env, complaints=1)
+    stats = wait_token_stats(env, complaints=1)
     assert relay.metric("txmail_relay_complaint_reports_total", {"result": "recorded"}) == 2
     wait_for(
         lambda: (

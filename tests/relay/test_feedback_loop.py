@@ -37,6 +37,7 @@ from relay.relaykit import (
     http,
     return_path_overrides,
     template_doc,
+    token_stats,
     verp,
     wait_for,
 )
@@ -159,11 +160,7 @@ class Loop:
         return doc
 
     def token_stats(self) -> dict[str, Any]:
-        path = self.env.directory / "stats.json"
-        if not path.exists():
-            return {}
-        stats: dict[str, Any] = json.loads(path.read_text())["tokens"].get(self.env.username, {})
-        return stats
+        return token_stats(self.env)
 
     def wait(self, probe: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
         """``wait_for`` that shows the far MTA's log and the relay's last events on failure."""

@@ -10,7 +10,6 @@ from the records' events log and the published stats.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import secrets
 import smtplib
@@ -35,6 +34,7 @@ from relay.relaykit import (
     template_doc,
     verp,
     wait_for,
+    wait_token_stats,
 )
 from txmail_relay.config.live import DynamicConfig, LiveConfig
 from txmail_relay.contract import RelayConfig, ReturnPathConfig
@@ -154,23 +154,6 @@ def bounces(relay: RelayThread) -> list[Event]:
     return events(relay, EventType.BOUNCE)
 
 
-def stats(env: RelayEnv) -> dict[str, Any]:
-    path = env.directory / "stats.json"
-    if not path.exists():
-        return {}
-    token: dict[str, Any] = json.loads(path.read_text())["tokens"].get(env.username, {})
-    return token
-
-
-def wait_stats(env: RelayEnv, **expected: Any) -> dict[str, Any]:
-    def matching() -> dict[str, Any] | None:
-        found = stats(env)
-        return found if found and all(found.get(k) == v for k, v in expected.items()) else None
-
-    result: dict[str, Any] = wait_for(matching, what=f"stats {expected}")
-    return result
-
-
 def delivered(env: RelayEnv, count: int) -> None:
     env.sink.wait(count)
 
@@ -249,7 +232,7 @@ def test_hard_dsn_is_recorded_against_its_message_and_recipient(
 ) -> None:
     spool_id, message_id = submit(env, relay, ["ada@dest.test"])
     delivered(env, 1)
-    wait_stats(env, delivered=1)
+    wait_token_stats(env, delivered=1)
     dsn = corpus(
         "dsn-hard-5.1.1.eml", VERP=verp(spool_id), RCPT="ada@dest.test", MESSAGE_ID=message_id
     )
@@ -266,7 +249,7 @@ def test_hard_dsn_is_recorded_against_its_message_and_recipient(
     assert view["status"] == "5.1.1"
     assert view["category"] == "UNKNOWN_USER"
     assert "User unknown" in (event.reply or "")
-    wait_stats(env, bounced=1, softBounces=0)
+    wait_token_stats(env, bounced=1, softBounces=0)
     assert relay.metric("txmail_relay_inbound_bounces_total", {"type": "HARD", "source": "dsn"})
     assert (
         relay.metric("txmail_relay_inbound_messages_total", {"kind": "dsn", "result": "recorded"})
@@ -338,7 +321,7 @@ def test_delayed_dsn_is_a_soft_bounce(env: RelayEnv, relay: RelayThread) -> None
     assert (event.spool_id, event.recipient) == (spool_id, "slow@slow.test")
     assert event.view()["bounceType"] == "SOFT"
     assert event.view()["status"] == "4.4.7"
-    wait_stats(env, bounced=0, softBounces=1)
+    wait_token_stats(env, bounced=0, softBounces=1)
 
 
 def test_dsn_about_several_recipients_records_each_failure(
@@ -360,7 +343,7 @@ def test_dsn_about_several_recipients_records_each_failure(
     assert set(found) == {"a@dest.test", "b@dest.test"}  # c was relayed: not a bounce
     assert (found["a@dest.test"]["bounceType"], found["a@dest.test"]["status"]) == ("HARD", "5.2.1")
     assert (found["b@dest.test"]["bounceType"], found["b@dest.test"]["status"]) == ("SOFT", "4.2.2")
-    wait_stats(env, bounced=1, softBounces=1)
+    wait_token_stats(env, bounced=1, softBounces=1)
 
 
 def test_non_standard_bounce_is_read_by_flufl_bounce(env: RelayEnv, relay: RelayThread) -> None:
@@ -376,7 +359,7 @@ def test_non_standard_bounce_is_read_by_flufl_bounce(env: RelayEnv, relay: Relay
     assert relay.metric(
         "txmail_relay_inbound_bounces_total", {"type": "HARD", "source": "detector"}
     )
-    wait_stats(env, bounced=1)
+    wait_token_stats(env, bounced=1)
 
 
 def test_arf_report_to_the_complaints_address_is_a_complaint(
@@ -397,7 +380,7 @@ def test_arf_report_to_the_complaints_address_is_a_complaint(
         250,
         "2.6.0 Report recorded",
     )
-    wait_stats(env, complaints=1)
+    wait_token_stats(env, complaints=1)
     [event] = events(relay, EventType.SPAMREPORT)
     assert (event.spool_id, event.recipient) == (spool_id, "ada@dest.test")
     assert not bounces(relay)
@@ -431,7 +414,7 @@ def test_only_abuse_and_fraud_reports_are_complaints(env: RelayEnv, relay: Relay
     )
     [event] = wait_for(lambda: events(relay, EventType.SPAMREPORT), what="the complaint")
     assert event.recipient == "bea@dest.test"
-    wait_stats(env, complaints=1)
+    wait_token_stats(env, complaints=1)
 
 
 # -- what is refused, and what changes nothing --------------------------------------------------
@@ -475,7 +458,7 @@ def test_unknown_ids_forged_recipients_and_junk_are_accepted_and_change_nothing(
 ) -> None:
     spool_id, message_id = submit(env, relay, ["ada@dest.test"])
     delivered(env, 1)
-    wait_stats(env, delivered=1)
+    wait_token_stats(env, delivered=1)
     # A well-formed id that is no message of ours.
     unknown = secrets.token_hex(8)
     dsn = corpus("dsn-hard-5.1.1.eml", VERP=verp(unknown), RCPT="ada@dest.test", MESSAGE_ID="<x@y>")
@@ -502,7 +485,7 @@ def test_unknown_ids_forged_recipients_and_junk_are_accepted_and_change_nothing(
         for kind in ("dsn", "junk")
     )
     assert untied == 4
-    found = wait_stats(env, delivered=1)
+    found = wait_token_stats(env, delivered=1)
     assert found["bounced"] == 0
     assert found.get("softBounces", 0) == 0
 
@@ -594,7 +577,7 @@ def test_a_bounce_that_cannot_be_written_gets_451_and_is_recorded_when_sent_agai
     # The far MTA tries again later: now it is recorded, once.
     assert inbound(relay, [verp(spool_id)], dsn) == (250, "2.6.0 Report recorded")
     assert [e.recipient for e in bounces(relay)] == ["ada@dest.test"]
-    wait_stats(env, bounced=1)
+    wait_token_stats(env, bounced=1)
 
 
 def test_dsns_to_the_previous_return_path_domain_are_still_taken(

@@ -8,7 +8,6 @@ clicks or their uniques.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -26,6 +25,7 @@ from relay.relaykit import (
     template_doc,
     tracking_keys_file,
     wait_for,
+    wait_token_stats,
 )
 from txmail_relay.http.api import SEND_PATH
 from txmail_relay.records.model import Event, EventType
@@ -119,22 +119,6 @@ def fetch(
     return asyncio.run(_fetch(relay.tracking_port, list(requests)))
 
 
-def _stats(env: RelayEnv) -> dict[str, Any]:
-    path = env.directory / "stats.json"
-    if not path.exists():
-        return {}
-    token: dict[str, Any] = json.loads(path.read_text())["tokens"].get(env.username, {})
-    return token
-
-
-def wait_stats(env: RelayEnv, **expected: int) -> dict[str, Any]:
-    def matching() -> dict[str, Any] | None:
-        stats = _stats(env)
-        return stats if stats and all(stats.get(k) == v for k, v in expected.items()) else None
-
-    return wait_for(matching, what=f"stats {expected} (last {_stats(env)})")
-
-
 def engagement_events(relay: RelayThread) -> list[Event]:
     assert relay.relay is not None and relay._loop is not None
     future = asyncio.run_coroutine_threadsafe(
@@ -154,13 +138,13 @@ def test_a_scanner_click_redirects_and_is_flagged_a_persons_counts(
     _, clicks = _send(env, relay, "ada@dest.test")
     [(status, headers, _)] = fetch(relay, ("GET", clicks[0], BING))
     assert status == 302 and headers["Location"] == TARGETS[0]
-    stats = wait_stats(env, machineClicks=1)
+    stats = wait_token_stats(env, machineClicks=1)
     assert (stats["clicks"], stats["uniqueClicks"], stats["clickRate"]) == (0, 0, 0.0)
     assert _machine_metric(relay, "click", "user-agent") == 1
 
     [(status, headers, _)] = fetch(relay, ("GET", clicks[0], CHROME))
     assert status == 302 and headers["Location"] == TARGETS[0]
-    stats = wait_stats(env, clicks=1, uniqueClicks=1, machineClicks=1)
+    stats = wait_token_stats(env, clicks=1, uniqueClicks=1, machineClicks=1)
     assert stats["clickRate"] == 1.0
 
     def both() -> list[Event] | None:
@@ -181,7 +165,7 @@ def test_head_requests_are_answered_and_flagged(env: RelayEnv, relay: RelayThrea
     )
     assert open_status == 200 and open_headers["Content-Type"] == "image/gif" and body == b""
     assert click_status == 302 and click_headers["Location"] == TARGETS[1]
-    stats = wait_stats(env, machineOpens=1, machineClicks=1)
+    stats = wait_token_stats(env, machineOpens=1, machineClicks=1)
     assert _machine_metric(relay, "open", "head") == _machine_metric(relay, "click", "head") == 1
     assert (stats["opens"], stats["uniqueOpens"], stats["clicks"], stats["uniqueClicks"]) == (
         0,
@@ -195,7 +179,7 @@ def test_opens_mpp_is_a_machine_gmail_proxy_a_person(env: RelayEnv, relay: Relay
     pixel, _ = _send(env, relay, "ada@dest.test")
     answers = fetch(relay, ("GET", pixel, "Mozilla/5.0"), ("GET", pixel, GMAIL_PROXY))
     assert [(status, body) for status, _, body in answers] == [(200, TRANSPARENT_GIF)] * 2
-    stats = wait_stats(env, machineOpens=1, opens=1, uniqueOpens=1)
+    stats = wait_token_stats(env, machineOpens=1, opens=1, uniqueOpens=1)
     assert stats["openRate"] == 1.0
 
 
@@ -203,7 +187,7 @@ def test_a_click_without_a_user_agent_is_flagged(env: RelayEnv, relay: RelayThre
     _, clicks = _send(env, relay, "ada@dest.test")
     [(status, headers, _)] = fetch(relay, ("GET", clicks[2], None))
     assert status == 302 and headers["Location"] == TARGETS[2]
-    stats = wait_stats(env, machineClicks=1)
+    stats = wait_token_stats(env, machineClicks=1)
     assert stats["clicks"] == 0
 
 
@@ -218,7 +202,7 @@ def test_every_link_of_a_message_clicked_at_once_is_a_burst_of_machine_clicks(
     assert [(s, h["Location"]) for s, h, _ in answers] == [
         (302, url) for url in [*TARGETS, TARGETS[0]]
     ]
-    stats = wait_stats(env, machineClicks=3, clicks=1)
+    stats = wait_token_stats(env, machineClicks=3, clicks=1)
     assert stats["uniqueClicks"] == 1
     assert _machine_metric(relay, "click", "burst") == 3
 
@@ -230,7 +214,7 @@ def test_a_click_right_after_delivery_is_flagged(env: RelayEnv) -> None:
     _, clicks = _send(env, relay, "ada@dest.test")
     [(status, _, _)] = fetch(relay, ("GET", clicks[0], CHROME))
     assert status == 302
-    stats = wait_stats(env, machineClicks=1)
+    stats = wait_token_stats(env, machineClicks=1)
     assert stats["clicks"] == 0
 
 
@@ -243,6 +227,6 @@ def test_a_click_waiting_for_its_burst_window_is_recorded_when_the_relay_stops(
     relay.stop()
     env.threads.remove(relay)
     again = env.start(relay.settings_path)
-    wait_stats(env, clicks=1, uniqueClicks=1, machineClicks=0)
+    wait_token_stats(env, clicks=1, uniqueClicks=1, machineClicks=0)
     [click] = engagement_events(again)
     assert click.view()["filteredEvent"] is False
