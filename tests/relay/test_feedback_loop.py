@@ -148,13 +148,12 @@ class Loop:
     def auth(self) -> dict[str, str]:
         return bearer(self.env.password)
 
+    def get(self, path: str, auth: dict[str, str] | None = None) -> HttpReply:
+        """GET ``path`` from the relay's HTTP API, as the env's token unless ``auth``."""
+        return http(self.relay.api_port, "GET", path, headers=auth or self.auth)
+
     def status(self, status_id: str) -> dict[str, Any]:
-        reply = http(
-            self.relay.api_port,
-            "GET",
-            f"/marketing/v3/email/send-statuses/{status_id}",
-            headers=self.auth,
-        )
+        reply = self.get(f"/marketing/v3/email/send-statuses/{status_id}")
         assert reply.status == 200, reply.body
         doc: dict[str, Any] = reply.json()
         return doc
@@ -251,7 +250,7 @@ def test_an_address_the_far_mta_bounces_later_is_bounced_everywhere_and_then_ref
     assert loop.token_stats().get("softBounces", 0) == 0
 
     # The namespace's suppression list has the address, as a hard bounce.
-    listed = http(loop.relay.api_port, "GET", SUPPRESSIONS, headers=loop.auth)
+    listed = loop.get(SUPPRESSIONS)
     assert listed.status == 200, listed.body
     [entry] = [r for r in listed.json()["results"] if r["address"] == address]
     assert entry["suppressed"] and entry["sendResult"] == "PREVIOUSLY_BOUNCED", entry
@@ -259,12 +258,7 @@ def test_an_address_the_far_mta_bounces_later_is_bounced_everywhere_and_then_ref
         ("HARD_BOUNCE", True, False)
     ]
     # The pull API has the very event the webhook got (the same shape, the same id).
-    pulled = http(
-        loop.relay.api_port,
-        "GET",
-        f"/email/public/v1/events?eventType=BOUNCE&recipient={address}",
-        headers=loop.auth,
-    )
+    pulled = loop.get(f"/email/public/v1/events?eventType=BOUNCE&recipient={address}")
     assert pulled.status == 200, pulled.body
     assert pulled.json()["events"] == [bounced]
 
@@ -295,7 +289,7 @@ def test_a_deferral_at_the_far_mta_is_a_soft_bounce_from_its_delay_warning(loop:
     assert loop.token_stats().get("bounced", 0) == 0
     # A soft bounce neither ends the send nor suppresses the address.
     assert loop.status(status_id).get("sendResult") != "UNDELIVERABLE"
-    listed = http(loop.relay.api_port, "GET", SUPPRESSIONS, headers=loop.auth)
+    listed = loop.get(SUPPRESSIONS)
     assert listed.status == 200, listed.body
     assert [r for r in listed.json()["results"] if r["address"] == address] == []
     assert loop.send(address).status == 200
@@ -328,12 +322,7 @@ def test_one_smtp_message_to_a_known_and_an_unknown_user_bounces_only_the_unknow
     b_auth = bearer(B_PASSWORD)
 
     def pulled(recipient: str) -> list[dict[str, Any]]:
-        reply = http(
-            loop.relay.api_port,
-            "GET",
-            f"/email/public/v1/events?eventType=BOUNCE&recipient={recipient}",
-            headers=b_auth,
-        )
+        reply = loop.get(f"/email/public/v1/events?eventType=BOUNCE&recipient={recipient}", b_auth)
         assert reply.status == 200, reply.body
         events: list[dict[str, Any]] = reply.json()["events"]
         return events
@@ -346,8 +335,8 @@ def test_one_smtp_message_to_a_known_and_an_unknown_user_bounces_only_the_unknow
     assert pulled(known) == []
     # Namespace "apps" sees none of it: no event, no webhook delivery, no suppression.
     assert loop.hook_event(unknown, "BOUNCE") is None
-    apps = http(loop.relay.api_port, "GET", f"{SUPPRESSIONS}/{unknown}", headers=loop.auth)
+    apps = loop.get(f"{SUPPRESSIONS}/{unknown}")
     assert apps.status == 404, apps.body  # this address is not suppressed (in "apps")
-    other = http(loop.relay.api_port, "GET", f"{SUPPRESSIONS}/{unknown}", headers=b_auth)
+    other = loop.get(f"{SUPPRESSIONS}/{unknown}", b_auth)
     assert other.status == 200 and other.json()["suppressed"] is True, other.body
     assert loop.send(unknown).status == 200  # a token of "apps" may still send to it
