@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from email.message import Message
 from email.parser import BytesParser, HeaderParser
 
+from txmail_relay.config.live import LiveConfig
 from txmail_relay.mail.addresses import addr_specs
 from txmail_relay.metrics import RelayMetrics
 from txmail_relay.records.model import Recipient
@@ -85,6 +86,21 @@ def _parse_report(data: bytes) -> FeedbackReport:
         original_message_id=message_id,
         recipients=addr_specs(rcpts),
     )
+
+
+class ComplaintsAddress:
+    """Where ARF reports are taken (submission and the inbound listener alike): the
+    DedicatedIP's feedback.complaintsAddress (live), else the settings file's; lower-cased,
+    None when neither is set."""
+
+    def __init__(self, config: LiveConfig, static: str | None) -> None:
+        self._config = config
+        self._static = (static or "").lower() or None
+
+    def current(self) -> str | None:
+        config = self._config.current
+        live = config.relay.feedback.complaints_address if config is not None else None
+        return (live or "").lower() or self._static
 
 
 class ComplaintHandler:

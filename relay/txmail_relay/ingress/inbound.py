@@ -59,7 +59,12 @@ from flufl.bounce import all_failures
 
 from txmail_relay.config.live import LiveConfig
 from txmail_relay.ingress.auth import CredentialChecker, FailureLimiter
-from txmail_relay.ingress.complaints import ComplaintHandler, InvalidReportError, parse_report
+from txmail_relay.ingress.complaints import (
+    ComplaintHandler,
+    ComplaintsAddress,
+    InvalidReportError,
+    parse_report,
+)
 from txmail_relay.ingress.connections import ConnectionGate, peer_ip
 from txmail_relay.ingress.smtp import REPLY_INTERNAL_ERROR, SubmissionProtocol, _help_of
 from txmail_relay.mail.addresses import is_smtp_address
@@ -332,15 +337,10 @@ class InboundHandler:
         self._metrics = metrics
         self._bounce = bounce
         self._complaints = complaints
-        self._static_complaints_address = (complaints_address or "").lower() or None
+        self._complaints_address = ComplaintsAddress(config, complaints_address).current
         self._clock = clock
         self._untied_logged_at: float | None = None
         self._untied_since = 0  # messages tied to nothing since the last WARNING line
-
-    def _complaints_address(self) -> str | None:
-        config = self._config.current
-        live = config.relay.feedback.complaints_address if config is not None else None
-        return (live or "").lower() or self._static_complaints_address
 
     async def handle_EHLO(  # noqa: N802 - aiosmtpd's hook name
         self,

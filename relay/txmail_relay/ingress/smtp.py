@@ -32,7 +32,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from txmail_relay.config.live import LiveConfig
 from txmail_relay.contract import CredentialEntry
 from txmail_relay.ingress.auth import CredentialChecker, FailureLimiter
-from txmail_relay.ingress.complaints import ComplaintHandler
+from txmail_relay.ingress.complaints import ComplaintHandler, ComplaintsAddress
 from txmail_relay.ingress.connections import ConnectionGate, Refusal, Ticket, peer_ip
 from txmail_relay.logs import install_redaction
 from txmail_relay.mail.dsn import (
@@ -159,7 +159,7 @@ class SubmissionHandler:
         self._metrics = metrics
         self._sends = sends
         self._complaints = complaints
-        self._static_complaints_address = (complaints_address or "").lower() or None
+        self._complaints_address = ComplaintsAddress(config, complaints_address).current
         install_redaction()  # aiosmtpd logs DATA lines and bad AUTH responses at DEBUG
         self._in_flight = 0
         self.idle = asyncio.Event()
@@ -168,12 +168,6 @@ class SubmissionHandler:
     def _refuse(self, rejected: Rejected) -> str:
         self._metrics.rejections.labels(rejected.reason).inc()
         return rejected.reply
-
-    def _complaints_address(self) -> str | None:
-        """The DedicatedIP's feedback.complaintsAddress (live), else the settings file's."""
-        config = self._config.current
-        live = config.relay.feedback.complaints_address if config is not None else None
-        return (live or "").lower() or self._static_complaints_address
 
     async def handle_EHLO(  # noqa: N802 - aiosmtpd's hook name
         self,
