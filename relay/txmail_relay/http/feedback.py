@@ -26,6 +26,7 @@ from typing import Any
 from aiohttp import web
 
 from txmail_relay.config.live import LiveConfig
+from txmail_relay.contract import CredentialEntry
 from txmail_relay.http.api import RETRY_AFTER_STORAGE, TokenAuth, error_response, iso
 from txmail_relay.mail.addresses import is_smtp_address
 from txmail_relay.records.database import RecordsFullError
@@ -189,25 +190,33 @@ class FeedbackApi:
             body["paging"] = {"next": {"after": page[limit - 1][0]}}
         return web.json_response(body)
 
-    async def get_suppression(self, request: web.Request) -> web.Response:
+    def _one_address(self, request: web.Request) -> tuple[CredentialEntry, str] | web.Response:
+        """The token and the path's address of a ``/suppressions/{address}`` request, or the
+        refusal (401 without the token's credentials, 400 naming the address)."""
         entry = self._auth.authenticate(request)
         if isinstance(entry, web.Response):
             return entry
         try:
-            address = _address(request.match_info["address"])
+            return entry, _address(request.match_info["address"])
         except _Invalid as e:
             return _invalid(e)
+
+    async def get_suppression(self, request: web.Request) -> web.Response:
+        found = self._one_address(request)
+        if isinstance(found, web.Response):
+            return found
+        entry, address = found
         entries = await self._records.suppressions.get(entry.namespace, address)
         if not entries:
             return error_response(404, "OBJECT_NOT_FOUND", "this address is not suppressed")
         return web.json_response(self._view(address, entries))
 
     async def put_suppression(self, request: web.Request) -> web.Response:
-        entry = self._auth.authenticate(request)
-        if isinstance(entry, web.Response):
-            return entry
+        found = self._one_address(request)
+        if isinstance(found, web.Response):
+            return found
+        entry, address = found
         try:
-            address = _address(request.match_info["address"])
             reason = await self._body_reason(request)
         except _Invalid as e:
             return _invalid(e)
@@ -240,13 +249,10 @@ class FeedbackApi:
         return _reason(doc.get("reason", Suppression.MANUAL.value), "reason")
 
     async def delete_suppression(self, request: web.Request) -> web.Response:
-        entry = self._auth.authenticate(request)
-        if isinstance(entry, web.Response):
-            return entry
-        try:
-            address = _address(request.match_info["address"])
-        except _Invalid as e:
-            return _invalid(e)
+        found = self._one_address(request)
+        if isinstance(found, web.Response):
+            return found
+        entry, address = found
         try:
             removed = await self._records.suppressions.remove(entry.namespace, address)
         except RecordsFullError:
