@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from txmail_relay.contract import SendState
+from txmail_relay.contract import SendState, WebhookEventType
 
 
 class Kind(StrEnum):
@@ -45,25 +45,16 @@ class Suppression(StrEnum):
     MANUAL = "MANUAL"
 
 
-class EventType(StrEnum):
-    """What happened to one recipient of one message: HubSpot's email-event type names.
-
-    ``SENT``: spooled for the recipient. ``DELIVERED``: the next hop accepted it.
-    ``DEFERRED``: one failed attempt that will be retried. ``BOUNCE``: given up on (detail
-    ``bounceType`` ``HARD``|``SOFT``, ``source`` ``SMTP``|``DSN``|``EXPIRED``, ``status``,
-    ``category``). ``SPAMREPORT``: an ARF complaint. ``OPEN``, ``CLICK`` (detail ``url``,
-    ``userAgent``, ``filteredEvent``: a machine did it). ``DROPPED``: a send refused before
-    spooling (detail ``dropReason``, a sendResult value).
-    """
-
-    SENT = "SENT"
-    DELIVERED = "DELIVERED"
-    DEFERRED = "DEFERRED"
-    BOUNCE = "BOUNCE"
-    SPAMREPORT = "SPAMREPORT"
-    OPEN = "OPEN"
-    CLICK = "CLICK"
-    DROPPED = "DROPPED"
+# What happened to one recipient of one message: HubSpot's email-event type names. The one
+# list is the contract's (the lowest layer: a webhook subscription names the same types).
+#
+# ``SENT``: spooled for the recipient. ``DELIVERED``: the next hop accepted it.
+# ``DEFERRED``: one failed attempt that will be retried. ``BOUNCE``: given up on (detail
+# ``bounceType`` ``HARD``|``SOFT``, ``source`` ``SMTP``|``DSN``|``EXPIRED``, ``status``,
+# ``category``). ``SPAMREPORT``: an ARF complaint. ``OPEN``, ``CLICK`` (detail ``url``,
+# ``userAgent``, ``filteredEvent``: a machine did it). ``DROPPED``: a send refused before
+# spooling (detail ``dropReason``, a sendResult value).
+EventType = WebhookEventType
 
 
 def iso_time(at: float) -> str:
