@@ -24,6 +24,7 @@ import yaml
 
 from relay.relaykit import (
     RETURN_PATH_DOMAIN,
+    Captured,
     RelayEnv,
     RelayThread,
     bearer,
@@ -175,6 +176,18 @@ def api_status(env: RelayEnv, relay: RelayThread, status_id: str) -> Any:
     return http(relay.api_port, "GET", path, headers=bearer(env.password)).json()
 
 
+def api_send_delivered(env: RelayEnv, relay: RelayThread, to: str) -> tuple[Any, Captured, str]:
+    """api_send, once smtp-sink has the message and its status is SENT: the reply, smtp-sink's
+    copy, and the message's spool id (read from the copy's VERP envelope sender)."""
+    first = api_send(env, relay, to)
+    [captured] = env.sink.wait(1)
+    wait_for(lambda: api_status(env, relay, first["statusId"])["sendResult"] == "SENT", what="SENT")
+    # What the far MTA has of the message: its envelope sender, the VERP address.
+    spool_id = ReturnPath(RETURN_PATH_DOMAIN).decode(captured.mail_from.strip("<>"))
+    assert spool_id is not None
+    return first, captured, spool_id
+
+
 def test_delivery_envelope_sender_is_the_verp_address_and_header_from_the_apps(
     env: RelayEnv, relay: RelayThread
 ) -> None:
@@ -260,12 +273,7 @@ def test_hard_dsn_is_recorded_against_its_message_and_recipient(
 def test_api_send_bounced_later_shows_it_in_its_send_status_and_is_suppressed(
     env: RelayEnv, relay: RelayThread
 ) -> None:
-    first = api_send(env, relay, "gone@dest.test")
-    [captured] = env.sink.wait(1)
-    wait_for(lambda: api_status(env, relay, first["statusId"])["sendResult"] == "SENT", what="SENT")
-    # What the far MTA has of the message: its envelope sender, the VERP address.
-    spool_id = ReturnPath(RETURN_PATH_DOMAIN).decode(captured.mail_from.strip("<>"))
-    assert spool_id is not None
+    first, captured, spool_id = api_send_delivered(env, relay, "gone@dest.test")
     dsn = corpus(
         "dsn-hard-5.1.1.eml",
         VERP=verp(spool_id),
@@ -288,11 +296,7 @@ def test_a_failed_dsn_with_a_temporary_status_ends_an_api_send_soft_and_unsuppre
     """Postfix giving up on deferred mail says ``Action: failed`` with a 4.x.x status: the
     message will never arrive (UNDELIVERABLE), but the address is not known to be bad."""
 
-    first = api_send(env, relay, "later@dest.test")
-    [captured] = env.sink.wait(1)
-    wait_for(lambda: api_status(env, relay, first["statusId"])["sendResult"] == "SENT", what="SENT")
-    spool_id = ReturnPath(RETURN_PATH_DOMAIN).decode(captured.mail_from.strip("<>"))
-    assert spool_id is not None
+    first, captured, spool_id = api_send_delivered(env, relay, "later@dest.test")
     dsn = corpus(
         "dsn-hard-5.1.1.eml",
         VERP=verp(spool_id),
