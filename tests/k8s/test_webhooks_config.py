@@ -372,8 +372,15 @@ def test_the_relay_takes_dsns_on_service_port_25_and_the_return_paths_mx_is_list
         assert service.spec is not None and service.spec.ports is not None
         ports = {p.name: (p.port, p.target_port) for p in service.spec.ports}
         assert ports["smtp-in"] == (c.SERVICE_INBOUND_PORT, "smtp-in")
-        deployment = client.AppsV1Api(kit.api).read_namespaced_deployment(
-            c.relay_name(ip), kit.operator_namespace
+        # The operator applies the Deployment after the Service: wait for it too.
+        deployment = wait_for(
+            lambda: read_or_none(
+                lambda: client.AppsV1Api(kit.api).read_namespaced_deployment(
+                    c.relay_name(ip), kit.operator_namespace
+                )
+            ),
+            FOLLOW,
+            "the relay Deployment",
         )
         pod = deployment.spec.template.spec
         assert pod is not None
