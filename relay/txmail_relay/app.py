@@ -238,8 +238,9 @@ class Relay:
     async def start(self) -> None:
         """Recover the spool, wait for the first configuration, then listen.
 
-        If it fails (a port in use), the tasks it started are cancelled before the error goes
-        up: left running, they would fail on the records as the process exits, and log it.
+        If it fails (a port in use), the tasks it started are cancelled and the records' writes
+        already asked for finish and the records close, before the error goes up: left to
+        the process's exit, they would fail on the closed records and log it.
         """
         try:
             await self._start()
@@ -248,6 +249,8 @@ class Relay:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             self._tasks.clear()
+            with contextlib.suppress(Exception):  # the error that stopped the start goes up
+                await self.records.close()
             raise
 
     async def _start(self) -> None:
