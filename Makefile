@@ -13,9 +13,13 @@ PY     := $(VENV)/bin/python
 # pgrep).
 DEBS   := postfix swaks libnet-ssleay-perl knot containerd runc containernetworking-plugins iptables \
           conntrack mmdebstrap umoci gcc libc6-dev iproute2 util-linux procps
+# Only `make bench-relay` needs these (bench/relay_vs_postfix.py): Postfix with Cyrus SASL (its
+# saslpasswd2, the PLAIN/LOGIN mechanisms, the sasldb plugin), wrk and nginx for the click
+# redirect, strace for the fsync counts.
+BENCH_DEBS := postfix sasl2-bin libsasl2-modules libsasl2-modules-db wrk nginx-light strace
 
 .PHONY: help setup debs control-plane crds lint test test-unit test-k8s test-node demo clean image lock \
-        bench-operator fuzz
+        bench-operator bench-relay bench-debs fuzz
 
 help:
 	@echo "make demo           helm install on a local node, then a tracked mail end to end"
@@ -28,6 +32,7 @@ help:
 	@echo "make image          build the container image as an OCI archive, no registry or Docker (cached)"
 	@echo "make lock           re-pin requirements.lock and image/build-requirements.lock (with hashes)"
 	@echo "make bench-operator the operator at N SmtpTokens: BENCH_ARGS='--tokens 1000 5000' (docs/performance.md)"
+	@echo "make bench-relay    the relay against a private Postfix, side by side: BENCH_ARGS='--quick' (docs/performance.md)"
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -112,6 +117,25 @@ demo: setup control-plane image
 BENCH_ARGS ?=
 bench-operator: $(VENV)/.installed control-plane
 	$(PY) bench/operator_scale.py $(BENCH_ARGS)
+
+# The relay against Postfix (minutes, as root: Postfix's private instance needs it). The bench
+# packages are installed as `debs` installs its own; the services they start are stopped.
+bench-debs:
+	@missing=0; for p in $(BENCH_DEBS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing=1; done; \
+	if [ $$missing = 1 ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian packages: $(BENCH_DEBS)"; \
+	    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(BENCH_DEBS) >/dev/null; \
+	    for s in postfix nginx saslauthd; do service $$s stop >/dev/null 2>&1 || true; done; \
+	  else \
+	    echo "Please install the Debian packages $(BENCH_DEBS) (as root: apt-get install $(BENCH_DEBS))"; exit 1; \
+	  fi; \
+	fi
+
+bench-relay: setup bench-debs
+	$(PY) bench/relay_vs_postfix.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
