@@ -61,6 +61,17 @@ from txmail_relay.spool.segments import SpoolError, SpoolFullError
 log = logging.getLogger(__name__)
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9-]+"
+#: MAIL FROM:/RCPT TO:'s common form, ``<local@domain>`` then nothing or the parameters: a
+#: dot-atom local part (not starting ``=?``, which the stdlib tries as an encoded word), a
+#: domain of letters, digits and hyphens, then spaces the stdlib eats as folding white space,
+#: then parameters that start with neither a comment nor other white space. Anything else
+#: goes to aiosmtpd's parser.
+_QUICK_PATH = re.compile(
+    rf"<((?!=\?){_ATEXT}(?:\.{_ATEXT})*@{_LABEL}(?:\.{_LABEL})*)>[ \t]*((?:[!-'*-~].*)?)",
+    re.DOTALL,
+)
 
 REPLY_INTERNAL_ERROR = "451 4.3.0 Internal error, please try again later"
 REPLY_TOO_MANY_FAILURES = "421 4.7.0 Too many authentication failures, closing connection"
@@ -123,6 +134,21 @@ class RelaySession(Session):
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def quick_getaddr(arg: str) -> tuple[str, str] | None:
+    """What aiosmtpd's ``_getaddr`` returns for ``arg`` (its address and the rest after it)
+    when ``arg`` is in the common ``<local@domain> PARAMS`` form; None for anything else.
+
+    By hand because aiosmtpd's parser is the stdlib's RFC 5322 header parser
+    (``email._header_value_parser``), which builds a token tree and a class per call: the
+    largest cost of MAIL and RCPT. Same answer wherever this one answers (a property test,
+    tests/fuzz/test_quick_path.py); aiosmtpd's parser reads the rest.
+    """
+    match = _QUICK_PATH.fullmatch(arg)
+    if match is None:
+        return None
+    return match.group(1), match.group(2)
 
 
 def _help_of(replaced: Callable[..., Any]) -> Callable[[_F], _F]:
@@ -704,7 +730,12 @@ class SubmissionProtocol(SMTP):
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's address parser, which catches only HeaderParseError: the stdlib parser
         raises others on hostile input (AttributeError on ``<0@[@0>``). Any failure is a
-        malformed address (aiosmtpd's 553 5.1.3 for MAIL, 501 for RCPT), never a 451."""
+        malformed address (aiosmtpd's 553 5.1.3 for MAIL, 501 for RCPT), never a 451. The
+        common ``<local@domain>`` form is read by :func:`quick_getaddr` (same answer, faster)."""
+        if not self.local_part_limit:
+            quick = quick_getaddr(arg)
+            if quick is not None:
+                return quick
         try:
             return super()._getaddr(arg)
         except Exception:
