@@ -95,6 +95,7 @@ class Relay:
         self.spool_lock = SpoolLock(settings.spool.directory)
         # Mail with no namespace on its messages row is its token's (credential entry).
         self.records = Records(settings.spool.directory, owner=self._owner)
+        self.records.observe_commits(self.metrics.records_batch.observe)
         self.tracking_keys = keys = KeyFile(settings.tracking_keys_file)
         self._source = source
         self.spool = Spool(

@@ -67,6 +67,13 @@ class RelayMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
             registry=registry,
         )
+        self.records_batch = Histogram(
+            f"{PREFIX}records_batch_writes",
+            "Writes committed by one records transaction (one fsync of the WAL; the count is"
+            " the records' commits)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=registry,
+        )
         self.spool_errors = Counter(
             f"{PREFIX}spool_errors", "Failed group commits", registry=registry
         )

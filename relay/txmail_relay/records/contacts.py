@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -14,8 +15,8 @@ from txmail_relay.records.model import Contact
 _CHUNK = 500  # addresses per IN (...) query, well under SQLite's limit on parameters
 
 
-async def upsert(
-    db: aiosqlite.Connection,
+def upsert_sync(
+    conn: sqlite3.Connection,
     username: str,
     addresses: Iterable[str],
     properties: Mapping[str, Any],
@@ -25,7 +26,7 @@ async def upsert(
     ones, last sent now; inside a write."""
     wanted = sorted({a.lower() for a in addresses})
     if not properties:  # nothing to merge (plain SMTP mail): no need to read them first
-        await db.executemany(
+        conn.executemany(
             "INSERT INTO contacts VALUES (?, ?, ?, ?, '{}', 0) ON CONFLICT (username, address)"
             " DO UPDATE SET last_sent = excluded.last_sent",
             [(username, a, now, now) for a in wanted],
@@ -35,12 +36,12 @@ async def upsert(
     for start in range(0, len(wanted), _CHUNK):
         chunk = wanted[start : start + _CHUNK]
         marks = ",".join("?" * len(chunk))
-        for row in await db.execute_fetchall(
+        for row in conn.execute(
             f"SELECT address, properties FROM contacts WHERE username = ? AND address IN ({marks})",  # noqa: S608 - only placeholders
             (username, *chunk),
         ):
             known[row["address"]] = json.loads(row["properties"])
-    await db.executemany(
+    conn.executemany(
         "INSERT INTO contacts VALUES (?, ?, ?, ?, ?, 0) ON CONFLICT (username, address)"
         " DO UPDATE SET last_sent = excluded.last_sent, properties = excluded.properties",
         [

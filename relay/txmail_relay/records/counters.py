@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import aiosqlite
 
-from txmail_relay.records.database import Database
+from txmail_relay.records.database import Database, run_sync
 from txmail_relay.records.model import Kind, Totals
 
 
-async def bump(
-    db: aiosqlite.Connection, username: str, email_id: int, kind: Kind, n: int = 1
+def bump_sync(
+    conn: sqlite3.Connection, username: str, email_id: int, kind: Kind, n: int = 1
 ) -> None:
     """Count ``n`` events of ``kind`` (emailId 0 = plain SMTP mail); inside a write."""
-    await db.execute(
+    conn.execute(
         "INSERT INTO counters VALUES (?, ?, ?, ?) ON CONFLICT (username, email_id, kind)"
         " DO UPDATE SET n = n + excluded.n",
         (username, email_id, kind.value, n),
     )
 
 
-async def sent_now(db: aiosqlite.Connection, username: str, now: float) -> None:
-    await db.execute(
+async def bump(
+    db: aiosqlite.Connection, username: str, email_id: int, kind: Kind, n: int = 1
+) -> None:
+    """:func:`bump_sync` inside an async write."""
+    await run_sync(db, lambda c: bump_sync(c, username, email_id, kind, n))
+
+
+def sent_now_sync(conn: sqlite3.Connection, username: str, now: float) -> None:
+    conn.execute(
         "INSERT INTO tokens VALUES (?, ?) ON CONFLICT (username)"
         " DO UPDATE SET last_sent_at = excluded.last_sent_at",
         (username, now),

@@ -23,8 +23,8 @@ from txmail_relay.contract import SendResult, SendState
 from txmail_relay.outcomes import Outcome
 from txmail_relay.records import suppressions
 from txmail_relay.records.contacts import unsubscribe
-from txmail_relay.records.counters import bump
-from txmail_relay.records.database import Database
+from txmail_relay.records.counters import bump, bump_sync
+from txmail_relay.records.database import Database, run_sync
 from txmail_relay.records.model import Event, EventType, Kind, Recipient, Suppression
 
 _OUTCOME_KIND = {
@@ -104,8 +104,8 @@ def new_event_id() -> str:
     return "evt_" + secrets.token_urlsafe(16)
 
 
-async def append(
-    db: aiosqlite.Connection,
+def append_sync(
+    conn: sqlite3.Connection,
     kind: EventType,
     found: Recipient,
     at: float,
@@ -117,7 +117,7 @@ async def append(
     an event belongs to a token's namespace (the caller resolves it, :meth:`Events.owned`)."""
     if not found.namespace:
         return
-    await db.execute(
+    conn.execute(
         f"INSERT INTO events ({_EVENT_COLUMNS.removeprefix('seq, ')})"  # noqa: S608 - constant
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
@@ -157,19 +157,36 @@ def _event(row: sqlite3.Row) -> Event:
     )
 
 
-async def _message(db: aiosqlite.Connection, spool_id: str, recipient: str) -> Recipient | None:
-    rows = await db.execute_fetchall(
+async def append(
+    db: aiosqlite.Connection,
+    kind: EventType,
+    found: Recipient,
+    at: float,
+    *,
+    reply: str | None = None,
+    detail: Mapping[str, Any] | None = None,
+) -> None:
+    """:func:`append_sync` inside an async write."""
+    await run_sync(db, lambda c: append_sync(c, kind, found, at, reply=reply, detail=detail))
+
+
+def _message_sync(conn: sqlite3.Connection, spool_id: str, recipient: str) -> Recipient | None:
+    rows = conn.execute(
         f"{_RECIPIENT} WHERE spool_id = ? AND recipient = ?",
         (spool_id, recipient),
-    )
+    ).fetchall()
     found = next((Recipient(*r) for r in rows), None)
     if found is None:  # a DSN names the recipient as the far side wrote it
-        rows = await db.execute_fetchall(
+        rows = conn.execute(
             f"{_RECIPIENT} WHERE spool_id = ? AND recipient = ? COLLATE NOCASE",
             (spool_id, recipient),
-        )
+        ).fetchall()
         found = next((Recipient(*r) for r in rows), None)
     return found
+
+
+async def _message(db: aiosqlite.Connection, spool_id: str, recipient: str) -> Recipient | None:
+    return await run_sync(db, lambda c: _message_sync(c, spool_id, recipient))
 
 
 async def _first_time(db: aiosqlite.Connection, found: Recipient, kind: str) -> bool:
@@ -199,6 +216,12 @@ async def _nothing() -> None:
     return None
 
 
+def _with_owner(found: Recipient, owner: tuple[str, str] | None) -> Recipient | None:
+    if owner is None or not owner[0]:
+        return None
+    return dataclasses.replace(found, namespace=owner[0], token=owner[1])
+
+
 class Events:
     def __init__(
         self, db: Database, clock: Callable[[], float], owner: Owner | None = None
@@ -214,10 +237,10 @@ class Events:
         nothing namespaced is written: no event, no suppression entry, never namespace "")."""
         if found.namespace:
             return found
-        owner = self._owner(found.username) if self._owner and found.username else None
-        if owner is None or not owner[0]:
-            return None
-        return dataclasses.replace(found, namespace=owner[0], token=owner[1])
+        return _with_owner(found, self._owner_of(found.username))
+
+    def _owner_of(self, username: str) -> tuple[str, str] | None:
+        return self._owner(username) if self._owner and username else None
 
     def outcome(
         self,
@@ -239,21 +262,29 @@ class Events:
         logged in the namespace of that username's token (see :meth:`owned`)."""
         if username == RELAY_USERNAME:
             return _nothing()
+        # Read on the loop now: the write runs on the connection's thread (one hop with its
+        # batch-mates), which must not read the live configuration.
+        owner = self._owner_of(username)
 
-        async def write(db: aiosqlite.Connection) -> None:
-            known = await _message(db, spool_id, recipient)
+        def write(conn: sqlite3.Connection) -> None:
+            known = _message_sync(conn, spool_id, recipient)
             if known is None:  # not recorded: its token from the configuration
                 known = Recipient(spool_id, recipient, username, 0)
-            await bump(db, username, known.email_id, _OUTCOME_KIND[outcome])
-            found = self.owned(known) or known
+            bump_sync(conn, username, known.email_id, _OUTCOME_KIND[outcome])
+            if known.namespace:
+                found = known
+            elif known.username == username:
+                found = _with_owner(known, owner) or known
+            else:  # never so far: the messages row is written with the spool's username
+                found = self.owned(known) or known
             kind, detail = _outcome_event(outcome, reply)
-            await append(db, kind, found, at, reply=reply, detail=detail)
+            append_sync(conn, kind, found, at, reply=reply, detail=detail)
             if outcome is Outcome.BOUNCED and found.namespace and suppresses(detail["status"]):
-                await suppressions.add(db, found.namespace, recipient, Suppression.HARD_BOUNCE, at)
+                suppressions.add_sync(conn, found.namespace, recipient, Suppression.HARD_BOUNCE, at)
             if found.status_id is None or not outcome.final:
                 return
             result = "SENT" if outcome is Outcome.DELIVERED else "UNDELIVERABLE"
-            await db.execute(
+            conn.execute(
                 "UPDATE statuses SET status = ?, send_result = ?, completed_at = ?"
                 " WHERE status_id = ? AND recipient = ? AND status = ?",
                 (
@@ -266,7 +297,7 @@ class Events:
                 ),
             )
 
-        return self._db.write(write)
+        return self._db.write_sync(write)
 
     def bounce(
         self,

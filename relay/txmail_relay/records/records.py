@@ -52,6 +52,18 @@ class Records:
     def path(self) -> Path:
         return self._db.path
 
+    def has_room(self) -> bool:
+        """Whether the records' queue takes more without waiting (records/database.py)."""
+        return self._db.has_room()
+
+    async def room(self) -> None:
+        """Wait until the records' queue has room."""
+        await self._db.room()
+
+    def observe_commits(self, observer: Callable[[int], None]) -> None:
+        """``observer`` gets the number of writes of each records transaction (one fsync)."""
+        self._db.on_commit = observer
+
     def headroom(self) -> int:
         """Bytes the records may still add on the spool volume (the spool counts them)."""
         return self._db.headroom()

@@ -26,9 +26,10 @@ import aiosqlite
 
 from txmail_relay.contract import SendState
 from txmail_relay.records import counters
-from txmail_relay.records.contacts import upsert as upsert_contacts
+from txmail_relay.records.contacts import upsert_sync as upsert_contacts
 from txmail_relay.records.database import Database
 from txmail_relay.records.events import append as append_event
+from txmail_relay.records.events import append_sync
 from txmail_relay.records.model import EventType, Kind, Recipient, SendStatus, SentCopy
 
 
@@ -149,9 +150,9 @@ class Sends:
         ``queued_status`` that reservation is now PROCESSING (queued)."""
         sent = list(copies)
 
-        async def write(db: aiosqlite.Connection) -> None:
+        def write(conn: sqlite3.Connection) -> None:  # on the connection's thread
             now = self._clock()
-            await db.executemany(
+            conn.executemany(
                 "INSERT OR IGNORE INTO messages (spool_id, recipient, username, email_id,"
                 " message_id, event_id, status_id, sent_at, namespace, token)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -182,20 +183,20 @@ class Sends:
                     c.status_id,
                     c.message_id,
                 )
-                await append_event(db, EventType.SENT, copy, now)
+                append_sync(conn, EventType.SENT, copy, now)
             if contacts is not None and sent:
-                await upsert_contacts(db, username, (c.recipient for c in sent), contacts, now)
+                upsert_contacts(conn, username, (c.recipient for c in sent), contacts, now)
             if sent:
-                await counters.bump(db, username, email_id, Kind.SENT, len(sent))
-                await counters.sent_now(db, username, now)
+                counters.bump_sync(conn, username, email_id, Kind.SENT, len(sent))
+                counters.sent_now_sync(conn, username, now)
             if queued_status is not None:
-                await db.execute(
+                conn.execute(
                     "UPDATE statuses SET status = ?, send_result = 'QUEUED', started_at = ?"
                     " WHERE status_id = ? AND status = ?",
                     (SendState.PROCESSING.value, now, queued_status, SendState.PENDING.value),
                 )
 
-        return self._db.write(write)
+        return self._db.write_sync(write)
 
     def dropped(
         self,

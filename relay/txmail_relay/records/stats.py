@@ -1,9 +1,10 @@
 """Stats: outcomes into the records, the per-token figures, Prometheus, and publishing.
 
 :class:`OutcomeRecorder` is an :class:`~txmail_relay.outcomes.OutcomeListener` that writes
-every outcome to the records (without waiting); an outcome the full volume refused is kept and
-written again, in order, until the records take it (so the figures and the send statuses are
-right once space is back). :class:`StatsLoop` computes a
+every outcome to the records (without waiting); an outcome the full volume refused, or that
+came while the records' queue was full (:meth:`Records.has_room`), is kept and written again,
+in order, until the records take it (so the figures and the send statuses are right once
+space is back). :class:`StatsLoop` computes a
 :class:`~txmail_relay.contract.RelayStats` every ``statsInterval`` seconds, keeps its counts
 for the Prometheus collector and hands it to a :class:`StatsPublisher`: the ConfigMap the
 operator copies into ``SmtpToken.status.stats``
@@ -50,25 +51,34 @@ EVENTS_RETENTION = RecordsSettings().events_retention
 
 
 class OutcomeRecorder:
-    """Writes outcomes as they come; keeps those a full volume refused (at most ``max_kept``,
-    in memory) and writes them again every ``retry_interval`` seconds. A refused write was
-    rolled back, so writing it again counts it once."""
+    """Writes outcomes as they come; keeps those a full volume refused, and those that come
+    while the records' queue is full (at most ``max_kept`` in all, in memory: beyond, the
+    oldest are dropped and said so), and writes them again, in order and ``chunk`` at a time
+    (one transaction), once the queue has room, every ``retry_interval`` seconds while the
+    volume is full. A refused write was rolled back, so writing it again counts it once."""
 
     def __init__(
-        self, records: Records, *, retry_interval: float = 1.0, max_kept: int = 100_000
+        self,
+        records: Records,
+        *,
+        retry_interval: float = 1.0,
+        max_kept: int = 100_000,
+        chunk: int = 500,
     ) -> None:
         self._records = records
         self._retry_interval = retry_interval
         self._max_kept = max_kept
+        self._chunk = chunk
         self._kept: deque[OutcomeEvent] = deque()
         self._retrying: asyncio.Task[None] | None = None
         self._dropped = 0
+        self._full = False  # the last write refused was refused for space
 
     def kept(self) -> int:
         return len(self._kept)
 
     def on_outcome(self, event: OutcomeEvent) -> None:
-        if self._kept:  # behind the ones waiting, in order
+        if self._kept or not self._records.has_room():  # behind the ones waiting, in order
             self._keep(event)
             return
         future = asyncio.ensure_future(self._write(event))
@@ -91,6 +101,7 @@ class OutcomeRecorder:
             return
         error = future.exception()
         if isinstance(error, RecordsFullError):
+            self._full = True
             self._keep(event)
         elif error is not None:
             log.error("outcome not recorded: %s", type(error).__name__, exc_info=error)
@@ -103,23 +114,35 @@ class OutcomeRecorder:
                 log.error("too many outcomes waiting for space: the oldest are dropped")
         self._kept.append(event)
         if self._retrying is None or self._retrying.done():
-            log.warning("outcomes wait for space on the records' volume")
+            if self._full:
+                log.warning("outcomes wait for space on the records' volume")
             self._retrying = asyncio.get_running_loop().create_task(
                 self._retry(), name="outcomes-retry"
             )
 
     async def _retry(self) -> None:
         while self._kept:
-            await asyncio.sleep(self._retry_interval)
-            while self._kept:
-                try:
-                    await self._write(self._kept[0])
-                except RecordsFullError:
-                    break  # still full: later
-                except Exception as e:
-                    log.exception("outcome not recorded: %s", type(e).__name__)
-                self._kept.popleft()
-        log.info("outcomes waiting for space recorded")
+            if self._full:
+                await asyncio.sleep(self._retry_interval)
+            await self._records.room()
+            chunk = [self._kept.popleft() for _ in range(min(self._chunk, len(self._kept)))]
+            # Asked for together, in order: they share a transaction (records/database.py).
+            results = await asyncio.gather(
+                *(self._write(event) for event in chunk), return_exceptions=True
+            )
+            refused = [e for e, r in zip(chunk, results, strict=True) if _full(r)]
+            for result in results:
+                if isinstance(result, BaseException) and not _full(result):
+                    log.error("outcome not recorded: %s", type(result).__name__, exc_info=result)
+            self._kept.extendleft(reversed(refused))  # still full: first, later
+            if self._full and not refused:
+                self._full = False
+                log.info("outcomes waiting for space recorded")
+            self._full = self._full or bool(refused)
+
+
+def _full(result: object) -> bool:
+    return isinstance(result, RecordsFullError)
 
 
 def _rate(part: int, whole: int) -> float:

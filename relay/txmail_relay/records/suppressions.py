@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import aiosqlite
 
-from txmail_relay.records.database import Database
+from txmail_relay.records.database import Database, run_sync
 from txmail_relay.records.model import Suppression
 
 RELAY_WIDE = ""  # the namespace of entries recorded before issue 12
@@ -32,15 +32,22 @@ class SuppressionEntry:
     relay_wide: bool  # recorded before entries were per namespace (namespace "")
 
 
-async def add(
-    db: aiosqlite.Connection, namespace: str, address: str, reason: Suppression, at: float
+def add_sync(
+    conn: sqlite3.Connection, namespace: str, address: str, reason: Suppression, at: float
 ) -> bool:
     """Inside a write; True if the entry is new (an existing one keeps its first time)."""
-    cursor = await db.execute(
+    cursor = conn.execute(
         "INSERT OR IGNORE INTO suppressions VALUES (?, ?, ?, ?)",
         (namespace, address.lower(), reason.value, at),
     )
     return bool(cursor.rowcount)
+
+
+async def add(
+    db: aiosqlite.Connection, namespace: str, address: str, reason: Suppression, at: float
+) -> bool:
+    """:func:`add_sync` inside an async write."""
+    return await run_sync(db, lambda c: add_sync(c, namespace, address, reason, at))
 
 
 def _entry(row: sqlite3.Row) -> SuppressionEntry:
