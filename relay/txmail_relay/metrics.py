@@ -112,6 +112,19 @@ class RelayMetrics:
             ["kind", "rule"],
             registry=registry,
         )
+        self.tracking_dropped = Counter(
+            f"{PREFIX}tracking_dropped",
+            "Valid opens and clicks answered but not recorded (too many waiting for the"
+            " records, or their write failed), by kind",
+            ["kind"],
+            registry=registry,
+        )
+        self.tracking_batch = Histogram(
+            f"{PREFIX}tracking_batch_hits",
+            "Opens and clicks recorded per records write (tracking/endpoints.py)",
+            buckets=(1, 10, 50, 100, 250, 500, 1000),
+            registry=registry,
+        )
         self.dkim_signatures = Counter(
             f"{PREFIX}dkim_signatures",
             "DKIM signatures at delivery, by From domain and result (signed, already_signed: "

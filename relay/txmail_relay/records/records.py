@@ -16,7 +16,7 @@ from pathlib import Path
 from txmail_relay.records.contacts import Contacts
 from txmail_relay.records.counters import Counters
 from txmail_relay.records.database import Database, RecordsFullError
-from txmail_relay.records.engagement import EngagementReads
+from txmail_relay.records.engagement import EngagementRecords
 from txmail_relay.records.events import Events, Owner
 from txmail_relay.records.sends import Sends, drop_unspooled
 from txmail_relay.records.suppressions import Suppressions
@@ -41,7 +41,7 @@ class Records:
         # ``owner``: a username's (namespace, token) in the live configuration, for mail
         # whose messages row does not say (records/events.py Events.owned).
         self.events = Events(self._db, clock, owner)
-        self.engagement = EngagementReads(self._db)  # tracking's machine rules
+        self.engagement = EngagementRecords(self._db, self.events)  # opens and clicks, batched
         self.contacts = Contacts(self._db)
         self.suppressions = Suppressions(self._db)
         self.counters = Counters(self._db)

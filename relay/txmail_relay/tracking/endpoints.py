@@ -2,14 +2,26 @@
 
 A GET only records an event (link scanners prefetch). The pixel is served whatever the
 token, so probing learns nothing; a click with a bad, tampered or unknown-key token gets a
-fixed 400 page, never a redirect. Events are written to the store off the event loop.
+fixed 400 page, never a redirect.
+
+The answer never waits for the records. A valid hit is put in a bounded queue in memory and
+the request is answered at once; a writer task takes the hits that are due, up to
+:data:`BATCH_HITS` at a time, and records them in one records write
+(:meth:`~txmail_relay.records.engagement.EngagementRecords.record`): a batch goes once its
+oldest hit has waited :data:`BATCH_DELAY` (so other hits can share its transaction) or once
+it is full, and the next waits for the previous one's write, so a slow disk makes batches
+bigger, never more writes. Past :data:`MAX_PENDING` hits waiting, a hit is not recorded:
+it is counted in ``txmail_relay_tracking_dropped_total`` and the drops are logged once a
+minute; its request is answered as any other (a redirect never waits, and memory stays
+bounded under any load).
 
 Machine hits (:mod:`.machine`: scanners, prefetching proxies, HEAD, a click right after
 delivery, a burst of links) get the same answer as anyone's and are recorded as machine
-engagement. The answer never waits for the verdict: the verdict and the write happen after
-it. A click that looks like a person's is recorded :attr:`Policy.burst_window` after it
+engagement; the verdict is made when the hit is recorded, from what the batch's read of its
+message says (when it was delivered). A click is due :attr:`Policy.burst_window` after it
 arrived, once the other clicks of its message in that window are known (the first click of
-a scanner's burst is a machine's too); a stopping relay records what is pending at once.
+a scanner's burst is a machine's too); an open at once. A stopping relay records what is
+pending at once (the tracking listener's cleanup, before the records close).
 
 The key file (``trackingKeysFile``, in Kubernetes the mounted tracking Secret) is read at
 start and again whenever it changes (:class:`KeyFile`), so a rotation needs no restart.
@@ -23,21 +35,22 @@ import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from txmail_relay.metrics import RelayMetrics
-from txmail_relay.records.database import background
+from txmail_relay.records.engagement import Hit as Engagement
 from txmail_relay.records.model import Kind
 from txmail_relay.records.records import Records
-from txmail_relay.tracking.machine import Hit, HitKind, Policy, Verdict, classify
+from txmail_relay.tracking.machine import Hit, HitKind, Policy, classify
 from txmail_relay.tracking.tokens import (
     CLICK_HEADERS,
     PIXEL_HEADERS,
     TRANSPARENT_GIF,
-    Click,
     TrackingKeys,
 )
 
@@ -53,7 +66,22 @@ BAD_LINK_HEADERS = {
 }
 MAX_USER_AGENT: Final = 512  # characters of a user agent kept in an event
 MAX_MESSAGES: Final = 10_000  # messages whose recent clicks are remembered (burst rule)
-MAX_WAITING: Final = 10_000  # clicks waiting for their burst window; past it: decided at once
+RECENT_PER_MESSAGE: Final = 16  # clicks kept per message for the burst rule
+# What the hits waiting to be recorded may hold (their URLs and user agents, and HIT_BYTES
+# each for the rest): past it a hit is dropped (counted, logged once a minute), so memory
+# stays bounded whatever the load. 16 MiB is ~40,000 hits of a 200-character URL.
+MAX_PENDING_BYTES: Final = 16 * 1024 * 1024
+HIT_BYTES: Final = 250  # a queued hit without its strings (objects, event id, deque slot)
+BATCH_HITS: Final = 1000  # hits per records write at most
+BATCH_DELAY: Final = 0.05  # seconds a due hit waits for others to share its write
+DROPS_LOGGED_EVERY: Final = 60.0  # seconds
+
+# The answers, built once (aiohttp copies the headers into each response).
+_BAD_LINK_BODY = BAD_LINK_PAGE.encode()
+_BAD_LINK_HEADERS = CIMultiDictProxy(
+    CIMultiDict({**BAD_LINK_HEADERS, "Content-Type": "text/html; charset=utf-8"})
+)
+_PIXEL_HEADERS = CIMultiDictProxy(CIMultiDict(PIXEL_HEADERS))
 
 
 def load_keys(path: Path) -> TrackingKeys:
@@ -132,8 +160,9 @@ class KeyFile:
 
 
 class RecentClicks:
-    """The last clicks of each message (time, link index), for the burst rule; bounded both
-    in messages (the least recently clicked are forgotten) and in time."""
+    """The last clicks of each message (time, link index), for the burst rule; bounded in
+    messages (the least recently clicked are forgotten), in clicks per message and in time:
+    at most MAX_MESSAGES x RECENT_PER_MESSAGE entries (~2 MB each 10,000)."""
 
     def __init__(self, keep: float, max_messages: int = MAX_MESSAGES) -> None:
         self._keep = keep
@@ -141,7 +170,7 @@ class RecentClicks:
         self._clicks: OrderedDict[bytes, deque[tuple[float, int]]] = OrderedDict()
 
     def add(self, event_id: bytes, at: float, link: int) -> None:
-        clicks = self._clicks.pop(event_id, None) or deque(maxlen=64)
+        clicks = self._clicks.pop(event_id, None) or deque(maxlen=RECENT_PER_MESSAGE)
         while clicks and clicks[0][0] < at - self._keep:
             clicks.popleft()
         clicks.append((at, link))
@@ -162,6 +191,19 @@ def _user_agent(request: web.Request) -> str | None:
     return value[:MAX_USER_AGENT] if value is not None else None
 
 
+@dataclass(frozen=True, slots=True)
+class Pending(Engagement):
+    """A hit waiting to be recorded: what the records write, and what its verdict needs."""
+
+    method: str = "GET"
+    link: int = 0  # the link's index in its message (clicks)
+    due: float = 0.0  # when it may be decided and recorded (the relay's clock)
+
+
+def _size(hit: Pending) -> int:
+    return HIT_BYTES + len(hit.url or "") + len(hit.user_agent or "")
+
+
 class TrackingEndpoints:
     def __init__(
         self,
@@ -171,19 +213,37 @@ class TrackingEndpoints:
         *,
         policy: Policy | None = None,
         clock: Callable[[], float] = time.time,
+        max_pending_bytes: int | None = None,
     ) -> None:
         self._keys = keys
         self._records = records
         self._metrics = metrics
         self._policy = policy or Policy()
         self._clock = clock
+        self._max_pending = MAX_PENDING_BYTES if max_pending_bytes is None else max_pending_bytes
+        self._pending = 0  # bytes held by the hits in _now and _later (HIT_BYTES + strings)
         self._recent = RecentClicks(2 * self._policy.burst_window)
-        self._waiting: set[asyncio.Task[None]] = set()
-        self._closing = asyncio.Event()
+        # Hits due now (opens, and clicks when the burst rule is off), and clicks waiting
+        # for their burst window: both in the order they are due.
+        self._now: deque[Pending] = deque()
+        self._later: deque[Pending] = deque()
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._writer: asyncio.Task[None] | None = None
+        self._dropped = 0  # since the last log line
+        self._drops_logged = 0.0
+        requests = metrics.tracking_requests
+        self._counted = {
+            (kind, result): requests.labels(kind, result)
+            for kind in ("open", "click")
+            for result in ("valid", "invalid")
+        }
+        self._drops = {k: metrics.tracking_dropped.labels(k) for k in ("open", "click")}
 
     def install(self, app: web.Application) -> None:
         app.router.add_get("/o/{token}", self.pixel)  # HEAD too (aiohttp's allow_head)
         app.router.add_get("/c/{token}", self.click)
+        app.on_startup.append(self._start)
         app.on_cleanup.append(self._flush)
 
     async def pixel(self, request: web.Request) -> web.Response:
@@ -193,81 +253,166 @@ class TrackingEndpoints:
         if keys is not None and token.endswith(".gif"):
             event_id = keys.verify_open(token)
         if event_id is None:
-            self._metrics.tracking_requests.labels("open", "invalid").inc()
+            self._counted["open", "invalid"].inc()
         else:
-            self._metrics.tracking_requests.labels("open", "valid").inc()
+            self._counted["open", "valid"].inc()
+            at = self._clock()
             agent = _user_agent(request)
-            verdict = classify(Hit(HitKind.OPEN, request.method, agent, self._clock()))
-            self._record(event_id, Kind.OPENED, verdict, None, agent)
-        return web.Response(body=TRANSPARENT_GIF, headers=dict(PIXEL_HEADERS))
+            hit = Pending(event_id, Kind.OPENED, at, None, agent, request.method, due=at)
+            self._queue(hit, self._now, "open")
+        return web.Response(body=TRANSPARENT_GIF, headers=_PIXEL_HEADERS)
 
     async def click(self, request: web.Request) -> web.Response:
         keys = self._keys.current
         found = keys.click(request.match_info["token"]) if keys is not None else None
         if found is None:
-            self._metrics.tracking_requests.labels("click", "invalid").inc()
-            return web.Response(
-                status=400,
-                text=BAD_LINK_PAGE,
-                content_type="text/html",
-                headers=BAD_LINK_HEADERS,
-            )
-        self._metrics.tracking_requests.labels("click", "valid").inc()
+            self._counted["click", "invalid"].inc()
+            return web.Response(status=400, body=_BAD_LINK_BODY, headers=_BAD_LINK_HEADERS)
+        self._counted["click", "valid"].inc()
         at = self._clock()
         self._recent.add(found.event_id, at, found.link_index)
-        task = asyncio.ensure_future(self._judge(found, request.method, _user_agent(request), at))
-        self._waiting.add(task)
-        task.add_done_callback(self._waiting.discard)
-        return web.Response(status=302, headers={**CLICK_HEADERS, "Location": found.url})
+        policy = self._policy
+        waits = policy.burst_links >= 2  # decided once the burst window's clicks are known
+        hit = Pending(
+            found.event_id,
+            Kind.CLICKED,
+            at,
+            found.url,
+            _user_agent(request),
+            request.method,
+            found.link_index,
+            at + policy.burst_window if waits else at,
+        )
+        self._queue(hit, self._later if waits else self._now, "click")
+        headers = CIMultiDict(CLICK_HEADERS)
+        headers["Location"] = found.url
+        return web.Response(status=302, headers=headers)
 
-    def _record(
-        self, event_id: bytes, kind: Kind, verdict: Verdict, url: str | None, agent: str | None
-    ) -> None:
+    # -- the queue and its writer ----------------------------------------------------------
+
+    def _queue(self, hit: Pending, into: deque[Pending], kind: str) -> None:
+        size = _size(hit)
+        if self._pending + size > self._max_pending:
+            self._drop(kind)
+            return
+        if self._writer is None or self._writer.done():
+            # Not started, or stopped already (a hit in the last moments of a stop): this
+            # hit gets its own write now, which the records wait for when they close.
+            self._write_now([hit])
+            return
+        idle = not self._now and not self._later
+        into.append(hit)
+        self._pending += size
+        if idle or len(self._now) == BATCH_HITS or self._closing:
+            self._wake.set()
+
+    def _drop(self, kind: str) -> None:
+        self._drops[kind].inc()
+        self._dropped += 1
+        now = time.monotonic()
+        if now - self._drops_logged >= DROPS_LOGGED_EVERY:
+            log.warning(
+                "tracking: %d opens or clicks not recorded: too many (%d bytes) were waiting"
+                " for the records (counted in txmail_relay_tracking_dropped_total)",
+                self._dropped,
+                self._max_pending,
+            )
+            self._dropped = 0
+            self._drops_logged = now
+
+    def _write_now(self, batch: list[Pending]) -> None:
+        """Start recording ``batch`` at once (the records' write is asked for before this
+        returns, so closing the records waits for it)."""
+        try:
+            write = asyncio.ensure_future(self._records.engagement.record(batch, self._judge))
+        except Exception as e:  # the records are closed already (a bug in the stop order)
+            self._failed(batch, e)
+            return
+
+        def done(future: asyncio.Future[int]) -> None:
+            error = None if future.cancelled() else future.exception()
+            if error is not None:
+                self._failed(batch, error)
+            else:
+                self._metrics.tracking_batch.observe(len(batch))
+
+        write.add_done_callback(done)
+
+    def _take(self, now: float) -> list[Pending]:
+        """The hits due (all of them when closing), the oldest first, BATCH_HITS at most."""
+        batch: list[Pending] = []
+        for queue in (self._now, self._later):
+            while queue and len(batch) < BATCH_HITS and (self._closing or queue[0].due <= now):
+                hit = queue.popleft()
+                self._pending -= _size(hit)
+                batch.append(hit)
+        return batch
+
+    async def _start(self, _app: web.Application | None = None) -> None:
+        self._closing = False
+        self._writer = asyncio.create_task(self._run(), name="tracking-writer")
+
+    async def _run(self) -> None:
+        """Until closed: records the due hits in batches, one write at a time."""
+        while True:
+            if not self._now and not self._later:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            now = self._clock()
+            first = min(q[0].due for q in (self._now, self._later) if q)
+            wait = first + BATCH_DELAY - now
+            if wait > 0 and not self._closing and len(self._now) < BATCH_HITS:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), wait)
+                continue
+            batch = self._take(now)
+            if batch:
+                await self._write(batch)
+
+    async def _write(self, batch: list[Pending]) -> None:
+        """Record ``batch``; never raises (a failure is logged, its hits counted dropped)."""
+        try:
+            await self._records.engagement.record(batch, self._judge)
+        except Exception as e:
+            self._failed(batch, e)
+        else:
+            self._metrics.tracking_batch.observe(len(batch))
+
+    def _failed(self, batch: list[Pending], error: BaseException) -> None:
+        log.error(  # the reason is enough; a hit's fields (URL, user agent) are not logged
+            "tracking: %d opens or clicks could not be recorded: %s",
+            len(batch),
+            type(error).__name__,
+        )
+        for hit in batch:
+            self._drops["open" if hit.kind is Kind.OPENED else "click"].inc()
+
+    def _judge(self, hit: Pending, delivered: float | None) -> bool:
+        """Whether ``hit`` is a machine's (counted in the metrics, logged at DEBUG)."""
+        kind = HitKind.OPEN if hit.kind is Kind.OPENED else HitKind.CLICK
+        nearby: list[tuple[float, int]] = []
+        if kind is HitKind.CLICK and self._policy.burst_links >= 2:
+            nearby = self._recent.around(hit.event_id, hit.at, hit.link)
+        try:
+            verdict = classify(
+                Hit(kind, hit.method, hit.user_agent, hit.at, delivered, hit.link, nearby),
+                self._policy,
+            )
+        except Exception:  # classify is total: a bug; the hit is then a person's
+            log.exception("classifying a hit failed; recorded as a person's")
+            return False
         if verdict.machine:
             log.debug("machine %s: %s", kind.value, verdict.reason)
-            label = "open" if kind is Kind.OPENED else "click"
-            self._metrics.tracking_machine.labels(label, verdict.rule or "").inc()
-        background(
-            self._records.events.engagement(
-                event_id, kind, machine=verdict.machine, url=url, user_agent=agent
-            )
-        )
-
-    async def _judge(self, click: Click, method: str, agent: str | None, at: float) -> None:
-        """Decide on one click (after its burst window unless a machine's already) and
-        record it; never raises (a failure is logged and the click recorded as a person's)."""
-        policy = self._policy
-        verdict: Verdict | None = None
-        try:
-            delivered = None
-            if policy.click_window > 0:
-                delivered = await self._records.engagement.delivered_at(click.event_id)
-            hit = Hit(HitKind.CLICK, method, agent, at, delivered, click.link_index)
-            verdict = classify(hit, policy)
-            if not verdict.machine and policy.burst_links >= 2:
-                if len(self._waiting) <= MAX_WAITING and not self._closing.is_set():
-                    remaining = at + policy.burst_window - self._clock()
-                    if remaining > 0:
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(self._closing.wait(), remaining)
-                nearby = self._recent.around(click.event_id, at, click.link_index)
-                verdict = classify(
-                    Hit(HitKind.CLICK, method, agent, at, delivered, click.link_index, nearby),
-                    policy,
-                )
-        except Exception:
-            log.exception("classifying a click failed; recorded as a person's")
-        finally:
-            # Recorded even if cancelled: the redirect was answered, the click happened.
-            try:
-                self._record(
-                    click.event_id, Kind.CLICKED, verdict or Verdict(False), click.url, agent
-                )
-            except Exception:  # the records are closed already (a bug in the stop order)
-                log.exception("a click could not be recorded")
+            self._metrics.tracking_machine.labels(kind.value, verdict.rule or "").inc()
+        return verdict.machine
 
     async def _flush(self, _app: web.Application | None = None) -> None:
-        """Record the clicks waiting for their burst window now (the relay is stopping)."""
-        self._closing.set()
-        if self._waiting:
-            await asyncio.wait(set(self._waiting))
+        """Record every hit pending now, burst windows or not (the relay is stopping)."""
+        self._closing = True
+        self._wake.set()
+        if self._writer is not None:
+            await asyncio.wait({self._writer})

@@ -47,6 +47,7 @@ a message"), so such an open is a person's open seen through a proxy; it is coun
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -132,6 +133,9 @@ SCANNERS: Final[tuple[tuple[str, re.Pattern[str], str], ...]] = tuple(
 MPP_USER_AGENT: Final = "Mozilla/5.0"
 
 
+# Remembered per user agent (a few browsers make most hits; nine searches each were most of
+# the cost of recording a hit), for at most 1,024 of them (each at most 512 characters).
+@functools.lru_cache(maxsize=1024)
 def scanner(user_agent: str) -> str | None:
     """The scanner ``user_agent`` names (a :data:`SCANNERS` name), or None."""
     for name, pattern, _source in SCANNERS:
