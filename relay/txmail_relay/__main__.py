@@ -135,8 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _run(serve(relay, close))
     except StartupError as exc:
+        logs.flush()  # the relay's lines before it, so this one stays the last
         print(f"{PROG}: cannot start: {exc}", file=sys.stderr)
         return 1
+    finally:
+        logs.flush()  # log lines are written in batches: the last ones now, not at exit
     return 0
 
 

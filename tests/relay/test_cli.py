@@ -301,7 +301,8 @@ def test_a_second_relay_on_the_same_spool_waits_for_the_first(
             assert s.connect_ex(("127.0.0.1", ports[1])) != 0, "the second relay must not listen"
         old.stop()
         wait(lambda: _listens(ports[1]), 20, "the second relay to take over the spool")
-        assert "spool lock acquired" in new.output()
+        # Log lines are written in batches, within 0.1 s: wait for it, as for the port.
+        wait(lambda: "spool lock acquired" in new.output(), 10, "the takeover's log line")
     finally:
         old.stop()
         new.stop()
