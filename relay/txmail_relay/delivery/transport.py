@@ -18,7 +18,7 @@ import logging
 import random
 import ssl
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -31,6 +31,14 @@ import dns.exception
 import dns.nameserver
 import dns.rdatatype
 import dns.resolver
+from aiosmtplib.email import quote_address
+from aiosmtplib.protocol import (
+    MAX_LINE_LENGTH,
+    MAX_RESPONSE_LENGTH,
+    PERIOD_REGEX,
+    normalize_message_line_endings,
+)
+from aiosmtplib.response import SMTPResponse
 
 from txmail_relay.config.live import LiveConfig
 from txmail_relay.contract import DeliveryMode, RelayConfig, SmarthostConfig, SmarthostTLS
@@ -336,6 +344,15 @@ def _same_family(address: str, source: str | None) -> bool:
     return ipaddress.ip_address(address).version == ipaddress.ip_address(source).version
 
 
+def _mtime(path: Path | None) -> int | None:
+    if path is None:
+        return None
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:  # load_verify_locations says why
+        return None
+
+
 def _read_secret(directory: str | None, name: str) -> str | None:
     if directory is None:
         return None
@@ -366,6 +383,8 @@ class SmtpTransport:
         )
         self._resolver_factory = resolver_factory
         self._resolvers: dict[tuple[str, ...], MxResolver] = {}
+        self._tls_contexts: dict[tuple[bool, int | None], ssl.SSLContext] = {}
+        self._tls_config: object = None  # the configuration they were built under
         self._pool = ConnectionPool(
             self._connect,
             idle_timeout=outbound.pool_idle_timeout,
@@ -538,14 +557,36 @@ class SmtpTransport:
             _read_secret(smarthost.credentials_dir, "password"),
         )
 
+    def _tls_context(self, route: Route) -> ssl.SSLContext | None:
+        """One client context per kind (verifying or not) for every connection, built again
+        when the configuration changes (a new snapshot) or caFile does (its mtime): loading
+        the system's trust store costs milliseconds, and without a context aiosmtplib builds
+        one per connection in a thread."""
+        if route.tls is TLSMode.NONE:
+            return None
+        config = self._store.current
+        if config is not self._tls_config:
+            self._tls_contexts.clear()
+            self._tls_config = config
+        ca_file = self._ca_file if route.verify else None
+        key = (route.verify, _mtime(ca_file))
+        context = self._tls_contexts.get(key)
+        if context is None:
+            if route.verify:
+                # The default trust store plus caFile: create_default_context(cafile=...)
+                # would load caFile *instead of* the system CAs.
+                context = ssl.create_default_context()
+                if ca_file:
+                    context.load_verify_locations(cafile=str(ca_file))
+            else:  # what aiosmtplib builds for validate_certs=False
+                context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            self._tls_contexts[key] = context
+        return context
+
     async def _connect(self, route: Route) -> aiosmtplib.SMTP:
-        tls_context = None
-        if route.tls in (TLSMode.IMPLICIT, TLSMode.STARTTLS) and route.verify:
-            # The default trust store plus caFile: create_default_context(cafile=...) would
-            # load caFile *instead of* the system CAs.
-            tls_context = ssl.create_default_context()
-            if self._ca_file:
-                tls_context.load_verify_locations(cafile=str(self._ca_file))
+        tls_context = self._tls_context(route)
         client = aiosmtplib.SMTP(
             hostname=route.host,
             port=route.port,
@@ -628,6 +669,8 @@ class SmtpTransport:
         # conversion after signing breaks the signature for certain (docs/deliverability.md).
         eight_bit = not body.isascii() and client.supports_extension("8bitmime")
         options = ["BODY=8BITMIME"] if eight_bit else []
+        if client.supports_extension("pipelining"):
+            return await self._pipelined(client, rcpts, mail_from, body, options)
         try:
             await client.mail(mail_from, options=options)
         except aiosmtplib.SMTPServerDisconnected as exc:
@@ -657,6 +700,90 @@ class SmtpTransport:
         results.update(dict.fromkeys(accepted, delivered))
         return results, True
 
+    async def _pipelined(
+        self,
+        client: aiosmtplib.SMTP,
+        rcpts: list[str],
+        mail_from: str,
+        body: bytes,
+        options: list[str],
+    ) -> tuple[dict[str, RecipientResult], bool]:
+        """:meth:`_transaction` with PIPELINING (RFC 2920): MAIL, every RCPT and DATA in one
+        write, their replies read in order, then the body after a 354; the same outcomes.
+
+        Written here because aiosmtplib has no pipelining: its protocol takes one reply per
+        command awaited and drops replies that arrive together (a second reply in its buffer
+        or in the same loop iteration is lost, the read then times out). So the replies of the
+        group and of the final dot are read by :class:`_Replies`, swapped in as the
+        connection's protocol for the transaction; aiosmtplib keeps the connection (connect,
+        STARTTLS, AUTH, EHLO), RSET and the body's encoding (its dot-stuffing and line-ending
+        normalisation: one DATA upstream is one message, issue 7)."""
+        commands = [b" ".join([b"MAIL FROM:" + _quoted(mail_from), *map(str.encode, options)])]
+        commands += [b"RCPT TO:" + _quoted(rcpt) for rcpt in rcpts]
+        commands.append(b"DATA")
+        timeout = client.timeout
+        results: dict[str, RecipientResult] = {}
+        try:
+            replies = _Replies(client)
+        except aiosmtplib.SMTPServerDisconnected as exc:
+            raise _StaleConnectionError from exc
+        with replies:
+            try:
+                replies.write(b"\r\n".join(commands) + b"\r\n")
+                mail = await replies.read(timeout)
+            except aiosmtplib.SMTPServerDisconnected as exc:  # closed while it was pooled
+                raise _StaleConnectionError from exc
+            if mail.code == 421:  # the server is closing this connection
+                client.close()
+                raise _StaleConnectionError(f"{mail.code} {mail.message}")
+            if mail.code != 250:
+                # RFC 2920 3.1: every reply of the group is read before anything else is sent.
+                refused = _result(mail.code, mail.message)
+                reusable = await replies.drain(len(rcpts) + 1, timeout)
+                if not reusable:
+                    client.close()
+                    return dict.fromkeys(rcpts, refused), False
+                return dict.fromkeys(rcpts, refused), await self._after(client, replies)
+            accepted = []
+            for index, rcpt in enumerate(rcpts):
+                answer = await replies.read(timeout)
+                if answer.code in (250, 251):
+                    accepted.append(rcpt)
+                    continue
+                results[rcpt] = _result(answer.code, answer.message)
+                if answer.code == 421:  # closing: the rest will not be answered
+                    results.update(dict.fromkeys([*accepted, *rcpts[index + 1 :]], results[rcpt]))
+                    client.close()
+                    return results, False
+            data = await replies.read(timeout)
+            if data.code == 354 and not accepted:
+                # RFC 2920 3.1 wants 503 or 554 here; a server that waits for a body for no
+                # recipient gets none: the connection is closed instead.
+                client.close()
+                return results, False
+            if data.code != 354:
+                results.update(dict.fromkeys(accepted, _result(data.code, data.message)))
+                if data.code == 421:
+                    client.close()
+                    return results, False
+                return results, await self._after(client, replies)
+            message = normalize_message_line_endings(body)
+            replies.write(PERIOD_REGEX.sub(b"..", message) + b".\r\n")
+            final = await replies.read(self._retry.final_dot_timeout)
+        if final.code != 250:
+            results.update(dict.fromkeys(accepted, _result(final.code, final.message)))
+            return results, await _reset(client)
+        reply = f"{final.code} {final.message}"
+        delivered = RecipientResult(Outcome.DELIVERED, reply, answered=True)
+        results.update(dict.fromkeys(accepted, delivered))
+        return results, True
+
+    @staticmethod
+    async def _after(client: aiosmtplib.SMTP, replies: _Replies) -> bool:
+        """RSET after a refused pipelined transaction, with aiosmtplib's protocol back."""
+        replies.restore()
+        return await _reset(client)
+
 
 class _Body:
     """The message of one attempt, DKIM-signed the first time a transaction is about to carry
@@ -674,6 +801,145 @@ class _Body:
             self._signed = asyncio.ensure_future(self._sign(self._raw))
         # Shielded: one group cancelled (the relay stopping) does not cancel the others' copy.
         return await asyncio.shield(self._signed)
+
+
+def _quoted(address: str) -> bytes:
+    """``<address>`` for MAIL or RCPT, as aiosmtplib's :meth:`~aiosmtplib.SMTP.mail` writes it
+    (its checks against command injection included)."""
+    return quote_address(address).encode("ascii")
+
+
+class _Replies(asyncio.Protocol):
+    """The replies of a pipelined transaction (RFC 2920), in order, each parsed as aiosmtplib
+    parses one. It is the connection's protocol from ``with`` to :meth:`restore` (or the end
+    of the block), then aiosmtplib's again; a lost connection is passed on to aiosmtplib's,
+    which closes its client. Why it exists: see :meth:`SmtpTransport._pipelined`."""
+
+    def __init__(self, client: aiosmtplib.SMTP) -> None:
+        if client.protocol is None or client.transport is None:
+            raise aiosmtplib.SMTPServerDisconnected("Server not connected")
+        self._client = client
+        self._protocol = client.protocol
+        self._transport = client.transport
+        self._buffer = bytearray()
+        self._replies: deque[SMTPResponse] = deque()
+        self._error: Exception | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._installed = False
+
+    def __enter__(self) -> _Replies:
+        self._transport.set_protocol(self)
+        self._installed = True
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        if self._installed:
+            self._installed = False
+            if not self._transport.is_closing():
+                self._transport.set_protocol(self._protocol)
+
+    def write(self, data: bytes) -> None:
+        self._protocol.write(data)  # raises SMTPServerDisconnected once it is closing
+
+    async def read(self, seconds: float | None) -> SMTPResponse:
+        """The next reply; SMTPServerDisconnected or SMTPReadTimeoutError as aiosmtplib's
+        (and the connection closed, as aiosmtplib closes it after either)."""
+        while not self._replies:
+            if self._error is not None:
+                self._client.close()
+                raise self._error
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(seconds):
+                    await self._waiter
+            except TimeoutError as exc:
+                self._client.close()
+                raise aiosmtplib.SMTPReadTimeoutError(
+                    "Timed out waiting for server response"
+                ) from exc
+            finally:
+                self._waiter = None
+        return self._replies.popleft()
+
+    async def drain(self, count: int, seconds: float | None) -> bool:
+        """Read ``count`` replies nobody needs (after a refused MAIL); whether the connection
+        is still usable (none was a 421 or a 354, none was missing)."""
+        try:
+            for _ in range(count):
+                if (await self.read(seconds)).code in (354, 421):
+                    return False
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            return False
+        return True
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._error is not None:
+            return
+        self._buffer.extend(data)
+        try:
+            while (reply := self._parse()) is not None:
+                self._replies.append(reply)
+        except aiosmtplib.SMTPResponseException as exc:
+            self._fail(exc)
+            return
+        if len(self._buffer) > MAX_RESPONSE_LENGTH:
+            self._fail(aiosmtplib.SMTPResponseException(-1, "Response too long"))
+            return
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._fail(aiosmtplib.SMTPServerDisconnected("Unexpected EOF received"))
+        return False  # the transport closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        lost = aiosmtplib.SMTPServerDisconnected("Connection lost")
+        lost.__cause__ = exc
+        self._fail(lost)
+        self._installed = False
+        self._protocol.connection_lost(exc)  # aiosmtplib's client closes itself
+
+    def pause_writing(self) -> None:
+        self._protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._protocol.resume_writing()
+
+    def _fail(self, exc: Exception) -> None:
+        if self._error is None:
+            self._error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _parse(self) -> SMTPResponse | None:
+        """One whole reply off the buffer (None: not all of it is here yet), as aiosmtplib's
+        ``SMTPProtocol._read_response_from_buffer`` reads it."""
+        lines: list[bytes] = []
+        offset = 0
+        while (end := self._buffer.find(b"\n", offset)) != -1:
+            line = bytes(self._buffer[offset : end + 1])
+            if len(line) > MAX_LINE_LENGTH:
+                raise aiosmtplib.SMTPResponseException(-1, "Response too long")
+            try:
+                code = int(line[:3])
+            except ValueError:
+                text = line.decode("utf-8", errors="ignore")
+                raise aiosmtplib.SMTPResponseException(
+                    -1, f"Malformed SMTP response line: {text}"
+                ) from None
+            offset = end + 1
+            lines.append(line[4:].strip(b" \t\r\n"))
+            if line[3:4] != b"-":
+                del self._buffer[:offset]
+                return SMTPResponse(code, b"\n".join(lines).decode("utf-8", "surrogateescape"))
+        return None
 
 
 def _paused(site: SiteState) -> str:

@@ -75,6 +75,8 @@ _SEGMENT_GLOB = "seg-*.log"
 # A finished current segment smaller than this is kept for the next messages while there is
 # room (a new segment costs a create and directory syncs); past it, or short of room, it goes.
 IDLE_SEGMENT_BYTES = 1024 * 1024
+# Bodies up to this size are read on the event loop (read_body), larger ones in a thread.
+LOOP_READ_BYTES = 256 * 1024
 # A reclaim copies a segment's pending messages only when more than this share of the segment
 # is dead (finished messages, DONE and STATE records): each copy then frees more than it
 # writes, so copying again and again (a copy outliving the segment it went to) stays bounded.
@@ -814,12 +816,18 @@ class Spool:
 
     async def read_body(self, msg: SpooledMessage) -> bytes:
         # Where the body is, read here on the event loop (a reclaim moves it there too); a
-        # segment deleted after a reclaim moved the message is read again at the copy.
+        # segment deleted after a reclaim moved the message is read again at the copy. A
+        # small body is read on the loop: mostly written moments ago, so the pread is a copy
+        # from the page cache, cheaper than the hop to a thread and back (one cold read of a
+        # few KB after a restart is short); a large one goes to a thread, so the loop never
+        # waits for a long copy or a long read from the disk.
         for _ in range(2):
             seg = self._segments.get(msg.segment)
             if seg is None:
                 break
             try:
+                if msg.body_length <= LOOP_READ_BYTES:
+                    return self._pread(seg.path, msg.body_offset, msg.body_length, msg.id)
                 return await asyncio.to_thread(
                     self._pread, seg.path, msg.body_offset, msg.body_length, msg.id
                 )
