@@ -70,6 +70,10 @@ async def count(db: aiosqlite.Connection) -> int:
     return int(rows[0][0])
 
 
+def count_sync(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT count(*) FROM t").fetchone()[0])
+
+
 def rows_on_disk(path: Path) -> list[int]:
     """What another connection reads: only what was committed."""
     with contextlib.closing(sqlite3.connect(path / "t.db")) as conn:
@@ -137,9 +141,19 @@ async def test_a_read_sees_every_write_asked_for_before_it(tmp_path: Path) -> No
                 db.write_sync(insert_sync(n))
             else:
                 db.write(insert(n))
-            reads.append(db.read(count))
+            reads.append(db.read(count) if n % 3 else db.read_sync(count_sync))
         assert await asyncio.gather(*reads) == list(range(1, 31))
         assert _commits(statements) == 1
+
+
+async def test_reads_alone_commit_nothing(tmp_path: Path) -> None:
+    async with database(tmp_path) as (db, statements):
+        await db.write_sync(insert_sync(1))
+        statements.clear()
+        commits = db.commits
+        reads = [db.read_sync(count_sync) if n % 2 else db.read(count) for n in range(10)]
+        assert await asyncio.gather(*reads) == [1] * 10
+        assert _commits(statements) == 0 and db.commits == commits
 
 
 async def test_a_write_whose_caller_is_cancelled_still_commits(tmp_path: Path) -> None:

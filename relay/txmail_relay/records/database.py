@@ -112,6 +112,9 @@ class Database:
         #: Called with the number of writes of each batch after its COMMIT (metrics).
         self.on_commit: Callable[[int], None] | None = None
         self.commits = 0  # transactions committed (each one fsync of the WAL)
+        self._batches = 0  # batches started (the WAL's size is read again after each)
+        self._wal_seen = -1
+        self._wal_size = 0
         self.written = 0  # writes committed
         self._wal = path.with_name(path.name + "-wal")
         self._wal_bytes = 0  # the WAL's checkpoint size, known once open
@@ -123,10 +126,13 @@ class Database:
         """Bytes the database may still add on its volume: the WAL up to its checkpoint
         size, and as much again for the database file the checkpoint copies it into; and
         the room kept for opening, while it is not taken (it is tried again now and then)."""
-        try:
-            wal = self._wal.stat().st_size
-        except FileNotFoundError:
-            wal = 0
+        if self._wal_seen != self._batches:  # the WAL grows only while a batch runs
+            try:
+                self._wal_size = self._wal.stat().st_size
+            except FileNotFoundError:
+                self._wal_size = 0
+            self._wal_seen = self._batches
+        wal = self._wal_size
         if not self._room_held and time.monotonic() - self._room_tried >= ROOM_RETRY:
             self._room_tried = time.monotonic()
             self._take_room()
@@ -240,6 +246,11 @@ class Database:
         not started)."""
         return self._queue_unit(_Unit(_READ, work))
 
+    def read_sync(self, work: SyncWork[T]) -> asyncio.Future[T]:
+        """:meth:`read` for a plain function of the sqlite3 connection (run on its thread in
+        one hop with the plain-function units next to it)."""
+        return self._queue_unit(_Unit(_SYNC_READ, work))
+
     def write(self, work: Work[T]) -> Awaitable[T]:
         """Run ``work`` in the next transaction, in its turn (its own savepoint); it finishes
         even if the caller is cancelled, and the result is there once its batch committed.
@@ -281,6 +292,7 @@ class Database:
                     self._roomy.set()
                 if not batch:
                     continue
+                self._batches += 1
                 try:
                     await _Batch(db, batch, self).run()
                 except Exception:  # a bug here must not stop the records: fail the batch
@@ -288,6 +300,7 @@ class Database:
                     for unit in batch:
                         if not unit.future.done():
                             unit.future.set_exception(RuntimeError("records batch failed"))
+                self._batches += 1
         finally:
             for unit in (*batch, *self._queue):
                 unit.future.cancel()  # the loop is ending: nothing will run them now
@@ -304,7 +317,9 @@ class Database:
             self.on_commit(writes)
 
 
-_READ, _WRITE, _SYNC = "read", "write", "sync"
+_READ, _WRITE, _SYNC, _SYNC_READ = "read", "write", "sync", "sync-read"
+_READS = (_READ, _SYNC_READ)
+_PLAIN = (_SYNC, _SYNC_READ)  # run on the connection's thread, back to back
 
 
 class _Unit:
@@ -360,7 +375,7 @@ class _Batch:
             while i < len(self._units):
                 i = await self._step(i)
             if self._open:
-                await self._commit()
+                await self._commit()  # (or settle what read outside a transaction)
         except BaseException:
             # Cancelled (the loop ends): nothing of the transaction running is durable.
             with contextlib.suppress(Exception):
@@ -372,7 +387,7 @@ class _Batch:
         """Run the unit at ``i`` (or the plain-function writes from there on, in one hop);
         where the next step starts."""
         unit = self._units[i]
-        if unit.kind != _SYNC:
+        if unit.kind not in _PLAIN:
             try:
                 await self._async_unit(unit)
             except Exception as e:  # BEGIN, SAVEPOINT, RELEASE failed: the transaction too
@@ -383,7 +398,7 @@ class _Batch:
                 await self._lost(error)
             return i + 1
         j = i
-        while j < len(self._units) and self._units[j].kind == _SYNC:
+        while j < len(self._units) and self._units[j].kind in _PLAIN:
             j += 1
         last = j == len(self._units)
         step = self._units[i:j]
@@ -398,7 +413,7 @@ class _Batch:
         self._open.extend(step[:done])
         if lost is not None:
             await self._lost(lost)
-        elif last:
+        elif last or not self._db.in_transaction:  # committed, or reads only so far
             self._settle_committed()
         return i + done
 
@@ -409,6 +424,12 @@ class _Batch:
         """Run ``units`` (and COMMIT after them if ``end``); how many ran, and the error that
         ended the transaction if one did (the unit it ended at is counted)."""
         for n, unit in enumerate(units, 1):
+            if unit.kind == _SYNC_READ:
+                try:
+                    unit.result = unit.work(conn)
+                except Exception as e:
+                    unit.error = _records_error(e)
+                continue
             try:
                 if not conn.in_transaction:
                     conn.execute("BEGIN IMMEDIATE")
@@ -432,7 +453,7 @@ class _Batch:
                 conn.execute("RELEASE unit")
             except sqlite3.Error as e:
                 return n, _records_error(e)
-        if end:
+        if end and conn.in_transaction:
             try:
                 conn.execute("COMMIT")
             except sqlite3.Error as e:
@@ -466,6 +487,9 @@ class _Batch:
         await db.execute("RELEASE unit")
 
     async def _commit(self) -> None:
+        if not self._db.in_transaction:
+            self._settle_committed()
+            return
         try:
             await self._db.execute("COMMIT")
         except sqlite3.Error as e:
@@ -474,8 +498,9 @@ class _Batch:
         self._settle_committed()
 
     def _settle_committed(self) -> None:
-        writes = sum(1 for u in self._open if u.kind != _READ and u.error is None)
-        self._owner._committed(writes)
+        writes = sum(1 for u in self._open if u.kind not in _READS and u.error is None)
+        if any(u.kind not in _READS for u in self._open):
+            self._owner._committed(writes)
         for unit in self._open:
             unit.settle()
         self._open = []
@@ -486,9 +511,9 @@ class _Batch:
         with contextlib.suppress(sqlite3.Error):
             if self._db.in_transaction:
                 await self._db.execute("ROLLBACK")
-        reads = [u for u in self._open if u.kind == _READ]
+        reads = [u for u in self._open if u.kind in _READS]
         for unit in self._open:
-            if unit.kind != _READ:
+            if unit.kind not in _READS:
                 if unit.error is None:
                     unit.error = error
                 unit.settle()
@@ -496,7 +521,10 @@ class _Batch:
         for unit in reads:
             unit.error = None
             try:
-                unit.result = await unit.work(self._db)
+                if unit.kind == _SYNC_READ:
+                    unit.result = await _on_thread(self._db, unit.work)
+                else:
+                    unit.result = await unit.work(self._db)
             except Exception as e:
                 unit.error = _records_error(e)
             unit.settle()

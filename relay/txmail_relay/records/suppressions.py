@@ -103,10 +103,10 @@ class Suppressions:
             return {}
         marks = ",".join("?" * len(wanted))
 
-        async def read(db: aiosqlite.Connection) -> dict[str, Suppression]:
+        def read(conn: sqlite3.Connection) -> dict[str, Suppression]:  # per message: one hop
             result: dict[str, Suppression] = {}
             for lowered, original in given.items():
-                rows = await db.execute_fetchall(
+                rows = conn.execute(
                     "SELECT reason FROM suppressions WHERE namespace IN (?, '') AND address = ?"  # noqa: S608 - only placeholders
                     f" AND reason IN ({marks}) ORDER BY reason LIMIT 1",
                     (namespace, lowered, *(r.value for r in wanted)),
@@ -115,7 +115,7 @@ class Suppressions:
                     result[original] = Suppression(row[0])
             return result
 
-        return await self._db.read(read)
+        return await self._db.read_sync(read)
 
     async def get(self, namespace: str, address: str) -> list[SuppressionEntry]:
         """The entries of one address that apply in ``namespace`` (its own and relay-wide)."""
