@@ -57,6 +57,9 @@ class _Handler:
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: Any
     ) -> str:
         reply = self._server.take("RCPT " + address)
+        if reply == "hang":  # no answer for longer than the relay waits
+            await asyncio.sleep(5)
+            return "250 OK"
         if reply is not None:
             return _closing(server, reply)
         envelope.rcpt_tos.append(address)
@@ -164,9 +167,12 @@ def plain() -> Iterator[PipeliningServer]:
     server.stop()
 
 
-def _start(env: RelayEnv, server: PipeliningServer) -> tuple[RelayThread, Recorder]:
+def _start(
+    env: RelayEnv, server: PipeliningServer, **overrides: Any
+) -> tuple[RelayThread, Recorder]:
     recorder = Recorder()
-    settings = env.settings(overrides={"relay": {"delivery": {"smarthost": {"port": server.port}}}})
+    smarthost = {"relay": {"delivery": {"smarthost": {"port": server.port}}}}
+    settings = env.settings(overrides={**smarthost, **overrides})
     return env.start(settings, listeners=[recorder]), recorder
 
 
@@ -285,6 +291,21 @@ def test_a_421_in_the_middle_of_the_group_defers_all_then_they_are_delivered_onc
     # Delivered once, by a new connection (the first was closed after the 421).
     [(got, _)] = pipelining.delivered()
     assert got == ["a@dest.test", "b@dest.test", "c@dest.test"]
+    assert {number for number, _ in pipelining.reads()} == {1, 2}
+
+
+def test_a_reply_that_never_comes_defers_the_message_and_drops_the_connection(
+    env: RelayEnv, pipelining: PipeliningServer
+) -> None:
+    pipelining.script("RCPT b@dest.test", "hang")
+    retry = {"minBackoff": 0.2, "maxBackoff": 1.0, "maxLifetime": 60.0, "commandTimeout": 0.5}
+    relay, recorder = _start(env, pipelining, retry=retry)
+    _send(env, relay, ["a@dest.test", "b@dest.test"])
+    for rcpt in ("a@dest.test", "b@dest.test"):
+        assert _wait_delivered(recorder, rcpt) == ["deferred", "delivered"]
+        assert "Timed out waiting for server response" in _replies(recorder, rcpt)[0]
+    [(got, _)] = pipelining.delivered()  # once, by the second connection
+    assert got == ["a@dest.test", "b@dest.test"]
     assert {number for number, _ in pipelining.reads()} == {1, 2}
 
 
