@@ -43,7 +43,6 @@ import asyncio
 import atexit
 import contextlib
 import dataclasses
-import http.client
 import json
 import multiprocessing
 import os
@@ -59,7 +58,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event as EventType
@@ -71,6 +69,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+from bench.click_redirect import measure_nginx, measure_relay, relay_with_a_click  # noqa: E402
 
 from peers import SMTP_SINK, TLSFiles, free_port, make_authority  # noqa: E402
 from postfix import Postfix  # noqa: E402
@@ -87,7 +88,6 @@ RECIPIENT = "user@dest.test"
 USER = "bench"
 POSTFIX_HOST = "mx.bench.test"
 MIB = 1024 * 1024
-CLICK_TARGET = "https://shop.example/landing?utm=bench"
 TICKS = os.sysconf("SC_CLK_TCK")
 SMALL_RATE = 20.0  # small messages per second beside the 10 MB ones
 
@@ -120,16 +120,6 @@ def _at_least(low: int) -> Callable[[str], int]:
     return convert
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} is not above 0")
-    return value
-
-
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = _Parser(
         prog=PROG,
@@ -144,7 +134,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--large-size", type=_at_least(1), default=10, help="large message size, MiB (10)")
     add("--large-messages", type=_at_least(1), default=5, help="large messages per session (5)")
     add("--large-sessions", type=_at_least(1), default=4, help="large-message sessions (4)")
-    add("--click-seconds", type=_seconds, default=10.0, help="wrk duration per run (10 s)")
+    add("--click-seconds", type=_at_least(1), default=10, help="wrk duration per run (10 s)")
     add("--click-connections", type=_at_least(1), default=64, help="wrk -c (64)")
     add("--skip", action="append", default=[], choices=PARTS, help="leave a part out")
     add("--rev", help="run the relay of this git revision (default: the work tree)")
@@ -157,7 +147,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         ns.messages = min(ns.messages, 500)
         ns.strace_messages = min(ns.strace_messages, 300)
         ns.large_messages = 1
-        ns.click_seconds = min(ns.click_seconds, 3.0)
+        ns.click_seconds = min(ns.click_seconds, 3)
     if ns.json is not None and not ns.json.parent.is_dir():
         parser.error(f"--json {ns.json}: {ns.json.parent} is not a directory")
     if ns.workdir is not None and not ns.workdir.is_dir():
@@ -207,34 +197,6 @@ def parse_strace_summary(text: str) -> dict[str, int]:
         ):
             calls[parts[-1]] = int(parts[3])
     return calls
-
-
-_WRK_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}
-
-
-def _wrk_ms(text: str) -> float:
-    match = re.fullmatch(r"([0-9.]+)(us|ms|s|m)", text)
-    if match is None:
-        raise ValueError(f"not a wrk duration: {text!r}")
-    return float(match.group(1)) * _WRK_UNITS[match.group(2)]
-
-
-def parse_wrk(text: str) -> dict[str, float]:
-    """req/s, p50/p99 (ms) and error counts from ``wrk --latency`` output."""
-    found: dict[str, float] = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if line.startswith("Requests/sec:"):
-            found["rps"] = float(parts[1])
-        elif len(parts) == 2 and parts[0] in ("50%", "99%"):
-            found[f"p{parts[0][:-1]}_ms"] = _wrk_ms(parts[1])
-        elif line.strip().startswith("Non-2xx or 3xx responses:"):
-            found["non_2xx_3xx"] = float(parts[-1])
-        elif line.strip().startswith("Socket errors:"):
-            found["socket_errors"] = float(sum(int(n) for n in re.findall(r"\d+", line)))
-        elif re.match(r"\s*\d+ requests in", line):
-            found["requests"] = float(parts[0])
-    return found
 
 
 def _fmt(value: float | None, digits: int = 0, unit: str = "") -> str:
@@ -1069,128 +1031,20 @@ def ceiling_runs(args: argparse.Namespace) -> dict[str, Any]:
 # -- the click redirect ------------------------------------------------------------------------
 
 
-def _wrk(url: str, args: argparse.Namespace) -> dict[str, float]:
-    result = subprocess.run(
-        [
-            WRK,
-            "-t2",
-            f"-c{args.click_connections}",
-            f"-d{args.click_seconds:g}s",
-            "--latency",
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return parse_wrk(result.stdout)
+def relay_click_run(args: argparse.Namespace) -> dict[str, Any]:
+    """bench/click_redirect.py's (H5's) measurement: a relay with tracking on, one send
+    through its API, wrk on the delivered message's click link (so every hit is a real
+    CLICK write); the drain is until the records hold every click answered."""
+    with relay_with_a_click(args.rev) as (relay, _source):
+        figures = measure_relay(
+            relay, connections=args.click_connections, duration=args.click_seconds
+        )
+    return {"load1": figures.pop("load"), **figures}
 
 
-def nginx_run(common: Common, args: argparse.Namespace) -> dict[str, Any]:
-    prefix = Path(tempfile.mkdtemp(prefix="nginx-", dir=common.work))
-    port = free_port()
-    (prefix / "nginx.conf").write_text(f"""\
-# Written by bench/relay_vs_postfix.py: nginx's answer to the click redirect (a bare 302).
-worker_processes auto;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{ return 302 {CLICK_TARGET}; }}
-    }}
-}}
-""")
-    nginx = _spawn(
-        [
-            NGINX,
-            "-p",
-            str(prefix),
-            "-c",
-            str(prefix / "nginx.conf"),
-            "-e",
-            str(prefix / "error.log"),
-            "-g",
-            "daemon off;",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        _wait_port(port, lambda: nginx.poll() is None, "nginx")
-        load1 = _load1()
-        return {"load1": load1, **_wrk(f"http://127.0.0.1:{port}/c/x", args)}
-    finally:
-        _stop(nginx, signal.SIGQUIT)
-        shutil.rmtree(prefix, ignore_errors=True)
-
-
-def click_url(keys_file: Path, port: int) -> str:
-    """A valid tracked click URL, signed as the relay signs links (tracking/tokens.py)."""
-    from txmail_relay.tracking.tokens import TrackingKeys, new_event_id  # noqa: PLC0415
-
-    kid, key = keys_file.read_text().split()[0].split(":")
-    keys = TrackingKeys({int(kid): bytes.fromhex(key)}, int(kid))
-    return f"http://127.0.0.1:{port}/c/{keys.sign_click(new_event_id(), 0, CLICK_TARGET)}"
-
-
-def relay_click_run(common: Common, args: argparse.Namespace) -> dict[str, Any]:
-    keys_file = common.work / "tracking.keys"
-    if not keys_file.exists():
-        keys_file.write_text(f"1:{secrets.token_hex(32)}\n")
-    port = free_port()
-    relay = RelaySystem(
-        common,
-        {"listen": {"tracking": port}, "trackingKeysFile": str(keys_file)},
-    )
-    try:
-        _wait_port(port, lambda: relay.process.poll() is None, "the relay's tracking listener")
-        url = click_url(keys_file, port)
-        status = _status_of(url)
-        if status != 302:
-            raise BenchError(f"the relay answers a valid click URL with {status}, not 302")
-        load1 = _load1()
-        figures = _wrk(url, args)
-        ended = time.perf_counter()
-        drain = _busy_after(relay.process.pid)
-        return {
-            "load1": load1,
-            **figures,
-            "drain_seconds": drain - ended,
-            **relay.rss_kb(),
-        }
-    finally:
-        relay.stop()
-
-
-def _status_of(url: str) -> int:
-    """The status of one GET, not following a redirect."""
-    parsed = urllib.parse.urlsplit(url)
-    connection = http.client.HTTPConnection(parsed.netloc, timeout=10)
-    try:
-        connection.request("GET", parsed.path)
-        return connection.getresponse().status
-    finally:
-        connection.close()
-
-
-def _busy_after(pid: int, window: float = 0.25, idle_share: float = 0.05) -> float:
-    """perf_counter() at the start of the first ``window`` in which ``pid`` used less than
-    ``idle_share`` of a CPU: when the backlog left by the load was worked off."""
-    deadline = time.perf_counter() + 120
-    while time.perf_counter() < deadline:
-        begin, cpu0 = time.perf_counter(), cpu_seconds(pid)
-        time.sleep(window)
-        if cpu_seconds(pid) - cpu0 < window * idle_share + 1 / TICKS:
-            return begin
-    return deadline
+def nginx_click_run(args: argparse.Namespace) -> dict[str, Any]:
+    figures = measure_nginx(connections=args.click_connections, duration=args.click_seconds)
+    return {"load1": figures.pop("load"), **figures}
 
 
 # -- the whole benchmark -----------------------------------------------------------------------
@@ -1399,8 +1253,8 @@ def rows(results: dict[str, Any]) -> list[Row]:
         relay_rps = median(_series(click, "relay", "rps"))
         nginx_rps = median(_series(click, "nginx", "rps"))
         p99 = median(_series(click, "relay", "p99_ms"))
-        hwm = median(_series(click, "relay", "VmHWM"))
-        drain = median(_series(click, "relay", "drain_seconds"))
+        click_rss = median(_series(click, "relay", "rss_max_mib"))
+        drain = median(_series(click, "relay", "drain_s"))
         out += [
             Row(
                 "click redirect req/s (vs nginx)",
@@ -1423,21 +1277,24 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 met=None if p99 is None else p99 <= 20,
             ),
             Row(
-                "click relay RSS (VmHWM), MB",
-                None if hwm is None else hwm / 1024,
+                "click relay RSS (max VmRSS), MiB",
+                click_rss,
                 None,
                 0,
                 goal="<= 120 MB",
-                met=None if hwm is None else hwm / 1024 <= 120,
+                met=None if click_rss is None else click_rss * MIB / 1e6 <= 120,
             ),
+            # H5's drain: until the records hold every click answered; a click is recorded
+            # ~1.05 s after it came by design (the burst rule waits for its siblings), so
+            # "no backlog" reads as done within 1.5 s.
             Row(
-                "click backlog: busy after wrk stops",
+                "click drain after wrk stops",
                 drain,
                 None,
                 2,
                 " s",
-                goal="none (< 0.5 s)",
-                met=None if drain is None else drain < 0.5,
+                goal="none (<= 1.5 s)",
+                met=None if drain is None else drain <= 1.5,
             ),
         ]
     return out
@@ -1504,9 +1361,7 @@ def _run(args: argparse.Namespace, work: Path, log: Callable[[str], None]) -> di
         click: dict[str, list[dict[str, Any]]] = {"relay": [], "nginx": []}
         for i in range(args.pairs):
             for name in ("relay", "nginx") if i % 2 == 0 else ("nginx", "relay"):
-                figures = (
-                    relay_click_run(common, args) if name == "relay" else nginx_run(common, args)
-                )
+                figures = relay_click_run(args) if name == "relay" else nginx_click_run(args)
                 click[name].append(figures)
                 log(f"click pair {i + 1} {name}: {_summary(figures)}")
         results["click"] = click
