@@ -23,7 +23,13 @@ from txmail_relay.config.live import DynamicConfig
 from txmail_relay.contract import CredentialEntry, PasswordDigest, RelayConfig
 from txmail_relay.http.api import _Invalid, parse_send
 from txmail_relay.ingress.complaints import InvalidReportError, parse_report
-from txmail_relay.mail.addresses import AddressError, addr_specs, mailboxes
+from txmail_relay.mail.addresses import (
+    MAX_VALUE_LENGTH,
+    AddressError,
+    _parse_mailboxes,
+    addr_specs,
+    mailboxes,
+)
 from txmail_relay.mail.compose import MimeError, address, build_message, to_bytes
 from txmail_relay.mail.headers import header_fields
 from txmail_relay.mail.submission import ORIGINATOR_FIELDS, parse_submission
@@ -151,6 +157,26 @@ def test_mailboxes_parse_cleanly_or_refuse(text: str) -> None:
         assert "@" not in mailbox.domain and mailbox.local_part
         # the second opinion agrees, by construction
         assert mailbox.addr_spec.lower() in [a.lower() for _, a in getaddresses([text])]
+
+
+def _outcome(parse: Any, text: str) -> tuple[Any, ...] | str:
+    try:
+        return tuple(parse(text))
+    except AddressError as e:
+        return f"refused: {e}"
+
+
+@given(value)
+@example("App <app@example.com>")
+@example("app@example.com; boss@evil.test")
+def test_the_cached_verdict_is_the_parsers(text: str) -> None:
+    """mailboxes() keeps its verdicts by value: the first and a repeated call give what the
+    parsers give, a refusal included."""
+    fresh = _outcome(_parse_mailboxes, text) if len(text) <= MAX_VALUE_LENGTH else None
+    first, again = _outcome(mailboxes, text), _outcome(mailboxes, text)
+    assert first == again
+    if fresh is not None:
+        assert first == fresh
 
 
 @given(st.lists(value, max_size=3))

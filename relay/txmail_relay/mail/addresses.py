@@ -19,6 +19,7 @@ Both can fail on hostile input with errors that are not ``ValueError`` (an ``Ind
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -39,7 +40,11 @@ _SMTP_ADDRESS = re.compile(
     rf"(?=[^@]{{1,64}}@.{{1,253}}\Z){_ATEXT}(?:\.{_ATEXT})*@{_LABEL}(?:\.{_LABEL})*",
     re.IGNORECASE,
 )
-_REGISTRY = HeaderRegistry()
+#: The registry's From header class, made once: ``HeaderRegistry()("From", v)`` builds a new
+#: class on every call (``type()`` in ``__getitem__``), most of a short value's parse time.
+_FROM_HEADER = HeaderRegistry()["From"]
+#: Distinct From-like values whose verdict is kept (an app sends from a few addresses).
+CACHE_SIZE = 1024
 
 
 class AddressError(ValueError):
@@ -76,10 +81,29 @@ def mailboxes(value: str) -> tuple[Mailbox, ...]:
     list, a local part outside printable ASCII, a domain that is not a hostname (a domain
     literal, a trailing dot, an encoded word), and a value the second parser reads otherwise.
     """
-    if len(value) > MAX_VALUE_LENGTH:
+    if len(value) > MAX_VALUE_LENGTH:  # before the cache: it keeps only values parsed
         raise AddressError("the address list is too long")
+    verdict = _verdict(value)
+    if isinstance(verdict, str):
+        raise AddressError(verdict)
+    return verdict
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def _verdict(value: str) -> tuple[Mailbox, ...] | str:
+    """:func:`mailboxes`' answer: the mailboxes, or why they are refused. Cached by value (the
+    verdict depends on nothing else; a Mailbox is immutable): every message repeats its app's
+    From, and both parsers cost a few hundred microseconds per value. Bounded: CACHE_SIZE
+    values of at most MAX_VALUE_LENGTH characters."""
     try:
-        header = cast(AddressHeader, _REGISTRY("From", value))  # From: an address header
+        return _parse_mailboxes(value)
+    except AddressError as e:
+        return str(e)
+
+
+def _parse_mailboxes(value: str) -> tuple[Mailbox, ...]:
+    try:
+        header = cast(AddressHeader, _FROM_HEADER("From", value))  # an address header
         defects = list(cast(BaseHeader, header).defects)  # an AddressHeader is one
         groups = header.groups
         parsed = [(a.display_name, a.username, a.domain) for a in header.addresses]
