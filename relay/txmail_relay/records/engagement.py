@@ -43,27 +43,36 @@ _BATCH = (
     f" m.status_id, m.message_id, m.event_id, {_DELIVERED} FROM messages m"
     " WHERE m.event_id IN ({})"
 )
-# The events rows, as records/events.py append() writes one (columns but seq), many per
-# statement: executemany() steps once per row, and each step gives the GIL up and waits to
-# get it back from the busy event loop (a 1,000-row executemany took up to a second under
-# wrk); one statement steps once. EVENTS_PER_INSERT x 12 stays under SQLite's 32,766
-# variables.
+# The batch's event ids are padded with NULLs (which match nothing) to a power of two, so
+# few statement texts are ever prepared (see _INSERT_EVENTS).
+
+# The batch's writes are one statement each, whatever the batch's size, and each statement's
+# text is the same for every batch: its rows go in as one JSON array parameter, read by
+# json_each(). Not executemany(): it steps once per row, and each step gives the GIL up and
+# waits to get it back from the busy event loop (a 1,000-row executemany took up to a second
+# under wrk). Not a VALUES list per batch: sqlite3 keeps the last 128 statements prepared,
+# and one per batch size held ~100 MB of them.
 _INSERT_EVENTS = (
     "INSERT INTO events (id, type, created, namespace, token, username, email_id, status_id,"
-    " spool_id, recipient, message_id, reply, detail) VALUES "
+    " spool_id, recipient, message_id, reply, detail)"
+    " SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6,"
+    " value->>7, value->>8, value->>9, value->>10, NULL, value->>11 FROM json_each(?)"
 )
-_EVENT_VALUES = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)"
-EVENTS_PER_INSERT = 2000
+_INSERT_UNIQUES = (
+    "INSERT OR IGNORE INTO uniques SELECT value->>0, value->>1, value->>2 FROM json_each(?)"
+    " RETURNING spool_id, recipient, kind"  # the rows inserted: the first times
+)
 _BUMP = (
-    "INSERT INTO counters VALUES {} ON CONFLICT (username, email_id, kind)"
-    " DO UPDATE SET n = n + excluded.n"
+    "INSERT INTO counters SELECT value->>0, value->>1, value->>2, value->>3"
+    " FROM json_each(?) WHERE true"  # (WHERE: an upsert's SELECT needs one to parse)
+    " ON CONFLICT (username, email_id, kind) DO UPDATE SET n = n + excluded.n"
 )
 _UNIQUE = {Kind.OPENED: Kind.UNIQUE_OPENED, Kind.CLICKED: Kind.UNIQUE_CLICKED}
 _MACHINE = {Kind.OPENED: Kind.MACHINE_OPENED, Kind.CLICKED: Kind.MACHINE_CLICKED}
 EVENT_ID_BYTES = 16  # records/events.py new_event_id(): token_urlsafe(16)
 _TYPE = {Kind.OPENED: EventType.OPEN, Kind.CLICKED: EventType.CLICK}
 # One encoder (json.dumps with arguments makes a new one per call: most of its cost).
-_DETAIL = json.JSONEncoder(separators=(",", ":")).encode
+_JSON = json.JSONEncoder(separators=(",", ":")).encode
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +114,8 @@ class EngagementRecords:
         events = self._events
 
         async def write(db: aiosqlite.Connection) -> int:
-            ids = list(dict.fromkeys(h.event_id for h in hits))
+            ids: list[bytes | None] = list(dict.fromkeys(h.event_id for h in hits))
+            ids += [None] * ((1 << (len(ids) - 1).bit_length()) - len(ids))
             rows = await db.execute_fetchall(
                 _BATCH.format(", ".join("?" * len(ids))), (EventType.DELIVERED.value, *ids)
             )
@@ -140,29 +150,16 @@ class EngagementRecords:
                     continue
                 counts[(*key, hit.kind)] += 1
                 people.setdefault((owned.spool_id, owned.recipient, _UNIQUE[hit.kind]), owned)
-            for start in range(0, len(inserts), EVENTS_PER_INSERT):
-                chunk = inserts[start : start + EVENTS_PER_INSERT]
-                await db.execute(
-                    _INSERT_EVENTS + ", ".join([_EVENT_VALUES] * len(chunk)),
-                    [value for row in chunk for value in row],
-                )
+            if inserts:
+                await db.execute(_INSERT_EVENTS, (_JSON(inserts),))
             if people:
-                # RETURNING gives the rows inserted, so the first times (OR IGNORE skips the
-                # rest): one statement for the batch's uniques.
-                values = ", ".join(["(?, ?, ?)"] * len(people))
-                args = [v for s, r, k in people for v in (s, r, k.value)]
-                for s, r, k in await db.execute_fetchall(
-                    f"INSERT OR IGNORE INTO uniques VALUES {values}"  # noqa: S608 - placeholders
-                    " RETURNING spool_id, recipient, kind",
-                    args,
-                ):
+                uniques = [(s, r, k.value) for s, r, k in people]
+                for s, r, k in await db.execute_fetchall(_INSERT_UNIQUES, (_JSON(uniques),)):
                     first = people[(s, r, Kind(k))]
                     counts[(first.username, first.email_id, Kind(k))] += 1
             if counts:
-                await db.execute(
-                    _BUMP.format(", ".join(["(?, ?, ?, ?)"] * len(counts))),
-                    [v for (u, e, kind), n in counts.items() for v in (u, e, kind.value, n)],
-                )
+                bumps = [(u, e, kind.value, n) for (u, e, kind), n in counts.items()]
+                await db.execute(_BUMP, (_JSON(bumps),))
             return recorded
 
         return self._db.write(write)
@@ -193,5 +190,5 @@ def _event_row(
         found.spool_id or None,
         found.recipient,
         found.message_id,
-        _DETAIL(detail),
+        _JSON(detail),
     )
