@@ -8,8 +8,9 @@ test sees the command groups as the relay wrote them, and answers MAIL or RCPT a
 from __future__ import annotations
 
 import asyncio
+import smtplib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,10 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from peers import free_port
+from postfix import BOUNCE_DOMAIN, KNOWN_USER, Postfix, postfix_factory
 from relay.relaykit import Recorder, RelayEnv, RelayThread, message, wait_for
+
+__all__ = ["postfix_factory"]
 
 SENDER = "app@example.com"
 _VERBS = {b"EHLO", b"HELO", b"MAIL", b"RCPT", b"DATA", b"RSET", b"NOOP", b"QUIT"}
@@ -324,3 +328,27 @@ def test_without_pipelining_each_command_waits_for_its_reply(
         b"RCPT TO:<b@dest.test>\r\n",
         b"DATA\r\n",
     ]
+
+
+def test_a_real_postfix_gets_pipelined_mail_as_it_expects_it(
+    env: RelayEnv, postfix_factory: Callable[..., Postfix]
+) -> None:
+    """Postfix offers PIPELINING and logs "improper command pipelining" when a client sends
+    ahead where it must wait (before the 354, or without PIPELINING offered)."""
+    postfix = postfix_factory()
+    with smtplib.SMTP(postfix.host, postfix.port, timeout=10) as smtp:
+        smtp.ehlo("probe.test")
+        assert smtp.has_extn("pipelining")
+    recorder = Recorder()
+    overrides = {"relay": {"delivery": {"smarthost": {"host": postfix.host, "port": postfix.port}}}}
+    relay = env.start(env.settings(overrides=overrides), listeners=[recorder])
+    rcpt = f"{KNOWN_USER}@{BOUNCE_DOMAIN}"
+    with env.client(relay) as smtp:
+        for seq in range(5):
+            smtp.sendmail(SENDER, [rcpt], message(seq))
+    wait_for(lambda: recorder.outcomes(rcpt) == ["delivered"] * 5, timeout=20, what="outcomes")
+    wait_for(lambda: len(postfix.delivered()) == 5, timeout=20, what="five in the maildir")
+    assert sorted(str(m["Subject"]) for m in postfix.delivered()) == [
+        f"seq {seq}" for seq in range(5)
+    ]
+    assert "improper command pipelining" not in postfix.log()
