@@ -26,6 +26,7 @@ from txmail_relay.records.model import Event, EventType, Kind, SentCopy
 from txmail_relay.records.records import Records
 from txmail_relay.tracking.endpoints import HIT_BYTES, KeyFile, TrackingEndpoints
 from txmail_relay.tracking.machine import Policy
+from txmail_relay.tracking.tokens import TrackingKeys
 
 EVENT = bytes(range(16))
 TARGET = "https://shop.example.com/a"
@@ -170,3 +171,14 @@ async def test_opens_are_batched_too_and_an_unknown_event_records_nothing(
     assert counts[Kind.UNIQUE_OPENED] == 1
     opens = await records.events.after(0, types=(EventType.OPEN,), limit=100)
     assert len(opens) == 20 and {e.recipient for e in opens} == {"ada@dest.test"}
+
+
+def test_a_click_verified_once_is_remembered_but_only_by_its_own_ring() -> None:
+    """A link clicked again is answered from memory; a tampered twin of it is still refused,
+    and a ring without its key (a rotation that retired it) does not know it."""
+    ring = TrackingKeys({1: b"1" * 32, 2: b"2" * 32}, current=1)
+    token = ring.sign_click(EVENT, 3, TARGET)
+    first = ring.click(token)
+    assert first is not None and ring.click(token) is first
+    assert ring.click(token[:-2] + ("AA" if token[-2:] != "AA" else "BB")) is None
+    assert TrackingKeys({2: b"2" * 32}, current=2).click(token) is None

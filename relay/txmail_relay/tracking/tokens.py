@@ -60,6 +60,8 @@ TAG_BYTES: Final = 16
 NONCE_BYTES: Final = 12
 MIN_KEY_BYTES: Final = 32
 MAX_URL_BYTES: Final = 4096
+MAX_VERIFIED: Final = 4096  # verified clicks remembered per key ring (~2 KB each at most)
+MAX_CACHED_TOKEN: Final = 1024  # characters; longer tokens are verified every time
 
 _HEADER = struct.Struct(">BBB16sH")
 _MIN_TOKEN_BYTES = _HEADER.size + NONCE_BYTES + TAG_BYTES  # 49: an open token
@@ -206,6 +208,12 @@ class TrackingKeys:
             }
         )
         self.current = current
+        # Clicks verified already, by token: a link clicked again (a person's second visit,
+        # a scanner and then the person) is answered from memory. Valid ones only, so
+        # invalid tokens cannot push them out; bounded in entries and token length. The
+        # ring's keys are fixed for this object's life: a rotation makes a new ring, so a
+        # retired key's clicks are forgotten with it.
+        self._verified: dict[str, Click] = {}
 
     def _sign(self, kind: int, event_id: bytes, index: int, payload: bytes) -> str:
         if len(event_id) != EVENT_ID_BYTES:
@@ -257,6 +265,17 @@ class TrackingKeys:
 
     def click(self, token: str) -> Click | None:
         """The verified click behind ``token``, or ``None``."""
+        known = self._verified.get(token)
+        if known is not None:
+            return known
+        found = self._click(token)
+        if found is not None and len(token) <= MAX_CACHED_TOKEN:
+            if len(self._verified) >= MAX_VERIFIED:
+                del self._verified[next(iter(self._verified))]  # the oldest
+            self._verified[token] = found
+        return found
+
+    def _click(self, token: str) -> Click | None:
         opened = self._open_token(token, KIND_CLICK)
         if opened is None:
             return None
