@@ -115,6 +115,22 @@ def test_text_only_mail_is_left_alone(env: RelayEnv, relay: RelayThread) -> None
     assert "https://shop.example.com/o/3" in env.sink.wait(1)[0].content
 
 
+def test_mail_without_a_content_type_is_text_and_left_alone(
+    env: RelayEnv, relay: RelayThread
+) -> None:
+    """No Content-Type field: text/plain (RFC 2045 §5.2), even if it reads like HTML; relayed
+    as it came (read on the event loop, no body parse)."""
+    html = '<p><a href="https://shop.example.com/o/5">see it</a></p>'
+    raw = (
+        "From: app@example.com\r\nTo: ada@dest.test\r\nSubject: bare\r\n\r\n"
+        f"{html}\r\nEND-OF-MESSAGE 5\r\n"
+    )
+    with env.client(relay) as smtp:
+        smtp.sendmail("app@example.com", ["ada@dest.test"], raw.encode())
+    got = env.sink.wait(1)[0].content
+    assert html in got and not LINK.findall(got)
+
+
 def test_no_tracking_without_a_tracking_url(env: RelayEnv) -> None:
     relay = env.start(env.settings(credentials=[credential(env.username, env.password)]))
     send(env, relay, mail(4), ["ada@dest.test"])

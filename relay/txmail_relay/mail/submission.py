@@ -49,6 +49,7 @@ class SubmittedHeaders:
     track_off: bool  # X-Txmail-Track: off
     dkim_signed: bool
     template: TemplateFields | None  # None: relayed as it is
+    content_type: str | None  # the first Content-Type field; None: text/plain (RFC 2045 §5.2)
     from_problem: str | None = None  # why the originator fields are refused (None: usable)
 
 
@@ -99,6 +100,7 @@ def parse_headers(content: bytes) -> SubmittedHeaders:
         track_off=(fields.get(TRACK_HEADER) or "").lower() == "off",
         dkim_signed="DKIM-Signature" in fields,
         template=template,
+        content_type=fields.get("Content-Type"),
         from_problem=problem,
     )
 

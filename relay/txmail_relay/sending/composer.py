@@ -1,8 +1,9 @@
 """Compose the copies of a send: render and build a template send, track plain mail.
 
 CPU-bound and synchronous: :class:`~txmail_relay.sending.service.SendService` runs it in a
-worker thread. Tracking (when the template asks for it, the IP has a tracking base URL and
-keys are configured): every ``to`` recipient gets its own copy with its own event id;
+worker thread (plain mail it will not parse, :meth:`Composer.plain_is_cheap`, on the loop).
+Tracking (when the template asks for it, the IP has a tracking base URL and keys are
+configured): every ``to`` recipient gets its own copy with its own event id;
 ``cc`` and ``bcc`` recipients share one untracked copy. A tracking failure sends untracked
 (counted).
 """
@@ -204,14 +205,29 @@ class Composer:
             log.warning("tracking failed, sending untracked", extra={"reason": type(exc).__name__})
             return as_is
 
+    @staticmethod
+    def _to_track(submission: Submission) -> list[str]:
+        """The recipients :meth:`plain` would give tracked copies, if the mail has an HTML
+        part (only a parse of the body can tell): none when it opted out, is signed, or has
+        no Content-Type (text/plain then, RFC 2045 §5.2, so no HTML part; the stdlib parser
+        sees no field that :func:`header_fields` does not, in mail the policy accepted)."""
+        headers = submission.headers
+        if headers.track_off or headers.dkim_signed or headers.content_type is None:
+            return []
+        to = {a.lower() for a in headers.to}
+        return [r for r in submission.recipients if r.lower() in to]
+
+    def plain_is_cheap(self, config: DynamicConfig | None, submission: Submission) -> bool:
+        """:meth:`plain` returns the mail as it came without parsing its body (no tracking,
+        or nothing to track): cheap enough for the event loop. Otherwise it parses the body
+        and may rewrite it, milliseconds for a small HTML mail: a worker thread's job."""
+        return not self.tracks(config) or not self._to_track(submission)
+
     def _tracked_copies(
         self, base: str, keys: TrackingKeys, submission: Submission
     ) -> list[Copy] | None:
         headers, rcpts = submission.headers, submission.recipients
-        if headers.track_off or headers.dkim_signed:
-            return None
-        to = {a.lower() for a in headers.to}
-        tracked = [r for r in rcpts if r.lower() in to]
+        tracked = self._to_track(submission)
         if not tracked:
             return None
         # The body is parsed only here, where it is rewritten.

@@ -3,9 +3,10 @@
 :meth:`SendService.accept` is the one path every accepted message takes: a template send
 (the API's JSON, or SMTP mail with ``X-Txmail-Email-Id``) is rendered and built, plain SMTP
 mail is tracked or kept as it came (:class:`~txmail_relay.sending.composer.Composer`, in a
-worker thread: CPU-bound); the copies go into the durable spool with the relay's Received
-header, so delivery, retries and metrics are shared; then the send is recorded in the
-:class:`~txmail_relay.records.records.Records` (awaited: a 250 or an API 200 means both).
+worker thread when it parses the body: CPU-bound); the copies go into the durable spool with
+the relay's Received header, so delivery, retries and metrics are shared; then the send is
+recorded in the :class:`~txmail_relay.records.records.Records` (awaited: a 250 or an API 200
+means both).
 :meth:`SendService.send` adds what only the API has: the sendId reservation and the
 suppressed cc and bcc left out.
 """
@@ -178,10 +179,10 @@ class SendService:
             message = request
         elif isinstance(message, SendRequest):
             copies = await self._compose(entry, message)
-        elif self._composer.tracks(config):
-            copies = await asyncio.to_thread(self._composer.plain, config, message)
-        else:
+        elif self._composer.plain_is_cheap(config, message):
             copies = self._composer.plain(config, message)  # as it came: nothing to compute
+        else:  # its body is parsed and maybe rewritten (ms for a small HTML mail): a thread
+            copies = await asyncio.to_thread(self._composer.plain, config, message)
         # Plain SMTP mail keeps its DSN parameters (a template send has its send status).
         plain = message if isinstance(message, Submission) else None
         spooled = await self._spool_copies(entry, copies, received_header(origin), plain)
