@@ -79,7 +79,7 @@ _TYPE = {Kind.OPENED: EventType.OPEN, Kind.CLICKED: EventType.CLICK}
 _JSON = json.JSONEncoder(separators=(",", ":")).encode
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen init costs 7 us a hit, on the request path
 class Hit:
     """One open or click (``kind``) of a tracked recipient, at ``at`` (the relay's clock)."""
 

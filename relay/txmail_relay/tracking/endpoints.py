@@ -191,7 +191,7 @@ def _user_agent(request: web.Request) -> str | None:
     return value[:MAX_USER_AGENT] if value is not None else None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Pending(Engagement):
     """A hit waiting to be recorded: what the records write, and what its verdict needs."""
 
