@@ -14,10 +14,10 @@ commit. With ``synchronous=FULL`` in WAL mode a COMMIT is one fsync of the WAL: 
 not one per write. A write's awaitable resolves only after the COMMIT of its batch (a write
 awaited is durable), a read's too when it ran inside a batch (it saw the writes before it);
 when a batch's COMMIT fails, its writes all fail with that error and its reads run again
-after the rollback. Writes given as plain functions (:meth:`Database.write_sync`, the hot
-ones: a message spooled, a delivery outcome) run on the connection's thread back to back,
-``BEGIN`` and ``COMMIT`` included: a batch of them costs one thread hop, not one per
-statement.
+after the rollback. Units given as plain functions (:meth:`Database.write_sync` and
+:meth:`Database.read_sync`, the hot ones: a message spooled, a delivery outcome, the
+suppression lookup of a message) run on the connection's thread back to back, ``BEGIN`` and
+``COMMIT`` included: a batch of them costs one thread hop, not one per statement.
 
 The queue is bounded by ``max_queue`` units waiting for a batch. Past it, :meth:`has_room`
 is False and :meth:`room` waits until there is room again: producers that do not wait for
