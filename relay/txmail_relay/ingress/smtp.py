@@ -374,6 +374,8 @@ class SubmissionProtocol(SMTP):
         self._stopping = False
         self._junk = 0
         self._last_code = 0
+        self._idle_deadline = 0.0  # the idle timer's deadline (loop time)
+        self._idle_armed: float | None = None  # when the timer is set to fire (None: not set)
         super().__init__(
             handler,
             data_size_limit=limits.max_message_size,
@@ -557,6 +559,29 @@ class SubmissionProtocol(SMTP):
             self._raw.abort()
 
     # -- timers ----------------------------------------------------------------------------
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd's idle timer, moved to ``duration`` (default: the idle timeout) from now.
+
+        aiosmtpd cancels it and makes a new one each time, three to four times per command
+        with the hook's longer wait (_call_handler_hook): here a later deadline is only noted,
+        and the timer, when it fires, waits again for the rest. An earlier one re-arms it."""
+        deadline = self.loop.time() + (duration or self._timeout_duration)
+        self._idle_deadline = deadline
+        if self._idle_armed is not None and self._idle_armed <= deadline:
+            return  # the armed timer fires first and waits for the rest then
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        self._idle_armed = deadline
+        self._timeout_handle = self.loop.call_at(deadline, self._idle_timer)
+
+    def _idle_timer(self) -> None:
+        self._idle_armed = None
+        if self._idle_deadline > self.loop.time():  # moved later since it was armed
+            self._idle_armed = self._idle_deadline
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._idle_timer)
+            return
+        self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         """aiosmtpd's idle timer: a 421 before closing, except in a handshake (no reply
