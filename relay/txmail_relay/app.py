@@ -135,8 +135,10 @@ class Relay:
             self.transport,
             settings.retry,
             concurrency=settings.outbound.concurrency,
-            # The webhooks after the recorder: the event is written before they look for it.
-            listeners=[self.metrics, OutcomeRecorder(self.records), self.webhooks, *listeners],
+            # The records before the spool's DONE and the listeners (the webhooks look for the
+            # event); in the background, before the webhooks, when they cannot take it at once.
+            listeners=[self.metrics, self.webhooks, *listeners],
+            recorder=OutcomeRecorder(self.records),
             warmup=self.warmup,
             sign=self.dkim.sign,
             return_path=self.return_path.envelope_sender,  # VERP when configured

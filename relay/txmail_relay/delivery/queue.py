@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from txmail_relay.delivery.transport import Destination, RecipientResult, Transport
 from txmail_relay.delivery.warmup import WarmupGate
@@ -33,6 +34,20 @@ log = logging.getLogger(__name__)
 def backoff(attempts: int, retry: RetrySettings) -> float:
     """Delay after the ``attempts``-th failed attempt: doubling from min to max backoff."""
     return float(min(retry.max_backoff, retry.min_backoff * 2 ** max(0, attempts - 1)))
+
+
+class OutcomeWriter(Protocol):
+    """Where outcomes are recorded (records/stats.py ``OutcomeRecorder``)."""
+
+    async def record(self, events: Sequence[OutcomeEvent]) -> list[OutcomeEvent]:
+        """Write ``events`` now; returns those not written (for :meth:`on_outcome`)."""
+        ...
+
+    def on_outcome(self, event: OutcomeEvent) -> None:
+        """Write ``event`` in the background (it is crossed off in the spool already)."""
+
+    def finished(self, spool_id: str) -> None:
+        """The message is crossed off for good (its attempt keys may go)."""
 
 
 @dataclass(eq=False)
@@ -82,6 +97,7 @@ class DeliveryQueue:
         *,
         concurrency: int,
         listeners: Sequence[OutcomeListener] = (),
+        recorder: OutcomeWriter | None = None,
         clock: Callable[[], float] = time.time,
         warmup: WarmupGate | None = None,
         sign: Callable[[bytes], Awaitable[bytes]] | None = None,
@@ -102,6 +118,7 @@ class DeliveryQueue:
         self._retry = retry
         self._concurrency = concurrency
         self._listeners = list(listeners)
+        self._recorder = recorder  # told before the spool and the listeners
         self._clock = clock
         self._warmup = warmup  # IP warm-up: holds new mail past the day's budget
         self._warmup_failed = False  # its failure is logged once
@@ -357,7 +374,11 @@ class DeliveryQueue:
                 )
             )
         await self._notify_failed(msg, final, dict(zip(pending, results, strict=True)), body, now)
-        if final and not await self._spool.record(msg, final):
+        # The records first: a crash before the spool's DONE sends the mail again and the
+        # records count it once; the other order would lose the outcome (docs/feedback.md).
+        later = {id(event) for event in await self._record(msg, events)}
+        done = True
+        if final and not (done := await self._spool.record(msg, final)):
             # Crossed off in memory; the spool writes them again until they land (or deletes
             # the finished segment). Only a crash before then sends them again.
             log.warning(
@@ -365,7 +386,7 @@ class DeliveryQueue:
                 extra={"msg_id": msg.id, "recipients": len(final)},
             )
         for event in events:
-            self._publish(event)
+            self._publish(event, record=id(event) in later)
         left = tuple(i for i in pending if i not in msg.final)
         if left:
             due = min(now + backoff(job.attempts, self._retry), born + self._retry.max_lifetime)
@@ -374,10 +395,16 @@ class DeliveryQueue:
             # Survives a restart (a STATE record): best effort, the attempt is over anyway.
             await self._spool.defer(msg, due)
         elif not msg.pending():
-            self._messages.pop(msg.id, None)
-            if self._warmup is not None:
-                self._warmup.finished(msg)
+            self._finish(msg, durable=done)
         return any(r.attempted for r in results)
+
+    def _finish(self, msg: SpooledMessage, *, durable: bool) -> None:
+        """``msg`` has no recipient left (``durable``: crossed off in the spool already)."""
+        self._messages.pop(msg.id, None)
+        if self._warmup is not None:
+            self._warmup.finished(msg)
+        if self._recorder is not None and durable:  # never delivered again: its keys may go
+            self._recorder.finished(msg.id)
 
     async def _notify_failed(
         self,
@@ -409,7 +436,18 @@ class DeliveryQueue:
         except Exception:  # the outcomes are recorded whatever happens to the DSN
             log.exception("DSN not sent", extra={"msg_id": msg.id})
 
-    def _publish(self, event: OutcomeEvent) -> None:
+    async def _record(self, msg: SpooledMessage, events: list[OutcomeEvent]) -> list[OutcomeEvent]:
+        """Write ``events`` to the records; those not written yet (handed to the recorder in
+        the background by :meth:`_publish`)."""
+        if self._recorder is None:
+            return []
+        try:
+            return await self._recorder.record(events)
+        except Exception:  # a bug must not hold delivery: in the background, as before
+            log.exception("outcomes not recorded", extra={"msg_id": msg.id})
+            return events
+
+    def _publish(self, event: OutcomeEvent, *, record: bool = False) -> None:
         level = logging.INFO if event.outcome is Outcome.DELIVERED else logging.WARNING
         log.log(
             level,
@@ -423,6 +461,11 @@ class DeliveryQueue:
                 "attempts": event.attempts,
             },
         )
+        if record and self._recorder is not None:  # before the webhooks look for it
+            try:
+                self._recorder.on_outcome(event)
+            except Exception:
+                log.exception("outcome recorder failed", extra={"msg_id": event.message_id})
         for listener in self._listeners:
             try:
                 listener.on_outcome(event)

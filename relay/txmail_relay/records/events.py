@@ -4,7 +4,10 @@ Every write here counts what happened (:mod:`~txmail_relay.records.counters`) an
 row to the events log (table ``events``, :class:`~txmail_relay.records.model.Event`) in the
 same transaction, so the log (what the events API and the webhooks read) and the figures never
 disagree. ``uniques`` holds (spool id, recipient, kind) for unique opens and clicks, for
-complaints and for hard DSN bounces (each counted once per message and recipient).
+complaints and for hard DSN bounces (each counted once per message and recipient), and the
+attempt keys of delivery outcomes (:meth:`Events.outcome`: one write per recipient and attempt,
+even when a crash makes the relay deliver it again), deleted once the message is finished
+(:meth:`Events.forget_outcomes`).
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ RELAY_USERNAME = ""
 #: SmtpToken name), or None if no token has that username now.
 Owner = Callable[[str], tuple[str, str] | None]
 _DSN_BOUNCED = "dsn_bounced"  # uniques kind: a hard DSN, counted once per message/recipient
+# uniques kinds of Events.outcome's attempt keys: the recipient's final outcome (one ever), and
+# a deferral per attempt number.
+_FINAL_KEY = "outcome:final"
+_OUTCOME_KEYS = "outcome:*"  # GLOB of both
 _RECIPIENT = (
     "SELECT spool_id, recipient, username, email_id, namespace, token, status_id, message_id"
     " FROM messages"
@@ -189,6 +196,23 @@ async def _message(db: aiosqlite.Connection, spool_id: str, recipient: str) -> R
     return await run_sync(db, lambda c: _message_sync(c, spool_id, recipient))
 
 
+def _first_outcome(conn: sqlite3.Connection, spool_id: str, recipient: str, key: str) -> bool:
+    """Whether ``key`` (an attempt key of :meth:`Events.outcome`) is new; records it. A
+    deferral is not new after the recipient's final outcome either."""
+    if (
+        key != _FINAL_KEY
+        and conn.execute(
+            "SELECT 1 FROM uniques WHERE spool_id = ? AND recipient = ? AND kind = ?",
+            (spool_id, recipient, _FINAL_KEY),
+        ).fetchone()
+    ):
+        return False
+    cursor = conn.execute(
+        "INSERT OR IGNORE INTO uniques VALUES (?, ?, ?)", (spool_id, recipient, key)
+    )
+    return bool(cursor.rowcount)
+
+
 async def _first_time(db: aiosqlite.Connection, found: Recipient, kind: str) -> bool:
     cursor = await db.execute(
         "INSERT OR IGNORE INTO uniques VALUES (?, ?, ?)",
@@ -251,6 +275,7 @@ class Events:
         at: float,
         *,
         reply: str | None = None,
+        attempt: int | None = None,
     ) -> Awaitable[None]:
         """Counted and logged (DELIVERED, DEFERRED, or BOUNCE: hard from SMTP, soft when
         expired); a bounce of a bad address (:func:`suppresses`) suppresses the recipient in its
@@ -259,7 +284,17 @@ class Events:
 
         Nothing at all for the relay's own DSNs (username :data:`RELAY_USERNAME`). A message
         with no messages row (spooled just before a crash) is counted for its username and
-        logged in the namespace of that username's token (see :meth:`owned`)."""
+        logged in the namespace of that username's token (see :meth:`owned`).
+
+        ``attempt`` (the attempt's number) makes it written once: delivery writes the outcomes
+        before the spool crosses the recipient off, so a crash in between delivers the mail
+        again (at least once) and asks for the same outcome again. A final outcome is keyed
+        ``outcome:final`` (a recipient has one final outcome in the spool: any later one is
+        that redelivery), a deferral ``outcome:<attempt>`` (the attempt count is persisted only
+        by a deferral's STATE record, after its write, so a redelivery carries the same
+        number) and is skipped after a final one. The number alone would not do: a redelivery
+        may end otherwise (delivered where the first try deferred) and must still count.
+        """
         if username == RELAY_USERNAME:
             return _nothing()
         # Read on the loop now: the write runs on the connection's thread (one hop with its
@@ -267,6 +302,10 @@ class Events:
         owner = self._owner_of(username)
 
         def write(conn: sqlite3.Connection) -> None:
+            if attempt is not None and not _first_outcome(
+                conn, spool_id, recipient, _FINAL_KEY if outcome.final else f"outcome:{attempt}"
+            ):
+                return
             known = _message_sync(conn, spool_id, recipient)
             if known is None:  # not recorded: its token from the configuration
                 known = Recipient(spool_id, recipient, username, 0)
@@ -295,6 +334,21 @@ class Events:
                     found.recipient,
                     SendState.PROCESSING.value,
                 ),
+            )
+
+        return self._db.write_sync(write)
+
+    def forget_outcomes(self, spool_ids: Collection[str]) -> Awaitable[None]:
+        """Delete the attempt keys of :meth:`outcome` of finished messages (crossed off in the
+        spool for good: never delivered again). The messages rows stay (nothing prunes
+        them); a key whose delete a crash lost stays too, one row per recipient."""
+        ids = json.dumps(sorted(spool_ids))
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "DELETE FROM uniques WHERE spool_id IN (SELECT value FROM json_each(?))"
+                " AND kind GLOB ?",
+                (ids, _OUTCOME_KEYS),
             )
 
         return self._db.write_sync(write)

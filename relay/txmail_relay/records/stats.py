@@ -1,10 +1,11 @@
 """Stats: outcomes into the records, the per-token figures, Prometheus, and publishing.
 
-:class:`OutcomeRecorder` is an :class:`~txmail_relay.outcomes.OutcomeListener` that writes
-every outcome to the records (without waiting); an outcome the full volume refused, or that
-came while the records' queue was full (:meth:`Records.has_room`), is kept and written again,
-in order, until the records take it (so the figures and the send statuses are right once
-space is back). :class:`StatsLoop` computes a
+:class:`OutcomeRecorder` writes an attempt's outcomes to the records before the spool
+crosses them off (:meth:`OutcomeRecorder.record`, awaited by delivery), and is the
+:class:`~txmail_relay.outcomes.OutcomeListener` of those it could not write then (without
+waiting): an outcome the full volume refused, or that came while the records' queue was full
+(:meth:`Records.has_room`), is kept and written again, in order, until the records take it (so
+the figures and the send statuses are right once space is back). :class:`StatsLoop` computes a
 :class:`~txmail_relay.contract.RelayStats` every ``statsInterval`` seconds, keeps its counts
 for the Prometheus collector and hands it to a :class:`StatsPublisher`: the ConfigMap the
 operator copies into ``SmtpToken.status.stats``
@@ -18,7 +19,7 @@ import asyncio
 import logging
 import os
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
@@ -73,9 +74,46 @@ class OutcomeRecorder:
         self._retrying: asyncio.Task[None] | None = None
         self._dropped = 0
         self._full = False  # the last write refused was refused for space
+        self._finished: list[str] = []  # messages whose attempt keys are to be forgotten
 
     def kept(self) -> int:
         return len(self._kept)
+
+    async def record(self, events: Sequence[OutcomeEvent]) -> list[OutcomeEvent]:
+        """Write one attempt's outcomes now, asked for together (one transaction, no fsync of
+        their own: records/database.py), and wait for them; returns those not written, for
+        :meth:`on_outcome` (after the spool has them): all of them while outcomes wait for
+        room or the records' queue is full (a full or slow volume never holds delivery), and
+        those the full volume refused. An outcome that failed otherwise is logged, as in
+        :meth:`on_outcome`. Each write is keyed by its attempt (records/events.py
+        ``Events.outcome``), so one asked for again after a crash is not counted twice."""
+        if self._kept or not self._records.has_room():
+            return list(events)
+        writes = [self._write(event) for event in events]
+        if self._finished:  # in the same transaction as this attempt's
+            writes.append(asyncio.ensure_future(self._forget()))
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        if len(results) > len(events) and isinstance(results[-1], BaseException):
+            log.warning("attempt keys not deleted: %s", type(results[-1]).__name__)
+        refused = []
+        for event, result in zip(events, results, strict=False):
+            if _full(result):
+                refused.append(event)
+            elif isinstance(result, BaseException):
+                log.error("outcome not recorded: %s", type(result).__name__, exc_info=result)
+        return refused
+
+    def finished(self, spool_id: str) -> None:
+        """``spool_id`` is crossed off for good: its attempt keys go with the next outcomes'
+        write (or on their own once 500 wait)."""
+        self._finished.append(spool_id)
+        if len(self._finished) >= self._chunk and self._records.has_room():
+            future = asyncio.ensure_future(self._forget())
+            future.add_done_callback(_forgotten)
+
+    def _forget(self) -> Awaitable[None]:
+        ids, self._finished = self._finished, []
+        return self._records.events.forget_outcomes(ids)
 
     def on_outcome(self, event: OutcomeEvent) -> None:
         if self._kept or not self._records.has_room():  # behind the ones waiting, in order
@@ -93,6 +131,7 @@ class OutcomeRecorder:
                 event.outcome,
                 event.at,
                 reply=event.reply,
+                attempt=event.attempts,
             )
         )
 
@@ -143,6 +182,12 @@ class OutcomeRecorder:
 
 def _full(result: object) -> bool:
     return isinstance(result, RecordsFullError)
+
+
+def _forgotten(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and (error := future.exception()) is not None:
+        # Rows of finished messages left behind, harmless (a full volume, say).
+        log.warning("attempt keys not deleted: %s", type(error).__name__)
 
 
 def _rate(part: int, whole: int) -> float:
