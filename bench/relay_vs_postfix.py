@@ -1387,6 +1387,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(line: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} {line}", file=sys.stderr, flush=True)
 
+    # A SIGTERM unwinds like Ctrl-C: the finally blocks and atexit stop Postfix, the relays,
+    # the sinks, strace and nginx.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         results = run(args, log)
     except BenchError as e:
