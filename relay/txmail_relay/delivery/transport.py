@@ -656,6 +656,13 @@ class SmtpTransport:
                     answered = isinstance(exc, aiosmtplib.SMTPResponseException)
                     result = RecipientResult(Outcome.DEFERRED, reply, answered=answered)
                     return dict.fromkeys(rcpts, result)
+                except BaseException:
+                    # Anything else goes up (the ValueError of an address aiosmtplib will not
+                    # quote, a cancellation), and the connection, whatever state its
+                    # transaction is in (MAIL sent, say), is closed: not pooled, and no longer
+                    # counted against its destination's connection limit.
+                    self._pool.discard(conn)
+                    raise
                 self._pool.release(conn, reusable=reusable)
                 return results
         return dict.fromkeys(rcpts, RecipientResult(Outcome.DEFERRED, last, answered=answered))
