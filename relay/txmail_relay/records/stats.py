@@ -52,11 +52,13 @@ EVENTS_RETENTION = RecordsSettings().events_retention
 
 
 class OutcomeRecorder:
-    """Writes outcomes as they come; keeps those a full volume refused, and those that come
-    while the records' queue is full (at most ``max_kept`` in all, in memory: beyond, the
-    oldest are dropped and said so), and writes them again, in order and ``chunk`` at a time
-    (one transaction), once the queue has room, every ``retry_interval`` seconds while the
-    volume is full. A refused write was rolled back, so writing it again counts it once."""
+    """Writes an attempt's outcomes when delivery asks (:meth:`record`, before the spool's
+    DONE), or as they come (:meth:`on_outcome`, after it); keeps those a full volume refused,
+    and those that come while the records' queue is full (at most ``max_kept`` in all, in
+    memory: beyond, the oldest are dropped and said so), and writes them again, in order and
+    ``chunk`` at a time (one transaction), once the queue has room, every ``retry_interval``
+    seconds while the volume is full. A refused write was rolled back, and every write is keyed
+    by its attempt, so writing it again counts it once."""
 
     def __init__(
         self,
