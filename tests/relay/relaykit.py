@@ -17,7 +17,7 @@ import smtplib
 import socket
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
@@ -352,12 +352,15 @@ def submission_only(port: int) -> dict[str, Any]:
     return {"submission": port, "submissions": None, "tracking": None, "api": None, "metrics": None}
 
 
-def start_relay_process(settings: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+def start_relay_process(
+    settings: Path, port: int, log: Path, *, command: Sequence[str] | None = None
+) -> subprocess.Popen[bytes]:
     """``txmail-relay --config settings`` as a process (its output appended to ``log``),
-    returned once it listens on ``port``."""
+    returned once it listens on ``port``. ``command`` runs in place of ``txmail-relay``
+    (the crash-point seam of tests/relay/crashpoint.py)."""
     with log.open("ab") as out:
         process = subprocess.Popen(
-            [*relay_command(), "--config", str(settings)],
+            [*(relay_command() if command is None else command), "--config", str(settings)],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import http.client as http_client
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from relay.relaykit import (
     free_port,
     http,
     send_request,
+    start_relay_process,
     template_doc,
     wait_for,
 )
@@ -42,27 +42,8 @@ def start_crashing_relay(
     point: str, settings: Path, port: int, log: Path
 ) -> subprocess.Popen[bytes]:
     """The relay, through the crash-point seam, once its API listens on ``port``."""
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, crashpoint.__file__, point, "--config", str(settings)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-
-    def listening() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"relay exited early, see {log}")
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0
-
-    try:
-        wait_for(listening, 20, "the relay to listen")
-    except BaseException:
-        process.kill()
-        process.wait(10)
-        raise
-    return process
+    command = [sys.executable, crashpoint.__file__, point]
+    return start_relay_process(settings, port, log, command=command)
 
 
 def records(directory: Path) -> tuple[int, int, list[tuple[str, str | None]]]:
