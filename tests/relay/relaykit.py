@@ -285,9 +285,13 @@ class RelayEnv:
     username: str = "app1"
     threads: list[RelayThread] = field(default_factory=list)
 
-    def settings(self, **kwargs: Any) -> Path:
+    def settings(self, *, upstream_port: int | None = None, **kwargs: Any) -> Path:
+        """relay_settings for this env's directory and TLS files: delivering to
+        ``upstream_port`` (this env's smtp-sink unless given), this env's user's credentials
+        unless ``credentials`` is given."""
         kwargs.setdefault("credentials", [credential(self.username, self.password)])
-        return relay_settings(self.directory, self.tls, self.sink.port, **kwargs)
+        upstream = self.sink.port if upstream_port is None else upstream_port
+        return relay_settings(self.directory, self.tls, upstream, **kwargs)
 
     def start(self, settings: Path | None = None, **relay_kwargs: Any) -> RelayThread:
         thread = RelayThread(settings or self.settings(), relay_kwargs).start()

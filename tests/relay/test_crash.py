@@ -20,11 +20,9 @@ import pytest
 
 from relay.relaykit import (
     RelayEnv,
-    credential,
     free_port,
     kill_relay_process,
     message,
-    relay_settings,
     start_relay_process,
     submission_only,
     wait_for,
@@ -80,11 +78,7 @@ class Submitter:
 @pytest.mark.slow
 def test_sigkill_loses_no_acknowledged_message(env: RelayEnv) -> None:
     port = free_port()
-    settings = relay_settings(
-        env.directory,
-        env.tls,
-        env.sink.port,
-        credentials=[credential(env.username, env.password)],
+    settings = env.settings(
         overrides={
             "logging": {"level": "INFO", "json": True},
             "listen": submission_only(port),

@@ -21,11 +21,9 @@ from relay.relaykit import (
     Recorder,
     RelayEnv,
     Sink,
-    credential,
     free_port,
     kill_relay_process,
     message,
-    relay_settings,
     start_relay_process,
     submission_only,
     wait_for,
@@ -52,11 +50,8 @@ def test_a_restarted_relay_keeps_the_retry_schedule(
 ) -> None:
     failing = sink_factory("-r", "RCPT")  # 4xx to every RCPT: deferred, again and again
     port = free_port()
-    settings = relay_settings(
-        env.directory,
-        env.tls,
-        failing.port,
-        credentials=[credential(env.username, env.password)],
+    settings = env.settings(
+        upstream_port=failing.port,
         overrides={
             "listen": submission_only(port),
             "retry": {"minBackoff": BACKOFF, "maxBackoff": BACKOFF, "maxLifetime": 3600.0},
@@ -106,11 +101,8 @@ def test_a_next_attempt_past_the_longest_backoff_is_brought_forward(
             await spool.close()
 
     msg_id = asyncio.run(deferred_far_ahead())
-    settings = relay_settings(
-        env.directory,
-        env.tls,
-        failing.port,
-        credentials=[credential(env.username, env.password)],
+    settings = env.settings(
+        upstream_port=failing.port,
         overrides={"retry": {"minBackoff": 10.0, "maxBackoff": 60.0, "maxLifetime": 5 * 86400.0}},
     )
     started = time.time()

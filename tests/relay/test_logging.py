@@ -16,11 +16,9 @@ import pytest
 
 from relay.relaykit import (
     RelayEnv,
-    credential,
     free_port,
     kill_relay_process,
     message,
-    relay_settings,
     start_relay_process,
     submission_only,
     wait_for,
@@ -40,11 +38,7 @@ def _run(env: RelayEnv, level: str, count: int, body: str) -> tuple[Path, list[d
     """Submit ``count`` messages in one session to a relay process logging at ``level``,
     wait for their "message accepted" lines while it runs, stop it with SIGTERM; its log."""
     port = free_port()
-    settings = relay_settings(
-        env.directory,
-        env.tls,
-        env.sink.port,
-        credentials=[credential(env.username, env.password)],
+    settings = env.settings(
         overrides={"logging": {"level": level, "json": True}, "listen": submission_only(port)},
     )
     log = env.directory / f"relay-{level}.log"
