@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from txmail_relay.records.database import Database
-from txmail_relay.records.events import Events
+from txmail_relay.records.events import Events, event_row
 from txmail_relay.records.model import EventType, Kind, Recipient
 
 # The later of spooling (messages.sent_at) and the last DELIVERED event of that message and
@@ -57,7 +57,7 @@ _INSERT_EVENTS = (
     "INSERT INTO events (id, type, created, namespace, token, username, email_id, status_id,"
     " spool_id, recipient, message_id, reply, detail)"
     " SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6,"
-    " value->>7, value->>8, value->>9, value->>10, NULL, value->>11 FROM json_each(?)"
+    " value->>7, value->>8, value->>9, value->>10, value->>11, value->>12 FROM json_each(?)"
 )
 _INSERT_UNIQUES = (
     "INSERT OR IGNORE INTO uniques SELECT value->>0, value->>1, value->>2 FROM json_each(?)"
@@ -148,7 +148,8 @@ class EngagementRecords:
                 if hit.user_agent is not None:
                     detail["userAgent"] = hit.user_agent
                 if owned.namespace:  # an event belongs to a namespace (records/events.py)
-                    row = _event_row(next(ids_left), owned, _TYPE[hit.kind], hit.at, detail)
+                    event = next(ids_left)
+                    row = event_row(event, _TYPE[hit.kind], owned, hit.at, None, _JSON(detail))
                     inserts.append(row)
                 key = (owned.username, owned.email_id)
                 if machine:
@@ -179,22 +180,3 @@ def _event_ids(n: int) -> Iterator[str]:
     for i in range(0, len(drawn), EVENT_ID_BYTES):
         chunk = drawn[i : i + EVENT_ID_BYTES]
         yield "evt_" + base64.urlsafe_b64encode(chunk).rstrip(b"=").decode("ascii")
-
-
-def _event_row(
-    event: str, found: Recipient, kind: EventType, at: float, detail: dict[str, Any]
-) -> tuple[Any, ...]:
-    return (
-        event,
-        kind.value,
-        at,
-        found.namespace,
-        found.token,
-        found.username,
-        found.email_id,
-        found.status_id,
-        found.spool_id or None,
-        found.recipient,
-        found.message_id,
-        _JSON(detail),
-    )

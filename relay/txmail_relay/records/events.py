@@ -127,21 +127,36 @@ def append_sync(
     conn.execute(
         f"INSERT INTO events ({_EVENT_COLUMNS.removeprefix('seq, ')})"  # noqa: S608 - constant
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
+        event_row(
             new_event_id(),
-            kind.value,
+            kind,
+            found,
             at,
-            found.namespace,
-            found.token,
-            found.username,
-            found.email_id,
-            found.status_id,
-            found.spool_id or None,
-            found.recipient,
-            found.message_id,
             reply,
             json.dumps(dict(detail or {}), separators=(",", ":")),
         ),
+    )
+
+
+def event_row(
+    event_id: str, kind: EventType, found: Recipient, at: float, reply: str | None, detail: str
+) -> tuple[Any, ...]:
+    """The values of an events row for ``found``, in the order of ``_EVENT_COLUMNS`` after
+    ``seq``; ``detail`` is already JSON. Also the rows of records/engagement.py's batches."""
+    return (
+        event_id,
+        kind.value,
+        at,
+        found.namespace,
+        found.token,
+        found.username,
+        found.email_id,
+        found.status_id,
+        found.spool_id or None,
+        found.recipient,
+        found.message_id,
+        reply,
+        detail,
     )
 
 
