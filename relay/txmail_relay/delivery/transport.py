@@ -118,6 +118,25 @@ def _result(code: int, message: str) -> RecipientResult:
     return RecipientResult(outcome, f"{code} {message}", answered=True)
 
 
+async def _answered(
+    client: aiosmtplib.SMTP,
+    results: dict[str, RecipientResult],
+    accepted: list[str],
+    final: SMTPResponse,
+) -> tuple[dict[str, RecipientResult], bool]:
+    """The end of a transaction at its last reply (the final dot's, or a refused DATA's when
+    not pipelined): at a 250 every ``accepted`` recipient is delivered, otherwise refused with
+    that reply and the connection RSET. ``results`` (the refused RCPTs) with theirs added,
+    and whether the connection can carry another message."""
+    if final.code != 250:
+        results.update(dict.fromkeys(accepted, _result(final.code, final.message)))
+        return results, await _reset(client)
+    reply = f"{final.code} {final.message}"
+    delivered = RecipientResult(Outcome.DELIVERED, reply, answered=True)
+    results.update(dict.fromkeys(accepted, delivered))
+    return results, True
+
+
 def _domain(recipient: str) -> str:
     return recipient.rpartition("@")[2].lower()
 
@@ -700,13 +719,9 @@ class SmtpTransport:
             return results, await _reset(client)
         try:
             response = await client.data(body, timeout=self._retry.final_dot_timeout)
-        except aiosmtplib.SMTPDataError as exc:
-            results.update(dict.fromkeys(accepted, _result(exc.code, exc.message)))
-            return results, await _reset(client)
-        reply = f"{response.code} {response.message}"
-        delivered = RecipientResult(Outcome.DELIVERED, reply, answered=True)
-        results.update(dict.fromkeys(accepted, delivered))
-        return results, True
+        except aiosmtplib.SMTPDataError as exc:  # DATA or the final dot refused
+            response = SMTPResponse(exc.code, exc.message)
+        return await _answered(client, results, accepted, response)
 
     async def _pipelined(
         self,
@@ -777,13 +792,7 @@ class SmtpTransport:
                 return results, await self._after(client, replies)
             replies.write(_encoded(body))
             final = await replies.read(self._retry.final_dot_timeout)
-        if final.code != 250:
-            results.update(dict.fromkeys(accepted, _result(final.code, final.message)))
-            return results, await _reset(client)
-        reply = f"{final.code} {final.message}"
-        delivered = RecipientResult(Outcome.DELIVERED, reply, answered=True)
-        results.update(dict.fromkeys(accepted, delivered))
-        return results, True
+        return await _answered(client, results, accepted, final)
 
     @staticmethod
     async def _after(client: aiosmtplib.SMTP, replies: _Replies) -> bool:
