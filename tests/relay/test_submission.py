@@ -394,3 +394,25 @@ def test_a_submission_is_parsed_once_into_one_value() -> None:
     )
     assert headers.template == TemplateFields(email_id="7", properties=None, send_id="s-1")
     assert parse_submission("a@example.com", [], b"Subject: x\r\n\r\n").headers.template is None
+
+
+def test_a_failed_starttls_handshake_closes_only_that_connection(env: RelayEnv) -> None:
+    """A client that answers the 220 with bytes that are no TLS handshake is disconnected;
+    its session is over (the relay's session count goes back) and the next client is
+    served over STARTTLS as usual."""
+    relay = env.start()
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as raw:
+        reader = raw.makefile("rb")
+        assert reader.readline().startswith(b"220 ")
+        raw.sendall(b"EHLO client.test\r\n")
+        while not reader.readline().startswith(b"250 "):
+            pass
+        raw.sendall(b"STARTTLS\r\n")
+        assert reader.readline().startswith(b"220 ")
+        assert relay.metric("txmail_relay_smtp_sessions") == 1
+        raw.sendall(b"this is not a TLS ClientHello\r\n" * 20)
+        assert reader.read() == b""  # closed, nothing in clear text after the 220
+    wait_for(lambda: relay.metric("txmail_relay_smtp_sessions") == 0, what="the session ended")
+    with env.client(relay) as smtp:
+        smtp.sendmail("app@example.com", ["user@dest.test"], message("after"))
+    env.sink.wait(1)
