@@ -38,19 +38,21 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+from bench.common import OneLineParser, at_least, smarthost_relay, write_credentials  # noqa: E402
 
 from peers import SMTP_SINK, Sink, free_port, make_authority  # noqa: E402
 from relay.relaykit import (  # noqa: E402
     BROWSER,
     HOSTNAME,
     bearer,
-    credential,
     http,
     parsed,
     template_doc,
@@ -59,6 +61,7 @@ from relay.relaykit import (  # noqa: E402
 )
 from txmail_relay.http.api import SEND_PATH  # noqa: E402
 
+POSITIVE = at_least(1)
 PROG = "click_redirect.py"
 EMAIL_ID = 7
 TARGET = "https://shop.example.com/landing"
@@ -68,28 +71,14 @@ WRK = "/usr/bin/wrk"
 CLICK_TYPE = "CLICK"  # records/model.py EventType.CLICK
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        """One line, not the usage block."""
-        self.exit(2, f"{PROG}: {message} (see --help)\n")
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
-    return value
-
-
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = _Parser(prog=PROG, description="wrk on the relay's click redirect (and nginx's).")
-    parser.add_argument("--connections", type=_positive, default=64, help="wrk -c")
-    parser.add_argument("--threads", type=_positive, default=2, help="wrk -t")
-    parser.add_argument("--duration", type=_positive, default=10, help="wrk -d, seconds")
-    parser.add_argument("--runs", type=_positive, default=1, help="wrk runs on one relay")
+    parser = OneLineParser(
+        prog=PROG, description="wrk on the relay's click redirect (and nginx's)."
+    )
+    parser.add_argument("--connections", type=POSITIVE, default=64, help="wrk -c")
+    parser.add_argument("--threads", type=POSITIVE, default=2, help="wrk -t")
+    parser.add_argument("--duration", type=POSITIVE, default=10, help="wrk -d, seconds")
+    parser.add_argument("--runs", type=POSITIVE, default=1, help="wrk runs on one relay")
     parser.add_argument("--nginx", action="store_true", help="also measure nginx's return 302")
     parser.add_argument("--rev", help="run the relay of this git revision (default: work tree)")
     parser.add_argument("--profile", type=Path, help="py-spy raw profile of the relay to PATH")
@@ -209,22 +198,13 @@ def relay_with_a_click(rev: str | None = None) -> Iterator[tuple[RelayUnderTest,
     try:
         env, source = _source(rev, work)
         password = secrets.token_urlsafe(32)
-        (work / "creds.json").write_text(
-            json.dumps([json.loads(credential("bench", password).to_json())])
-        )
+        write_credentials(work / "creds.json", "bench", password)
         tls = make_authority(work / "tls", "txmail bench", HOSTNAME)
         ports = {name: free_port() for name in ("submission", "tracking", "api", "metrics")}
         html = f'<p>Hi</p><p><a href="{TARGET}">go</a></p>'
         settings = {
             "relay": {
-                "dedicatedIP": "127.0.0.1",
-                "address": "127.0.0.1",
-                "hostname": HOSTNAME,
-                "domains": ["example.com"],
-                "delivery": {
-                    "mode": "Smarthost",
-                    "smarthost": {"host": "127.0.0.1", "port": sink.port, "tls": "None"},
-                },
+                **smarthost_relay(sink.port),
                 "tracking": {"baseURL": "https://t.example.com"},
             },
             "credentialFiles": ["creds.json"],

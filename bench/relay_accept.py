@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import secrets
 import shutil
@@ -26,45 +25,33 @@ import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import aiosmtplib
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+from bench.common import OneLineParser, at_least, smarthost_relay, write_credentials  # noqa: E402
 
 from peers import SMTP_SINK, free_port, make_authority  # noqa: E402
-from relay.relaykit import HOSTNAME, credential  # noqa: E402
+from relay.relaykit import HOSTNAME  # noqa: E402
 
+POSITIVE = at_least(1)
 PROG = "relay_accept.py"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        """One line, not the usage block."""
-        self.exit(2, f"{PROG}: {message} (see --help)\n")
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
-    return value
-
-
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = _Parser(
+    parser = OneLineParser(
         prog=PROG,
         description="Accept rate of the relay: clients x messages over STARTTLS+AUTH into a "
         "durable spool (smtp-sink upstream).",
     )
-    parser.add_argument("--clients", type=_positive, default=32, help="parallel SMTP sessions")
-    parser.add_argument("--messages", type=_positive, default=200, help="messages per session")
-    parser.add_argument("--size", type=_positive, default=4096, help="message size in bytes")
+    parser.add_argument("--clients", type=POSITIVE, default=32, help="parallel SMTP sessions")
+    parser.add_argument("--messages", type=POSITIVE, default=200, help="messages per session")
+    parser.add_argument("--size", type=POSITIVE, default=4096, help="message size in bytes")
     parser.add_argument("--spool", type=Path, help="spool directory (default: a temporary one)")
     return parser.parse_args(argv)
 
@@ -114,16 +101,7 @@ def _settings(
     """The relay's settings file (file mode) and the CA file its certificate chains to."""
     tls = make_authority(work / "tls", "txmail bench", HOSTNAME)
     return {
-        "relay": {
-            "dedicatedIP": "127.0.0.1",
-            "address": "127.0.0.1",
-            "hostname": HOSTNAME,
-            "domains": ["example.com"],
-            "delivery": {
-                "mode": "Smarthost",
-                "smarthost": {"host": "127.0.0.1", "port": sink_port, "tls": "None"},
-            },
-        },
+        "relay": smarthost_relay(sink_port),
         "credentialFiles": ["creds.json"],
         "listen": {
             "host": "127.0.0.1",
@@ -158,9 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     work = Path(tempfile.mkdtemp(prefix="txmail-bench-"))
     password = secrets.token_urlsafe(32)
-    (work / "creds.json").write_text(
-        json.dumps([json.loads(credential("bench", password).to_json())])
-    )
+    write_credentials(work / "creds.json", "bench", password)
     sink_port, port, metrics_port = free_port(), free_port(), free_port()
     settings, ca_file = _settings(work, args.spool or work / "spool", sink_port, port, metrics_port)
     (work / "relay.yaml").write_text(yaml.safe_dump(settings))

@@ -62,7 +62,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import aiosmtplib
 import yaml
@@ -72,10 +72,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 from bench.click_redirect import measure_nginx, measure_relay, relay_with_a_click  # noqa: E402
+from bench.common import OneLineParser, at_least, smarthost_relay, write_credentials  # noqa: E402
 
 from peers import SMTP_SINK, TLSFiles, free_port, make_authority  # noqa: E402
 from postfix import Postfix  # noqa: E402
-from relay.relaykit import HOSTNAME, credential  # noqa: E402
+from relay.relaykit import HOSTNAME  # noqa: E402
 
 PROG = "relay_vs_postfix.py"
 SMTP_SOURCE = "/usr/sbin/smtp-source"
@@ -101,41 +102,22 @@ class BenchError(Exception):
 PARTS = ("rates", "strace", "paced", "large", "ceiling", "click")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        """One line, not the usage block."""
-        self.exit(2, f"{PROG}: {message} (see --help)\n")
-
-
-def _at_least(low: int) -> Callable[[str], int]:
-    def convert(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is not at least {low}")
-        return value
-
-    return convert
-
-
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = _Parser(
+    parser = OneLineParser(
         prog=PROG,
         description="The relay against a private Postfix, same client, same durability.",
     )
     add = parser.add_argument
-    add("--pairs", type=_at_least(1), default=3, help="A B pairs per measurement (default 3)")
-    add("--messages", type=_at_least(1), default=5000, help="messages per run (default 5000)")
-    add("--sessions", type=_at_least(1), default=32, help="SMTP sessions (default 32)")
-    add("--size", type=_at_least(256), default=2048, help="message size, bytes (default 2048)")
-    add("--strace-messages", type=_at_least(1), default=2000, help="messages of a strace run")
-    add("--large-size", type=_at_least(1), default=10, help="large message size, MiB (10)")
-    add("--large-messages", type=_at_least(1), default=5, help="large messages per session (5)")
-    add("--large-sessions", type=_at_least(1), default=4, help="large-message sessions (4)")
-    add("--click-seconds", type=_at_least(1), default=10, help="wrk duration per run (10 s)")
-    add("--click-connections", type=_at_least(1), default=64, help="wrk -c (64)")
+    add("--pairs", type=at_least(1), default=3, help="A B pairs per measurement (default 3)")
+    add("--messages", type=at_least(1), default=5000, help="messages per run (default 5000)")
+    add("--sessions", type=at_least(1), default=32, help="SMTP sessions (default 32)")
+    add("--size", type=at_least(256), default=2048, help="message size, bytes (default 2048)")
+    add("--strace-messages", type=at_least(1), default=2000, help="messages of a strace run")
+    add("--large-size", type=at_least(1), default=10, help="large message size, MiB (10)")
+    add("--large-messages", type=at_least(1), default=5, help="large messages per session (5)")
+    add("--large-sessions", type=at_least(1), default=4, help="large-message sessions (4)")
+    add("--click-seconds", type=at_least(1), default=10, help="wrk duration per run (10 s)")
+    add("--click-connections", type=at_least(1), default=64, help="wrk -c (64)")
     add("--skip", action="append", default=[], choices=PARTS, help="leave a part out")
     add("--rev", help="run the relay of this git revision (default: the work tree)")
     add("--json", type=Path, help="write every figure to this file")
@@ -540,16 +522,7 @@ def relay_settings(
     common: Common, spool: Path, port: int, sink_port: int, metrics_port: int
 ) -> dict[str, Any]:
     return {
-        "relay": {
-            "dedicatedIP": "127.0.0.1",
-            "address": "127.0.0.1",
-            "hostname": HOSTNAME,
-            "domains": ["example.com"],
-            "delivery": {
-                "mode": "Smarthost",
-                "smarthost": {"host": "127.0.0.1", "port": sink_port, "tls": "None"},
-            },
-        },
+        "relay": smarthost_relay(sink_port),
         "credentialFiles": [str(common.work / "creds.json")],
         "listen": {
             "host": "127.0.0.1",
@@ -1312,7 +1285,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
 def _run(args: argparse.Namespace, work: Path, log: Callable[[str], None]) -> dict[str, Any]:
     work.chmod(0o755)  # smtp-sink and Postfix's daemons run as other users
     password = secrets.token_urlsafe(24)
-    (work / "creds.json").write_text(json.dumps([json.loads(credential(USER, password).to_json())]))
+    write_credentials(work / "creds.json", USER, password)
     env, revision = relay_source(args.rev, work)
     common = Common(
         work=work,
