@@ -741,16 +741,24 @@ def _lat_ms(load: Load) -> dict[str, float | None]:
     }
 
 
+async def _warmed_up(
+    name: str, system: System, common: Common, args: argparse.Namespace
+) -> tuple[list[aiosmtplib.SMTP], Bodies]:
+    """``args.sessions`` open sessions to ``system`` and their message bodies, after a warm-up
+    of one message each that the sink has received."""
+    sessions = await _sessions(system.port, common.password, args.sessions)
+    body = Bodies(args.size, name)
+    await closed_loop(sessions, len(sessions), body)
+    system.sink.wait(len(sessions), _sink_timeout(len(sessions)))
+    return sessions, body
+
+
 def rate_run(name: str, common: Common, args: argparse.Namespace) -> dict[str, Any]:
     """Closed loop: accept and end-to-end rates, CPU per 1,000 messages, latencies."""
     with running(name, common) as system:
 
         async def go() -> dict[str, Any]:
-            sessions = await _sessions(system.port, common.password, args.sessions)
-            body = Bodies(args.size, name)
-            await closed_loop(sessions, len(sessions), body)  # warm-up: one each
-            warm = system.sink.wait(len(sessions), _sink_timeout(len(sessions)))
-            del warm
+            sessions, body = await _warmed_up(name, system, common, args)
             load1, cpu0 = _load1(), system.cpu()
             load = await closed_loop(sessions, args.messages, body)
             done = await asyncio.to_thread(
@@ -778,10 +786,7 @@ def paced_run(name: str, common: Common, args: argparse.Namespace, rate: float) 
     with running(name, common) as system:
 
         async def go() -> dict[str, Any]:
-            sessions = await _sessions(system.port, common.password, args.sessions)
-            body = Bodies(args.size, name)
-            await closed_loop(sessions, len(sessions), body)
-            system.sink.wait(len(sessions), _sink_timeout(len(sessions)))
+            sessions, body = await _warmed_up(name, system, common, args)
             load1 = _load1()
             count = max(len(sessions), min(args.messages, int(rate * 15)))
             load = await paced(sessions, count, rate, body)
@@ -901,10 +906,7 @@ def strace_run(name: str, common: Common, args: argparse.Namespace) -> dict[str,
     with running(name, common) as system:
 
         async def go() -> dict[str, Any]:
-            sessions = await _sessions(system.port, common.password, args.sessions)
-            body = Bodies(args.size, name)
-            await closed_loop(sessions, len(sessions), body)
-            system.sink.wait(len(sessions), _sink_timeout(len(sessions)))
+            sessions, body = await _warmed_up(name, system, common, args)
             tids = _threads(system.pids())
             out = common.work / f"strace-{name}.txt"
             tracer = _spawn(
