@@ -75,7 +75,7 @@ from bench.click_redirect import measure_nginx, measure_relay, relay_with_a_clic
 from bench.common import OneLineParser, at_least, smarthost_relay, write_credentials  # noqa: E402
 
 from peers import SMTP_SINK, TLSFiles, free_port, make_authority  # noqa: E402
-from postfix import Postfix  # noqa: E402
+from postfix import Postfix, master_cf  # noqa: E402
 from relay.relaykit import HOSTNAME  # noqa: E402
 
 PROG = "relay_vs_postfix.py"
@@ -390,30 +390,8 @@ class System:
         raise NotImplementedError
 
 
-_MASTER_CF = """\
-# Written by bench/relay_vs_postfix.py. Debian's stock services without chroot (Debian's chroot
-# is prepared by its systemd units only, which never run for this instance).
-# service type  private unpriv  chroot  wakeup  maxproc command
-{smtpd} inet n - n - - smtpd
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-tlsmgr    unix  -       -       n       1000?   1       tlsmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-proxymap  unix  -       -       n       -       -       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
+# tlsmgr(8): the TLS session cache and PRNG of STARTTLS.
+_TLSMGR_SERVICE = "tlsmgr    unix  -       -       n       1000?   1       tlsmgr"
 
 
 class BenchPostfix(Postfix):
@@ -443,7 +421,9 @@ class BenchPostfix(Postfix):
             f"pwcheck_method: auxprop\nauxprop_plugin: sasldb\nmech_list: PLAIN LOGIN\n"
             f"sasldb_path: {sasldb}\n"
         )
-        (c / "master.cf").write_text(_MASTER_CF.format(smtpd=f"{self.host}:{self.port}"))
+        (c / "master.cf").write_text(
+            master_cf(f"{self.host}:{self.port}", "bench/relay_vs_postfix.py", [_TLSMGR_SERVICE])
+        )
         tls = self._common.tls
         (c / "main.cf").write_text(f"""\
 # Written by bench/relay_vs_postfix.py: a submission relay (STARTTLS, SASL) to a smtp-sink.

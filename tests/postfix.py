@@ -45,7 +45,7 @@ import smtplib
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
@@ -61,30 +61,46 @@ DEFER_DOMAIN = "defer.test"
 KNOWN_USER = "known"
 HOSTNAME = "mx.bounce.test"
 
-MASTER_CF = """\
-# Written by tests/postfix.py. Only what this instance uses; chroot off everywhere (Debian's
-# chroot is prepared by its systemd units only, which never run for this instance).
-# service type  private unpriv  chroot  wakeup  maxproc command
-{smtpd} inet n - n - - smtpd
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-proxymap  unix  -       -       n       -       -       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-virtual   unix  -       n       n       -       -       virtual
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
+# The master.cf services every private instance runs (master.cf(5) columns: service type
+# private unpriv chroot wakeup maxproc command); chroot off everywhere, since Debian's chroot
+# is prepared by its systemd units only, which never run for these instances.
+MASTER_CF_SERVICES = (
+    "cleanup   unix  n       -       n       -       0       cleanup",
+    "qmgr      unix  n       -       n       300     1       qmgr",
+    "rewrite   unix  -       -       n       -       -       trivial-rewrite",
+    "bounce    unix  -       -       n       -       0       bounce",
+    "defer     unix  -       -       n       -       0       bounce",
+    "trace     unix  -       -       n       -       0       bounce",
+    "verify    unix  -       -       n       -       1       verify",
+    "proxymap  unix  -       -       n       -       -       proxymap",
+    "smtp      unix  -       -       n       -       -       smtp",
+    "relay     unix  -       -       n       -       -       smtp",
+    "showq     unix  n       -       n       -       -       showq",
+    "error     unix  -       -       n       -       -       error",
+    "retry     unix  -       -       n       -       -       error",
+    "discard   unix  -       -       n       -       -       discard",
+    "anvil     unix  -       -       n       -       1       anvil",
+    "scache    unix  -       -       n       -       1       scache",
+    "postlog   unix-dgram n  -       n       -       1       postlogd",
+)
+
+
+def master_cf(smtpd: str, written_by: str, extra: Sequence[str] = ()) -> str:
+    """A private instance's master.cf: smtpd(8) listening on ``smtpd`` (``host:port``),
+    MASTER_CF_SERVICES and the ``extra`` service lines (master.cf's order does not matter)."""
+    lines = [
+        f"# Written by {written_by}. Chroot off everywhere (Debian's chroot is prepared by its",
+        "# systemd units only, which never run for this instance).",
+        "# service type  private unpriv  chroot  wakeup  maxproc command",
+        f"{smtpd} inet n - n - - smtpd",
+        *MASTER_CF_SERVICES,
+        *extra,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# virtual(8) delivers to the maildirs of delivered().
+_VIRTUAL_SERVICE = "virtual   unix  -       n       n       -       -       virtual"
 
 
 class Postfix:
@@ -311,7 +327,7 @@ class Postfix:
             f"{KNOWN_USER}@{BOUNCE_DOMAIN} {BOUNCE_DOMAIN}/{KNOWN_USER}/\n"
         )
         (self.config_dir / "master.cf").write_text(
-            MASTER_CF.format(smtpd=f"{self.host}:{self.port}")
+            master_cf(f"{self.host}:{self.port}", "tests/postfix.py", [_VIRTUAL_SERVICE])
         )
         (self.config_dir / "main.cf").write_text(self._main_cf())
         # Postfix reads main.cf and texthash tables with load_file(), which waits in 0.3 s
