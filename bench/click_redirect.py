@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from bench.common import OneLineParser, at_least, smarthost_relay, write_credentials  # noqa: E402
+from bench.common import OneLineParser, at_least, write_credentials  # noqa: E402
 
 from peers import SMTP_SINK, Sink, free_port, make_authority  # noqa: E402
 from relay.relaykit import (  # noqa: E402
@@ -55,6 +55,7 @@ from relay.relaykit import (  # noqa: E402
     bearer,
     http,
     parsed,
+    smarthost_relay,
     template_doc,
     tracking_keys_file,
     wait_for,

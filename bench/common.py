@@ -8,9 +8,9 @@ import argparse
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
-from relay.relaykit import HOSTNAME, credential
+from relay.relaykit import credential
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -34,21 +34,6 @@ def at_least(low: int) -> Callable[[str], int]:
         return value
 
     return convert
-
-
-def smarthost_relay(sink_port: int) -> dict[str, Any]:
-    """The settings file's ``relay`` section: a relay on 127.0.0.1 for example.com that
-    delivers everything, without TLS, to the smarthost on ``127.0.0.1:sink_port``."""
-    return {
-        "dedicatedIP": "127.0.0.1",
-        "address": "127.0.0.1",
-        "hostname": HOSTNAME,
-        "domains": ["example.com"],
-        "delivery": {
-            "mode": "Smarthost",
-            "smarthost": {"host": "127.0.0.1", "port": sink_port, "tls": "None"},
-        },
-    }
 
 
 def write_credentials(path: Path, user: str, password: str) -> None:

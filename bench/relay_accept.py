@@ -34,10 +34,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from bench.common import OneLineParser, at_least, smarthost_relay, write_credentials  # noqa: E402
+from bench.common import OneLineParser, at_least, write_credentials  # noqa: E402
 
 from peers import SMTP_SINK, free_port, make_authority  # noqa: E402
-from relay.relaykit import HOSTNAME  # noqa: E402
+from relay.relaykit import HOSTNAME, smarthost_relay, submission_only  # noqa: E402
 
 POSITIVE = at_least(1)
 PROG = "relay_accept.py"
@@ -103,14 +103,7 @@ def _settings(
     return {
         "relay": smarthost_relay(sink_port),
         "credentialFiles": ["creds.json"],
-        "listen": {
-            "host": "127.0.0.1",
-            "submission": port,
-            "submissions": None,
-            "tracking": None,
-            "api": None,
-            "metrics": metrics_port,
-        },
+        "listen": {"host": "127.0.0.1", **submission_only(port), "metrics": metrics_port},
         "tls": {"certFile": str(tls.cert_file), "keyFile": str(tls.key_file)},
         "spool": {"directory": str(spool)},
         "limits": {"spoolMinFreeBytes": 0},

@@ -72,11 +72,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 from bench.click_redirect import measure_nginx, measure_relay, relay_with_a_click  # noqa: E402
-from bench.common import OneLineParser, at_least, smarthost_relay, write_credentials  # noqa: E402
+from bench.common import OneLineParser, at_least, write_credentials  # noqa: E402
 
 from peers import SMTP_SINK, TLSFiles, free_port, make_authority  # noqa: E402
 from postfix import Postfix, master_cf  # noqa: E402
-from relay.relaykit import HOSTNAME  # noqa: E402
+from relay.relaykit import HOSTNAME, smarthost_relay, submission_only  # noqa: E402
 
 PROG = "relay_vs_postfix.py"
 SMTP_SOURCE = "/usr/sbin/smtp-source"
@@ -504,14 +504,7 @@ def relay_settings(
     return {
         "relay": smarthost_relay(sink_port),
         "credentialFiles": [str(common.work / "creds.json")],
-        "listen": {
-            "host": "127.0.0.1",
-            "submission": port,
-            "submissions": None,
-            "tracking": None,
-            "api": None,
-            "metrics": metrics_port,
-        },
+        "listen": {"host": "127.0.0.1", **submission_only(port), "metrics": metrics_port},
         "tls": {"certFile": str(common.tls.cert_file), "keyFile": str(common.tls.key_file)},
         "spool": {"directory": str(spool)},
         "limits": {"spoolMinFreeBytes": 0, "maxMessageSize": common.max_size},

@@ -104,6 +104,21 @@ def write_credentials(path: Path, entries: list[CredentialEntry]) -> None:
     write_json(path, [json.loads(e.to_json()) for e in entries])
 
 
+def smarthost_relay(sink_port: int) -> dict[str, Any]:
+    """The settings file's ``relay`` section: a relay on 127.0.0.1 for example.com that
+    delivers everything, without TLS, to the smarthost on ``127.0.0.1:sink_port``."""
+    return {
+        "dedicatedIP": "127.0.0.1",
+        "address": "127.0.0.1",
+        "hostname": HOSTNAME,
+        "domains": ["example.com"],
+        "delivery": {
+            "mode": "Smarthost",
+            "smarthost": {"host": "127.0.0.1", "port": sink_port, "tls": "None"},
+        },
+    }
+
+
 def relay_settings(
     directory: Path,
     tls: TLSFiles,

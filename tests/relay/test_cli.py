@@ -20,10 +20,9 @@ import yaml
 
 from peers import RelayProcess, Sink, TLSFiles, auth_accepted, free_port, relay_command, submit
 from peers import wait_for as wait
+from relay.relaykit import HOSTNAME, smarthost_relay, submission_only
 from txmail_relay.contract import CredentialEntry, PasswordDigest, password_digest
 from txmail_relay.records.records import DB_NAME
-
-HOSTNAME = "relay.test"
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -127,25 +126,9 @@ def _entry(username: str, password: str) -> dict[str, Any]:
 
 def _settings(port: int, sink: Sink, tls: TLSFiles, credentials: list[dict[str, Any]]) -> str:
     doc = {
-        "relay": {
-            "dedicatedIP": "127.0.0.1",
-            "address": "127.0.0.1",
-            "hostname": HOSTNAME,
-            "domains": ["example.com"],
-            "delivery": {
-                "mode": "Smarthost",
-                "smarthost": {"host": "127.0.0.1", "port": sink.port, "tls": "None"},
-            },
-        },
+        "relay": smarthost_relay(sink.port),
         "credentials": credentials,
-        "listen": {
-            "host": "127.0.0.1",
-            "submission": port,
-            "submissions": None,
-            "tracking": None,
-            "api": None,
-            "metrics": None,
-        },
+        "listen": {"host": "127.0.0.1", **submission_only(port)},
         "tls": {"certFile": str(tls.cert_file), "keyFile": str(tls.key_file)},
         "spool": {"directory": "spool"},
         "limits": {"spoolMinFreeBytes": 0},
