@@ -428,16 +428,8 @@ class BenchPostfix(Postfix):
         (c / "main.cf").write_text(f"""\
 # Written by bench/relay_vs_postfix.py: a submission relay (STARTTLS, SASL) to a smtp-sink.
 # Postfix's defaults otherwise, durability included (cleanup fsyncs each queue file).
-compatibility_level = 3.6
-queue_directory = {self.queue_dir}
-data_directory = {self.data_dir}
-mail_owner = postfix
-setgid_group = postdrop
-maillog_file = {self.maillog}
-maillog_file_prefixes = {self.maillog.parent}
-inet_interfaces = {self.host}
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
+{self._instance_main_cf()}
+# This instance's own names; no local delivery, nobody notified.
 myhostname = {POSTFIX_HOST}
 mydestination =
 local_recipient_maps =

@@ -337,12 +337,10 @@ class Postfix:
         for name in ("transport", "vmailbox", "master.cf", "main.cf"):
             os.utime(self.config_dir / name, (past, past))
 
-    def _main_cf(self) -> str:
-        c = self.config_dir
-        uid, gid = self._nobody
+    def _instance_main_cf(self) -> str:
+        """The main.cf lines that make this a private instance: its own directories and log,
+        Debian's accounts, loopback IPv4 only (also BenchPostfix's)."""
         return f"""\
-# Written by tests/postfix.py: a private test instance. Each setting says why.
-
 # Today's defaults (no backwards-compatibility warnings in the log).
 compatibility_level = 3.6
 # This instance's own directories; the stock /var/spool/postfix is never used.
@@ -361,7 +359,15 @@ maillog_file_prefixes = {self.maillog.parent}
 inet_interfaces = {self.host}
 inet_protocols = ipv4
 mynetworks = 127.0.0.0/8
+"""
 
+    def _main_cf(self) -> str:
+        c = self.config_dir
+        uid, gid = self._nobody
+        return f"""\
+# Written by tests/postfix.py: a private test instance. Each setting says why.
+
+{self._instance_main_cf()}
 # Names in the DSNs it writes (Reporting-MTA) and in its HELO.
 myhostname = {HOSTNAME}
 mydomain = {BOUNCE_DOMAIN}
