@@ -34,6 +34,12 @@ async def kube(operator: OperatorProcess) -> AsyncIterator[Kube]:
     api = Kube(await Kube.load_configuration(kubeconfig=str(operator.kubeconfig)))
     yield api
     await api.close()
+    # aiohttp has closed its connections' transports; each closes its socket on the next loop
+    # iteration (call_soon). Let that happen before pytest-asyncio ends this test's loop, or
+    # the socket is left to the garbage collector and its ResourceWarning fails a later test
+    # (seen in a clean-clone CI run, in tests/k8s/test_operator.py).
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
 
 
 def config_map(namespace: str, name: str, data: dict[str, str]) -> Obj:
