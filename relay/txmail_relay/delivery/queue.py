@@ -376,7 +376,7 @@ class DeliveryQueue:
         await self._notify_failed(msg, final, dict(zip(pending, results, strict=True)), body, now)
         # The records first: a crash before the spool's DONE sends the mail again and the
         # records count it once; the other order would lose the outcome (docs/feedback.md).
-        later = {id(event) for event in await self._record(msg, events)}
+        later = await self._record(msg, events)
         done = True
         if final and not (done := await self._spool.record(msg, final)):
             # Crossed off in memory; the spool writes them again until they land (or deletes
@@ -385,8 +385,9 @@ class DeliveryQueue:
                 "outcomes not recorded yet (spool full or failing), retrying",
                 extra={"msg_id": msg.id, "recipients": len(final)},
             )
+        self._record_later(later)  # before the webhooks look for them
         for event in events:
-            self._publish(event, record=id(event) in later)
+            self._publish(event)
         left = tuple(i for i in pending if i not in msg.final)
         if left:
             due = min(now + backoff(job.attempts, self._retry), born + self._retry.max_lifetime)
@@ -438,7 +439,7 @@ class DeliveryQueue:
 
     async def _record(self, msg: SpooledMessage, events: list[OutcomeEvent]) -> list[OutcomeEvent]:
         """Write ``events`` to the records; those not written yet (handed to the recorder in
-        the background by :meth:`_publish`)."""
+        the background by :meth:`_record_later`)."""
         if self._recorder is None:
             return []
         try:
@@ -447,7 +448,18 @@ class DeliveryQueue:
             log.exception("outcomes not recorded", extra={"msg_id": msg.id})
             return events
 
-    def _publish(self, event: OutcomeEvent, *, record: bool = False) -> None:
+    def _record_later(self, events: Sequence[OutcomeEvent]) -> None:
+        """Hand ``events`` (not written by :meth:`_record`) to the recorder's background."""
+        recorder = self._recorder
+        if recorder is None:
+            return
+        for event in events:
+            try:
+                recorder.on_outcome(event)
+            except Exception:
+                log.exception("outcome recorder failed", extra={"msg_id": event.message_id})
+
+    def _publish(self, event: OutcomeEvent) -> None:
         level = logging.INFO if event.outcome is Outcome.DELIVERED else logging.WARNING
         log.log(
             level,
@@ -461,11 +473,6 @@ class DeliveryQueue:
                 "attempts": event.attempts,
             },
         )
-        if record and self._recorder is not None:  # before the webhooks look for it
-            try:
-                self._recorder.on_outcome(event)
-            except Exception:
-                log.exception("outcome recorder failed", extra={"msg_id": event.message_id})
         for listener in self._listeners:
             try:
                 listener.on_outcome(event)

@@ -325,12 +325,11 @@ class Events:
             if known is None:  # not recorded: its token from the configuration
                 known = Recipient(spool_id, recipient, username, 0)
             bump_sync(conn, username, known.email_id, _OUTCOME_KIND[outcome])
-            if known.namespace:
-                found = known
-            elif known.username == username:
+            # A row without a namespace (spooled before they were recorded) takes the
+            # spool's username's owner, read on the loop above; never the configuration here.
+            found = known
+            if not known.namespace and known.username == username:
                 found = _with_owner(known, owner) or known
-            else:  # never so far: the messages row is written with the spool's username
-                found = self.owned(known) or known
             kind, detail = _outcome_event(outcome, reply)
             append_sync(conn, kind, found, at, reply=reply, detail=detail)
             if outcome is Outcome.BOUNCED and found.namespace and suppresses(detail["status"]):
