@@ -87,6 +87,7 @@ def upstream(request: pytest.FixtureRequest) -> Iterator[Upstream]:
         ("app@example.com", ["a@dest.test", "b c@dest.test"]),  # after MAIL and a first RCPT
         ("app@example.com", ["\u00fc@dest.test"]),  # 8-bit: UnicodeEncodeError
         ("a b@example.com", ["a@dest.test"]),  # the sender
+        ("app@example.com", ['"a\x00b"@dest.test']),  # a control character quoting keeps
     ],
 )
 def test_an_unquotable_address_closes_its_connection(

@@ -34,6 +34,7 @@ import dns.rdatatype
 import dns.resolver
 from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import (
+    COMMAND_INJECTION_REGEX,
     MAX_LINE_LENGTH,
     MAX_RESPONSE_LENGTH,
     PERIOD_REGEX,
@@ -403,8 +404,8 @@ class SmtpTransport:
         )
         self._resolver_factory = resolver_factory
         self._resolvers: dict[tuple[str, ...], MxResolver] = {}
-        self._tls_contexts: dict[tuple[bool, int | None], ssl.SSLContext] = {}
-        self._tls_config: object = None  # the configuration they were built under
+        # verify -> (caFile's mtime when built, the context)
+        self._tls_contexts: dict[bool, tuple[int | None, ssl.SSLContext]] = {}
         self._pool = ConnectionPool(
             self._connect,
             idle_timeout=outbound.pool_idle_timeout,
@@ -579,30 +580,27 @@ class SmtpTransport:
 
     def _tls_context(self, route: Route) -> ssl.SSLContext | None:
         """One client context per kind (verifying or not) for every connection, built again
-        when the configuration changes (a new snapshot) or caFile does (its mtime): loading
-        the system's trust store costs milliseconds, and without a context aiosmtplib builds
-        one per connection in a thread."""
+        when caFile changes (its mtime; nothing else it is built from changes while the relay
+        runs): loading the system's trust store costs milliseconds, and without a context
+        aiosmtplib builds one per connection in a thread."""
         if route.tls is TLSMode.NONE:
             return None
-        config = self._store.current
-        if config is not self._tls_config:
-            self._tls_contexts.clear()
-            self._tls_config = config
         ca_file = self._ca_file if route.verify else None
-        key = (route.verify, _mtime(ca_file))
-        context = self._tls_contexts.get(key)
-        if context is None:
-            if route.verify:
-                # The default trust store plus caFile: create_default_context(cafile=...)
-                # would load caFile *instead of* the system CAs.
-                context = ssl.create_default_context()
-                if ca_file:
-                    context.load_verify_locations(cafile=str(ca_file))
-            else:  # what aiosmtplib builds for validate_certs=False
-                context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-            self._tls_contexts[key] = context
+        mtime = _mtime(ca_file)
+        built = self._tls_contexts.get(route.verify)
+        if built is not None and built[0] == mtime:
+            return built[1]
+        if route.verify:
+            # The default trust store plus caFile: create_default_context(cafile=...) would
+            # load caFile *instead of* the system CAs.
+            context = ssl.create_default_context()
+            if ca_file:
+                context.load_verify_locations(cafile=str(ca_file))
+        else:  # what aiosmtplib builds for validate_certs=False
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        self._tls_contexts[route.verify] = (mtime, context)
         return context
 
     async def _connect(self, route: Route) -> aiosmtplib.SMTP:
@@ -821,10 +819,14 @@ class _Body:
 
 @functools.lru_cache(maxsize=4096)
 def _quoted(address: str) -> bytes:
-    """``<address>`` for MAIL or RCPT, as aiosmtplib's :meth:`~aiosmtplib.SMTP.mail` writes it
-    (its checks against command injection included). Cached: its parse costs more than the
-    rest of a command, and the same senders and recipients come again and again."""
-    return quote_address(address).encode("ascii")
+    """``<address>`` for MAIL or RCPT, as aiosmtplib's :meth:`~aiosmtplib.SMTP.mail` writes it,
+    with the check its ``execute_command`` makes on every argument (no control character:
+    ValueError, as there). Cached: its parse costs more than the rest of a command, and the
+    same senders and recipients come again and again."""
+    quoted = quote_address(address).encode("ascii")
+    if COMMAND_INJECTION_REGEX.search(quoted):
+        raise ValueError("Command arg contains a prohibited control character")
+    return quoted
 
 
 def _encoded(body: bytes) -> bytes:
