@@ -824,8 +824,7 @@ class SubmissionProtocol(SMTP):
                 return length
         return 0
 
-    @staticmethod
-    def _limit_broken(body: bytes, limit: int, *, complete: bool) -> str:
+    def _limit_broken(self, body: bytes, limit: int, *, complete: bool) -> str:
         """aiosmtpd's reply to a body that broke a limit: for the first broken as it reads
         lines (CRLF-separated in ``body``, the last one cut short unless ``complete``). A line
         its StreamReader cannot hold (longer than line_length_limit without its CRLF) is too
@@ -833,7 +832,7 @@ class SubmissionProtocol(SMTP):
         lines = body.split(b"\r\n")
         if complete:
             lines.pop()  # the empty one after the last CRLF
-        line_limit = SMTP.line_length_limit
+        line_limit = self.line_length_limit
         last = len(lines) - 1
         size = 0
         for index, line in enumerate(lines):
