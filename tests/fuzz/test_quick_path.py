@@ -63,7 +63,12 @@ def test_the_quick_path_agrees_with_aiosmtpd(arg: str) -> None:
         assert quick == aiosmtpd_getaddr(arg)
 
 
-@given(common)
+# A local part starting "=?" is an encoded word to the stdlib parser: the quick path leaves it
+# to aiosmtpd by design (the agreement test above has it as an example).
+plain_common = common.filter(lambda arg: not arg.startswith("<=?"))
+
+
+@given(plain_common)
 def test_the_common_form_takes_the_quick_path(arg: str) -> None:
     quick = quick_getaddr(arg)
     assert quick is not None
